@@ -1,0 +1,1 @@
+"""Subcommands of the ``metaverify`` CLI, one module each (see :mod:`verify.cli`)."""
