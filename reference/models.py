@@ -1,0 +1,571 @@
+"""Reference MLPs with hand-written exact derivatives (no autodiff).
+
+The model follows ``shared/CONVENTIONS.md``: parameters ``[W1, b1, ..., WL, bL]``
+in PyTorch ``nn.Sequential(nn.Linear, act, ..., nn.Linear)`` order, ``Wl`` of
+shape ``(d_l, d_{l-1})``; ``h_l = act(h_{l-1} W_l^T + b_l)`` for ``l < L`` and a
+linear output layer.
+
+Derivatives are written out by hand:
+
+* ``grad``: backpropagation.
+* ``hvp``: Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact
+  multiplication by the Hessian"): a forward pass of directional derivatives
+  ``R{z_l}`` followed by the R-image of the backward pass. Matrix-free:
+  ``O(params)`` memory, about twice the cost of a gradient.
+* ``hessian``: the same R-operator vectorised over blocks of basis directions.
+* ``jvp`` / ``vjp``: forward and reverse products of the output with respect to
+  the parameters (and the input), for backbones that produce features.
+
+Every routine is complex-step safe for analytic activations: no ``abs``,
+no conjugation (``.T`` is a plain transpose), numerically stable branches are
+chosen on the real part. ``relu`` is not analytic and refuses complex input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from reference._validation import as_float_array, check_positive_int
+from reference.errors import InvalidInputError, NotAnalyticError
+
+ACTIVATIONS: tuple[str, ...] = ("tanh", "sigmoid", "softplus", "relu", "identity")
+LOSSES: tuple[str, ...] = ("mse", "ce", "bce")
+ANALYTIC_ACTIVATIONS: frozenset[str] = frozenset({"tanh", "sigmoid", "softplus", "identity"})
+
+Params = list[np.ndarray]
+
+# Largest dense Hessian ``hessian`` will build (n x n float64 = 8 n^2 bytes; 4000 -> 128 MB).
+MAX_DENSE_HESSIAN = 4000
+# Directions processed together when building a dense Hessian (memory/speed trade-off).
+_HESSIAN_BLOCK = 128
+
+
+# ---------------------------------------------------------------------------
+# Parameter-list utilities
+# ---------------------------------------------------------------------------
+
+
+def flatten(params: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate ``p.ravel()`` (C order) in list order, as CONVENTIONS defines."""
+    if len(params) == 0:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(p).ravel() for p in params])
+
+
+def unflatten(vector: np.ndarray, like: Sequence[np.ndarray] | Sequence[tuple[int, ...]]) -> Params:
+    """Inverse of :func:`flatten`: split ``vector`` into arrays shaped like ``like``.
+
+    ``like`` is a list of arrays or of shapes. The pieces are views of ``vector``
+    reshaped; a leading batch axis is not supported (use a loop).
+    """
+    shapes = [tuple(s) if isinstance(s, tuple) else tuple(np.shape(s)) for s in like]
+    sizes = [int(np.prod(s)) for s in shapes]
+    vector = np.asarray(vector)
+    if vector.ndim != 1 or vector.size != sum(sizes):
+        raise InvalidInputError(
+            f"vector has shape {vector.shape} but the parameter layout needs a flat array of {sum(sizes)} entries"
+        )
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(vector[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
+def tree_add(a: Sequence[np.ndarray], b: Sequence[np.ndarray], scale: Any = 1.0) -> Params:
+    """``a + scale * b`` leaf by leaf."""
+    return [x + scale * y for x, y in zip(a, b)]
+
+
+def tree_vdot(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Any:
+    """``sum(a_i * b_i)`` over all leaves; no conjugation (complex-step safe)."""
+    return sum(np.sum(x * y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# Activations and losses (value and derivatives), complex-step safe
+# ---------------------------------------------------------------------------
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """Logistic function, stable on both tails; the branch is chosen on Re z."""
+    z = np.asarray(z)
+    out = np.empty_like(z)
+    pos = np.real(z) >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
+    ez = np.exp(z[~pos])
+    out[~pos] = ez / (1.0 + ez)
+    return out
+
+
+def _softplus(z: np.ndarray) -> np.ndarray:
+    """``log(1 + e^z)`` without overflow: ``z + log1p(e^-z)`` for Re z > 0."""
+    z = np.asarray(z)
+    out = np.empty_like(z)
+    pos = np.real(z) > 0
+    out[pos] = z[pos] + np.log1p(np.exp(-z[pos]))
+    out[~pos] = np.log1p(np.exp(z[~pos]))
+    return out
+
+
+def activation_derivatives(name: str, z: np.ndarray, order: int) -> list[np.ndarray]:
+    """Return ``[act(z), act'(z), ..., act^(order)(z)]`` elementwise (order <= 3).
+
+    relu's derivative at 0 is 0 (CONVENTIONS); its higher derivatives are 0.
+    """
+    if name == "tanh":
+        t = np.tanh(z)
+        d1 = 1.0 - t * t
+        d2 = -2.0 * t * d1
+        d3 = -2.0 * (d1 * d1 + t * d2)
+        derivs = [t, d1, d2, d3]
+    elif name == "sigmoid":
+        s = _sigmoid(z)
+        d1 = s * (1.0 - s)
+        d2 = d1 * (1.0 - 2.0 * s)
+        d3 = d2 * (1.0 - 2.0 * s) - 2.0 * d1 * d1
+        derivs = [s, d1, d2, d3]
+    elif name == "softplus":
+        s = _sigmoid(z)
+        d2 = s * (1.0 - s)
+        derivs = [_softplus(z), s, d2, d2 * (1.0 - 2.0 * s)]
+    elif name == "relu":
+        if np.iscomplexobj(z):
+            raise NotAnalyticError(
+                "relu is not analytic, so complex-step differentiation does not apply to it; "
+                "use method='richardson' (finite differences) or an analytic activation"
+            )
+        pos = (z > 0).astype(z.dtype)
+        zero = np.zeros_like(z)
+        derivs = [z * pos, pos, zero, zero]
+    elif name == "identity":
+        one = np.ones_like(z)
+        zero = np.zeros_like(z)
+        derivs = [z, one, zero, zero]
+    else:  # pragma: no cover - validated in MLP.__init__
+        raise InvalidInputError(f"activation={name!r} is unknown; choose one of {ACTIVATIONS}")
+    return derivs[: order + 1]
+
+
+def _logsumexp(o: np.ndarray) -> np.ndarray:
+    m = np.max(np.real(o), axis=-1, keepdims=True)
+    return (m + np.log(np.sum(np.exp(o - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def _softmax(o: np.ndarray) -> np.ndarray:
+    m = np.max(np.real(o), axis=-1, keepdims=True)
+    e = np.exp(o - m)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+class _Loss:
+    """Value and derivatives of a loss ``Phi(o)`` of the network output ``o`` (n, d).
+
+    ``y`` is fixed at construction. ``hvp`` and ``third`` accept a leading batch
+    axis on their direction arguments.
+    """
+
+    def __init__(self, name: str, o: np.ndarray, y: np.ndarray):
+        self.name, self.o, self.y = name, o, y
+        n, d = o.shape
+        if name == "mse":
+            self.scale = 1.0 / (n * d)
+        elif name == "ce":
+            self.scale = 1.0 / n
+            self.s = _softmax(o)
+            self.onehot = np.zeros((n, d))
+            self.onehot[np.arange(n), y] = 1.0
+        else:  # bce
+            self.scale = 1.0 / (n * d)
+            self.s = _sigmoid(o)
+
+    def value(self) -> Any:
+        o, y = self.o, self.y
+        if self.name == "mse":
+            r = o - y
+            return np.sum(r * r) * self.scale
+        if self.name == "ce":
+            picked = o[np.arange(o.shape[0]), self.y]
+            return np.sum(_logsumexp(o) - picked) * self.scale
+        return np.sum(_softplus(o) - y * o) * self.scale
+
+    def grad(self) -> np.ndarray:
+        if self.name == "mse":
+            return 2.0 * (self.o - self.y) * self.scale
+        if self.name == "ce":
+            return (self.s - self.onehot) * self.scale
+        return (self.s - self.y) * self.scale
+
+    def _softmax_hess(self, v: np.ndarray) -> np.ndarray:
+        s = self.s
+        return s * v - s * np.sum(s * v, axis=-1, keepdims=True)
+
+    def hvp(self, do: np.ndarray) -> np.ndarray:
+        """``Phi''(o)[do]``."""
+        if self.name == "mse":
+            return 2.0 * do * self.scale
+        if self.name == "ce":
+            return self._softmax_hess(do) * self.scale
+        return self.s * (1.0 - self.s) * do * self.scale
+
+    def third(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``grad_o (a^T Phi''(o) b)``: the third derivative contracted twice."""
+        if self.name == "mse":
+            return np.zeros(np.broadcast_shapes(a.shape, b.shape), dtype=np.result_type(a, b, self.o))
+        if self.name == "ce":
+            # Per row, with H = diag(s) - s s^T and dH[do] = diag(H do) - (H do) s^T - s (H do)^T:
+            # grad (a^T H b) = H(a*b) - (s.b) H a - (s.a) H b.
+            s = self.s
+            sa = np.sum(s * a, axis=-1, keepdims=True)
+            sb = np.sum(s * b, axis=-1, keepdims=True)
+            h = self._softmax_hess
+            return (h(a * b) - sb * h(a) - sa * h(b)) * self.scale
+        s = self.s
+        return s * (1.0 - s) * (1.0 - 2.0 * s) * a * b * self.scale
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+class MLP:
+    """A multilayer perceptron with exact hand-written derivatives.
+
+    Args:
+        sizes: layer widths ``[d0, d1, ..., dL]`` (at least two entries).
+        activation: one of ``tanh``, ``sigmoid``, ``softplus``, ``relu``, ``identity``.
+        loss: ``mse`` (mean over all elements of ``(f(x) - y)^2``), ``ce`` (mean
+            softmax cross-entropy, integer labels) or ``bce`` (mean binary
+            cross-entropy of logits).
+        bias: whether each ``nn.Linear`` has a bias (parameter list then
+            ``[W1, b1, ...]``, else ``[W1, W2, ...]``).
+
+    All methods take ``params`` as a list of float64 (or complex128, for
+    complex-step checks) arrays in CONVENTIONS order, ``x`` of shape ``(n, d0)``.
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: str = "tanh", loss: str = "mse", bias: bool = True):
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) and not isinstance(sizes, np.ndarray):
+            raise InvalidInputError(f"sizes={sizes!r} must be a sequence of layer widths like [1, 40, 40, 1]")
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            raise InvalidInputError(f"sizes={sizes!r} needs at least an input and an output width, e.g. [d, 1]")
+        self.sizes = tuple(check_positive_int(f"sizes[{i}]", s) for i, s in enumerate(sizes))
+        if activation not in ACTIVATIONS:
+            raise InvalidInputError(f"activation={activation!r} is unknown; choose one of {ACTIVATIONS}")
+        if loss not in LOSSES:
+            raise InvalidInputError(f"loss={loss!r} is unknown; choose one of {LOSSES}")
+        if loss == "ce" and self.sizes[-1] < 2:
+            raise InvalidInputError(
+                f"loss='ce' needs at least 2 outputs (classes) but sizes[-1]={self.sizes[-1]}; "
+                "use loss='bce' for a single logit"
+            )
+        self.activation = activation
+        self.loss_name = loss
+        self.bias = bool(bias)
+        self.n_layers = len(self.sizes) - 1
+        shapes: list[tuple[int, ...]] = []
+        for d_in, d_out in zip(self.sizes[:-1], self.sizes[1:]):
+            shapes.append((d_out, d_in))
+            if self.bias:
+                shapes.append((d_out,))
+        self.shapes: tuple[tuple[int, ...], ...] = tuple(shapes)
+        self.n_params = int(sum(int(np.prod(s)) for s in shapes))
+
+    # -- description ---------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"MLP(sizes={list(self.sizes)}, activation={self.activation!r}, "
+            f"loss={self.loss_name!r}, bias={self.bias})"
+        )
+
+    @property
+    def is_analytic(self) -> bool:
+        """Whether complex-step differentiation applies (False for relu)."""
+        return self.activation in ANALYTIC_ACTIVATIONS
+
+    @property
+    def head_indices(self) -> tuple[int, ...]:
+        """Indices in the parameter list of the last layer ``(W_L, b_L)`` (ANIL's head)."""
+        k = 2 if self.bias else 1
+        n = len(self.shapes)
+        return tuple(range(n - k, n))
+
+    def init(self, seed: int = 0) -> Params:
+        """PyTorch ``nn.Linear``'s default initialisation, seeded.
+
+        ``W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (kaiming_uniform with
+        ``a = sqrt(5)`` reduces to this bound).
+        """
+        rng = np.random.default_rng(seed)
+        params = []
+        for d_in, d_out in zip(self.sizes[:-1], self.sizes[1:]):
+            bound = 1.0 / np.sqrt(d_in)
+            params.append(rng.uniform(-bound, bound, size=(d_out, d_in)))
+            if self.bias:
+                params.append(rng.uniform(-bound, bound, size=(d_out,)))
+        return params
+
+    # -- validation ----------------------------------------------------------
+
+    def check_params(self, params: Sequence[Any], name: str = "params") -> Params:
+        """Validate a parameter list (count, shapes, finiteness) and return arrays."""
+        if isinstance(params, np.ndarray) or not isinstance(params, Sequence):
+            raise InvalidInputError(
+                f"{name} must be a list of {len(self.shapes)} arrays shaped {list(self.shapes)}, "
+                f"got {type(params).__name__}; use reference.models.unflatten for a flat vector"
+            )
+        if len(params) != len(self.shapes):
+            raise InvalidInputError(
+                f"{name} has {len(params)} arrays but {self!r} has {len(self.shapes)} parameter tensors "
+                f"shaped {list(self.shapes)}"
+            )
+        out = []
+        for i, (p, shape) in enumerate(zip(params, self.shapes)):
+            arr = as_float_array(f"{name}[{i}]", p)
+            if arr.shape != shape:
+                raise InvalidInputError(f"{name}[{i}] has shape {arr.shape}, expected {shape} for {self!r}")
+            out.append(arr)
+        if not self.is_analytic and any(np.iscomplexobj(p) for p in out):
+            raise NotAnalyticError(
+                f"{name} is complex but activation={self.activation!r} is not analytic, so complex-step "
+                "differentiation does not apply; use finite differences (method='richardson')"
+            )
+        return out
+
+    def check_x(self, x: Any, name: str = "x") -> np.ndarray:
+        arr = as_float_array(name, x)
+        if arr.ndim != 2 or arr.shape[1] != self.sizes[0]:
+            hint = " (reshape a 1-D input with x.reshape(-1, 1))" if arr.ndim == 1 and self.sizes[0] == 1 else ""
+            raise InvalidInputError(f"{name} has shape {arr.shape}, expected (n, {self.sizes[0]}){hint}")
+        if arr.shape[0] == 0:
+            raise InvalidInputError(f"{name} has no rows; a loss needs at least one example")
+        return arr
+
+    def check_y(self, y: Any, n: int, name: str = "y") -> np.ndarray:
+        d = self.sizes[-1]
+        if self.loss_name == "ce":
+            arr = np.asarray(y)
+            if arr.ndim != 1 or arr.shape[0] != n:
+                raise InvalidInputError(f"{name} has shape {arr.shape}; loss='ce' needs integer labels of shape ({n},)")
+            if not (np.issubdtype(arr.dtype, np.integer) or (np.issubdtype(arr.dtype, np.floating)
+                                                             and np.all(np.isfinite(arr))
+                                                             and np.all(arr == np.round(arr)))):
+                raise InvalidInputError(f"{name} must hold integer class labels for loss='ce', got dtype {arr.dtype}")
+            arr = arr.astype(np.int64)
+            if arr.min() < 0 or arr.max() >= d:
+                raise InvalidInputError(
+                    f"{name} has labels in [{arr.min()}, {arr.max()}] but the model has {d} classes; "
+                    f"labels must lie in [0, {d - 1}]"
+                )
+            return arr
+        arr = as_float_array(name, y)
+        if arr.ndim == 1 and d == 1:
+            arr = arr.reshape(-1, 1)
+        if arr.shape != (n, d):
+            raise InvalidInputError(f"{name} has shape {arr.shape}, expected ({n}, {d}) for loss={self.loss_name!r}")
+        if self.loss_name == "bce" and (np.any(np.real(arr) < 0) or np.any(np.real(arr) > 1)):
+            raise InvalidInputError(f"{name} must lie in [0, 1] for loss='bce' (binary targets)")
+        return arr
+
+    def _checked(self, params: Any, x: Any, y: Any = None) -> tuple[Params, np.ndarray, np.ndarray | None]:
+        params = self.check_params(params)
+        x = self.check_x(x)
+        if not self.is_analytic and np.iscomplexobj(x):
+            raise NotAnalyticError(f"x is complex but activation={self.activation!r} is not analytic")
+        return params, x, (None if y is None else self.check_y(y, x.shape[0]))
+
+    # -- internal passes (no validation: used in hot loops by the algorithms) --
+
+    def _split(self, params: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        if self.bias:
+            return list(params[0::2]), list(params[1::2])
+        return list(params), [None] * self.n_layers
+
+    def _forward(self, params: Sequence[np.ndarray], x: np.ndarray, order: int = 1):
+        """Forward pass keeping what the backward passes need.
+
+        Returns ``(out, hs, derivs)``: ``hs[l]`` is the input of layer ``l``
+        (``hs[0] = x``), ``derivs[l]`` the activation derivatives at layer
+        ``l``'s pre-activation (``l < L-1``), up to ``order``.
+        """
+        Ws, bs = self._split(params)
+        h, hs, derivs = x, [x], []
+        for l in range(self.n_layers):
+            z = h @ Ws[l].T
+            if bs[l] is not None:
+                z = z + bs[l]
+            if l == self.n_layers - 1:
+                return z, hs, derivs
+            ds = activation_derivatives(self.activation, z, order)
+            derivs.append(ds)
+            h = ds[0]
+            hs.append(h)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _backward(self, params, hs, derivs, g_out, *, wrt_input: bool = False):
+        """Reverse pass: gradient of ``<g_out, out>`` w.r.t. params (and input)."""
+        Ws, _ = self._split(params)
+        grads: list[np.ndarray] = [None] * len(self.shapes)  # type: ignore[list-item]
+        k = 2 if self.bias else 1
+        g = g_out
+        for l in reversed(range(self.n_layers)):
+            grads[k * l] = np.swapaxes(g, -1, -2) @ hs[l]
+            if self.bias:
+                grads[k * l + 1] = np.sum(g, axis=-2)
+            if l > 0 or wrt_input:
+                gh = g @ Ws[l]
+                g = gh * derivs[l - 1][1] if l > 0 else gh
+        return (grads, g) if wrt_input else grads
+
+    def _r_forward(self, params, hs, derivs, v):
+        """Directional derivatives ``R{z_l}`` of the pre-activations along ``v``.
+
+        ``v`` may carry a leading batch axis (for Hessian blocks). Returns
+        ``(r_out, r_hs)`` with ``r_hs[l] = R{h_l}`` (``r_hs[0] = 0``).
+        """
+        Ws, _ = self._split(params)
+        Us, cs = self._split(v)
+        r_h = None
+        r_hs = [None]
+        for l in range(self.n_layers):
+            r_z = hs[l] @ np.swapaxes(Us[l], -1, -2)
+            if cs[l] is not None:
+                r_z = r_z + cs[l][..., None, :]
+            if r_h is not None:
+                r_z = r_z + r_h @ Ws[l].T
+            if l == self.n_layers - 1:
+                return r_z, r_hs
+            r_h = derivs[l][1] * r_z
+            r_hs.append((r_h, r_z))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _hvp(self, params, x, y, v) -> Params:
+        out, hs, derivs = self._forward(params, x, order=2)
+        loss = _Loss(self.loss_name, out, y)
+        r_out, r_hs = self._r_forward(params, hs, derivs, v)
+        Ws, _ = self._split(params)
+        Us, _ = self._split(v)
+        k = 2 if self.bias else 1
+        g = loss.grad()
+        r_g = loss.hvp(r_out)
+        hv: list[np.ndarray] = [None] * len(self.shapes)  # type: ignore[list-item]
+        for l in reversed(range(self.n_layers)):
+            # W-gradient is g^T h_l; its R-image is R{g}^T h_l + g^T R{h_l}.
+            term = np.swapaxes(r_g, -1, -2) @ hs[l]
+            if l > 0:
+                term = term + g.T @ r_hs[l][0]
+            hv[k * l] = term
+            if self.bias:
+                hv[k * l + 1] = np.sum(r_g, axis=-2)
+            if l > 0:
+                d1, d2 = derivs[l - 1][1], derivs[l - 1][2]
+                gh = g @ Ws[l]
+                r_gh = r_g @ Ws[l] + g @ Us[l]
+                r_g = r_gh * d1 + gh * d2 * r_hs[l][1]
+                g = gh * d1
+        return hv
+
+    # -- public API ----------------------------------------------------------
+
+    def forward(self, params: Sequence[Any], x: Any) -> np.ndarray:
+        """Network output ``f(x)`` of shape ``(n, d_L)`` (logits for ce/bce)."""
+        params, x, _ = self._checked(params, x)
+        return self._forward(params, x, order=0)[0]
+
+    def loss(self, params: Sequence[Any], x: Any, y: Any) -> Any:
+        """The loss (a Python/NumPy scalar; complex for complex parameters)."""
+        params, x, y = self._checked(params, x, y)
+        out = self._forward(params, x, order=0)[0]
+        return _Loss(self.loss_name, out, y).value()[()]
+
+    def loss_and_grad(self, params: Sequence[Any], x: Any, y: Any) -> tuple[Any, Params]:
+        """Loss and its gradient by backpropagation."""
+        params, x, y = self._checked(params, x, y)
+        return self._loss_and_grad(params, x, y)
+
+    def _loss_and_grad(self, params, x, y):
+        out, hs, derivs = self._forward(params, x, order=1)
+        loss = _Loss(self.loss_name, out, y)
+        return loss.value()[()], self._backward(params, hs, derivs, loss.grad())
+
+    def grad(self, params: Sequence[Any], x: Any, y: Any) -> Params:
+        """Gradient of the loss w.r.t. every parameter tensor (backpropagation)."""
+        return self.loss_and_grad(params, x, y)[1]
+
+    def hvp(self, params: Sequence[Any], x: Any, y: Any, v: Sequence[Any]) -> Params:
+        """Exact Hessian-vector product ``H(params) v`` by Pearlmutter's R-operator.
+
+        Never forms the Hessian: one forward pass, one R-forward pass, one
+        backward pass and its R-image.
+        """
+        params, x, y = self._checked(params, x, y)
+        v = self.check_params(v, name="v")
+        return self._hvp(params, x, y, v)
+
+    def hessian(self, params: Sequence[Any], x: Any, y: Any) -> np.ndarray:
+        """Dense ``(n_params, n_params)`` Hessian in CONVENTIONS flat order.
+
+        Built by the R-operator on blocks of basis directions; refuses models
+        with more than ``MAX_DENSE_HESSIAN`` parameters (use :meth:`hvp`).
+        """
+        params, x, y = self._checked(params, x, y)
+        n = self.n_params
+        if n > MAX_DENSE_HESSIAN:
+            raise InvalidInputError(
+                f"{self!r} has {n} parameters; a dense Hessian is limited to {MAX_DENSE_HESSIAN} "
+                f"({8 * MAX_DENSE_HESSIAN**2 / 1e6:.0f} MB). Use hvp() for matrix-free products"
+            )
+        dtype = np.result_type(*params, x)
+        H = np.empty((n, n), dtype=dtype)
+        for start in range(0, n, _HESSIAN_BLOCK):
+            stop = min(start + _HESSIAN_BLOCK, n)
+            m = stop - start
+            basis = np.zeros((m, n))
+            basis[np.arange(m), np.arange(start, stop)] = 1.0
+            offsets = np.cumsum([0] + [int(np.prod(s)) for s in self.shapes])
+            v = [basis[:, a:b].reshape((m, *shape)) for a, b, shape in zip(offsets[:-1], offsets[1:], self.shapes)]
+            cols = self._hvp(params, x, y, v)
+            H[:, start:stop] = np.concatenate([c.reshape(stop - start, -1) for c in cols], axis=1).T
+        return H
+
+    def jvp(self, params: Sequence[Any], x: Any, v: Sequence[Any]) -> np.ndarray:
+        """Forward-mode product ``d f(x; params)[v]``, shape ``(n, d_L)``."""
+        params, x, _ = self._checked(params, x)
+        v = self.check_params(v, name="v")
+        _, hs, derivs = self._forward(params, x, order=1)
+        return self._r_forward(params, hs, derivs, v)[0]
+
+    def vjp(
+        self, params: Sequence[Any], x: Any, cotangent: Any, *, wrt_input: bool = False
+    ) -> Params | tuple[Params, np.ndarray]:
+        """Reverse-mode product: gradient of ``sum(cotangent * f(x; params))``.
+
+        Returns the list of parameter gradients, and with ``wrt_input=True``
+        also the gradient w.r.t. ``x`` (shape ``(n, d0)``).
+        """
+        params, x, _ = self._checked(params, x)
+        out, hs, derivs = self._forward(params, x, order=1)
+        cot = as_float_array("cotangent", cotangent)
+        if cot.shape != out.shape:
+            raise InvalidInputError(f"cotangent has shape {cot.shape}, expected the output shape {out.shape}")
+        return self._backward(params, hs, derivs, cot, wrt_input=wrt_input)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "LOSSES",
+    "MAX_DENSE_HESSIAN",
+    "MLP",
+    "Params",
+    "activation_derivatives",
+    "flatten",
+    "tree_add",
+    "tree_vdot",
+    "unflatten",
+]
