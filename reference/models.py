@@ -569,3 +569,85 @@ __all__ = [
     "tree_vdot",
     "unflatten",
 ]
+
+
+class Quadratic:
+    """A quadratic "model" for toy problems with closed forms (``reference.symbolic``).
+
+    The parameters are one vector ``[theta]`` of shape ``(dim,)``; a task's
+    ``x`` is a symmetric matrix ``A`` (dim, dim) and ``y`` a centre ``c`` (dim,),
+    and the loss is ``L(theta) = 1/2 (theta - c)^T A (theta - c)``, so
+    ``grad = A (theta - c)`` and the Hessian is ``A`` (third derivatives vanish).
+    It exposes the same interface as :class:`MLP` where it makes sense, so the
+    algorithm references run on it unchanged.
+    """
+
+    activation = "identity"
+    loss_name = "quadratic"
+    bias = False
+    is_analytic = True
+
+    def __init__(self, dim: int):
+        self.dim = check_positive_int("dim", dim)
+        self.sizes = (self.dim,)
+        self.shapes: tuple[tuple[int, ...], ...] = ((self.dim,),)
+        self.n_params = self.dim
+        self.head_indices = (0,)
+
+    def __repr__(self) -> str:
+        return f"Quadratic(dim={self.dim})"
+
+    def init(self, seed: int = 0) -> Params:
+        return [np.random.default_rng(seed).normal(size=self.dim)]
+
+    def check_params(self, params: Sequence[Any], name: str = "params") -> Params:
+        if isinstance(params, np.ndarray) or not isinstance(params, Sequence) or len(params) != 1:
+            raise InvalidInputError(f"{name} must be a list holding one vector of shape ({self.dim},)")
+        arr = as_float_array(f"{name}[0]", params[0])
+        if arr.shape != (self.dim,):
+            raise InvalidInputError(f"{name}[0] has shape {arr.shape}, expected ({self.dim},)")
+        return [arr]
+
+    def check_x(self, x: Any, name: str = "x") -> np.ndarray:
+        arr = as_float_array(name, x)
+        if arr.shape != (self.dim, self.dim):
+            raise InvalidInputError(f"{name} (the matrix A) has shape {arr.shape}, expected ({self.dim}, {self.dim})")
+        if not np.allclose(arr, arr.T, rtol=0, atol=1e-12 * max(1.0, float(np.max(np.abs(arr))))):
+            raise InvalidInputError(f"{name} (the matrix A) must be symmetric")
+        return arr
+
+    def check_y(self, y: Any, n: int, name: str = "y") -> np.ndarray:
+        arr = as_float_array(name, y)
+        if arr.shape != (self.dim,):
+            raise InvalidInputError(f"{name} (the centre c) has shape {arr.shape}, expected ({self.dim},)")
+        return arr
+
+    def _loss_and_grad(self, params, A, c):
+        r = params[0] - c
+        Ar = A @ r
+        return 0.5 * (r @ Ar), [Ar]
+
+    def _hvp(self, params, A, c, v):
+        return [v[0] @ A.T if np.ndim(v[0]) > 1 else A @ v[0]]
+
+    def loss(self, params, A, c):
+        params, A, c = self.check_params(params), self.check_x(A), self.check_y(c, 0)
+        return self._loss_and_grad(params, A, c)[0]
+
+    def loss_and_grad(self, params, A, c):
+        params, A, c = self.check_params(params), self.check_x(A), self.check_y(c, 0)
+        return self._loss_and_grad(params, A, c)
+
+    def grad(self, params, A, c):
+        return self.loss_and_grad(params, A, c)[1]
+
+    def hvp(self, params, A, c, v):
+        params, A, c = self.check_params(params), self.check_x(A), self.check_y(c, 0)
+        return self._hvp(params, A, c, self.check_params(v, "v"))
+
+    def hessian(self, params, A, c):
+        self.check_params(params)
+        return self.check_x(A).copy()
+
+
+__all__ += ["Quadratic"]
