@@ -1,0 +1,334 @@
+"""One table of the algorithms metaverify checks, and how to call each one.
+
+Every algorithm of ``shared/CONVENTIONS.md`` is described by an
+:class:`Algorithm`: how to build a random problem (a :class:`Case`), which
+arrays are differentiated (``variables``: the parameters, plus Meta-SGD's
+learning rates or R2-D2's ``lam, scale, offset``), and how to call the
+``meta_loss_and_grad``-style function of a backend module. The NumPy
+reference (``reference.*``) and the backends (``verify.backends.torch.*``,
+``verify.backends.jax.*``) share signatures, so one adapter serves all.
+
+The check matrix (:mod:`verify.matrix`), the audit and the reports read this
+table; adding an algorithm is adding a row.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from reference.errors import InvalidInputError
+from reference.models import MLP
+from reference.tasks import Task, gaussian_classification
+
+GRADIENT_FAMILY = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton")
+
+
+@dataclass
+class Case:
+    """A concrete problem for one algorithm.
+
+    ``hyper`` holds the non-differentiated hyper-parameters (``inner_lr``,
+    ``inner_steps``, ``damping``, ``n_classes``, ``bias_column`` ...);
+    ``variables`` the differentiated arrays (flattened in this order for
+    directional derivatives), ``names`` their labels (``W1``, ``b1``, ...,
+    ``lrs[0]``, ``lam``).
+    """
+
+    algorithm: str
+    model: MLP
+    params: list[np.ndarray]
+    tasks: list[Task]
+    hyper: dict[str, Any]
+    seed: int
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def variables(self) -> list[np.ndarray]:
+        return list(self.params) + list(self.extra.values())
+
+    @property
+    def names(self) -> list[str]:
+        return param_names(self.model) + list(self.extra)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [np.shape(v) for v in self.variables]
+
+    def describe(self) -> str:
+        m = self.model
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        return (
+            f"{self.algorithm}: MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, "
+            f"bias={m.bias}), {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
+        )
+
+    def split(self, variables: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Split a variables list back into ``(params, extra)``."""
+        n = len(self.params)
+        return list(variables[:n]), dict(zip(self.extra, variables[n:]))
+
+
+def param_names(model: Any) -> list[str]:
+    """CONVENTIONS names of the parameter tensors: ``W1, b1, W2, b2, ...`` (``theta`` for a Quadratic)."""
+    if not isinstance(model, MLP):
+        return ["theta"] if len(model.shapes) == 1 else [f"p{i}" for i in range(len(model.shapes))]
+    names = []
+    for layer in range(1, model.n_layers + 1):
+        names.append(f"W{layer}")
+        if model.bias:
+            names.append(f"b{layer}")
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Calling conventions, per algorithm. ``mod`` is the package root of a backend
+# (``reference`` or ``verify.backends.torch`` ...); ``kw`` the backend's own
+# keywords (dtype, device, jit).
+# ---------------------------------------------------------------------------
+
+
+def _sub(mod: ModuleType, name: str) -> ModuleType:
+    return importlib.import_module(f"{mod.__name__}.{name}")
+
+
+def _call_maml(mod, case, variables, first_order=False, **kw):
+    p, _ = case.split(variables)
+    h = case.hyper
+    return _sub(mod, "maml").meta_loss_and_grad(
+        case.model, p, case.tasks, h["inner_lr"], h["inner_steps"], first_order=first_order, **kw
+    )
+
+
+def _call_anil(mod, case, variables, **kw):
+    p, _ = case.split(variables)
+    h = case.hyper
+    return _sub(mod, "anil").meta_loss_and_grad(case.model, p, case.tasks, h["inner_lr"], h["inner_steps"], **kw)
+
+
+def _call_metasgd(mod, case, variables, **kw):
+    p, extra = case.split(variables)
+    lrs = [extra[f"lrs[{i}]"] for i in range(len(p))]
+    loss, gp, glr = _sub(mod, "metasgd").meta_loss_and_grad(case.model, p, lrs, case.tasks, case.hyper["inner_steps"], **kw)
+    return loss, list(gp) + list(glr)
+
+
+def _call_reptile(mod, case, variables, **kw):
+    p, _ = case.split(variables)
+    h = case.hyper
+    direction = _sub(mod, "reptile").direction(case.model, p, case.tasks, h["inner_lr"], h["inner_steps"], **kw)
+    return None, list(direction)
+
+
+def _call_newton(mod, case, variables, **kw):
+    p, _ = case.split(variables)
+    h = case.hyper
+    return _sub(mod, "newton").meta_loss_and_grad(
+        case.model, p, case.tasks, h["inner_lr"], h["inner_steps"], damping=h["damping"], **kw
+    )
+
+
+def _call_imaml(mod, case, variables, **kw):
+    p, _ = case.split(variables)
+    return _sub(mod, "imaml").meta_loss_and_grad(case.model, p, case.tasks, case.hyper["lam"], **kw)
+
+
+def _head_grads(extra_grads: dict[str, Any]) -> list[np.ndarray]:
+    return [np.asarray(extra_grads[k]) for k in ("lam", "scale", "offset")]
+
+
+def _call_r2d2(mod, case, variables, **kw):
+    p, extra = case.split(variables)
+    h = case.hyper
+    loss, grads, head = _sub(mod, "r2d2").meta_loss_and_grad(
+        case.model, p, case.tasks, h["n_classes"], extra["lam"][()], extra["scale"][()], extra["offset"][()],
+        bias_column=h["bias_column"], normalize=h["normalize"], form=h["form"], regression=h.get("regression", False),
+        **kw,
+    )
+    return loss, list(grads) + _head_grads(head)
+
+
+def _call_lrd2(mod, case, variables, **kw):
+    p, extra = case.split(variables)
+    h = case.hyper
+    loss, grads, head = _sub(mod, "lrd2").meta_loss_and_grad(
+        case.model, p, case.tasks, extra["lam"][()], extra["scale"][()], extra["offset"][()], h["newton_steps"],
+        bias_column=h["bias_column"], **kw,
+    )
+    return loss, list(grads) + _head_grads(head)
+
+
+def _call_metric(module_name):
+    def call(mod, case, variables, **kw):
+        p, _ = case.split(variables)
+        return _sub(mod, module_name).loss_and_grad(case.model, p, case.tasks, case.hyper["n_classes"], **kw)
+
+    return call
+
+
+def _call_mlp(mod, case, variables, **kw):
+    if mod.__name__ != "reference":
+        raise NotImplementedError("the base-model check runs on the NumPy reference only")
+    p, _ = case.split(variables)
+    t = case.tasks[0]
+    return case.model.loss_and_grad(p, t.x_support, t.y_support)
+
+
+# ---------------------------------------------------------------------------
+# Problem builders
+# ---------------------------------------------------------------------------
+
+
+def _regression_or_classification(rng, model: MLP, n_tasks: int, shots: int, queries: int) -> list[Task]:
+    d0, d_out = model.sizes[0], model.sizes[-1]
+    tasks = []
+    for _ in range(n_tasks):
+        xs, xq = rng.normal(size=(shots, d0)), rng.normal(size=(queries, d0))
+        if model.loss_name == "ce":
+            ys = rng.permutation(np.arange(shots) % d_out).astype(np.int64)
+            yq = rng.integers(0, d_out, size=queries).astype(np.int64)
+        elif model.loss_name == "bce":
+            ys, yq = rng.integers(0, 2, (shots, d_out)).astype(float), rng.integers(0, 2, (queries, d_out)).astype(float)
+        else:
+            ys, yq = rng.normal(size=(shots, d_out)), rng.normal(size=(queries, d_out))
+        tasks.append(Task(xs, ys, xq, yq))
+    return tasks
+
+
+def build_case(
+    algorithm: str,
+    *,
+    seed: int = 0,
+    sizes: list[int] | None = None,
+    activation: str | None = None,
+    loss: str | None = None,
+    bias: bool = True,
+    n_tasks: int | None = None,
+    shots: int | None = None,
+    queries: int | None = None,
+    n_way: int | None = None,
+    **hyper: Any,
+) -> Case:
+    """Build a seeded random :class:`Case` for ``algorithm``.
+
+    Unspecified sizes and hyper-parameters are drawn from the seed within
+    ranges where every algorithm is well posed (inner problems converge,
+    Newton systems are well conditioned, all classes appear in each support
+    set). Keyword overrides fix them.
+    """
+    if algorithm not in ALGORITHMS:
+        raise InvalidInputError(f"algorithm={algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+    rng = np.random.default_rng(seed)
+    spec = ALGORITHMS[algorithm]
+    act = activation or str(rng.choice(["tanh", "sigmoid", "softplus"]))
+    n_tasks = n_tasks or int(rng.integers(1, 4))
+    hyper = dict(hyper)
+    extra: dict[str, np.ndarray] = {}
+
+    if spec.family == "backbone":
+        n_way = n_way or (2 if algorithm == "lrd2" else int(rng.integers(2, 4)))
+        shots = shots or int(rng.integers(1, 4))
+        queries = queries or int(rng.integers(1, 4))
+        d0 = sizes[0] if sizes else int(rng.integers(2, 5))
+        sizes = sizes or [d0, int(rng.integers(2, 6)), int(rng.integers(2, 5))]
+        model = MLP(sizes, act, "mse", bias)
+        tasks = gaussian_classification(n_way, shots, queries, d0, n_tasks=n_tasks, seed=int(rng.integers(2**31)))
+        hyper.setdefault("n_classes", n_way)
+        if algorithm in ("r2d2", "lrd2"):
+            extra["lam"] = np.array(hyper.pop("lam", float(rng.uniform(0.5, 2.0))))
+            extra["scale"] = np.array(hyper.pop("scale", float(rng.uniform(0.5, 1.5))))
+            extra["offset"] = np.array(hyper.pop("offset", float(rng.uniform(-0.5, 0.5))))
+            hyper.setdefault("bias_column", bool(rng.integers(2)))
+        if algorithm == "r2d2":
+            hyper.setdefault("normalize", bool(rng.integers(2)))
+            hyper.setdefault("form", str(rng.choice(["primal", "dual"])))
+        if algorithm == "lrd2":
+            hyper.setdefault("newton_steps", int(rng.integers(1, 4)))
+    else:
+        loss = loss or str(rng.choice(["mse", "ce"]))
+        shots = shots or int(rng.integers(2, 6))
+        queries = queries or int(rng.integers(2, 6))
+        if sizes is None:
+            d0 = int(rng.integers(1, 4))
+            width = int(rng.integers(2, 6 if algorithm != "newton" else 4))
+            d_out = int(rng.integers(2, 4)) if loss == "ce" else 1
+            sizes = [d0, width, d_out]
+        model = MLP(sizes, act, loss, bias)
+        tasks = _regression_or_classification(rng, model, n_tasks, shots, queries)
+        if algorithm in GRADIENT_FAMILY:
+            hyper.setdefault("inner_steps", int(rng.integers(1, 4)))
+            hyper.setdefault("inner_lr", float(rng.uniform(0.05, 0.4)))
+        if algorithm == "newton":
+            hyper.setdefault("damping", float(rng.uniform(1.0, 2.0)))
+            hyper["inner_lr"] = min(hyper["inner_lr"], 0.3)
+        if algorithm == "imaml":
+            hyper.setdefault("lam", float(rng.uniform(2.0, 8.0)))
+    params = model.init(int(rng.integers(2**31)))
+    if algorithm == "metasgd":
+        base = hyper.pop("inner_lr")
+        for i, p in enumerate(params):
+            extra[f"lrs[{i}]"] = base * rng.uniform(0.5, 1.5, size=p.shape)
+    return Case(algorithm, model, params, tasks, hyper, seed, extra)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A row of the algorithm table.
+
+    Attributes:
+        name: CLI name.
+        family: ``"mlp"``, ``"gradient"``, ``"implicit"`` or ``"backbone"``.
+        call: ``call(module_root, case, variables, **backend_kwargs) -> (loss, grads)``
+            with ``grads`` aligned with ``case.variables``.
+        differentiable: whether ``grads`` is the exact gradient of ``loss``
+            (False for FOMAML and Reptile, whose directions are defined, not
+            derived; they are compared with the reference only).
+        paper: citation for reports.
+    """
+
+    name: str
+    family: str
+    call: Callable[..., tuple[Any, list[np.ndarray]]]
+    differentiable: bool = True
+    paper: str = ""
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in [
+        Algorithm("mlp", "mlp", _call_mlp, paper="the base model: backpropagation and Pearlmutter (1994) HVPs"),
+        Algorithm("maml", "gradient", _call_maml, paper="Finn, Abbeel, Levine 2017"),
+        Algorithm("fomaml", "gradient", lambda m, c, v, **kw: _call_maml(m, c, v, first_order=True, **kw),
+                  differentiable=False, paper="Finn et al. 2017 (first-order approximation)"),
+        Algorithm("anil", "gradient", _call_anil, paper="Raghu et al. 2020"),
+        Algorithm("metasgd", "gradient", _call_metasgd, paper="Li et al. 2017"),
+        Algorithm("reptile", "gradient", _call_reptile, differentiable=False, paper="Nichol, Achiam, Schulman 2018"),
+        Algorithm("newton", "gradient", _call_newton, paper="Hessian-preconditioned inner step (CONVENTIONS)"),
+        Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019"),
+        Algorithm("r2d2", "backbone", _call_r2d2, paper="Bertinetto et al. 2019"),
+        Algorithm("lrd2", "backbone", _call_lrd2, paper="Bertinetto et al. 2019 (logistic regression head)"),
+        Algorithm("protonet", "backbone", _call_metric("protonet"), paper="Snell, Swersky, Zemel 2017"),
+        Algorithm("matchingnet", "backbone", _call_metric("matchingnet"), paper="Vinyals et al. 2016"),
+    ]
+}
+
+
+def reference_root() -> ModuleType:
+    return importlib.import_module("reference")
+
+
+def evaluate(case: Case, root: ModuleType | None = None, variables: list[np.ndarray] | None = None, **kw: Any):
+    """Run ``case`` on a backend root module (default: the NumPy reference).
+
+    Returns ``(loss, grads)`` with ``grads`` a list aligned with ``case.variables``.
+    """
+    root = root or reference_root()
+    return ALGORITHMS[case.algorithm].call(root, case, case.variables if variables is None else variables, **kw)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "Case", "build_case", "evaluate", "param_names", "reference_root"]

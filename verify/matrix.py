@@ -1,0 +1,289 @@
+"""The check matrix: algorithm x backend x dtype -> verdict.
+
+For every cell, ``examples`` seeded random problems (:func:`verify.algorithms.build_case`)
+are checked:
+
+* ``numpy`` (the analytic reference, float64 only): the meta-gradient against
+  directional derivatives of the reference meta-loss (complex step, or
+  Richardson where the function is not analytic) and the Taylor remainder rate
+  (2 with the gradient);
+* ``torch`` / ``jax``: the meta-loss and meta-gradient against the reference
+  (normwise relative error, per tensor for the report), and in float64
+  independently against directional derivatives of the reference meta-loss,
+  so that a disagreement says which side is wrong.
+
+float32 cells use float32's tolerance row, scaled by a condition estimate:
+the relative change of the float64 reference gradient when its inputs are
+rounded to float32 (no float32 computation can do better than that), divided
+by float32's eps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from reference.errors import MetaverifyError
+from reference.models import flatten, unflatten
+from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, jsonable
+from verify.algorithms import ALGORITHMS, Case, build_case, evaluate
+from verify.tolerance import tolerance
+
+#: Status of a cell that could not run (backend missing, not implemented).
+UNSUPPORTED = "unsupported"
+DTYPES = ("float64", "float32")
+
+
+@dataclass
+class CaseResult:
+    """The checks of one problem in one cell."""
+
+    description: str
+    status: str
+    error: float
+    tolerance: float
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Cell:
+    """One algorithm x backend x dtype entry of the matrix."""
+
+    algorithm: str
+    backend: str
+    dtype: str
+    status: str = PASS
+    worst_error: float = 0.0
+    tolerance: float = math.nan
+    cases: list[CaseResult] = field(default_factory=list)
+    note: str = ""
+    seconds: float = 0.0
+
+    def add(self, result: CaseResult) -> None:
+        """Record one problem's result; the cell keeps the worst error/tolerance ratio."""
+        self.cases.append(result)
+        self.seconds += result.seconds
+        self.status = combine_statuses([self.status, result.status])
+        ratio = _ratio(result.error, result.tolerance)
+        if len(self.cases) == 1 or ratio > _ratio(self.worst_error, self.tolerance):
+            self.worst_error, self.tolerance = result.error, result.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(
+            {
+                "algorithm": self.algorithm,
+                "backend": self.backend,
+                "dtype": self.dtype,
+                "status": self.status,
+                "worst_error": self.worst_error,
+                "tolerance": self.tolerance,
+                "examples": len(self.cases),
+                "note": self.note,
+                "seconds": round(self.seconds, 3),
+                "failures": [
+                    {"problem": c.description, "checks": [k for k in c.checks if k["status"] != PASS]}
+                    for c in self.cases
+                    if c.status != PASS
+                ],
+            }
+        )
+
+
+def _ratio(error: float, tol: float) -> float:
+    if math.isnan(error):
+        return math.inf
+    if tol > 0:
+        return error / tol
+    return math.inf if error > 0 else 0.0
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Normwise relative difference ``max|a - b| / max(max|b|, tiny)`` and the worst index."""
+    diff = np.abs(a - b)
+    idx = int(np.argmax(diff)) if diff.size else 0
+    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, np.finfo(np.float64).tiny)
+    return (float(diff[idx]) / scale if diff.size else 0.0), idx
+
+
+def _locate(case: Case, flat_index: int) -> str:
+    """``W2[3, 1]`` for a flat index into the case's variables."""
+    offset = 0
+    for name, shape in zip(case.names, case.shapes):
+        size = int(np.prod(shape))
+        if flat_index < offset + size:
+            local = np.unravel_index(flat_index - offset, shape) if shape else ()
+            return f"{name}[{', '.join(str(int(i)) for i in local)}]" if shape else name
+        offset += size
+    return f"[{flat_index}]"
+
+
+def _check(name: str, status: str, error: float, tol: float, detail: str) -> dict[str, Any]:
+    return {"check": name, "status": status, "error": error, "tolerance": tol, "detail": detail}
+
+
+def reference_loss_function(case: Case) -> Callable[[np.ndarray], Any]:
+    """``f(flat variables) -> meta-loss`` of the reference, complex-step safe where analytic."""
+    shapes = case.shapes
+
+    def f(x: np.ndarray) -> Any:
+        return evaluate(case, variables=[np.asarray(v) for v in unflatten(x, shapes)])[0]
+
+    return f
+
+
+def _float32_condition(case: Case, g_ref: np.ndarray) -> float:
+    """Sensitivity of the reference gradient to rounding its inputs to float32, in units of eps32."""
+    def r32(a):
+        return np.asarray(a).astype(np.float32).astype(np.float64) if np.asarray(a).dtype.kind == "f" else a
+
+    rounded = Case(
+        case.algorithm, case.model, [r32(p) for p in case.params],
+        [type(t)(*(r32(a) for a in t)) for t in case.tasks], dict(case.hyper), case.seed,
+        {k: r32(v) for k, v in case.extra.items()},
+    )
+    _, g_r = evaluate(rounded)
+    rel, _ = _relative(flatten(g_r), g_ref)
+    return max(1.0, rel / float(np.finfo(np.float32).eps))
+
+
+def check_case(
+    case: Case, backend: str, dtype: str, *, directions: int = 4, module: Any = None, device: str = "cpu"
+) -> CaseResult:
+    """Run every applicable check of one problem on one backend and dtype."""
+    from verify._check import check_gradient  # engine import kept local: cheap CLI start-up
+
+    t0 = time.perf_counter()
+    spec = ALGORITHMS[case.algorithm]
+    checks: list[dict[str, Any]] = []
+    loss_ref, g_ref_list = evaluate(case)
+    g_ref = flatten(g_ref_list)
+    x0 = flatten(case.variables)
+    f = reference_loss_function(case)
+
+    if backend == "numpy":
+        if spec.differentiable:
+            v = check_gradient(f, g_ref, x0, directions=directions, seed=case.seed)
+            checks.append(_check("reference vs " + (v.method or "finite differences"), v.status, v.error,
+                                 v.tolerance, v.reason))
+        else:
+            checks.append(_check("reference (defined direction)", PASS, 0.0, 0.0,
+                                 f"{case.algorithm} is not the gradient of a loss; checked against backends and "
+                                 "structural identities in the test suite"))
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if backend == "torch":
+            kwargs["device"] = device
+        loss_b, g_b_list = spec.call(module, case, case.variables, **kwargs)
+        g_b = flatten([np.asarray(g, dtype=np.float64) for g in g_b_list])
+        if g_b.shape != g_ref.shape:
+            checks.append(_check("gradient shape", FAIL, math.inf, 0.0,
+                                 f"backend returned {g_b.size} gradient entries, reference {g_ref.size}"))
+        else:
+            cond = 1.0 if dtype == "float64" else _float32_condition(case, g_ref)
+            tol = tolerance(dtype, "reference_match", condition=cond)
+            if loss_b is not None and loss_ref is not None:
+                err = abs(float(loss_b) - float(loss_ref)) / max(abs(float(loss_ref)), np.finfo(float).tiny)
+                checks.append(_check("meta-loss vs reference", PASS if err <= tol else FAIL, err, tol,
+                                     f"backend {float(loss_b)!r} reference {float(loss_ref)!r}"))
+            err, idx = _relative(g_b, g_ref)
+            where = _locate(case, idx)
+            checks.append(_check(
+                "meta-gradient vs reference", PASS if err <= tol else FAIL, err, tol,
+                f"worst at {where}: reference={g_ref[idx]:.10g} got={g_b[idx]:.10g}"
+                + (f" (tolerance scaled by condition estimate {cond:.3g})" if cond > 1 else ""),
+            ))
+            if spec.differentiable:
+                v = check_gradient(f, g_b.astype(np.float32 if dtype == "float32" else np.float64), x0,
+                                   directions=directions, seed=case.seed)
+                checks.append(_check(f"meta-gradient vs {v.method or 'finite differences'}", v.status, v.error,
+                                     v.tolerance, v.reason))
+    status = combine_statuses([c["status"] for c in checks])
+    worst = max(checks, key=lambda c: (c["error"] / c["tolerance"]) if c["tolerance"] > 0 else -1.0)
+    return CaseResult(case.describe(), status, float(worst["error"]), float(worst["tolerance"]), checks,
+                      time.perf_counter() - t0)
+
+
+@dataclass
+class MatrixResult:
+    cells: list[Cell]
+    seed: int
+    examples: int
+
+    @property
+    def status(self) -> str:
+        ran = [c.status for c in self.cells if c.status != UNSUPPORTED]
+        return combine_statuses(ran) if ran else INCONCLUSIVE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "examples": self.examples, "status": self.status,
+                "cells": [c.to_dict() for c in self.cells]}
+
+
+def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The cells to run, in table order (the numpy reference is float64 only)."""
+    cells = []
+    for algorithm in algorithms:
+        for backend in backends:
+            for dtype in dtypes:
+                if backend == "numpy" and dtype != "float64":
+                    continue
+                if algorithm == "mlp" and backend != "numpy":
+                    continue
+                cells.append((algorithm, backend, dtype))
+    return cells
+
+
+def run_matrix(
+    algorithms: Sequence[str],
+    backends: Sequence[str],
+    dtypes: Sequence[str],
+    *,
+    examples: int = 3,
+    seed: int = 0,
+    cells: Iterable[tuple[str, str, str]] | None = None,
+    progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+) -> MatrixResult:
+    """Run the matrix; ``cells`` (from :func:`plan`, possibly sharded) overrides the product."""
+    from verify.backends import load_backend
+
+    todo = list(cells) if cells is not None else plan(algorithms, backends, dtypes)
+    results: list[Cell] = []
+    modules: dict[str, Any] = {}
+    for algorithm, backend, dtype in todo:
+        cell = Cell(algorithm, backend, dtype)
+        if progress:
+            progress(f"{algorithm} / {backend} / {dtype}")
+        try:
+            if backend != "numpy" and backend not in modules:
+                modules[backend] = load_backend(backend)
+            module = modules.get(backend)
+        except MetaverifyError as exc:
+            cell.status, cell.note = UNSUPPORTED, str(exc)
+            results.append(cell)
+            continue
+        for k in range(examples):
+            case_seed = seed * 1_000_003 + k
+            case = build_case(algorithm, seed=case_seed)
+            try:
+                cell.add(check_case(case, backend, dtype, module=module, device=device))
+            except (ModuleNotFoundError, NotImplementedError) as exc:
+                cell.status, cell.note = UNSUPPORTED, f"not implemented: {exc}"
+                break
+            except Exception as exc:  # a crash of the implementation under test is a failure, shown in full
+                tb = traceback.format_exc(limit=4)
+                cell.add(CaseResult(case.describe(), FAIL, math.inf, 0.0,
+                                    [_check("run", FAIL, math.inf, 0.0, f"{type(exc).__name__}: {exc}\n{tb}")]))
+        results.append(cell)
+    return MatrixResult(results, seed, examples)
+
+
+__all__ = ["Cell", "CaseResult", "DTYPES", "MatrixResult", "UNSUPPORTED", "check_case", "plan",
+           "reference_loss_function", "run_matrix"]
