@@ -1,0 +1,207 @@
+"""Linear solves shared by iMAML, R2-D2 and LR-D2: factored SPD solves and CG.
+
+Two rules hold everywhere:
+
+* No explicit inverse. A system is solved through a factorisation (or CG);
+  a derivative through a solve uses ``d(A^{-1}) = -A^{-1} dA A^{-1}``, i.e.
+  more solves with the same factor.
+* Complex-step safe. Under complex-step differentiation a matrix is
+  ``A + i h dA`` with ``h ~ 1e-20``; the solves must be the analytic
+  continuation of the real ones. LU and unconjugated CG ("COCG") are;
+  Cholesky and ordinary (Hermitian) CG are not (they conjugate). So the
+  real part is Cholesky-factored to *test* positive definiteness and
+  estimate the condition number, and a complex matrix is then solved by LU.
+
+A matrix whose condition number exceeds :data:`MAX_COND` (fewer than about
+four correct digits would survive the solve) is reported as singular in
+floating point: a reference meta-gradient with no correct digits is worse
+than an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import lapack
+
+from reference.errors import ConvergenceError, SingularMatrixError
+
+EPS = float(np.finfo(np.float64).eps)
+# cond(A) * eps is the relative forward error a backward-stable solve can promise;
+# above 1e-4 (cond > ~4.5e11) fewer than four digits are left, so we refuse.
+MAX_COND = 1e-4 / EPS
+
+
+class SPDFactor:
+    """Factor a symmetric positive-definite matrix once, solve many right-hand sides.
+
+    Args:
+        A: ``(m, m)`` symmetric matrix, float64 or complex128 (complex step).
+        what: how to name the matrix in error messages, e.g. ``"Z^T Z + lam I of tasks[0]"``.
+        hint: the fix suggested when the matrix is singular or indefinite.
+
+    Raises:
+        SingularMatrixError: the real part is not positive definite, or its
+            condition number exceeds :data:`MAX_COND`.
+
+    Attributes:
+        cond: LAPACK's 1-norm condition estimate of the real part (``xPOCON``).
+    """
+
+    def __init__(self, A: np.ndarray, *, what: str, hint: str = ""):
+        self.complex = np.iscomplexobj(A)
+        real = np.ascontiguousarray(A.real) if self.complex else A
+        # Cholesky of the real part: succeeds iff it is numerically positive definite.
+        chol, info = lapack.dpotrf(real, lower=False, clean=False)
+        if info != 0:
+            raise SingularMatrixError(
+                f"{what} is not positive definite in floating point (Cholesky failed at pivot {info}); {hint}".rstrip(
+                    "; "
+                )
+            )
+        anorm = float(np.max(np.sum(np.abs(real), axis=0)))
+        rcond, info = lapack.dpocon(chol, anorm, uplo="U")
+        self.cond = float(np.inf) if rcond == 0 else 1.0 / float(rcond)
+        if not self.cond <= MAX_COND:
+            raise SingularMatrixError(
+                f"{what} is singular in floating point: cond ~ {self.cond:.3g} > {MAX_COND:.3g} "
+                f"(fewer than 4 correct digits would survive the solve); {hint}".rstrip("; ")
+            )
+        if self.complex:
+            # LU is analytic in the entries (pivots are chosen on magnitudes, which
+            # the O(h) imaginary part does not change): complex-step safe.
+            self._lu = scipy.linalg.lu_factor(A, check_finite=False)
+        else:
+            self._chol = chol
+
+    def solve(self, B: np.ndarray) -> np.ndarray:
+        """``A^{-1} B`` for ``B`` of shape ``(m,)`` or ``(m, k)``."""
+        if self.complex:
+            return scipy.linalg.lu_solve(self._lu, B, check_finite=False)
+        if np.iscomplexobj(B):
+            return self.solve(B.real) + 1j * self.solve(B.imag)
+        return scipy.linalg.cho_solve((self._chol, False), B, check_finite=False)
+
+
+@dataclass(frozen=True)
+class CGInfo:
+    """What a conjugate-gradient solve did.
+
+    Attributes:
+        iterations: matrix-vector products spent in CG iterations (restarts included).
+        residual: true relative residual ``||b - A x|| / ||b||`` at the returned ``x``
+            (recomputed with one extra product, not the recursively updated one).
+        cond_estimate: ``lambda_max / lambda_min`` of the Lanczos tridiagonal
+            matrix built from the CG coefficients: a lower bound on ``cond(A)``
+            that is usually sharp once CG has converged.
+        restarts: how many times CG restarted from the true residual.
+    """
+
+    iterations: int
+    residual: float
+    cond_estimate: float
+    restarts: int
+
+
+def _vdot(a: np.ndarray, b: np.ndarray):
+    # Unconjugated inner product: CG on a complex symmetric matrix (COCG) stays analytic.
+    return np.dot(a, b)
+
+
+def conjugate_gradient(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    b: np.ndarray,
+    *,
+    rtol: float,
+    maxiter: int,
+    what: str,
+    hint: str = "",
+) -> tuple[np.ndarray, CGInfo]:
+    """Solve ``A x = b`` for a symmetric positive-definite ``A`` given as ``matvec``.
+
+    Hestenes & Stiefel (1952) conjugate gradient; with complex (complex-step)
+    data it runs unconjugated (COCG), which is the analytic continuation of
+    real CG. Convergence is declared on the *true* residual: the real part
+    must satisfy ``||Re r|| <= rtol ||Re b||`` and the imaginary part
+    ``||Im r|| <= rtol (||Im b|| + ||Im A x||)`` (under complex step the
+    imaginary parts carry the derivative and need their own relative
+    test). If the recursively updated residual says "converged" but the true
+    one does not (round-off drift), CG restarts from the true residual.
+
+    Raises:
+        SingularMatrixError: a search direction with ``Re p^T A p <= 0`` (``A``
+            not positive definite).
+        ConvergenceError: ``maxiter`` products spent without reaching ``rtol``.
+    """
+    x = np.zeros_like(b)
+    bre, bim = np.linalg.norm(b.real), np.linalg.norm(b.imag)
+    if bre == 0 and bim == 0:
+        return x, CGInfo(0, 0.0, 1.0, 0)
+
+    def converged(r: np.ndarray) -> bool:
+        if np.linalg.norm(r.real) > rtol * bre:
+            return False
+        if np.iscomplexobj(r):
+            # Im(Ax) = Im b - Im r, so the imaginary scale needs no extra product.
+            return np.linalg.norm(r.imag) <= rtol * (bim + np.linalg.norm(b.imag - r.imag))
+        return True
+
+    iterations, restarts = 0, 0
+    diag: list[float] = []
+    off: list[float] = []
+    r = b.copy()
+    while True:
+        p = r.copy()
+        rr = _vdot(r, r)
+        alpha_prev = beta_prev = None
+        first_cycle = restarts == 0
+        while iterations < maxiter:
+            Ap = matvec(p)
+            pAp = _vdot(p, Ap)
+            if not np.real(pAp) > 0:
+                raise SingularMatrixError(
+                    f"{what} is not positive definite: conjugate gradient found a direction with "
+                    f"p^T A p = {np.real(pAp):.3g} <= 0 at iteration {iterations}; {hint}".rstrip("; ")
+                )
+            alpha = rr / pAp
+            x = x + alpha * p
+            r = r - alpha * Ap
+            iterations += 1
+            if first_cycle:
+                # Lanczos tridiagonal from the CG coefficients (Golub & Van Loan, sec. 11.3.5).
+                a_re = float(np.real(alpha))
+                d = 1.0 / a_re
+                if alpha_prev is not None:
+                    d += float(np.real(beta_prev)) / float(np.real(alpha_prev))
+                    off.append(np.sqrt(max(float(np.real(beta_prev)), 0.0)) / float(np.real(alpha_prev)))
+                diag.append(d)
+            if converged(r):
+                break
+            rr_new = _vdot(r, r)
+            beta = rr_new / rr
+            p = r + beta * p
+            rr = rr_new
+            alpha_prev, beta_prev = alpha, beta
+        r = b - matvec(x)
+        if converged(r):
+            break
+        if iterations >= maxiter:
+            rel = np.linalg.norm(r) / np.linalg.norm(b)
+            raise ConvergenceError(
+                f"conjugate gradient on {what} did not converge: relative residual {rel:.3g} > rtol={rtol:g} "
+                f"after {iterations} iterations (maxiter={maxiter}); {hint}".rstrip("; ")
+            )
+        restarts += 1
+    if len(diag) == 1:
+        cond_est = 1.0
+    else:
+        ritz = scipy.linalg.eigvalsh_tridiagonal(np.array(diag), np.array(off[: len(diag) - 1]))
+        cond_est = float(ritz[-1] / ritz[0]) if ritz[0] > 0 else float("inf")
+    rel = float(np.linalg.norm(r) / np.linalg.norm(b))
+    return x, CGInfo(iterations, rel, cond_est, restarts)
+
+
+__all__ = ["CGInfo", "EPS", "MAX_COND", "SPDFactor", "conjugate_gradient"]

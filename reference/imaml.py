@@ -1,0 +1,372 @@
+"""iMAML: implicit meta-gradients through a proximally regularised inner problem.
+
+Rajeswaran, Finn, Kakade & Levine (2019), "Meta-Learning with Implicit
+Gradients", NeurIPS. Per ``shared/CONVENTIONS.md``, for one task:
+
+* inner problem ``phi*(theta) = argmin_phi L_s(phi) + (lam/2) ||phi - theta||^2``,
+* task loss ``L_q(phi*)``,
+* meta-gradient ``(I + H_s(phi*)/lam)^{-1} grad L_q(phi*)``.
+
+The formula follows from the implicit function theorem applied to the
+stationarity condition ``grad L_s(phi) + lam (phi - theta) = 0``: it is exact
+at an exact stationary point and *wrong* anywhere else. So the reference
+
+1. solves the inner problem to near machine precision with a trust-region
+   Newton method on exact Hessian-vector products (``scipy.optimize``'s
+   ``trust-krylov``, Gould et al.'s GLTR), polishes with Newton steps if
+   needed, and **raises** :class:`~reference.errors.ConvergenceError` with the
+   stationarity residual when it cannot reach ``inner_tol``;
+2. solves ``(I + H_s/lam) g = grad L_q`` either densely (``solver="direct"``:
+   the Hessian built by the R-operator, a Cholesky test of positive
+   definiteness, then a solve) or matrix-free (``solver="cg"``: conjugate
+   gradient on Hessian-vector products, ``O(params)`` memory); a matrix that
+   is not positive definite (``phi*`` a saddle, not a minimum) is an error.
+
+:func:`meta_loss_and_grad_info` returns, per task, the stationarity residual,
+the linear-solve iterations and true residual and an estimate of
+``cond(I + H_s/lam)``.
+
+Complex step. With complex ``params`` (complex-step differentiation) the
+inner problem has no "argmin" but its stationarity equation still defines
+``phi*(theta)`` analytically. The real problem is solved at ``Re theta``,
+then Newton's method is run on the complex stationarity equation (each real
+and imaginary residual tested against its own scale), so ``meta_loss`` is the
+analytic continuation of the real meta-loss. That continuation is itself the
+implicit function theorem's tangent, so a complex-step check of iMAML checks
+the adjoint solve against a forward (tangent) solve; finite differences of
+the real ``meta_loss`` with a tight ``inner_tol`` are the check that assumes
+nothing about implicit differentiation.
+
+Works on any model with the ``MLP`` interface (``_loss_and_grad``, ``_hvp``,
+``hessian``, ``check_params``), e.g. :class:`reference.models.Quadratic`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.optimize
+
+from reference._features import as_scalar
+from reference._linalg import SPDFactor, conjugate_gradient
+from reference._validation import check_finite_scalar, check_positive_int
+from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
+from reference.models import flatten, unflatten
+from reference.tasks import Task, check_tasks
+
+Params = list[np.ndarray]
+SOLVERS = ("cg", "direct")
+# Newton polishing steps tried after the trust-region solve and for the complex (complex-step) continuation.
+_NEWTON_STEPS = 8
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Diagnostics of one task's implicit meta-gradient.
+
+    Attributes:
+        phi: the inner solution ``phi*`` (parameter list).
+        grad: this task's meta-gradient ``(I + H_s/lam)^{-1} grad L_q(phi*)``.
+        query_loss: ``L_q(phi*)``.
+        stationarity_residual: ``||grad L_s(phi*) + lam (phi* - theta)||_2`` (real part
+            under complex step).
+        stationarity_tolerance: the bound it had to meet, ``inner_tol * max(1, ||grad L_s(theta)||)``.
+        inner_iterations: trust-region iterations plus Newton polishing steps.
+        solver: ``"cg"`` or ``"direct"``.
+        linear_iterations: CG iterations (0 for the direct solve).
+        linear_residual: true relative residual ``||(I + H/lam) g - grad L_q|| / ||grad L_q||``.
+        cond_estimate: estimate of ``cond(I + H_s(phi*)/lam)``: the Lanczos
+            estimate from CG's coefficients (a lower bound), or LAPACK's 1-norm
+            estimate from the Cholesky factor for the direct solve.
+    """
+
+    phi: Params
+    grad: Params
+    query_loss: float
+    stationarity_residual: float
+    stationarity_tolerance: float
+    inner_iterations: int
+    solver: str
+    linear_iterations: int
+    linear_residual: float
+    cond_estimate: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """Meta-loss, meta-gradient and the per-task :class:`TaskInfo`."""
+
+    loss: float
+    grad: Params
+    tasks: list[TaskInfo]
+
+
+def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter):
+    params = model.check_params(params)
+    tasks = check_tasks(model, tasks)
+    lam = check_finite_scalar(
+        "lam", lam, positive=True,
+        hint="; iMAML's proximal weight must be positive (the inner problem is regularised by lam/2 ||phi - theta||^2)",
+    )
+    if solver not in SOLVERS:
+        raise InvalidInputError(
+            f"solver={solver!r} is unknown; use 'cg' (matrix-free conjugate gradient) or 'direct' (dense solve)"
+        )
+    for name, tol in (("inner_tol", inner_tol), ("cg_tol", cg_tol)):
+        tol = check_finite_scalar(name, tol, positive=True)
+        if isinstance(tol, complex) or tol >= 1:
+            raise InvalidInputError(f"{name}={tol!r} must be a real relative tolerance in (0, 1), e.g. 1e-12")
+    inner_maxiter = check_positive_int("inner_maxiter", inner_maxiter)
+    if cg_maxiter is not None:
+        cg_maxiter = check_positive_int("cg_maxiter", cg_maxiter)
+    return params, tasks, lam
+
+
+class _Problem:
+    """One task's inner objective ``F(phi) = L_s(phi) + lam/2 ||phi - theta||^2`` on flat vectors."""
+
+    def __init__(self, model, params, task: Task, lam, where: str):
+        self.model, self.task, self.lam, self.where = model, task, lam, where
+        self.shapes = [p.shape for p in params]
+        self.theta = flatten(params)
+
+    def unflat(self, z):
+        return unflatten(z, self.shapes)
+
+    def grad(self, z, theta=None):
+        theta = self.theta if theta is None else theta
+        _, g = self.model._loss_and_grad(self.unflat(z), self.task.x_support, self.task.y_support)
+        return flatten(g) + self.lam * (z - theta)
+
+    def hvp_s(self, z, v):
+        """``H_s(z) v`` (support loss only, no proximal term)."""
+        return flatten(self.model._hvp(self.unflat(z), self.task.x_support, self.task.y_support, self.unflat(v)))
+
+
+def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
+    """Solve ``(H_s(z) + lam I) dz = rhs`` (the inner Newton system)."""
+    if solver == "direct":
+        H = prob.model.hessian(prob.unflat(z), prob.task.x_support, prob.task.y_support)
+        factor = SPDFactor(H + prob.lam * np.eye(H.shape[0]), what=what, hint=_SADDLE_HINT)
+        return factor.solve(rhs)
+    dz, _ = conjugate_gradient(lambda v: prob.hvp_s(z, v) + prob.lam * v, rhs, rtol=cg_tol, maxiter=cg_maxiter,
+                               what=what, hint=_SADDLE_HINT)
+    return dz
+
+
+_SADDLE_HINT = (
+    "the inner solution is not a strict local minimum of L_s + lam/2 ||phi - theta||^2; increase lam"
+)
+
+
+def inner_solve(
+    model: Any, params: Params, task: Task, lam: Any, *, inner_tol: float = 1e-12, inner_maxiter: int = 1000,
+    solver: str = "cg", cg_tol: float = 1e-12, cg_maxiter: int | None = None, where: str = "task",
+) -> tuple[np.ndarray, float, float, int]:
+    """Solve ``min_phi L_s(phi) + lam/2 ||phi - theta||^2`` to ``inner_tol`` (inputs already validated).
+
+    Returns ``(phi_flat, residual, tolerance, iterations)``.
+
+    Raises:
+        ConvergenceError: the stationarity residual ``||grad L_s(phi) + lam (phi - theta)||``
+            stays above ``inner_tol * max(1, ||grad L_s(theta)||)``.
+    """
+    prob = _Problem(model, params, task, lam, where)
+    n = prob.theta.size
+    cg_maxiter = cg_maxiter or 2 * n + 100
+    theta_r = prob.theta.real.copy()
+    lam_r = float(np.real(lam))
+    real_prob = _Problem(model, [p.real for p in params], task, lam_r, where)
+    g0 = real_prob.grad(theta_r)
+    tol = inner_tol * max(1.0, float(np.linalg.norm(g0)))
+
+    def fun(z):
+        loss, g = model._loss_and_grad(real_prob.unflat(z), task.x_support, task.y_support)
+        d = z - theta_r
+        return float(loss) + 0.5 * lam_r * float(d @ d), flatten(g) + lam_r * d
+
+    hessp = lambda z, v: real_prob.hvp_s(z, v) + lam_r * v  # noqa: E731
+
+    def newton_polish(z, res):
+        # Full Newton steps on the stationarity equation, kept while they lower the residual:
+        # quadratic convergence from where the trust region leaves off, down to the round-off
+        # floor of the gradient (past inner_tol: the meta-gradient's error is about
+        # residual / (lam * lambda_min(I + H/lam)), so every digit here counts). A trust-region
+        # method stalls before that floor, once round-off in F hides the predicted decrease.
+        for k in range(_NEWTON_STEPS):
+            try:
+                step = _newton_solve(real_prob, z, -real_prob.grad(z), solver, min(cg_tol, 1e-12), cg_maxiter,
+                                     f"the inner Newton matrix H_s + lam I of {where}")
+            except (SingularMatrixError, ConvergenceError):
+                # Not (yet) in a convex neighbourhood of a minimum: no Newton step from here.
+                # The residual test below turns this into the inner problem's ConvergenceError.
+                return z, res, k + 1
+            new_res = float(np.linalg.norm(real_prob.grad(z + step)))
+            if not new_res < res:
+                return z, res, k + 1
+            z, res, progress = z + step, new_res, new_res / res
+            if progress > 0.5 and res <= tol:
+                return z, res, k + 1
+        return z, res, _NEWTON_STEPS
+
+    z, iterations, message = theta_r, 0, "not started"
+    # Globalise with the trust region to a loose gradient (quadratic region), polish with Newton;
+    # if that is not enough, run the trust region to the full tolerance and polish again.
+    for gtol in (max(tol, 1e-8 * max(1.0, float(np.linalg.norm(g0)))), tol):
+        # NumPy may warn inside scipy's GLTR subproblem in degenerate steps; the residual
+        # check below decides convergence, so those warnings carry no information.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            result = scipy.optimize.minimize(
+                fun, z, jac=True, hessp=hessp, method="trust-krylov",
+                options={"gtol": gtol, "maxiter": max(1, inner_maxiter - iterations)},
+            )
+        z, message = result.x, result.message
+        iterations += int(result.nit)
+        res = float(np.linalg.norm(real_prob.grad(z)))
+        z, res, polish = newton_polish(z, res)
+        iterations += polish
+        if res <= tol or iterations >= inner_maxiter or not np.isfinite(res):
+            break
+    if not res <= tol:
+        raise ConvergenceError(
+            f"iMAML inner problem of {where} did not converge: stationarity residual "
+            f"||grad L_s(phi) + lam (phi - theta)|| = {res:.3g} > inner_tol * max(1, ||grad L_s(theta)||) = {tol:.3g} "
+            f"after {iterations} iterations (scipy: {message!r}). The implicit meta-gradient is only valid "
+            "at a stationary point, so no answer is given; increase lam (a better-conditioned inner problem), "
+            "raise inner_maxiter, or loosen inner_tol"
+        )
+    if np.iscomplexobj(prob.theta) or np.iscomplexobj(lam):
+        z = _complex_continuation(prob, z, tol, inner_tol, solver, cg_tol, cg_maxiter)
+        iterations += 1
+    return z, res, tol, iterations
+
+
+def _complex_continuation(prob: _Problem, z, tol, inner_tol, solver, cg_tol, cg_maxiter):
+    """Newton's method on the complex stationarity equation from the real solution (complex step)."""
+    z = z.astype(complex)
+    F = prob.grad(z)
+    imag_scale = float(np.linalg.norm(F.imag))
+    for _ in range(_NEWTON_STEPS):
+        if np.linalg.norm(F.real) <= tol and np.linalg.norm(F.imag) <= inner_tol * imag_scale:
+            return z
+        z = z + _newton_solve(prob, z, -F, solver, cg_tol, cg_maxiter,
+                              f"the inner Newton matrix H_s + lam I of {prob.where}")
+        F = prob.grad(z)
+    if np.linalg.norm(F.real) <= tol and np.linalg.norm(F.imag) <= inner_tol * imag_scale:
+        return z
+    raise ConvergenceError(
+        f"iMAML complex-step continuation of {prob.where} did not converge: stationarity residual real "
+        f"{np.linalg.norm(F.real):.3g} (tol {tol:.3g}), imaginary {np.linalg.norm(F.imag):.3g} "
+        f"(tol {inner_tol * imag_scale:.3g}); use finite differences instead"
+    )
+
+
+def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter, need_grad):
+    z, res, tol, iterations = inner_solve(
+        model, params, task, lam, inner_tol=inner_tol, inner_maxiter=inner_maxiter, solver=solver,
+        cg_tol=cg_tol, cg_maxiter=cg_maxiter, where=where,
+    )
+    prob = _Problem(model, params, task, lam, where)
+    phi = prob.unflat(z)
+    loss_q, g_q = model._loss_and_grad(phi, task.x_query, task.y_query)
+    if not need_grad:
+        return loss_q, None
+    b = flatten(g_q)
+    n = b.size
+    what = f"I + H_s(phi*)/lam of {where}"
+
+    def matvec(v):
+        return v + prob.hvp_s(z, v) / lam
+
+    if solver == "direct":
+        H = model.hessian(phi, task.x_support, task.y_support)
+        factor = SPDFactor(np.eye(n) + H / lam, what=what, hint=_SADDLE_HINT)
+        x = factor.solve(b)
+        iters, cond = 0, factor.cond
+        b_norm = np.linalg.norm(b)
+        lin_res = float(np.linalg.norm(matvec(x) - b) / b_norm) if b_norm > 0 else 0.0
+    else:
+        x, info = conjugate_gradient(matvec, b, rtol=cg_tol, maxiter=cg_maxiter or 2 * n + 100, what=what,
+                                     hint=_SADDLE_HINT)
+        iters, cond, lin_res = info.iterations, info.cond_estimate, info.residual
+    g = prob.unflat(x)
+    info = TaskInfo(phi, g, as_scalar(loss_q), res, tol, iterations, solver, iters, lin_res, cond)
+    return loss_q, info
+
+
+def meta_loss(
+    model: Any, params: Sequence[Any], tasks: Sequence[Task], lam: float, *, inner_tol: float = 1e-12,
+    inner_maxiter: int = 1000, solver: str = "cg", cg_tol: float = 1e-12, cg_maxiter: int | None = None,
+) -> float:
+    """The iMAML meta-loss alone: mean over tasks of ``L_q(phi*(theta))`` (for finite differences).
+
+    ``solver`` only matters for Newton polishing and the complex-step continuation.
+    """
+    params, tasks, lam = _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)
+    total = 0.0
+    for i, task in enumerate(tasks):
+        total = total + _task(model, params, task, lam, f"tasks[{i}]", solver=solver, inner_tol=inner_tol,
+                              cg_tol=cg_tol, inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter,
+                              need_grad=False)[0]
+    return as_scalar(total / len(tasks))
+
+
+def meta_loss_and_grad_info(
+    model: Any, params: Sequence[Any], tasks: Sequence[Task], lam: float, *, solver: str = "cg",
+    inner_tol: float = 1e-12, cg_tol: float = 1e-12, inner_maxiter: int = 1000, cg_maxiter: int | None = None,
+) -> Result:
+    """:func:`meta_loss_and_grad` plus the per-task diagnostics (:class:`TaskInfo`)."""
+    params, tasks, lam = _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)
+    total, grad, infos = 0.0, None, []
+    for i, task in enumerate(tasks):
+        loss_q, info = _task(model, params, task, lam, f"tasks[{i}]", solver=solver, inner_tol=inner_tol,
+                             cg_tol=cg_tol, inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter, need_grad=True)
+        total = total + loss_q
+        grad = list(info.grad) if grad is None else [a + b for a, b in zip(grad, info.grad)]
+        infos.append(info)
+    m = len(tasks)
+    return Result(as_scalar(total / m), [g / m for g in grad], infos)
+
+
+def meta_loss_and_grad(
+    model: Any, params: Sequence[Any], tasks: Sequence[Task], lam: float, *, solver: str = "cg",
+    inner_tol: float = 1e-12, cg_tol: float = 1e-12, inner_maxiter: int = 1000, cg_maxiter: int | None = None,
+) -> tuple[float, Params]:
+    """iMAML meta-loss and implicit meta-gradient (Rajeswaran et al. 2019).
+
+    ``meta_loss = mean_tasks L_q(phi*)``, ``grad = mean_tasks (I + H_s(phi*)/lam)^{-1} grad L_q(phi*)``
+    with ``phi* = argmin_phi L_s(phi) + lam/2 ||phi - theta||^2`` (module docstring).
+
+    Args:
+        model: an ``MLP`` or any model with its interface (e.g. ``Quadratic``).
+        params: ``theta``, the meta-parameters.
+        tasks: list of :class:`reference.tasks.Task`.
+        lam: proximal weight ``> 0``.
+        solver: ``"cg"`` (matrix-free, ``O(params)`` memory) or ``"direct"``
+            (dense Hessian, ``O(params^2)`` memory, limited to
+            ``reference.models.MAX_DENSE_HESSIAN`` parameters for an MLP).
+        inner_tol: relative stationarity tolerance of the inner problem:
+            ``||grad L_s(phi) + lam (phi - theta)|| <= inner_tol * max(1, ||grad L_s(theta)||)``.
+        cg_tol: relative residual tolerance of the CG solves.
+        inner_maxiter: trust-region iterations allowed.
+        cg_maxiter: CG iterations allowed (default ``2 n + 100``).
+
+    Returns:
+        ``(meta_loss, grads)``; :func:`meta_loss_and_grad_info` also returns the diagnostics.
+
+    Raises:
+        ConvergenceError: the inner problem (or CG) did not reach its tolerance.
+        SingularMatrixError: ``I + H_s(phi*)/lam`` is not positive definite or is
+            singular in floating point.
+        InvalidInputError: bad arguments.
+    """
+    result = meta_loss_and_grad_info(model, params, tasks, lam, solver=solver, inner_tol=inner_tol, cg_tol=cg_tol,
+                                     inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter)
+    return result.loss, result.grad
+
+
+__all__ = ["Result", "SOLVERS", "TaskInfo", "inner_solve", "meta_loss", "meta_loss_and_grad",
+           "meta_loss_and_grad_info"]
