@@ -124,6 +124,11 @@ def _locate(case: Case, flat_index: int) -> str:
     return f"[{flat_index}]"
 
 
+#: Public names of the comparison helpers, shared with the audit (:mod:`verify._audit`).
+relative = _relative
+locate = _locate
+
+
 def _check(name: str, status: str, error: float, tol: float, detail: str) -> dict[str, Any]:
     return {"check": name, "status": status, "error": error, "tolerance": tol, "detail": detail}
 
@@ -151,6 +156,10 @@ def _float32_condition(case: Case, g_ref: np.ndarray) -> float:
     _, g_r = evaluate(rounded)
     rel, _ = _relative(flatten(g_r), g_ref)
     return max(1.0, rel / float(np.finfo(np.float32).eps))
+
+
+#: Public name of the float32 input-rounding condition estimate, shared with the audit.
+float32_condition = _float32_condition
 
 
 def check_case(
@@ -285,5 +294,5 @@ def run_matrix(
     return MatrixResult(results, seed, examples)
 
 
-__all__ = ["Cell", "CaseResult", "DTYPES", "MatrixResult", "UNSUPPORTED", "check_case", "plan",
-           "reference_loss_function", "run_matrix"]
+__all__ = ["Cell", "CaseResult", "DTYPES", "MatrixResult", "UNSUPPORTED", "check_case", "float32_condition",
+           "locate", "plan", "reference_loss_function", "relative", "run_matrix"]
