@@ -1,0 +1,160 @@
+"""The check matrix and ``metaverify check``: verdicts, exit codes, outputs.
+
+A wrong implementation is simulated by a fake backend whose meta-gradient is
+the reference's with a known error injected; the matrix must fail it and
+name the location, and pass the unmodified one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from reference.models import flatten
+from verify import algorithms
+from verify.algorithms import ALGORITHMS, build_case, evaluate
+from verify.cli import main
+from verify.matrix import check_case, plan, run_matrix
+
+
+def fake_backend(monkeypatch, name: str, transform):
+    """A backend root module whose ``maml`` returns ``transform(reference grads)``."""
+    import reference.maml as ref_maml
+
+    root = types.ModuleType(name)
+    sub = types.ModuleType(f"{name}.maml")
+
+    def meta_loss_and_grad(model, params, tasks, inner_lr, inner_steps, first_order=False, **kw):
+        loss, grads = ref_maml.meta_loss_and_grad(model, params, tasks, inner_lr, inner_steps, first_order=first_order)
+        return loss, transform([np.array(g) for g in grads])
+
+    sub.meta_loss_and_grad = meta_loss_and_grad
+    monkeypatch.setitem(sys.modules, name, root)
+    monkeypatch.setitem(sys.modules, f"{name}.maml", sub)
+    return root
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correct_backend_passes_and_perturbed_one_fails(monkeypatch, seed):
+    case = build_case("maml", seed=seed)
+    good = fake_backend(monkeypatch, "fake_good", lambda g: g)
+    assert check_case(case, "fake_good", "float64", module=good).status == "pass"
+
+    def perturb(g):
+        g[-1] = g[-1] * (1 + 1e-8)  # a relative 1e-8 error in the last tensor only
+        return g
+
+    bad = fake_backend(monkeypatch, "fake_bad", perturb)
+    result = check_case(case, "fake_bad", "float64", module=bad)
+    assert result.status == "fail"
+    failing = {c["check"] for c in result.checks if c["status"] == "fail"}
+    assert "meta-gradient vs reference" in failing
+    detail = next(c["detail"] for c in result.checks if c["check"] == "meta-gradient vs reference")
+    last = case.names[-1]
+    assert f"worst at {last}" in detail
+
+
+def test_float32_cell_uses_float32_tolerance(monkeypatch):
+    case = build_case("maml", seed=3)
+    rounded = fake_backend(monkeypatch, "fake32", lambda g: [a.astype(np.float32) for a in g])
+    result = check_case(case, "fake32", "float32", module=rounded)
+    assert result.status == "pass"
+    ref_check = next(c for c in result.checks if c["check"] == "meta-gradient vs reference")
+    assert ref_check["tolerance"] >= np.finfo(np.float32).eps  # never float64's row
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_reference_cell_passes_for_every_algorithm(name):
+    result = check_case(build_case(name, seed=11), "numpy", "float64")
+    assert result.status == "pass", result.checks
+
+
+def test_plan_and_shards_partition_the_cells():
+    cells = plan(list(ALGORITHMS), ["numpy", "torch", "jax"], ["float64", "float32"])
+    assert ("mlp", "torch", "float64") not in cells and ("maml", "numpy", "float32") not in cells
+    shards = [cells[i::3] for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(cells)
+
+
+def test_cli_numpy_outputs(tmp_path, capsys):
+    js, xml = tmp_path / "out" / "r.json", tmp_path / "j.xml"
+    code = main(["check", "--backend", "numpy", "--algorithm", "mlp", "maml", "--examples", "1",
+                 "--json", str(js), "--junit", str(xml)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "maml" in out and "2 passed, 0 failed" in out
+    doc = json.loads(js.read_text())
+    assert doc["schema"] == "metaverify.results" and doc["version"] == 1
+    cells = doc["result"]["check"]["cells"]
+    assert [(c["algorithm"], c["backend"], c["dtype"], c["status"]) for c in cells] == [
+        ("mlp", "numpy", "float64", "pass"), ("maml", "numpy", "float64", "pass")]
+    root = ET.parse(xml).getroot()
+    assert root.get("tests") == "2" and root.get("failures") == "0"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["check", "--algorithm", "nope"], "unknown algorithm"),
+        (["check", "--backend", "numpy", "--shard", "3/2"], "1 <= I <= N"),
+        (["check", "--backend", "numpy", "--shard", "x"], "must look like I/N"),
+        (["check", "--backend", "numpy", "--examples", "0"], "must be >= 1"),
+    ],
+)
+def test_cli_usage_errors_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_backend_exit_2_with_install_hint(monkeypatch, capsys):
+    import verify.backends as backends
+    import verify.commands.check as check_cmd
+
+    monkeypatch.setattr(check_cmd, "is_available", lambda name: name == "numpy")
+    assert main(["check", "--backend", "torch", "--algorithm", "maml"]) == 2
+    err = capsys.readouterr().err
+    assert "not installed" in err and "pip install 'metaverify[torch]'" in err
+    assert backends.BACKENDS["torch"][2] in err
+
+
+def test_cli_failure_exit_1(monkeypatch, capsys):
+    """A failing cell makes the command exit 1 and print the failing check."""
+    import verify.matrix as matrix
+
+    real = matrix.check_case
+
+    def broken(case, backend, dtype, **kw):
+        result = real(case, backend, dtype, **kw)
+        result.status = "fail"
+        result.checks.append({"check": "injected", "status": "fail", "error": 1.0, "tolerance": 1e-10,
+                              "detail": "injected failure"})
+        return result
+
+    monkeypatch.setattr(matrix, "check_case", broken)
+    assert main(["check", "--backend", "numpy", "--algorithm", "maml", "--examples", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "injected failure" in out
+
+
+def test_every_algorithm_row_runs_on_the_reference():
+    for name, spec in ALGORITHMS.items():
+        case = build_case(name, seed=5)
+        loss, grads = evaluate(case)
+        assert len(grads) == len(case.variables) == len(case.names)
+        assert all(np.shape(g) == np.shape(v) for g, v in zip(grads, case.variables))
+        assert np.all(np.isfinite(flatten(grads)))
+        assert (loss is None) == (name == "reptile")
+    assert set(algorithms.GRADIENT_FAMILY) <= set(ALGORITHMS)
+
+
+def test_run_matrix_reports_unsupported_backend(monkeypatch):
+    import verify.backends as backends
+
+    monkeypatch.setattr(backends, "is_available", lambda name: name == "numpy")
+    result = run_matrix(["maml"], ["torch"], ["float64"], examples=1)
+    assert result.cells[0].status == "unsupported" and "not installed" in result.cells[0].note
