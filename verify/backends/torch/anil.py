@@ -1,0 +1,52 @@
+"""ANIL in PyTorch (Raghu, Raghu, Bengio & Vinyals 2020, ICLR).
+
+"Rapid Learning or Feature Reuse? Towards Understanding the Effectiveness of
+MAML". Only the head ``(W_L, b_L)`` is adapted in the inner loop; the
+meta-gradient is exact w.r.t. all parameters (autograd differentiates the
+head's inner gradients w.r.t. the body too: the cross second derivatives).
+Mirrors ``reference.anil``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from reference.tasks import Task
+from verify.backends.torch import _inner
+from verify.backends.torch._model import FunctionalMLP, scalar, tf32, to_numpy
+
+__all__ = ["meta_loss", "meta_loss_and_grad"]
+
+
+def _lrs(fm: FunctionalMLP, alpha: float) -> list[float | None]:
+    return [alpha if i in fm.head_indices else None for i in range(len(fm.shapes))]
+
+
+def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
+              dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False) -> float:
+    """ANIL meta-loss: as MAML's, with only the head adapted in the inner loop."""
+    with tf32(allow_tf32):
+        fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
+        alpha = _inner.check_inner_lr(inner_lr)
+        return scalar(_inner.meta_loss(fm, theta, ttasks, _lrs(fm, alpha), steps))
+
+
+def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int,
+                       *, dtype: str = "float64", device: str = "cpu",
+                       allow_tf32: bool = False) -> tuple[float, list[np.ndarray]]:
+    """ANIL meta-loss and its exact meta-gradient w.r.t. body and head.
+
+    ``h_{k+1} = h_k - alpha grad_h L_s(body, h_k)``, task loss ``L_q(body, h_K)``;
+    autograd through the ``create_graph=True`` head updates.
+
+    Returns:
+        ``(meta_loss, grad)`` with ``grad`` shaped like ``params``.
+    """
+    with tf32(allow_tf32):
+        fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
+        alpha = _inner.check_inner_lr(inner_lr)
+        loss, grads = _inner.meta_loss_and_grad(fm, theta, ttasks, _lrs(fm, alpha), steps)
+        return scalar(loss), [to_numpy(g) for g in grads]
