@@ -1,0 +1,351 @@
+"""Shared inner-loop machinery of MAML, FOMAML, ANIL, Meta-SGD and Reptile.
+
+All of them run ``K`` gradient steps on the support loss,
+
+    p_{k+1} = p_k - a * grad L_s(p_k),
+
+and differ only in the step ``a`` of each parameter tensor: a scalar ``alpha``
+everywhere (MAML), ``alpha`` on the head and nothing on the body (ANIL), an
+array shaped like the tensor (Meta-SGD). Here ``a`` is a list ``lrs`` with one
+entry per parameter tensor: ``None`` (tensor not adapted), a scalar, or an
+array. The meta-gradient is obtained by reverse accumulation through the steps:
+with ``D = diag(a)`` the step Jacobian is ``dp_{k+1}/dp_k = I - H_s(p_k) D``
+transposed, so the adjoint obeys
+
+    v_K = grad L_q(p_K),   v_k = v_{k+1} - H_s(p_k) (a * v_{k+1}),
+
+applied from ``k = K-1`` down to ``0`` (the Hessians at different iterates do
+not commute, so the order matters), and ``dL/dtheta = v_0``. The learning-rate
+adjoint is ``dL/da = - sum_k grad L_s(p_k) * v_{k+1}``. Each ``H_s v`` is an
+exact Hessian-vector product (``model._hvp``); no Hessian is formed. Memory is
+``O(K x params)``: the ``K + 1`` iterates (and, for the learning-rate
+gradient, the ``K`` support gradients) are stored for the reverse pass.
+
+The functions here take validated inputs (see :func:`check_common`) and use
+the models' unvalidated internals ``_loss_and_grad`` and ``_hvp``, so they run
+on any model with that interface (``MLP``, ``Quadratic``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy.linalg.blas import get_blas_funcs
+
+from reference._validation import check_finite_scalar, check_positive_int
+from reference.models import MLP, _Loss, activation_derivatives
+from reference.tasks import Task, check_tasks
+
+Params = list[np.ndarray]
+# One entry per parameter tensor: None (not adapted), a scalar or an array shaped like the tensor.
+LearningRates = Sequence[Any]
+
+
+def check_common(model: Any, params: Any, tasks: Any, inner_steps: Any) -> tuple[Params, list[Task], int]:
+    """Validate the arguments every gradient-based algorithm shares (once, at the boundary)."""
+    params = model.check_params(params)
+    tasks = check_tasks(model, tasks)
+    steps = check_positive_int(
+        "inner_steps", inner_steps, hint="; the inner loop needs at least one step (K >= 1)"
+    )
+    return params, tasks, steps
+
+
+def check_inner_lr(inner_lr: Any) -> Any:
+    """A finite scalar step size (complex allowed, for complex-step checks in ``alpha``)."""
+    return check_finite_scalar("inner_lr", inner_lr, hint="; pass a step size such as inner_lr=0.01")
+
+
+def as_scalar(value: Any) -> float | complex:
+    """A NumPy scalar as a Python ``float`` (``complex`` under complex step)."""
+    value = np.asarray(value)[()]
+    return complex(value) if np.iscomplexobj(value) else float(value)
+
+
+def adapt(model: Any, params: Params, x: np.ndarray, y: np.ndarray, lrs: LearningRates, steps: int,
+          *, keep_iterates: bool = True, keep_grads: bool = False) -> tuple[list[Params], list[Params]]:
+    """Run the inner loop; return the iterates ``[p_0, ..., p_K]`` and, if asked, the support gradients.
+
+    With ``keep_iterates=False`` only ``[p_K]`` is returned (O(params) memory).
+    Tensors whose learning rate is ``None`` are shared (not copied) between
+    iterates, which keeps ANIL's memory at ``K x head``.
+    """
+    p = list(params)
+    iterates, grads = [p], []
+    for _ in range(steps):
+        _, g = model._loss_and_grad(p, x, y)
+        p = [pi if a is None else pi - a * gi for pi, gi, a in zip(p, g, lrs)]
+        if keep_iterates:
+            iterates.append(p)
+        else:
+            iterates[0] = p
+        if keep_grads:
+            grads.append(g)
+    return iterates, grads
+
+
+def task_loss_and_grad(model: Any, params: Params, task: Task, lrs: LearningRates, steps: int, *,
+                       first_order: bool = False, lr_grad: bool = False) -> tuple[Any, Params, Params | None]:
+    """Query loss after adaptation and its exact gradient for one task.
+
+    Returns ``(L_q(p_K), dL/dtheta, dL/da)``; ``dL/da`` (only with
+    ``lr_grad``) has one array per tensor, ``None`` for tensors not adapted.
+    With ``first_order`` the gradient is ``grad L_q(p_K)`` (FOMAML: every step
+    Jacobian replaced by the identity).
+    """
+    iterates, grads = adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_grads=lr_grad)
+    loss, v = model._loss_and_grad(iterates[-1], task.x_query, task.y_query)
+    if first_order:
+        return loss, v, None
+    grad_lrs = [None if a is None else 0.0 for a in lrs] if lr_grad else None
+    for k in reversed(range(steps)):
+        if grad_lrs is not None:
+            # d p_{k+1} / d a = -grad L_s(p_k) (elementwise), contracted with v_{k+1}.
+            grad_lrs = [None if a is None else acc - gk * vk
+                        for acc, gk, vk, a in zip(grad_lrs, grads[k], v, lrs)]
+        direction = [np.zeros_like(vk) if a is None else a * vk for vk, a in zip(v, lrs)]
+        hv = model._hvp(iterates[k], task.x_support, task.y_support, direction)
+        v = [vk - hk for vk, hk in zip(v, hv)]
+    return loss, v, grad_lrs
+
+
+def meta_loss(model: Any, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int) -> Any:
+    """Mean over tasks of ``L_q(p_K)`` (forward pass only)."""
+    total = 0.0
+    for task in tasks:
+        iterates, _ = adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)
+        total = total + model._loss_and_grad(iterates[-1], task.x_query, task.y_query)[0]
+    return as_scalar(total / len(tasks))
+
+
+def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int, *,
+                       first_order: bool = False, lr_grad: bool = False,
+                       fused: bool = True) -> tuple[Any, Params, Params | None]:
+    """Mean over tasks of the per-task loss and gradients.
+
+    An ``MLP`` goes through the fused engine (:class:`_MLPEngine`) unless
+    ``fused=False``; other models through :func:`task_loss_and_grad`.
+    """
+    if fused and isinstance(model, MLP):
+        engine = _MLPEngine(model)
+
+        def per_task(task: Task) -> tuple[Any, Params, Params | None]:
+            return engine.task(params, task, lrs, steps, first_order=first_order, lr_grad=lr_grad)
+    else:
+
+        def per_task(task: Task) -> tuple[Any, Params, Params | None]:
+            return task_loss_and_grad(model, params, task, lrs, steps, first_order=first_order, lr_grad=lr_grad)
+
+    n = len(tasks)
+    total, grad, grad_lrs = 0.0, None, None
+    for task in tasks:
+        loss, g, gl = per_task(task)
+        total = total + loss
+        grad = g if grad is None else [a + b for a, b in zip(grad, g)]
+        if gl is not None:
+            grad_lrs = gl if grad_lrs is None else [None if a is None else a + b for a, b in zip(grad_lrs, gl)]
+    grad = [g / n for g in grad]
+    if grad_lrs is not None:
+        grad_lrs = [None if g is None else g / n for g in grad_lrs]
+    return as_scalar(total / n), grad, grad_lrs
+
+
+# ---------------------------------------------------------------------------
+# Fused engine for reference.models.MLP
+# ---------------------------------------------------------------------------
+#
+# The generic loop above calls ``model._hvp``, which recomputes the forward pass
+# at ``p_k`` and materialises ``H v`` before ``v - a H v`` is formed. For an MLP
+# with few examples per task (n << width) the cost is dominated by passes over
+# the weight matrices, so the engine below
+#
+# * caches the forward/backward quantities of each inner step (activations,
+#   their derivatives, the backpropagated deltas: O(K x n x width) memory,
+#   small next to the iterates) and reuses them in the reverse pass, so the
+#   Hessian-vector product at ``p_k`` needs no new forward pass;
+# * uses linearity, ``H (a v) = a H v`` for a shared scalar ``a`` (MAML, ANIL),
+#   instead of materialising the scaled direction;
+# * writes the two outer products of the R-backward pass
+#   ``R{dW} = R{g}^T h + g^T R{h}`` as one GEMM over stacked rows, accumulated
+#   straight into ``v`` by BLAS ``gemm`` with ``beta = 1`` (no temporary), and
+#   likewise forms ``p_{k+1} = p_k - a g^T h`` with one GEMM.
+#
+# It computes exactly the same recursion; tests compare it with the generic
+# loop and with complex-step derivatives of the meta-loss.
+
+
+def _addmm_t(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace: bool) -> np.ndarray:
+    """``c + alpha * a^T @ b`` for C-ordered ``c`` (p, q), ``a`` (m, p), ``b`` (m, q), by one BLAS gemm.
+
+    In place when ``inplace`` and the dtypes allow it. A C-ordered ``c`` is the
+    Fortran-ordered ``c^T``, so BLAS computes ``c^T <- c^T + alpha b^T a``.
+    """
+    dtype = np.result_type(c, a, b, alpha)
+    gemm = get_blas_funcs("gemm", dtype=dtype)
+    if c.dtype != dtype:
+        c, inplace = c.astype(dtype), True
+    out = gemm(alpha, b.T.astype(dtype, copy=False), a.T.astype(dtype, copy=False), beta=1.0, c=c.T,
+               trans_b=1, overwrite_c=inplace)
+    return out.T
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+class _Pass(NamedTuple):
+    """What one forward/backward pass at ``p`` leaves for the reverse pass."""
+
+    params: Params
+    hs: list[np.ndarray]          # hs[l]: input of layer l (hs[0] = x)
+    derivs: list[list[np.ndarray]]  # derivs[j]: [act, act', act''] at hidden layer j's pre-activation
+    deltas: list[np.ndarray]      # deltas[l]: d loss / d z_l (z_l the pre-activation of layer l)
+    back: list[np.ndarray | None]  # back[l] = deltas[l] @ W_l (l >= 1), the delta before act'
+    loss: Any                     # the _Loss object at the output
+
+
+class _MLPEngine:
+    """Inner loop and reverse accumulation for ``reference.models.MLP`` (see the notes above)."""
+
+    def __init__(self, model: MLP):
+        self.model = model
+        self.k = 2 if model.bias else 1
+        self.n_layers = model.n_layers
+
+    def _split(self, params: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        if self.k == 2:
+            return list(params[0::2]), list(params[1::2])
+        return list(params), [None] * self.n_layers
+
+    def run(self, params: Params, x: np.ndarray, y: np.ndarray, order: int) -> _Pass:
+        m = self.model
+        Ws, bs = self._split(params)
+        h, hs, derivs = x, [x], []
+        for l in range(self.n_layers):
+            z = h @ Ws[l].T
+            if bs[l] is not None:
+                z = z + bs[l]
+            if l == self.n_layers - 1:
+                break
+            ds = activation_derivatives(m.activation, z, order)
+            derivs.append(ds)
+            h = ds[0]
+            hs.append(h)
+        loss = _Loss(m.loss_name, z, y)
+        g = loss.grad()
+        deltas: list[np.ndarray] = [None] * self.n_layers  # type: ignore[list-item]
+        back: list[np.ndarray | None] = [None] * self.n_layers
+        for l in reversed(range(self.n_layers)):
+            deltas[l] = g
+            if l > 0:
+                back[l] = g @ Ws[l]
+                g = back[l] * derivs[l - 1][1]
+        return _Pass(list(params), hs, derivs, deltas, back, loss)
+
+    def grads(self, state: _Pass) -> Params:
+        out: Params = []
+        for l in range(self.n_layers):
+            out.append(state.deltas[l].T @ state.hs[l])
+            if self.k == 2:
+                out.append(np.sum(state.deltas[l], axis=0))
+        return out
+
+    def step(self, state: _Pass, lrs: LearningRates) -> Params:
+        """``p - a * grad L(p)``; a scalar ``a`` on a weight matrix is folded into one GEMM."""
+        new: Params = []
+        k = self.k
+        for i, (p, a) in enumerate(zip(state.params, lrs)):
+            l, is_bias = divmod(i, k)
+            if a is None:
+                new.append(p)
+            elif is_bias:
+                new.append(p - a * np.sum(state.deltas[l], axis=0))
+            elif np.ndim(a) == 0:
+                new.append(_addmm_t(p, state.deltas[l], state.hs[l], -a, inplace=False))
+            else:
+                new.append(p - a * (state.deltas[l].T @ state.hs[l]))
+        return new
+
+    def reverse(self, state: _Pass, v: Params, lrs: LearningRates) -> Params:
+        """``v - H(p) (a * v)`` at the cached pass, updating ``v``'s arrays in place where possible."""
+        Ws, _ = self._split(state.params)
+        active = [a for a in lrs if a is not None]
+        if not active:
+            return v
+        if all(np.ndim(a) == 0 for a in active) and all(a is active[0] for a in active):
+            # One shared scalar: H (a P v) = a H (P v); direction = P v, scale applied at accumulation.
+            scale = active[0]
+            direction = [None if a is None else vi for vi, a in zip(v, lrs)]
+        else:
+            scale = 1.0
+            direction = [None if a is None else a * vi for vi, a in zip(v, lrs)]
+        DW, Db = self._split(direction)
+        hs, derivs = state.hs, state.derivs
+        # R-forward: r_z[l] = h_l DW_l^T + Db_l + R{h_l} W_l^T, R{h_{l+1}} = act'(z_l) r_z[l].
+        r_h: np.ndarray | None = None
+        r_hs: list[np.ndarray | None] = [None]
+        r_zs: list[np.ndarray | None] = []
+        for l in range(self.n_layers):
+            r_z = None
+            if DW[l] is not None:
+                r_z = hs[l] @ DW[l].T
+            if Db[l] is not None:
+                r_z = Db[l] if r_z is None else r_z + Db[l]
+            if r_h is not None:
+                r_z = r_h @ Ws[l].T if r_z is None else r_z + r_h @ Ws[l].T
+            r_zs.append(r_z)
+            if l < self.n_layers - 1:
+                r_h = None if r_z is None else derivs[l][1] * r_z
+                r_hs.append(r_h)
+        r_out = r_zs[-1]
+        if r_out is None:
+            return v
+        r_g = state.loss.hvp(np.broadcast_to(r_out, state.deltas[-1].shape))
+        v = list(v)
+        for l in reversed(range(self.n_layers)):
+            g = state.deltas[l]
+            # R{dL/dW_l} = R{g}^T h_l + g^T R{h_l}: one GEMM over stacked rows.
+            left, right = [r_g], [hs[l]]
+            if r_hs[l] is not None:
+                left.append(g)
+                right.append(r_hs[l])
+            r_g_below = None
+            if l > 0:
+                # Needs DW_l before v (which may be the same array) is updated below.
+                r_back = r_g @ Ws[l]
+                if DW[l] is not None:
+                    r_back = r_back + g @ DW[l]
+                d = derivs[l - 1]
+                r_g_below = r_back * d[1]
+                if r_zs[l - 1] is not None:
+                    r_g_below = r_g_below + state.back[l] * d[2] * r_zs[l - 1]
+            i = self.k * l
+            v[i] = _addmm_t(v[i], _stack(left), _stack(right), -scale, inplace=True)
+            if self.k == 2:
+                v[i + 1] = v[i + 1] - scale * np.sum(r_g, axis=0)
+            r_g = r_g_below
+        return v
+
+    def task(self, params: Params, task: Task, lrs: LearningRates, steps: int, *,
+             first_order: bool, lr_grad: bool) -> tuple[Any, Params, Params | None]:
+        order = 1 if first_order else 2
+        states = []
+        p = params
+        for _ in range(steps):
+            state = self.run(p, task.x_support, task.y_support, order)
+            if not first_order:
+                states.append(state)
+            p = self.step(state, lrs)
+        query = self.run(p, task.x_query, task.y_query, 1)
+        loss, v = query.loss.value()[()], self.grads(query)
+        if first_order:
+            return loss, v, None
+        grad_lrs = [None if a is None else 0.0 for a in lrs] if lr_grad else None
+        for state in reversed(states):
+            if grad_lrs is not None:
+                grad_lrs = [None if a is None else acc - gk * vk
+                            for acc, gk, vk, a in zip(grad_lrs, self.grads(state), v, lrs)]
+            v = self.reverse(state, v, lrs)
+        return loss, v, grad_lrs
