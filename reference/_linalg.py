@@ -35,6 +35,10 @@ EPS = float(np.finfo(np.float64).eps)
 MAX_COND = 1e-4 / EPS
 
 
+def _with_hint(message: str, hint: str) -> str:
+    return f"{message}; {hint}" if hint else message
+
+
 class SPDFactor:
     """Factor a symmetric positive-definite matrix once, solve many right-hand sides.
 
@@ -57,19 +61,16 @@ class SPDFactor:
         # Cholesky of the real part: succeeds iff it is numerically positive definite.
         chol, info = lapack.dpotrf(real, lower=False, clean=False)
         if info != 0:
-            raise SingularMatrixError(
-                f"{what} is not positive definite in floating point (Cholesky failed at pivot {info}); {hint}".rstrip(
-                    "; "
-                )
-            )
+            raise SingularMatrixError(_with_hint(
+                f"{what} is singular or indefinite in floating point (not positive definite: Cholesky failed "
+                f"at pivot {info})", hint))
         anorm = float(np.max(np.sum(np.abs(real), axis=0)))
         rcond, info = lapack.dpocon(chol, anorm, uplo="U")
         self.cond = float(np.inf) if rcond == 0 else 1.0 / float(rcond)
         if not self.cond <= MAX_COND:
-            raise SingularMatrixError(
+            raise SingularMatrixError(_with_hint(
                 f"{what} is singular in floating point: cond ~ {self.cond:.3g} > {MAX_COND:.3g} "
-                f"(fewer than 4 correct digits would survive the solve); {hint}".rstrip("; ")
-            )
+                "(fewer than 4 correct digits would survive the solve)", hint))
         if self.complex:
             # LU is analytic in the entries (pivots are chosen on magnitudes, which
             # the O(h) imaginary part does not change): complex-step safe.
@@ -162,10 +163,9 @@ def conjugate_gradient(
             Ap = matvec(p)
             pAp = _vdot(p, Ap)
             if not np.real(pAp) > 0:
-                raise SingularMatrixError(
+                raise SingularMatrixError(_with_hint(
                     f"{what} is not positive definite: conjugate gradient found a direction with "
-                    f"p^T A p = {np.real(pAp):.3g} <= 0 at iteration {iterations}; {hint}".rstrip("; ")
-                )
+                    f"p^T A p = {np.real(pAp):.3g} <= 0 at iteration {iterations}", hint))
             alpha = rr / pAp
             x = x + alpha * p
             r = r - alpha * Ap
@@ -190,10 +190,9 @@ def conjugate_gradient(
             break
         if iterations >= maxiter:
             rel = np.linalg.norm(r) / np.linalg.norm(b)
-            raise ConvergenceError(
+            raise ConvergenceError(_with_hint(
                 f"conjugate gradient on {what} did not converge: relative residual {rel:.3g} > rtol={rtol:g} "
-                f"after {iterations} iterations (maxiter={maxiter}); {hint}".rstrip("; ")
-            )
+                f"after {iterations} iterations (maxiter={maxiter})", hint))
         restarts += 1
     if len(diag) == 1:
         cond_est = 1.0

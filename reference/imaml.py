@@ -157,6 +157,11 @@ def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
     return dz
 
 
+def _cg_maxiter(n: int) -> int:
+    # Exact arithmetic needs n iterations; round-off delays CG on ill-conditioned systems.
+    return 2 * n + 100
+
+
 _SADDLE_HINT = (
     "the inner solution is not a strict local minimum of L_s + lam/2 ||phi - theta||^2; increase lam"
 )
@@ -164,7 +169,7 @@ _SADDLE_HINT = (
 
 def inner_solve(
     model: Any, params: Params, task: Task, lam: Any, *, inner_tol: float = 1e-12, inner_maxiter: int = 1000,
-    solver: str = "cg", cg_tol: float = 1e-12, cg_maxiter: int | None = None, where: str = "task",
+    solver: str = "cg", cg_tol: float = 1e-12, where: str = "task",
 ) -> tuple[np.ndarray, float, float, int]:
     """Solve ``min_phi L_s(phi) + lam/2 ||phi - theta||^2`` to ``inner_tol`` (inputs already validated).
 
@@ -176,7 +181,8 @@ def inner_solve(
     """
     prob = _Problem(model, params, task, lam, where)
     n = prob.theta.size
-    cg_maxiter = cg_maxiter or 2 * n + 100
+    # The Newton systems here get their own CG budget (cg_maxiter is the meta-gradient solve's).
+    newton_maxiter = _cg_maxiter(n)
     theta_r = prob.theta.real.copy()
     lam_r = float(np.real(lam))
     real_prob = _Problem(model, [p.real for p in params], task, lam_r, where)
@@ -198,7 +204,7 @@ def inner_solve(
         # method stalls before that floor, once round-off in F hides the predicted decrease.
         for k in range(_NEWTON_STEPS):
             try:
-                step = _newton_solve(real_prob, z, -real_prob.grad(z), solver, min(cg_tol, 1e-12), cg_maxiter,
+                step = _newton_solve(real_prob, z, -real_prob.grad(z), solver, min(cg_tol, 1e-12), newton_maxiter,
                                      f"the inner Newton matrix H_s + lam I of {where}")
             except (SingularMatrixError, ConvergenceError):
                 # Not (yet) in a convex neighbourhood of a minimum: no Newton step from here.
@@ -231,15 +237,18 @@ def inner_solve(
         if res <= tol or iterations >= inner_maxiter or not np.isfinite(res):
             break
     if not res <= tol:
-        raise ConvergenceError(
+        error = ConvergenceError(
             f"iMAML inner problem of {where} did not converge: stationarity residual "
             f"||grad L_s(phi) + lam (phi - theta)|| = {res:.3g} > inner_tol * max(1, ||grad L_s(theta)||) = {tol:.3g} "
             f"after {iterations} iterations (scipy: {message!r}). The implicit meta-gradient is only valid "
             "at a stationary point, so no answer is given; increase lam (a better-conditioned inner problem), "
             "raise inner_maxiter, or loosen inner_tol"
         )
+        # What the solver reached, for callers (and tests) that want to examine the refusal.
+        error.residual, error.tolerance, error.phi = res, tol, real_prob.unflat(z)
+        raise error
     if np.iscomplexobj(prob.theta) or np.iscomplexobj(lam):
-        z = _complex_continuation(prob, z, tol, inner_tol, solver, cg_tol, cg_maxiter)
+        z = _complex_continuation(prob, z, tol, inner_tol, solver, cg_tol, newton_maxiter)
         iterations += 1
     return z, res, tol, iterations
 
@@ -267,7 +276,7 @@ def _complex_continuation(prob: _Problem, z, tol, inner_tol, solver, cg_tol, cg_
 def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter, need_grad):
     z, res, tol, iterations = inner_solve(
         model, params, task, lam, inner_tol=inner_tol, inner_maxiter=inner_maxiter, solver=solver,
-        cg_tol=cg_tol, cg_maxiter=cg_maxiter, where=where,
+        cg_tol=cg_tol, where=where,
     )
     prob = _Problem(model, params, task, lam, where)
     phi = prob.unflat(z)
@@ -289,7 +298,7 @@ def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_m
         b_norm = np.linalg.norm(b)
         lin_res = float(np.linalg.norm(matvec(x) - b) / b_norm) if b_norm > 0 else 0.0
     else:
-        x, info = conjugate_gradient(matvec, b, rtol=cg_tol, maxiter=cg_maxiter or 2 * n + 100, what=what,
+        x, info = conjugate_gradient(matvec, b, rtol=cg_tol, maxiter=cg_maxiter or _cg_maxiter(n), what=what,
                                      hint=_SADDLE_HINT)
         iters, cond, lin_res = info.iterations, info.cond_estimate, info.residual
     g = prob.unflat(x)

@@ -1,0 +1,261 @@
+"""The Hessian-inverse checks of ``verify.hessian_inverse`` on cases with known answers.
+
+Correct solves (LAPACK's, in float64 and float32) must never fail; solves that
+are wrong by more than round-off (perturbed, transposed, unconverged, the
+wrong formula) must fail; singular-to-working-precision cases must be
+inconclusive, not pass or fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reference import imaml
+from reference._linalg import conjugate_gradient
+from reference.errors import InvalidInputError
+from reference.models import MLP, flatten
+from reference.tasks import sinusoid
+from verify.hessian_inverse import (
+    check_cg_vs_direct,
+    check_imaml,
+    check_imaml_implicit,
+    check_imaml_stationarity,
+    check_solve,
+    check_spd,
+    check_woodbury,
+)
+
+
+def spd_matrix(rng, n, cond):
+    """A random SPD matrix with prescribed 2-norm condition number (eigenvalues log-spaced in [1/cond, 1])."""
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    A = (Q * np.logspace(-np.log10(cond), 0, n)) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+# ---------------------------------------------------------------------------
+# SPD
+# ---------------------------------------------------------------------------
+
+
+@given(st.integers(1, 30), st.floats(1.0, 1e10), st.integers(0, 2**16), st.sampled_from([np.float64, np.float32]))
+def test_spd_matrices_pass(n, cond, seed, dtype):
+    if dtype is np.float32:
+        # the round-off band is 1024 eps32 ||A|| (~1.2e-4 ||A||): cond above ~8e3 puts the
+        # smallest eigenvalue inside it, where "inconclusive" is the right answer
+        cond = min(cond, 1e3)
+    A = spd_matrix(np.random.default_rng(seed), n, cond).astype(dtype)
+    assert check_spd(A).status == "pass"
+
+
+def test_indefinite_asymmetric_and_singular_matrices():
+    rng = np.random.default_rng(0)
+    A = spd_matrix(rng, 6, 100.0)
+    v = check_spd(A - 0.5 * np.eye(6), name="H")
+    assert v.status == "fail" and "indefinite" in v.reason and v.reason.startswith("spd check failed: H")
+    B = A.copy()
+    B[0, 3] += 1e-6
+    v = check_spd(B)
+    assert v.status == "fail" and "not symmetric" in v.reason and "A[0, 3]" in v.reason
+    Z = rng.normal(size=(3, 6))
+    v = check_spd(Z.T @ Z)  # rank 3 of 6: zero eigenvalues up to round-off
+    assert v.status == "inconclusive" and "singular to working precision" in v.reason
+    with pytest.raises(InvalidInputError):
+        check_spd(np.ones((2, 3)))
+    with pytest.raises(InvalidInputError):
+        check_spd(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+
+
+# ---------------------------------------------------------------------------
+# Backward error of a solve
+# ---------------------------------------------------------------------------
+
+
+@given(st.integers(1, 40), st.floats(1.0, 1e12), st.integers(0, 2**16), st.integers(1, 3))
+def test_lapack_solutions_pass_whatever_the_condition_number(n, cond, seed, k):
+    """False-alarm test: backward-stable solves have small backward error even when ill-conditioned."""
+    rng = np.random.default_rng(seed)
+    A = spd_matrix(rng, n, cond) + 0.1 * rng.normal(size=(n, n)) / np.sqrt(n)  # general, not symmetric
+    B = rng.normal(size=(n, k))
+    X = scipy.linalg.solve(A, B)
+    v = check_solve(A, X, B)
+    assert v.status in ("pass", "inconclusive"), v.reason
+    if np.linalg.cond(A) < 1e10:
+        assert v.status == "pass"
+
+
+@given(st.integers(2, 30), st.floats(1.0, 1e4), st.integers(0, 2**16))
+def test_float32_solutions_are_judged_with_float32_tolerances(n, cond, seed):
+    rng = np.random.default_rng(seed)
+    A = spd_matrix(rng, n, cond).astype(np.float32)
+    b = rng.normal(size=n).astype(np.float32)
+    x = np.linalg.solve(A, b)  # float32 LAPACK
+    v = check_solve(A, x, b)
+    assert v.status == "pass" and v.dtype == "float32"
+    # the same float32 answer judged as if it were float64 fails: its residual is float32 round-off
+    # (unless A is so close to a multiple of I that the float32 solve is exact)
+    v64 = check_solve(A.astype(np.float64), x.astype(np.float64), b.astype(np.float64))
+    if cond >= 10:
+        assert v64.status == "fail"
+
+
+@given(st.integers(2, 30), st.floats(1.0, 1e8), st.integers(0, 2**16))
+def test_wrong_solutions_fail(n, cond, seed):
+    rng = np.random.default_rng(seed)
+    A = spd_matrix(rng, n, cond) + rng.normal(size=(n, n)) / n
+    b = rng.normal(size=n)
+    x = np.linalg.solve(A, b)
+    # 1e-8 relative perturbation: 1e5x the backward-error tolerance (2.3e-13)
+    assert check_solve(A, x + 1e-8 * np.linalg.norm(x) * rng.normal(size=n) / np.sqrt(n), b).status == "fail"
+    # transposed operand (a classic adjoint bug)
+    if np.linalg.norm(A - A.T) > 1e-6 * np.linalg.norm(A):
+        assert check_solve(A, np.linalg.solve(A.T, b), b).status == "fail"
+
+
+def test_singular_to_working_precision_is_inconclusive():
+    H = scipy.linalg.hilbert(14)  # cond ~ 1e17-1e18 > 1/eps
+    b = H @ np.ones(14)
+    v = check_solve(H, np.linalg.solve(H, b), b, name="hilbert(14)")
+    assert v.status == "inconclusive" and "singular to working precision" in v.reason
+
+
+def test_iterative_solves_are_judged_at_their_claimed_tolerance_and_matrix_free():
+    rng = np.random.default_rng(1)
+    A = spd_matrix(rng, 50, 1e3)
+    b = rng.normal(size=50)
+    x, info = conjugate_gradient(lambda v: A @ v, b, rtol=1e-8, maxiter=500, what="A")
+    assert info.residual <= 1e-8
+    assert check_solve(A, x, b).status == "fail"  # not a backward-stable direct solve...
+    assert check_solve(A, x, b, rtol=1e-8).status == "pass"  # ...but exactly what CG promised
+    assert check_solve(lambda v: A @ v, x, b, rtol=1e-8).status == "pass"  # matrix-free (Lanczos norm)
+    M = rng.normal(size=(450, 450))
+    big = M @ M.T / 450 + np.eye(450)  # above the dense-norm limit (400): ARPACK estimates ||A||
+    bb = rng.normal(size=450)
+    assert check_solve(lambda v: big @ v, np.linalg.solve(big, bb), bb).status == "pass"
+
+
+# ---------------------------------------------------------------------------
+# Primal vs Woodbury
+# ---------------------------------------------------------------------------
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 4), st.floats(1e-3, 10.0), st.integers(0, 2**16))
+def test_primal_and_dual_ridge_agree(n, p, c, lam, seed):
+    rng = np.random.default_rng(seed)
+    Z, Y = rng.normal(size=(n, p)), rng.normal(size=(n, c))
+    Wp = scipy.linalg.solve(Z.T @ Z + lam * np.eye(p), Z.T @ Y, assume_a="pos")
+    Wd = Z.T @ scipy.linalg.solve(Z @ Z.T + lam * np.eye(n), Y, assume_a="pos")
+    assert check_woodbury(Z, Y, lam, primal=Wp, dual=Wd).status == "pass"
+    assert check_woodbury(Z, Y, lam, dual=Wd).status == "pass"
+    # float32 claims (a float32 backend) are judged with float32 tolerances
+    Z32, Y32 = Z.astype(np.float32), Y.astype(np.float32)
+    Wd32 = Z32.T @ np.linalg.solve(Z32 @ Z32.T + np.float32(lam) * np.eye(n, dtype=np.float32), Y32)
+    v = check_woodbury(Z32, Y32, lam, dual=Wd32)
+    assert v.dtype == "float32" and v.status in ("pass", "inconclusive")
+
+
+def test_wrong_woodbury_forms_fail_and_ill_conditioned_is_inconclusive():
+    rng = np.random.default_rng(2)
+    Z, Y = rng.normal(size=(5, 8)), rng.normal(size=(5, 3))
+    lam = 0.5
+    wrong = Z.T @ np.linalg.solve(Z @ Z.T + 2 * lam * np.eye(5), Y)  # lam doubled in the dual
+    v = check_woodbury(Z, Y, lam, dual=wrong)
+    assert v.status == "fail" and v.reason.startswith("woodbury mismatch: W[")
+    forgot_transpose = np.linalg.solve(Z.T @ Z + lam * np.eye(8), Z.T @ Y)
+    assert check_woodbury(Z, Y, lam, primal=forgot_transpose * 1.001).status == "fail"
+    v = check_woodbury(1e4 * Z, Y, 1e-12)  # kappa ~ 1e21: nothing can be compared
+    assert v.status == "inconclusive"
+    with pytest.raises(InvalidInputError, match="lam="):
+        check_woodbury(Z, Y, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# CG vs direct
+# ---------------------------------------------------------------------------
+
+
+@given(st.integers(1, 40), st.floats(1.0, 1e6), st.integers(0, 2**16), st.sampled_from([1e-6, 1e-10, 1e-13]))
+def test_reference_cg_agrees_with_the_direct_solve(n, cond, seed, rtol):
+    rng = np.random.default_rng(seed)
+    A = spd_matrix(rng, n, cond)
+    b = rng.normal(size=n)
+    # CG's true residual stalls near eps * cond(A): ask only for what is attainable
+    rtol = max(rtol, 1e3 * np.finfo(float).eps * cond)
+    x, info = conjugate_gradient(lambda v: A @ v, b, rtol=rtol, maxiter=20 * n + 100, what="A")
+    v = check_cg_vs_direct(A, b, x, rtol=rtol)
+    assert v.status in ("pass", "inconclusive"), v.reason
+    if cond * rtol < 1e-3:
+        assert v.status == "pass"
+    # the Lanczos condition estimate is a lower bound on cond(A)
+    assert info.cond_estimate <= np.linalg.cond(A) * (1 + 1e-6)
+
+
+def test_cg_claiming_more_than_it_did_fails():
+    rng = np.random.default_rng(3)
+    A = spd_matrix(rng, 30, 1e2)
+    b = rng.normal(size=30)
+    x, _ = conjugate_gradient(lambda v: A @ v, b, rtol=1e-4, maxiter=500, what="A")
+    assert check_cg_vs_direct(A, b, x, rtol=1e-4).status == "pass"
+    v = check_cg_vs_direct(A, b, x, rtol=1e-12)
+    assert v.status == "fail" and v.reason.startswith("cg_vs_direct mismatch: x[")
+
+
+# ---------------------------------------------------------------------------
+# iMAML implicit-function residuals
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imaml_case():
+    model = MLP([1, 6, 1], activation="tanh")
+    params = model.init(0)
+    tasks = sinusoid(2, 6, 6, seed=3)
+    lam = 2.0
+    return model, params, tasks, lam, imaml.meta_loss_and_grad_info(model, params, tasks, lam, solver="direct")
+
+
+def test_reference_imaml_passes_both_residual_checks(imaml_case):
+    model, params, tasks, lam, result = imaml_case
+    for task, info in zip(tasks, result.tasks):
+        v = check_imaml(model, params, task, lam, info.phi, info.grad)
+        assert v.status == "pass", v.reason
+        assert {d["check"] for d in v.details} == {"imaml_stationarity", "imaml_implicit"}
+
+
+def test_imaml_bugs_fail(imaml_case):
+    model, params, tasks, lam, result = imaml_case
+    task, info = tasks[0], result.tasks[0]
+    # an inner loop stopped early: phi off by 1e-7
+    phi = [p + 1e-7 for p in info.phi]
+    v = check_imaml_stationarity(model, params, task, lam, phi)
+    assert v.status == "fail" and "not a stationary point" in v.reason
+    assert check_imaml(model, params, task, lam, phi, info.grad).status == "fail"
+    # first-order shortcut: g = grad L_q(phi) instead of (I + H/lam)^{-1} grad L_q(phi)
+    g_fo = model.grad(info.phi, task.x_query, task.y_query)
+    v = check_imaml_implicit(model, params, task, lam, info.phi, g_fo)
+    assert v.status == "fail" and "(I + H_s(phi)/lam) g != grad L_q(phi)" in v.reason
+    # the wrong lam in the linear system (H/(2 lam))
+    H = model.hessian(info.phi, task.x_support, task.y_support)
+    q = flatten(g_fo)
+    g_bad = np.linalg.solve(np.eye(model.n_params) + H / (2 * lam), q)
+    shapes = [p.shape for p in params]
+    from reference.models import unflatten
+
+    assert check_imaml_implicit(model, params, task, lam, info.phi, unflatten(g_bad, shapes)).status == "fail"
+
+
+def test_imaml_checks_accept_float32_claims_at_float32_tolerance(imaml_case):
+    model, params, tasks, lam, result = imaml_case
+    info = result.tasks[0]
+    phi32 = [p.astype(np.float32) for p in info.phi]
+    g32 = [g.astype(np.float32) for g in info.grad]
+    params32 = [p.astype(np.float32) for p in params]
+    v = check_imaml(model, params32, tasks[0], lam, phi32, g32)
+    assert v.status == "pass" and v.dtype == "float32"
+    # judged as float64, the rounding to float32 is far too large
+    v64 = check_imaml(model, params, tasks[0], lam, [p.astype(np.float64) for p in phi32], info.grad)
+    assert v64.status == "fail"
