@@ -1,0 +1,164 @@
+"""``metaverify audit``: audit someone's meta-gradient implementation and diagnose the bug.
+
+``metaverify audit TARGET --algorithm NAME [--backend torch|jax] [--model mlp:1-40-40-1:tanh[:nobias]]
+[--loss mse|ce] [--inner-lr A] [--inner-steps K] [--tasks N] [--shots K] [--queries Q] [--n-way C]
+[--lam L] [--seed S] [--json PATH] [--junit PATH] [--title TEXT]``
+
+``TARGET`` is ``path/to/file.py:function`` or ``package.module:function``;
+``--library higher|torchopt|learn2learn`` instead of ``TARGET`` audits that
+library's idiomatic implementation (:mod:`verify.adapters`). Exit codes: 0
+verified, 1 mismatch, 2 usage or bad input (file or function missing, the
+function raises -- its traceback is shown --, non-scalar or non-finite output,
+wrong number of gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from reference.errors import InvalidInputError
+
+ALGORITHM_CHOICES = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton", "imaml", "r2d2", "lrd2", "protonet",
+                     "matchingnet")
+LIBRARIES = ("higher", "torchopt", "learn2learn")
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", metavar="TARGET",
+                   help="the function to audit: path/to/file.py:function or package.module:function")
+    p.add_argument("--library", choices=LIBRARIES, help="audit this library's idiomatic implementation instead")
+    p.add_argument("--algorithm", required=True, choices=ALGORITHM_CHOICES, metavar="NAME",
+                   help=f"the algorithm the function implements: {', '.join(ALGORITHM_CHOICES)}")
+    p.add_argument("--backend", choices=("torch", "jax"),
+                   help="calling contract (default: jax if the function's 2nd parameter is apply_fn, else torch)")
+    p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh "
+                   "(default: a small random MLP drawn from the seed)")
+    p.add_argument("--loss", choices=("mse", "ce"), help="task loss of the gradient-based algorithms")
+    p.add_argument("--inner-lr", type=float, metavar="A", help="inner learning rate (Meta-SGD: base of the lrs)")
+    p.add_argument("--inner-steps", type=int, metavar="K", help="inner steps")
+    p.add_argument("--tasks", type=int, metavar="N", dest="n_tasks", help="tasks in the meta-batch")
+    p.add_argument("--shots", type=int, metavar="K", help="support examples (per class for classification)")
+    p.add_argument("--queries", type=int, metavar="Q", help="query examples (per class for classification)")
+    p.add_argument("--n-way", type=int, metavar="C", help="classes per task (backbone algorithms)")
+    p.add_argument("--lam", type=float, metavar="L", help="iMAML proximal weight / R2-D2 and LR-D2 ridge")
+    p.add_argument("--scale", type=float, help="R2-D2/LR-D2 logit scale")
+    p.add_argument("--offset", type=float, help="R2-D2/LR-D2 logit offset")
+    p.add_argument("--damping", type=float, help="Newton-MAML damping")
+    p.add_argument("--bias-column", type=_bool, metavar="BOOL", help="R2-D2/LR-D2: append a ones column")
+    p.add_argument("--normalize", type=_bool, metavar="BOOL", help="R2-D2: divide Z and Y by sqrt(n)")
+    p.add_argument("--form", choices=("primal", "dual"), help="R2-D2 ridge form")
+    p.add_argument("--newton-steps", type=int, metavar="K", help="LR-D2 Newton steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem and the random directions (default 0)")
+    p.add_argument("--directions", type=int, default=4, help="directions of the finite-difference check (default 4)")
+    p.add_argument("--json", metavar="PATH", help="write the verdict (versioned schema, docs/audit.md) to PATH")
+    p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
+    p.add_argument("--title", default="", metavar="TEXT", help="a label for the report")
+
+
+def _traceback_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+
+
+def load_target(spec: str) -> Callable[..., Any]:
+    """Resolve ``path/to/file.py:function`` or ``package.module:function`` to the function.
+
+    Raises:
+        InvalidInputError: malformed spec, missing file/module/function, or an
+            error while importing (with its traceback).
+    """
+    if ":" not in spec:
+        raise InvalidInputError(f"TARGET={spec!r} must look like path/to/file.py:function or package.module:function")
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise InvalidInputError(f"TARGET={spec!r} must look like path/to/file.py:function or package.module:function")
+    is_path = where.endswith(".py") or "/" in where or "\\" in where
+    if is_path:
+        path = Path(where)
+        if not path.is_file():
+            raise InvalidInputError(f"TARGET={spec!r}: file {where!r} does not exist")
+        module_name = f"_metaverify_target_{abs(hash(str(path.resolve())))}"
+        mod_spec = importlib.util.spec_from_file_location(module_name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise InvalidInputError(f"TARGET={spec!r}: {where!r} cannot be imported as a Python file")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[module_name] = module
+        folder = str(path.resolve().parent)
+        sys.path.insert(0, folder)  # so the file can import its siblings
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            raise InvalidInputError(f"TARGET={spec!r}: importing {where!r} raised {type(exc).__name__}: {exc}\n"
+                                    f"{_traceback_text(exc)}") from exc
+        finally:
+            if folder in sys.path:
+                sys.path.remove(folder)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            if exc.name and where.startswith(exc.name):
+                raise InvalidInputError(f"TARGET={spec!r}: module {where!r} not found (is it on PYTHONPATH?)") from exc
+            raise InvalidInputError(f"TARGET={spec!r}: importing {where!r} raised {exc}\n{_traceback_text(exc)}") from exc
+        except Exception as exc:
+            raise InvalidInputError(f"TARGET={spec!r}: importing {where!r} raised {type(exc).__name__}: {exc}\n"
+                                    f"{_traceback_text(exc)}") from exc
+    obj: Any = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise InvalidInputError(f"TARGET={spec!r}: {where!r} has no function {name!r}; callables there: "
+                                    f"{', '.join(available) or '(none)'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InvalidInputError(f"TARGET={spec!r}: {name!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def run(args: argparse.Namespace) -> int:
+    from verify._audit import audit
+    from verify._output import results_document, write_json, write_junit
+
+    if (args.target is None) == (args.library is None):
+        raise InvalidInputError("give either TARGET (path/to/file.py:function or package.module:function) or "
+                                "--library higher|torchopt|learn2learn, not both or neither")
+    if args.library:
+        from verify.adapters import load_adapter
+
+        fn = load_adapter(args.library, args.algorithm)
+        backend = "torch"
+        title = args.title or f"{args.library} ({args.algorithm})"
+    else:
+        fn = load_target(args.target)
+        backend = args.backend
+        title = args.title
+    result = audit(
+        fn, args.algorithm, backend, model=args.model, loss=args.loss, inner_lr=args.inner_lr,
+        inner_steps=args.inner_steps, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
+        n_way=args.n_way, lam=args.lam, scale=args.scale, offset=args.offset, damping=args.damping,
+        bias_column=args.bias_column, normalize=args.normalize, form=args.form, newton_steps=args.newton_steps,
+        seed=args.seed, directions=args.directions, title=title,
+    )
+    print(result.report())
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("metaverify", "__main__.py")) else []
+    if args.json:
+        write_json(args.json, results_document(argv or ["audit", args.target or f"--library={args.library}"],
+                                               {"audit": result.to_dict()}))
+    if args.junit:
+        write_junit(args.junit, "metaverify audit", result.junit_cases())
+    return 0 if result.passed else 1
