@@ -54,7 +54,7 @@ from reference._features import as_scalar
 from reference._linalg import SPDFactor, conjugate_gradient
 from reference._validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
-from reference.models import flatten, unflatten
+from reference.models import MAX_DENSE_HESSIAN, MLP, flatten, unflatten
 from reference.tasks import Task, check_tasks
 
 Params = list[np.ndarray]
@@ -119,6 +119,12 @@ def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, 
         tol = check_finite_scalar(name, tol, positive=True)
         if isinstance(tol, complex) or tol >= 1:
             raise InvalidInputError(f"{name}={tol!r} must be a real relative tolerance in (0, 1), e.g. 1e-12")
+    limit = getattr(model, "n_params", 0) if isinstance(model, MLP) else 0
+    if solver == "direct" and limit > MAX_DENSE_HESSIAN:
+        raise InvalidInputError(
+            f"solver='direct' builds the dense Hessian, but {model!r} has {limit} parameters (limit "
+            f"{MAX_DENSE_HESSIAN}); use solver='cg' (matrix-free)"
+        )
     inner_maxiter = check_positive_int("inner_maxiter", inner_maxiter)
     if cg_maxiter is not None:
         cg_maxiter = check_positive_int("cg_maxiter", cg_maxiter)

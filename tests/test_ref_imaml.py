@@ -198,5 +198,7 @@ def test_bad_input():
     with pytest.raises(InvalidInputError, match=r"tasks\[0\]\.x_support has shape"):
         imaml.meta_loss_and_grad(model, params, [Task(np.ones((3, 2)), np.ones((3, 1)), np.ones((2, 1)),
                                                       np.ones((2, 1)))], 1.0)
+    with pytest.raises(InvalidInputError, match="use solver='cg'"):
+        imaml.meta_loss_and_grad(MLP([1, 70, 70, 1]), MLP([1, 70, 70, 1]).init(0), tasks, 1.0, solver="direct")
     with pytest.raises(InvalidInputError, match="tasks is empty"):
         imaml.meta_loss_and_grad(model, params, [], 1.0)
