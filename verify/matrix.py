@@ -129,8 +129,9 @@ relative = _relative
 locate = _locate
 
 
-def _check(name: str, status: str, error: float, tol: float, detail: str) -> dict[str, Any]:
-    return {"check": name, "status": status, "error": error, "tolerance": tol, "detail": detail}
+def _check(name: str, status: str, error: float, tol: float, detail: str, kind: str = "error") -> dict[str, Any]:
+    """One check's record; ``kind`` is ``"error"`` (a relative error) or ``"rate"`` (a Taylor slope deficit)."""
+    return {"check": name, "status": status, "error": error, "tolerance": tol, "detail": detail, "kind": kind}
 
 
 def reference_loss_function(case: Case) -> Callable[[np.ndarray], Any]:
@@ -162,25 +163,81 @@ def _float32_condition(case: Case, g_ref: np.ndarray) -> float:
 float32_condition = _float32_condition
 
 
-def check_case(
-    case: Case, backend: str, dtype: str, *, directions: int = 4, module: Any = None, device: str = "cpu"
-) -> CaseResult:
-    """Run every applicable check of one problem on one backend and dtype."""
-    from verify._check import check_gradient  # engine import kept local: cheap CLI start-up
+class ReferenceData:
+    """The reference side of one case, computed once and shared by every cell.
 
+    The meta-loss function is memoised on its exact input (bytes and dtype), so
+    the directional derivatives and Taylor remainders of the reference, which
+    every backend and dtype is checked against at the same seeded points, are
+    evaluated once per case.
+    """
+
+    def __init__(self, case: Case):
+        self.case = case
+        self.loss, grads = evaluate(case)
+        self.grad = flatten(grads)
+        self.x0 = flatten(case.variables)
+        self._f = reference_loss_function(case)
+        self._memo: dict[tuple[str, bytes], Any] = {}
+        self._cond32: float | None = None
+
+    def f(self, x: np.ndarray) -> Any:
+        x = np.asarray(x)
+        key = (x.dtype.str, x.tobytes())
+        if key not in self._memo:
+            self._memo[key] = self._f(x)
+        return self._memo[key]
+
+    @property
+    def condition32(self) -> float:
+        if self._cond32 is None:
+            self._cond32 = _float32_condition(self.case, self.grad)
+        return self._cond32
+
+
+def _gradient_checks(ref: ReferenceData, g: np.ndarray, dtype: str, label: str, directions: int) -> list[dict]:
+    """``g`` against directional derivatives of the reference meta-loss, and (float64) the Taylor rate."""
+    from verify._check import check_gradient  # engine imports kept local: cheap CLI start-up
+    from verify._taylor import taylor_test
+
+    case = ref.case
+    v = check_gradient(ref.f, g.astype(np.float32 if dtype == "float32" else np.float64), ref.x0,
+                       directions=directions, seed=case.seed)
+    checks = [_check(f"{label} vs {v.method or 'finite differences'}", v.status, v.error, v.tolerance, v.reason)]
+    if dtype == "float64":
+        direction = np.random.default_rng(case.seed).standard_normal(ref.x0.shape)
+        t = taylor_test(ref.f, ref.x0, direction, grad=g)
+        # the "error" of a Taylor check is the rate deficit; its "tolerance" the allowed deficit (0.25)
+        deficit = max(0.0, t.expected_rate - t.slope) if not math.isnan(t.slope) else 0.0
+        checks.append(_check(f"{label} Taylor rate", t.status, deficit, 0.25,
+                             f"slope {t.slope:.3f} (expected {t.expected_rate}): {t.reason}", kind="rate"))
+    return checks
+
+
+def check_case(
+    case: Case,
+    backend: str,
+    dtype: str,
+    *,
+    directions: int = 4,
+    module: Any = None,
+    device: str = "cpu",
+    ref: ReferenceData | None = None,
+) -> CaseResult:
+    """Run every applicable check of one problem on one backend and dtype.
+
+    Pass ``ref`` (a :class:`ReferenceData` of ``case``) to share the reference
+    evaluations across cells.
+    """
     t0 = time.perf_counter()
+    ref = ref if ref is not None else ReferenceData(case)
     spec = ALGORITHMS[case.algorithm]
     checks: list[dict[str, Any]] = []
-    loss_ref, g_ref_list = evaluate(case)
-    g_ref = flatten(g_ref_list)
-    x0 = flatten(case.variables)
-    f = reference_loss_function(case)
+    g_ref = ref.grad
 
     if backend == "numpy":
         if spec.differentiable:
-            v = check_gradient(f, g_ref, x0, directions=directions, seed=case.seed)
-            checks.append(_check("reference vs " + (v.method or "finite differences"), v.status, v.error,
-                                 v.tolerance, v.reason))
+            checks += _gradient_checks(ref, g_ref, "float64", "reference", directions)
         else:
             checks.append(_check("reference (defined direction)", PASS, 0.0, 0.0,
                                  f"{case.algorithm} is not the gradient of a loss; checked against backends and "
@@ -195,12 +252,13 @@ def check_case(
             checks.append(_check("gradient shape", FAIL, math.inf, 0.0,
                                  f"backend returned {g_b.size} gradient entries, reference {g_ref.size}"))
         else:
-            cond = 1.0 if dtype == "float64" else _float32_condition(case, g_ref)
+            cond = 1.0 if dtype == "float64" else ref.condition32
             tol = tolerance(dtype, "reference_match", condition=cond)
-            if loss_b is not None and loss_ref is not None:
-                err = abs(float(loss_b) - float(loss_ref)) / max(abs(float(loss_ref)), np.finfo(float).tiny)
+            if loss_b is not None and ref.loss is not None:
+                loss_ref = float(ref.loss)
+                err = abs(float(loss_b) - loss_ref) / max(abs(loss_ref), np.finfo(float).tiny)
                 checks.append(_check("meta-loss vs reference", PASS if err <= tol else FAIL, err, tol,
-                                     f"backend {float(loss_b)!r} reference {float(loss_ref)!r}"))
+                                     f"backend {float(loss_b)!r} reference {loss_ref!r}"))
             err, idx = _relative(g_b, g_ref)
             where = _locate(case, idx)
             checks.append(_check(
@@ -209,12 +267,11 @@ def check_case(
                 + (f" (tolerance scaled by condition estimate {cond:.3g})" if cond > 1 else ""),
             ))
             if spec.differentiable:
-                v = check_gradient(f, g_b.astype(np.float32 if dtype == "float32" else np.float64), x0,
-                                   directions=directions, seed=case.seed)
-                checks.append(_check(f"meta-gradient vs {v.method or 'finite differences'}", v.status, v.error,
-                                     v.tolerance, v.reason))
+                checks += _gradient_checks(ref, g_b, dtype, "meta-gradient", directions)
     status = combine_statuses([c["status"] for c in checks])
-    worst = max(checks, key=lambda c: (c["error"] / c["tolerance"]) if c["tolerance"] > 0 else -1.0)
+    # the reported worst error is a relative error; rate checks decide the status only
+    errors = [c for c in checks if c["kind"] == "error"] or checks
+    worst = max(errors, key=lambda c: _ratio(c["error"], c["tolerance"]))
     return CaseResult(case.describe(), status, float(worst["error"]), float(worst["tolerance"]), checks,
                       time.perf_counter() - t0)
 
@@ -264,35 +321,40 @@ def run_matrix(
     from verify.backends import load_backend
 
     todo = list(cells) if cells is not None else plan(algorithms, backends, dtypes)
-    results: list[Cell] = []
+    results = {key: Cell(*key) for key in todo}
     modules: dict[str, Any] = {}
-    for algorithm, backend, dtype in todo:
-        cell = Cell(algorithm, backend, dtype)
-        if progress:
-            progress(f"{algorithm} / {backend} / {dtype}")
-        try:
-            if backend != "numpy" and backend not in modules:
-                modules[backend] = load_backend(backend)
-            module = modules.get(backend)
-        except MetaverifyError as exc:
-            cell.status, cell.note = UNSUPPORTED, str(exc)
-            results.append(cell)
+    for backend in dict.fromkeys(b for _, b, _ in todo):
+        if backend == "numpy":
             continue
+        try:
+            modules[backend] = load_backend(backend)
+        except MetaverifyError as exc:
+            for key, cell in results.items():
+                if key[1] == backend:
+                    cell.status, cell.note = UNSUPPORTED, str(exc)
+    # Cases are the outer loop so that each problem's reference side is computed once.
+    for algorithm in dict.fromkeys(a for a, _, _ in todo):
+        keys = [k for k in todo if k[0] == algorithm and results[k].status != UNSUPPORTED]
         for k in range(examples):
-            case_seed = seed * 1_000_003 + k
-            case = build_case(algorithm, seed=case_seed)
-            try:
-                cell.add(check_case(case, backend, dtype, module=module, device=device))
-            except (ModuleNotFoundError, NotImplementedError) as exc:
-                cell.status, cell.note = UNSUPPORTED, f"not implemented: {exc}"
-                break
-            except Exception as exc:  # a crash of the implementation under test is a failure, shown in full
-                tb = traceback.format_exc(limit=4)
-                cell.add(CaseResult(case.describe(), FAIL, math.inf, 0.0,
-                                    [_check("run", FAIL, math.inf, 0.0, f"{type(exc).__name__}: {exc}\n{tb}")]))
-        results.append(cell)
-    return MatrixResult(results, seed, examples)
+            case = build_case(algorithm, seed=seed * 1_000_003 + k)
+            ref: ReferenceData | None = None
+            for key in keys:
+                cell = results[key]
+                if cell.status == UNSUPPORTED:
+                    continue
+                if progress:
+                    progress(f"{algorithm} / {key[1]} / {key[2]} ({k + 1}/{examples})")
+                try:
+                    ref = ref if ref is not None else ReferenceData(case)
+                    cell.add(check_case(case, key[1], key[2], module=modules.get(key[1]), device=device, ref=ref))
+                except (ModuleNotFoundError, NotImplementedError) as exc:
+                    cell.status, cell.note = UNSUPPORTED, f"not implemented: {exc}"
+                except Exception as exc:  # a crash of the implementation under test is a failure, shown in full
+                    tb = traceback.format_exc(limit=4)
+                    cell.add(CaseResult(case.describe(), FAIL, math.inf, 0.0,
+                                        [_check("run", FAIL, math.inf, 0.0, f"{type(exc).__name__}: {exc}\n{tb}")]))
+    return MatrixResult([results[k] for k in todo], seed, examples)
 
 
-__all__ = ["Cell", "CaseResult", "DTYPES", "MatrixResult", "UNSUPPORTED", "check_case", "float32_condition",
+__all__ = ["Cell", "CaseResult", "DTYPES", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "float32_condition",
            "locate", "plan", "reference_loss_function", "relative", "run_matrix"]
