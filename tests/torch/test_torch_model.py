@@ -115,3 +115,19 @@ def test_tf32_context_sets_and_restores():
         with tf32(not before[0]):
             raise RuntimeError("boom")
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_to_torch_tasks_with_model_reshapes_targets():
+    spec = MLP([1, 2, 1])
+    flat_y = [Task(np.zeros((3, 1)), np.zeros(3), np.zeros((2, 1)), np.zeros(2))]
+    assert to_torch_tasks(flat_y)[0].y_support.shape == (3,)
+    assert to_torch_tasks(flat_y, model=spec)[0].y_support.shape == (3, 1)
+
+
+def test_complex_params_are_refused():
+    from verify.backends.torch import maml
+
+    spec = MLP([1, 2, 1])
+    params = [p + 1e-20j for p in spec.init(0)]
+    with pytest.raises(InvalidInputError, match="complex"):
+        maml.meta_loss_and_grad(spec, params, sinusoid(1, 2, 2), 0.1, 1)

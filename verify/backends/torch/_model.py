@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from reference._validation import check_finite_scalar
 from reference.errors import InvalidInputError
-from reference.tasks import as_tasks
+from reference.tasks import as_tasks, check_tasks
 
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 
@@ -180,6 +180,11 @@ class FunctionalMLP:
 
     def tensors(self, arrays: Sequence[Any], *, requires_grad: bool = False) -> list[torch.Tensor]:
         """NumPy arrays -> fresh leaf tensors of this model's dtype/device."""
+        if any(np.iscomplexobj(a) for a in arrays):
+            raise InvalidInputError(
+                "complex parameters (complex-step differentiation) are not supported by the torch backend, "
+                "which computes in real float64/float32; use the NumPy reference for complex step"
+            )
         return [
             torch.tensor(np.asarray(a), dtype=self.dtype, device=self.device).requires_grad_(requires_grad)
             for a in arrays
@@ -229,14 +234,19 @@ def _to_tensor(a: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.as_tensor(arr, dtype=dtype, device=device)
 
 
-def to_torch_tasks(tasks: Sequence[Any], dtype: Any = "float64", device: Any = "cpu") -> list[TorchTask]:
+def to_torch_tasks(tasks: Sequence[Any], dtype: Any = "float64", device: Any = "cpu", *,
+                   model: Any = None) -> list[TorchTask]:
     """Convert tasks (``reference.tasks.Task`` or anything with the four fields) to tensors.
 
     Floating arrays become ``dtype`` tensors; integer arrays (class labels)
-    become ``int64`` tensors, as ``F.cross_entropy`` expects. Shapes are kept.
+    become ``int64`` tensors, as ``F.cross_entropy`` expects. Shapes are kept,
+    unless ``model`` (a ``reference.models.MLP``) is given: the tasks are then
+    validated against it first (``reference.tasks.check_tasks``: targets of a
+    scalar regression become ``(n, 1)``, so ``F.mse_loss`` does not broadcast).
     """
     tdtype, dev = resolve_dtype(dtype), resolve_device(device)
-    return [TorchTask(*(_to_tensor(a, tdtype, dev) for a in t)) for t in as_tasks(tasks)]
+    tasks = as_tasks(tasks) if model is None else check_tasks(model, tasks)
+    return [TorchTask(*(_to_tensor(a, tdtype, dev) for a in t)) for t in tasks]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -307,3 +307,31 @@ def check_second_order_ops(*, dtype: str = "float64", seed: int = 0, device: str
             rng = np.random.default_rng([seed, i])
             rows.append(_check_op(name, OPS[name], rng, tdtype, dev))
     return rows
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m verify.backends.torch.ops [--dtype float64|float32|all] [--seed S] [--device D]``: print the table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m verify.backends.torch.ops", description=_main.__doc__)
+    parser.add_argument("--dtype", choices=["float64", "float32", "all"], default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--allow-tf32", action="store_true")
+    args = parser.parse_args(argv)
+    dtypes = ["float64", "float32"] if args.dtype == "all" else [args.dtype]
+    print(f"torch {torch.__version__}: double-backward HVP vs Richardson differences of the float64 gradient")
+    print(f"{'op':34s} {'dtype':8s} {'status':11s} {'error':>9s} {'tolerance':>9s}  detail")
+    failed = False
+    for dtype in dtypes:
+        for r in check_second_order_ops(dtype=dtype, seed=args.seed, device=args.device, allow_tf32=args.allow_tf32):
+            err = "-" if r["error"] is None else f"{r['error']:.2e}"
+            tol = "-" if r["tolerance"] is None else f"{r['tolerance']:.2e}"
+            detail = r["detail"] if r["status"] != "pass" else ""
+            print(f"{r['op']:34s} {dtype:8s} {r['status']:11s} {err:>9s} {tol:>9s}  {detail}")
+            failed |= r["status"] == "fail"
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,8 +1,10 @@
 """The Reptile direction in PyTorch (Nichol, Achiam & Schulman 2018, arXiv:1803.02999).
 
 "On First-Order Meta-Learning Algorithms". Written the way the authors'
-PyTorch ports do it: clone the model, run ``K`` steps of ``torch.optim.SGD``
-on the full support batch with ``loss.backward()``, and read off
+PyTorch ports do it: clone the model, run ``K`` plain SGD steps on the full
+support batch (``loss.backward()``, then ``p -= alpha * p.grad`` under
+``no_grad``; ``torch.optim.SGD`` would do the same but refuses ``lr < 0`` and
+its first use imports ``torch._dynamo``, seconds of start-up), and read off
 ``theta - p_K``. Not the gradient of anything. Mirrors ``reference.reptile``.
 """
 
@@ -37,12 +39,12 @@ def direction(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
         total = [torch.zeros_like(p) for p in net.parameters()]
         for t in ttasks:
             inner = copy.deepcopy(net)
-            # SGD refuses lr < 0; a negative inner_lr (allowed by the reference) is SGD that ascends.
-            opt = torch.optim.SGD(inner.parameters(), lr=abs(alpha), maximize=alpha < 0)
             for _ in range(steps):
-                opt.zero_grad()
+                inner.zero_grad()
                 loss_fn(model.loss_name, inner(t.x_support), t.y_support).backward()
-                opt.step()
+                with torch.no_grad():
+                    for p in inner.parameters():
+                        p.sub_(alpha * p.grad)
             with torch.no_grad():
                 for acc, p0, pk in zip(total, net.parameters(), inner.parameters()):
                     acc += p0 - pk
