@@ -1,0 +1,329 @@
+"""verify.check_gradient: correct gradients pass, wrong ones fail, kinks are inconclusive.
+
+Claimed gradients are closed forms (checked against mpmath in
+tests/test_engine_cases.py); wrong gradients are built from them by known
+perturbations, so each expected verdict is known independently of the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from test_engine_cases import FAMILIES, Case, cases, make_case, unit
+
+from reference.errors import InvalidInputError, NotAnalyticError
+from verify import FAIL, INCONCLUSIVE, PASS, STATUSES, Verdict, check_gradient
+from verify.tolerance import tolerance
+
+# >= 1000 cases under the thorough profile (its max_examples), 20 in ci.
+_FALSE_ALARM_EXAMPLES = 1000 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else None
+
+
+def _settings_false_alarm(f):
+    return settings(max_examples=_FALSE_ALARM_EXAMPLES)(f) if _FALSE_ALARM_EXAMPLES else f
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) a correct gradient at a smooth point is never "fail"
+
+
+@_settings_false_alarm
+@given(case=cases(max_n=40), seed=st.integers(0, 2**32 - 1), offset=st.sampled_from([0.0, 1.0, -1e4]))
+def test_no_false_alarms(case: Case, seed: int, offset: float) -> None:
+    def f(x):
+        return case.f(x) + offset
+
+    verdict = check_gradient(f, case.grad, case.x, seed=seed)
+    assert verdict.status != FAIL, verdict.reason
+    assert verdict.status == PASS, verdict.reason  # smooth, analytic: nothing to be unsure about
+    assert verdict.method == "complex"
+
+
+@pytest.mark.parametrize("method", ["richardson", "central"])
+@given(case=cases(max_n=20), seed=st.integers(0, 2**32 - 1))
+def test_no_false_alarms_with_real_differences(method: str, case: Case, seed: int) -> None:
+    verdict = check_gradient(case.f, case.grad(case.x), case.x, seed=seed, method=method)
+    assert verdict.status != FAIL, verdict.reason
+    assert verdict.method == method
+
+
+def test_callable_and_array_gradients_agree() -> None:
+    case = make_case("expsin", 7, 5)
+    a = check_gradient(case.f, case.grad, case.x)
+    b = check_gradient(case.f, case.grad(case.x), case.x)
+    assert a.status == b.status == PASS and a.error == b.error
+
+
+def test_stationary_point_passes() -> None:
+    # g = 0 at the minimum of 1 + ||x - 1||^2: no scale from g; f's size gives one (Richardson).
+    def f(x):
+        return 1.0 + np.sum((x - 1.0) ** 2)
+
+    assert check_gradient(f, np.zeros(5), np.ones(5)).status == PASS
+    assert check_gradient(f, np.zeros(5), np.ones(5), method="richardson").status == PASS
+    assert check_gradient(f, np.full(5, 1e-3), np.ones(5)).status == FAIL
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) wrong gradients fail
+
+
+def _wrong(kind: str, g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    gnorm = np.linalg.norm(g)
+    if kind == "relative_1e-8":  # ||error|| = 1e-8 ||g|| in a random direction
+        return g + 1e-8 * gnorm * unit(rng, g.size)
+    if kind == "scaled_1+1e-8":
+        return g * (1 + 1e-8)
+    if kind == "sign_flip":
+        return -g
+    if kind == "one_component":  # one entry off by 1e-8 ||g||
+        bad = g.copy()
+        bad[rng.integers(g.size)] += 1e-8 * gnorm
+        return bad
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["relative_1e-8", "scaled_1+1e-8", "sign_flip", "one_component"])
+@given(case=cases(max_n=30), seed=st.integers(0, 2**32 - 1))
+def test_wrong_gradients_fail(kind: str, case: Case, seed: int) -> None:
+    g = case.grad(case.x)
+    assume(np.linalg.norm(g) > 0)
+    bad = _wrong(kind, g, np.random.default_rng(seed))
+    verdict = check_gradient(case.f, bad, case.x, seed=seed)
+    assert verdict.status == FAIL, verdict.reason
+    assert verdict.error > verdict.tolerance
+    assert "mismatch" in verdict.reason
+
+
+@given(case=cases(max_n=10), seed=st.integers(0, 2**32 - 1))
+def test_richardson_catches_1e7_errors(case: Case, seed: int) -> None:
+    # Without complex step (Richardson, error ~1e-11 relative) 1e-7 is still caught.
+    g = case.grad(case.x)
+    assume(np.linalg.norm(g) > 0)
+    bad = g + 1e-7 * np.linalg.norm(g) * unit(np.random.default_rng(seed), g.size)
+    verdict = check_gradient(case.f, bad, case.x, method="richardson", seed=seed)
+    assert verdict.status == FAIL, verdict.reason
+
+
+def test_tolerance_is_tight_enough_for_1e8_in_float64() -> None:
+    # The float64 row must be ~1e-10 or tighter for a 1e-8 error to be visible in a random
+    # direction of R^n (it shows up as ~1e-8 / sqrt(n)).
+    assert tolerance(np.float64, "gradient") <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) kinks are inconclusive
+
+
+def _relu_net(seed: int, impl: str):
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+    W, c, b, x = rng.standard_normal((m, n)), rng.standard_normal(m), rng.standard_normal(m), rng.standard_normal(n)
+    j = int(rng.integers(m))
+    b[j] = -(W[j] @ x)  # unit j sits on its kink at x (to rounding)
+    if impl == "maximum":  # accepts complex input: complex step would give a one-sided slope
+        def act(z):
+            return np.maximum(z, 0)
+
+        def dact(z):
+            return (np.real(z) > 0).astype(float)  # relu'(0) = 0, the convention
+    elif impl == "abs":  # returns a real value for complex input: Richardson is used
+        act, dact = np.abs, np.sign
+    else:  # smooth part plus a kink
+        def act(z):
+            return np.maximum(z, 0) + np.tanh(z)
+
+        def dact(z):
+            return (np.real(z) > 0) + 1 - np.tanh(z) ** 2
+
+    def f(x):
+        return c @ act(W @ x + b) + 0.1 * np.sum(np.sin(x))
+
+    def g(x):
+        return W.T @ (c * dact(W @ x + b)) + 0.1 * np.cos(x)
+
+    return f, g, x
+
+
+@pytest.mark.parametrize("impl", ["maximum", "abs", "relu_tanh"])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_kink_is_inconclusive(impl: str, seed: int) -> None:
+    f, g, x = _relu_net(seed, impl)
+    verdict = check_gradient(f, g, x)
+    assert verdict.status == INCONCLUSIVE, verdict.reason
+    assert "kink" in verdict.reason
+    assert any(d["kink"] for d in verdict.details)
+
+
+@given(seed=st.integers(0, 2**32 - 1))
+def test_sign_flipped_gradient_at_a_kink_never_passes(seed: int) -> None:
+    # -<g,v> may by chance lie between the one-sided slopes (then inconclusive is right).
+    f, g, x = _relu_net(seed, "relu_tanh")
+    assume(np.linalg.norm(g(x)) > 1e-3)
+    verdict = check_gradient(f, -g(x), x)
+    assert verdict.status in (FAIL, INCONCLUSIVE), verdict.reason
+
+
+def test_gradient_outside_the_one_sided_slopes_fails() -> None:
+    # f = relu(x0) + 5 x1 at x0 = 0: one-sided slopes along v are 5 v1 + {max, min}(v0, 0),
+    # so a claimed (0, -5) (<g,v> = -5 v1) is outside them unless |10 v1| <= |v0|.
+    def f(x):
+        return np.maximum(x[0], 0) + 5 * x[1]
+
+    x = np.array([0.0, 0.3])
+    assert check_gradient(f, np.array([0.0, 5.0]), x).status == INCONCLUSIVE
+    verdict = check_gradient(f, np.array([0.0, -5.0]), x)
+    assert verdict.status == FAIL and "outside" in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("impl", ["maximum", "abs"])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_relu_net_away_from_kinks_passes(impl: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+    W, c, b, x = rng.standard_normal((m, n)), rng.standard_normal(m), rng.standard_normal(m), rng.standard_normal(n)
+    assume(np.min(np.abs(W @ x + b)) > 1e-3)  # no kink within 1e-3 of x (the probe steps are ~1e-6)
+    act, dact = (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(float)) if impl == "maximum" else (np.abs, np.sign)
+    verdict = check_gradient(lambda x: c @ act(W @ x + b), W.T @ (c * dact(W @ x + b)), x)
+    assert verdict.status == PASS, verdict.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# float32
+
+
+def test_float32_uses_float32_row() -> None:
+    case = make_case("expsin", 9, 2)
+    x32 = case.x.astype(np.float32)
+    g32 = case.grad(x32.astype(np.float64)).astype(np.float32)  # correct, rounded to float32
+    verdict = check_gradient(case.f, g32, x32)
+    assert verdict.dtype == "float32" and verdict.status == PASS, verdict.reason
+    assert verdict.tolerance >= tolerance(np.float32, "gradient")
+    # The same float32-rounded gradient judged with float64's row would (wrongly) fail:
+    assert check_gradient(case.f, g32, x32, rtol=tolerance(np.float64, "gradient")).status == FAIL
+    # a float32 gradient alone (float64 x) also selects the float32 row
+    assert check_gradient(case.f, g32, x32.astype(np.float64)).dtype == "float32"
+    # and float32 still catches a 1e-3 error
+    assert check_gradient(case.f, g32 * np.float32(1 + 1e-3), x32).status == FAIL
+
+
+def test_float32_function_without_complex_support() -> None:
+    # f casts to float32 itself (a float32 backend): Richardson in float32 precision.
+    a = np.linspace(-1, 1, 6).astype(np.float32)
+
+    def f(x):
+        x32 = np.asarray(x).astype(np.float32)
+        return np.sum(np.exp(np.sin(a * x32)))
+
+    x = np.linspace(0.1, 0.6, 6).astype(np.float32)
+    g = (a * np.cos(a * x) * np.exp(np.sin(a * x))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verdict = check_gradient(f, g, x)
+    assert verdict.status == PASS and verdict.method == "richardson" and verdict.dtype == "float32"
+    assert check_gradient(f, -g, x).status == FAIL
+
+
+# ---------------------------------------------------------------------------------------------
+# complex-step fallbacks
+
+
+def test_non_analytic_function_falls_back_to_richardson() -> None:
+    def f(x):
+        return float(np.sum(np.asarray(x, dtype=float) ** 2))  # rejects complex (ComplexWarning)
+
+    x = np.array([0.3, -1.2, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verdict = check_gradient(f, 2 * x, x)
+    assert verdict.status == PASS and verdict.method == "richardson"
+    assert "complex step unavailable" in verdict.reason
+
+
+def test_complex_accepting_but_non_analytic_function_is_caught() -> None:
+    # f(z) = z * conj(z) accepts complex input but is not analytic: complex step says the
+    # derivative is 0. The cross-examination with Richardson exposes it.
+    def f(x):
+        return np.sum(x * np.conj(x))  # real for real x; Im = 0 exactly for complex x
+
+    x = np.array([0.3, -1.2, 2.0])
+    verdict = check_gradient(f, 2 * x, x)
+    assert verdict.status == PASS and verdict.method == "richardson", verdict.reason
+    assert "not complex-analytic" in verdict.reason
+
+
+def test_forcing_complex_on_non_analytic_raises() -> None:
+    with pytest.raises(NotAnalyticError):
+        check_gradient(lambda x: float(np.sum(np.abs(x))), np.ones(2), np.ones(2), method="complex")
+
+
+# ---------------------------------------------------------------------------------------------
+# verdict object, determinism, validation
+
+
+def test_verdict_shape_and_json() -> None:
+    case = make_case("quad", 4, 1)
+    verdict = check_gradient(case.f, case.grad, case.x, directions=5)
+    assert isinstance(verdict, Verdict) and verdict.status in STATUSES and verdict.check == "gradient"
+    assert len(verdict.details) == 5
+    with pytest.raises(AttributeError):
+        verdict.status = FAIL  # type: ignore[misc]
+    d = json.loads(json.dumps(verdict.to_dict()))
+    assert d["status"] == "pass" and d["dtype"] == "float64" and len(d["details"]) == 5
+    assert (PASS, FAIL, INCONCLUSIVE) == ("pass", "fail", "inconclusive")
+
+
+def test_deterministic_for_a_seed() -> None:
+    case = make_case("rosen", 6, 4)
+    a = check_gradient(case.f, case.grad, case.x, seed=3)
+    b = check_gradient(case.f, case.grad, case.x, seed=3)
+    assert a == b
+
+
+def test_non_finite_gradient_fails() -> None:
+    verdict = check_gradient(lambda x: float(np.sum(x**2)), np.array([1.0, np.nan]), np.ones(2))
+    assert verdict.status == FAIL and "non-finite" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"directions": 0}, r"directions=0"),
+        ({"directions": 2.5}, r"directions=2.5"),
+        ({"rtol": -1.0}, r"rtol=-1.0"),
+        ({"rtol": 2.0}, r"rtol=2.0"),
+        ({"method": "secant"}, r"method='secant'"),
+        ({"seed": "a"}, r"seed='a'"),
+    ],
+)
+def test_invalid_arguments(kwargs, match) -> None:
+    with pytest.raises(InvalidInputError, match=match):
+        check_gradient(lambda x: float(np.sum(x**2)), np.ones(2), np.ones(2), **kwargs)
+
+
+def test_gradient_shape_mismatch() -> None:
+    with pytest.raises(InvalidInputError, match=r"grad has shape \(3,\) but x has shape \(2,\)"):
+        check_gradient(lambda x: float(np.sum(x**2)), np.ones(3), np.ones(2))
+
+
+def test_matrix_shaped_parameters() -> None:
+    # x may have any shape; f receives it in that shape.
+    A = np.arange(6.0).reshape(2, 3) / 7
+
+    def f(X):
+        return np.sum(np.sin(X * A))
+
+    X = np.ones((2, 3)) * 0.4
+    assert check_gradient(f, A * np.cos(X * A), X).status == PASS
+    assert check_gradient(f, (A * np.cos(X * A)).T.reshape(2, 3), X).status == FAIL
+
+
+def test_all_families_listed() -> None:
+    assert len(FAMILIES) == 6

@@ -1,0 +1,298 @@
+"""``check_gradient``: a claimed gradient against directional derivatives in random directions.
+
+For ``directions`` seeded random unit vectors ``v`` the claimed ``<g, v>`` is
+compared with an estimate ``D`` of ``D_v f(x)`` (complex step when ``f``
+accepts complex input, else Richardson extrapolation; :mod:`verify._numdiff`).
+Per direction, with ``S = max(||g|| ||v||, |D|)``:
+
+* **pass** when ``|<g, v> - D| <= rtol * S + err(D)``, ``rtol`` from the
+  tolerance table (kind ``"gradient"``, the row of the least precise dtype
+  among ``x``, ``g`` and ``f(x)``) and ``err(D)`` the estimate's own error;
+* **fail** when the difference exceeds that;
+* **inconclusive** when ``f`` has a kink at ``x`` along ``v`` (the one-sided
+  slopes ``(f(x + t v) - f(x)) / t`` and ``(f(x) - f(x - t v)) / t`` differ by
+  a jump that does not shrink with ``t``; a claimed ``<g, v>`` outside the
+  one-sided slopes is still a fail), or when the estimate is too uncertain to
+  confirm anything (``err(D) > sqrt(rtol) * scale``).
+
+Relative means relative to ``||g|| ||v||``: a random direction nearly
+orthogonal to ``g`` has ``<g, v> ~ 0``, and dividing by it would turn
+round-off into a false alarm. With ``n`` parameters a relative gradient error
+``delta`` (``||g_claimed - g|| = delta ||g||``) shows up in a random unit
+direction as about ``delta / sqrt(n)``; 8 directions make missing it unlikely.
+
+In automatic mode a complex-step failure is cross-examined by Richardson
+extrapolation; if the two estimates disagree beyond their error bounds, ``f``
+is not complex-analytic (it uses ``conj``, ``abs``, comparisons) and the whole
+check is redone with Richardson.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from reference.errors import InvalidInputError, NotAnalyticError
+from verify._numdiff import (
+    NOISE_FACTOR,
+    RICHARDSON_SCALE,
+    Estimate,
+    Problem,
+    _pow2,
+    as_real_array,
+    check_method,
+    estimate,
+)
+from verify._verdict import FAIL, INCONCLUSIVE, PASS, Verdict, combine_statuses
+from verify.tolerance import precision_dtype, tolerance
+
+__all__ = ["check_gradient"]
+
+#: Ratio between the two kink-probe steps.
+_KINK_RATIO = 8.0
+
+
+@dataclass(frozen=True)
+class _Kink:
+    detected: bool
+    forward: float
+    backward: float
+    jump: float
+    margin: float
+
+
+def _kink_probe(p: Problem, v: np.ndarray, threshold: float) -> _Kink:
+    """One-sided slopes at ``t_b`` and ``8 t_b`` (``t_b`` = the smallest Richardson step).
+
+    ``J(t) = (f(x+tv) - 2 f(x) + f(x-tv)) / t`` is forward minus backward
+    slope. Smooth ``f``: ``J(t) = t f_vv + O(t^3)``. A kink at ``x`` adds a
+    constant jump ``c``; ``c = (J(t_b) - J(8 t_b) / 8) / (1 - 1/8)`` removes the
+    ``t f_vv`` part. A kink is reported when both ``|J(t_b)|`` and ``|c|`` stand
+    above the noise and the gradient threshold.
+    """
+    tb = _pow2(p.eps ** (1.0 / RICHARDSON_SCALE) * p.nominal(v))
+    ta = _KINK_RATIO * tb
+    fpb, fmb = p.real(p.x + tb * v), p.real(p.x - tb * v)
+    fpa, fma = p.real(p.x + ta * v), p.real(p.x - ta * v)
+    if not all(math.isfinite(y) for y in (fpb, fmb, fpa, fma)):
+        return _Kink(False, math.nan, math.nan, math.nan, math.inf)
+    forward, backward = (fpb - p.f0) / tb, (p.f0 - fmb) / tb
+    jb = forward - backward
+    ja = (fpa - p.f0) / ta - (p.f0 - fma) / ta
+    jump = (jb - ja / _KINK_RATIO) / (1.0 - 1.0 / _KINK_RATIO)
+    noise = NOISE_FACTOR * 4.0 * p.noise / tb
+    curvature = abs(ja) / _KINK_RATIO  # ~ t_b |f_vv|: how far a smooth one-sided slope is from D
+    level = noise + threshold
+    detected = abs(jb) > level and abs(jump) > level
+    return _Kink(detected, forward, backward, jump, noise + curvature)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
+
+
+def _judge(
+    p: Problem,
+    v: np.ndarray,
+    k: int,
+    claimed: float,
+    gnorm: float,
+    est: Estimate,
+    rtol: float,
+    fscale: float,
+) -> dict[str, Any]:
+    """The verdict of one direction, as a details record."""
+    rec: dict[str, Any] = {
+        "direction": k,
+        "claimed": claimed,
+        "estimate": est.value,
+        "estimate_error": est.error,
+        "method": est.method,
+        "step": est.step,
+    }
+    if not math.isfinite(est.value):
+        rec.update(status=INCONCLUSIVE, error=math.nan, tolerance=math.nan, kink=False,
+                   why=f"the {est.method} estimate could not be formed ({est.note})")
+        return rec
+    scale = max(gnorm, abs(est.value))
+    diff = abs(claimed - est.value)
+    tol_abs = rtol * scale + est.error
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+    tol_rel = tol_abs / scale if scale > 0 else math.inf
+    rec.update(error=rel, tolerance=tol_rel, difference=diff)
+    kink = _kink_probe(p, v, rtol * scale)
+    rec.update(kink=kink.detected, forward=kink.forward, backward=kink.backward)
+    if kink.detected:
+        lo, hi = min(kink.forward, kink.backward), max(kink.forward, kink.backward)
+        slack = tol_abs + kink.margin
+        if claimed < lo - slack or claimed > hi + slack:
+            rec.update(status=FAIL, why=(
+                f"f has a kink at x along direction {k} (one-sided slopes: forward {_fmt(kink.forward)}, "
+                f"backward {_fmt(kink.backward)}) and <g,v>={_fmt(claimed)} lies outside them, so no "
+                "choice of (sub)gradient explains it"))
+        else:
+            rec.update(status=INCONCLUSIVE, why=(
+                f"f has a kink at x along direction {k}: the one-sided slopes differ (forward "
+                f"{_fmt(kink.forward)}, backward {_fmt(kink.backward)}, jump {_fmt(kink.jump)}), so f is not "
+                f"differentiable there; <g,v>={_fmt(claimed)} lies between them. Check at a point away "
+                "from the kink"))
+        return rec
+    if diff > tol_abs:
+        rec.update(status=FAIL, why=(
+            f"gradient mismatch in direction {k}: <g,v>={_fmt(claimed)} but the {est.method} estimate is "
+            f"{_fmt(est.value)} +- {est.error:.1e}; |difference|/(||g|| ||v||)={rel:.2e} > tol {tol_rel:.2e}"))
+        return rec
+    resolution = math.sqrt(rtol) * max(scale, fscale)
+    if est.error > resolution:
+        rec.update(status=INCONCLUSIVE, why=(
+            f"the {est.method} estimate in direction {k} is too uncertain to confirm the gradient "
+            f"(error {est.error:.1e}, more than sqrt(tol) of the gradient scale {max(scale, fscale):.2e}); "
+            "f may not be smooth at the finite-difference scale"))
+        return rec
+    rec.update(status=PASS, why="")
+    return rec
+
+
+def check_gradient(
+    f: Callable[[np.ndarray], Any],
+    grad: ArrayLike | Callable[[np.ndarray], ArrayLike],
+    x: ArrayLike,
+    *,
+    directions: int = 8,
+    seed: int = 0,
+    rtol: float | None = None,
+    method: str | None = None,
+) -> Verdict:
+    """Check a claimed gradient of ``f`` at ``x`` against directional derivatives.
+
+    In each of ``directions`` seeded random unit directions ``v`` (standard
+    normal, normalised) the claimed ``<g, v>`` must match an estimate ``D`` of
+    ``D_v f(x)`` (complex step, Squire & Trapp 1998, when ``f`` takes complex
+    input; Richardson extrapolation otherwise) within
+    ``rtol * max(||g|| ||v||, |D|) + err(D)``. See :mod:`verify._check` for
+    the kink and uncertainty rules that give ``"inconclusive"``.
+
+    Args:
+        f: real scalar function of an array shaped like ``x``.
+        grad: the claimed gradient at ``x`` (array shaped like ``x``), or a
+            callable ``grad(x)`` returning it.
+        x: the point (finite, real). A float32 ``x`` or ``g`` (or an ``f``
+            returning float32) selects float32's tolerance row.
+        directions: number of random directions (>= 1).
+        seed: seed of the directions (the check is deterministic).
+        rtol: override of the table tolerance ``tolerance(dtype, "gradient")``.
+        method: ``None`` (automatic: complex step if ``f`` accepts complex,
+            else Richardson), or force ``"complex"``, ``"richardson"``,
+            ``"central"``.
+
+    Returns:
+        A :class:`Verdict` (``check="gradient"``) whose ``error`` and
+        ``tolerance`` are those of the deciding direction (worst ratio) and whose
+        ``details`` hold one record per direction.
+
+    Raises:
+        InvalidInputError: bad ``x``, ``grad`` shape, ``directions``, ``rtol``,
+            ``method``; ``f(x)`` not a finite real scalar.
+        NotAnalyticError: ``method="complex"`` forced on an ``f`` that rejects
+            complex input.
+    """
+    if isinstance(directions, bool) or not isinstance(directions, (int, np.integer)) or directions < 1:
+        raise InvalidInputError(f"directions={directions!r} must be an integer >= 1 (8 is a good default)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidInputError(f"seed={seed!r} must be an integer")
+    if method is not None:
+        check_method(method)
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.floating)) or not (
+            math.isfinite(float(rtol)) and 0 < float(rtol) < 1
+        ):
+            raise InvalidInputError(f"rtol={rtol!r} must be a float in (0, 1), or None for the table value")
+    x_arr = as_real_array("x", x)
+    g_in = grad(x_arr.copy()) if callable(grad) else grad
+    try:
+        g_arr = np.asarray(g_in)
+    except Exception as exc:  # pragma: no cover - exotic objects
+        raise InvalidInputError(f"grad could not be converted to an array: {exc}") from exc
+    if g_arr.dtype == bool or not (np.issubdtype(g_arr.dtype, np.integer) or np.issubdtype(g_arr.dtype, np.floating)):
+        raise InvalidInputError(f"grad must be a real numeric array, got dtype {g_arr.dtype}")
+    if g_arr.shape != x_arr.shape:
+        raise InvalidInputError(
+            f"grad has shape {g_arr.shape} but x has shape {x_arr.shape}; the gradient must be shaped like x"
+        )
+    p = Problem(f, x_arr)
+    dtype = precision_dtype(x_arr.dtype, g_arr.dtype, p.output_dtype)
+    tol = float(rtol) if rtol is not None else tolerance(dtype, "gradient")
+    if not np.all(np.isfinite(g_arr)):
+        bad = [tuple(int(i) for i in idx) for idx in np.argwhere(~np.isfinite(g_arr))[:5]]
+        return Verdict(FAIL, "gradient", math.inf, tol,
+                       f"the claimed gradient has non-finite entries at {bad}", dtype.name, "", ())
+
+    g = g_arr.astype(np.float64).reshape(-1)
+    gnorm = float(np.linalg.norm(g))
+    n = g.size
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((directions, n))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    # A derivative scale for deciding "too uncertain" at a stationary point (g = 0):
+    # f varies by about |f| over a distance ~ max(1, ||x||).
+    fscale = abs(p.f0) / max(1.0, float(np.max(np.abs(p.x))))
+
+    note = ""
+    chosen = method
+    if chosen is None:
+        try:
+            estimate(p, dirs[0].reshape(p.shape), "complex", None)
+            chosen = "complex"
+        except NotAnalyticError as exc:
+            chosen = "richardson"
+            note = f" (complex step unavailable: {str(exc).split(';')[0]})"
+
+    def run(mth: str) -> list[dict[str, Any]] | None:
+        records = []
+        for k in range(directions):
+            v = dirs[k].reshape(p.shape)
+            claimed = math.fsum(g * dirs[k])
+            est = estimate(p, v, mth, None)
+            rec = _judge(p, v, k, claimed, gnorm, est, tol, fscale)
+            if rec["status"] == FAIL and mth == "complex" and method is None and not rec["kink"]:
+                cross = estimate(p, v, "richardson", None)
+                if abs(cross.value - est.value) > cross.error + est.error:
+                    return None  # complex step untrustworthy: f is not complex-analytic
+            records.append(rec)
+        return records
+
+    records = run(chosen)
+    if records is None:
+        note = (" (complex step disagreed with Richardson extrapolation beyond both error bounds, so f is "
+                "not complex-analytic; checked with Richardson)")
+        chosen = "richardson"
+        records = run(chosen)
+    assert records is not None
+
+    status = combine_statuses([r["status"] for r in records])
+    deciding = [r for r in records if r["status"] == status]
+
+    def badness(r: dict[str, Any]) -> float:
+        e, t = r.get("error", math.nan), r.get("tolerance", math.nan)
+        return e / t if (math.isfinite(e) and t > 0) else math.inf
+
+    worst = max(deciding, key=badness)
+    n_status = len(deciding)
+    if status == PASS:
+        worst_all = max(records, key=badness)
+        reason = (
+            f"gradient matches {chosen} directional derivatives in {directions} random directions: worst "
+            f"|<g,v> - D_v f|/(||g|| ||v||) = {worst_all['error']:.2e} <= tol {worst_all['tolerance']:.2e} "
+            f"({dtype.name}){note}"
+        )
+        worst = worst_all
+    else:
+        reason = f"{worst['why']} [{n_status} of {directions} directions {status}; {dtype.name}]{note}"
+    error = worst.get("error", math.nan)
+    return Verdict(status, "gradient", float(error), float(worst.get("tolerance", tol)), reason, dtype.name,
+                   chosen, tuple(records))
