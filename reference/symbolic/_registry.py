@@ -81,9 +81,9 @@ def get_problem(name: str) -> Problem:
     if key in PROBLEMS:
         return PROBLEMS[key]
     close = difflib.get_close_matches(key, list(PROBLEMS), n=3)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     raise InvalidInputError(
-        f"problem={name!r} is unknown{hint} Known problems: {', '.join(PROBLEMS)} (list them with --list)"
+        f"problem={name!r} is unknown{hint}. Known problems: {', '.join(PROBLEMS)}; list them with --list"
     )
 
 
