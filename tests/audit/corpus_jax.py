@@ -1,0 +1,222 @@
+"""A corpus of JAX meta-learning implementations, correct and deliberately buggy.
+
+Calling contract: ``fn(params, apply_fn, tasks, ...)`` returning the meta-loss
+(the audit applies ``jax.value_and_grad``) or ``(loss, grads)``. Each buggy
+function carries one bug of the diagnosis catalogue, named in its docstring.
+The inner loops are Python loops over static step counts, as JAX code writes
+them (the audit runs them under ``jax.jit``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+
+
+def task_loss(out, y, reduction="mean"):
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        per = -jnp.take_along_axis(jax.nn.log_softmax(out, axis=-1), y[:, None], axis=-1)
+    else:
+        per = (out - y) ** 2
+    return jnp.mean(per) if reduction == "mean" else jnp.sum(per)
+
+
+def _maml(params, apply_fn, tasks, inner_lr, inner_steps, *, stop=lambda k: False, sign=-1.0, steps_delta=0,
+          swap=False, head_only=False, average=True, cut=(), adapt_query=True):
+    params = [jax.lax.stop_gradient(p) if i in cut else p for i, p in enumerate(params)]
+    n_head = 2
+    total = 0.0
+    for t in tasks:
+        xs, ys, xq, yq = (t.x_query, t.y_query, t.x_support, t.y_support) if swap else tuple(t)
+        fast = list(params)
+        for k in range(inner_steps + steps_delta):
+            g = jax.grad(lambda p: task_loss(apply_fn(p, xs), ys))(fast)
+            if stop(k):
+                g = jax.lax.stop_gradient(g)
+            if head_only:
+                g = [jnp.zeros_like(x) for x in g[:-n_head]] + list(g[-n_head:])
+            fast = [p + sign * inner_lr * gi for p, gi in zip(fast, g)]
+        total = total + task_loss(apply_fn(fast if adapt_query else params, xq), yq)
+    return total / len(tasks) if average else total
+
+
+def maml(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct MAML."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps)
+
+
+def maml_first_order(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: jax.lax.stop_gradient on every inner gradient."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, stop=lambda k: True)
+
+
+def maml_last_step_only(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: stop_gradient on all but the last inner gradient."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, stop=lambda k: k < inner_steps - 1)
+
+
+def maml_double_lr(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: twice the inner learning rate."""
+    return _maml(params, apply_fn, tasks, 2.0 * inner_lr, inner_steps)
+
+
+def maml_sum_tasks(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: summed over tasks."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, average=False)
+
+
+def maml_swapped(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: support and query swapped."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, swap=True)
+
+
+def maml_missing_step(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: range(inner_steps - 1)."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, steps_delta=-1)
+
+
+def maml_head_only(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug (for MAML): only the head adapted."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, head_only=True)
+
+
+def maml_bias_cut(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: stop_gradient on the first layer's bias."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, cut=(1,))
+
+
+def maml_returns_grads(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct MAML returning (loss, grads)."""
+    return jax.value_and_grad(maml)(params, apply_fn, tasks, inner_lr, inner_steps)
+
+
+def anil(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct ANIL."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, head_only=True)
+
+
+def anil_full(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug (for ANIL): every layer adapted."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps)
+
+
+def metasgd(params, apply_fn, lrs, tasks, inner_steps, *, stop_lrs=False):
+    """Correct Meta-SGD."""
+    lrs = [jax.lax.stop_gradient(a) for a in lrs] if stop_lrs else lrs
+    total = 0.0
+    for t in tasks:
+        fast = list(params)
+        for _ in range(inner_steps):
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            fast = [p - a * gi for p, a, gi in zip(fast, lrs, g)]
+        total = total + task_loss(apply_fn(fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def metasgd_lrs_stopped(params, apply_fn, lrs, tasks, inner_steps):
+    """Bug: stop_gradient on the learning rates."""
+    return metasgd(params, apply_fn, lrs, tasks, inner_steps, stop_lrs=True)
+
+
+def reptile(params, apply_fn, tasks, inner_lr, inner_steps, *, sign=1.0):
+    """Correct Reptile direction."""
+    total = [jnp.zeros_like(p) for p in params]
+    for t in tasks:
+        fast = list(params)
+        for _ in range(inner_steps):
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            fast = [p - inner_lr * gi for p, gi in zip(fast, g)]
+        total = [acc + sign * (p0 - p) for acc, p0, p in zip(total, params, fast)]
+    return [acc / len(tasks) for acc in total]
+
+
+def reptile_sign(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: p_K - theta."""
+    return reptile(params, apply_fn, tasks, inner_lr, inner_steps, sign=-1.0)
+
+
+def _imaml(params, apply_fn, tasks, lam, *, cg_iterations=None):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    total, grad = 0.0, jnp.zeros_like(flat)
+    for t in tasks:
+        ls = lambda z: task_loss(apply_fn(unravel(z), t.x_support), t.y_support)  # noqa: E731
+        lq = lambda z: task_loss(apply_fn(unravel(z), t.x_query), t.y_query)  # noqa: E731
+        phi = flat
+        for _ in range(20):  # Newton on L_s(phi) + lam/2 ||phi - theta||^2
+            r = jax.grad(ls)(phi) + lam * (phi - flat)
+            phi = phi - jnp.linalg.solve(jax.hessian(ls)(phi) + lam * jnp.eye(flat.size), r)
+        phi = jax.lax.stop_gradient(phi)
+        A = jnp.eye(flat.size) + jax.hessian(ls)(phi) / lam
+        b = jax.grad(lq)(phi)
+        if cg_iterations is None:
+            x = jnp.linalg.solve(A, b)
+        else:
+            x, r = jnp.zeros_like(b), b
+            p = r
+            for _ in range(cg_iterations):
+                Ap = A @ p
+                alpha = (r @ r) / (p @ Ap)
+                x = x + alpha * p
+                r_new = r - alpha * Ap
+                p = r_new + (r_new @ r_new) / (r @ r) * p
+                r = r_new
+        total = total + lq(phi)
+        grad = grad + x / len(tasks)
+    return total / len(tasks), unravel(grad)
+
+
+def imaml(params, apply_fn, tasks, lam):
+    """Correct iMAML returning (loss, grads)."""
+    return _imaml(params, apply_fn, tasks, lam)
+
+
+def imaml_truncated_cg(params, apply_fn, tasks, lam):
+    """Bug: 2 CG iterations."""
+    return _imaml(params, apply_fn, tasks, lam, cg_iterations=2)
+
+
+def r2d2(params, apply_fn, tasks, lam, scale, offset, n_classes=None, *, normalize=True, stop_lam=False):
+    """R2-D2, primal form, bias column, normalize=True by default; ``n_classes`` passed by the audit by name."""
+    lam = jax.lax.stop_gradient(lam) if stop_lam else lam
+    total = 0.0
+    for t in tasks:
+        zs, zq = apply_fn(params, t.x_support), apply_fn(params, t.x_query)
+        zs = jnp.concatenate([zs, jnp.ones((zs.shape[0], 1))], 1)
+        zq = jnp.concatenate([zq, jnp.ones((zq.shape[0], 1))], 1)
+        y = jax.nn.one_hot(t.y_support, n_classes)
+        n = zs.shape[0]
+        if normalize:
+            zs, y = zs / jnp.sqrt(n), y / jnp.sqrt(n)
+        w = jnp.linalg.solve(zs.T @ zs + lam * jnp.eye(zs.shape[1]), zs.T @ y)
+        total = total + task_loss(scale * (zq @ w) + offset, t.y_query)
+    return total / len(tasks)
+
+
+def r2d2_lam_stopped(params, apply_fn, tasks, lam, scale, offset, n_classes=None):
+    """Bug: stop_gradient on lam."""
+    return r2d2(params, apply_fn, tasks, lam, scale, offset, n_classes, stop_lam=True)
+
+
+def r2d2_no_normalize(params, apply_fn, tasks, lam, scale, offset, n_classes=None):
+    """Bug (normalize=True asked): no division by sqrt(n)."""
+    return r2d2(params, apply_fn, tasks, lam, scale, offset, n_classes, normalize=False)
+
+
+def protonet(params, apply_fn, tasks, n_classes, *, stop_support=False):
+    """Prototypical networks."""
+    total = 0.0
+    for t in tasks:
+        zs, zq = apply_fn(params, t.x_support), apply_fn(params, t.x_query)
+        if stop_support:
+            zs = jax.lax.stop_gradient(zs)
+        onehot = jax.nn.one_hot(t.y_support, n_classes)
+        protos = (onehot.T @ zs) / onehot.sum(0)[:, None]
+        logits = -jnp.sum((zq[:, None, :] - protos[None]) ** 2, -1)
+        total = total + task_loss(logits, t.y_query)
+    return total / len(tasks)
+
+
+def protonet_support_stopped(params, apply_fn, tasks, n_classes):
+    """Bug: stop_gradient on the support features."""
+    return protonet(params, apply_fn, tasks, n_classes, stop_support=True)

@@ -1,0 +1,512 @@
+"""A corpus of PyTorch meta-learning implementations, correct and deliberately buggy.
+
+Each function follows ``verify.audit``'s calling contract and is written the
+way a practitioner writes it (``torch.autograd.grad`` with ``create_graph``,
+``torch.func.functional_call`` on the fast weights); each buggy one carries one
+bug of the diagnosis catalogue, named in its docstring. Nothing here uses
+metaverify: the audit's expectations come from the analytic reference, these
+implementations from PyTorch's autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    if y.dtype == torch.int64:
+        return F.cross_entropy(out, y, reduction=reduction)
+    return F.mse_loss(out, y, reduction=reduction)
+
+
+def _forward(model: torch.nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    return functional_call(model, dict(zip(names, params)), (x,))
+
+
+def _maml(model, tasks, inner_lr, inner_steps, *, differentiate: Callable[[int], bool] = lambda k: True,
+          sign: float = -1.0, steps_delta: int = 0, swap: bool = False, head_only: bool = False,
+          average: bool = True, query_reduction: str = "mean", cut: Callable[[str], bool] = lambda n: False,
+          adapt_query_model: bool = True):
+    theta = [p.detach().requires_grad_() if cut(n) else p for n, p in model.named_parameters()]
+    n_head = 2 if model[-1].bias is not None else 1
+    total = 0.0
+    for t in tasks:
+        xs, ys, xq, yq = (t.x_query, t.y_query, t.x_support, t.y_support) if swap else tuple(t)
+        fast = list(theta)
+        for k in range(inner_steps + steps_delta):
+            loss = task_loss(_forward(model, fast, xs), ys)
+            adapt = fast[-n_head:] if head_only else fast
+            grads = torch.autograd.grad(loss, adapt, create_graph=differentiate(k))
+            new = [p + sign * inner_lr * g for p, g in zip(adapt, grads)]
+            fast = fast[:-n_head] + new if head_only else new
+        query_params = fast if adapt_query_model else theta
+        total = total + task_loss(_forward(model, query_params, xq), yq, query_reduction)
+    return total / len(tasks) if average else total
+
+
+# -- MAML ----------------------------------------------------------------------------------------------
+
+
+def maml(model, tasks, inner_lr, inner_steps):
+    """Correct MAML: create_graph=True through every inner step, mean over tasks."""
+    return _maml(model, tasks, inner_lr, inner_steps)
+
+
+def maml_first_order(model, tasks, inner_lr, inner_steps):
+    """Bug: create_graph=False (first-order only)."""
+    return _maml(model, tasks, inner_lr, inner_steps, differentiate=lambda k: False)
+
+
+def maml_last_step_only(model, tasks, inner_lr, inner_steps):
+    """Bug: create_graph only on the last inner step."""
+    return _maml(model, tasks, inner_lr, inner_steps, differentiate=lambda k: k == inner_steps - 1)
+
+
+def maml_first_step_only(model, tasks, inner_lr, inner_steps):
+    """Bug: create_graph=(k == 0)."""
+    return _maml(model, tasks, inner_lr, inner_steps, differentiate=lambda k: k == 0)
+
+
+def maml_half_lr(model, tasks, inner_lr, inner_steps):
+    """Bug: a stale inner learning rate (half the one passed)."""
+    return _maml(model, tasks, 0.5 * inner_lr, inner_steps)
+
+
+def maml_sign(model, tasks, inner_lr, inner_steps):
+    """Bug: p + lr * grad in the inner loop."""
+    return _maml(model, tasks, inner_lr, inner_steps, sign=+1.0)
+
+
+def maml_sum_tasks(model, tasks, inner_lr, inner_steps):
+    """Bug: meta-loss summed over tasks."""
+    return _maml(model, tasks, inner_lr, inner_steps, average=False)
+
+
+def maml_query_sum(model, tasks, inner_lr, inner_steps):
+    """Bug: per-task query loss with reduction='sum'."""
+    return _maml(model, tasks, inner_lr, inner_steps, query_reduction="sum")
+
+
+def maml_extra_step(model, tasks, inner_lr, inner_steps):
+    """Bug: range(inner_steps + 1)."""
+    return _maml(model, tasks, inner_lr, inner_steps, steps_delta=1)
+
+
+def maml_swapped(model, tasks, inner_lr, inner_steps):
+    """Bug: adapt on the query set, evaluate on the support set."""
+    return _maml(model, tasks, inner_lr, inner_steps, swap=True)
+
+
+def maml_head_only(model, tasks, inner_lr, inner_steps):
+    """Bug (for MAML): only the head is adapted (that is ANIL)."""
+    return _maml(model, tasks, inner_lr, inner_steps, head_only=True)
+
+
+def maml_no_adaptation(model, tasks, inner_lr, inner_steps):
+    """Bug: the query loss is evaluated with the initial weights."""
+    return _maml(model, tasks, inner_lr, inner_steps, adapt_query_model=False)
+
+
+def maml_bias_detached(model, tasks, inner_lr, inner_steps):
+    """Bug: the biases enter the inner loop as .detach().requires_grad_() copies: no meta-gradient reaches them."""
+    return _maml(model, tasks, inner_lr, inner_steps, cut=lambda name: name.endswith("bias"))
+
+
+def maml_returns_grads(model, tasks, inner_lr, inner_steps):
+    """Correct MAML returning (loss, grads)."""
+    loss = _maml(model, tasks, inner_lr, inner_steps)
+    return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+
+def maml_calls_backward(model, tasks, inner_lr, inner_steps):
+    """Correct MAML that calls .backward() itself (gradients in .grad)."""
+    loss = _maml(model, tasks, inner_lr, inner_steps)
+    loss.backward()
+    return loss.detach()
+
+
+def maml_noisy(model, tasks, inner_lr, inner_steps):
+    """Bug outside the catalogue: a tiny entry-dependent perturbation of the gradient (unexplained)."""
+    loss = _maml(model, tasks, inner_lr, inner_steps)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss, [g * (1 + 1e-7 * torch.cos(torch.arange(g.numel(), dtype=g.dtype)).reshape(g.shape))
+                  for g in grads]
+
+
+def anil(model, tasks, inner_lr, inner_steps):
+    """Correct ANIL."""
+    return _maml(model, tasks, inner_lr, inner_steps, head_only=True)
+
+
+def anil_first_order(model, tasks, inner_lr, inner_steps):
+    """Bug: ANIL without create_graph."""
+    return _maml(model, tasks, inner_lr, inner_steps, head_only=True, differentiate=lambda k: False)
+
+
+def fomaml(model, tasks, inner_lr, inner_steps):
+    """Correct FOMAML (create_graph=False)."""
+    return _maml(model, tasks, inner_lr, inner_steps, differentiate=lambda k: False)
+
+
+# -- Meta-SGD --------------------------------------------------------------------------------------------
+
+
+def metasgd(model, lrs, tasks, inner_steps, *, detach_lrs=False, first_order=False):
+    """Correct Meta-SGD: p <- p - a * grad, gradients w.r.t. theta and a."""
+    theta = list(model.parameters())
+    rates = [a.detach() for a in lrs] if detach_lrs else list(lrs)
+    total = 0.0
+    for t in tasks:
+        fast = theta
+        for _ in range(inner_steps):
+            grads = torch.autograd.grad(task_loss(_forward(model, fast, t.x_support), t.y_support), fast,
+                                        create_graph=not first_order)
+            fast = [p - a * g for p, a, g in zip(fast, rates, grads)]
+        total = total + task_loss(_forward(model, fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def metasgd_lrs_detached(model, lrs, tasks, inner_steps):
+    """Bug: the learning rates used through .detach()."""
+    return metasgd(model, lrs, tasks, inner_steps, detach_lrs=True)
+
+
+def metasgd_first_order(model, lrs, tasks, inner_steps):
+    """Bug: no create_graph in Meta-SGD."""
+    return metasgd(model, lrs, tasks, inner_steps, first_order=True)
+
+
+def _hvp(model, params, x, y, v):
+    params = [p.detach().requires_grad_() for p in params]
+    g = torch.autograd.grad(task_loss(_forward(model, params, x), y), params, create_graph=True)
+    return torch.autograd.grad(g, params, grad_outputs=v)
+
+
+def metasgd_manual(model, lrs, tasks, inner_steps, *, transposed=False):
+    """Meta-SGD with a hand-written backward pass (reverse accumulation with HVPs), returning (loss, grads)."""
+    theta = [p.detach() for p in model.parameters()]
+    a = [x.detach() for x in lrs]
+    total, g_theta, g_lrs = 0.0, [torch.zeros_like(p) for p in theta], [torch.zeros_like(p) for p in theta]
+    for t in tasks:
+        iterates, sgrads = [theta], []
+        for _ in range(inner_steps):
+            p = [q.requires_grad_() for q in (x.detach().clone() for x in iterates[-1])]
+            g = torch.autograd.grad(task_loss(_forward(model, p, t.x_support), t.y_support), p)
+            sgrads.append(g)
+            iterates.append([q.detach() - ak * gk for q, ak, gk in zip(p, a, g)])
+        p_k = [q.requires_grad_() for q in (x.detach().clone() for x in iterates[-1])]
+        loss = task_loss(_forward(model, p_k, t.x_query), t.y_query)
+        v = list(torch.autograd.grad(loss, p_k))
+        for k in reversed(range(inner_steps)):
+            g_lrs = [acc - gk * vk / len(tasks) for acc, gk, vk in zip(g_lrs, sgrads[k], v)]
+            if transposed:  # the bug: a * (H v) instead of H (a * v)
+                hv = _hvp(model, iterates[k], t.x_support, t.y_support, v)
+                v = [vk - ak * hk for vk, ak, hk in zip(v, a, hv)]
+            else:
+                hv = _hvp(model, iterates[k], t.x_support, t.y_support, [ak * vk for ak, vk in zip(a, v)])
+                v = [vk - hk for vk, hk in zip(v, hv)]
+        g_theta = [acc + vk / len(tasks) for acc, vk in zip(g_theta, v)]
+        total = total + loss.detach()
+    return total / len(tasks), g_theta + g_lrs
+
+
+def metasgd_transposed(model, lrs, tasks, inner_steps):
+    """Bug: hand-written backward applying the transposed step Jacobian."""
+    return metasgd_manual(model, lrs, tasks, inner_steps, transposed=True)
+
+
+# -- Reptile ---------------------------------------------------------------------------------------------
+
+
+def reptile(model, tasks, inner_lr, inner_steps, *, sign=1.0, steps_delta=0, on_query=False):
+    """Correct Reptile direction mean_t (theta - p_K) with SGD on the support set."""
+    theta = [p.detach() for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in theta]
+    for t in tasks:
+        x, y = (t.x_query, t.y_query) if on_query else (t.x_support, t.y_support)
+        fast = [p.clone().requires_grad_() for p in theta]
+        for _ in range(inner_steps + steps_delta):
+            grads = torch.autograd.grad(task_loss(_forward(model, fast, x), y), fast)
+            fast = [(p - inner_lr * g).detach().requires_grad_() for p, g in zip(fast, grads)]
+        total = [acc + sign * (p0 - p.detach()) for acc, p0, p in zip(total, theta, fast)]
+    return [acc / len(tasks) for acc in total]
+
+
+def reptile_sign(model, tasks, inner_lr, inner_steps):
+    """Bug: p_K - theta."""
+    return reptile(model, tasks, inner_lr, inner_steps, sign=-1.0)
+
+
+def reptile_extra_step(model, tasks, inner_lr, inner_steps):
+    """Bug: one inner step too many."""
+    return reptile(model, tasks, inner_lr, inner_steps, steps_delta=1)
+
+
+def reptile_on_query(model, tasks, inner_lr, inner_steps):
+    """Bug: the inner loop on the query set."""
+    return reptile(model, tasks, inner_lr, inner_steps, on_query=True)
+
+
+# -- iMAML -----------------------------------------------------------------------------------------------
+
+
+def _flat_loss(model, flat, x, y, shapes):
+    params, start = [], 0
+    for s in shapes:
+        n = int(torch.Size(s).numel())
+        params.append(flat[start:start + n].view(s))
+        start += n
+    return task_loss(_forward(model, params, x), y)
+
+
+def _grad_hess(f, z):
+    """Gradient and Hessian of a scalar f at z by double backward (torch.func.hessian warns in torch 2.13)."""
+    z = z.detach().requires_grad_()
+    g = torch.autograd.grad(f(z), z, create_graph=True)[0]
+    H = torch.stack([torch.autograd.grad(g[i], z, retain_graph=True)[0] for i in range(len(g))])
+    return g.detach(), H
+
+
+def imaml(model, tasks, lam, *, solve="exact", cg_iterations=3, c=1.0, beta=None):
+    """iMAML: Newton's method on the proximal inner problem, implicit gradient (c I + beta H)^{-1} grad L_q.
+
+    Correct: c = 1, beta = 1/lam, exact solve. Returns (loss, grads).
+    """
+    beta = 1.0 / lam if beta is None else beta
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+    total, grad = 0.0, torch.zeros_like(theta)
+    for t in tasks:
+        phi = theta.clone()
+        support = lambda z: _flat_loss(model, z, t.x_support, t.y_support, shapes)  # noqa: E731
+        for _ in range(20):  # Newton on F(phi) = L_s(phi) + lam/2 ||phi - theta||^2 (quadratic convergence)
+            g, H = _grad_hess(support, phi)
+            r = g + lam * (phi - theta)
+            if float(r.norm()) <= 1e-15:
+                break
+            phi = phi - torch.linalg.solve(H + lam * torch.eye(len(phi), dtype=phi.dtype), r)
+        _, H = _grad_hess(support, phi)
+        z = phi.detach().requires_grad_()
+        loss_q = _flat_loss(model, z, t.x_query, t.y_query, shapes)
+        b = torch.autograd.grad(loss_q, z)[0]
+        loss_q = loss_q.detach()
+        A = c * torch.eye(len(phi), dtype=phi.dtype) + beta * H
+        if solve == "exact":
+            x = torch.linalg.solve(A, b)
+        else:  # conjugate gradient from x = 0, a fixed number of iterations
+            x = torch.zeros_like(b)
+            r = b.clone()
+            p = r.clone()
+            for _ in range(cg_iterations):
+                Ap = A @ p
+                alpha = (r @ r) / (p @ Ap)
+                x = x + alpha * p
+                r_new = r - alpha * Ap
+                p = r_new + ((r_new @ r_new) / (r @ r)) * p
+                r = r_new
+        total = total + loss_q
+        grad = grad + x / len(tasks)
+    grads, start = [], 0
+    for s in shapes:
+        n = int(torch.Size(s).numel())
+        grads.append(grad[start:start + n].view(s))
+        start += n
+    return total / len(tasks), grads
+
+
+def imaml_truncated_cg(model, tasks, lam):
+    """Bug: 3 conjugate-gradient iterations for the implicit system."""
+    return imaml(model, tasks, lam, solve="cg", cg_iterations=3)
+
+
+def imaml_first_order(model, tasks, lam):
+    """Bug: the implicit solve skipped (x = grad L_q(phi*))."""
+    return imaml(model, tasks, lam, c=1.0, beta=0.0)
+
+
+def imaml_no_identity(model, tasks, lam):
+    """Bug: H x = lam grad L_q (the identity term dropped)."""
+    return imaml(model, tasks, lam, c=0.0, beta=1.0 / lam)
+
+
+def imaml_lam_inverted(model, tasks, lam):
+    """Bug: (I + lam H) x = grad L_q."""
+    return imaml(model, tasks, lam, beta=lam)
+
+
+# -- R2-D2 / LR-D2 / metric --------------------------------------------------------------------------------
+
+
+def r2d2(backbone, tasks, lam, scale, offset, *, normalize=True, bias_column=True, detach=(), support_detached=False):
+    """R2-D2 with the dual (Woodbury) ridge solve; defaults: normalize=True, bias_column=True."""
+    lam = lam.detach() if "lam" in detach else lam
+    scale = scale.detach() if "scale" in detach else scale
+    offset = offset.detach() if "offset" in detach else offset
+    total = 0.0
+    for t in tasks:
+        zs, zq = backbone(t.x_support), backbone(t.x_query)
+        if support_detached:
+            zs = zs.detach()
+        if bias_column:
+            zs = torch.cat([zs, torch.ones_like(zs[:, :1])], 1)
+            zq = torch.cat([zq, torch.ones_like(zq[:, :1])], 1)
+        n_classes = int(t.y_support.max()) + 1
+        y = F.one_hot(t.y_support, n_classes).to(zs.dtype)
+        if normalize:
+            zs, y = zs / len(zs) ** 0.5, y / len(zs) ** 0.5
+        w = zs.T @ torch.linalg.solve(zs @ zs.T + lam * torch.eye(len(zs), dtype=zs.dtype), y)
+        total = total + F.cross_entropy(scale * (zq @ w) + offset, t.y_query)
+    return total / len(tasks)
+
+
+def r2d2_lam_detached(backbone, tasks, lam, scale, offset):
+    """Bug: lam.detach()."""
+    return r2d2(backbone, tasks, lam, scale, offset, detach=("lam",))
+
+
+def r2d2_no_normalize(backbone, tasks, lam, scale, offset):
+    """Bug (when normalize=True is asked): no division by sqrt(n)."""
+    return r2d2(backbone, tasks, lam, scale, offset, normalize=False)
+
+
+def r2d2_no_bias_column(backbone, tasks, lam, scale, offset):
+    """Bug (when bias_column=True is asked): no ones column."""
+    return r2d2(backbone, tasks, lam, scale, offset, bias_column=False)
+
+
+def r2d2_support_detached(backbone, tasks, lam, scale, offset):
+    """Bug: the support features detached."""
+    return r2d2(backbone, tasks, lam, scale, offset, support_detached=True)
+
+
+def lrd2(backbone, tasks, lam, scale, offset, *, newton_steps=2, bias_column=True, detach=()):
+    """LR-D2: IRLS from w = 0 with ridge lam, bce on scale * Z_q w + offset."""
+    scale = scale.detach() if "scale" in detach else scale
+    total = 0.0
+    for t in tasks:
+        zs, zq = backbone(t.x_support), backbone(t.x_query)
+        if bias_column:
+            zs = torch.cat([zs, torch.ones_like(zs[:, :1])], 1)
+            zq = torch.cat([zq, torch.ones_like(zq[:, :1])], 1)
+        y = t.y_support.to(zs.dtype)
+        w = torch.zeros(zs.shape[1], dtype=zs.dtype)
+        for _ in range(newton_steps):
+            s = torch.sigmoid(zs @ w)
+            A = zs.T @ ((s * (1 - s))[:, None] * zs) + lam * torch.eye(zs.shape[1], dtype=zs.dtype)
+            w = w - torch.linalg.solve(A, zs.T @ (s - y) + lam * w)
+        total = total + F.binary_cross_entropy_with_logits(scale * (zq @ w) + offset, t.y_query.to(zs.dtype))
+    return total / len(tasks)
+
+
+def lrd2_extra_newton_step(backbone, tasks, lam, scale, offset):
+    """Bug: 3 Newton steps where 2 are asked."""
+    return lrd2(backbone, tasks, lam, scale, offset, newton_steps=3)
+
+
+def lrd2_scale_detached(backbone, tasks, lam, scale, offset):
+    """Bug: scale.detach()."""
+    return lrd2(backbone, tasks, lam, scale, offset, detach=("scale",))
+
+
+def protonet(backbone, tasks, n_classes, *, support_detached=False, swap=False, average=True):
+    """Prototypical networks: prototypes = class means of the support features, logits -||q - c||^2."""
+    total = 0.0
+    for t in tasks:
+        xs, ys, xq, yq = (t.x_query, t.y_query, t.x_support, t.y_support) if swap else tuple(t)
+        zs, zq = backbone(xs), backbone(xq)
+        if support_detached:
+            zs = zs.detach()
+        protos = torch.stack([zs[ys == k].mean(0) for k in range(n_classes)])
+        logits = -((zq[:, None, :] - protos[None, :, :]) ** 2).sum(-1)
+        total = total + F.cross_entropy(logits, yq)
+    return total / len(tasks) if average else total
+
+
+def protonet_support_detached(backbone, tasks, n_classes):
+    """Bug: prototypes from detached support features."""
+    return protonet(backbone, tasks, n_classes, support_detached=True)
+
+
+def protonet_swapped(backbone, tasks, n_classes):
+    """Bug: prototypes from the query set, loss on the support set."""
+    return protonet(backbone, tasks, n_classes, swap=True)
+
+
+def protonet_sum_tasks(backbone, tasks, n_classes):
+    """Bug: summed over tasks."""
+    return protonet(backbone, tasks, n_classes, average=False)
+
+
+def matchingnet(backbone, tasks, n_classes, *, support_detached=False):
+    """Matching networks: cosine attention over the support set, -log p(true class)."""
+    total = 0.0
+    for t in tasks:
+        zs, zq = backbone(t.x_support), backbone(t.x_query)
+        if support_detached:
+            zs = zs.detach()
+        att = torch.softmax(F.normalize(zq, dim=1) @ F.normalize(zs, dim=1).T, dim=1)
+        probs = att @ F.one_hot(t.y_support, n_classes).to(zs.dtype)
+        total = total - torch.log(probs[torch.arange(len(zq)), t.y_query]).mean()
+    return total / len(tasks)
+
+
+def matchingnet_support_detached(backbone, tasks, n_classes):
+    """Bug: the support embeddings detached."""
+    return matchingnet(backbone, tasks, n_classes, support_detached=True)
+
+
+def newton(model, tasks, inner_lr, inner_steps, damping, *, first_order=False):
+    """Newton-MAML: p <- p - lr (H + damping I)^{-1} grad, differentiated through torch.linalg.solve."""
+    theta = torch.cat([p.reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+    total = 0.0
+    for t in tasks:
+        phi = theta
+        for _ in range(inner_steps):
+            f = lambda z: _flat_loss(model, z, t.x_support, t.y_support, shapes)  # noqa: E731
+            if first_order:
+                g, H = _grad_hess(f, phi)
+            else:
+                g = torch.autograd.grad(f(phi), phi, create_graph=True)[0]
+                H = torch.stack([torch.autograd.grad(g[i], phi, create_graph=True)[0] for i in range(len(g))])
+            phi = phi - inner_lr * torch.linalg.solve(H + damping * torch.eye(len(g), dtype=g.dtype), g)
+        total = total + _flat_loss(model, phi, t.x_query, t.y_query, shapes)
+    return total / len(tasks)
+
+
+def newton_first_order(model, tasks, inner_lr, inner_steps, damping):
+    """Bug: the Newton steps computed on detached parameters."""
+    return newton(model, tasks, inner_lr, inner_steps, damping, first_order=True)
+
+
+# -- not auditable -----------------------------------------------------------------------------------------
+
+
+def raises(model, tasks, inner_lr, inner_steps):
+    """Bad input: the function raises."""
+    raise ValueError("boom inside the user's code")
+
+
+def non_scalar(model, tasks, inner_lr, inner_steps):
+    """Bad input: per-task losses instead of their mean."""
+    return torch.stack([task_loss(model(t.x_query), t.y_query) for t in tasks] * 2)
+
+
+def non_finite(model, tasks, inner_lr, inner_steps):
+    """Bad input: NaN meta-loss."""
+    return maml(model, tasks, inner_lr, inner_steps) * float("nan")
+
+
+def too_few_grads(model, tasks, inner_lr, inner_steps):
+    """Bad input: one gradient missing."""
+    loss = maml(model, tasks, inner_lr, inner_steps)
+    return loss, torch.autograd.grad(loss, list(model.parameters()))[:-1]
+
+
+TaskList = Sequence[Any]
