@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"# {args.tasks} tasks, {args.shots}/{args.shots} shots, K={args.steps}, inner_lr={INNER_LR}, relu, "
           f"mse, float64; {repeats} timed run(s) after one warm-up, alternating reference/torch")
-    header = (f"{'model':>14} {'params':>9} {'reference s (min-max)':>24} {'torch s (min-max)':>24} {'ratio':>6} {'cpu ratio':>9} "
-              f"{'ref tracemalloc MB':>18} {'ref RSS MB':>10} {'torch RSS MB':>12} {'max rel diff':>12}")
+    header = (f"{'model':>14} {'params':>9} {'reference s (min-max)':>24} {'torch s (min-max)':>24} {'ratio':>6} "
+              f"{'cpu ratio':>9} {'ref tracemalloc MB':>18} {'ref RSS MB':>10} {'torch RSS MB':>12} "
+              f"{'max rel diff':>12}")
     print(header)
     results = []
     for name in args.sizes:
@@ -245,16 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         rss = {impl: (None if args.quick else rss_delta(impl, name, n_tasks, args.shots, args.steps, args.threads))
                for impl in ("reference", "torch")}
         row = {"model": name, "params": model.n_params, "tasks": n_tasks, "times": times, "cpu_times": cpu,
-               "median": med, "ratio": med["reference"] / med["torch"], "cpu_ratio": cpu_ratio, "tracemalloc_peak": peak, "rss_peak_delta": rss,
-               "max_rel_diff": diff, "loss_diff": abs(loss_r - loss_t)}
+               "median": med, "ratio": med["reference"] / med["torch"], "cpu_ratio": cpu_ratio,
+               "tracemalloc_peak": peak, "rss_peak_delta": rss, "max_rel_diff": diff, "loss_diff": abs(loss_r - loss_t)}
         results.append(row)
 
         def span(k: str) -> str:
             return f"{med[k]:.4f} ({min(times[k]):.4f}-{max(times[k]):.4f})"
 
         label = name + ("*" if n_tasks != args.tasks else "")
-        print(f"{label:>14} {model.n_params:>9} {span('reference'):>24} {span('torch'):>24} {row['ratio']:>6.2f} {cpu_ratio:>9.2f} "
-              f"{_mb(peak):>18} {_mb(rss['reference']):>10} {_mb(rss['torch']):>12} {diff:>12.1e}", flush=True)
+        print(f"{label:>14} {model.n_params:>9} {span('reference'):>24} {span('torch'):>24} {row['ratio']:>6.2f} "
+              f"{cpu_ratio:>9.2f} {_mb(peak):>18} {_mb(rss['reference']):>10} {_mb(rss['torch']):>12} "
+              f"{diff:>12.1e}", flush=True)
     if args.quick:
         print("# * --quick: 5 tasks (2 for the 1024-wide net); RSS probes skipped")
     if args.json:

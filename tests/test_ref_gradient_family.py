@@ -466,7 +466,10 @@ def quadratic_problem(rng: np.random.Generator, dim: int, n_tasks: int, spd: boo
 
 @given(seed=st.integers(0, 2**32 - 1), dim=st.integers(1, 4), steps=st.integers(1, 4), n_tasks=st.integers(1, 3))
 def test_quadratic_maml_closed_form(seed: int, dim: int, steps: int, n_tasks: int) -> None:
-    """On ``1/2 (p-c)^T A (p-c)``: ``p_K = c + M^K (theta - c)``, ``M = I - alpha A_s``; grad ``M^K A_q (p_K - c_q)``."""
+    """On ``1/2 (p-c)^T A (p-c)``: ``p_K = c + M^K (theta - c)``, ``M = I - alpha A_s``.
+
+    Meta-gradient ``(M^K)^T A_q (p_K - c_q)`` per task (``A_s`` may be indefinite).
+    """
     rng = np.random.default_rng(seed)
     model = Quadratic(dim)
     tasks = quadratic_problem(rng, dim, n_tasks, spd=False)
