@@ -9,8 +9,8 @@ everywhere (MAML), ``alpha`` on the head and nothing on the body (ANIL), an
 array shaped like the tensor (Meta-SGD). Here ``a`` is a list ``lrs`` with one
 entry per parameter tensor: ``None`` (tensor not adapted), a scalar, or an
 array. The meta-gradient is obtained by reverse accumulation through the steps:
-with ``D = diag(a)`` the step Jacobian is ``dp_{k+1}/dp_k = I - H_s(p_k) D``
-transposed, so the adjoint obeys
+with ``D = diag(a)`` the step Jacobian is ``dp_{k+1}/dp_k = I - D H_s(p_k)``,
+whose transpose is ``I - H_s(p_k) D`` (``H_s`` symmetric), so the adjoint obeys
 
     v_K = grad L_q(p_K),   v_k = v_{k+1} - H_s(p_k) (a * v_{k+1}),
 
@@ -23,7 +23,11 @@ gradient, the ``K`` support gradients) are stored for the reverse pass.
 
 The functions here take validated inputs (see :func:`check_common`) and use
 the models' unvalidated internals ``_loss_and_grad`` and ``_hvp``, so they run
-on any model with that interface (``MLP``, ``Quadratic``).
+on any model with that interface (``MLP``, ``Quadratic``). For an ``MLP`` the
+same recursion runs in :class:`_MLPEngine`, which reuses each inner step's
+forward pass in the reverse pass and fuses the weight-sized updates into BLAS
+calls (notes before the class); it additionally keeps ``O(K x examples x
+width)`` activations.
 """
 
 from __future__ import annotations
