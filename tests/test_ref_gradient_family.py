@@ -344,6 +344,21 @@ def test_fomaml_equals_maml_when_support_and_query_use_disjoint_units() -> None:
         np.testing.assert_allclose(b, c, rtol=1e-14, atol=0)
 
 
+@given(pb=problems(activations=("tanh", "relu", "softplus")))
+def test_fomaml_is_mean_query_gradient_at_adapted_params(pb: Problem) -> None:
+    """FOMAML (CONVENTIONS): ``mean_t grad L_q(p_K^t)``, ``p_K`` from plain SGD on the model's own gradient."""
+    expected = [np.zeros(s) for s in pb.model.shapes]
+    for t in pb.tasks:
+        p = pb.params
+        for _ in range(pb.steps):
+            p = [a - pb.inner_lr * g for a, g in zip(p, pb.model.grad(p, t.x_support, t.y_support))]
+        expected = [acc + g / len(pb.tasks) for acc, g in zip(expected, pb.model.grad(p, t.x_query, t.y_query))]
+    loss, got = maml.meta_loss_and_grad(pb.model, pb.params, pb.tasks, pb.inner_lr, pb.steps, first_order=True)
+    assert loss == pytest.approx(maml.meta_loss(pb.model, pb.params, pb.tasks, pb.inner_lr, pb.steps), rel=1e-12)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13 * (1 + norm(expected)))
+
+
 @given(pb=problems(max_hidden=1, max_width=4))
 def test_maml_one_step_equals_dense_formula(pb: Problem) -> None:
     """K = 1: ``mean_t (I - alpha H_s(theta)) grad L_q(theta - alpha grad L_s(theta))`` with dense Hessians."""
