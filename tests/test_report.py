@@ -238,7 +238,9 @@ class _Collect(HTMLParser):
         self.data.append(data)
 
 
-_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=60)
+# Arbitrary text, and text made of the characters Markdown and HTML care about (where the bugs would be).
+_TEXT = st.one_of(st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=60),
+                  st.text(st.sampled_from(list("\\`*_[]()#+-.!|$~<>&=:;/\"' \n\tab01")), max_size=40))
 
 
 @given(_TEXT)
@@ -258,11 +260,12 @@ def _markdown_text(markdown: str) -> tuple[list[str], str]:
     return p.tags, "".join(p.data)
 
 
-@given(_TEXT)
-def test_markdown_text_runs_render_literally(text: str) -> None:
-    tags, data = _markdown_text(escape_markdown(text))
+@given(_TEXT, st.booleans())
+def test_markdown_text_runs_render_literally(text: str, block_start: bool) -> None:
+    prefix = "" if block_start else "x "  # a run inside a paragraph, after other text
+    tags, data = _markdown_text(prefix + escape_markdown(text, block_start=block_start))
     assert set(tags) <= {"p"}
-    assert " ".join(data.split()) == " ".join(text.split())
+    assert " ".join(data.split()) == " ".join((prefix + text).split())
 
 
 @given(st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40))
@@ -413,8 +416,10 @@ def test_cli_quick_report_replaces_the_previous_one(previous: Path, capsys) -> N
 @pytest.mark.parametrize("argv, message", [
     (["--algorithm", "nope"], "unknown algorithm"),
     (["--audit", "x.py:f"], "exactly one --algorithm"),
+    (["--audit", "x.py:f", "--audit-algorithm", "nope"], "is unknown"),
     (["--algorithm", "maml", "--audit", "x.py:f", "--audit-option", "bogus=1"], "not an audit option"),
     (["--algorithm", "maml", "--audit-option", "inner_lr=0.1"], "without --audit"),
+    (["--audit-algorithm", "maml"], "without --audit"),
     (["--examples", "0"], "must be >= 1"),
     (["--title", "  "], "is empty"),
 ])

@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="backend(s) of the check matrix; repeatable (default: every installed backend; "
                         f"with --quick: {' and '.join(QUICK_BACKENDS)})")
     p.add_argument("--algorithm", nargs="+", metavar="NAME",
-                   help=f"algorithms (default: all): {', '.join(ALGORITHMS)}; with --audit, the one algorithm the "
-                        "audited function implements")
+                   help=f"algorithms (default: all): {', '.join(ALGORITHMS)}; with --audit and a single NAME, also "
+                        "the algorithm the audited functions implement")
     p.add_argument("--dtype", choices=[*DTYPES, "all"], default="all", help="precision (default: all)")
     p.add_argument("--examples", type=int, default=None,
                    help=f"random problems per cell (default: {DEFAULT_EXAMPLES}; 1 with --quick)")
@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-library", action="append", metavar="NAME", default=[],
                    choices=["higher", "torchopt", "learn2learn"],
                    help="audit a library's idiomatic implementation too: higher, torchopt or learn2learn (repeatable)")
+    p.add_argument("--audit-algorithm", metavar="NAME", default=None,
+                   help="the algorithm the audited functions implement (default: the single --algorithm)")
     p.add_argument("--audit-backend", choices=["torch", "jax"], default=None,
                    help="backend of the audited functions (default: inferred from their signature)")
     p.add_argument("--audit-option", action="append", metavar="KEY=VALUE", default=[],
@@ -126,6 +128,8 @@ def canonical_command(args: argparse.Namespace, backends: list[str], algorithms:
         cmd += ["--audit", target]
     for lib in args.audit_library:
         cmd += ["--audit-library", lib]
+    if args.audit_algorithm:
+        cmd += ["--audit-algorithm", args.audit_algorithm]
     if args.audit_backend:
         cmd += ["--audit-backend", args.audit_backend]
     for opt in args.audit_option:
@@ -149,11 +153,16 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise InvalidInputError(f"unknown algorithm(s) {unknown}; choose from {', '.join(ALGORITHMS)}")
     audits = bool(args.audit or args.audit_library)
-    if audits and len(algorithms) != 1:
-        raise InvalidInputError("--audit/--audit-library need exactly one --algorithm (the algorithm the audited "
-                                f"function implements), got {len(algorithms)}: e.g. --audit my.py:maml --algorithm maml")
-    if (args.audit_option or args.audit_backend) and not audits:
-        raise InvalidInputError("--audit-option/--audit-backend are given without --audit TARGET or --audit-library")
+    audit_algorithm = args.audit_algorithm or (algorithms[0] if len(algorithms) == 1 else None)
+    if audits and audit_algorithm is None:
+        raise InvalidInputError("--audit/--audit-library need the algorithm the audited functions implement: give "
+                                "--audit-algorithm NAME or exactly one --algorithm, e.g. --audit my.py:maml "
+                                "--algorithm maml")
+    if audit_algorithm is not None and audit_algorithm not in ALGORITHMS:
+        raise InvalidInputError(f"--audit-algorithm={audit_algorithm!r} is unknown; choose from {', '.join(ALGORITHMS)}")
+    if (args.audit_option or args.audit_backend or args.audit_algorithm) and not audits:
+        raise InvalidInputError("--audit-option/--audit-backend/--audit-algorithm are given without --audit TARGET "
+                                "or --audit-library")
     options = _audit_options(args.audit_option)
     if not args.title.strip():
         raise InvalidInputError(f"--title={args.title!r} is empty; give a title or leave the default")
@@ -168,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
     config = ReportConfig(
         out=Path(args.out), algorithms=algorithms, backends=backends, dtypes=dtypes, examples=examples,
         seed=args.seed, quick=args.quick, title=args.title, device=args.device,
-        audits=[AuditRequest(t, algorithms[0], args.audit_backend, options) for t in args.audit]
-        + [AuditRequest(f"--library={lib}", algorithms[0], "torch", options, library=lib) for lib in args.audit_library],
+        audits=[AuditRequest(t, audit_algorithm, args.audit_backend, options) for t in args.audit]
+        + [AuditRequest(f"--library={lib}", audit_algorithm, "torch", options, library=lib)
+           for lib in args.audit_library],
         command=canonical_command(args, backends, algorithms, examples))
     differentiable = [a for a in algorithms if ALGORITHMS[a].differentiable]
     total = (len(plan(algorithms, backends, dtypes)) + len(differentiable)

@@ -132,7 +132,7 @@ def _counts_text(c: dict[str, int], noun: str) -> str:
     parts = [f"{c['pass']} passed", f"{c['fail']} failed", f"{c['inconclusive']} inconclusive"]
     if c.get(UNSUPPORTED):
         parts.append(f"{c[UNSUPPORTED]} unsupported")
-    return f"{', '.join(parts)} ({total} {noun})"
+    return f"{', '.join(parts)} ({total} {noun}{'' if total == 1 else 's'})"
 
 
 def _figure(data: ReportData, name: str, caption: Sequence[str | Inline], alt: str) -> list[Block]:
@@ -154,11 +154,11 @@ def _header(data: ReportData) -> list[Block]:
                        css="subtitle"))
     counts = data.counts()
     parts: list[str | Inline] = [Strong("Overall: "), Status(data.status), " ",
-                                 "Check matrix: " + _counts_text(counts["cells"], "cells") + ". "]
+                                 "Check matrix: " + _counts_text(counts["cells"], "cell") + ". "]
     if data.taylor:
-        parts.append("Taylor tests of the reference: " + _counts_text(counts["taylor"], "algorithms") + ". ")
+        parts.append("Taylor tests of the reference: " + _counts_text(counts["taylor"], "algorithm") + ". ")
     if data.audits:
-        parts.append("Audits: " + _counts_text(counts["audits"], "audits") + ".")
+        parts.append("Audits: " + _counts_text(counts["audits"], "audit") + ".")
     blocks.append(Para(inline(*parts), css="summary"))
     attention = []
     for c in data.matrix.cells:
@@ -291,7 +291,7 @@ def _failure_text(cells: Sequence[Any]) -> str:
 def _algorithm(data: ReportData, name: str) -> list[Block]:
     spec = ALGORITHMS[name]
     text = TEXTS.get(name)
-    title = f"{text.title} ({name})" if text else name
+    title = f"{text.title} · {name}" if text else name
     blocks: list[Block] = [Heading(2, title, _anchor(name), data.algorithm_status(name))]
     if text:
         cite: list[str | Inline] = [Strong("Paper: "), text.paper]

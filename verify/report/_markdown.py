@@ -18,24 +18,31 @@ from verify.report._document import (Block, Code, Figure, Heading, Inline, Link,
 
 __all__ = ["escape_markdown", "render_markdown"]
 
-# Always special in inline Markdown (GFM); "_" only at a word boundary (intraword "_" never emphasises),
-# "!" only before "[", and "#", "-", "+", "=", "1." / "1)" only at the start of a line. "<", ">", "&"
-# become entities first.
+# Always special in inline Markdown (GFM); "_" only at a word boundary (intraword "_" never emphasises);
+# "!" only before "["; "<", ">", "&" become entities first.
 _SPECIAL = re.compile(r"([\\`*\[\]|$~]|(?<!\w)_|_(?!\w)|!(?=\[))")
-_LINE_START = re.compile(r"^(\s*)([#+=-]|\d+(?=[.)]))")
+# At the start of a block only: an ATX heading "# ", a list item "- " / "+ " / "1. " / "1) ", a thematic
+# break "---". (Block quotes and HTML need "<" or ">", already entities; "*" and "_" are always escaped.)
+_LINE_START = re.compile(r"^(#{1,6}(?=\s|$)|[-+](?=[\s-]|$)|\d{1,9}(?=[.)](?:\s|$)))")
 _BADGE = {"pass": "✅ pass", "fail": "❌ FAIL", "inconclusive": "⚠️ inconclusive", "unsupported": "⏭️ unsupported"}
 
 
-def escape_markdown(text: str) -> str:
+def escape_markdown(text: str, *, block_start: bool = True) -> str:
     """Escape ``text`` so that Markdown renders it literally, on one line.
 
-    Line breaks become spaces and leading blanks are dropped (four of them
-    would start a code block); HTML collapses both anyway.
+    Line breaks become spaces. With ``block_start`` (the text begins a
+    paragraph, list item or heading) leading blanks are dropped, since four of
+    them would start a code block (HTML collapses them anyway), and a leading
+    list, heading or rule marker is escaped.
     """
-    text = " ".join(text.splitlines()).lstrip()
+    text = " ".join(text.splitlines())
+    if block_start:
+        text = text.lstrip()
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = _SPECIAL.sub(r"\\\1", text)
-    return _LINE_START.sub(lambda m: m[1] + ("\\" + m[2] if not m[2][0].isdigit() else m[2] + "\\"), text, count=1)
+    if not block_start:
+        return text
+    return _LINE_START.sub(lambda m: (m[1] + "\\") if m[1][0].isdigit() else ("\\" + m[1]), text, count=1)
 
 
 def _code(text: str, in_table: bool = False) -> str:
@@ -55,11 +62,17 @@ def _math_inline(tex: str) -> str:
 
 def _inline(parts: Sequence[Inline], in_table: bool = False) -> str:
     out = []
-    for p in parts:
+    for i, p in enumerate(parts):
+        start = i == 0 and not in_table
         if isinstance(p, Text):
-            out.append(escape_markdown(p.text))
+            out.append(escape_markdown(p.text, block_start=start))
         elif isinstance(p, Strong):
-            out.append(f"**{escape_markdown(p.text)}**")
+            # "**x **" does not close in CommonMark: keep the delimiters tight, the blanks outside
+            core = p.text.strip()
+            if core:
+                lead = " " if p.text[:1].isspace() and not start else ""
+                trail = " " if p.text[-1:].isspace() else ""
+                out.append(f"{lead}**{escape_markdown(core, block_start=start)}**{trail}")
         elif isinstance(p, Code):
             out.append(_code(p.text, in_table))
         elif isinstance(p, Math):
