@@ -479,11 +479,22 @@ class _JaxHarness(_Harness):
     def claim(self) -> Claim:
         jax, case = self.jax, self.case
         diff0 = self.diff_arguments(case.variables)
+        # The output's structure from an abstract trace (no compilation): a scalar loss goes straight
+        # to jax.value_and_grad, saving a compilation of the plain call.
         try:
-            out = self._run("call", self._call_fn, diff0)
-        except Exception as exc:
-            raise _raised(exc, "the audited function") from exc
-        if case.algorithm == "reptile":
+            shape = jax.eval_shape(self._call_fn, diff0, self.tasks)
+        except Exception:
+            shape = None
+        scalar = (case.algorithm != "reptile" and shape is not None and hasattr(shape, "shape")
+                  and getattr(shape, "size", 2) == 1)
+        if not scalar:
+            try:
+                out = self._run("call", self._call_fn, diff0)
+            except Exception as exc:
+                raise _raised(exc, "the audited function") from exc
+        if scalar:
+            out = None
+        elif case.algorithm == "reptile":
             if not isinstance(out, (list, tuple)):
                 raise AuditInputError(f"reptile: the function must return the direction as a list of arrays "
                                       f"shaped like params, got {_short(out)}")
@@ -496,7 +507,8 @@ class _JaxHarness(_Harness):
             loss = self._check_loss(out[0])
             grads, missing = self._check_grads(_leaves_keep_none(out[1]), "returned grads")
             return Claim(loss, grads, missing, "returned (loss, grads)")
-        self._check_loss(out)
+        if out is not None:
+            self._check_loss(out)
 
         def value_and_grad(diff_args: list[Any], tasks: Any) -> Any:
             return jax.value_and_grad(lambda d: self._call_fn(d, tasks))(diff_args)

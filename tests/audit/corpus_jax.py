@@ -142,11 +142,13 @@ def _imaml(params, apply_fn, tasks, lam, *, cg_iterations=None):
     for t in tasks:
         ls = lambda z: task_loss(apply_fn(unravel(z), t.x_support), t.y_support)  # noqa: E731
         lq = lambda z: task_loss(apply_fn(unravel(z), t.x_query), t.y_query)  # noqa: E731
-        phi = flat
-        for _ in range(20):  # Newton on L_s(phi) + lam/2 ||phi - theta||^2
+
+
+        def newton(_, phi):  # Newton on L_s(phi) + lam/2 ||phi - theta||^2
             r = jax.grad(ls)(phi) + lam * (phi - flat)
-            phi = phi - jnp.linalg.solve(jax.hessian(ls)(phi) + lam * jnp.eye(flat.size), r)
-        phi = jax.lax.stop_gradient(phi)
+            return phi - jnp.linalg.solve(jax.hessian(ls)(phi) + lam * jnp.eye(flat.size), r)
+
+        phi = jax.lax.stop_gradient(jax.lax.fori_loop(0, 12, newton, flat))
         A = jnp.eye(flat.size) + jax.hessian(ls)(phi) / lam
         b = jax.grad(lq)(phi)
         if cg_iterations is None:

@@ -1,0 +1,141 @@
+"""verify.audit's verdict: sensitivity, which side is wrong, fitted values, messages, bad input, JSON/JUnit."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import corpus_torch as C  # noqa: E402
+from _configs import GRAD  # noqa: E402
+
+from reference.errors import InvalidInputError  # noqa: E402
+from reference.models import flatten  # noqa: E402
+from verify._audit import AuditInputError, audit, parse_model  # noqa: E402
+from verify.algorithms import Case, build_case, evaluate  # noqa: E402
+
+
+def _first_order_gap(case: Case) -> float:
+    """Normwise relative gap between the exact (MAML) and first-order (FOMAML) reference gradients."""
+    _, g2 = evaluate(case)
+    _, g1 = evaluate(Case("fomaml", case.model, case.params, case.tasks, case.hyper, case.seed))
+    g1, g2 = flatten(g1), flatten(g2)
+    return float(np.max(np.abs(g1 - g2)) / np.max(np.abs(g2)))
+
+
+def sensitivity_case(seed: int, gap: float) -> Case:
+    """A MAML problem whose first-order gap is ``gap`` (inner_lr scaled down: the gap is linear in it)."""
+    kw = dict(sizes=[2, 4, 1], activation="tanh", loss="mse", n_tasks=2, shots=4, queries=3, inner_steps=2)
+    probe = build_case("maml", seed=seed, inner_lr=1e-3, **kw)
+    lr = 1e-3 * gap / _first_order_gap(probe)
+    return build_case("maml", seed=seed, inner_lr=lr, **kw)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_first_order_bug_named_at_gap_1e_6(seed):
+    case = sensitivity_case(seed, 1e-6)
+    gap = _first_order_gap(case)
+    assert 0.5e-6 < gap < 2e-6  # the problem really has a 1e-6 first-order gap
+    correct = audit(C.maml, "maml", "torch", case=case, directions=1)
+    assert correct.passed, correct.report()
+    buggy = audit(C.maml_first_order, "maml", "torch", case=case, directions=1)
+    assert not buggy.passed
+    assert buggy.diagnosis is not None and buggy.diagnosis.key == "first_order", buggy.report()
+    # The independent check sees it too: the gradient is not the gradient of the function's own meta-loss.
+    assert buggy.loss["status"] == "pass"
+    assert buggy.independent["status"] == "fail", buggy.report()
+
+
+def test_which_side_forward_vs_backward():
+    fo = audit(C.maml_first_order, "maml", "torch", seed=3, directions=2, **GRAD)
+    assert fo.loss["status"] == "pass" and fo.independent["status"] == "fail"
+    assert "backward pass" in fo.which_side
+    lr = audit(C.maml_half_lr, "maml", "torch", seed=3, directions=2, **GRAD)
+    assert lr.loss["status"] == "fail" and lr.independent["status"] == "pass"
+    assert "forward computation" in lr.which_side
+
+
+def test_returned_loss_not_the_one_differentiated():
+    def fn(model, tasks, inner_lr, inner_steps):
+        loss = C.maml(model, tasks, inner_lr, inner_steps)
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        return loss + 1e-2 * (model[0].bias ** 2).sum(), grads  # the returned loss has an extra term
+
+    r = audit(fn, "maml", "torch", seed=0, directions=2, **GRAD)
+    assert not r.passed
+    # The loss differs from the reference, the gradient does not: the returned loss is not what was differentiated.
+    assert all(t.status == "pass" for t in r.tensors)
+    assert r.independent["status"] == "fail"
+
+
+def test_fitted_values_and_names():
+    seed = 4
+    lr = audit(C.maml_half_lr, "maml", "torch", seed=seed, directions=0, **GRAD)
+    assert lr.diagnosis.fitted["inner_lr"] == pytest.approx(0.5 * GRAD["inner_lr"], rel=1e-8)
+    sign = audit(C.maml_sign, "maml", "torch", seed=seed, directions=0, **GRAD)
+    assert sign.diagnosis.fitted["inner_lr"] == pytest.approx(-GRAD["inner_lr"], rel=1e-8)
+    assert "sign" in sign.diagnosis.detail
+    total = audit(C.maml_sum_tasks, "maml", "torch", seed=seed, directions=0, **GRAD)
+    assert total.diagnosis.fitted["scale"] == pytest.approx(GRAD["n_tasks"], rel=1e-10)
+    assert "summed over the 2 tasks" in total.diagnosis.detail
+    q = audit(C.maml_query_sum, "maml", "torch", seed=seed, directions=0, **GRAD)
+    assert q.diagnosis.fitted["scale"] == pytest.approx(GRAD["queries"], rel=1e-10)
+    assert "reduction='sum'" in q.diagnosis.detail
+    steps = audit(C.maml_extra_step, "maml", "torch", seed=seed, directions=0, **GRAD)
+    assert "inner_steps=3 instead of 2" in steps.diagnosis.detail
+    cut = audit(C.maml_bias_detached, "maml", "torch", seed=seed, directions=0, **GRAD)
+    assert "b1, b2" in cut.diagnosis.detail
+    assert [t.missing for t in cut.tensors] == [False, True, False, True]
+
+
+def test_unexplained_mismatch():
+    r = audit(C.maml_noisy, "maml", "torch", seed=0, directions=1, **GRAD)
+    assert not r.passed and r.diagnosis is None
+    assert "unexplained mismatch" in r.report()
+    assert r.to_dict()["unexplained"] is True
+
+
+def test_headline_is_chex_style():
+    r = audit(C.maml_first_order, "maml", "torch", seed=0, directions=0, **GRAD)
+    assert re.fullmatch(r"maml meta-gradient mismatch: [Wb]\d\[[\d, ]*\] reference=\S+ got=\S+ rel=\S+ "
+                        r"\(tol \S+, float64\)", r.headline()), r.headline()
+    ok = audit(C.maml, "maml", "torch", seed=0, directions=0, **GRAD)
+    assert ok.headline().startswith("maml meta-gradient verified")
+
+
+def test_json_and_junit():
+    r = audit(C.maml_first_order, "maml", "torch", seed=0, directions=1, **GRAD, title="demo")
+    doc = json.loads(r.to_json())
+    assert doc["status"] == "fail" and doc["algorithm"] == "maml" and doc["title"] == "demo"
+    assert doc["diagnosis"]["key"] == "first_order"
+    assert [t["name"] for t in doc["tensors"]] == ["W1", "b1", "W2", "b2"]
+    cases = r.junit_cases()
+    assert [c["name"] for c in cases][:2] == ["meta-loss", "W1"]
+    assert {c["status"] for c in cases[1:5]} == {"fail"}
+
+
+@pytest.mark.parametrize("name, match", [
+    ("raises", "boom inside the user's code"),
+    ("non_scalar", "scalar meta-loss"),
+    ("non_finite", "non-finite meta-loss"),
+    ("too_few_grads", "returned 3 gradient"),
+])
+def test_bad_input(name, match):
+    with pytest.raises(AuditInputError, match=match) as info:
+        audit(getattr(C, name), "maml", "torch", seed=0, directions=0, **GRAD)
+    if name == "raises":
+        assert "corpus_torch.py" in str(info.value)  # the function's traceback is shown
+
+
+def test_bad_problem():
+    with pytest.raises(InvalidInputError, match="cannot be audited"):
+        audit(C.maml, "mlp")
+    with pytest.raises(InvalidInputError, match="backend"):
+        audit(C.maml, "maml", "tensorflow")
+    with pytest.raises(InvalidInputError, match="model spec"):
+        parse_model("1-40-1")
+    assert parse_model("mlp:1-40-40-1:tanh:nobias") == {"sizes": [1, 40, 40, 1], "activation": "tanh", "bias": False}

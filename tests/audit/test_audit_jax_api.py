@@ -1,0 +1,34 @@
+"""JAX audits: the first-order bug at a 1e-6 gap, complex step on the function's own meta-loss where it applies."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("jax")
+
+import corpus_jax as J  # noqa: E402
+from test_audit_api import _first_order_gap, sensitivity_case  # noqa: E402
+
+from verify._audit import audit  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_first_order_bug_named_at_gap_1e_6(seed):
+    case = sensitivity_case(seed, 1e-6)
+    assert 0.5e-6 < _first_order_gap(case) < 2e-6
+    correct = audit(J.maml, "maml", "jax", case=case, directions=1)
+    assert correct.passed, correct.report()
+    buggy = audit(J.maml_first_order, "maml", "jax", case=case, directions=1)
+    assert not buggy.passed and buggy.diagnosis is not None and buggy.diagnosis.key == "first_order", buggy.report()
+    assert buggy.independent["status"] == "fail"
+
+
+def test_complex_step_on_own_loss_when_the_function_is_analytic():
+    # Prototypical networks need no jax.grad inside, so the function accepts complex parameters and the
+    # independent check uses the complex step; MAML's inner jax.grad rejects them (Richardson).
+    proto = audit(J.protonet, "protonet", "jax", seed=0, directions=1, model="mlp:2-4-3:tanh", n_tasks=1,
+                  shots=2, queries=2, n_way=3)
+    assert proto.passed and proto.independent["method"] == "complex", proto.report()
+    maml = audit(J.maml, "maml", "jax", seed=0, directions=1, model="mlp:2-4-1:tanh", n_tasks=1, shots=3,
+                 queries=2, inner_steps=1, inner_lr=0.1)
+    assert maml.passed and maml.independent["method"] == "richardson"
