@@ -73,7 +73,8 @@ def _kink_probe(p: Problem, v: np.ndarray, threshold: float) -> _Kink:
     slope. Smooth ``f``: ``J(t) = t f_vv + O(t^3)``. A kink at ``x`` adds a
     constant jump ``c``; ``c = (J(t_b) - J(8 t_b) / 8) / (1 - 1/8)`` removes the
     ``t f_vv`` part. A kink is reported when both ``|J(t_b)|`` and ``|c|`` stand
-    above the noise and the gradient threshold.
+    above the noise and the gradient threshold, and ``|J(8 t_b)| >= |J(t_b)| / 2``
+    (a jump persists; round-off, ``~ nu / t``, does not).
     """
     tb = _pow2(p.eps ** (1.0 / RICHARDSON_SCALE) * p.nominal(v))
     ta = _KINK_RATIO * tb
@@ -88,7 +89,10 @@ def _kink_probe(p: Problem, v: np.ndarray, threshold: float) -> _Kink:
     noise = NOISE_FACTOR * 4.0 * p.noise / tb
     curvature = abs(ja) / _KINK_RATIO  # ~ t_b |f_vv|: how far a smooth one-sided slope is from D
     level = noise + threshold
-    detected = abs(jb) > level and abs(jump) > level
+    # A kink's jump persists at the larger step (|J(8 t_b)| ~ |J(t_b)|, more with curvature);
+    # round-off in J shrinks like 1/t, so noise that slipped past `level` rarely also passes this.
+    persists = abs(ja) >= 0.5 * abs(jb)
+    detected = abs(jb) > level and abs(jump) > level and persists
     return _Kink(detected, forward, backward, jump, noise + curvature)
 
 

@@ -89,7 +89,7 @@ RICHARDSON_MAX_STEP = 2.0**-4
 #: numdifftools' factor on difference-based error estimates: t_{0.975} with 1 dof.
 SAFETY_FACTOR = 12.7062047361747
 #: Random one-ulp perturbations of x used to measure the noise of f.
-NOISE_PROBES = 4
+NOISE_PROBES = 8
 #: Multiplier of the measured noise in the round-off part of an error estimate.
 NOISE_FACTOR = 4.0
 #: Multiplier of the spread of the complex-step noise samples (measured: the true error stayed
