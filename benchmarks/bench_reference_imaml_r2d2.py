@@ -18,6 +18,7 @@ Not a test: it measures, it asserts nothing except that the two ways agree.
    (``tracemalloc``, separate run), CG iterations, and the relative difference
    of the two solutions. Direct is skipped when the dense Hessian would exceed
    ``--max-dense-gb``. The crossover is the first size where CG is faster.
+   BLAS runs single-threaded unless ``OPENBLAS_NUM_THREADS`` is set.
 
 2. R2-D2. ``reference.r2d2.meta_loss_and_grad`` with ``form="primal"``
    (a ``p x p`` solve, ``p`` = features + 1) against ``form="dual"`` (an
@@ -33,17 +34,25 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import sys
-import time
-import tracemalloc
-from collections.abc import Callable
-from typing import Any
 
-import numpy as np
+# Single-threaded BLAS unless the caller says otherwise: on a shared machine, BLAS threads
+# that busy-wait for a descheduled sibling turn a 1 ms solve into hundreds of ms at random,
+# which swamps the comparison. (Set before NumPy is imported; at most a 2x loss on 2 cores
+# for the dense direct solve, which is the one that could use the threads.)
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -204,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     # Wall-clock times: on a shared machine they depend on its load, so the load is reported too.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     env = (f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-           f"{os.cpu_count()} CPUs, load average {load:.1f}, total {time.perf_counter() - t0:.1f} s")
+           f"{os.cpu_count()} CPUs, BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS')}, "
+           f"load average {load:.1f}, total {time.perf_counter() - t0:.1f} s")
     print(report(imaml_rows, r2d2_rows, args.lam))
     print(f"\n({env})")
     if args.json:
