@@ -5,40 +5,21 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import corpus_torch as C  # noqa: E402
-from _configs import GRAD  # noqa: E402
+from _configs import GRAD, first_order_gap, sensitivity_case  # noqa: E402
 
 from reference.errors import InvalidInputError  # noqa: E402
-from reference.models import flatten  # noqa: E402
 from verify._audit import AuditInputError, audit, parse_model  # noqa: E402
-from verify.algorithms import Case, build_case, evaluate  # noqa: E402
-
-
-def _first_order_gap(case: Case) -> float:
-    """Normwise relative gap between the exact (MAML) and first-order (FOMAML) reference gradients."""
-    _, g2 = evaluate(case)
-    _, g1 = evaluate(Case("fomaml", case.model, case.params, case.tasks, case.hyper, case.seed))
-    g1, g2 = flatten(g1), flatten(g2)
-    return float(np.max(np.abs(g1 - g2)) / np.max(np.abs(g2)))
-
-
-def sensitivity_case(seed: int, gap: float) -> Case:
-    """A MAML problem whose first-order gap is ``gap`` (inner_lr scaled down: the gap is linear in it)."""
-    kw = dict(sizes=[2, 4, 1], activation="tanh", loss="mse", n_tasks=2, shots=4, queries=3, inner_steps=2)
-    probe = build_case("maml", seed=seed, inner_lr=1e-3, **kw)
-    lr = 1e-3 * gap / _first_order_gap(probe)
-    return build_case("maml", seed=seed, inner_lr=lr, **kw)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_first_order_bug_named_at_gap_1e_6(seed):
     case = sensitivity_case(seed, 1e-6)
-    gap = _first_order_gap(case)
+    gap = first_order_gap(case)
     assert 0.5e-6 < gap < 2e-6  # the problem really has a 1e-6 first-order gap
     correct = audit(C.maml, "maml", "torch", case=case, directions=1)
     assert correct.passed, correct.report()
@@ -139,3 +120,14 @@ def test_bad_problem():
     with pytest.raises(InvalidInputError, match="model spec"):
         parse_model("1-40-1")
     assert parse_model("mlp:1-40-40-1:tanh:nobias") == {"sizes": [1, 40, 40, 1], "activation": "tanh", "bias": False}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [1e-8, 1e-10, 1e-11, 3e-12])
+def test_first_order_bug_named_down_to_the_tolerance(gap):
+    """The sensitivity figure of docs/audit.md: named down to a 3e-12 gap (the tolerance is 1.8e-12)."""
+    for seed in range(3):
+        case = sensitivity_case(seed, gap)
+        assert audit(C.maml, "maml", "torch", case=case, directions=0).passed
+        buggy = audit(C.maml_first_order, "maml", "torch", case=case, directions=0)
+        assert buggy.diagnosis is not None and buggy.diagnosis.key == "first_order", buggy.report()

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("jax")
 
 import corpus_jax as J  # noqa: E402
-from test_audit_api import _first_order_gap, sensitivity_case  # noqa: E402
+from _configs import first_order_gap, sensitivity_case  # noqa: E402
 
 from verify._audit import audit  # noqa: E402
 
@@ -15,7 +15,7 @@ from verify._audit import audit  # noqa: E402
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_first_order_bug_named_at_gap_1e_6(seed):
     case = sensitivity_case(seed, 1e-6)
-    assert 0.5e-6 < _first_order_gap(case) < 2e-6
+    assert 0.5e-6 < first_order_gap(case) < 2e-6
     correct = audit(J.maml, "maml", "jax", case=case, directions=1)
     assert correct.passed, correct.report()
     buggy = audit(J.maml_first_order, "maml", "jax", case=case, directions=1)
