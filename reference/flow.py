@@ -88,11 +88,17 @@ def _check_options(T: Any, rtol: Any, atol: Any, method: Any) -> tuple[float, fl
 
 def _solve(fun, t_span, y0, method, rtol, atol, jac, dense: bool, what: str):
     kwargs = {"jac": jac} if method in IMPLICIT_METHODS else {}
-    sol = solve_ivp(fun, t_span, y0, method=method, rtol=rtol, atol=atol, dense_output=dense, **kwargs)
+    hint = "try a smaller T, a stiff method (method='Radau') or looser tolerances"
+    try:
+        # A flow that diverges (a concave support loss, a too-long T) overflows:
+        # report it as a failed solve rather than a warning followed by inf/NaN.
+        with np.errstate(over="raise", invalid="raise"):
+            sol = solve_ivp(fun, t_span, y0, method=method, rtol=rtol, atol=atol, dense_output=dense, **kwargs)
+    except FloatingPointError as exc:
+        raise ConvergenceError(f"the {what} overflowed before t={t_span[1]!r} ({method}): {exc}; {hint}") from exc
     if sol.status != 0 or not np.all(np.isfinite(sol.y[:, -1])):
         raise ConvergenceError(
-            f"the {what} did not reach t={t_span[1]!r} ({method}, rtol={rtol}, atol={atol}): {sol.message}; "
-            "try a smaller T, a stiff method (method='Radau') or looser tolerances"
+            f"the {what} did not reach t={t_span[1]!r} ({method}, rtol={rtol}, atol={atol}): {sol.message}; {hint}"
         )
     return sol
 

@@ -20,7 +20,7 @@ LIMITS: dict[str, dict[str, int]] = {
     "quadratic-newton-maml": {"dim": 2, "steps": 3},
     "quadratic-imaml": {"dim": 3},
     "linear-regression-maml": {"dim": 2, "steps": 3, "shots": 3, "queries": 3},
-    "anil-linear": {"dim": 3, "steps": 3, "shots": 3, "queries": 3},
+    "anil-linear": {"dim": 3, "steps": 2, "shots": 3, "queries": 3},
     "r2d2-ridge": {"dim": 3, "shots": 3, "queries": 2, "classes": 3},
     "nichol-maml": {"dim": 2, "steps": 3, "degree": 4},
     "nichol-fomaml": {"dim": 2, "steps": 3, "degree": 4},

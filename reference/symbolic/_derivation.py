@@ -194,7 +194,7 @@ class Derivation:
         return f"<Derivation {self.name}({sizes}): {len(self.symbols)} symbols, gradient of size {len(self.wrt_symbols)}>"
 
     def _latex(self, obj: Any) -> str:
-        return sp.latex(obj, symbol_names=self.latex_names, mat_delim="(", order="old")
+        return sp.latex(obj, symbol_names=self.latex_names, mat_delim="(", order="none")
 
     @staticmethod
     def _too_big(obj: Any) -> int:
@@ -239,7 +239,7 @@ class Derivation:
             elif self._too_big(step.rhs):
                 rhs = "(a large expression; print it with --format sympy)"
             else:
-                rhs = sp.sstr(step.rhs, order="old")
+                rhs = sp.sstr(step.rhs, order="none")
             if step.label:
                 out.append(f"  # {step.label}")
             out.append(f"  {step.lhs[1]} = {rhs}")
@@ -480,7 +480,7 @@ def chain_gradient(
         if total == 0:
             adjoint_sym[sym_i] = sp.Integer(0)
             continue
-        bar = sp.Symbol(f"bar_{sym_i.name}", real=True)
+        bar = sp.Symbol(f"bar_{sym_i.name}")
         adjoint_defs.append((bar, total))
         adjoint_sym[sym_i] = bar
         if latex_names is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from reference.symbolic._common import check_size, require_bool, tidy
+from reference.symbolic._common import check_size, require_bool
 from reference.symbolic._derivation import Derivation, Step, SymbolTable, flat_symbols, gradient
 
 
@@ -106,7 +106,7 @@ def linear_regression_maml(dim: int = 1, steps: int = 1, shots: int = 2, queries
         Step("chain rule", (r"\nabla \mathcal{L}", "grad L"),
              (rf"{pw[0]} {f2q[0]}{xt}_{{q}}^{{\top}} \left({xt}_{{q}} p_{{{steps}}} - y_{{q}}\right)",
               f"{pw[1]} {f2q[1]}{xt_txt}_q^T ({xt_txt}_q p_{steps} - y_q)")),
-        Step("explicitly", (r"\nabla \mathcal{L}", "grad L"), tidy(chain, 2 if steps > 1 else dim)),
+        Step("explicitly", (r"\nabla \mathcal{L}", "grad L"), chain),
     ]
     wrt = [("W", (1, dim))] + ([("b", (1,))] if bias else [])
     return Derivation(

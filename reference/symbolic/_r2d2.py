@@ -88,7 +88,7 @@ def r2d2_ridge(dim: int = 2, shots: int = 2, queries: int = 1, classes: int = 2,
     names: dict[sp.Symbol, str] = dict(t.latex_names)
 
     def define(sym_name: str, tex: str, expr: sp.Expr) -> sp.Symbol:
-        sym = sp.Symbol(sym_name, real=True)
+        sym = sp.Symbol(sym_name)  # no assumptions: assumption queries on exp/log dominate otherwise
         defs.append((sym, expr))
         names[sym] = tex
         return sym

@@ -1,0 +1,189 @@
+"""reference.flow: gradient flow and its adjoint meta-gradient (CONVENTIONS, "Continuous time").
+
+Independent expectations: SymPy's matrix-exponential solution (quadratics,
+50 digits), complex-step differentiation of the flow's meta-loss (MLPs), and
+MAML with K steps of size T/K, which must converge to the flow at a measured
+O(1/K) rate with the leading coefficient SymPy derives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from reference import flow
+from reference.errors import ConvergenceError, InvalidInputError
+from reference.models import MLP, Quadratic
+from reference.symbolic import derive
+from reference.tasks import Task, sinusoid
+
+_derive = functools.lru_cache(maxsize=None)(derive)
+
+# The adjoint is exact up to solve_ivp's tolerance (rtol 1e-12 by default), not to
+# machine precision: the agreement measured here is ~1e-13; 1e-10 leaves room.
+FLOW_RTOL = 1e-10
+
+QUAD2 = dict(theta=[0.25, 1.125], T=0.875, A_s=[[1.5, -0.25], [-0.25, 0.5]], c_s=[0.5, -0.25],
+             A_q=[[0.75, 0.125], [0.125, 1.0]], c_q=[-0.375, 0.25])
+QUAD1 = dict(theta=[0.75], T=1.25, A_s=[[1.5]], c_s=[-0.5], A_q=[[0.5]], c_q=[0.25])
+
+
+def _task(p):
+    return Task(np.array(p["A_s"]), np.array(p["c_s"]), np.array(p["A_q"]), np.array(p["c_q"]))
+
+
+def _sympy(d, p):
+    loss, grad = d.evaluate(dict(theta=p["theta"], T=p["T"], A_s=p["A_s"], c_s=p["c_s"], A_q=p["A_q"],
+                                 c_q=p["c_q"]), digits=50)
+    return float(loss), np.array([float(g) for g in grad])
+
+
+def rel(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("p", [QUAD1, QUAD2], ids=["dim1", "dim2"])
+@pytest.mark.parametrize("method", ["DOP853", "RK45", "Radau", "BDF"])
+def test_adjoint_gradient_equals_the_matrix_exponential_solution(p, method):
+    dim = len(p["theta"])
+    d = _derive("gradient-flow-quadratic", dim=dim)
+    exact_loss, exact_grad = _sympy(d, p)
+    tol = {} if method == "DOP853" else dict(rtol=1e-11, atol=1e-13)
+    loss, grad = flow.meta_loss_and_grad(Quadratic(dim), [np.array(p["theta"])], [_task(p)], p["T"], method=method, **tol)
+    # Tolerance of the solver, not of float64: DOP853 at rtol 1e-12 gets ~1e-13; the
+    # other methods at rtol 1e-11 (BDF is low order) are held to 1e-8.
+    limit = FLOW_RTOL if method == "DOP853" else 1e-8
+    assert rel(grad[0], exact_grad) <= limit
+    assert abs(loss - exact_loss) <= limit * abs(exact_loss)
+
+
+def test_flow_endpoint_equals_the_closed_form():
+    d = _derive("gradient-flow-quadratic", dim=2)
+    p = QUAD2
+    p_T = flow.flow(Quadratic(2), [np.array(p["theta"])], np.array(p["A_s"]), np.array(p["c_s"]), p["T"])
+    exact = d.evaluate_extra("flow_solution", {k: v for k, v in p.items()}, digits=50)
+    assert rel(p_T[0], np.array(exact, dtype=float)) <= FLOW_RTOL
+
+
+def _mlp_problem():
+    model = MLP([1, 6, 1], activation="tanh")
+    return model, model.init(seed=1), sinusoid(2, 5, 5, seed=3)
+
+
+def test_adjoint_gradient_against_complex_step_on_an_mlp():
+    """d/dh L(theta + i h v) / h = <grad, v> to the ODE tolerance (DOP853 handles complex states)."""
+    model, params, tasks = _mlp_problem()
+    T = 0.5
+    loss, grad = flow.meta_loss_and_grad(model, params, tasks, T)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        v = [rng.normal(size=p.shape) for p in params]
+        h = 1e-20
+        lc = flow.meta_loss(model, [p + 1j * h * vi for p, vi in zip(params, v)], tasks, T)
+        directional = sum(float(np.sum(g * vi)) for g, vi in zip(grad, v))
+        assert lc.imag / h == pytest.approx(directional, rel=1e-9)
+        assert lc.real == pytest.approx(loss, rel=1e-12)
+
+
+def test_meta_batch_is_the_mean_of_the_tasks():
+    model, params, tasks = _mlp_problem()
+    loss, grad = flow.meta_loss_and_grad(model, params, tasks, 0.25)
+    parts = [flow.solve_task(model, params, t, 0.25) for t in tasks]
+    assert loss == pytest.approx(np.mean([s.loss for s in parts]), rel=1e-14)
+    for i in range(len(params)):
+        np.testing.assert_allclose(grad[i], np.mean([s.grad[i] for s in parts], axis=0), rtol=1e-13, atol=1e-16)
+    assert all(s.nfev_forward > 0 and s.nfev_adjoint > 0 for s in parts)
+
+
+def test_zero_time_is_no_adaptation():
+    model, params, tasks = _mlp_problem()
+    t = tasks[0]
+    sol = flow.solve_task(model, params, t, 0.0)
+    loss_q, grad_q = model.loss_and_grad(params, t.x_query, t.y_query)
+    assert sol.loss == loss_q
+    for a, b in zip(sol.grad, grad_q):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# MAML with K steps of size T/K -> gradient flow, at the rate O(1/K)
+# ---------------------------------------------------------------------------
+
+KS = (16, 32, 64, 128, 256)
+
+
+def observed_rate(ks, errors) -> float:
+    """Least-squares slope of log(error) against log(K)."""
+    return float(np.polyfit(np.log(ks), np.log(errors), 1)[0])
+
+
+def test_maml_converges_to_the_flow_at_rate_one_quadratic():
+    maml = pytest.importorskip("reference.maml")
+    d = _derive("gradient-flow-quadratic", dim=1)
+    p = QUAD1
+    _, g_flow = _sympy(d, p)
+    coefficient = float(sp.N(d.extras["maml_error_coefficient"].xreplace(d.bind(
+        dict(theta=p["theta"], T=p["T"], A_s=p["A_s"], c_s=p["c_s"], A_q=p["A_q"], c_q=p["c_q"]))), 30))
+    errors = []
+    for K in KS:
+        _, g = maml.meta_loss_and_grad(Quadratic(1), [np.array(p["theta"])], [_task(p)], p["T"] / K, K)
+        errors.append(g[0][0] - g_flow[0])
+    rate = observed_rate(KS, np.abs(errors))
+    assert -1.05 < rate < -0.95, f"observed rate {rate:.3f}, expected -1"
+    # K (g_K - g_flow) -> C, the leading coefficient SymPy derived; O(1/K) correction.
+    assert KS[-1] * errors[-1] == pytest.approx(coefficient, rel=2e-2)
+    assert abs(KS[-1] * errors[-1] - coefficient) < abs(KS[0] * errors[0] - coefficient)
+
+
+def test_maml_converges_to_the_flow_at_rate_one_mlp():
+    maml = pytest.importorskip("reference.maml")
+    model, params, tasks = _mlp_problem()
+    T = 0.5
+    _, g_flow = flow.meta_loss_and_grad(model, params, tasks, T)
+    errors = []
+    for K in KS:
+        _, g = maml.meta_loss_and_grad(model, params, tasks, T / K, K)
+        errors.append(np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(g, g_flow))))
+    rate = observed_rate(KS, errors)
+    assert -1.1 < rate < -0.9, f"observed rate {rate:.3f} (errors {errors}), expected -1"
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(T=-1.0), "T=-1.0 must be >= 0"),
+    (dict(T=float("nan")), "T=nan must be finite"),
+    (dict(T=1.0, rtol=1e-16), "rtol=1e-16 must lie in"),
+    (dict(T=1.0, atol=0.0), "atol=0.0 must be > 0"),
+    (dict(T=1.0, method="Euler"), "method='Euler' is unknown"),
+])
+def test_bad_options_are_refused(kwargs, match):
+    model, params, tasks = _mlp_problem()
+    with pytest.raises(InvalidInputError, match=match):
+        flow.meta_loss_and_grad(model, params, tasks, **kwargs)
+
+
+def test_complex_parameters_need_an_explicit_method():
+    model, params, tasks = _mlp_problem()
+    with pytest.raises(InvalidInputError, match="complex"):
+        flow.meta_loss(model, [p + 0j for p in params], tasks, 0.5, method="Radau")
+
+
+def test_a_diverging_flow_is_an_error_not_a_nan():
+    # A concave support loss makes the flow blow up exponentially.
+    task = Task(np.array([[-1000.0]]), np.array([0.0]), np.eye(1), np.zeros(1))
+    with pytest.raises(ConvergenceError, match="gradient flow"):
+        flow.meta_loss_and_grad(Quadratic(1), [np.array([1.0])], [task], 2.0, rtol=1e-6, atol=1e-8)
+
+
+def test_task_shapes_are_validated():
+    model, params, _ = _mlp_problem()
+    with pytest.raises(InvalidInputError):
+        flow.meta_loss(model, params, [Task(np.zeros((3, 2)), np.zeros((3, 1)), np.zeros((3, 1)), np.zeros((3, 1)))], 1.0)
