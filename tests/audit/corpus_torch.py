@@ -224,16 +224,18 @@ def metasgd_transposed(model, lrs, tasks, inner_steps):
 # -- Reptile ---------------------------------------------------------------------------------------------
 
 
-def reptile(model, tasks, inner_lr, inner_steps, *, sign=1.0, steps_delta=0, on_query=False):
+def reptile(model, tasks, inner_lr, inner_steps, *, sign=1.0, steps_delta=0, on_query=False, head_only=False):
     """Correct Reptile direction mean_t (theta - p_K) with SGD on the support set."""
     theta = [p.detach() for p in model.parameters()]
     total = [torch.zeros_like(p) for p in theta]
+    n_head = 2 if model[-1].bias is not None else 1
+    rates = [0.0 if head_only and i < len(theta) - n_head else inner_lr for i in range(len(theta))]
     for t in tasks:
         x, y = (t.x_query, t.y_query) if on_query else (t.x_support, t.y_support)
         fast = [p.clone().requires_grad_() for p in theta]
         for _ in range(inner_steps + steps_delta):
             grads = torch.autograd.grad(task_loss(_forward(model, fast, x), y), fast)
-            fast = [(p - inner_lr * g).detach().requires_grad_() for p, g in zip(fast, grads)]
+            fast = [(p - lr * g).detach().requires_grad_() for p, lr, g in zip(fast, rates, grads)]
         total = [acc + sign * (p0 - p.detach()) for acc, p0, p in zip(total, theta, fast)]
     return [acc / len(tasks) for acc in total]
 
@@ -246,6 +248,11 @@ def reptile_sign(model, tasks, inner_lr, inner_steps):
 def reptile_extra_step(model, tasks, inner_lr, inner_steps):
     """Bug: one inner step too many."""
     return reptile(model, tasks, inner_lr, inner_steps, steps_delta=1)
+
+
+def reptile_head_only(model, tasks, inner_lr, inner_steps):
+    """Bug: the inner SGD over the head only."""
+    return reptile(model, tasks, inner_lr, inner_steps, head_only=True)
 
 
 def reptile_on_query(model, tasks, inner_lr, inner_steps):

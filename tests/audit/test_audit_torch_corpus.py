@@ -48,6 +48,7 @@ CORPUS = [
     ("reptile_sign", "reptile", "scale", "GRAD"),
     ("reptile_extra_step", "reptile", "wrong_inner_steps", "GRAD"),
     ("reptile_on_query", "reptile", "swapped_support_query", "GRAD"),
+    ("reptile_head_only", "reptile", "reptile_head_only", "GRAD"),
     ("imaml", "imaml", None, "IMAML"),
     ("imaml_truncated_cg", "imaml", "imaml_truncated_cg", "IMAML"),
     ("imaml_first_order", "imaml", "first_order", "IMAML"),
