@@ -229,6 +229,37 @@ def _gradient_checks(ref: ReferenceData, g: np.ndarray, dtype: str, label: str, 
     return checks
 
 
+def _hessian_inverse_checks(case: Case) -> list[dict[str, Any]]:
+    """iMAML's implicit-function residuals and R2-D2's primal/Woodbury agreement, per task (reference side)."""
+    from verify import hessian_inverse as hi
+
+    checks = []
+    if case.algorithm == "imaml":
+        from reference import imaml
+
+        info = imaml.meta_loss_and_grad_info(case.model, case.params, case.tasks, case.hyper["lam"])
+        for i, (task, ti) in enumerate(zip(case.tasks, info.tasks)):
+            v = hi.check_imaml(case.model, case.params, task, case.hyper["lam"], ti.phi, ti.grad,
+                               inner_tol=ti.stationarity_tolerance, rtol=max(ti.linear_residual, 1e-12))
+            checks.append(_check(f"iMAML residuals, task {i}", v.status, v.error, v.tolerance, v.reason))
+    elif case.algorithm == "r2d2" and not case.hyper.get("regression", False):
+        from reference._features import append_ones
+        from reference.r2d2 import ridge_weights
+
+        lam = float(case.extra["lam"])
+        for i, task in enumerate(case.tasks):
+            Z = case.model.forward(case.params, task.x_support)
+            Z = append_ones(Z) if case.hyper["bias_column"] else Z
+            Y = np.eye(case.hyper["n_classes"])[task.y_support]
+            if case.hyper["normalize"]:
+                Z, Y = Z / np.sqrt(Z.shape[0]), Y / np.sqrt(Z.shape[0])
+            v = hi.check_woodbury(Z, Y, lam, primal=ridge_weights(Z, Y, lam, form="primal"),
+                                  dual=ridge_weights(Z, Y, lam, form="dual"))
+            checks.append(_check(f"primal vs Woodbury ridge weights, task {i}", v.status, v.error, v.tolerance,
+                                 v.reason))
+    return checks
+
+
 def check_case(
     case: Case,
     backend: str,
@@ -253,6 +284,7 @@ def check_case(
     if backend == "numpy":
         if spec.differentiable:
             checks += _gradient_checks(ref, g_ref, "float64", "reference", directions)
+            checks += _hessian_inverse_checks(case)
         else:
             checks.append(_check("reference (defined direction)", PASS, 0.0, 0.0,
                                  f"{case.algorithm} is not the gradient of a loss; checked against backends and "
