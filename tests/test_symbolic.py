@@ -26,10 +26,8 @@ from reference.symbolic import (
     get_problem,
     gradient_flow_quadratic,
     linear_regression_maml,
-    quadratic_imaml,
     quadratic_maml,
     quadratic_metasgd,
-    quadratic_newton_maml,
     quadratic_reptile,
     r2d2_ridge,
     ridge_weights,
@@ -399,7 +397,44 @@ def test_every_problem_builds_at_default_size_and_renders():
     for name in PROBLEMS:
         d = _cached(name)
         assert d.name == name
-        assert d.latex().startswith("\\begin{aligned}")
+        tex = d.latex()
+        assert tex.startswith("\\begin{aligned}") and tex.count("{") == tex.count("}")
+        assert tex.count("\\left") == tex.count("\\right") and len(tex.splitlines()) >= 6
         assert d.text().startswith(name)
         loss, grad = d.numeric()(**{k: float(v) for k, v in dyadic_point(d, 5).items()})
         assert np.isfinite(loss) and np.all(np.isfinite(grad)) and grad.shape == (len(d.wrt_symbols),)
+
+
+_KATEX_JS = """
+const katex = require(process.argv[1]);
+const fs = require('fs');
+let bad = 0;
+for (const f of process.argv.slice(2)) {
+  try { katex.renderToString(fs.readFileSync(f, 'utf8'), {displayMode: true, throwOnError: true, strict: 'error'}); }
+  catch (e) { bad += 1; console.log(f + ': ' + e.message); }
+}
+process.exit(bad ? 1 : 0);
+"""
+
+
+def test_every_derivation_renders_in_katex(tmp_path):
+    """The LaTeX is standard enough for KaTeX in strict mode (the bundled copy of the HTML report)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    katex = Path(__file__).resolve().parents[1] / "verify" / "report" / "katex" / "katex.min.js"
+    if node is None or not katex.exists():
+        pytest.skip("needs node and the bundled KaTeX (verify/report/katex)")
+    cases = [(name, {}) for name in PROBLEMS] + [
+        ("quadratic-maml", dict(dim=2, steps=2)), ("quadratic-metasgd", dict(dim=2)), ("quadratic-imaml", dict(dim=2)),
+        ("gradient-flow-quadratic", dict(dim=2)), ("nichol-reptile", dict(dim=2)), ("quadratic-maml", dict(first_order=True)),
+    ]
+    files = []
+    for i, (name, kw) in enumerate(cases):
+        f = tmp_path / f"{i}-{name}.tex"
+        f.write_text(_cached(name, **kw).latex())
+        files.append(str(f))
+    proc = subprocess.run([node, "-e", _KATEX_JS, str(katex), *files], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

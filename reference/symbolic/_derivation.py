@@ -22,7 +22,8 @@ from reference.errors import InvalidInputError
 
 #: Larger right-hand sides are summarised in latex()/text() (they stay in the
 #: attributes and in sympy_code()); a page of formula nobody can read helps no one.
-MAX_DISPLAY_NODES = 1500
+MAX_DISPLAY_NODES = 800
+_OMITTED = "(a large expression, omitted here; --format sympy prints the meta-loss and meta-gradient in full)"
 
 # A derivation line whose right-hand side is written by hand: (latex, plain text).
 Formula = tuple[str, str]
@@ -221,7 +222,7 @@ class Derivation:
             if isinstance(step.rhs, tuple):
                 rhs = step.rhs[0]
             elif self._too_big(step.rhs):
-                rhs = r"\text{(a large expression; print it with --format sympy)}"
+                rhs = rf"\text{{{_OMITTED}}}"
             else:
                 rhs = self._latex(step.rhs)
             label = rf" && \text{{{_escape_text(step.label)}}}" if step.label else ""
@@ -237,7 +238,7 @@ class Derivation:
             if isinstance(step.rhs, tuple):
                 rhs = step.rhs[1]
             elif self._too_big(step.rhs):
-                rhs = "(a large expression; print it with --format sympy)"
+                rhs = _OMITTED
             else:
                 rhs = sp.sstr(step.rhs, order="none")
             if step.label:

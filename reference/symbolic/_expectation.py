@@ -63,7 +63,8 @@ def gaussian_expectation(expr: sp.Expr, centre: list[sp.Symbol], mu: list[sp.Exp
 
 
 def _finish(name, params, title, summary, t, wrt, wrt_symbols, task_loss, centre, mu, sigma, steps_intro,
-            extras_extra, latex_integral, small_display):
+            extras_extra, latex_integral, small_display, lhs):
+    """Integrate the per-task meta-loss, differentiate, and assemble the Derivation (shared by both problems)."""
     expected_loss = gaussian_expectation(task_loss, centre, mu, sigma)
     grad = gradient(expected_loss, wrt_symbols)
     task_grad = gradient(task_loss, wrt_symbols)
@@ -73,9 +74,8 @@ def _finish(name, params, title, summary, t, wrt, wrt_symbols, task_loss, centre
                     - expected_task_grad[i] * expected_task_grad[j])
     show = sp.factor if small_display else (lambda e: e)
     steps = steps_intro + [
-        Step("expected meta-loss as an integral over the task centre", (r"\mathcal{L}(\theta)", "L(theta)"),
-             latex_integral),
-        Step("substitute c = mu + sigma z, integrate each power of z against N(0, 1)", (r"\mathcal{L}(\theta)", "L(theta)"),
+        Step("expected meta-loss as an integral over the task centre", lhs, latex_integral),
+        Step("substitute c = mu + sigma z, integrate each power of z against N(0, 1)", lhs,
              show(expected_loss)),
         Step("meta-gradient (gradient of the expectation)", (r"\nabla \mathcal{L}", "grad L"),
              grad.applyfunc(show)),
@@ -128,6 +128,7 @@ def expected_quadratic_maml(dim: int = 1, steps: int = 1) -> Derivation:
         p = p - alpha * A_s * (p - c)
     task_loss = quadratic_loss(p, A_q, c)
     a_s = "a_{s}" if one else "A_{s}"
+    power = ("", "") if steps == 1 else (f"^{{{steps}}}", f"**{steps}")
     a_q = "a_{q}" if one else "A_{q}"
     intro = [
         Step("task distribution", ("c", "c"), (r"\mathcal{N}(\mu, \sigma^{2} I)", "N(mu, sigma^2 I)")),
@@ -135,8 +136,8 @@ def expected_quadratic_maml(dim: int = 1, steps: int = 1) -> Derivation:
              (rf"\tfrac{{1}}{{2}} (p - c)^{{\top}} {a_s} (p - c),\ \tfrac{{1}}{{2}} (p - c)^{{\top}} {a_q} (p - c)",
               "1/2 (p - c)^T A_s (p - c), 1/2 (p - c)^T A_q (p - c)")),
         Step(f"MAML, K = {steps}", (r"\mathcal{L}_{c}(\theta)", "L_c(theta)"),
-             (rf"L_{{q}}(p_{{{steps}}}),\quad p_{{{steps}}} - c = (I - \alpha {a_s})^{{{steps}}} (\theta - c)",
-              f"L_q(p_{steps}), p_{steps} - c = (I - alpha A_s)**{steps} (theta - c)")),
+             (rf"L_{{q}}(p_{{{steps}}}),\quad p_{{{steps}}} - c = (I - \alpha {a_s}){power[0]} (\theta - c)",
+              f"L_q(p_{steps}), p_{steps} - c = (I - alpha A_s){power[1]} (theta - c)")),
     ]
     integral = (r"\int_{\mathbb{R}^{%d}} \mathcal{L}_{c}(\theta)\, \mathcal{N}(c; \mu, \sigma^{2} I)\, dc" % dim,
                 "int L_c(theta) N(c; mu, sigma^2 I) dc")
@@ -144,7 +145,7 @@ def expected_quadratic_maml(dim: int = 1, steps: int = 1) -> Derivation:
                    f"MAML (K = {steps}) on quadratic tasks in {dim} dimension(s) whose centre is Gaussian, "
                    "c ~ N(mu, sigma^2 I); the meta-loss is the expectation over tasks, computed as an integral.",
                    t, [("theta", (dim,))], list(theta), task_loss, centre, list(mu), sigma, intro, {}, integral,
-                   dim == 1 and steps <= 2)
+                   dim == 1 and steps <= 2, (r"\mathcal{L}(\theta)", "L(theta)"))
 
 
 def expected_linear_regression_maml(steps: int = 1, shots: int = 2, queries: int = 2) -> Derivation:
@@ -195,5 +196,5 @@ def expected_linear_regression_maml(steps: int = 1, shots: int = 2, queries: int
                    f"{shots} support and {queries} query inputs (symbolic, shared by all tasks); the meta-loss is the "
                    "expectation over tasks, computed as an integral.",
                    t, [("W", (1, 1)), ("b", (1,))], [w, b], task_loss, [c], [mu], sigma, intro, {}, integral,
-                   False)
+                   False, (r"\mathcal{L}(w, b)", "L(w, b)"))
 
