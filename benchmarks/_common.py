@@ -1,0 +1,345 @@
+"""Helpers shared by the benchmark scripts: timing, memory, environment, Markdown, plots.
+
+Nothing here asserts anything about speed. The rules every benchmark follows
+(the machines are shared and noisy):
+
+* **alternate**: the implementations compared are run in rounds
+  (``a, b, c, a, b, c, ...``), so a burst of load hits all of them alike;
+* **pairwise ratios**: a ratio is the median over rounds of the per-round
+  ratio ``t_a / t_b`` (both measured in the same round), shown with its
+  min-max over rounds, never a ratio of medians taken at different times;
+* **median (min-max)** of the repeats for every time;
+* **load**: ``os.getloadavg()`` is recorded before and after each benchmark.
+
+Memory: ``rss_peak_delta`` is the increase of the process's peak resident
+set size during one call over its resident size just before it (the kernel's
+``VmHWM`` is reset through ``/proc/self/clear_refs``), comparable across
+NumPy, PyTorch and JAX (whose allocators tracemalloc does not see);
+``tracemalloc_peak`` is the peak of Python-traced allocations (NumPy data
+buffers included), the reference's own figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Measurements shared between benchmarks of one ``run.py`` process (e.g. the audit of the
+#: 1M-parameter problem, timed once by benchmark 2 and reused by benchmark 5).
+MEMO: dict[Any, Any] = {}
+
+
+# ---------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------
+
+
+def set_thread_env(threads: int | None) -> None:
+    """Fix the thread pools of OpenBLAS/OpenMP/MKL and XLA; call before importing numpy or jax.
+
+    On a shared 2-core machine, multithreaded BLAS and OpenMP spin-wait on
+    descheduled threads and make every time depend on the neighbours' load;
+    one thread per library makes the comparison like for like.
+    """
+    if threads is None:
+        return
+    n = str(int(threads))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = n
+    if int(threads) == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1").strip()
+
+
+def set_torch_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Span:
+    """Median and range of repeated measurements."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else math.nan
+
+    @property
+    def lo(self) -> float:
+        return min(self.values) if self.values else math.nan
+
+    @property
+    def hi(self) -> float:
+        return max(self.values) if self.values else math.nan
+
+    def fmt(self, unit: str = "s", digits: int = 3) -> str:
+        """``"0.123 (0.120-0.131)"``; a single value without the range."""
+        if not self.values:
+            return "n/a"
+        f = fmt_seconds if unit == "s" else (lambda v: f"{v:.{digits}g}")
+        if len(self.values) == 1:
+            return f(self.median)
+        return f"{f(self.median)} ({f(self.lo)}-{f(self.hi)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.lo, "max": self.hi, "values": list(self.values)}
+
+
+def fmt_seconds(t: float) -> str:
+    if t is None or not math.isfinite(t):
+        return "n/a"
+    if t < 1e-3:
+        return f"{t * 1e6:.0f} us"
+    if t < 1:
+        return f"{t * 1e3:.1f} ms"
+    return f"{t:.2f} s"
+
+
+def fmt_ratio(span: Span) -> str:
+    if not span.values:
+        return "n/a"
+    def f(v: float) -> str:
+        return f"{v:.3g}"
+    if len(span.values) == 1:
+        return f"{f(span.median)}x"
+    return f"{f(span.median)}x ({f(span.lo)}-{f(span.hi)})"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 0,
+              memory: bool = False) -> tuple[dict[str, Span], dict[str, Any], dict[str, float]]:
+    """Run ``fns`` in alternating rounds; return per-name time spans, last outputs, RSS peak deltas.
+
+    ``warmup`` untimed rounds come first (compilation, caches, page faults).
+    With ``memory=True`` the peak-RSS increase of each function is read on
+    the first timed round (bytes; NaN where ``/proc`` is unavailable).
+    """
+    outs: dict[str, Any] = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            outs[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rss: dict[str, float] = {}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if memory and r == 0:
+                (t, outs[name]), rss[name] = measure_rss(lambda fn=fn: timed(fn))
+            else:
+                t, outs[name] = timed(fn)
+            times[name].append(t)
+    return {k: Span(v) for k, v in times.items()}, outs, rss
+
+
+def pairwise(times: dict[str, Span], num: str, den: str) -> Span:
+    """Per-round ratios ``times[num][i] / times[den][i]`` (same round, so the same load)."""
+    return Span([a / b for a, b in zip(times[num].values, times[den].values) if b > 0])
+
+
+# ---------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), peak RSS during the call minus RSS before it, in bytes)``; NaN without ``/proc``."""
+    before = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM (the peak) to the current RSS
+    except OSError:
+        before = None
+    out = fn()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return out, math.nan
+    return out, 1024.0 * max(peak - before, 0)
+
+
+def tracemalloc_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``(fn(), peak traced allocation in bytes)`` (NumPy buffers are traced; torch/XLA are not)."""
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def fmt_mb(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x / 2**20:.1f}"
+
+
+# ---------------------------------------------------------------------------
+# fits
+# ---------------------------------------------------------------------------
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (the exponent of a power law)."""
+    pts = [(math.log(a), math.log(b)) for a, b in zip(x, y) if a > 0 and b > 0 and math.isfinite(b)]
+    if len(pts) < 2:
+        return math.nan
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    """The installed version of a distribution, read from its metadata (importing jax or matplotlib
+    just to print a version costs seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def environment(threads: int | None) -> dict[str, Any]:
+    """Machine, library versions and thread settings."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average": load(),
+        "threads": threads if threads is not None else "library defaults",
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "unset"),
+    }
+    mem = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1])
+    except OSError:
+        pass
+    env["memory_gib"] = round(mem / 2**20, 1) if mem else "unknown"
+    for name in ("numpy", "scipy", "torch", "jax", "jaxlib", "matplotlib"):
+        env[name] = _version(name)
+    if "torch" in sys.modules:
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return env
+
+
+def environment_markdown(env: dict[str, Any]) -> str:
+    rows = [(k, str(v)) for k, v in env.items()]
+    return md_table(["", ""], rows)
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table; ``align`` per column ``"l"`` or ``"r"`` (default: first left, others right)."""
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Result:
+    """What a benchmark returns to ``run.py``: Markdown, JSON-able data, plots, headline lines."""
+
+    name: str
+    title: str
+    markdown: str
+    data: dict[str, Any]
+    plots: list[tuple[str, Callable[[Any], None]]] = field(default_factory=list)
+    headline: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    load_before: list[float] = field(default_factory=list)
+    load_after: list[float] = field(default_factory=list)
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Span):
+        return obj.to_dict()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "shape", None) == ():
+        return jsonable(obj.item())
+    if isinstance(obj, (int, str, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(jsonable(obj), fh, indent=1)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
