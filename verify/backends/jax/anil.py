@@ -1,0 +1,61 @@
+"""ANIL in JAX (Raghu et al. 2020, "Rapid Learning or Feature Reuse? Towards Understanding the Effectiveness of MAML").
+
+As MAML, but the inner loop adapts only the head ``(W_L, b_L)``: the inner
+gradient is ``jax.grad`` with respect to the head alone, with the body held
+at ``theta``. The meta-gradient is ``jax.value_and_grad`` of the meta-loss
+with respect to *all* parameters, so it contains the body/head cross second
+derivatives. Mirrors ``reference.anil``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from reference.tasks import Task
+from verify.backends.jax._inner import check_common, check_inner_lr, sgd_adapt
+from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit, task_mean, to_jax_scalar, to_numpy
+
+
+def _head_indices(key: tuple) -> tuple[int, ...]:
+    n_tensors = (len(key[0]) - 1) * (2 if key[3] else 1)
+    k = 2 if key[3] else 1
+    return tuple(range(n_tensors - k, n_tensors))
+
+
+@cached
+def _build(key: tuple, steps: int, with_grad: bool, jit: bool):
+    loss = _loss_from_key(key)
+    head = _head_indices(key)
+
+    def task_loss(task: Task, params: Params, inner_lr: jax.Array) -> jax.Array:
+        lrs = [inner_lr if i in head else None for i in range(len(params))]
+        adapted = sgd_adapt(loss, params, task.x_support, task.y_support, lrs, steps)
+        return loss(adapted, task.x_query, task.y_query)
+
+    def meta_loss(params: Params, batch: Any, inner_lr: jax.Array) -> jax.Array:
+        return task_mean(task_loss, batch, params, inner_lr)
+
+    return maybe_jit(jax.value_and_grad(meta_loss) if with_grad else meta_loss, jit)
+
+
+def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int, *,
+              dtype: str = "float64", jit: bool = False) -> float:
+    """ANIL meta-loss ``mean_tasks L_q(body, head_K)`` (only the head adapted), computed in JAX."""
+    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    return to_numpy(_build(key, steps, False, jit)(p, batch, lr))
+
+
+def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int,
+                       *, dtype: str = "float64", jit: bool = False) -> tuple[float, list[Any]]:
+    """ANIL meta-loss and its exact gradient w.r.t. every parameter (body and head), by ``jax.value_and_grad``."""
+    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    value, grads = _build(key, steps, True, jit)(p, batch, lr)
+    return to_numpy(value), to_numpy(grads)
+
+
+__all__ = ["meta_loss", "meta_loss_and_grad"]
