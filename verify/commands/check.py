@@ -18,7 +18,7 @@ from verify.algorithms import ALGORITHMS
 from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available
 from verify.matrix import DTYPES, UNSUPPORTED, MatrixResult, plan, run_matrix
 
-DEFAULT_EXAMPLES = 2
+DEFAULT_EXAMPLES = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
