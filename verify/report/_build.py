@@ -182,7 +182,9 @@ def build_report(config: ReportConfig, *, progress: Callable[[str], None] | None
         matrix=matrix, environment={}, katex_version=assets.version)
 
     differentiable = [a for a in config.algorithms if ALGORITHMS[a].differentiable]
-    fd_algorithms = differentiable[:1] if config.quick else differentiable
+    # --quick: one finite-difference figure, on a meta-loss (MAML's) rather than the base model when possible
+    showcase = [a for a in ("maml", *differentiable) if a in differentiable][:1]
+    fd_algorithms = showcase if config.quick else differentiable
     for name in differentiable:
         step(f"Taylor test: {name}")
         data.taylor[name] = _guarded(lambda n=name: _numerics().taylor_data(_case(n, config.seed), seed=config.seed))

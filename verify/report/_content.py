@@ -300,7 +300,9 @@ def _algorithm(data: ReportData, name: str) -> list[Block]:
         blocks.append(Para(inline(*cite, ". ", text.summary)))
         blocks.append(Heading(3, "Meta-objective" if name != "mlp" else "Model and loss", f"{name}-objective"))
         blocks += [MathBlock(tex, label) for label, tex in text.objective]
-        blocks.append(Heading(3, "Meta-gradient" if spec.differentiable else "Direction", f"{name}-gradient"))
+        heading = ("Gradient and Hessian-vector product" if name == "mlp" else
+                   "Meta-gradient" if spec.differentiable else "Direction")
+        blocks.append(Heading(3, heading, f"{name}-gradient"))
         blocks += [MathBlock(tex, label) for label, tex in text.gradient]
     else:
         blocks.append(Para(inline(Strong("Paper: "), spec.paper)))
@@ -375,12 +377,12 @@ def _audits(data: ReportData) -> list[Block]:
     for k, a in enumerate(data.audits, 1):
         anchor = f"audit-{k}"
         if "error" in a:
-            blocks.append(Heading(3, f"Audit {k}: {a['target']} ({a['algorithm']})", anchor, "fail"))
+            blocks.append(Heading(3, f"Audit {k}: {a['target']} · {a['algorithm']}", anchor, "fail"))
             blocks.append(Para(inline("The audit could not run:")))
             blocks.append(Pre(a["error"]))
             continue
         r = a["result"]
-        blocks.append(Heading(3, f"Audit {k}: {a['target']} ({r.algorithm}, {r.backend})", anchor, r.status))
+        blocks.append(Heading(3, f"Audit {k}: {a['target']} · {r.algorithm}, {r.backend}", anchor, r.status))
         blocks.append(Para(inline(Strong(r.headline()))))
         blocks.append(Para(inline(Strong("Problem: "), Code(r.problem))))
         blocks.append(Para(inline(Strong("Tolerance: "), f"{fmt(r.tolerance)} relative ({r.tolerance_reason}).")))
