@@ -95,6 +95,15 @@ def test_cli_numpy_outputs(tmp_path, capsys):
         ("mlp", "numpy", "float64", "pass"), ("maml", "numpy", "float64", "pass")]
     root = ET.parse(xml).getroot()
     assert root.get("tests") == "2" and root.get("failures") == "0"
+    # deterministic apart from the `generated` field (timestamps and timings)
+    js2 = tmp_path / "r2.json"
+    assert main(["check", "--backend", "numpy", "--algorithm", "mlp", "maml", "--examples", "1",
+                 "--json", str(js2)]) == 0
+    doc2 = json.loads(js2.read_text())
+    assert set(doc["generated"]["seconds"]) == {"mlp/numpy/float64", "maml/numpy/float64"}
+    doc.pop("generated"), doc2.pop("generated")
+    doc["command"] = doc2["command"] = None
+    assert doc == doc2
 
 
 @pytest.mark.parametrize(
