@@ -76,7 +76,9 @@ def spec_key(spec: Any) -> tuple[tuple[int, ...], str, str, bool]:
             f"model={spec!r} must be a reference.models.MLP (sizes, activation, loss_name, bias)"
         ) from exc
     if key[1] not in ACTIVATIONS:
-        raise InvalidInputError(f"activation={key[1]!r} is not supported by the JAX backend; use one of {list(ACTIVATIONS)}")
+        raise InvalidInputError(
+            f"activation={key[1]!r} is not supported by the JAX backend; use one of {list(ACTIVATIONS)}"
+        )
     return key
 
 

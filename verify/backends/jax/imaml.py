@@ -1,4 +1,6 @@
-"""iMAML in JAX: implicit meta-gradients (Rajeswaran, Finn, Kakade & Levine 2019, "Meta-Learning with Implicit Gradients").
+"""iMAML in JAX: implicit meta-gradients.
+
+Rajeswaran, Finn, Kakade & Levine (2019), "Meta-Learning with Implicit Gradients", NeurIPS.
 
 Per task:
 
@@ -118,11 +120,9 @@ def _build(key: tuple, jit: bool):
         res = jnp.where(b_norm > 0, jnp.linalg.norm(a @ u - b) / jnp.where(b_norm > 0, b_norm, 1), 0)
         return u, res, jnp.stack([eig[0], eig[-1]])
 
-    stationarity = jax.grad(inner_objective)
     return {
         "unflatten": unflatten,
         "value_and_grad": maybe_jit(jax.value_and_grad(inner_objective), jit),
-        "stationarity": maybe_jit(stationarity, jit),
         "hvp_s": maybe_jit(hvp_s, jit),
         "query": maybe_jit(jax.value_and_grad(flat_loss), jit),
         "query_loss": maybe_jit(flat_loss, jit),
@@ -180,7 +180,8 @@ class _Task:
         self.one = jnp.asarray(1.0, dtype=self.jdt)
 
     def grad_f(self, z):
-        return self.fns["stationarity"](z, self.theta, self.x, self.y, self.lam)
+        # The gradient half of the objective's value_and_grad (one compiled function serves both).
+        return self.fns["value_and_grad"](z, self.theta, self.x, self.y, self.lam)[1]
 
     def solve(self, z, b, shift, scale, what):
         """``(shift I + scale H_s(z))^{-1} b`` with the chosen solver; returns ``(u, residual, cond)``."""

@@ -1,4 +1,6 @@
-"""Matching networks in JAX, without full-context embeddings (Vinyals et al. 2016, "Matching Networks for One Shot Learning").
+"""Matching networks in JAX, without full-context embeddings.
+
+Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra (2016), "Matching Networks for One Shot Learning", NeurIPS.
 
 Per task: cosine similarities ``C_ij = q_i . s_j / (||q_i|| ||s_j||)``
 between query and support features (``jnp.linalg.norm``), attention
