@@ -11,7 +11,7 @@ Nothing here asserts anything about speed. The rules every benchmark follows
 * **median (min-max)** of the repeats for every time;
 * **load**: ``os.getloadavg()`` is recorded before and after each benchmark.
 
-Memory: ``rss_peak_delta`` is the increase of the process's peak resident
+Memory: ``measure_rss`` gives the increase of the process's peak resident
 set size during one call over its resident size just before it (the kernel's
 ``VmHWM`` is reset through ``/proc/self/clear_refs``), comparable across
 NumPy, PyTorch and JAX (whose allocators tracemalloc does not see);
@@ -111,6 +111,10 @@ class Span:
 def fmt_seconds(t: float) -> str:
     if t is None or not math.isfinite(t):
         return "n/a"
+    if t >= 86400:
+        return f"{t / 86400:.1f} days"
+    if t >= 3600:
+        return f"{t / 3600:.1f} h"
     if t < 1e-3:
         return f"{t * 1e6:.0f} us"
     if t < 1:
@@ -194,6 +198,53 @@ def measure_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, 1024.0 * max(peak - before, 0)
 
 
+#: Set in the memory-probe processes only. glibc's dynamic mmap threshold rises after the first large
+#: free, after which freed buffers stay resident and later peaks hide below the resident size; a
+#: fixed threshold returns every buffer above 64 KiB to the kernel on free, so a call's peak-RSS
+#: increase is its own even after a warm-up. It also makes every large allocation page-fault afresh
+#: (measured: the reference iMAML runs 3x slower), which is why no timing is taken under it.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def rss_probe(module: str, factory: str, kwargs: dict[str, Any], *, warmup: int = 0,
+              timeout: float = 1800.0) -> float:
+    """Peak-RSS increase (bytes) of one call of ``module.factory(**kwargs)()`` in a fresh process.
+
+    The factory builds the problem and returns a zero-argument callable; ``warmup`` untimed calls
+    (e.g. a JAX compilation) precede the measured one. A fresh process (with :data:`PROBE_ENV`)
+    sees no memory left over from other benchmarks. NaN if the probe fails (its error is logged).
+    """
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks._common import _probe_main; "
+            "_probe_main(sys.argv[2:])")
+    cmd = [sys.executable, "-c", code, ROOT, module, factory, json.dumps(kwargs), str(int(warmup))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **PROBE_ENV})
+        if proc.returncode != 0:
+            log(f"  memory probe {module}.{factory}({kwargs}) failed:\n{proc.stderr[-2000:]}")
+            return math.nan
+        return float(json.loads(proc.stdout.strip().splitlines()[-1])["rss"])
+    except (subprocess.SubprocessError, ValueError, KeyError, IndexError, OSError) as exc:
+        log(f"  memory probe {module}.{factory}({kwargs}) failed: {exc!r}")
+        return math.nan
+
+
+def _probe_main(argv: list[str]) -> None:
+    """Body of :func:`rss_probe`'s subprocess: build, warm up, measure, print ``{"rss": bytes}``."""
+    import importlib
+
+    module, factory, kwargs, warmup = argv[0], argv[1], json.loads(argv[2]), int(argv[3])
+    fn = getattr(importlib.import_module(module), factory)(**kwargs)
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "")  # run.py's --threads, inherited
+    if threads.isdigit() and "torch" in sys.modules:
+        set_torch_threads(int(threads))
+    for _ in range(warmup):
+        fn()
+    _, rss = measure_rss(fn)
+    print(json.dumps({"rss": rss}))
+
+
 def tracemalloc_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     """``(fn(), peak traced allocation in bytes)`` (NumPy buffers are traced; torch/XLA are not)."""
     tracemalloc.start()
@@ -217,7 +268,9 @@ def fmt_mb(x: float | None) -> str:
 
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (the exponent of a power law)."""
-    pts = [(math.log(a), math.log(b)) for a, b in zip(x, y) if a > 0 and b > 0 and math.isfinite(b)]
+    if any(not (b > 0 and math.isfinite(b)) for b in y):
+        return math.nan  # a zero or missing value has no logarithm: no fit rather than a biased one
+    pts = [(math.log(a), math.log(b)) for a, b in zip(x, y)]
     if len(pts) < 2:
         return math.nan
     mx = sum(p[0] for p in pts) / len(pts)

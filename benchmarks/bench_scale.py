@@ -12,10 +12,12 @@ one ``run.py`` process, so the 1M-parameter audit is timed once).
 
 * reference: ``reference.maml.meta_loss_and_grad``: time (median of 3 runs;
   one at the largest size), peak traced allocation (``tracemalloc``) and
-  peak-RSS increase;
+  peak-RSS increase (one call in a fresh process, ``_common.rss_probe``);
 * audit: ``verify.audit`` of the user-style PyTorch MAML of benchmark 2
   (reference meta-gradient twice, the claim, Richardson on the function's own
-  meta-loss in 4 directions): time and peak-RSS increase (one run per size).
+  meta-loss in 4 directions): time (one run per size) and peak-RSS increase
+  (fresh process, after a warm-up audit of a tiny problem so that PyTorch's
+  one-time initialisation is not counted).
 
 The log-log slope of each quantity against the parameter count is the
 empirical exponent (goal: 1, linear). Small sizes carry fixed costs (Python
@@ -26,6 +28,7 @@ two largest sizes is shown too.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -43,13 +46,34 @@ from benchmarks._common import (  # noqa: E402
     log,
     loglog_slope,
     md_table,
-    measure_rss,
+    rss_probe,
     timed,
     tracemalloc_peak,
 )
 
 WIDTHS = (28, 96, 312, 1024)
 QUICK_WIDTHS = (4, 8)
+
+
+def probe(what: str, width: int) -> Callable[[], Any]:
+    """Memory-probe factory: one reference meta-gradient or one audit of the 8-w-w-1 problem."""
+    from benchmarks.bench_verification_cost import INNER_LR, STEPS, audited_fn, problem
+    from reference import maml
+    from verify.algorithms import Case
+
+    model, params, tasks = problem([8, width, width, 1])
+    if what == "reference":
+        return lambda: maml.meta_loss_and_grad(model, params, tasks, INNER_LR, STEPS)
+    try:
+        from verify import audit
+    except ImportError:  # not re-exported yet
+        from verify._audit import audit
+    # Warm-up on a tiny problem: PyTorch's one-time initialisation (~200 MB resident) is not the audit's.
+    tm, tp, tt = problem([8, 4, 4, 1])
+    audit(audited_fn, "maml", "torch", case=Case("maml", tm, list(tp), list(tt),
+                                                 {"inner_lr": INNER_LR, "inner_steps": STEPS}, 0))
+    case = Case("maml", model, list(params), list(tasks), {"inner_lr": INNER_LR, "inner_steps": STEPS}, 0)
+    return lambda: audit(audited_fn, "maml", "torch", case=case)
 
 
 def run(quick: bool = False) -> Result:
@@ -74,17 +98,19 @@ def run(quick: bool = False) -> Result:
             return maml.meta_loss_and_grad(model, params, tasks, INNER_LR, STEPS)
 
         repeats = 1 if (quick or (largest and model.n_params > 500_000)) else 3
-        (t_first, _), rss_ref = measure_rss(lambda grad=grad: timed(grad))
-        times = [t_first] + [timed(grad)[0] for _ in range(repeats - 1)]
+        times = [timed(grad)[0] for _ in range(repeats)]
         _, tm_peak = tracemalloc_peak(grad)
+        # Quick: one probe (the reference's, which does not import torch) to exercise the path.
+        rss_ref = (rss_probe("benchmarks.bench_scale", "probe", {"what": "reference", "width": w})
+                   if (largest or not quick) else math.nan)
+        rss_audit = (rss_probe("benchmarks.bench_scale", "probe", {"what": "audit", "width": w})
+                     if not quick else math.nan)
         key = ("audit", tuple(sizes), 1, STEPS)
         if key in MEMO:
-            a = MEMO[key]
-            t_audit, rss_audit, shared = a["seconds"], a["rss"], True
+            t_audit, shared = MEMO[key]["seconds"], True
         else:
             case = Case("maml", model, list(params), list(tasks), {"inner_lr": INNER_LR, "inner_steps": STEPS}, 0)
-            (t_audit, res), rss_audit = measure_rss(lambda case=case: timed(
-                lambda: audit(audited_fn, "maml", "torch", case=case)))
+            t_audit, res = timed(lambda case=case: audit(audited_fn, "maml", "torch", case=case))
             shared = False
             if not res.passed:
                 log(f"  scale: the audit of the correct implementation failed at {sizes}: {res.headline()}")
@@ -114,6 +140,10 @@ QUANTITIES: dict[str, Callable[[dict[str, Any]], float]] = {
 }
 
 
+def _fmt_slope(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "n/a"
+
+
 def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     table = [[r["model"], f"{r['params']:,}", r["ref_times"].fmt(), fmt_mb(r["ref_tracemalloc"]), fmt_mb(r["ref_rss"]),
               f"{r['audit_s']:.3g} s" + (" (bench 2)" if r["audit_shared"] else ""), fmt_mb(r["audit_rss"]),
@@ -126,15 +156,18 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
                   "audit", "audit RSS peak", "audit / ref grad"], table),
         "",
         md_table(["quantity", "log-log slope (all sizes)", "slope (two largest)"],
-                 [[q, f"{a:.2f}", f"{b:.2f}"] for q, (a, b) in slopes.items()]),
+                 [[q, _fmt_slope(a), _fmt_slope(b)] for q, (a, b) in slopes.items()]),
         "",
-        "Slope 1 = linear in the parameter count. RSS deltas of small calls sit at the allocator's granularity "
-        "(0 MB when the call reuses freed pages), so their slope is the least informative.",
+        "Slope 1 = linear in the parameter count. RSS: peak resident-set increase of one call in a fresh process "
+        "(glibc's mmap threshold fixed so freed buffers leave the resident set); small calls sit at the "
+        "allocator's granularity, so the slope over all sizes is the least informative. The audit's RSS includes "
+        "PyTorch's autograd graphs of the audited function.",
     ]
-    head = [f"scale: reference meta-gradient time slope {slopes['reference time'][0]:.2f} "
-            f"(two largest {slopes['reference time'][1]:.2f}), memory slope "
-            f"{slopes['reference tracemalloc peak'][0]:.2f}; audit time slope {slopes['audit time'][0]:.2f} "
-            f"(two largest {slopes['audit time'][1]:.2f})"]
+    sl = {q: tuple(_fmt_slope(v) for v in ab) for q, ab in slopes.items()}
+    head = [f"scale (log-log slopes, 1 = linear; all sizes / two largest): reference time "
+            f"{'/'.join(sl['reference time'])}, reference memory (tracemalloc) "
+            f"{'/'.join(sl['reference tracemalloc peak'])}, audit time {'/'.join(sl['audit time'])}, "
+            f"audit RSS {'/'.join(sl['audit RSS peak'])}"]
     return "\n".join(md), head
 
 
@@ -147,8 +180,10 @@ def plot(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
         axes[0].loglog(n, [rows[-1]["ref_times"].median * x / n[-1] for x in n], "k:", lw=1, label="linear")
         axes[0].set_ylabel("seconds")
         axes[1].loglog(n, [max(r["ref_tracemalloc"], 1) / 2**20 for r in rows], "o-", label="reference tracemalloc")
-        axes[1].loglog(n, [max(r["ref_rss"], 1) / 2**20 for r in rows], "^-", label="reference RSS")
-        axes[1].loglog(n, [max(r["audit_rss"] or 1, 1) / 2**20 for r in rows], "s-", label="audit RSS")
+        for key, style, name in (("ref_rss", "^-", "reference RSS"), ("audit_rss", "s-", "audit RSS")):
+            pts = [(x, r[key] / 2**20) for x, r in zip(n, rows) if math.isfinite(r[key]) and r[key] > 0]
+            if pts:
+                axes[1].loglog(*zip(*pts), style, label=name)
         axes[1].loglog(n, [max(rows[-1]["ref_tracemalloc"], 1) / 2**20 * x / n[-1] for x in n], "k:", lw=1,
                        label="linear")
         axes[1].set_ylabel("MB")

@@ -21,7 +21,8 @@ Every checker sees the *same* claimed gradient and the *same* meta-loss: the
 NumPy reference's ``maml.meta_loss`` (float64, complex-step capable). The
 claimed gradient is delivered the way each tool consumes gradients:
 
-* ``verify.check_gradient(f, g, x)`` (8 random directions, complex step);
+* ``verify.check_gradient(f, g, x)`` (8 random directions, complex step; and
+  with ``directions=1``, the cheapest setting);
 * ``verify.audit(fn, "maml", case=...)``: ``fn`` returns the meta-loss from a
   ``torch.autograd.Function`` whose forward is the reference meta-loss and
   whose backward returns the claimed gradient (the audit differentiates it
@@ -175,12 +176,16 @@ def _torch_function(prob: Problem, claimed: np.ndarray) -> Any:
     return InjectedMetaLoss
 
 
-def tool_check_gradient(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
+def tool_check_gradient(prob: Problem, claimed: np.ndarray, seed: int, directions: int = 8) -> Outcome:
     import verify
 
     x = prob.x0.astype(claimed.dtype)  # a float32 claim is checked at the float32-rounded point, float32 row
-    v = verify.check_gradient(prob.f, claimed, x, seed=seed)
+    v = verify.check_gradient(prob.f, claimed, x, seed=seed, directions=directions)
     return Outcome(v.status == verify.FAIL, "" if v.status != verify.INCONCLUSIVE else "inconclusive")
+
+
+def tool_check_gradient_1(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
+    return tool_check_gradient(prob, claimed, seed, directions=1)
 
 
 def tool_audit(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
@@ -255,6 +260,7 @@ def tool_check_grads(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
 #: (the audit is float64 by design; gradcheck wants double inputs).
 TOOLS: dict[str, tuple[Callable[[Problem, np.ndarray, int], Outcome], str]] = {
     "verify.check_gradient": (tool_check_gradient, "float64"),
+    "verify.check_gradient directions=1": (tool_check_gradient_1, "float64"),
     "verify.audit": (tool_audit, "float64"),
     "gradcheck fast_mode=True": (_tool_gradcheck(True), "float64"),
     "gradcheck fast_mode=False": (_tool_gradcheck(False), "float64"),
@@ -544,15 +550,15 @@ def plot(data: dict[str, Any]) -> Callable[[Any], None]:
 QUICK_EPS = (1e-2, 1e-13)
 QUICK_LR = (0.3, 1e-12)
 #: Tools whose calls cost 2n evaluations or a full audit: fewer seeds (full mode).
-EXPENSIVE = {"gradcheck fast_mode=False": 2, "verify.audit": 3, "verify.check_gradient float32": 3}
+EXPENSIVE = {"gradcheck fast_mode=False": 3, "verify.audit": 5, "verify.check_gradient float32": 5}
 
 
 def run(quick: bool = False, *, seeds: int | None = None, fa_seeds: int | None = None,
         tools: list[str] | None = None, cfg: Config | None = None) -> Result:
     """Run the sensitivity sweep (``quick``: a tiny problem, one seed, two sizes per kind)."""
     cfg = cfg or (Config(sizes=(1, 6, 6, 1), n_tasks=1, shots=6, inner_steps=1) if quick else Config())
-    n_seeds = seeds or (1 if quick else 5)
-    n_fa = fa_seeds or (1 if quick else 8)
+    n_seeds = seeds or (1 if quick else 8)
+    n_fa = fa_seeds or (1 if quick else 16)
     names = tools or list(TOOLS)
     per_tool = {n: min(n_seeds, EXPENSIVE.get(n, n_seeds)) for n in names}
     fa_tool = {n: (n_fa if n not in EXPENSIVE else min(n_fa, 2 * EXPENSIVE[n])) for n in names}

@@ -21,10 +21,13 @@ Run from the repository root (``run.py`` runs it with the others)::
 
 Per size the implementations run in alternating rounds after one warm-up
 round (the JAX warm-up is its compilation, reported separately); the largest
-size runs one timed round and no warm-up for NumPy/PyTorch (their first call
-is the timed one). Ratios are per-round ``t_impl / t_reference``. Memory: the
-peak-RSS increase during the first timed call. The gradients are compared
-(``max rel diff``: max |a - b| / max |reference|).
+size runs two timed rounds and no warm-up for NumPy/PyTorch (their first call
+is the first timed one). Ratios are per-round ``t_impl / t_reference``.
+Memory: the reference's peak traced allocation (``tracemalloc``) at every
+size, and at the largest size of each table the peak-RSS increase of one call
+of each implementation, measured in a fresh process (``_common.rss_probe``;
+NumPy and PyTorch after one warm-up call, JAX on its first, compiling call).
+The gradients are compared (``max rel diff``: max |a - b| / max |reference|).
 """
 
 from __future__ import annotations
@@ -41,7 +44,19 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import Result, Span, alternate, fmt_mb, fmt_ratio, log, md_table, pairwise, timed  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Result,
+    Span,
+    alternate,
+    fmt_mb,
+    fmt_ratio,
+    log,
+    md_table,
+    pairwise,
+    rss_probe,
+    timed,
+    tracemalloc_peak,
+)
 from reference.models import MLP, flatten  # noqa: E402
 
 IMPLS = ("reference", "torch", "jax")
@@ -52,88 +67,126 @@ def _rel(a: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return float(np.max(np.abs(fa - fr)) / max(np.max(np.abs(fr)), np.finfo(float).tiny))
 
 
-def _measure(label: str, n_params: int, fns: dict[str, Callable[[], Any]], repeats: int, largest: bool,
-             grads: Callable[[dict[str, Any]], dict[str, list[np.ndarray]]]) -> dict[str, Any]:
-    """Compile JAX, warm up (unless ``largest``), time alternating rounds, compare gradients."""
-    compile_s, _ = timed(fns["jax"]) if "jax" in fns else (float("nan"), None)
-    times, outs, rss = alternate(fns, repeats, warmup=0 if largest else 1, memory=True)
-    g = grads(outs)
-    row = {"model": label, "params": n_params, "times": times, "rss": rss, "repeats": repeats,
-           "jax_first_call": compile_s,
-           "ratios": {k: pairwise(times, k, "reference") for k in fns if k != "reference"},
-           "max_rel_diff": {k: _rel(g[k], g["reference"]) for k in g if k != "reference"}}
-    log(f"  speed {label}: " + ", ".join(f"{k} {times[k].median:.3g} s" for k in fns))
-    return row
+def _maml_sizes(quick: bool) -> dict[str, list[int]]:
+    from benchmarks.bench_reference_maml import SIZES
+
+    return {"1-8-8-1": [1, 8, 8, 1]} if quick else dict(SIZES)
 
 
-def bench_maml(quick: bool) -> list[dict[str, Any]]:
-    from benchmarks.bench_reference_maml import INNER_LR, SIZES, TorchMAML, make_problem, reference_grad
-    from verify.backends.jax import maml as jmaml
+def _imaml_sizes(quick: bool) -> dict[str, list[int]]:
+    return {"1-8-8-1": [1, 8, 8, 1]} if quick else {"1-40-40-1": [1, 40, 40, 1], "1-256-256-1": [1, 256, 256, 1]}
 
-    sizes = {"1-8-8-1": [1, 8, 8, 1]} if quick else SIZES
+
+def _r2d2_sizes(quick: bool) -> dict[str, list[int]]:
+    return ({"8-16-16": [8, 16, 16]} if quick else
+            {"8-40-40": [8, 40, 40], "8-256-256": [8, 256, 256], "8-1024-1024": [8, 1024, 1024]})
+
+
+def maml_case(label: str, quick: bool) -> tuple[int, dict[str, Callable[[], Any]]]:
+    """``(n_params, {impl: zero-argument call returning (loss, grads)})`` of one MAML problem."""
+    from benchmarks.bench_reference_maml import INNER_LR, TorchMAML, make_problem, reference_grad
+
     n_tasks, steps = (2, 2) if quick else (25, 5)
-    rows = []
-    for i, (label, sz) in enumerate(sizes.items()):
-        model, params, tasks = make_problem(sz, n_tasks, 10)
-        torch_fn = TorchMAML(params, tasks)
-        largest = not quick and i == len(sizes) - 1
-        fns = {
-            "reference": lambda: reference_grad(model, params, tasks, steps),
-            "torch": lambda: torch_fn(steps),
-        }
-        if not quick:  # a JAX compilation costs ~3 s of CPU: not part of a smoke test
-            fns["jax"] = lambda: jmaml.meta_loss_and_grad(model, params, tasks, INNER_LR, steps, jit=True)
-        repeats = 1 if (quick or largest) else (5 if i == 0 else 3)
-        rows.append(_measure(label, model.n_params, fns, repeats, largest,
-                             lambda outs: {k: v[1] for k, v in outs.items()}))
-    return rows
+    model, params, tasks = make_problem(_maml_sizes(quick)[label], n_tasks, 10)
+    torch_fn = TorchMAML(params, tasks)
+    fns: dict[str, Callable[[], Any]] = {"reference": lambda: reference_grad(model, params, tasks, steps),
+                                         "torch": lambda: torch_fn(steps)}
+    if not quick:  # a JAX compilation costs ~3 s of CPU: not part of a smoke test
+
+        def jax_fn() -> Any:
+            from verify.backends.jax import maml as jmaml
+
+            return jmaml.meta_loss_and_grad(model, params, tasks, INNER_LR, steps, jit=True)
+
+        fns["jax"] = jax_fn
+    return model.n_params, fns
 
 
-def bench_imaml(quick: bool) -> list[dict[str, Any]]:
+def imaml_case(label: str, quick: bool) -> tuple[int, dict[str, Callable[[], Any]]]:
     from reference import imaml
     from reference.tasks import sinusoid
-    from verify.backends.jax import imaml as jimaml
-    from verify.backends.torch import imaml as timaml
 
-    sizes = {"1-8-8-1": [1, 8, 8, 1]} if quick else {"1-40-40-1": [1, 40, 40, 1], "1-256-256-1": [1, 256, 256, 1]}
     tasks = sinusoid(1 if quick else 2, 10, 10, seed=0)
-    rows = []
-    for i, (label, sz) in enumerate(sizes.items()):
-        model = MLP(sz, "tanh", "mse")
-        params = model.init(0)
-        largest = not quick and i == len(sizes) - 1
-        fns = {
-            "reference": lambda: imaml.meta_loss_and_grad(model, params, tasks, 1.0),
-            "torch": lambda: timaml.meta_loss_and_grad(model, params, tasks, 1.0),
-        }
-        if not quick:
-            fns["jax"] = lambda: jimaml.meta_loss_and_grad(model, params, tasks, 1.0, jit=True)
-        rows.append(_measure(label, model.n_params, fns, 1 if (quick or largest) else 3, largest,
-                             lambda outs: {k: v[1] for k, v in outs.items()}))
-    return rows
+    model = MLP(_imaml_sizes(quick)[label], "tanh", "mse")
+    params = model.init(0)
+
+    def torch_fn() -> Any:
+        from verify.backends.torch import imaml as timaml
+
+        return timaml.meta_loss_and_grad(model, params, tasks, 1.0)
+
+    fns: dict[str, Callable[[], Any]] = {"reference": lambda: imaml.meta_loss_and_grad(model, params, tasks, 1.0),
+                                         "torch": torch_fn}
+    if not quick:
+
+        def jax_fn() -> Any:
+            from verify.backends.jax import imaml as jimaml
+
+            return jimaml.meta_loss_and_grad(model, params, tasks, 1.0, jit=True)
+
+        fns["jax"] = jax_fn
+    return model.n_params, fns
 
 
-def bench_r2d2(quick: bool) -> list[dict[str, Any]]:
+def r2d2_case(label: str, quick: bool) -> tuple[int, dict[str, Callable[[], Any]]]:
     from reference import r2d2
     from reference.tasks import gaussian_classification
-    from verify.backends.jax import r2d2 as jr2d2
-    from verify.backends.torch import r2d2 as tr2d2
 
-    sizes = ({"8-16-16": [8, 16, 16]} if quick else
-             {"8-40-40": [8, 40, 40], "8-256-256": [8, 256, 256], "8-1024-1024": [8, 1024, 1024]})
     tasks = gaussian_classification(5, 1 if quick else 5, 5 if quick else 15, 8, n_tasks=2 if quick else 25, seed=1)
+    model = MLP(_r2d2_sizes(quick)[label], "tanh", "mse")
+    params = model.init(0)
+
+    def call(backend: str) -> Callable[[], Any]:
+        def fn() -> Any:
+            import importlib
+
+            mod = r2d2 if backend == "reference" else importlib.import_module(f"verify.backends.{backend}.r2d2")
+            kw = {"jit": True} if backend == "jax" else {}
+            loss, grads, head = mod.meta_loss_and_grad(model, params, tasks, 5, 1.0, 1.0, 0.0, **kw)
+            return loss, list(grads) + [head[h] for h in ("lam", "scale", "offset")]
+
+        return fn
+
+    return model.n_params, {b: call(b) for b in (("reference", "torch") if quick else IMPLS)}
+
+
+CASES = {"maml": (maml_case, _maml_sizes), "imaml": (imaml_case, _imaml_sizes), "r2d2": (r2d2_case, _r2d2_sizes)}
+
+
+def probe(algo: str, label: str, impl: str, quick: bool) -> Callable[[], Any]:
+    """The zero-argument call of one implementation (the memory probe's factory)."""
+    return CASES[algo][0](label, quick)[1][impl]
+
+
+def bench(algo: str, quick: bool) -> list[dict[str, Any]]:
+    """Time every implementation on every size (alternating rounds); tracemalloc for the reference; a
+    peak-RSS probe (fresh process) per implementation at the largest size."""
+    case, sizes = CASES[algo]
+    labels = list(sizes(quick))
     rows = []
-    for i, (label, sz) in enumerate(sizes.items()):
-        model = MLP(sz, "tanh", "mse")
-        params = model.init(0)
-        largest = not quick and i == len(sizes) - 1
-        impls = [("reference", r2d2, {}), ("torch", tr2d2, {})] + ([] if quick else [("jax", jr2d2, {"jit": True})])
-        fns = {name: (lambda mod=mod, kw=kw: mod.meta_loss_and_grad(model, params, tasks, 5, 1.0, 1.0, 0.0, **kw))
-               for name, mod, kw in impls}
-        repeats = 1 if (quick or largest) else (5 if i == 0 else 3)
-        rows.append(_measure(label, model.n_params, fns, repeats, largest,
-                             lambda outs: {k: list(v[1]) + [v[2][h] for h in ("lam", "scale", "offset")]
-                                           for k, v in outs.items()}))
+    for i, label in enumerate(labels):
+        n_params, fns = case(label, quick)
+        largest = i == len(labels) - 1
+        repeats = 1 if quick else (2 if largest else (5 if i == 0 else 3))
+        compile_s, _ = timed(fns["jax"]) if "jax" in fns else (float("nan"), None)
+        times, outs, _ = alternate(fns, repeats, warmup=0 if (largest or quick) else 1)
+        _, tm_peak = tracemalloc_peak(fns["reference"])
+        rss: dict[str, float] = {}
+        if largest and not quick:  # (benchmark 5 exercises the probe in the quick run)
+            for impl in fns:
+                # NumPy and PyTorch after one warm-up call (PyTorch's one-time initialisation holds ~200 MB);
+                # JAX on its first call, compilation included: XLA keeps the buffers of that call for the
+                # next ones, so a second call's increase (~3 MB for R2-D2 at 1M) hides its working memory.
+                rss[impl] = rss_probe("benchmarks.bench_speed", "probe",
+                                      {"algo": algo, "label": label, "impl": impl, "quick": quick},
+                                      warmup=0 if impl == "jax" else 1)
+        g = {k: v[1] for k, v in outs.items()}
+        rows.append({"model": label, "params": n_params, "times": times, "rss": rss, "repeats": repeats,
+                     "jax_first_call": compile_s, "ref_tracemalloc": tm_peak,
+                     "ratios": {k: pairwise(times, k, "reference") for k in fns if k != "reference"},
+                     "max_rel_diff": {k: _rel(g[k], g["reference"]) for k in g if k != "reference"}})
+        log(f"  speed {algo} {label}: " + ", ".join(f"{k} {times[k].median:.3g} s" for k in fns)
+            + (f"; RSS MB {', '.join(f'{k} {v / 2**20:.0f}' for k, v in rss.items())}" if rss else ""))
     return rows
 
 
@@ -145,19 +198,29 @@ def _table(rows: list[dict[str, Any]]) -> str:
         out.append([r["model"], f"{r['params']:,}", r["repeats"], t["reference"].fmt(), t["torch"].fmt(),
                     t["jax"].fmt() if has_jax else "not run", f"{r['jax_first_call']:.2f} s" if has_jax else "",
                     fmt_ratio(r["ratios"]["torch"]), fmt_ratio(r["ratios"]["jax"]) if has_jax else "",
-                    fmt_mb(r["rss"].get("reference")), fmt_mb(r["rss"].get("torch")), fmt_mb(r["rss"].get("jax")),
+                    fmt_mb(r["ref_tracemalloc"]), _mb(r, "reference"), _mb(r, "torch"), _mb(r, "jax"),
                     f"{max(r['max_rel_diff'].values()):.1e}"])
     return md_table(["model", "params", "runs", "reference", "torch", "jax (jit)", "jax 1st call (compile)",
-                     "torch / ref", "jax / ref", "ref RSS MB", "torch RSS MB", "jax RSS MB", "max rel diff"], out)
+                     "torch / ref", "jax / ref", "ref tracemalloc MB", "ref RSS MB", "torch RSS MB",
+                     "jax RSS MB (1st call)",
+                     "max rel diff"], out)
+
+
+def _mb(row: dict[str, Any], impl: str) -> str:
+    return fmt_mb(row["rss"][impl]) if impl in row["rss"] else "-"
 
 
 def run(quick: bool = False) -> Result:
     t0 = time.perf_counter()
-    data = {"maml": bench_maml(quick), "imaml": bench_imaml(quick), "r2d2": bench_r2d2(quick)}
+    data = {algo: bench(algo, quick) for algo in CASES}
     md = [
         "Times: median (min-max) over the timed rounds; ratios: per-round time / reference time, median (min-max). "
-        "RSS: peak resident-set increase during the first timed call (MB). `max rel diff`: largest "
-        "|gradient - reference| / max |reference| over torch and jax.",
+        "Memory (MB): `ref tracemalloc`, the reference's peak traced allocation during one call (NumPy buffers); "
+        "`RSS`, the peak resident-set increase of one call in a fresh process, at the largest size of each table "
+        "(`-`: not probed): NumPy and PyTorch after one warm-up call (PyTorch's one-time initialisation holds "
+        "~200 MB), JAX on its first call, compilation included (XLA keeps that call's buffers for the next "
+        "ones, so a second call's increase would hide its working memory). "
+        "`max rel diff`: largest |gradient - reference| / max |reference| over torch and jax.",
         "",
         "### MAML (sinusoid, relu, " + ("2 tasks, K=2 [quick]" if quick else "25 tasks, 10/10 shots, K=5") +
         ", inner_lr 0.01; problem and PyTorch loop from `bench_reference_maml.py`)",
@@ -173,8 +236,8 @@ def run(quick: bool = False) -> Result:
         "",
         _table(data["r2d2"]),
         "",
-        "The largest size of each table has one timed run (no warm-up for NumPy/PyTorch; JAX's first call, "
-        "with compilation, is the separate column)."
+        "The largest size of each table has two timed runs (no warm-up for NumPy/PyTorch: their first call is the "
+        "first run; JAX's first call, with compilation, is the separate column)."
         + (" Quick mode: no JAX (each compilation costs seconds of CPU; the full run has it)." if quick else ""),
     ]
     head = []

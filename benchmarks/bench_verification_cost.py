@@ -23,7 +23,7 @@ the same rounds as the checks that use it:
 Checks, each divided by the meta-gradient time of the implementation it runs:
 
 * ``verify.check_gradient(f, g, x)`` on the reference (8 random directions,
-  complex step) / reference meta-gradient;
+  complex step; and with ``directions=1``) / reference meta-gradient;
 * ``verify.audit(fn, "maml", case=...)`` on the torch function (reference
   meta-gradient twice, the claim, Richardson on ``fn``'s own loss in 4
   directions) / torch meta-gradient;
@@ -56,7 +56,6 @@ from benchmarks._common import (  # noqa: E402
     Result,
     Span,
     alternate,
-    fmt_mb,
     fmt_ratio,
     fmt_seconds,
     log,
@@ -75,8 +74,9 @@ SIZES = {"1-10-10-1": [1, 10, 10, 1], "1-40-40-1": [1, 40, 40, 1], "1-256-256-1"
 QUICK_SIZES = {"1-6-6-1": [1, 6, 6, 1]}
 #: gradcheck full mode is run for real only when 2n x forward time is below this (seconds).
 FULL_GRADCHECK_BUDGET = 20.0
-CHECKS = ("check_gradient", "audit", "gradcheck fast", "gradcheck full", "check_grads")
-DENOMINATOR = {"check_gradient": "reference", "audit": "torch", "gradcheck fast": "torch",
+CHECKS = ("check_gradient", "check_gradient 1 dir", "audit", "gradcheck fast", "gradcheck full", "check_grads")
+DENOMINATOR = {"check_gradient": "reference", "check_gradient 1 dir": "reference", "audit": "torch",
+               "gradcheck fast": "torch",
                "gradcheck full": "torch", "check_grads": "jax"}
 
 
@@ -186,10 +186,10 @@ class Setup:
         return np.asarray(self.jgrad(self.xj))
 
     # checks --------------------------------------------------------------
-    def check_gradient(self, g: np.ndarray) -> str:
+    def check_gradient(self, g: np.ndarray, directions: int = 8) -> str:
         import verify
 
-        return verify.check_gradient(self.ref_loss, g, self.x0).status
+        return verify.check_gradient(self.ref_loss, g, self.x0, directions=directions).status
 
     def audit(self) -> str:
         try:
@@ -231,6 +231,7 @@ def bench(quick: bool) -> list[dict[str, Any]]:
         fns: dict[str, Callable[[], Any]] = {
             "reference": s.ref_grad, "torch": s.torch_grad,
             "check_gradient": lambda: s.check_gradient(g_ref),
+            "check_gradient 1 dir": lambda: s.check_gradient(g_ref, 1),
             "audit": s.audit,
             "gradcheck fast": lambda: s.gradcheck(True),
         }
@@ -240,7 +241,7 @@ def bench(quick: bool) -> list[dict[str, Any]]:
             fns["gradcheck full"] = lambda: s.gradcheck(False)
         big = s.n > 100_000
         repeats = 1 if (quick or big) else 3
-        times, outs, rss = alternate(fns, repeats, memory=True)
+        times, outs, _ = alternate(fns, repeats)
         fwd = Span([timed(s.torch_forward)[0] for _ in range(repeats)])
         ratios = {c: pairwise(times, c, DENOMINATOR[c]) for c in CHECKS if c in times}
         ratios.update({c: Span([]) for c in CHECKS if c not in ratios and c != "gradcheck full"})
@@ -248,12 +249,11 @@ def bench(quick: bool) -> list[dict[str, Any]]:
             t_torch = times["torch"].median
             ratios["gradcheck full"] = Span([2 * s.n * fwd.median / t_torch])
         statuses = {c: outs[c] for c in CHECKS if c in outs}
-        row = {"model": label, "params": s.n, "repeats": repeats, "times": times, "rss": rss, "ratios": ratios,
+        row = {"model": label, "params": s.n, "repeats": repeats, "times": times, "ratios": ratios,
                "statuses": statuses, "gradcheck_full_measured": run_full,
                "gradcheck_full_estimate_s": 2 * s.n * fwd.median, "torch_forward": fwd, "steps": s.steps,
                "quick": quick}
-        MEMO[("audit", tuple(sz), 1, s.steps)] = {"seconds": times["audit"].median, "rss": rss.get("audit"),
-                                               "ref_seconds": times["reference"].median}
+        MEMO[("audit", tuple(sz), 1, s.steps)] = {"seconds": times["audit"].median}
         rows.append(row)
         log(f"  cost {label}: {time.perf_counter() - t_label:.1f} s; " +
             ", ".join(f"{c} {ratios[c].median:.3g}x" for c in CHECKS if c in ratios))
@@ -284,9 +284,6 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     for c in CHECKS:
         ys = [r["ratios"][c].median for r in rows]
         slopes[c] = loglog_slope(params, ys)
-    mem = [[r["model"], *(fmt_mb(r["rss"].get(k)) for k in ("reference", "torch", "jax", "check_gradient", "audit",
-                                                             "gradcheck fast", "gradcheck full", "check_grads"))]
-           for r in rows]
     status = [[r["model"], *(r["statuses"].get(c, "not run") for c in CHECKS)] for r in rows]
     md = [
         "Each check cell: median time (min-max over rounds) = multiple of one meta-gradient evaluation of the "
@@ -295,7 +292,8 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
         f"K={rows[0]['steps']}, tanh." + (" Quick mode: no JAX." if rows[0]["quick"] else ""),
         "",
         md_table(["model", "params", "rounds", "reference grad", "torch grad", "jax grad (jit)",
-                  "verify.check_gradient", "verify.audit", "gradcheck fast", "gradcheck full", "check_grads"], table),
+                  "verify.check_gradient", "check_gradient directions=1", "verify.audit", "gradcheck fast",
+                  "gradcheck full", "check_grads"], table),
         "",
         "Growth of the multiple with the parameter count (log-log slope over the sizes; 0 = flat): " +
         ", ".join(f"{c} {_slope(slopes[c])}" for c in CHECKS) + ".",
@@ -303,10 +301,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
         "*est.*: gradcheck full mode needs 2n forward evaluations; where 2n x (measured forward time) exceeds "
         f"{FULL_GRADCHECK_BUDGET:.0f} s it was not run and the estimate is shown.",
         "",
-        "Peak RSS increase during the first call (MB):",
-        "",
-        md_table(["model", "reference grad", "torch grad", "jax grad", "check_gradient", "audit", "gradcheck fast",
-                  "gradcheck full", "check_grads"], mem),
+        "Memory: benchmark 5 measures the audit's and the reference's peak memory from 1e3 to 1e6 parameters.",
         "",
         "Verdicts on the correct implementations (every check should pass):",
         "",
