@@ -293,6 +293,8 @@ def check_case(
         kwargs: dict[str, Any] = {"dtype": dtype}
         if backend == "torch":
             kwargs["device"] = device
+        elif backend == "jax":
+            kwargs["jit"] = True  # eager JAX compiles every primitive per shape: jit is several times faster
         loss_b, g_b_list = spec.call(module, case, case.variables, **kwargs)
         g_b = flatten([np.asarray(g, dtype=np.float64) for g in g_b_list])
         if g_b.shape != g_ref.shape:

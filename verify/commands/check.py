@@ -24,7 +24,7 @@ DEFAULT_EXAMPLES = 1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", action="append", choices=[*BACKENDS, "all"], metavar="{numpy,torch,jax,all}",
                    help="backend(s) to check; repeatable (default: every installed backend)")
-    p.add_argument("--algorithm", nargs="+", metavar="NAME",
+    p.add_argument("--algorithm", nargs="+", action="extend", metavar="NAME",
                    help=f"algorithms to check (default: all): {', '.join(ALGORITHMS)}")
     p.add_argument("--dtype", choices=[*DTYPES, "all"], default="all", help="precision (default: all)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for torch/JAX (default: cpu)")
