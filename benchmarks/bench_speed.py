@@ -231,6 +231,13 @@ def run(quick: bool = False) -> Result:
         "",
         _table(data["imaml"]),
         "",
+        "iMAML's `ref tracemalloc` counts the Lanczos workspace that scipy's `trust-krylov` (the reference's inner "
+        "solver) preallocates with `np.empty` and mostly never touches (the figures fit three arrays of "
+        "min(2n^2, 1e9) float64 entries: 8 GB each above ~22,000 parameters): address space, not memory; the RSS "
+        "column is what the call really holds. No 1M-parameter "
+        "iMAML row: solving 25 (or even 2) inner problems to machine precision at that size does not fit the "
+        "time budget.",
+        "",
         "### R2-D2 (dual ridge head, tanh backbone, " + ("2 tasks 5-way 1-shot [quick]" if quick else
                                                          "25 tasks 5-way 5-shot 15-query") + ")",
         "",
