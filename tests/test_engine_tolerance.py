@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from reference.errors import InvalidInputError
-from verify.tolerance import KINDS, TOLERANCES, precision_dtype, tolerance
+from verify.tolerance import KINDS, TF32, TF32_EPS, TOLERANCES, precision_dtype, tolerance
 
 
 def test_rows_and_kinds() -> None:
-    assert set(TOLERANCES) == {np.float32, np.float64, np.complex64, np.complex128}
+    assert set(TOLERANCES) == {np.float32, np.float64, np.complex64, np.complex128, TF32}
     for row in TOLERANCES.values():
         assert tuple(row) == KINDS  # every row defines every kind
     assert {"gradient", "dot_product", "reference_match", "solve_backward_error", "roundoff"} <= set(KINDS)
@@ -24,6 +24,14 @@ def test_float32_is_looser_and_entries_follow_eps(kind: str) -> None:
     ratio = np.log(t32 / t64) / np.log(np.finfo(np.float32).eps / np.finfo(np.float64).eps)
     assert 0.5 <= ratio <= 1.0
     assert tolerance(np.complex128, kind) == t64 and tolerance(np.complex64, kind) == t32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tf32_row_is_float32_scaled_by_the_rounding_ratio(kind: str) -> None:
+    # TF32 rounds matmul inputs to 10 mantissa bits: 2**13 times float32's rounding
+    assert TF32_EPS == 2.0**-10 and TF32_EPS / np.finfo(np.float32).eps == 2.0**13
+    assert tolerance("tf32", kind) == pytest.approx(tolerance(np.float32, kind) * 2.0**13)
+    assert tolerance("TensorFloat32", kind) == tolerance(TF32, kind)
 
 
 def test_dtype_spellings() -> None:

@@ -20,10 +20,11 @@ by float32's eps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +34,14 @@ from reference.errors import MetaverifyError
 from reference.models import flatten, unflatten
 from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, jsonable
 from verify.algorithms import ALGORITHMS, Case, build_case, evaluate
-from verify.tolerance import tolerance
+from verify.tolerance import TF32, tolerance
 
 #: Status of a cell that could not run (backend missing, not implemented).
 UNSUPPORTED = "unsupported"
 DTYPES = ("float64", "float32")
+#: Every precision a cell can have: ``"tf32"`` is float32 with TensorFloat-32
+#: matrix products (real on a CUDA GPU, emulated for torch on the CPU).
+PRECISIONS = (*DTYPES, TF32)
 
 
 @dataclass
@@ -290,34 +294,36 @@ def check_case(
                                  f"{case.algorithm} is not the gradient of a loss; checked against backends and "
                                  "structural identities in the test suite"))
     else:
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if backend == "torch":
-            kwargs["device"] = device
-        elif backend == "jax":
-            kwargs["jit"] = True  # eager JAX compiles every primitive per shape: jit is several times faster
-        loss_b, g_b_list = spec.call(module, case, case.variables, **kwargs)
+        with _backend_context(backend, dtype, device) as kwargs:
+            loss_b, g_b_list = spec.call(module, case, case.variables, **kwargs)
         g_b = flatten([np.asarray(g, dtype=np.float64) for g in g_b_list])
         if g_b.shape != g_ref.shape:
             checks.append(_check("gradient shape", FAIL, math.inf, 0.0,
                                  f"backend returned {g_b.size} gradient entries, reference {g_ref.size}"))
         else:
-            cond = 1.0 if dtype == "float64" else ref.condition32
+            low = dtype != "float64"
+            cond = ref.condition32 if low else 1.0
             tol = tolerance(dtype, "reference_match", condition=cond)
             if loss_b is not None and ref.loss is not None:
                 loss_ref = float(ref.loss)
                 err = abs(float(loss_b) - loss_ref) / max(abs(loss_ref), np.finfo(float).tiny)
                 checks.append(_check("meta-loss vs reference", PASS if err <= tol else FAIL, err, tol,
                                      f"backend {float(loss_b)!r} reference {loss_ref!r}"))
-            # float32: errors are measured against max(|g|, the rounding floor); float64 purely relative
-            floor = rounding_floor(case, ref.loss, ref.x0) if dtype == "float32" else 0.0
+            # float32/TF32: errors are measured against max(|g|, the rounding floor); float64 purely relative
+            floor = rounding_floor(case, ref.loss, ref.x0) if low else 0.0
             err, idx = _relative(g_b, g_ref, floor)
             where = _locate(case, idx)
-            checks.append(_check(
-                "meta-gradient vs reference", PASS if err <= tol else FAIL, err, tol,
-                f"worst at {where}: reference={g_ref[idx]:.10g} got={g_b[idx]:.10g}"
-                + (f" (tolerance scaled by condition estimate {cond:.3g})" if cond > 1 else ""),
-            ))
-            if spec.differentiable:
+            detail = (f"worst at {where}: reference={g_ref[idx]:.10g} got={g_b[idx]:.10g}"
+                      + (f" (tolerance scaled by condition estimate {cond:.3g})" if cond > 1 else ""))
+            if dtype == TF32:
+                # the point of a TF32 cell is to show what TF32 costs: say it in float32's units
+                tol32 = tolerance("float32", "reference_match", condition=cond)
+                detail += (f"; TF32 {'on ' + device if device == 'cuda' else 'emulated on the CPU'}: the error is "
+                           f"{err / tol32:.3g}x float32's tolerance {tol32:.2e}")
+            checks.append(_check("meta-gradient vs reference", PASS if err <= tol else FAIL, err, tol, detail))
+            # TF32 is float32 with coarser matrix products: its directional-derivative check would only repeat
+            # the reference comparison at a looser tolerance (the reference is checked in its own cell)
+            if spec.differentiable and dtype != TF32:
                 checks += _gradient_checks(ref, g_b, dtype, "meta-gradient", directions)
     status = combine_statuses([c["status"] for c in checks])
     # the reported worst error is a relative error; rate checks decide the status only
@@ -325,6 +331,40 @@ def check_case(
     worst = max(errors, key=lambda c: _ratio(c["error"], c["tolerance"]))
     return CaseResult(case.describe(), status, float(worst["error"]), float(worst["tolerance"]), checks,
                       time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _backend_context(backend: str, dtype: str, device: str) -> Iterator[dict[str, Any]]:
+    """Keyword arguments and the device/precision context for one backend call.
+
+    float32 cells run with TF32 off (true float32, whatever the framework's
+    default on the GPU); ``"tf32"`` cells with it on: torch's ``allow_tf32`` on
+    CUDA or :func:`verify.backends.torch.emulate_tf32` on the CPU, JAX's
+    ``"tensorfloat32"`` matmul precision (GPU only: XLA on the CPU has no TF32).
+    JAX cells are pinned to ``device`` (on a GPU machine JAX's default is the GPU).
+    """
+    precision = "float32" if dtype == TF32 else dtype
+    tf32_on = dtype == TF32
+    with contextlib.ExitStack() as stack:
+        kwargs: dict[str, Any] = {"dtype": precision}
+        if backend == "torch":
+            kwargs["device"] = device
+            kwargs["allow_tf32"] = tf32_on and device == "cuda"
+            if tf32_on and device == "cpu":
+                from verify.backends.torch import emulate_tf32
+
+                stack.enter_context(emulate_tf32())
+        elif backend == "jax":
+            if tf32_on and device == "cpu":
+                raise NotImplementedError("JAX has no TF32 on the CPU (XLA:CPU ignores the precision); "
+                                          "run the tf32 cells with --device cuda")
+            from verify.backends.jax import placement
+
+            stack.enter_context(placement(device, tf32=tf32_on))
+            kwargs["jit"] = True  # eager JAX compiles every primitive per shape: jit is several times faster
+        elif tf32_on or device != "cpu":
+            raise NotImplementedError(f"backend {backend!r} has no device or TF32 option")
+        yield kwargs
 
 
 @dataclass
@@ -407,5 +447,5 @@ def run_matrix(
     return MatrixResult([results[k] for k in todo], seed, examples)
 
 
-__all__ = ["Cell", "CaseResult", "DTYPES", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "rounding_floor", "float32_condition",
+__all__ = ["Cell", "CaseResult", "DTYPES", "PRECISIONS", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "rounding_floor", "float32_condition",
            "locate", "plan", "reference_loss_function", "relative", "run_matrix"]

@@ -58,7 +58,14 @@ from numpy.typing import DTypeLike
 
 from reference.errors import InvalidInputError
 
-__all__ = ["TOLERANCES", "KINDS", "tolerance", "precision_dtype"]
+__all__ = ["TOLERANCES", "KINDS", "TF32", "TF32_EPS", "tolerance", "precision_dtype"]
+
+#: Key of the TensorFloat-32 row: float32 computations whose matrix products
+#: (cuBLAS matmuls, cuDNN convolutions on NVIDIA Ampere and later) round their
+#: inputs to TF32, i.e. float32's 8-bit exponent with a 10-bit mantissa.
+TF32 = "tf32"
+#: TF32's machine epsilon, 2**-10 (float32's is 2**-23).
+TF32_EPS = 2.0**-10
 
 
 def _row(dtype: type[np.generic]) -> MappingProxyType:
@@ -91,14 +98,29 @@ def _row(dtype: type[np.generic]) -> MappingProxyType:
     )
 
 
+def _tf32_row() -> MappingProxyType:
+    # TF32 keeps float32's exponent, additions and accumulation, but rounds the
+    # inputs of every matrix product to 10 mantissa bits: the rounding a TF32
+    # meta-gradient carries is float32's scaled by TF32_EPS / eps32 = 2**13. The
+    # row grants the same allowance *in units of that rounding* as float32's row
+    # (e.g. reference_match 6.3e-06 * 8192 = 5.2e-02). Not eps_tf32**(3/4): that
+    # would allow only ~6 TF32 ulps, and an emulated TF32 MAML meta-gradient
+    # already differs from float64 by 1.5e-4 to 2.3e-3 (seeds 0-5).
+    f32 = _row(np.float32)
+    scale = TF32_EPS / float(np.finfo(np.float32).eps)
+    return MappingProxyType({k: v * scale for k, v in f32.items()})
+
+
 #: The table: ``TOLERANCES[np.float64]["gradient"]``. Complex rows equal their
 #: real part's row (a complex number carries two reals of the same precision).
+#: ``TOLERANCES[TF32]`` is float32 with TF32 matrix products (see :data:`TF32`).
 TOLERANCES: MappingProxyType = MappingProxyType(
     {
         np.float32: _row(np.float32),
         np.float64: _row(np.float64),
         np.complex64: _row(np.float32),
         np.complex128: _row(np.float64),
+        TF32: _tf32_row(),
     }
 )
 
@@ -106,17 +128,19 @@ TOLERANCES: MappingProxyType = MappingProxyType(
 KINDS: tuple[str, ...] = tuple(TOLERANCES[np.float64].keys())
 
 
-def _dtype_type(dtype: Any) -> type[np.generic]:
+def _dtype_type(dtype: Any) -> Any:
+    if isinstance(dtype, str) and dtype.lower() in (TF32, "tensorfloat32"):
+        return TF32
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
         raise InvalidInputError(
-            f"dtype={dtype!r} is not a NumPy dtype; use one of float32, float64, complex64, complex128"
+            f"dtype={dtype!r} is not a NumPy dtype; use one of float32, float64, complex64, complex128 or 'tf32'"
         ) from exc
     if dt.type not in TOLERANCES:
         raise InvalidInputError(
             f"dtype={dtype!r} has no row in the tolerance table; use one of "
-            f"{', '.join(np.dtype(t).name for t in TOLERANCES)} (cast the data, or add a row to "
+            f"{', '.join(t if isinstance(t, str) else np.dtype(t).name for t in TOLERANCES)} (cast the data, or add a row to "
             "verify.tolerance.TOLERANCES with a comment saying why)"
         )
     return dt.type
@@ -149,7 +173,8 @@ def tolerance(dtype: DTypeLike, kind: str = "gradient", *, condition: float = 1.
 
     Args:
         dtype: float32, float64, complex64 or complex128 (anything ``np.dtype``
-            accepts, or an array's ``.dtype``).
+            accepts, or an array's ``.dtype``), or ``"tf32"`` for float32 with
+            TensorFloat-32 matrix products.
         kind: a column of the table, one of :data:`KINDS`.
         condition: the condition number ``kappa >= 1`` of the computation
             compared (forward error <= kappa * backward error).

@@ -137,3 +137,22 @@ def test_import_verify_does_not_import_jax():
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_placement_pins_the_device_and_the_matmul_precision():
+    from reference.errors import InvalidInputError
+    from verify.backends.jax import placement
+
+    with placement("cpu"):
+        x = jnp.ones(3)
+        assert {d.platform for d in x.devices()} == {"cpu"}
+        assert jax.config.jax_default_matmul_precision == "highest"
+    with placement("cpu", tf32=True):
+        assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+    with pytest.raises(InvalidInputError, match="device='tpu'"):
+        with placement("tpu"):
+            pass
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        with pytest.raises(InvalidInputError, match="JAX sees no GPU"):
+            with placement("cuda"):
+                pass

@@ -16,7 +16,8 @@ from reference.errors import InvalidInputError
 from verify._output import Progress, results_document, write_json, write_junit
 from verify.algorithms import ALGORITHMS
 from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available
-from verify.matrix import DTYPES, UNSUPPORTED, MatrixResult, plan, run_matrix
+from verify.matrix import DTYPES, PRECISIONS, UNSUPPORTED, MatrixResult, plan, run_matrix
+from verify.tolerance import TF32
 
 DEFAULT_EXAMPLES = 1
 
@@ -26,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="backend(s) to check; repeatable (default: every installed backend)")
     p.add_argument("--algorithm", nargs="+", action="extend", metavar="NAME",
                    help=f"algorithms to check (default: all): {', '.join(ALGORITHMS)}")
-    p.add_argument("--dtype", choices=[*DTYPES, "all"], default="all", help="precision (default: all)")
+    p.add_argument("--dtype", choices=[*PRECISIONS, "all"], default="all",
+                   help="precision (default: all = float64 and float32, plus tf32 with --device cuda). tf32 is "
+                        "float32 with TensorFloat-32 matrix products: on the GPU for torch and JAX, emulated on "
+                        "the CPU for torch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for torch/JAX (default: cpu)")
     p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
                    help=f"random problems per cell (default: {DEFAULT_EXAMPLES})")
@@ -113,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
                 raise BackendUnavailableError(
                     f"backend {b!r} is requested but {BACKENDS[b][1]} is not installed; install it with: "
                     f"{BACKENDS[b][2]}")
-    dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
+    if args.dtype == "all":
+        # on a GPU the effect of TF32 on float32 meta-gradients is reported, not hidden
+        dtypes = [*DTYPES, TF32] if args.device == "cuda" else list(DTYPES)
+    else:
+        dtypes = [args.dtype]
     if args.device == "cuda":
         _require_cuda(backends)
     cells = plan(algorithms, backends, dtypes)

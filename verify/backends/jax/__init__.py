@@ -31,7 +31,14 @@ every input is cast explicitly.
 
 from __future__ import annotations
 
-from verify.backends.jax._model import build_apply, build_loss, loss_from_output, to_jax_params, to_jax_tasks
+from verify.backends.jax._model import (
+    build_apply,
+    build_loss,
+    loss_from_output,
+    placement,
+    to_jax_params,
+    to_jax_tasks,
+)
 from verify.backends.jax import (  # noqa: E402  (after _model: it enables float64 first)
     anil,
     imaml,
@@ -58,6 +65,7 @@ __all__ = [
     "metasgd",
     "newton",
     "ops",
+    "placement",
     "protonet",
     "r2d2",
     "reptile",

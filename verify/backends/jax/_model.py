@@ -16,8 +16,9 @@ layout ``[W1, b1, ..., WL, bL]`` (``Wl`` of shape ``(d_l, d_{l-1})``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -233,6 +234,36 @@ def maybe_jit(fn: Callable[..., Any], jit: bool, **kwargs: Any) -> Callable[...,
     return jax.jit(fn, **kwargs) if jit else fn
 
 
+@contextlib.contextmanager
+def placement(device: str = "cpu", *, tf32: bool = False) -> Iterator[None]:
+    """Run the block's JAX computations on ``device`` with float32 matrix products in full or TF32 precision.
+
+    ``device`` is ``"cpu"`` or ``"cuda"`` (JAX's ``"gpu"`` platform): the block
+    runs under ``jax.default_device``, so arrays this backend creates from
+    NumPy inputs, and the jitted computations on them, live there, whatever
+    JAX's own default is (on a GPU machine it is the GPU). Matrix products run
+    under ``jax.default_matmul_precision``: ``"highest"`` (true float32) unless
+    ``tf32`` asks for ``"tensorfloat32"``. Both settings are part of the jit
+    cache key, so switching them retraces instead of reusing a stale program.
+
+    Raises:
+        InvalidInputError: an unknown ``device``, or ``"cuda"`` where JAX sees
+            no GPU.
+    """
+    if device not in ("cpu", "cuda", "gpu"):
+        raise InvalidInputError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
+    platform = "cpu" if device == "cpu" else "gpu"
+    try:
+        target = jax.devices(platform)[0]
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            f"device={device!r} was requested but JAX sees no {platform.upper()} "
+            f"(jax {jax.__version__}, devices {jax.devices()}); install a CUDA jaxlib or use device='cpu'"
+        ) from exc
+    with jax.default_device(target), jax.default_matmul_precision("tensorfloat32" if tf32 else "highest"):
+        yield
+
+
 def cached(builder: Callable[..., Any]) -> Callable[..., Any]:
     """Cache a builder of (jitted) functions on its hashable arguments.
 
@@ -254,6 +285,7 @@ __all__ = [
     "check_jit",
     "loss_from_output",
     "maybe_jit",
+    "placement",
     "spec_key",
     "task_map",
     "task_mean",

@@ -72,9 +72,21 @@ def _shapes(key: tuple) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _working_eps(dtype: str) -> float:
+    """``dtype``'s eps, or TF32's (2**-10) for float32 under ``jax.default_matmul_precision("tensorfloat32")``
+    on a GPU, where every matrix product (so every gradient and HVP) is resolved only to TF32."""
+    eps = float(np.finfo(dtype).eps)
+    precision = str(jax.config.jax_default_matmul_precision or "").lower()
+    device = jax.config.jax_default_device
+    platform = device.platform if device is not None and not isinstance(device, str) else jax.default_backend()
+    if np.dtype(dtype) == np.float32 and precision in ("tensorfloat32", "high", "bfloat16_3x") and platform == "gpu":
+        return 2.0**-10
+    return eps
+
+
 def _floor(n: int, dtype: str) -> float:
     """Smallest relative residual a gradient/HVP evaluated in ``dtype`` resolves: ``64 sqrt(n) eps``."""
-    return 64.0 * float(np.sqrt(n)) * float(np.finfo(dtype).eps)
+    return 64.0 * float(np.sqrt(n)) * _working_eps(dtype)
 
 
 @cached
@@ -175,7 +187,7 @@ class _Task:
         # iterate towards cg_tol itself (capped below at eps): stopping at the floor would leave
         # avoidable error in float32 (the floor is a bound on what is attainable, not a target).
         self.cg_tol = max(cg_tol, self.floor)
-        self.cg_stop = max(cg_tol, float(np.finfo(dtype).eps))
+        self.cg_stop = max(cg_tol, _working_eps(dtype))
         self.cg_maxiter = cg_maxiter or 2 * self.n + 100
         self.one = jnp.asarray(1.0, dtype=self.jdt)
 

@@ -13,6 +13,16 @@ For auditing third-party code: :func:`build_model` gives the
 :func:`to_torch_tasks` tasks with tensor attributes.
 """
 
-from verify.backends.torch._model import TorchTask, build_model, resolve_device, resolve_dtype, tf32, to_torch_tasks
+from verify.backends.torch._model import (
+    TorchTask,
+    build_model,
+    emulate_tf32,
+    resolve_device,
+    resolve_dtype,
+    round_to_tf32,
+    tf32,
+    to_torch_tasks,
+)
 
-__all__ = ["TorchTask", "build_model", "resolve_device", "resolve_dtype", "tf32", "to_torch_tasks"]
+__all__ = ["TorchTask", "build_model", "emulate_tf32", "resolve_device", "resolve_dtype", "round_to_tf32", "tf32",
+           "to_torch_tasks"]

@@ -108,6 +108,85 @@ def tf32(allow: bool) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = old_cudnn
 
 
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """Round a float32 tensor to TF32 (10 mantissa bits, round to nearest even); other dtypes pass.
+
+    TF32 keeps float32's sign and 8-bit exponent and drops the 13 low mantissa
+    bits: adding ``0xFFF`` plus the lowest kept bit and masking rounds to
+    nearest, ties to even, on the integer view of the bits (a carry into the
+    exponent is the correct rounding up to the next binade).
+    """
+    if t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def _tf32_mode_class() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    # the matrix products cuBLAS/cuDNN run in TF32 when allowed; (b)addmm's first
+    # argument is the added term, which is not rounded
+    two_operand = {aten.mm.default, aten.bmm.default}
+    with_bias = {aten.addmm.default, aten.baddbmm.default}
+    conv = {aten.convolution.default}
+
+    class _EmulateTF32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if func in two_operand:
+                args = (round_to_tf32(args[0]), round_to_tf32(args[1]), *args[2:])
+            elif func in with_bias:
+                args = (args[0], round_to_tf32(args[1]), round_to_tf32(args[2]), *args[3:])
+            elif func in conv:
+                args = (round_to_tf32(args[0]), round_to_tf32(args[1]), *args[2:])
+            return func(*args, **kwargs)
+
+    return _EmulateTF32
+
+
+@contextlib.contextmanager
+def emulate_tf32() -> Iterator[None]:
+    """Emulate TF32 matrix products on any device, for checks on machines without an Ampere+ GPU.
+
+    Inside the block every float32 ``mm``/``bmm``/``addmm``/``baddbmm`` and
+    convolution, forward and backward (double backward included: the mode sees
+    the operations autograd dispatches), rounds its matrix operands to TF32
+    with :func:`round_to_tf32` and then multiplies in float32, which is what
+    cuBLAS/cuDNN do with ``allow_tf32`` (products of TF32 inputs, float32
+    accumulation). Vector products (``mv``, ``dot``) are left alone, as on
+    the GPU. Use it to see the effect of TF32 on a float32 meta-gradient
+    without a GPU; ``--device cuda`` measures the real thing.
+    """
+    global _EMULATING
+    _EMULATING += 1
+    try:
+        with _tf32_mode_class()():
+            yield
+    finally:
+        _EMULATING -= 1
+
+
+_EMULATING = 0  # depth of emulate_tf32() blocks (read by tf32_active)
+
+#: TF32's machine epsilon (10 mantissa bits); float32's is 2**-23.
+TF32_EPS = 2.0**-10
+
+
+def tf32_active(device: torch.device | str = "cpu") -> bool:
+    """Whether float32 matrix products on ``device`` currently run in TF32 (allowed on CUDA, or emulated)."""
+    return _EMULATING > 0 or (torch.device(device).type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def working_eps(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
+    """The rounding unit a computation in ``dtype`` on ``device`` resolves: TF32's for float32 under TF32."""
+    if dtype == torch.float32 and tf32_active(device):
+        return TF32_EPS
+    return float(torch.finfo(dtype).eps)
+
+
 # ---------------------------------------------------------------------------
 # Models and losses
 # ---------------------------------------------------------------------------

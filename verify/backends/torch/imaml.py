@@ -39,7 +39,7 @@ from reference.models import MAX_DENSE_HESSIAN
 from reference.tasks import Task, check_tasks
 from verify.backends.torch import _features
 from verify.backends.torch._model import FunctionalMLP, TorchTask, resolve_device, resolve_dtype, scalar, tf32
-from verify.backends.torch._model import to_numpy, to_torch_tasks
+from verify.backends.torch._model import to_numpy, to_torch_tasks, working_eps
 
 __all__ = ["CG_ACCEPT", "CG_TOL_FLOOR", "Result", "SOLVERS", "TOL_FLOOR", "TaskInfo", "meta_loss", "meta_loss_and_grad",
            "meta_loss_and_grad_info"]
@@ -218,7 +218,7 @@ def _inner_solve(prob: _Problem, tol: float, scale: float, maxiter: int, cg_maxi
     """
     z = prob.theta.clone()
     best_z, best_res, stalls, polish, f_prev = z, math.inf, 0, 0, math.inf
-    eps = float(torch.finfo(z.dtype).eps)
+    eps = working_eps(z.dtype, z.device)
     for it in range(maxiter + 1):
         zl, gs = prob.grad_graph(z)
         g = (gs + prob.lam * (zl - prob.theta)).detach()
@@ -285,7 +285,9 @@ def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, 
 def _task(prob: _Problem, *, solver: str, inner_tol: float, cg_tol: float, inner_maxiter: int, cg_maxiter: int,
           where: str, need_grad: bool) -> tuple[torch.Tensor, TaskInfo | None]:
     fm, dtype = prob.fm, prob.theta.dtype
-    floor, cg_floor = TOL_FLOOR[dtype], CG_TOL_FLOOR[dtype]
+    # under TF32 every HVP/gradient is resolved only to TF32's rounding: the floors scale with it
+    widen = working_eps(dtype, prob.theta.device) / float(torch.finfo(dtype).eps)
+    floor, cg_floor, cg_accept = TOL_FLOOR[dtype] * widen, CG_TOL_FLOOR[dtype] * widen, CG_ACCEPT[dtype] * widen
     _, g0 = prob.grad_graph(prob.theta)
     scale = max(1.0, float(torch.linalg.vector_norm(g0.detach())))
     tol = max(inner_tol, floor) * scale
@@ -322,7 +324,7 @@ def _task(prob: _Problem, *, solver: str, inner_tol: float, cg_tol: float, inner
             return v + hv / lam
 
         cg = conjugate_gradient(matvec, b, rtol=max(cg_tol, cg_floor), maxiter=cg_maxiter, what=what,
-                                accept_rtol=max(cg_tol, CG_ACCEPT[dtype]))
+                                accept_rtol=max(cg_tol, cg_accept))
         x, iters, lin_res, cond = cg.x, cg.iterations, cg.residual, cg.cond_estimate
     info = TaskInfo([to_numpy(p) for p in fm.unflatten(phi)], [to_numpy(p) for p in fm.unflatten(x)],
                     scalar(loss_q), res, tol, iterations, solver, iters, lin_res, cond)
