@@ -47,6 +47,14 @@ class Case:
     hyper: dict[str, Any]
     seed: int
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the ``build_case(...)`` call that rebuilds this case (its ``repr`` when set)
+    recipe: str = field(default="", repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        if self.recipe:
+            return f"from verify.algorithms import build_case\ncase = {self.recipe}"
+        return (f"Case(algorithm={self.algorithm!r}, model={self.model!r}, hyper={self.hyper!r}, seed={self.seed!r}, "
+                f"shapes={self.shapes!r})")
 
     @property
     def variables(self) -> list[np.ndarray]:
@@ -223,6 +231,10 @@ def build_case(
     """
     if algorithm not in ALGORITHMS:
         raise InvalidInputError(f"algorithm={algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+    given = dict(seed=seed, sizes=sizes, activation=activation, loss=loss, bias=None if bias else False,
+                 n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way, **hyper)
+    recipe = "build_case(" + ", ".join([repr(algorithm)] + [f"{k}={v!r}" for k, v in given.items()
+                                                            if v is not None]) + ")"
     rng = np.random.default_rng(seed)
     spec = ALGORITHMS[algorithm]
     act = activation or str(rng.choice(["tanh", "sigmoid", "softplus"]))
@@ -273,7 +285,7 @@ def build_case(
         base = hyper.pop("inner_lr")
         for i, p in enumerate(params):
             extra[f"lrs[{i}]"] = base * rng.uniform(0.5, 1.5, size=p.shape)
-    return Case(algorithm, model, params, tasks, hyper, seed, extra)
+    return Case(algorithm, model, params, tasks, hyper, seed, extra, recipe=recipe)
 
 
 @dataclass(frozen=True)

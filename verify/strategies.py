@@ -155,6 +155,64 @@ def mlp_problems(
     )
 
 
+@st.composite
+def cases(draw: st.DrawFn, algorithm: str | st.SearchStrategy[str] | None = None) -> Any:
+    """Random :class:`verify.algorithms.Case` problems for the check matrix, one field per draw.
+
+    Every size and hyper-parameter is drawn by hypothesis (so a failure shrinks
+    field by field to a minimal problem) within the ranges where the
+    algorithm is well posed, the same as :func:`verify.algorithms.build_case`
+    uses: model sizes, activation, loss, bias, task count, shots, queries,
+    ``inner_lr``, ``inner_steps`` (K), iMAML's ``lam``, Newton's damping, the
+    R2-D2/LR-D2 head's ``lam, scale, offset`` and options, and the seed of the
+    parameters and data. The drawn case's ``repr`` (what hypothesis prints on
+    a failure) is the ``build_case(...)`` call that rebuilds it.
+
+    Args:
+        algorithm: a name of :data:`verify.algorithms.ALGORITHMS`, a strategy
+            of names, or ``None`` for any algorithm.
+    """
+    from verify.algorithms import ALGORITHMS, GRADIENT_FAMILY, build_case
+
+    if algorithm is None:
+        algorithm = st.sampled_from(sorted(ALGORITHMS))
+    name = draw(algorithm) if isinstance(algorithm, st.SearchStrategy) else algorithm
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm={name!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+    family = ALGORITHMS[name].family
+    kw: dict[str, Any] = {
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "activation": draw(st.sampled_from(["tanh", "sigmoid", "softplus"])),
+        "n_tasks": draw(st.integers(1, 3)),
+    }
+    if family == "backbone":
+        n_way = 2 if name == "lrd2" else draw(st.integers(2, 3))
+        kw.update(n_way=n_way, shots=draw(st.integers(1, 3)), queries=draw(st.integers(1, 3)),
+                  sizes=[draw(st.integers(2, 4)), draw(st.integers(2, 5)), draw(st.integers(2, 4))],
+                  bias=draw(st.booleans()))
+        if name in ("r2d2", "lrd2"):
+            kw.update(lam=draw(st.floats(0.5, 2.0)), scale=draw(st.floats(0.5, 1.5)),
+                      offset=draw(st.floats(-0.5, 0.5)), bias_column=draw(st.booleans()))
+        if name == "r2d2":
+            kw.update(normalize=draw(st.booleans()), form=draw(st.sampled_from(["primal", "dual"])))
+        if name == "lrd2":
+            kw["newton_steps"] = draw(st.integers(1, 3))
+    else:
+        loss = draw(st.sampled_from(["mse", "ce"]))
+        width = draw(st.integers(2, 3 if name == "newton" else 5))
+        d_out = draw(st.integers(2, 3)) if loss == "ce" else 1
+        kw.update(loss=loss, sizes=[draw(st.integers(1, 3)), width, d_out], bias=draw(st.booleans()),
+                  shots=draw(st.integers(2, 5)), queries=draw(st.integers(2, 5)))
+        if name in GRADIENT_FAMILY:
+            kw.update(inner_steps=draw(st.integers(1, 3)),
+                      inner_lr=draw(st.floats(0.05, 0.3 if name == "newton" else 0.4)))
+        if name == "newton":
+            kw["damping"] = draw(st.floats(1.0, 2.0))
+        if name == "imaml":
+            kw["lam"] = draw(st.floats(2.0, 8.0))
+    return build_case(name, **kw)
+
+
 def unit_directions(rng: np.random.Generator, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """A random direction with unit Euclidean norm over all leaves."""
     v = [rng.normal(size=s) for s in shapes]
@@ -162,4 +220,4 @@ def unit_directions(rng: np.random.Generator, shapes: list[tuple[int, ...]]) -> 
     return [a / norm for a in v]
 
 
-__all__ = ["Problem", "build_problem", "mlp_problems", "mlps", "snippet", "unit_directions"]
+__all__ = ["Problem", "build_problem", "cases", "mlp_problems", "mlps", "snippet", "unit_directions"]
