@@ -25,10 +25,16 @@ def test_first_order_bug_named_at_gap_1e_6(seed):
 
 def test_complex_step_on_own_loss_when_the_function_is_analytic():
     # Prototypical networks need no jax.grad inside, so the function accepts complex parameters and the
-    # independent check uses the complex step; MAML's inner jax.grad rejects them (Richardson).
+    # independent check uses the complex step; MAML's inner jax.grad rejects them (real differences:
+    # central in the fast confirmation of a reference match, Richardson in the thorough check).
     proto = audit(J.protonet, "protonet", "jax", seed=0, directions=1, model="mlp:2-4-3:tanh", n_tasks=1,
                   shots=2, queries=2, n_way=3)
     assert proto.passed and proto.independent["method"] == "complex", proto.report()
-    maml = audit(J.maml, "maml", "jax", seed=0, directions=1, model="mlp:2-4-1:tanh", n_tasks=1, shots=3,
-                 queries=2, inner_steps=1, inner_lr=0.1)
-    assert maml.passed and maml.independent["method"] == "richardson"
+    assert proto.independent["budget"] == "fast"
+    problem = dict(seed=0, directions=1, model="mlp:2-4-1:tanh", n_tasks=1, shots=3, queries=2, inner_steps=1,
+                   inner_lr=0.1)
+    maml = audit(J.maml, "maml", "jax", **problem)
+    assert maml.passed and maml.independent["method"] == "central" and maml.independent["budget"] == "fast"
+    maml = audit(J.maml, "maml", "jax", thorough=True, **problem)
+    assert maml.passed and maml.independent["method"] == "richardson", maml.report()
+    assert maml.independent["budget"] == "thorough"

@@ -2,7 +2,7 @@
 
 ``metaverify audit TARGET --algorithm NAME [--backend torch|jax] [--model mlp:1-40-40-1:tanh[:nobias]]
 [--loss mse|ce] [--inner-lr A] [--inner-steps K] [--tasks N] [--shots K] [--queries Q] [--n-way C]
-[--lam L] [--seed S] [--json PATH] [--junit PATH] [--title TEXT]``
+[--lam L] [--seed S] [--directions N] [--thorough] [--json PATH] [--junit PATH] [--title TEXT]``
 
 ``TARGET`` is ``path/to/file.py:function`` or ``package.module:function``;
 ``--library higher|torchopt|learn2learn`` instead of ``TARGET`` audits that
@@ -64,7 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--form", choices=("primal", "dual"), help="R2-D2 ridge form")
     p.add_argument("--newton-steps", type=int, metavar="K", help="LR-D2 Newton steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the problem and the random directions (default 0)")
-    p.add_argument("--directions", type=int, default=4, help="directions of the finite-difference check (default 4)")
+    p.add_argument("--directions", type=int, default=4,
+                   help="random directions of the full finite-difference check of the function's own meta-loss "
+                        "(default 4; 0 skips every finite-difference check)")
+    p.add_argument("--thorough", action="store_true",
+                   help="run the full finite-difference check even when the gradient matches the reference "
+                        "(default: only on a mismatch; a match is confirmed in one direction, ~5 evaluations)")
     p.add_argument("--json", metavar="PATH", help="write the verdict (versioned schema, docs/audit.md) to PATH")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
     p.add_argument("--title", default="", metavar="TEXT", help="a label for the report")
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
         n_way=args.n_way, lam=args.lam, scale=args.scale, offset=args.offset, damping=args.damping,
         bias_column=args.bias_column, normalize=args.normalize, form=args.form, newton_steps=args.newton_steps,
-        seed=args.seed, directions=args.directions, title=title,
+        seed=args.seed, directions=args.directions, thorough=args.thorough, title=title,
     )
     print(result.report())
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("metaverify", "__main__.py")) else []
