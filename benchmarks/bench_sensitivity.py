@@ -21,13 +21,16 @@ Every checker sees the *same* claimed gradient and the *same* meta-loss: the
 NumPy reference's ``maml.meta_loss`` (float64, complex-step capable). The
 claimed gradient is delivered the way each tool consumes gradients:
 
-* ``verify.check_gradient(f, g, x)`` (8 random directions, complex step; and
-  with ``directions=1``, the cheapest setting);
+* ``verify.check_gradient(f, g, x)`` (8 random directions, complex step; with
+  ``directions=1``; and ``budget="fast"``: one direction along the claimed
+  gradient plus a random one, the cheapest setting);
 * ``verify.audit(fn, "maml", case=...)``: ``fn`` returns the meta-loss from a
   ``torch.autograd.Function`` whose forward is the reference meta-loss and
   whose backward returns the claimed gradient (the audit differentiates it
   with ``torch.autograd.grad``, compares with the reference meta-gradient and
-  with finite differences of ``fn``'s own loss, and names the bug);
+  with finite differences of ``fn``'s own loss (one fast direction when the
+  gradient matches the reference, 4 Richardson directions on a mismatch), and
+  names the bug);
 * ``torch.autograd.gradcheck`` (``fast_mode=True`` and ``False``, defaults
   ``eps=1e-6, atol=1e-5, rtol=1e-3``) on that same ``autograd.Function``;
 * ``jax.test_util.check_grads(f, (x,), order=1, modes=("rev",))`` (defaults
@@ -188,6 +191,13 @@ def tool_check_gradient_1(prob: Problem, claimed: np.ndarray, seed: int) -> Outc
     return tool_check_gradient(prob, claimed, seed, directions=1)
 
 
+def tool_check_gradient_fast(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
+    import verify
+
+    v = verify.check_gradient(prob.f, claimed, prob.x0, seed=seed, budget="fast")
+    return Outcome(v.status == verify.FAIL, "" if v.status != verify.INCONCLUSIVE else "inconclusive")
+
+
 def tool_audit(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
     import torch
 
@@ -261,6 +271,7 @@ def tool_check_grads(prob: Problem, claimed: np.ndarray, seed: int) -> Outcome:
 TOOLS: dict[str, tuple[Callable[[Problem, np.ndarray, int], Outcome], str]] = {
     "verify.check_gradient": (tool_check_gradient, "float64"),
     "verify.check_gradient directions=1": (tool_check_gradient_1, "float64"),
+    "verify.check_gradient budget=fast": (tool_check_gradient_fast, "float64"),
     "verify.audit": (tool_audit, "float64"),
     "gradcheck fast_mode=True": (_tool_gradcheck(True), "float64"),
     "gradcheck fast_mode=False": (_tool_gradcheck(False), "float64"),
@@ -498,7 +509,10 @@ def report(cfg: Config, data: dict[str, Any], seeds: dict[str, int], *,
     else:
         lines += ["", "gradcheck is left out at this size: when fast mode fails it recomputes the full "
                   "2n-evaluation Jacobian for its error message. `check_gradient` sees a relative error delta as "
-                  "about delta / sqrt(n) in a random direction; the audit compares each tensor with the reference "
+                  "about delta / sqrt(n) in a random direction; its fast budget's first direction, "
+                  "(g/||g|| + r)/||g/||g|| + r||, sees the part of the error along g at full size (`scale`, and "
+                  "most of `fomaml`) and the rest as about delta / sqrt(2n); the audit compares each tensor with "
+                  "the reference "
                   "(its tolerance grows with the problem's condition estimate). JAX `check_grads` perturbs x by "
                   "1e-4 times a standard normal tangent, whose norm grows as sqrt(n): its finite difference's "
                   "truncation error then exceeds its 1e-5 tolerance on correct gradients."]
@@ -569,7 +583,8 @@ EXPENSIVE = {"gradcheck fast_mode=False": 3, "verify.audit": 5, "verify.check_gr
 #: The second, larger problem (full mode): the tools whose cost does not grow with n. gradcheck is
 #: left out there: a failing fast mode recomputes the full 2n-evaluation Jacobian for its message.
 LARGE = Config(sizes=(1, 256, 256, 1), n_tasks=1, inner_steps=2)
-LARGE_TOOLS = ("verify.check_gradient", "verify.check_gradient directions=1", "verify.audit", "jax check_grads (rev)")
+LARGE_TOOLS = ("verify.check_gradient", "verify.check_gradient directions=1", "verify.check_gradient budget=fast",
+               "verify.audit", "jax check_grads (rev)")
 
 
 def sweep_all(cfg: Config, sweep: Sweep, names: list[str], per_tool: dict[str, int],

@@ -22,11 +22,17 @@ the same rounds as the checks that use it:
 
 Checks, each divided by the meta-gradient time of the implementation it runs:
 
-* ``verify.check_gradient(f, g, x)`` on the reference (8 random directions,
-  complex step; and with ``directions=1``) / reference meta-gradient;
-* ``verify.audit(fn, "maml", case=...)`` on the torch function (reference
-  meta-gradient twice, the claim, Richardson on ``fn``'s own loss in 4
-  directions) / torch meta-gradient;
+* ``verify.check_gradient(f, g, x)`` on the reference (default
+  ``budget="thorough"``: 8 random directions, complex step; with
+  ``directions=1``; and ``budget="fast"``: one direction along the claimed
+  gradient plus a random one, 2 complex + 7 real evaluations) / reference
+  meta-gradient;
+* ``verify.audit(fn, "maml", case=...)`` on the torch function, default (the
+  reference meta-gradient twice, the claim, and on a match a one-direction
+  central-difference confirmation on ``fn``'s own loss: 5 evaluations) and
+  ``thorough=True`` (Richardson on ``fn``'s own loss in 4 directions, ~137
+  evaluations: the audit's default before the fast confirmation) / torch
+  meta-gradient;
 * ``torch.autograd.gradcheck`` on ``x -> meta-loss`` (torch, float64),
   ``fast_mode=True`` (one random projection) and ``fast_mode=False`` (``2n``
   forward evaluations: measured where the estimate ``2n x forward`` is under
@@ -74,10 +80,13 @@ SIZES = {"1-10-10-1": [1, 10, 10, 1], "1-40-40-1": [1, 40, 40, 1], "1-256-256-1"
 QUICK_SIZES = {"1-6-6-1": [1, 6, 6, 1]}
 #: gradcheck full mode is run for real only when 2n x forward time is below this (seconds).
 FULL_GRADCHECK_BUDGET = 20.0
-CHECKS = ("check_gradient", "check_gradient 1 dir", "audit", "gradcheck fast", "gradcheck full", "check_grads")
-DENOMINATOR = {"check_gradient": "reference", "check_gradient 1 dir": "reference", "audit": "torch",
-               "gradcheck fast": "torch",
+CHECKS = ("check_gradient", "check_gradient 1 dir", "check_gradient fast", "audit", "audit thorough",
+          "gradcheck fast", "gradcheck full", "check_grads")
+DENOMINATOR = {"check_gradient": "reference", "check_gradient 1 dir": "reference", "check_gradient fast": "reference",
+               "audit": "torch", "audit thorough": "torch", "gradcheck fast": "torch",
                "gradcheck full": "torch", "check_grads": "jax"}
+#: The goal of issue #9: a verification costs at most this many meta-gradient evaluations.
+GOAL = 10.0
 
 
 def problem(sizes: list[int], n_tasks: int = 1) -> tuple[MLP, list[np.ndarray], list[Any]]:
@@ -186,17 +195,17 @@ class Setup:
         return np.asarray(self.jgrad(self.xj))
 
     # checks --------------------------------------------------------------
-    def check_gradient(self, g: np.ndarray, directions: int = 8) -> str:
+    def check_gradient(self, g: np.ndarray, directions: int | None = None, budget: str = "thorough") -> str:
         import verify
 
-        return verify.check_gradient(self.ref_loss, g, self.x0, directions=directions).status
+        return verify.check_gradient(self.ref_loss, g, self.x0, directions=directions, budget=budget).status
 
-    def audit(self) -> str:
+    def audit(self, thorough: bool = False) -> str:
         try:
             from verify import audit
         except ImportError:  # not re-exported yet
             from verify._audit import audit
-        return audit(audited_fn, "maml", "torch", case=self.case).status
+        return audit(audited_fn, "maml", "torch", case=self.case, thorough=thorough).status
 
     def gradcheck(self, fast: bool) -> str:
         import torch
@@ -213,6 +222,36 @@ class Setup:
         except AssertionError:
             return "fail"
         return "pass"
+
+
+def count_evaluations(s: Setup, g: np.ndarray) -> dict[str, str]:
+    """Meta-loss evaluations of each metaverify check (real / complex), by wrapping the function."""
+    import verify
+    from verify._audit import audit
+
+    out: dict[str, str] = {}
+    calls = {"real": 0, "complex": 0}
+
+    def f(x: np.ndarray) -> Any:
+        calls["complex" if np.iscomplexobj(x) else "real"] += 1
+        return s.ref_loss(x)
+
+    for label, kw in (("check_gradient", {}), ("check_gradient 1 dir", {"directions": 1}),
+                      ("check_gradient fast", {"budget": "fast"})):
+        calls.update(real=0, complex=0)
+        verify.check_gradient(f, g, s.x0, **kw)
+        out[label] = f"{calls['real']} real + {calls['complex']} complex"
+    n_calls = [0]
+
+    def fn(*args: Any) -> Any:
+        n_calls[0] += 1
+        return audited_fn(*args)
+
+    for label, thorough in (("audit", False), ("audit thorough", True)):
+        n_calls[0] = 0
+        audit(fn, "maml", "torch", case=s.case, thorough=thorough)
+        out[label] = f"{n_calls[0]} calls of the audited function (1 for the claim)"
+    return out
 
 
 def bench(quick: bool) -> list[dict[str, Any]]:
@@ -232,7 +271,9 @@ def bench(quick: bool) -> list[dict[str, Any]]:
             "reference": s.ref_grad, "torch": s.torch_grad,
             "check_gradient": lambda: s.check_gradient(g_ref),
             "check_gradient 1 dir": lambda: s.check_gradient(g_ref, 1),
+            "check_gradient fast": lambda: s.check_gradient(g_ref, budget="fast"),
             "audit": s.audit,
+            "audit thorough": lambda: s.audit(True),
             "gradcheck fast": lambda: s.gradcheck(True),
         }
         if not quick:  # a JAX compilation costs seconds of CPU: not part of the smoke test
@@ -241,6 +282,7 @@ def bench(quick: bool) -> list[dict[str, Any]]:
             fns["gradcheck full"] = lambda: s.gradcheck(False)
         big = s.n > 100_000
         repeats = 1 if (quick or big) else 3
+        counts = count_evaluations(s, g_ref) if i == 0 else {}
         times, outs, _ = alternate(fns, repeats)
         fwd = Span([timed(s.torch_forward)[0] for _ in range(repeats)])
         ratios = {c: pairwise(times, c, DENOMINATOR[c]) for c in CHECKS if c in times}
@@ -252,7 +294,7 @@ def bench(quick: bool) -> list[dict[str, Any]]:
         row = {"model": label, "params": s.n, "repeats": repeats, "times": times, "ratios": ratios,
                "statuses": statuses, "gradcheck_full_measured": run_full,
                "gradcheck_full_estimate_s": 2 * s.n * fwd.median, "torch_forward": fwd, "steps": s.steps,
-               "quick": quick}
+               "quick": quick, "counts": counts}
         MEMO[("audit", tuple(sz), 1, s.steps)] = {"seconds": times["audit"].median}
         rows.append(row)
         log(f"  cost {label}: {time.perf_counter() - t_label:.1f} s; " +
@@ -280,6 +322,8 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 cells.append(f"{t[c].fmt()} = {fmt_ratio(r['ratios'][c])}")
         table.append(cells)
     slopes = {}
+    goal = {c: (max(r["ratios"][c].median for r in rows), max(r["ratios"][c].hi for r in rows))
+            for c in CHECKS if c != "gradcheck full" and all(r["ratios"][c].values for r in rows)}
     params = [r["params"] for r in rows]
     for c in CHECKS:
         ys = [r["ratios"][c].median for r in rows]
@@ -292,11 +336,20 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
         f"K={rows[0]['steps']}, tanh." + (" Quick mode: no JAX." if rows[0]["quick"] else ""),
         "",
         md_table(["model", "params", "rounds", "reference grad", "torch grad", "jax grad (jit)",
-                  "verify.check_gradient", "check_gradient directions=1", "verify.audit", "gradcheck fast",
-                  "gradcheck full", "check_grads"], table),
+                  "verify.check_gradient", "check_gradient directions=1", "check_gradient budget=fast",
+                  "verify.audit", "audit thorough=True", "gradcheck fast", "gradcheck full", "check_grads"],
+                 table),
         "",
         "Growth of the multiple with the parameter count (log-log slope over the sizes; 0 = flat): " +
         ", ".join(f"{c} {_slope(slopes[c])}" for c in CHECKS) + ".",
+        "",
+        f"Goal (issue #9: at most {GOAL:.0f}x one meta-gradient, flat in the parameter count), worst median "
+        "multiple over the sizes (worst single round in parentheses): " +
+        ", ".join(f"{c} {goal[c][0]:.3g}x ({goal[c][1]:.3g}x) {'met' if goal[c][0] <= GOAL else 'not met'}"
+                  for c in CHECKS if c in goal) + ".",
+        "",
+        "Evaluations per check at " + f"{rows[0]['model']} (the counts do not depend on the size): " +
+        "; ".join(f"{c}: {txt}" for c, txt in rows[0].get("counts", {}).items()) + ".",
         "",
         "*est.*: gradcheck full mode needs 2n forward evaluations; where 2n x (measured forward time) exceeds "
         f"{FULL_GRADCHECK_BUDGET:.0f} s it was not run and the estimate is shown.",

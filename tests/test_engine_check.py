@@ -327,3 +327,171 @@ def test_matrix_shaped_parameters() -> None:
 
 def test_all_families_listed() -> None:
     assert len(FAMILIES) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# budget="fast": one direction along the claimed gradient plus a random one
+
+
+def _maml_problem(seed: int, sizes=(1, 8, 8, 1), activation: str = "tanh", inner_lr: float = 0.1,
+                  inner_steps: int = 2, n_tasks: int = 2):
+    """A MAML meta-loss of flat parameters (complex-step safe) and its analytic reference gradient."""
+    from reference import maml
+    from reference.models import MLP, flatten, unflatten
+    from reference.tasks import sinusoid
+
+    model = MLP(list(sizes), activation, "mse")
+    params = model.init(seed)
+    tasks = sinusoid(n_tasks, 5, 5, seed=seed)
+
+    def f(x):
+        return maml.meta_loss(model, unflatten(np.asarray(x), model.shapes), tasks, inner_lr, inner_steps)
+
+    _, g = maml.meta_loss_and_grad(model, params, tasks, inner_lr, inner_steps)
+    blocks = np.cumsum([0] + [int(np.prod(s)) for s in model.shapes])
+    return f, flatten(g), flatten(params), blocks
+
+
+@_settings_false_alarm
+@given(seed=st.integers(0, 2**32 - 1), width=st.integers(1, 12), steps=st.integers(1, 3),
+       lr=st.sampled_from([0.01, 0.1, 0.3]), activation=st.sampled_from(["tanh", "sigmoid", "softplus"]),
+       check_seed=st.integers(0, 2**32 - 1))
+def test_fast_never_fails_a_correct_maml_gradient(seed, width, steps, lr, activation, check_seed) -> None:
+    f, g, x, _ = _maml_problem(seed, (1, width, width, 1), activation, lr, steps)
+    verdict = check_gradient(f, g, x, seed=check_seed, budget="fast")
+    assert verdict.status == PASS, verdict.reason
+    assert verdict.method == "complex" and len(verdict.details) == 1
+
+
+@_settings_false_alarm
+@given(case=cases(max_n=40), seed=st.integers(0, 2**32 - 1), offset=st.sampled_from([0.0, 1.0, -1e4]))
+def test_fast_no_false_alarms(case: Case, seed: int, offset: float) -> None:
+    verdict = check_gradient(lambda x: case.f(x) + offset, case.grad, case.x, seed=seed, budget="fast")
+    assert verdict.status == PASS, verdict.reason
+
+
+@given(case=cases(max_n=20), seed=st.integers(0, 2**32 - 1))
+def test_fast_central_no_false_alarms(case: Case, seed: int) -> None:
+    verdict = check_gradient(case.f, case.grad(case.x), case.x, seed=seed, method="central", budget="fast")
+    assert verdict.status != FAIL, verdict.reason
+
+
+@given(case=cases(max_n=12), seed=st.integers(0, 2**32 - 1))
+def test_fast_complex_error_bound_holds(case: Case, seed: int) -> None:
+    # The two-evaluation complex step's error estimate bounds its distance to the mpmath derivative.
+    from test_engine_cases import exact_directional
+
+    g = case.grad(case.x)
+    verdict = check_gradient(case.f, g, case.x, seed=seed, budget="fast")
+    d = verdict.details[0]
+    # The fast direction, rebuilt from its definition (check_gradient's docstring).
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal(case.x.size)
+    r /= np.linalg.norm(r)
+    if np.linalg.norm(g) > 0:
+        ghat = g / np.linalg.norm(g)
+        r = r if r @ ghat >= 0 else -r
+        v = (ghat + r) / np.linalg.norm(ghat + r)
+    else:
+        v = r
+    assert d["claimed"] == pytest.approx(math.fsum(g * v), rel=1e-12, abs=1e-300)
+    exact = exact_directional(case, case.x, v)
+    assert abs(d["estimate"] - exact) <= d["estimate_error"], (d, exact)
+
+
+def test_fast_catches_1e8_errors_on_maml() -> None:
+    # Planted errors of relative size 1e-8 (the issue's float64 goal) on a 1-8-8-1 MAML meta-gradient
+    # (97 parameters). One tensor scaled by 1 + 1e-8 projects onto g/||g|| at full size: caught on
+    # every seed. A random-direction error is seen only through the random half, as ~1e-8 / sqrt(2 n)
+    # ~ 7e-10 (20x the tolerance) times a random factor that is sometimes small: one direction misses
+    # it now and then (measured: 39 of 40 seeds caught), hence a count, not every seed.
+    caught_random = 0
+    seeds = range(16)
+    for seed in seeds:
+        f, g, x, blocks = _maml_problem(seed)
+        assert check_gradient(f, g, x, seed=seed, budget="fast").status == PASS
+        scaled = g.copy()
+        scaled[blocks[2]:blocks[3]] *= 1 + 1e-8  # W2
+        verdict = check_gradient(f, scaled, x, seed=seed, budget="fast")
+        assert verdict.status == FAIL and "mismatch" in verdict.reason, (seed, verdict.reason)
+        rng = np.random.default_rng(1000 + seed)
+        bad = g + 1e-8 * np.linalg.norm(g) * unit(rng, g.size)
+        verdict = check_gradient(f, bad, x, seed=seed, budget="fast")
+        assert verdict.status in (FAIL, PASS), verdict.reason
+        caught_random += verdict.status == FAIL
+    assert caught_random >= len(seeds) - 2, caught_random
+
+
+@pytest.mark.parametrize("kind", ["scaled_1+1e-8", "sign_flip"])
+@given(case=cases(max_n=30), seed=st.integers(0, 2**32 - 1))
+def test_fast_catches_errors_along_the_gradient(kind: str, case: Case, seed: int) -> None:
+    # Errors parallel to g are always visible along the first direction (<e, v> >= ||e|| / sqrt(2)).
+    g = case.grad(case.x)
+    assume(np.linalg.norm(g) > 0)
+    bad = _wrong(kind, g, np.random.default_rng(seed))
+    verdict = check_gradient(case.f, bad, case.x, seed=seed, budget="fast")
+    assert verdict.status == FAIL, verdict.reason
+
+
+@pytest.mark.parametrize("impl", ["maximum", "abs", "relu_tanh"])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_fast_kink_is_inconclusive(impl: str, seed: int) -> None:
+    f, g, x = _relu_net(seed, impl)
+    verdict = check_gradient(f, g, x, budget="fast")
+    assert verdict.status == INCONCLUSIVE, verdict.reason
+    assert "kink" in verdict.reason and verdict.details[0]["kink"]
+
+
+def test_fast_evaluation_count_is_flat_in_the_parameter_count() -> None:
+    # f(x), 2 complex-step evaluations, 4 kink-probe and 2 noise evaluations, whatever n is.
+    for n in (3, 300, 30000):
+        calls = {"real": 0, "complex": 0}
+        a = np.linspace(-1, 1, n)
+
+        def f(x):
+            calls["complex" if np.iscomplexobj(x) else "real"] += 1
+            return np.sum(np.sin(a * x)) / n
+
+        x = np.linspace(0.2, 0.9, n)
+        assert check_gradient(f, a * np.cos(a * x) / n, x, budget="fast").status == PASS
+        assert calls == {"real": 7, "complex": 2}, (n, calls)
+
+
+def test_fast_budget_options() -> None:
+    case = make_case("expsin", 6, 2)
+    assert len(check_gradient(case.f, case.grad, case.x, budget="fast").details) == 1
+    three = check_gradient(case.f, case.grad, case.x, budget="fast", directions=3)
+    assert three.status == PASS and len(three.details) == 3 and "budget='fast'" in three.reason
+    assert len(check_gradient(case.f, case.grad, case.x).details) == 8  # the default is unchanged
+    with pytest.raises(InvalidInputError, match=r"budget='quick'"):
+        check_gradient(case.f, case.grad, case.x, budget="quick")
+
+
+def test_fast_without_complex_step_uses_central_differences() -> None:
+    def f(x):
+        return float(np.sum(np.asarray(x, dtype=float) ** 3))  # rejects complex (ComplexWarning)
+
+    x = np.array([0.3, -1.2, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verdict = check_gradient(f, 3 * x**2, x, budget="fast")
+        assert verdict.status == PASS and verdict.method == "central", verdict.reason
+        assert check_gradient(f, 3 * x**2 * (1 + 1e-6), x, budget="fast").status == FAIL
+
+
+def test_fast_non_analytic_complex_function_falls_back() -> None:
+    def f(x):
+        return np.sum(x * np.conj(x))  # accepts complex, not analytic: complex step says 0
+
+    x = np.array([0.3, -1.2, 2.0])
+    verdict = check_gradient(f, 2 * x, x, budget="fast")
+    assert verdict.status == PASS and verdict.method == "central", verdict.reason
+    assert "not complex-analytic" in verdict.reason
+
+
+def test_fast_zero_gradient_uses_a_random_direction() -> None:
+    def f(x):
+        return 1.0 + np.sum((x - 1.0) ** 2)
+
+    assert check_gradient(f, np.zeros(5), np.ones(5), budget="fast").status == PASS
+    assert check_gradient(f, np.full(5, 1e-3), np.ones(5), budget="fast").status == FAIL

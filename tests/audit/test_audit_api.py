@@ -131,3 +131,62 @@ def test_first_order_bug_named_down_to_the_tolerance(gap):
         assert audit(C.maml, "maml", "torch", case=case, directions=0).passed
         buggy = audit(C.maml_first_order, "maml", "torch", case=case, directions=0)
         assert buggy.diagnosis is not None and buggy.diagnosis.key == "first_order", buggy.report()
+
+
+# ---------------------------------------------------------------------------
+# the own-loss check's budget: fast confirmation of a match, full check on a mismatch
+
+
+def _counting(fn):
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped, calls
+
+
+def test_match_is_confirmed_in_one_fast_direction():
+    fn, calls = _counting(C.maml)
+    r = audit(fn, "maml", "torch", seed=1, **GRAD)
+    assert r.passed, r.report()
+    ind = r.independent
+    assert ind["budget"] == "fast" and ind["directions"] == 1 and ind["status"] == "pass"
+    assert ind["method"] == "central" and "budget='fast'" in ind["reason"]
+    # the claim, then f(x) and f(x +- t v), f(x +- 2 t v): no kink or noise probes
+    assert calls[0] == 1 + 5
+    assert "(fast): pass" in r.report()
+    fn, calls = _counting(C.maml)
+    full = audit(fn, "maml", "torch", seed=1, thorough=True, **GRAD)
+    assert full.passed and full.independent["budget"] == "thorough" and full.independent["directions"] == 4
+    assert full.independent["method"] == "richardson"
+    assert calls[0] > 100  # Richardson: up to 28 evaluations per direction, kink and noise probes
+
+
+def test_mismatch_always_gets_the_full_check():
+    r = audit(C.maml_first_order, "maml", "torch", seed=1, directions=3, **GRAD)
+    assert not r.passed
+    assert r.independent["budget"] == "thorough" and r.independent["directions"] == 3
+    assert r.independent["status"] == "fail"
+
+
+def test_fast_confirmation_that_does_not_pass_falls_back_to_the_full_check(monkeypatch):
+    import verify._check as engine
+    from verify._verdict import INCONCLUSIVE, Verdict
+
+    real = engine._check_gradient
+
+    def undecided(*args, **kwargs):
+        if kwargs.get("budget") == "fast":
+            return Verdict(INCONCLUSIVE, "gradient", 0.0, 1.0, "stub: undecided", "float64", "central", ())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_check_gradient", undecided)
+    r = audit(C.maml, "maml", "torch", seed=1, **GRAD)
+    assert r.passed and r.independent["budget"] == "thorough" and r.independent["directions"] == 4
+
+
+def test_thorough_must_be_a_bool():
+    with pytest.raises(InvalidInputError, match="thorough='yes'"):
+        audit(C.maml, "maml", "torch", seed=0, thorough="yes", **GRAD)

@@ -27,6 +27,7 @@ def test_verified_exit_0_with_json_and_junit(tmp_path, capsys):
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "metaverify.results" and doc["version"] == 1
     assert doc["result"]["audit"]["status"] == "pass" and doc["result"]["audit"]["title"] == "my maml"
+    assert doc["result"]["audit"]["independent"]["budget"] == "fast"  # a match is confirmed in one direction
     suite = ET.parse(out_xml).getroot()
     assert suite.get("failures") == "0" and int(suite.get("tests")) == 6  # loss, 4 tensors, finite differences
 
@@ -65,3 +66,11 @@ def test_module_target(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     code = main(["audit", "corpus_torch:fomaml", "--algorithm", "fomaml", *PROBLEM])
     assert code == 0, capsys.readouterr().out
+
+
+def test_thorough_flag_runs_the_full_finite_difference_check(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code = main(["audit", f"{CORPUS}:maml", "--algorithm", "maml", *PROBLEM, "--thorough", "--json", str(out_json)])
+    assert code == 0, capsys.readouterr().out
+    independent = json.loads(out_json.read_text())["result"]["audit"]["independent"]
+    assert independent["budget"] == "thorough" and independent["directions"] == 1  # --directions 1 in PROBLEM
