@@ -167,3 +167,21 @@ def test_run_matrix_reports_unsupported_backend(monkeypatch):
     monkeypatch.setattr(backends, "is_available", lambda name: name == "numpy")
     result = run_matrix(["maml"], ["torch"], ["float64"], examples=1)
     assert result.cells[0].status == "unsupported" and "not installed" in result.cells[0].note
+
+
+@pytest.mark.parametrize("algorithm", ["r2d2", "lrd2"])
+def test_taylor_direction_keeps_the_ridge_positive(algorithm):
+    # seed 1000007 drew lam = 0.53 and a direction whose largest Taylor step took lam to -0.25: the reference
+    # refused it and the matrix reported a false failure (found by `metaverify check --examples 6 --seed 1`)
+    from verify._taylor import TAYLOR_MAX_STEP
+    from verify.matrix import taylor_direction
+
+    for seed in [1000007, *range(40)]:
+        case = build_case(algorithm, seed=seed)
+        x0 = flatten(case.variables)
+        v = taylor_direction(case, x0)
+        i = case.names.index("lam")
+        at = sum(int(np.prod(s)) for s in case.shapes[:i])
+        reach = TAYLOR_MAX_STEP * np.log(np.e + np.max(np.abs(x0))) / np.max(np.abs(v))
+        assert reach * abs(v[at]) <= 0.5 * x0[at] + 1e-15
+    assert check_case(build_case("r2d2", seed=1000007), "numpy", "float64").status == "pass"

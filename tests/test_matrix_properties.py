@@ -29,6 +29,10 @@ compilation (~1.5 s each). Run the false-alarm hunt with::
 
     HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_matrix_properties.py -n auto \\
         --hypothesis-show-statistics
+
+With ``METAVERIFY_CASE_LOG=DIR`` every passed case appends a line
+``algorithm backend dtype`` to a file in ``DIR`` (so a long hunt cut short
+still says how many cases passed).
 """
 
 from __future__ import annotations
@@ -70,6 +74,14 @@ def _cells() -> list:
     return sorted(out, key=lambda p: (p.values[0] not in EXPENSIVE, -weight[p.values[1]]))
 
 
+def _log(algorithm: str, backend: str, dtypes: tuple[str, ...]) -> None:
+    """With ``METAVERIFY_CASE_LOG=DIR``, one line per passed case (per process: safe under xdist) for counting."""
+    folder = os.environ.get("METAVERIFY_CASE_LOG")
+    if folder:
+        with open(os.path.join(folder, f"cases-{os.getpid()}.txt"), "a") as fh:
+            fh.writelines(f"{algorithm} {backend} {dtype}\n" for dtype in dtypes)
+
+
 def _failure_report(case, results) -> str:
     lines = [repr(case)]
     for dtype, r in results:
@@ -93,5 +105,6 @@ def test_correct_implementations_never_fail(algorithm: str, backend: str) -> Non
         ref = ReferenceData(case)
         results = [(dtype, check_case(case, backend, dtype, module=module, ref=ref)) for dtype in dtypes]
         assert all(r.status == "pass" for _, r in results), _failure_report(case, results)
+        _log(algorithm, backend, dtypes)
 
     prop()

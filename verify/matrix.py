@@ -224,13 +224,47 @@ def _gradient_checks(ref: ReferenceData, g: np.ndarray, dtype: str, label: str, 
                        directions=directions, seed=case.seed)
     checks = [_check(f"{label} vs {v.method or 'finite differences'}", v.status, v.error, v.tolerance, v.reason)]
     if dtype == "float64":
-        direction = np.random.default_rng(case.seed).standard_normal(ref.x0.shape)
-        t = taylor_test(ref.f, ref.x0, direction, grad=g)
+        t = taylor_test(ref.f, ref.x0, taylor_direction(case, ref.x0), grad=g)
         # the "error" of a Taylor check is the rate deficit; its "tolerance" the allowed deficit (0.25)
         deficit = max(0.0, t.expected_rate - t.slope) if not math.isnan(t.slope) else 0.0
         checks.append(_check(f"{label} Taylor rate", t.status, deficit, 0.25,
                              f"slope {t.slope:.3f} (expected {t.expected_rate}): {t.reason}", kind="rate"))
     return checks
+
+
+#: Differentiated variables that must stay positive (the ridge lam of R2-D2 / LR-D2).
+POSITIVE_VARIABLES = ("lam",)
+
+
+def taylor_direction(case: Case, x0: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
+    """The seeded random Taylor-test direction of ``case``, kept inside the variables' domain.
+
+    The Taylor test's largest step moves a coordinate by up to
+    ``TAYLOR_MAX_STEP * log(e + ||x||_inf)`` times ``|v_i| / ||v||_inf``
+    (:mod:`verify._taylor`), which can push a ridge ``lam`` drawn from
+    [0.5, 2] below zero, where the meta-loss is undefined and the reference
+    rightly refuses it. Each positive variable's component is shrunk so that
+    its largest displacement is at most half its value (0.71 of it once the
+    test rounds its step to the nearest power of two). ``v`` overrides the
+    seeded random direction (it is copied, not modified).
+    """
+    from verify._taylor import TAYLOR_MAX_STEP
+
+    v = np.random.default_rng(case.seed).standard_normal(x0.shape) if v is None else np.array(v, dtype=np.float64)
+    offset, fixed = 0, []
+    for name, shape in zip(case.names, case.shapes):
+        size = int(np.prod(shape))
+        if name in POSITIVE_VARIABLES:
+            fixed.extend(range(offset, offset + size))
+        offset += size
+    if fixed:
+        others = np.delete(np.abs(v), fixed)
+        vmax = float(np.max(others)) if others.size else 1.0
+        reach = TAYLOR_MAX_STEP * math.log(math.e + float(np.max(np.abs(x0))))  # max displacement per unit |v_i|/vmax
+        for i in fixed:
+            limit = 0.5 * abs(float(x0[i])) / reach * vmax
+            v[i] = math.copysign(min(abs(v[i]), limit), v[i])
+    return v
 
 
 def _hessian_inverse_checks(case: Case) -> list[dict[str, Any]]:
@@ -447,5 +481,5 @@ def run_matrix(
     return MatrixResult([results[k] for k in todo], seed, examples)
 
 
-__all__ = ["Cell", "CaseResult", "DTYPES", "PRECISIONS", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "rounding_floor", "float32_condition",
+__all__ = ["Cell", "CaseResult", "DTYPES", "PRECISIONS", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "rounding_floor", "float32_condition", "taylor_direction",
            "locate", "plan", "reference_loss_function", "relative", "run_matrix"]

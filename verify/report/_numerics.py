@@ -48,9 +48,11 @@ ERROR_FLOOR = 1e-17
 
 
 def direction(case: Case, seed: int) -> np.ndarray:
-    """A seeded random unit direction in the case's flat variable space."""
-    n = flatten(case.variables).size
-    v = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x7A9]).standard_normal(n)
+    """A seeded random unit direction in the case's flat variable space (a ridge ``lam`` kept positive)."""
+    from verify.matrix import taylor_direction
+
+    x0 = flatten(case.variables)
+    v = taylor_direction(case, x0, np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x7A9]).standard_normal(x0.size))
     return v / np.linalg.norm(v)
 
 
