@@ -113,6 +113,7 @@ def test_cli_numpy_outputs(tmp_path, capsys):
         (["check", "--backend", "numpy", "--shard", "3/2"], "1 <= I <= N"),
         (["check", "--backend", "numpy", "--shard", "x"], "must look like I/N"),
         (["check", "--backend", "numpy", "--examples", "0"], "must be >= 1"),
+        (["check", "--backend", "numpy", "--dtype", "tf32"], "emulated for torch only"),
     ],
 )
 def test_cli_usage_errors_exit_2(argv, message, capsys):

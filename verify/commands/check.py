@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         dtypes = [*DTYPES, TF32] if args.device == "cuda" else list(DTYPES)
     else:
         dtypes = [args.dtype]
+    if TF32 in dtypes and args.device == "cpu" and "torch" not in backends:
+        raise InvalidInputError(f"--dtype tf32 on the CPU is emulated for torch only; backends {backends} have no "
+                                "TF32 there: add --backend torch, or run on a GPU with --device cuda")
     if args.device == "cuda":
         _require_cuda(backends)
     cells = plan(algorithms, backends, dtypes)
