@@ -46,6 +46,11 @@ floor ``8 eps (|D| + T)`` with ``T = |D_{s*v} f(x)|`` for random signs ``s``,
 about ``||grad f * v||``: the size of the terms whose rounding ``D`` carries
 even when they cancel in ``D = sum_i g_i v_i``.
 
+``verify.check_gradient(..., budget="fast")`` uses a two-evaluation complex
+step (``_complex_step_fast``: ``D(h)`` and one shifted-point sample, error
+``10 |D' - D| + 8 eps (|D| + T)`` with ``T`` from the claimed gradient) and
+measures ``nu`` with 2 probes instead of 8 (``Problem(noise_probes=...)``).
+
 The working precision ``eps`` is float64's unless ``f`` returns float32 (or
 complex64), in which case it is float32's: steps and noise then follow
 float32's epsilon.
