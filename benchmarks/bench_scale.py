@@ -13,9 +13,10 @@ one ``run.py`` process, so the 1M-parameter audit is timed once).
 * reference: ``reference.maml.meta_loss_and_grad``: time (median of 3 runs;
   one at the largest size), peak traced allocation (``tracemalloc``) and
   peak-RSS increase (one call in a fresh process, ``_common.rss_probe``);
-* audit: ``verify.audit`` of the user-style PyTorch MAML of benchmark 2
-  (reference meta-gradient twice, the claim, Richardson on the function's own
-  meta-loss in 4 directions): time (one run per size) and peak-RSS increase
+* audit: ``verify.audit`` of the user-style PyTorch MAML of benchmark 2 with
+  its default budget (reference meta-gradient, the claim, a one-direction
+  confirmation on the function's own meta-loss; the full Richardson check in
+  4 directions only on a mismatch or with ``thorough=True``): time (one run per size) and peak-RSS increase
   (fresh process, after a warm-up audit of a tiny problem so that PyTorch's
   one-time initialisation is not counted).
 
