@@ -84,6 +84,7 @@ def tf32_meta_gradients(seeds: int = 10) -> list[dict]:
     from verify.algorithms import build_case, evaluate
     from verify.backends import load_backend
     from verify.backends.torch import emulate_tf32
+    from verify.matrix import relative
 
     tb = load_backend("torch")
     rows = []
@@ -94,7 +95,7 @@ def tf32_meta_gradients(seeds: int = 10) -> list[dict]:
 
         def rel(grads):
             x = flatten([np.asarray(v, dtype=np.float64) for v in grads])
-            return float(np.max(np.abs(x - g)) / np.max(np.abs(g)))
+            return relative(x, g)[0]
 
         row = {"seed": seed}
         row["gpu_float32"] = rel(evaluate(case, tb, dtype="float32", device="cuda", allow_tf32=False)[1])
@@ -124,6 +125,7 @@ def jax_default_precision() -> dict:
     from reference.models import flatten
     from verify.algorithms import build_case, evaluate
     from verify.backends import load_backend
+    from verify.matrix import relative
 
     jb = load_backend("jax")
     errs = {}
@@ -135,7 +137,7 @@ def jax_default_precision() -> dict:
             ctx = jax.default_matmul_precision(prec) if prec else contextlib.nullcontext()
             with ctx, jax.default_device(gpu):
                 gj = flatten([np.asarray(v, dtype=np.float64) for v in evaluate(case, jb, dtype="float32", jit=True)[1]])
-            worst = max(worst, float(np.max(np.abs(gj - g)) / np.max(np.abs(g))))
+            worst = max(worst, relative(gj, g)[0])
         errs[label] = worst
     out["maml_float32_meta_gradient_worst_rel_error_seeds_0_4"] = errs
     return out

@@ -301,11 +301,32 @@ def test_non_finite_gradient_fails() -> None:
         ({"rtol": 2.0}, r"rtol=2.0"),
         ({"method": "secant"}, r"method='secant'"),
         ({"seed": "a"}, r"seed='a'"),
+        ({"scale_floor": -1.0}, r"scale_floor=-1.0"),
+        ({"scale_floor": float("inf")}, r"scale_floor=inf"),
     ],
 )
 def test_invalid_arguments(kwargs, match) -> None:
     with pytest.raises(InvalidInputError, match=match):
         check_gradient(lambda x: float(np.sum(x**2)), np.ones(2), np.ones(2), **kwargs)
+
+
+def test_scale_floor_measures_a_tiny_gradient_against_the_floor() -> None:
+    # f = c + a.x with |a| ~ 1e-9: the exact gradient is a; an absolute error of 1e-12 is 1e-3 of |a|, far above
+    # float64's relative tolerance (3.7e-11), but only 1e-12 of a floor of 1
+    a = 1e-9 * np.array([1.0, -2.0, 0.5])
+    x = np.array([0.3, -0.1, 0.7])
+
+    def f(z):
+        return 0.69 + np.sum(a * z)
+
+    wrong = a + 1e-12
+    assert check_gradient(f, wrong, x).status == FAIL
+    floored = check_gradient(f, wrong, x, scale_floor=1.0)
+    assert floored.status == PASS and "rounding floor" in floored.reason
+    # a floor below ||g|| changes nothing, and errors above tol * floor still fail
+    assert check_gradient(f, wrong, x, scale_floor=1e-12).status == FAIL
+    assert check_gradient(f, a + 1e-8, x, scale_floor=1.0).status == FAIL
+    assert check_gradient(f, a, x, scale_floor=1.0).status == PASS
 
 
 def test_gradient_shape_mismatch() -> None:

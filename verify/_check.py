@@ -246,6 +246,7 @@ def check_gradient(
     rtol: float | None = None,
     method: str | None = None,
     budget: str = "thorough",
+    scale_floor: float = 0.0,
 ) -> Verdict:
     """Check a claimed gradient of ``f`` at ``x`` against directional derivatives.
 
@@ -290,6 +291,12 @@ def check_gradient(
             (``"fast"``)), or force ``"complex"``, ``"richardson"``,
             ``"central"``.
         budget: ``"thorough"`` or ``"fast"`` (above).
+        scale_floor: a floor under ``||g||`` in the scale ``S`` (default 0):
+            the absolute gradient size below which a claimed gradient cannot be
+            resolved in its dtype, e.g. float32's rounding of an O(1) loss
+            (:func:`verify.matrix.rounding_floor`). Errors are then measured
+            against ``max(||g||, scale_floor) ||v||``, as a tiny gradient of a
+            loss near a stationary value carries rounding of the loss's size.
 
     Returns:
         A :class:`Verdict` (``check="gradient"``) whose ``error`` and
@@ -298,11 +305,13 @@ def check_gradient(
 
     Raises:
         InvalidInputError: bad ``x``, ``grad`` shape, ``directions``, ``rtol``,
-            ``method``, ``budget``; ``f(x)`` not a finite real scalar.
+            ``method``, ``budget``, ``scale_floor``; ``f(x)`` not a finite real
+            scalar.
         NotAnalyticError: ``method="complex"`` forced on an ``f`` that rejects
             complex input.
     """
-    return _check_gradient(f, grad, x, directions=directions, seed=seed, rtol=rtol, method=method, budget=budget)
+    return _check_gradient(f, grad, x, directions=directions, seed=seed, rtol=rtol, method=method, budget=budget,
+                           scale_floor=scale_floor)
 
 
 def _check_gradient(
@@ -315,6 +324,7 @@ def _check_gradient(
     rtol: float | None = None,
     method: str | None = None,
     budget: str = "thorough",
+    scale_floor: float = 0.0,
     probe_kinks: bool = True,
     noise_probes: int | None = None,
 ) -> Verdict:
@@ -346,6 +356,10 @@ def _check_gradient(
             math.isfinite(float(rtol)) and 0 < float(rtol) < 1
         ):
             raise InvalidInputError(f"rtol={rtol!r} must be a float in (0, 1), or None for the table value")
+    if isinstance(scale_floor, bool) or not isinstance(scale_floor, (int, float, np.floating)) or not (
+        math.isfinite(float(scale_floor)) and float(scale_floor) >= 0
+    ):
+        raise InvalidInputError(f"scale_floor={scale_floor!r} must be a finite float >= 0 (0: no floor)")
     x_arr = as_real_array("x", x)
     g_in = grad(x_arr.copy()) if callable(grad) else grad
     try:
@@ -405,7 +419,8 @@ def _check_gradient(
             v = dirs[k].reshape(p.shape)
             claimed = _dot(g, dirs[k])
             est = first if (k == 0 and first is not None and mth == "complex") else est_at(k, mth)
-            rec = _judge(p, v, k, claimed, gnorm, est, tol, fscale, probe_kinks)
+            # the floor enters the scale S = max(||g||, floor, |D|) (||v|| = 1)
+            rec = _judge(p, v, k, claimed, max(gnorm, float(scale_floor)), est, tol, fscale, probe_kinks)
             if rec["status"] == FAIL and mth == "complex" and method is None and not rec["kink"]:
                 cross = estimate(p, v, "richardson", None)
                 if abs(cross.value - est.value) > cross.error + est.error:
@@ -443,6 +458,9 @@ def _check_gradient(
         worst = worst_all
     else:
         reason = f"{worst['why']} [{n_status} of {directions} directions {status}; {dtype.name}]{note}"
+    if scale_floor > gnorm:
+        reason += (f"; errors measured against the rounding floor scale_floor={float(scale_floor):.3g} "
+                   f"(> ||g|| = {gnorm:.3g}) instead of ||g||")
     error = worst.get("error", math.nan)
     return Verdict(status, "gradient", float(error), float(worst.get("tolerance", tol)), reason, dtype.name,
                    chosen, tuple(records))

@@ -22,7 +22,7 @@ from verify.backends import load_backend  # noqa: E402
 from verify.backends.torch import emulate_tf32, round_to_tf32  # noqa: E402
 from verify.backends.torch._model import tf32_active, working_eps  # noqa: E402
 from verify.cli import main  # noqa: E402
-from verify.matrix import check_case  # noqa: E402
+from verify.matrix import check_case, relative  # noqa: E402
 from verify.tolerance import TF32_EPS, tolerance  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def test_tf32_maml_meta_gradient_sits_between_float32_and_tf32_tolerances(seed):
 
     def rel(grads):
         g = flatten([np.asarray(x, dtype=np.float64) for x in grads])
-        return float(np.max(np.abs(g - g_ref)) / np.max(np.abs(g_ref)))
+        return relative(g, g_ref)[0]
 
     _, g32 = evaluate(case, torch_backend, dtype="float32")
     with emulate_tf32():

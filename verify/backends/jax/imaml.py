@@ -55,6 +55,7 @@ from verify.backends.jax._model import (
     to_jax_params,
     to_jax_tasks,
 )
+from verify.tolerance import TF32_EPS
 
 SOLVERS = ("cg", "direct")
 # Newton polishing steps after the trust-region solve (as reference.imaml).
@@ -80,7 +81,7 @@ def _working_eps(dtype: str) -> float:
     device = jax.config.jax_default_device
     platform = device.platform if device is not None and not isinstance(device, str) else jax.default_backend()
     if np.dtype(dtype) == np.float32 and precision in ("tensorfloat32", "high", "bfloat16_3x") and platform == "gpu":
-        return 2.0**-10
+        return TF32_EPS
     return eps
 
 

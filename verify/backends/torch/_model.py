@@ -23,6 +23,7 @@ from torch.func import functional_call
 from reference._validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.tasks import as_tasks, check_tasks
+from verify.tolerance import TF32_EPS
 
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 
@@ -170,9 +171,6 @@ def emulate_tf32() -> Iterator[None]:
 
 
 _EMULATING = 0  # depth of emulate_tf32() blocks (read by tf32_active)
-
-#: TF32's machine epsilon (10 mantissa bits); float32's is 2**-23.
-TF32_EPS = 2.0**-10
 
 
 def tf32_active(device: torch.device | str = "cpu") -> bool:
