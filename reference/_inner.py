@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 
+from reference._threads import map_tasks
 from reference._validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, activation_derivatives
 from reference.tasks import Task, check_tasks
@@ -117,11 +118,21 @@ def task_loss_and_grad(model: Any, params: Params, task: Task, lrs: LearningRate
 
 def meta_loss(model: Any, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int) -> Any:
     """Mean over tasks of ``L_q(p_K)`` (forward pass only)."""
-    total = 0.0
-    for task in tasks:
+
+    def per_task(task: Task) -> Any:
         iterates, _ = adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)
-        total = total + model._loss_and_grad(iterates[-1], task.x_query, task.y_query)[0]
+        return model._loss_and_grad(iterates[-1], task.x_query, task.y_query)[0]
+
+    total = 0.0
+    for loss in map_tasks(per_task, tasks, work=_work(model, tasks)):
+        total = total + loss
     return as_scalar(total / len(tasks))
+
+
+def _work(model: Any, tasks: Sequence[Task]) -> float:
+    """Size of one matrix product of the inner loop (rows x parameters): ``map_tasks``'s parallel/sequential
+    decision (below its threshold the products are too small to free the GIL for long)."""
+    return float(getattr(model, "n_params", 0)) * max(np.shape(t.x_support)[0] for t in tasks)
 
 
 def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int, *,
@@ -144,8 +155,8 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
 
     n = len(tasks)
     total, grad, grad_lrs = 0.0, None, None
-    for task in tasks:
-        loss, g, gl = per_task(task)
+    # Tasks in parallel, one BLAS thread each (reference/_threads.py); reduced in task order.
+    for loss, g, gl in map_tasks(per_task, tasks, work=_work(model, tasks)):
         total = total + loss
         grad = g if grad is None else [a + b for a, b in zip(grad, g)]
         if gl is not None:

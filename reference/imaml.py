@@ -52,6 +52,7 @@ import scipy.optimize
 
 from reference._features import as_scalar
 from reference._linalg import SPDFactor, conjugate_gradient
+from reference._threads import map_tasks
 from reference._validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, MLP, flatten, unflatten
@@ -137,10 +138,17 @@ class _Problem:
     def __init__(self, model, params, task: Task, lam, where: str):
         self.model, self.task, self.lam, self.where = model, task, lam, where
         self.shapes = [p.shape for p in params]
+        self._bounds = np.cumsum([0] + [p.size for p in params]).tolist()
         self.theta = flatten(params)
+        # The forward pass of the last point Hessian-vector products were taken at: CG and the
+        # trust-region subproblem take many H v at one point (models with ``_hvp_point`` only).
+        self._point_z: np.ndarray | None = None
+        self._point: Any = None
 
     def unflat(self, z):
-        return unflatten(z, self.shapes)
+        # unflatten() without its checks and size computations (called for every product).
+        b = self._bounds
+        return [z[b[i]:b[i + 1]].reshape(shape) for i, shape in enumerate(self.shapes)]
 
     def grad(self, z, theta=None):
         theta = self.theta if theta is None else theta
@@ -149,7 +157,13 @@ class _Problem:
 
     def hvp_s(self, z, v):
         """``H_s(z) v`` (support loss only, no proximal term)."""
-        return flatten(self.model._hvp(self.unflat(z), self.task.x_support, self.task.y_support, self.unflat(v)))
+        model, x, y = self.model, self.task.x_support, self.task.y_support
+        if not hasattr(model, "_hvp_point"):
+            return flatten(model._hvp(self.unflat(z), x, y, self.unflat(v)))
+        if self._point_z is None or self._point_z.dtype != z.dtype or not np.array_equal(self._point_z, z):
+            self._point_z = z.copy()
+            self._point = model._hvp_point(self.unflat(self._point_z), x, y)
+        return flatten(model._hvp_at(self._point, self.unflat(v)))
 
 
 def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
@@ -321,12 +335,20 @@ def meta_loss(
     ``solver`` only matters for Newton polishing and the complex-step continuation.
     """
     params, tasks, lam = _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)
+
+    def per_task(i: int) -> Any:
+        return _task(model, params, tasks[i], lam, f"tasks[{i}]", solver=solver, inner_tol=inner_tol,
+                     cg_tol=cg_tol, inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter, need_grad=False)[0]
+
     total = 0.0
-    for i, task in enumerate(tasks):
-        total = total + _task(model, params, task, lam, f"tasks[{i}]", solver=solver, inner_tol=inner_tol,
-                              cg_tol=cg_tol, inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter,
-                              need_grad=False)[0]
+    for loss in map_tasks(per_task, range(len(tasks)), work=_work(model, tasks)):
+        total = total + loss
     return as_scalar(total / len(tasks))
+
+
+def _work(model: Any, tasks: Sequence[Task]) -> float:
+    """Size of one Hessian-vector product (rows x parameters): ``map_tasks``'s parallel/sequential decision."""
+    return float(getattr(model, "n_params", 0)) * max(np.shape(t.x_support)[0] for t in tasks)
 
 
 def meta_loss_and_grad_info(
@@ -335,10 +357,14 @@ def meta_loss_and_grad_info(
 ) -> Result:
     """:func:`meta_loss_and_grad` plus the per-task diagnostics (:class:`TaskInfo`)."""
     params, tasks, lam = _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)
+
+    def per_task(i: int) -> tuple[Any, TaskInfo]:
+        return _task(model, params, tasks[i], lam, f"tasks[{i}]", solver=solver, inner_tol=inner_tol,
+                     cg_tol=cg_tol, inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter, need_grad=True)
+
     total, grad, infos = 0.0, None, []
-    for i, task in enumerate(tasks):
-        loss_q, info = _task(model, params, task, lam, f"tasks[{i}]", solver=solver, inner_tol=inner_tol,
-                             cg_tol=cg_tol, inner_maxiter=inner_maxiter, cg_maxiter=cg_maxiter, need_grad=True)
+    # Tasks in parallel, one BLAS thread each (reference/_threads.py); reduced in task order.
+    for loss_q, info in map_tasks(per_task, range(len(tasks)), work=_work(model, tasks)):
         total = total + loss_q
         grad = list(info.grad) if grad is None else [a + b for a, b in zip(grad, info.grad)]
         infos.append(info)

@@ -116,18 +116,29 @@ def activation_derivatives(name: str, z: np.ndarray, order: int) -> list[np.ndar
 
     relu's derivative at 0 is 0 (CONVENTIONS); its higher derivatives are 0.
     """
+    # Orders above ``order`` are not computed (each is a pass over an activation-sized array).
     if name == "tanh":
         t = np.tanh(z)
-        d1 = 1.0 - t * t
-        d2 = -2.0 * t * d1
-        d3 = -2.0 * (d1 * d1 + t * d2)
-        derivs = [t, d1, d2, d3]
+        derivs = [t]
+        if order >= 1:
+            d1 = 1.0 - t * t
+            derivs.append(d1)
+        if order >= 2:
+            d2 = -2.0 * t * d1
+            derivs.append(d2)
+        if order >= 3:
+            derivs.append(-2.0 * (d1 * d1 + t * d2))
     elif name == "sigmoid":
         s = _sigmoid(z)
-        d1 = s * (1.0 - s)
-        d2 = d1 * (1.0 - 2.0 * s)
-        d3 = d2 * (1.0 - 2.0 * s) - 2.0 * d1 * d1
-        derivs = [s, d1, d2, d3]
+        derivs = [s]
+        if order >= 1:
+            d1 = s * (1.0 - s)
+            derivs.append(d1)
+        if order >= 2:
+            d2 = d1 * (1.0 - 2.0 * s)
+            derivs.append(d2)
+        if order >= 3:
+            derivs.append(d2 * (1.0 - 2.0 * s) - 2.0 * d1 * d1)
     elif name == "softplus":
         s = _sigmoid(z)
         d2 = s * (1.0 - s)
@@ -139,8 +150,10 @@ def activation_derivatives(name: str, z: np.ndarray, order: int) -> list[np.ndar
                 "use method='richardson' (finite differences) or an analytic activation"
             )
         pos = (z > 0).astype(z.dtype)
-        zero = np.zeros_like(z)
-        derivs = [z * pos, pos, zero, zero]
+        derivs = [z * pos, pos]
+        if order >= 2:
+            zero = np.zeros_like(z)
+            derivs += [zero, zero]
     elif name == "identity":
         one = np.ones_like(z)
         zero = np.zeros_like(z)
@@ -446,8 +459,16 @@ class MLP:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _hvp(self, params, x, y, v) -> Params:
+        return self._hvp_at(self._hvp_point(params, x, y), v)
+
+    def _hvp_point(self, params, x, y):
+        """The forward pass an ``H v`` at ``params`` needs, reusable for every ``v`` (see :meth:`_hvp_at`)."""
         out, hs, derivs = self._forward(params, x, order=2)
-        loss = _Loss(self.loss_name, out, y)
+        return params, hs, derivs, _Loss(self.loss_name, out, y)
+
+    def _hvp_at(self, point, v) -> Params:
+        """``H v`` from a :meth:`_hvp_point`: the R-forward and R-backward passes only (no validation)."""
+        params, hs, derivs, loss = point
         r_out, r_hs = self._r_forward(params, hs, derivs, v)
         Ws, _ = self._split(params)
         Us, _ = self._split(v)

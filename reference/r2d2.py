@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from reference._features import (
-    TaskFeatures,
     accumulate,
     append_ones,
     as_scalar,
@@ -47,9 +46,11 @@ from reference._features import (
     check_lam,
     check_n_classes,
     class_label_check,
+    feature_blocks,
     target_check,
 )
 from reference._linalg import SPDFactor
+from reference._threads import single_threaded_blas
 from reference._validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.models import MLP, _Loss
@@ -102,9 +103,10 @@ def _ridge(Z, Y, lam, form, what):
     return Z.T @ alpha, (factor, alpha)
 
 
-def _task(feats: TaskFeatures, task: Task, n_classes, lam, scale, offset, bias_column, normalize, form,
-          regression, where, need_grad):
-    Zs, Zq = feats.support, feats.query
+def _task(Zs: np.ndarray, Zq: np.ndarray, task: Task, n_classes, lam, scale, offset, bias_column, normalize,
+          form, regression, where, need_grad):
+    """One task's query loss and, with ``need_grad``, the feature cotangents ``(G_Zs, G_Zq)`` and the
+    head's gradients ``(g_lam, g_scale, g_offset)``."""
     if bias_column:
         Zs, Zq = append_ones(Zs), append_ones(Zq)
     n = Zs.shape[0]
@@ -139,7 +141,7 @@ def _task(feats: TaskFeatures, task: Task, n_classes, lam, scale, offset, bias_c
         G_Zs = G_Zs / root
     if bias_column:
         G_Zs, G_Zq = G_Zs[:, :-1], G_Zq[:, :-1]
-    return value, (feats.vjp(G_Zs, G_Zq), g_lam, g_scale, g_offset)
+    return value, ((G_Zs, G_Zq), g_lam, g_scale, g_offset)
 
 
 def meta_loss(
@@ -161,11 +163,12 @@ def meta_loss(
         backbone, params, tasks, n_classes, lam, scale, offset, form, regression
     )
     total = 0.0
-    for i, task in enumerate(tasks):
-        feats = TaskFeatures(backbone, params, task, f"tasks[{i}]")
-        value, _ = _task(feats, task, n_classes, lam, scale, offset, bias_column, normalize, form, regression,
-                         f"tasks[{i}]", False)
-        total = total + value
+    for block in feature_blocks(backbone, params, tasks):
+        with single_threaded_blas():
+            for i in block.indices:
+                value, _ = _task(block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset,
+                                 bias_column, normalize, form, regression, f"tasks[{i}]", False)
+                total = total + value
     return as_scalar(total / len(tasks))
 
 
@@ -214,16 +217,23 @@ def meta_loss_and_grad(
     )
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
-    for i, task in enumerate(tasks):
-        feats = TaskFeatures(backbone, params, task, f"tasks[{i}]")
-        value, (g, g_lam, g_scale, g_offset) = _task(
-            feats, task, n_classes, lam, scale, offset, bias_column, normalize, form, regression, f"tasks[{i}]", True
-        )
-        total = total + value
-        grads = accumulate(grads, g)
-        hyper["lam"] += g_lam
-        hyper["scale"] += g_scale
-        hyper["offset"] += g_offset
+    # The backbone is shared by the tasks: one stacked forward pass and one VJP per block of tasks
+    # (large products, on the user's BLAS threads), the small per-task ridge solves in between on one
+    # BLAS thread (reference/_threads.py: splitting small products across threads costs more than it saves).
+    for block in feature_blocks(backbone, params, tasks):
+        cotangents = {}
+        with single_threaded_blas():
+            for i in block.indices:
+                value, (cot, g_lam, g_scale, g_offset) = _task(
+                    block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset, bias_column,
+                    normalize, form, regression, f"tasks[{i}]", True
+                )
+                total = total + value
+                cotangents[i] = cot
+                hyper["lam"] += g_lam
+                hyper["scale"] += g_scale
+                hyper["offset"] += g_offset
+        grads = accumulate(grads, block.vjp(cotangents))
     m = len(tasks)
     return as_scalar(total / m), [g / m for g in grads], {k: as_scalar(v / m) for k, v in hyper.items()}
 

@@ -1,0 +1,157 @@
+"""How the reference uses the machine's cores: one BLAS thread per task, tasks in parallel.
+
+The meta-gradients of the gradient-based algorithms are sums over tasks of
+per-task computations made of many *small-row* matrix products (a task's 10
+support examples against a 1024 x 1024 weight: ``10 x 1024 @ 1024 x 1024``).
+A multithreaded BLAS splits each such product across its threads and meets
+them at a barrier once per call, thousands of times per meta-gradient; the
+work per call is too small to pay for that, and when the threads are not all
+scheduled at once (any other load on the machine) every call waits for a
+descheduled thread. Measured on a 2-core machine (issue 18), OpenBLAS's
+default two threads made the MAML reference 2.5-3x slower than one thread on
+an otherwise idle machine, and 40x slower under load. NumPy and SciPy also
+load two OpenBLAS copies, each with its own spinning thread pool.
+
+So the reference parallelises where the work is independent and coarse, over
+tasks: :func:`map_tasks` runs a per-task function on a pool of
+``blas_threads()`` worker threads (what the user's BLAS would use: 1 under
+``OPENBLAS_NUM_THREADS=1``, the core count by default), each calling BLAS with
+one thread (NumPy releases the GIL inside BLAS and inside ufunc loops over
+more than a few hundred elements). The results come back in task order and
+the callers reduce them in that order, so the meta-gradient is bit-for-bit
+that of a sequential run. Small problems, where Python overhead and the GIL
+dominate, run sequentially, still with one BLAS thread.
+
+The BLAS limit is process-wide while a reference call runs (``threadpoolctl``;
+reference counted, so concurrent or nested calls restore the user's setting
+only when the last one leaves). Without ``threadpoolctl`` everything runs
+sequentially and BLAS is left as it is.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Estimated floating-point work of one task (multiply-adds) below which tasks run sequentially:
+# a 1-40-40-1 MAML task (~2e4 x 10 rows) is Python-bound and the GIL serialises threads; a
+# 1-256-256-1 task (~7e5) already gains from a second core (benchmarks/bench_speed.py).
+PARALLEL_MIN_WORK = 2e5
+
+_lock = threading.Lock()
+_local = threading.local()
+_controller: Any = None  # threadpoolctl's controller of the loaded BLAS libraries (False: unavailable)
+_depth = 0  # reference calls currently holding the BLAS at one thread
+_saved: list[tuple[Any, int]] = []
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _blas() -> Any:
+    """The BLAS libraries' controller, built once (NumPy's and SciPy's OpenBLAS are loaded by then)."""
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # an optional nicety: without it BLAS keeps its own setting
+            _controller = False
+        else:
+            _controller = ThreadpoolController().select(user_api="blas")
+    return _controller
+
+
+def blas_threads() -> int:
+    """Threads the user's BLAS is set to use (outside the reference's own limit); 1 if unknown."""
+    blas = _blas()
+    if not blas:
+        return 1
+    with _lock:
+        if _depth:
+            return max([n for _, n in _saved] or [1])
+        return max([lib.num_threads for lib in blas.lib_controllers] or [1])
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[int]:
+    """Hold every loaded BLAS at one thread; yields the user's thread count (the pool size to use)."""
+    global _depth
+    blas = _blas()
+    if not blas:
+        yield 1
+        return
+    with _lock:
+        if _depth == 0:
+            _saved[:] = [(lib, lib.num_threads) for lib in blas.lib_controllers]
+            for lib, n in _saved:
+                if n != 1:
+                    lib.set_num_threads(1)
+        _depth += 1
+        user = max([n for _, n in _saved] or [1])
+    try:
+        yield user
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for lib, n in _saved:
+                    if n != 1:
+                        lib.set_num_threads(n)
+                _saved.clear()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    # One pool per size, kept for the next call (starting threads costs ~0.1 ms each).
+    with _lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reference-task")
+        return _pools[workers]
+
+
+def _in_worker(ctx: contextvars.Context, fn: Callable[[T], R], item: T) -> R:
+    # The caller's context (np.errstate lives in a context variable) and no nested pools.
+    _local.inside = True
+    try:
+        return ctx.run(fn, item)
+    finally:
+        _local.inside = False
+
+
+def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> list[R]:
+    """``[fn(item) for item in items]``, with one BLAS thread, on ``blas_threads()`` workers when worth it.
+
+    Args:
+        fn: the per-task computation (must not mutate shared state).
+        items: the tasks (or anything per task).
+        work: estimated multiply-adds of one call, e.g. ``rows x parameters``;
+            below :data:`PARALLEL_MIN_WORK` the calls run in this thread.
+
+    Returns the results in ``items`` order (reduce them in that order for
+    results independent of the thread count). An exception is raised as the
+    sequential loop would raise it: that of the first failing item.
+    """
+    items = list(items)
+    with single_threaded_blas() as threads:
+        workers = min(threads, len(items), os.cpu_count() or 1)
+        if workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False):
+            return [fn(item) for item in items]
+        pool = _executor(workers)
+        ctx = contextvars.copy_context()
+        futures = [pool.submit(_in_worker, ctx.copy(), fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            # After a failure: drop the tasks not started, wait for the running ones (they use the
+            # single-threaded BLAS this call holds).
+            for f in futures:
+                f.cancel()
+            wait(futures)
+
+
+__all__ = ["PARALLEL_MIN_WORK", "blas_threads", "map_tasks", "single_threaded_blas"]
