@@ -41,9 +41,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Estimated floating-point work of one task (multiply-adds) below which tasks run sequentially:
-# a 1-40-40-1 MAML task (~2e4 x 10 rows) is Python-bound and the GIL serialises threads; a
-# 1-256-256-1 task (~7e5) already gains from a second core (benchmarks/bench_speed.py).
+# Size of a task's matrix products (rows x parameters) below which tasks run sequentially: a
+# 1-40-40-1 MAML task (10 rows x 1,761 parameters, ~2e4) is made of microsecond-sized operations,
+# Python-bound, and the GIL would serialise the threads; a 1-256-256-1 task (~7e5) gains from a
+# second core (benchmarks/bench_speed.py).
 PARALLEL_MIN_WORK = 2e5
 
 _lock = threading.Lock()
@@ -114,6 +115,11 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
+def _workers(threads: int, n_items: int) -> int:
+    """Pool size: the user's BLAS thread count, at most one per item and per core."""
+    return min(threads, n_items, os.cpu_count() or 1)
+
+
 def _in_worker(ctx: contextvars.Context, fn: Callable[[T], R], item: T) -> R:
     # The caller's context (np.errstate lives in a context variable) and no nested pools.
     _local.inside = True
@@ -129,8 +135,9 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> list[
     Args:
         fn: the per-task computation (must not mutate shared state).
         items: the tasks (or anything per task).
-        work: estimated multiply-adds of one call, e.g. ``rows x parameters``;
-            below :data:`PARALLEL_MIN_WORK` the calls run in this thread.
+        work: the size of one call's matrix products, ``rows x parameters``;
+            below :data:`PARALLEL_MIN_WORK` the calls run in this thread (still
+            with one BLAS thread).
 
     Returns the results in ``items`` order (reduce them in that order for
     results independent of the thread count). An exception is raised as the
@@ -138,7 +145,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> list[
     """
     items = list(items)
     with single_threaded_blas() as threads:
-        workers = min(threads, len(items), os.cpu_count() or 1)
+        workers = _workers(threads, len(items))
         if workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False):
             return [fn(item) for item in items]
         pool = _executor(workers)
