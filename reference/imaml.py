@@ -55,7 +55,7 @@ from reference._linalg import SPDFactor, conjugate_gradient
 from reference._threads import map_tasks
 from reference._validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
-from reference.models import MAX_DENSE_HESSIAN, MLP, flatten, unflatten
+from reference.models import MAX_DENSE_HESSIAN, MLP, flatten
 from reference.tasks import Task, check_tasks
 
 Params = list[np.ndarray]
