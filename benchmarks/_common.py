@@ -72,6 +72,56 @@ def set_torch_threads(threads: int | None) -> None:
     torch.set_num_threads(int(threads))
 
 
+def at_threads(fn: Callable[[], Any], threads: int) -> Callable[[], Any]:
+    """``fn`` run with its BLAS libraries (threadpoolctl) and torch's intra-op pool pinned to ``threads``.
+
+    The settings in force outside (the libraries' defaults, unless ``run.py --threads`` pinned
+    them) are restored after each call, so pinned and default runs alternate in one process.
+    XLA's thread pool is fixed at start-up: JAX cannot be pinned this way.
+    """
+
+    def pinned() -> Any:
+        from threadpoolctl import threadpool_limits
+
+        torch = sys.modules.get("torch")
+        before = torch.get_num_threads() if torch is not None else None
+        with threadpool_limits(limits=int(threads), user_api="blas"):
+            if torch is not None:
+                torch.set_num_threads(int(threads))
+            try:
+                return fn()
+            finally:
+                if torch is not None:
+                    torch.set_num_threads(before)
+
+    return pinned
+
+
+def default_threads() -> dict[str, int]:
+    """Threads the libraries use now: BLAS (the most among the loaded BLAS libraries) and torch."""
+    out: dict[str, int] = {}
+    try:
+        from threadpoolctl import threadpool_info
+
+        out["blas"] = max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] or [0])
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].get_num_threads()
+    return out
+
+
+def blas_description() -> str:
+    """The loaded BLAS libraries as threadpoolctl sees them: implementation, version, kernel, threads."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (threadpoolctl not installed)"
+    return "; ".join(f"{os.path.basename(i['filepath'])}: {i.get('internal_api')} {i.get('version')} "
+                     f"{i.get('architecture', '')} x{i['num_threads']}"
+                     for i in threadpool_info() if i["user_api"] == "blas") or "none loaded"
+
+
 # ---------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------
@@ -320,6 +370,7 @@ def environment(threads: int | None) -> dict[str, Any]:
         "load_average": load(),
         "threads": threads if threads is not None else "library defaults",
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "unset"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "unset"),
     }
     mem = None
@@ -335,6 +386,8 @@ def environment(threads: int | None) -> dict[str, Any]:
         env[name] = _version(name)
     if "torch" in sys.modules:
         env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    if "numpy" in sys.modules:
+        env["blas"] = blas_description()
     return env
 
 

@@ -2,7 +2,7 @@
 
 Run from the repository root (``run.py`` runs it with the others)::
 
-    /work/venv/bin/python benchmarks/bench_fd_accuracy.py [--quick]
+    python benchmarks/bench_fd_accuracy.py [--quick]
 
 The function: the mean-squared-error loss of a small tanh network
 ``[2, 5, 1]`` on 8 fixed samples plus ``0.1 log(1 + ||x||^2)``, as a function of

@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    /work/venv/bin/python benchmarks/bench_reference_maml.py            # full table (minutes)
-    /work/venv/bin/python benchmarks/bench_reference_maml.py --quick    # smoke run, < 30 s
+    python benchmarks/bench_reference_maml.py            # full table (minutes)
+    python benchmarks/bench_reference_maml.py --quick    # smoke run, < 30 s
 
 Problem (Finn et al. 2017, sinusoid regression): 25 tasks, 10 support / 10
 query examples, K = 5 inner steps, inner_lr = 0.01, mse, relu MLPs

@@ -2,7 +2,7 @@
 
 Run from the repository root (``run.py`` runs it with the others)::
 
-    /work/venv/bin/python benchmarks/bench_scale.py [--quick]
+    python benchmarks/bench_scale.py [--quick]
 
 MLPs ``8-w-w-1`` (tanh) with ``w`` = 28, 96, 312, 1024: 1.1e3, 1.0e4, 1.0e5 and
 1.06e6 parameters; MAML on one sinusoid task of

@@ -2,7 +2,7 @@
 
 Run from the repository root (``run.py`` runs it with the others)::
 
-    /work/venv/bin/python benchmarks/bench_sensitivity.py [--quick]
+    python benchmarks/bench_sensitivity.py [--quick]
 
 The problem: MAML (Finn et al. 2017) on sinusoid tasks (``reference.tasks.sinusoid``),
 a tanh MLP, ``K`` inner steps; one problem per seed (initial parameters and

@@ -2,7 +2,7 @@
 
 Run from the repository root (``run.py`` runs it with the others)::
 
-    /work/venv/bin/python benchmarks/bench_speed.py [--quick]
+    python benchmarks/bench_speed.py [--quick]
 
 * MAML: the problem, the reference call and the PyTorch loop are those of
   ``benchmarks/bench_reference_maml.py`` (issue 3; imported, not copied):
@@ -18,6 +18,14 @@ Run from the repository root (``run.py`` runs it with the others)::
 * R2-D2 (Bertinetto et al. 2019), dual ridge head: tanh backbones 8-40-40,
   8-256-256, 8-1024-1024 (1.06M parameters), 25 tasks, 5-way 5-shot 15-query
   Gaussian classification, lam = 1, scale = 1, offset = 0.
+
+Threads: the main table is at the libraries' default settings (what a user
+gets: on the 2-core benchmark machine OpenBLAS and torch use 2 threads, XLA its
+own pool), unless ``run.py --threads`` pinned them; in the same rounds the
+reference and PyTorch also run pinned to one thread (``threadpoolctl`` for the
+BLAS libraries, ``torch.set_num_threads``), the second table. ``ref / ref 1t``
+is the reference's default-settings time over its one-thread time (goal <= 1:
+extra cores must not slow it down; issue 18).
 
 Per size the implementations run in alternating rounds after one warm-up
 round (the JAX warm-up is its compilation, reported separately); the largest
@@ -48,6 +56,8 @@ from benchmarks._common import (  # noqa: E402
     Result,
     Span,
     alternate,
+    at_threads,
+    default_threads,
     fmt_mb,
     fmt_ratio,
     log,
@@ -167,9 +177,12 @@ def bench(algo: str, quick: bool) -> list[dict[str, Any]]:
     for i, label in enumerate(labels):
         n_params, fns = case(label, quick)
         largest = i == len(labels) - 1
-        repeats = 1 if quick else (2 if largest else (5 if i == 0 else 3))
+        repeats = 1 if quick else (3 if largest else (7 if i == 0 else 5))
         compile_s, _ = timed(fns["jax"]) if "jax" in fns else (float("nan"), None)
-        times, outs, _ = alternate(fns, repeats, warmup=0 if (largest or quick) else 1)
+        # Default settings and, in the same rounds, the reference and torch pinned to one thread.
+        timed_fns = {**fns, **{f"{k}@1": at_threads(fns[k], 1) for k in ("reference", "torch")}}
+        threads = default_threads()
+        times, outs, _ = alternate(timed_fns, repeats, warmup=0 if (largest or quick) else 1)
         _, tm_peak = tracemalloc_peak(fns["reference"])
         rss: dict[str, float] = {}
         if largest and not quick:  # (benchmark 5 exercises the probe in the quick run)
@@ -181,13 +194,22 @@ def bench(algo: str, quick: bool) -> list[dict[str, Any]]:
                                       {"algo": algo, "label": label, "impl": impl, "quick": quick},
                                       warmup=0 if impl == "jax" else 1)
         g = {k: v[1] for k, v in outs.items()}
+        ratios = {k: pairwise(times, k, "reference") for k in fns if k != "reference"}
+        ratios["torch@1"] = pairwise(times, "torch@1", "reference@1")
+        ratios["reference/reference@1"] = pairwise(times, "reference", "reference@1")
+        ratios["torch/torch@1"] = pairwise(times, "torch", "torch@1")
         rows.append({"model": label, "params": n_params, "times": times, "rss": rss, "repeats": repeats,
-                     "jax_first_call": compile_s, "ref_tracemalloc": tm_peak,
-                     "ratios": {k: pairwise(times, k, "reference") for k in fns if k != "reference"},
+                     "threads": threads, "jax_first_call": compile_s, "ref_tracemalloc": tm_peak,
+                     "ratios": ratios,
                      "max_rel_diff": {k: _rel(g[k], g["reference"]) for k in g if k != "reference"}})
-        log(f"  speed {algo} {label}: " + ", ".join(f"{k} {times[k].median:.3g} s" for k in fns)
+        log(f"  speed {algo} {label}: " + ", ".join(f"{k} {times[k].median:.3g} s" for k in timed_fns)
             + (f"; RSS MB {', '.join(f'{k} {v / 2**20:.0f}' for k, v in rss.items())}" if rss else ""))
     return rows
+
+
+def _threads_label(r: dict[str, Any]) -> str:
+    th = r.get("threads", {})
+    return f"{th.get('blas', '?')} / {th.get('torch', '?')}"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -195,15 +217,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         t: dict[str, Span] = r["times"]
         has_jax = "jax" in t
-        out.append([r["model"], f"{r['params']:,}", r["repeats"], t["reference"].fmt(), t["torch"].fmt(),
-                    t["jax"].fmt() if has_jax else "not run", f"{r['jax_first_call']:.2f} s" if has_jax else "",
+        out.append([r["model"], f"{r['params']:,}", r["repeats"], _threads_label(r), t["reference"].fmt(),
+                    t["torch"].fmt(), t["jax"].fmt() if has_jax else "not run",
+                    f"{r['jax_first_call']:.2f} s" if has_jax else "",
                     fmt_ratio(r["ratios"]["torch"]), fmt_ratio(r["ratios"]["jax"]) if has_jax else "",
+                    fmt_ratio(r["ratios"]["reference/reference@1"]),
                     fmt_mb(r["ref_tracemalloc"]), _mb(r, "reference"), _mb(r, "torch"), _mb(r, "jax"),
                     f"{max(r['max_rel_diff'].values()):.1e}"])
-    return md_table(["model", "params", "runs", "reference", "torch", "jax (jit)", "jax 1st call (compile)",
-                     "torch / ref", "jax / ref", "ref tracemalloc MB", "ref RSS MB", "torch RSS MB",
-                     "jax RSS MB (1st call)",
-                     "max rel diff"], out)
+    return md_table(["model", "params", "runs", "threads (BLAS / torch)", "reference", "torch", "jax (jit)",
+                     "jax 1st call (compile)", "torch / ref", "jax / ref", "ref / ref 1t", "ref tracemalloc MB",
+                     "ref RSS MB", "torch RSS MB", "jax RSS MB (1st call)", "max rel diff"], out)
+
+
+def _pinned_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        t: dict[str, Span] = r["times"]
+        out.append([r["model"], f"{r['params']:,}", r["repeats"], t["reference@1"].fmt(), t["torch@1"].fmt(),
+                    fmt_ratio(r["ratios"]["torch@1"]), fmt_ratio(r["ratios"]["reference/reference@1"]),
+                    fmt_ratio(r["ratios"]["torch/torch@1"])])
+    return md_table(["model", "params", "runs", "reference, 1 thread", "torch, 1 thread", "torch / ref (1 thread)",
+                     "ref default / ref 1t", "torch default / torch 1t"], out)
 
 
 def _mb(row: dict[str, Any], impl: str) -> str:
@@ -220,16 +254,27 @@ def run(quick: bool = False) -> Result:
         "(`-`: not probed): NumPy and PyTorch after one warm-up call (PyTorch's one-time initialisation holds "
         "~200 MB), JAX on its first call, compilation included (XLA keeps that call's buffers for the next "
         "ones, so a second call's increase would hide its working memory). "
-        "`max rel diff`: largest |gradient - reference| / max |reference| over torch and jax.",
+        "`max rel diff`: largest |gradient - reference| / max |reference| over torch and jax. "
+        "`threads`: the libraries' thread counts in the main table (their defaults unless `run.py --threads` "
+        "pinned them); `ref / ref 1t`: the reference's time there over its time pinned to one thread, same round "
+        "(<= 1: the extra cores do not slow it down). The second table of each algorithm is the one-thread run.",
         "",
         "### MAML (sinusoid, relu, " + ("2 tasks, K=2 [quick]" if quick else "25 tasks, 10/10 shots, K=5") +
         ", inner_lr 0.01; problem and PyTorch loop from `bench_reference_maml.py`)",
         "",
         _table(data["maml"]),
         "",
+        "Pinned to one thread (same rounds):",
+        "",
+        _pinned_table(data["maml"]),
+        "",
         "### iMAML (CG implicit solve, tanh, " + ("1 task" if quick else "2 tasks") + ", lam=1)",
         "",
         _table(data["imaml"]),
+        "",
+        "Pinned to one thread (same rounds):",
+        "",
+        _pinned_table(data["imaml"]),
         "",
         "iMAML's `ref tracemalloc` counts the Lanczos workspace that scipy's `trust-krylov` (the reference's inner "
         "solver) preallocates with `np.empty` and mostly never touches (the figures fit three arrays of "
@@ -243,16 +288,25 @@ def run(quick: bool = False) -> Result:
         "",
         _table(data["r2d2"]),
         "",
+        "Pinned to one thread (same rounds):",
+        "",
+        _pinned_table(data["r2d2"]),
+        "",
         "The largest size of each table has two timed runs (no warm-up for NumPy/PyTorch: their first call is the "
         "first run; JAX's first call, with compilation, is the separate column)."
         + (" Quick mode: no JAX (each compilation costs seconds of CPU; the full run has it)." if quick else ""),
     ]
     head = []
     for algo in ("maml", "imaml", "r2d2"):
-        r = data[algo][-1]
-        jax = f", jax/reference {r['ratios']['jax'].median:.2g}x" if "jax" in r["ratios"] else ""
-        head.append(f"speed {algo} {r['model']} ({r['params']:,} params): torch/reference "
-                    f"{r['ratios']['torch'].median:.2g}x{jax}")
+        rows = data[algo]
+        th = _threads_label(rows[-1])
+        sizes = "; ".join(
+            f"{r['model']} {r['ratios']['torch'].median:.2g}x"
+            + (f" (jax {r['ratios']['jax'].median:.2g}x)" if "jax" in r["ratios"] else "")
+            + f", ref/ref-1-thread {r['ratios']['reference/reference@1'].median:.2g}" for r in rows)
+        pinned = "; ".join(f"{r['model']} {r['ratios']['torch@1'].median:.2g}x" for r in rows)
+        head.append(f"speed {algo}, torch/reference at default threads (BLAS/torch {th}): {sizes}. "
+                    f"Pinned to one thread: {pinned}")
     return Result("1-speed", "Reference speed: NumPy reference vs PyTorch autograd vs JAX jit", "\n".join(md), data,
                   plots=[("speed.png", plot(data))], headline=head, seconds=time.perf_counter() - t0)
 

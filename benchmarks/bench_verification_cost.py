@@ -2,7 +2,7 @@
 
 Run from the repository root (``run.py`` runs it with the others)::
 
-    /work/venv/bin/python benchmarks/bench_verification_cost.py [--quick]
+    python benchmarks/bench_verification_cost.py [--quick]
 
 The problem: MAML on the sinusoid tasks of ``bench_reference_maml.make_problem``
 (10/10 shots, K = 5, inner_lr 0.01), tanh MLPs 1-10-10-1, 1-40-40-1,

@@ -2,9 +2,9 @@
 
 Usage, from the repository root::
 
-    /work/venv/bin/python benchmarks/run.py            # full run -> reports/benchmarks/
-    /work/venv/bin/python benchmarks/run.py --quick    # smoke run (tiny sizes) -> reports/latest/benchmarks-quick/
-    /work/venv/bin/python benchmarks/run.py --only 3 4 --out /tmp/bench
+    python benchmarks/run.py            # full run -> reports/benchmarks/
+    python benchmarks/run.py --quick    # smoke run (tiny sizes) -> reports/latest/benchmarks-quick/
+    python benchmarks/run.py --only 3 4 --out /tmp/bench
 
 Benchmarks (one module each; every module also runs on its own):
 
@@ -23,7 +23,14 @@ Output: ``README.md`` (environment, headline figures, links), one Markdown file
 per benchmark, one PNG per benchmark, ``results.json``. Times are wall-clock on
 a shared machine: medians of several runs with min-max, ratios per round
 (alternating implementations), the load average recorded before and after each
-benchmark. Thread pools are set to one thread by default (``--threads``).
+benchmark.
+
+Threads: by default nothing is pinned: every library runs with its own default
+thread pools (BLAS and torch use all cores), which is what a user gets.
+``--threads N`` pins BLAS, OpenMP, torch and XLA to ``N`` threads for the whole
+run; ``--quick`` pins one thread unless ``--threads`` is given (a smoke test on a
+shared CI machine). Benchmark 1 also times the reference and PyTorch pinned to
+one thread, in the same rounds, as a second table.
 A benchmark that raises is reported as failed (traceback in its page) and the
 others still run; the exit code is then 1.
 """
@@ -58,8 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="output folder (default: reports/benchmarks, or "
                                                 "reports/latest/benchmarks-quick with --quick)")
     ap.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=None, help="run these benchmarks only")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="threads for BLAS, OpenMP, torch and XLA (default 1; 0 leaves the libraries' defaults)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="pin BLAS, OpenMP, torch and XLA to this many threads (default: the libraries' own "
+                         "defaults, what a user gets; 1 with --quick; 0: the defaults, also with --quick)")
     return ap.parse_args(argv)
 
 
@@ -89,7 +97,7 @@ def _page(res: _common.Result, command: str, plots: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    threads = None if args.threads == 0 else args.threads
+    threads = (1 if args.quick else None) if args.threads is None else (None if args.threads == 0 else args.threads)
     _common.set_thread_env(threads)  # before numpy / torch / jax are imported
     import importlib
 
@@ -98,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(ROOT, *default)
     os.makedirs(out, exist_ok=True)
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "") + (
-        f" --only {' '.join(args.only)}" if args.only else "")
+        f" --only {' '.join(args.only)}" if args.only else "") + (
+        f" --threads {args.threads}" if args.threads is not None else "")
     chosen = args.only or list(BENCHMARKS)
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
@@ -144,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Times are wall-clock on a shared machine (see the load averages): medians with min-max over runs; every "
         "ratio is measured pairwise in the same run (implementations alternate). Thread pools: "
-        f"{threads if threads else 'library defaults'} thread(s) each.",
+        + (f"pinned to {threads} thread(s) each (`--threads`)." if threads else
+           f"the libraries' defaults, what a user gets ({_common.default_threads()} threads on this "
+           f"{os.cpu_count()}-core machine); benchmark 1 adds a one-thread table."),
         "",
         "## Headline",
         "",

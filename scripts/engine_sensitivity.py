@@ -2,7 +2,11 @@
 
 Run from the repository root::
 
-    /work/venv/bin/python benchmarks/engine_sensitivity.py [--cases 200] [--seed 0]
+    python scripts/engine_sensitivity.py [--cases 200] [--seed 0]
+
+A development script beside the engine tests, not one of ``benchmarks/``: it
+draws its cases from the tests' generator (``tests/test_engine_cases.py``),
+and ``benchmarks/`` imports nothing from ``tests/``.
 
 Prints, for each directional-derivative method, the median and maximum relative
 error against 30-digit mpmath (relative to max(|D|, ||g|| ||v||, |f|/max(1,||x||)))
