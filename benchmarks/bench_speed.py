@@ -70,6 +70,8 @@ from benchmarks._common import (  # noqa: E402
 from reference.models import MLP, flatten  # noqa: E402
 
 IMPLS = ("reference", "torch", "jax")
+#: Timed rounds per size (None: 7/5/3 from the smallest to the largest size); run.py --rounds sets it.
+ROUNDS: int | None = None
 
 
 def _rel(a: list[np.ndarray], ref: list[np.ndarray]) -> float:
@@ -178,6 +180,8 @@ def bench(algo: str, quick: bool) -> list[dict[str, Any]]:
         n_params, fns = case(label, quick)
         largest = i == len(labels) - 1
         repeats = 1 if quick else (3 if largest else (7 if i == 0 else 5))
+        if ROUNDS is not None:  # run.py --rounds: a shorter run (torch's default threads can be slow under load)
+            repeats = ROUNDS if not largest else max(1, ROUNDS - 1)
         compile_s, _ = timed(fns["jax"]) if "jax" in fns else (float("nan"), None)
         # Default settings and, in the same rounds, the reference and torch pinned to one thread.
         timed_fns = {**fns, **{f"{k}@1": at_threads(fns[k], 1) for k in ("reference", "torch")}}

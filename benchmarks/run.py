@@ -68,6 +68,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="pin BLAS, OpenMP, torch and XLA to this many threads (default: the libraries' own "
                          "defaults, what a user gets; 1 with --quick; 0: the defaults, also with --quick)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed rounds per size in benchmark 1 (default 7/5/3 from the smallest size to the "
+                         "largest; the largest gets one fewer than given)")
     return ap.parse_args(argv)
 
 
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "") + (
         f" --only {' '.join(args.only)}" if args.only else "") + (
-        f" --threads {args.threads}" if args.threads is not None else "")
+        f" --threads {args.threads}" if args.threads is not None else "") + (
+        f" --rounds {args.rounds}" if args.rounds is not None else "")
     chosen = args.only or list(BENCHMARKS)
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         try:
             module = importlib.import_module(f"benchmarks.{module_name}")
+            if args.rounds is not None and hasattr(module, "ROUNDS"):
+                module.ROUNDS = args.rounds
             res = module.run(args.quick)
         except Exception:
             tb = traceback.format_exc()
