@@ -103,10 +103,22 @@ def _ridge(Z, Y, lam, form, what):
     return Z.T @ alpha, (factor, alpha)
 
 
-def _task(Zs: np.ndarray, Zq: np.ndarray, task: Task, n_classes, lam, scale, offset, bias_column, normalize,
+def _task(feats, task: Task, n_classes, lam, scale, offset, bias_column, normalize, form, regression, where,
+          need_grad):
+    """One task from its :class:`~reference._features.TaskFeatures` (or anything with ``support``,
+    ``query`` and ``vjp``): ``(value, (grads, g_lam, g_scale, g_offset))``."""
+    value, out = _head(feats.support, feats.query, task, n_classes, lam, scale, offset, bias_column, normalize,
+                       form, regression, where, need_grad)
+    if out is None:
+        return value, None
+    (G_Zs, G_Zq), *hyper = out
+    return value, (feats.vjp(G_Zs, G_Zq), *hyper)
+
+
+def _head(Zs: np.ndarray, Zq: np.ndarray, task: Task, n_classes, lam, scale, offset, bias_column, normalize,
           form, regression, where, need_grad):
-    """One task's query loss and, with ``need_grad``, the feature cotangents ``(G_Zs, G_Zq)`` and the
-    head's gradients ``(g_lam, g_scale, g_offset)``."""
+    """The ridge head of one task on its features: the query loss and, with ``need_grad``, the feature
+    cotangents ``(G_Zs, G_Zq)`` and the head's gradients ``(g_lam, g_scale, g_offset)``."""
     if bias_column:
         Zs, Zq = append_ones(Zs), append_ones(Zq)
     n = Zs.shape[0]
@@ -166,7 +178,7 @@ def meta_loss(
     for block in feature_blocks(backbone, params, tasks):
         with single_threaded_blas():
             for i in block.indices:
-                value, _ = _task(block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset,
+                value, _ = _head(block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset,
                                  bias_column, normalize, form, regression, f"tasks[{i}]", False)
                 total = total + value
     return as_scalar(total / len(tasks))
@@ -224,7 +236,7 @@ def meta_loss_and_grad(
         cotangents = {}
         with single_threaded_blas():
             for i in block.indices:
-                value, (cot, g_lam, g_scale, g_offset) = _task(
+                value, (cot, g_lam, g_scale, g_offset) = _head(
                     block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset, bias_column,
                     normalize, form, regression, f"tasks[{i}]", True
                 )
