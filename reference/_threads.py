@@ -34,7 +34,8 @@ import contextvars
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -129,8 +130,15 @@ def _in_worker(ctx: contextvars.Context, fn: Callable[[T], R], item: T) -> R:
         _local.inside = False
 
 
-def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> list[R]:
-    """``[fn(item) for item in items]``, with one BLAS thread, on ``blas_threads()`` workers when worth it.
+def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Iterator[R]:
+    """``fn(item) for item in items``, with one BLAS thread, on ``blas_threads()`` workers when worth it.
+
+    A generator: results come in ``items`` order, so a caller that reduces them
+    as they come (in that order) gets results independent of the thread count,
+    and at most ``2 x workers`` results wait at a time (a 1M-parameter
+    meta-gradient is 8 MB per task). Memory is about ``workers`` times a
+    sequential loop's. An exception is raised as the sequential loop would
+    raise it: that of the first failing item.
 
     Args:
         fn: the per-task computation (must not mutate shared state).
@@ -138,27 +146,30 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> list[
         work: the size of one call's matrix products, ``rows x parameters``;
             below :data:`PARALLEL_MIN_WORK` the calls run in this thread (still
             with one BLAS thread).
-
-    Returns the results in ``items`` order (reduce them in that order for
-    results independent of the thread count). An exception is raised as the
-    sequential loop would raise it: that of the first failing item.
     """
     items = list(items)
     with single_threaded_blas() as threads:
         workers = _workers(threads, len(items))
         if workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False):
-            return [fn(item) for item in items]
+            for item in items:
+                yield fn(item)
+            return
         pool = _executor(workers)
         ctx = contextvars.copy_context()
-        futures = [pool.submit(_in_worker, ctx.copy(), fn, item) for item in items]
+        pending: deque[Future[R]] = deque()
+        submitted = 0
         try:
-            return [f.result() for f in futures]
+            while submitted < len(items) or pending:
+                while submitted < len(items) and len(pending) < 2 * workers:
+                    pending.append(pool.submit(_in_worker, ctx.copy(), fn, items[submitted]))
+                    submitted += 1
+                yield pending.popleft().result()
         finally:
-            # After a failure: drop the tasks not started, wait for the running ones (they use the
-            # single-threaded BLAS this call holds).
-            for f in futures:
+            # After a failure (or a caller that stops early): drop the tasks not started, wait for the
+            # running ones (they use the single-threaded BLAS this call holds).
+            for f in pending:
                 f.cancel()
-            wait(futures)
+            wait(pending)
 
 
 __all__ = ["PARALLEL_MIN_WORK", "blas_threads", "map_tasks", "single_threaded_blas"]

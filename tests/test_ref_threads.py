@@ -124,9 +124,9 @@ def test_blas_threads_restored_also_after_an_error(two_workers):
         return i
 
     with pytest.raises(ValueError, match="task 1"):  # the first failing task, as a loop would raise
-        _threads.map_tasks(fn, range(5), work=1e9)
+        list(_threads.map_tasks(fn, range(5), work=1e9))
     assert _blas_threads() == before
-    assert _threads.map_tasks(lambda i: i * i, range(5), work=1e9) == [0, 1, 4, 9, 16]
+    assert list(_threads.map_tasks(lambda i: i * i, range(12), work=1e9)) == [i * i for i in range(12)]
     assert _blas_threads() == before
 
 
@@ -134,7 +134,7 @@ def test_user_thread_setting_is_the_pool_size():
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         assert _threads.blas_threads() == 1
         seen = []
-        _threads.map_tasks(lambda i: seen.append(i), range(4), work=1e9)
+        list(_threads.map_tasks(lambda i: seen.append(i), range(4), work=1e9))
         assert seen == [0, 1, 2, 3]  # sequential: one worker under a 1-thread BLAS
         assert max(_blas_threads()) == 1
 
@@ -142,16 +142,16 @@ def test_user_thread_setting_is_the_pool_size():
 def test_errstate_reaches_workers_and_nesting(two_workers):
     def fn(i):
         with np.errstate(over="ignore"):  # nested calls run inline in the worker
-            inner = _threads.map_tasks(lambda j: j + i, range(3), work=1e9)
+            inner = list(_threads.map_tasks(lambda j: j + i, range(3), work=1e9))
         return float(np.float64(1e308) * 10.0), inner
 
     with np.errstate(over="ignore"):
-        out = _threads.map_tasks(fn, range(4), work=1e9)
+        out = list(_threads.map_tasks(fn, range(4), work=1e9))
     assert [o[1] for o in out] == [[i, i + 1, i + 2] for i in range(4)]
     with np.errstate(over="raise"), pytest.raises(FloatingPointError):
-        _threads.map_tasks(lambda i: np.float64(1e308) * 10.0, range(4), work=1e9)
+        list(_threads.map_tasks(lambda i: np.float64(1e308) * 10.0, range(4), work=1e9))
 
 
 def test_small_problems_stay_sequential(two_workers, monkeypatch):
     monkeypatch.setattr(_threads, "_in_worker", lambda *a: pytest.fail("a small problem used the pool"))
-    assert _threads.map_tasks(lambda i: i, range(3), work=_threads.PARALLEL_MIN_WORK / 2) == [0, 1, 2]
+    assert list(_threads.map_tasks(lambda i: i, range(3), work=_threads.PARALLEL_MIN_WORK / 2)) == [0, 1, 2]
