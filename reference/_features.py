@@ -166,10 +166,11 @@ class TaskFeatures:
         return self.backbone._backward(self.params, self._hs, self._derivs, g)
 
 
-# Rows of one stacked forward pass (see StackedFeatures): large enough for efficient, well-threaded
-# matrix products, small enough to bound the activations kept for the backward pass (2048 rows of a
-# 1024-wide backbone: ~16 MB per array).
-STACK_ROWS = 2048
+# Rows of one stacked forward pass (see StackedFeatures): large enough for efficient matrix products
+# (a 512-row product is as fast per row as a 2048-row one on a 1024-wide layer), small enough that a
+# task list gives several blocks for the thread pool and the activations kept stay small. Fixed (not
+# derived from the thread count), so the result does not depend on the number of threads.
+STACK_ROWS = 512
 
 
 class StackedFeatures:
@@ -240,19 +241,24 @@ class StackedFeatures:
         return self.backbone._backward(self.params, self._hs, self._derivs, g)
 
 
-def feature_blocks(backbone: MLP, params: Params, tasks: Sequence[Task], name: str = "tasks",
-                   max_rows: int = STACK_ROWS) -> Iterator[StackedFeatures]:
-    """Consecutive groups of tasks of at most ``max_rows`` rows (at least one task each), as :class:`StackedFeatures`."""
-    group: list[int] = []
+def task_blocks(tasks: Sequence[Task], max_rows: int = STACK_ROWS) -> list[list[int]]:
+    """Consecutive groups of task indices of at most ``max_rows`` rows (support + query; at least one task each)."""
+    blocks: list[list[int]] = []
     rows = 0
     for i, t in enumerate(tasks):
         n = t.x_support.shape[0] + t.x_query.shape[0]
-        if group and rows + n > max_rows:
-            yield StackedFeatures(backbone, params, [tasks[j] for j in group], group, name)
-            group, rows = [], 0
-        group.append(i)
+        if not blocks or rows + n > max_rows:
+            blocks.append([])
+            rows = 0
+        blocks[-1].append(i)
         rows += n
-    if group:
+    return blocks
+
+
+def feature_blocks(backbone: MLP, params: Params, tasks: Sequence[Task], name: str = "tasks",
+                   max_rows: int = STACK_ROWS) -> Iterator[StackedFeatures]:
+    """:func:`task_blocks` as :class:`StackedFeatures`, one block at a time."""
+    for group in task_blocks(tasks, max_rows):
         yield StackedFeatures(backbone, params, [tasks[j] for j in group], group, name)
 
 

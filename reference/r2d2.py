@@ -45,12 +45,13 @@ from reference._features import (
     check_feature_tasks,
     check_lam,
     check_n_classes,
+    StackedFeatures,
     class_label_check,
-    feature_blocks,
     target_check,
+    task_blocks,
 )
 from reference._linalg import SPDFactor
-from reference._threads import single_threaded_blas
+from reference._threads import map_tasks
 from reference._validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.models import MLP, _Loss
@@ -156,6 +157,31 @@ def _head(Zs: np.ndarray, Zq: np.ndarray, task: Task, n_classes, lam, scale, off
     return value, ((G_Zs, G_Zq), g_lam, g_scale, g_offset)
 
 
+def _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column, normalize, form, regression, *,
+            need_grad):
+    """Per block of tasks (``task_blocks``, fixed size): ``(values, (summed backbone grads, heads))``, in order.
+
+    The backbone is shared by the tasks: one stacked forward pass and one VJP per block (reference/
+    _features.py) around the small per-task ridge solves; the blocks run on the thread pool of
+    reference/_threads.py, each with one BLAS thread, and are reduced in order by the caller.
+    """
+
+    def block(indices: list[int]) -> tuple[list[Any], Any]:
+        feats = StackedFeatures(backbone, params, [tasks[i] for i in indices], indices)
+        values, cotangents, heads = [], {}, []
+        for i in indices:
+            value, out = _head(feats.support(i), feats.query(i), tasks[i], n_classes, lam, scale, offset,
+                               bias_column, normalize, form, regression, f"tasks[{i}]", need_grad)
+            values.append(value)
+            if need_grad:
+                cotangents[i], *head = out
+                heads.append(head)
+        return values, ((feats.vjp(cotangents), heads) if need_grad else None)
+
+    rows = max(t.x_support.shape[0] + t.x_query.shape[0] for t in tasks)
+    return map_tasks(block, task_blocks(tasks), work=rows * backbone.n_params)
+
+
 def meta_loss(
     backbone: MLP,
     params: list[Any],
@@ -175,12 +201,10 @@ def meta_loss(
         backbone, params, tasks, n_classes, lam, scale, offset, form, regression
     )
     total = 0.0
-    for block in feature_blocks(backbone, params, tasks):
-        with single_threaded_blas():
-            for i in block.indices:
-                value, _ = _head(block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset,
-                                 bias_column, normalize, form, regression, f"tasks[{i}]", False)
-                total = total + value
+    for values, _ in _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column, normalize, form,
+                             regression, need_grad=False):
+        for value in values:
+            total = total + value
     return as_scalar(total / len(tasks))
 
 
@@ -229,23 +253,14 @@ def meta_loss_and_grad(
     )
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
-    # The backbone is shared by the tasks: one stacked forward pass and one VJP per block of tasks
-    # (large products, on the user's BLAS threads), the small per-task ridge solves in between on one
-    # BLAS thread (reference/_threads.py: splitting small products across threads costs more than it saves).
-    for block in feature_blocks(backbone, params, tasks):
-        cotangents = {}
-        with single_threaded_blas():
-            for i in block.indices:
-                value, (cot, g_lam, g_scale, g_offset) = _head(
-                    block.support(i), block.query(i), tasks[i], n_classes, lam, scale, offset, bias_column,
-                    normalize, form, regression, f"tasks[{i}]", True
-                )
-                total = total + value
-                cotangents[i] = cot
-                hyper["lam"] += g_lam
-                hyper["scale"] += g_scale
-                hyper["offset"] += g_offset
-        grads = accumulate(grads, block.vjp(cotangents))
+    for values, (g, heads) in _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column,
+                                      normalize, form, regression, need_grad=True):
+        for value, (g_lam, g_scale, g_offset) in zip(values, heads):
+            total = total + value
+            hyper["lam"] += g_lam
+            hyper["scale"] += g_scale
+            hyper["offset"] += g_offset
+        grads = accumulate(grads, g)
     m = len(tasks)
     return as_scalar(total / m), [g / m for g in grads], {k: as_scalar(v / m) for k, v in hyper.items()}
 

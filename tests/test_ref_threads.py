@@ -97,15 +97,19 @@ def test_stacked_features_equal_per_task(max_rows):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15 * np.max(np.abs(b)))
 
 
-def test_r2d2_stacked_matches_blocks_of_one(monkeypatch):
+def test_r2d2_stacked_matches_blocks_of_one(monkeypatch, two_workers):
     from reference import _features
 
-    model = MLP([8, 30, 20], "tanh", "mse")
+    model = MLP([8, 300, 20], "tanh", "mse")  # 8,720 parameters x 5 rows: the pool runs the blocks
     params = model.init(2)
     tasks = gaussian_classification(5, 2, 3, 8, n_tasks=6, seed=7)
+    assert model.n_params * 25 >= _threads.PARALLEL_MIN_WORK
+    monkeypatch.setattr(r2d2, "task_blocks", lambda tasks: _features.task_blocks(tasks, max_rows=50))
     loss1, g1, h1 = r2d2.meta_loss_and_grad(model, params, tasks, 5, 1.0, 1.0, 0.0)
+    loss0 = r2d2.meta_loss(model, params, tasks, 5, 1.0, 1.0, 0.0)
+    assert loss0 == loss1
     # One task per block: the per-task computation.
-    monkeypatch.setattr(r2d2, "feature_blocks", lambda *a: _features.feature_blocks(*a, max_rows=1))
+    monkeypatch.setattr(r2d2, "task_blocks", lambda tasks: _features.task_blocks(tasks, max_rows=1))
     loss2, g2, h2 = r2d2.meta_loss_and_grad(model, params, tasks, 5, 1.0, 1.0, 0.0)
     assert loss1 == pytest.approx(loss2, rel=1e-14)
     for a, b in zip(g1, g2):
