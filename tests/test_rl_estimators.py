@@ -114,11 +114,12 @@ def test_planted_variants_are_exact_too():
     mdp, th = _problem(2, 2, 8)
     base = ESTIMATORS["dice"]
     for spec in (base.variant("lr", alpha_scale=2.0), base.variant("undisc", inner_kind="undiscounted"),
-                 base.variant("past", outer_kind="past")):
-        a = exact_expectation(mdp, th, 0.6, 1, spec)
-        b = expectation_by_pairs(lambda D, Dp, s=spec: estimate(mdp, th, 0.6, D, Dp, s), mdp, th, 0.6, 1, 1)
+                 base.variant("past", outer_kind="past"), base.variant("bm", inner_baseline="batch-mean"),
+                 ESTIMATORS["lvc"].variant("sign", sign=-1.0)):
+        a = exact_expectation(mdp, th, 0.6, 2, spec)
+        b = expectation_by_pairs(lambda D, Dp, s=spec: estimate(mdp, th, 0.6, D, Dp, s), mdp, th, 0.6, 2, 1)
         assert _rel(a, b) < 1e-13
-        assert _rel(a, meta_objective_and_gradient(mdp, th, 0.6, 1)[1]) > 1e-3, spec.name
+        assert _rel(a, meta_objective_and_gradient(mdp, th, 0.6, 2)[1]) > 1e-3, spec.name
 
 
 def test_monte_carlo_agrees_with_the_exact_expectation():

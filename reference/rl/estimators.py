@@ -47,6 +47,13 @@ learning rate ``alpha_u`` (``g_hat'_u`` is then evaluated at
 ``fo-maml``
     First order: ``H = 0``, ``c = 0``.
 
+:class:`EstimatorSpec` also describes planted mistakes (the audit's
+catalogue): a wrong inner learning rate (``alpha_scale``), other return
+conventions in the inner step or the outer estimate (``inner_kind``,
+``outer_kind``: undiscounted, non-causal, cumulative sums in the wrong
+direction), a batch-mean inner baseline (``inner_baseline``), and a flipped
+sign (``sign``).
+
 Exact expectations enumerate every inner batch ``D`` (``T^n``) and, given
 ``D``, every outer trajectory: each estimator is an average over the outer
 batch, so ``E_{D'|D}[est] = est`` with ``g_hat'`` and ``R_hat'`` replaced by
@@ -73,7 +80,6 @@ from reference.rl.maml_rl import (
     DEFAULT_MAX_BATCHES,
     _block_hessian,
     _check_common,
-    _inner_batches,
     meta_objective_and_gradient,
     trajectory_terms,
 )
@@ -104,12 +110,13 @@ __all__ = [
 
 _HESSIANS = ("exact", "dice", "lvc", "none")
 _SCORES = ("sum", "mean", "none")
+_BASELINES = ("none", "batch-mean")
 _MEMORY_FLOATS = 4_000_000  # per vectorised chunk (~32 MB of float64)
 
 
 @dataclass(frozen=True)
 class EstimatorSpec:
-    """One estimator of the family ``(I + alpha_u H(D))^T g_hat'_u(D') + c(D) R_hat'(D')`` (module docstring).
+    """One estimator of the family ``sign * [(I + alpha_u H(D))^T g_hat'_u(D') + c(D) R_hat'(D')]`` (module docstring).
 
     Attributes:
         name: catalogue name.
@@ -118,6 +125,10 @@ class EstimatorSpec:
         alpha_scale: ``alpha_u = alpha_scale * alpha`` (1 = the contract).
         inner_kind, outer_kind: return conventions of the user's inner step and outer estimate
             (:data:`reference.rl.trajectories.RETURN_KINDS`); the sampling always follows the contract.
+        inner_baseline: ``"none"`` or ``"batch-mean"`` (the user's inner weights minus their mean over
+            the inner batch at each time step, ``advantages = returns - returns.mean(0)``: a baseline
+            that depends on the trajectory it is subtracted from).
+        sign: ``+1``, or ``-1`` for a function that returns the objective where a loss is expected.
         summary: one line for reports.
     """
 
@@ -127,6 +138,8 @@ class EstimatorSpec:
     alpha_scale: float = 1.0
     inner_kind: str = "discounted"
     outer_kind: str = "discounted"
+    inner_baseline: str = "none"
+    sign: float = 1.0
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -134,10 +147,13 @@ class EstimatorSpec:
             raise InvalidInputError(f"hessian={self.hessian!r} must be one of {_HESSIANS}")
         if self.inner_score not in _SCORES:
             raise InvalidInputError(f"inner_score={self.inner_score!r} must be one of {_SCORES}")
+        if self.inner_baseline not in _BASELINES:
+            raise InvalidInputError(f"inner_baseline={self.inner_baseline!r} must be one of {_BASELINES}")
         for nm in ("inner_kind", "outer_kind"):
             if getattr(self, nm) not in RETURN_KINDS:
                 raise InvalidInputError(f"{nm}={getattr(self, nm)!r} must be one of {RETURN_KINDS}")
         check_scalar("alpha_scale", self.alpha_scale)
+        check_scalar("sign", self.sign)
 
     def variant(self, name: str, summary: str = "", **changes) -> EstimatorSpec:
         return replace(self, name=name, summary=summary or self.summary, **changes)
@@ -164,26 +180,42 @@ def get_estimator(spec: str | EstimatorSpec) -> EstimatorSpec:
     return ESTIMATORS[spec]
 
 
-def _inner_hessian(mdp: FiniteMDP, spec: EstimatorSpec, pi: np.ndarray, terms, weights_mean: np.ndarray,
-                   traj: Trajectories, index: np.ndarray | None) -> np.ndarray:
-    """``H(D)`` for a batch: ``terms`` are per trajectory, ``index`` selects the batches (None: terms are (..., n))."""
-    def pick(x):
-        return x if index is None else x[index]
+@dataclass(frozen=True)
+class _InnerParts:
+    g_true: np.ndarray  # (..., d) the contract's g_hat(D) (sampling of D')
+    g_user: np.ndarray  # (..., d) the estimator's inner step direction
+    hessian: np.ndarray  # (..., d, d) H(D)
+    score_term: np.ndarray  # (..., d) c(D)
+    log_prob: np.ndarray  # (...,) log p_theta(D)
 
+
+def _inner_parts(mdp: FiniteMDP, spec: EstimatorSpec, th: np.ndarray, inner: Trajectories,
+                 b: np.ndarray | None) -> _InnerParts:
+    """Everything an estimator needs from the inner batch ``inner`` (leading shape ``(..., n)``)."""
+    n = inner.states.shape[-2]
+    pi = policy(th)
+    true = trajectory_terms(mdp, th, inner, baseline=b)
+    user = true if spec.inner_kind == "discounted" else trajectory_terms(mdp, th, inner, kind=spec.inner_kind,
+                                                                         baseline=b)
+    w = user.weights
+    if spec.inner_baseline == "batch-mean":
+        w = w - w.mean(-2, keepdims=True)
+    st = user.step_scores
+    g_user = np.einsum("...hd,...h->...d", st, w).mean(-2)
+    state_w = np.einsum("...hs,...h->...s", np.eye(mdp.n_states)[inner.states], w).mean(-2)
     d = mdp.n_params
     if spec.hessian == "none":
-        return np.zeros(weights_mean.shape[:-1] + (d, d))
-    H = _block_hessian(pi, weights_mean)
-    if spec.hessian == "lvc":
-        st = terms.step_scores  # (..., H, d)
-        extra = np.einsum("...hd,...he,...h->...de", st, st, terms.weights)
-        H = H + pick(extra).mean(-3)
-    elif spec.hessian == "dice":
-        cum = np.cumsum(terms.step_scores, axis=-2)  # S_{<=t}
-        cost = traj.rewards * mdp.gamma ** np.arange(mdp.horizon)
-        extra = np.einsum("...hd,...he,...h->...de", cum, cum, cost)
-        H = H + pick(extra).mean(-3)
-    return H
+        H = np.zeros(g_user.shape[:-1] + (d, d))
+    else:
+        H = _block_hessian(pi, state_w)
+        if spec.hessian == "lvc":
+            H = H + np.einsum("...hd,...he,...h->...de", st, st, w).mean(-3)
+        elif spec.hessian == "dice":
+            cum = np.cumsum(st, axis=-2)  # S_{<=t}
+            cost = inner.rewards * mdp.gamma ** np.arange(mdp.horizon)
+            H = H + np.einsum("...hd,...he,...h->...de", cum, cum, cost).mean(-3)
+    coef = {"sum": 1.0, "mean": 1.0 / n, "none": 0.0}[spec.inner_score]
+    return _InnerParts(true.g.mean(-2), g_user, H, coef * true.score.sum(-2), true.log_prob.sum(-1))
 
 
 def estimate(mdp: FiniteMDP, theta: ArrayLike, alpha: float, inner: Trajectories, outer: Trajectories,
@@ -196,18 +228,14 @@ def estimate(mdp: FiniteMDP, theta: ArrayLike, alpha: float, inner: Trajectories
     """
     spec = get_estimator(spec)
     th, alpha, _, b = _check_common(mdp, theta, alpha, 1, spec.inner_kind, baseline)
-    pi = policy(th)
-    terms = trajectory_terms(mdp, th, inner, kind=spec.inner_kind, baseline=b)
-    n = inner.states.shape[-2]
+    parts = _inner_parts(mdp, spec, th, inner, b)
     alpha_u = spec.alpha_scale * alpha
-    theta_u = th + alpha_u * terms.g.mean(-2).reshape(terms.g.shape[:-2] + th.shape)
-    H = _inner_hessian(mdp, spec, pi, terms, terms.state_weights.mean(-2), inner, None)
+    theta_u = th + alpha_u * parts.g_user.reshape(parts.g_user.shape[:-1] + th.shape)
     out_terms = trajectory_terms(mdp, theta_u[..., None, :, :], outer, kind=spec.outer_kind)
     g_out = out_terms.g.mean(-2)
     ret_out = out_terms.discounted_return.mean(-1)
-    est = g_out + alpha_u * np.einsum("...de,...d->...e", H, g_out)
-    coef = {"sum": 1.0, "mean": 1.0 / n, "none": 0.0}[spec.inner_score]
-    return est + coef * ret_out[..., None] * terms.score.sum(-2)
+    est = g_out + alpha_u * np.einsum("...de,...d->...e", parts.hessian, g_out)
+    return spec.sign * (est + ret_out[..., None] * parts.score_term)
 
 
 def exact_expectation(mdp: FiniteMDP, theta: ArrayLike, alpha: float, batch_size: int,
@@ -219,31 +247,28 @@ def exact_expectation(mdp: FiniteMDP, theta: ArrayLike, alpha: float, batch_size
     """
     spec = get_estimator(spec)
     th, alpha, n, b = _check_common(mdp, theta, alpha, batch_size, spec.inner_kind, baseline)
-    _check_common(mdp, th, alpha, n, "discounted", baseline)
-    pi = policy(th)
     traj = enumerate_trajectories(mdp)
     T, d = traj.count, mdp.n_params
-    # The contract's inner step (sampling of D') and the user's inner step may use different returns.
-    true_terms = trajectory_terms(mdp, th, traj, baseline=b)
+    if T**n > max_batches:
+        raise InvalidInputError(
+            f"{mdp.name} with batch_size={n} has T^n = {T}^{n} = {T**n} inner batches, more than "
+            f"max_batches={max_batches}; use a smaller MDP/batch, raise max_batches, or the Monte-Carlo mode")
     total = np.zeros(d, dtype=np.result_type(th, alpha, np.float64))
-    coef = {"sum": 1.0, "mean": 1.0 / n, "none": 0.0}[spec.inner_score]
     alpha_u = spec.alpha_scale * alpha
-    for _, batches in _inner_batches(mdp, th, n, spec.inner_kind, b, max_batches, traj):
-        terms = batches.terms
-        chunk = max(1, _MEMORY_FLOATS // (T * mdp.horizon * d))
-        for lo in range(0, len(batches.index), chunk):
-            idx = batches.index[lo:lo + chunk]
-            p_D = batches.prob[lo:lo + chunk]
-            theta_true = th + alpha * true_terms.g[idx].mean(-2).reshape((-1,) + th.shape)
-            theta_u = th + alpha_u * batches.g[lo:lo + chunk].reshape((-1,) + th.shape)
-            p_out = np.exp(log_prob(mdp, theta_true[:, None], traj))  # (K, T)
-            out = trajectory_terms(mdp, theta_u[:, None], traj, kind=spec.outer_kind)
-            Eg = np.einsum("kt,ktd->kd", p_out, out.g)
-            Eret = p_out @ out.discounted_return
-            H = _inner_hessian(mdp, spec, pi, terms, batches.state_weights[lo:lo + chunk], traj, idx)
-            est = Eg + alpha_u * np.einsum("kde,kd->ke", H, Eg) + coef * Eret[:, None] * batches.score[lo:lo + chunk]
-            total = total + p_D @ est
-    return total
+    idx_all = batch_indices(T, n)
+    chunk = max(1, _MEMORY_FLOATS // (T * mdp.horizon * d))
+    for lo in range(0, len(idx_all), chunk):
+        idx = idx_all[lo:lo + chunk]
+        parts = _inner_parts(mdp, spec, th, traj.take(idx), b)
+        theta_true = th + alpha * parts.g_true.reshape((-1,) + th.shape)
+        theta_u = th + alpha_u * parts.g_user.reshape((-1,) + th.shape)
+        p_out = np.exp(log_prob(mdp, theta_true[:, None], traj))  # (K, T): D' is drawn at the contract's theta'
+        out = trajectory_terms(mdp, theta_u[:, None], traj, kind=spec.outer_kind)
+        Eg = np.einsum("kt,ktd->kd", p_out, out.g)
+        Eret = p_out @ out.discounted_return
+        est = Eg + alpha_u * np.einsum("kde,kd->ke", parts.hessian, Eg) + Eret[:, None] * parts.score_term
+        total = total + np.exp(parts.log_prob) @ est
+    return spec.sign * total
 
 
 def exact_bias(mdp: FiniteMDP, theta: ArrayLike, alpha: float, batch_size: int,
