@@ -55,6 +55,7 @@ from reference.rl.trajectories import (
     returns_to_go,
     sample_trajectories,
     scores,
+    step_log_probs,
 )
 
 __all__ = [
@@ -63,6 +64,6 @@ __all__ = [
     "exact_bias", "exact_expectation", "expectation_by_pairs", "get_estimator", "grid_mdp", "iterate_pairs",
     "log_policy", "log_prob", "meta_objective", "meta_objective_and_gradient", "monte_carlo", "policy",
     "random_mdp", "reinforce", "reinforce_jacobian", "returns_to_go", "sample_pairs", "sample_trajectories",
-    "scores", "trajectory_terms", "two_armed_bandit", "value", "value_and_gradient", "value_gradient_hessian",
+    "scores", "step_log_probs", "trajectory_terms", "two_armed_bandit", "value", "value_and_gradient", "value_gradient_hessian",
     "value_infinite_horizon", "z_test",
 ]

@@ -41,6 +41,7 @@ __all__ = [
     "returns_to_go",
     "scores",
     "sample_trajectories",
+    "step_log_probs",
 ]
 
 #: The reward-to-go conventions :func:`returns_to_go` knows (``"discounted"`` is the contract's).
@@ -133,10 +134,14 @@ def _gather_policy(theta: np.ndarray, states: np.ndarray, S: int, fn=policy) -> 
 
 def log_prob(mdp: FiniteMDP, theta: np.ndarray, traj: Trajectories) -> np.ndarray:
     """``log p_theta(tau)`` for each trajectory; ``theta (..., S, A)`` broadcast against ``traj``'s leading shape."""
-    lpi = _gather_policy(theta, traj.states, mdp.n_states, log_policy)  # (..., H, A)
+    return traj.env_log_prob + step_log_probs(mdp, theta, traj).sum(-1)
+
+
+def step_log_probs(mdp: FiniteMDP, theta: np.ndarray, traj: Trajectories) -> np.ndarray:
+    """``log pi_theta(a_t | s_t)`` per step, shape ``(..., H)`` (``theta (..., S, A)`` broadcast as in :func:`log_prob`)."""
+    lpi = _gather_policy(theta, traj.states, mdp.n_states, log_policy)
     actions = np.broadcast_to(traj.actions, lpi.shape[:-1])
-    chosen = np.take_along_axis(lpi, actions[..., None], axis=-1)[..., 0]
-    return traj.env_log_prob + chosen.sum(-1)
+    return np.take_along_axis(lpi, actions[..., None], axis=-1)[..., 0]
 
 
 def returns_to_go(rewards: np.ndarray, gamma: float, kind: str = "discounted",
