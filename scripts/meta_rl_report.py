@@ -23,7 +23,6 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 from reference.rl import (  # noqa: E402
-    ESTIMATORS,
     chain_mdp,
     exact_expectation,
     grid_mdp,
@@ -157,7 +156,8 @@ shows E-MAML equal to DiCE, as it must; with `n = 3` E-MAML keeps 2/3 of the ori
 
 {conv}
 
-Each curve is the running mean of one seeded stream of N estimates (so neighbouring points are correlated). The DiCE Monte-Carlo mean converges to `grad J` at the rate of its standard error; the biased
+Each curve is the running mean of one seeded stream of N estimates (neighbouring points are
+correlated). The DiCE Monte-Carlo mean converges to `grad J` at the rate of its standard error; the biased
 estimators' errors level off at their exact bias (dashed lines), which more samples cannot remove.
 """
     with open(os.path.join(args.out, "README.md"), "w") as fh:

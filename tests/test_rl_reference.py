@@ -53,7 +53,8 @@ def _theta(mdp: FiniteMDP, seed: int = 0) -> np.ndarray:
 
 
 def _rel(a, b) -> float:
-    return float(np.linalg.norm(np.ravel(a - b)) / max(np.linalg.norm(np.ravel(a)), np.linalg.norm(np.ravel(b)), 1e-300))
+    a, b = np.ravel(a), np.ravel(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), np.linalg.norm(b), 1e-300))
 
 
 @pytest.mark.parametrize("name", sorted(MDPS))

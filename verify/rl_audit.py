@@ -214,10 +214,12 @@ def _describe(spec: EstimatorSpec, base: str) -> tuple[str, str, str]:
     if spec.sign < 0:
         parts.append("sign flipped: the function returns the objective to maximise where a loss is expected")
         fixes.append("return minus the surrogate objective")
-    key = base + "".join(f"+{k}" for k, on in (
-        (f"lr*{spec.alpha_scale:.6g}", spec.alpha_scale != 1.0), (f"inner:{spec.inner_kind}", spec.inner_kind != "discounted"),
-        (f"outer:{spec.outer_kind}", spec.outer_kind != "discounted"), ("batch-mean-baseline", spec.inner_baseline != "none"),
-        ("sign", spec.sign < 0)) if on)
+    flags = ((f"lr*{spec.alpha_scale:.6g}", spec.alpha_scale != 1.0),
+             (f"inner:{spec.inner_kind}", spec.inner_kind != "discounted"),
+             (f"outer:{spec.outer_kind}", spec.outer_kind != "discounted"),
+             ("batch-mean-baseline", spec.inner_baseline != "none"),
+             ("sign", spec.sign < 0))
+    key = base + "".join(f"+{k}" for k, on in flags if on)
     return key, "; ".join(parts) or "unbiased (DiCE)", "; ".join(fixes)
 
 

@@ -133,7 +133,7 @@ def _check_common(mdp: FiniteMDP, theta: ArrayLike, alpha: float, batch_size: in
 
 def reinforce(mdp: FiniteMDP, theta: ArrayLike, batch: Trajectories, *, kind: str = "discounted",
               baseline: ArrayLike | None = None) -> np.ndarray:
-    """``g_hat(D; theta)`` for a batch ``D`` with leading shape ``(..., n)``: shape ``(..., S*A)`` (module docstring)."""
+    """``g_hat(D; theta)`` for a batch ``D`` of leading shape ``(..., n)``: shape ``(..., S*A)`` (module docstring)."""
     th, _, _, b = _check_common(mdp, theta, 0.0, 1, kind, baseline)
     return trajectory_terms(mdp, th, batch, kind=kind, baseline=b).g.mean(-2)
 

@@ -219,7 +219,10 @@ def _softmax_derivatives(pi: np.ndarray, order: int) -> tuple[np.ndarray, np.nda
 
 
 def _recursion(mdp: FiniteMDP, theta: np.ndarray, order: int) -> tuple[np.ndarray, ...]:
-    """Backward recursion for ``V`` (order 0), its gradient (1) and Hessian (2); shapes ``(...)``, ``(..., d)``, ``(..., d, d)``."""
+    """Backward recursion for ``V`` (order 0), its gradient (1) and Hessian (2).
+
+    Shapes ``(...)``, ``(..., d)``, ``(..., d, d)`` for ``theta (..., S, A)``, ``d = S A``.
+    """
     S, A = mdp.n_states, mdp.n_actions
     d = S * A
     batch = theta.shape[:-2]

@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError
-from reference.rl._checks import check_array, check_int
+from reference.rl._checks import check_int
 from reference.rl.mdp import FiniteMDP, log_policy, policy
 
 __all__ = [
@@ -127,7 +127,7 @@ def batch_indices(n_trajectories: int, batch_size: int) -> np.ndarray:
 
 
 def _gather_policy(theta: np.ndarray, states: np.ndarray, S: int, fn=policy) -> np.ndarray:
-    """``fn(theta)[..., s_t, :]``: ``states (L..., H)``, ``theta (M..., S, A)`` with ``M`` broadcastable against ``L``."""
+    """``fn(theta)[..., s_t, :]``: ``states (L..., H)``, ``theta (M..., S, A)``, ``M`` broadcastable to ``L``."""
     onehot = np.eye(S)[states]  # (..., H, S)
     return onehot @ fn(theta)  # (..., H, A): matmul broadcasts the leading dims
 
@@ -138,7 +138,7 @@ def log_prob(mdp: FiniteMDP, theta: np.ndarray, traj: Trajectories) -> np.ndarra
 
 
 def step_log_probs(mdp: FiniteMDP, theta: np.ndarray, traj: Trajectories) -> np.ndarray:
-    """``log pi_theta(a_t | s_t)`` per step, shape ``(..., H)`` (``theta (..., S, A)`` broadcast as in :func:`log_prob`)."""
+    """``log pi_theta(a_t | s_t)`` per step, shape ``(..., H)`` (``theta`` broadcast as in :func:`log_prob`)."""
     lpi = _gather_policy(theta, traj.states, mdp.n_states, log_policy)
     actions = np.broadcast_to(traj.actions, lpi.shape[:-1])
     return np.take_along_axis(lpi, actions[..., None], axis=-1)[..., 0]
@@ -196,7 +196,7 @@ def scores(mdp: FiniteMDP, theta: np.ndarray, traj: Trajectories) -> np.ndarray:
 
 
 def sample_trajectories(mdp: FiniteMDP, theta: ArrayLike, count: int, rng: np.random.Generator) -> Trajectories:
-    """``count`` trajectories from ``pi_theta`` for each ``theta`` of a batch ``(..., S, A)``: shape ``(..., count, H)``.
+    """``count`` trajectories from ``pi_theta`` for each ``theta`` of a batch ``(..., S, A)``: ``(..., count, H)``.
 
     Inverse-CDF sampling from the seeded ``rng`` (real ``theta`` only).
     """

@@ -88,8 +88,8 @@ def bandit_maml_rl(batch: int = 1) -> Derivation:
              (r"-\sum_{k} \binom{n}{k} \pi_{0}^{k} \pi_{1}^{n-k} V(\theta'_{k}) \left( k (e_{0} - \pi) "
               r"+ (n - k) (e_{1} - \pi) \right)",
               "-sum_k C(n, k) pi_0^k pi_1^(n-k) V(theta'_k) (k (e_0 - pi) + (n - k) (e_1 - pi))")),
-        Step("closed form of the bias", (r"\mathbb{E}[\hat{\nabla}_{\mathrm{MAML}}] - \nabla J", "E[est_MAML] - grad J"),
-             bias_formula),
+        Step("closed form of the bias",
+             (r"\mathbb{E}[\hat{\nabla}_{\mathrm{MAML}}] - \nabla J", "E[est_MAML] - grad J"), bias_formula),
     ]
     return Derivation(
         name=name, params={"batch": n},

@@ -30,7 +30,8 @@ def _grad_of(out: Any, params: torch.Tensor) -> torch.Tensor:
         loss, grads = out
         if isinstance(grads, (tuple, list)):
             if len(grads) != 1:
-                raise InvalidInputError(f"the function returned {len(grads)} gradients; expected one, for params (S, A)")
+                raise InvalidInputError(f"the function returned {len(grads)} gradients; expected one, for "
+                                        "params (S, A)")
             grads = grads[0]
         if not isinstance(grads, torch.Tensor) or tuple(grads.shape) != tuple(params.shape):
             raise InvalidInputError(f"the returned gradient must be a tensor of shape {tuple(params.shape)}, got "
