@@ -54,6 +54,7 @@ def test_rest_of_the_corpus(backend, name):
     _check(backend, name)
 
 
+@pytest.mark.slow  # ~7 s: eager JAX re-traces jax.grad on every call
 def test_jax_function_that_cannot_be_traced_runs_eagerly():
     pytest.importorskip("jax")
     from corpus_rl_jax import maml_rl_eager_only
