@@ -28,22 +28,23 @@ learning rate ``alpha_u`` (``g_hat'_u`` is then evaluated at
     Finn et al. 2017's implementation: the same without the score term of the
     inner sampling, ``c = 0``. Bias ``-E_D[V(theta') S(D)]``.
 ``e-maml``
-    Stadie et al. 2018 / Al-Shedivat et al. 2018: the pre-update score term
-    added back, as implemented with the inner log-likelihood *averaged* over
-    the ``n`` inner trajectories, ``c = S(D) / n``: unbiased for ``n = 1``,
-    biased by ``-(1 - 1/n) E_D[V(theta') S(D)]`` otherwise.
+    The pre-update score term of E-MAML (Stadie et al. 2018, "Some
+    Considerations on Learning to Explore via Meta-Reinforcement Learning"),
+    here in the variant that *averages* the inner trajectories'
+    log-likelihoods, ``c = S(D) / n``: equal to ``dice`` for ``n = 1``, biased
+    by ``-(1 - 1/n) E_D[V(theta') S(D)]`` otherwise (the exact term is the sum).
 ``lvc`` (ProMP)
     Rothfuss et al. 2019, "ProMP": the low-variance curvature surrogate
     ``sum_t pi(a_t|s_t)/bot(pi(a_t|s_t)) G_t`` in the inner loop and no score
     term: ``H = Jg + (1/n) sum_i sum_t G_t s_t s_t^T`` (``s_t`` the step
-    score), ``c = 0``. Biased (it drops the cross-time score terms and the
-    pre-update sampling term; designed for variance).
+    score), ``c = 0``. Biased for this ``J`` (ProMP trades the bias for
+    variance).
 ``dice-inner``
     DiCE used only for the inner loss (second-order DiCE Hessian estimate
     ``H = Jg + (1/n) sum_i sum_t gamma^t r_t S_{<=t} S_{<=t}^T`` with the
     cumulative scores ``S_{<=t}``), no magic box on the inner batch in the
-    outer loss, ``c = 0``: ``E[est]`` matches ``grad J`` to first order in
-    ``alpha`` only (Liu et al. 2019, "Taming MAML", analyse this family).
+    outer loss, ``c = 0``: ``E[est]`` equals ``grad J`` to first order in
+    ``alpha`` only (the bias is ``O(alpha^2)``, tested).
 ``fo-maml``
     First order: ``H = 0``, ``c = 0``.
 
