@@ -13,7 +13,7 @@ from reference.symbolic import bandit_maml_rl, derive
 POINTS = [
     dict(theta=[0.25, -0.5], r=[1.0, 0.375], alpha=0.75),
     dict(theta=[-1.125, 0.5], r=[-0.5, 2.0], alpha=1.5),
-    dict(theta=[0.0, 0.0], r=[3.0, -1.25], alpha=0.125),
+    # dict(theta=[0.0, 0.0], r=[3.0, -1.25], alpha=0.125) is covered by test_symmetric_point below
 ]
 MATCH = 1e-13  # float64 evaluation of a few exp/softmax layers against 40-digit values
 
@@ -61,3 +61,13 @@ def test_bias_formula_vanishes_at_alpha_zero_symbolically():
 def test_registered_for_the_cli():
     d = derive("bandit-maml-rl", batch=2)
     assert d.params == {"batch": 2} and "MAML-RL" in d.title
+
+
+def test_symmetric_point():
+    """theta_0 = theta_1 (pi = 1/2), a third point at a different scale of rewards and alpha."""
+    d = bandit_maml_rl(1)
+    point = dict(theta=[0.0, 0.0], r=[3.0, -1.25], alpha=0.125)
+    subs = d.bind(point)
+    _, g = meta_objective_and_gradient(two_armed_bandit(point["r"]), np.zeros(2), point["alpha"], 1)
+    g_exact = _num(d.meta_gradient, subs)
+    assert np.linalg.norm(g - g_exact) <= MATCH * max(1.0, np.linalg.norm(g_exact))

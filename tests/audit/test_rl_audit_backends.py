@@ -93,3 +93,32 @@ def test_torch_loss_must_depend_on_params():
 def test_unknown_backend():
     with pytest.raises(InvalidInputError, match="backend='tf' must be 'torch' or 'jax'"):
         audit_function(lambda *a: 0, "tf")
+
+
+def test_command_module_runs_a_file_target(tmp_path):
+    """verify.commands.audit_rl.run_maml_rl (the CLI's handler): exit codes, report, JSON."""
+    pytest.importorskip("torch")
+    import argparse
+    import json
+    from pathlib import Path
+
+    from verify.commands.audit_rl import run_maml_rl
+
+    corpus_file = Path(__file__).with_name("corpus_rl_torch.py")
+    out = tmp_path / "verdict.json"
+    ns = argparse.Namespace(target=f"{corpus_file}:maml_rl_no_inner_score", library=None, backend=None,
+                            inner_lr=None, seed=0, title="planted", json=str(out))
+    assert run_maml_rl(ns) == 1
+    doc = json.loads(out.read_text())
+    assert doc["audit"]["status"] == "fail" and doc["audit"]["matches"][0] == "maml-original"
+    assert doc["audit"]["backend"] == "torch"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_monte_carlo_mode_with_a_framework(backend):
+    fns = corpus(backend)
+    ok = audit_function(fns["dice"][0], backend, max_pairs=100, samples=2000, seed=1)
+    bad = audit_function(fns["no-inner-score"][0], backend, max_pairs=100, samples=2000, seed=1)
+    assert ok.mode == "monte-carlo" and ok.passed, ok.report()
+    assert bad.mode == "monte-carlo" and not bad.passed and "maml-original" in bad.matches, bad.report()
