@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 
-from reference._features import as_scalar
-from reference._linalg import SPDFactor, conjugate_gradient
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.features import as_scalar
+from reference.linalg import SPDFactor, conjugate_gradient
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, MLP, flatten, unflatten
 from reference.tasks import Task, check_tasks

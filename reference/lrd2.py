@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._features import (
+from reference.features import (
     TaskFeatures,
     accumulate,
     append_ones,
@@ -44,8 +44,8 @@ from reference._features import (
     check_feature_tasks,
     check_lam,
 )
-from reference._linalg import SPDFactor
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.linalg import SPDFactor
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, _sigmoid
 from reference.tasks import Task
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._features import (
+from reference.features import (
     TaskFeatures,
     accumulate,
     as_scalar,

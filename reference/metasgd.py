@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner
+from reference import inner_loop
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 
@@ -34,8 +34,8 @@ def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequ
     ``a`` (``lrs``) is a list of arrays shaped like ``params``; ``*`` is
     elementwise. Complex ``params`` or ``lrs`` give a complex loss (complex step).
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    return _inner.meta_loss(model, params, tasks, _check_lrs(model, lrs), steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    return inner_loop.meta_loss(model, params, tasks, _check_lrs(model, lrs), steps)
 
 
 def meta_loss_and_grad(
@@ -54,7 +54,7 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad_params, grad_lrs)``, both gradients shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     lrs = _check_lrs(model, lrs)
-    loss, grad, grad_lrs = _inner.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
+    loss, grad, grad_lrs = inner_loop.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
     return loss, grad, grad_lrs

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._validation import as_float_array, check_positive_int
+from reference.validation import as_float_array, check_positive_int
 from reference.errors import InvalidInputError, NotAnalyticError
 
 ACTIVATIONS: tuple[str, ...] = ("tanh", "sigmoid", "softplus", "relu", "identity")

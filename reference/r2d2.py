@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._features import (
+from reference.features import (
     TaskFeatures,
     accumulate,
     append_ones,
@@ -49,8 +49,8 @@ from reference._features import (
     class_label_check,
     target_check,
 )
-from reference._linalg import SPDFactor
-from reference._validation import check_finite_scalar
+from reference.linalg import SPDFactor
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.models import MLP, _Loss
 from reference.tasks import Task

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference._validation import check_finite_scalar, check_nonempty, check_positive_int
+from reference.validation import check_finite_scalar, check_nonempty, check_positive_int
 from reference.errors import InvalidInputError
 
 

@@ -242,14 +242,14 @@ def _unrolled(case: Case, kind: str, rate: Any, *, steps: int | None = None, kee
               transpose: bool = False, tasks: Sequence[Task] | None = None) -> tuple[Any, np.ndarray]:
     """Meta-loss and meta-gradient of the unrolled inner loop with only the step Jacobians ``keep(k)`` kept.
 
-    Reverse accumulation as ``reference._inner`` (``v <- v - H_s(p_k) (a * v)``,
+    Reverse accumulation as ``reference.inner_loop`` (``v <- v - H_s(p_k) (a * v)``,
     exact HVPs), except that a step ``k`` with ``keep(k)`` False contributes the
     identity (its inner gradient treated as a constant), and with ``transpose``
     the Meta-SGD factor is applied as ``a * (H_s v)`` (the transposed Jacobian).
     Learning-rate gradients ``-sum_k grad L_s(p_k) * v_{k+1}`` are appended for
     Meta-SGD (a detached inner gradient still multiplies ``a``).
     """
-    from reference import _inner
+    from reference import inner_loop
 
     model, params = case.model, case.params
     tasks = list(tasks or case.tasks)
@@ -258,7 +258,7 @@ def _unrolled(case: Case, kind: str, rate: Any, *, steps: int | None = None, kee
     lr_grad = kind == "metasgd"
     total, grad, glr = 0.0, None, None
     for t in tasks:
-        iterates, sgrads = _inner.adapt(model, params, t.x_support, t.y_support, lrs, steps, keep_grads=lr_grad)
+        iterates, sgrads = inner_loop.adapt(model, params, t.x_support, t.y_support, lrs, steps, keep_grads=lr_grad)
         loss, v = model._loss_and_grad(iterates[-1], t.x_query, t.y_query)
         gl = [np.zeros_like(np.asarray(p, dtype=np.result_type(p, rate))) for p in params] if lr_grad else None
         for k in reversed(range(steps)):
@@ -285,7 +285,7 @@ def _unrolled(case: Case, kind: str, rate: Any, *, steps: int | None = None, kee
 def _reptile(case: Case, kind: str, rate: Any, *, steps: int | None = None,
              tasks: Sequence[Task] | None = None) -> tuple[None, np.ndarray]:
     """Reptile direction ``mean_t (theta - p_K^t)`` with the given step sizes (analytic forward pass)."""
-    from reference import _inner
+    from reference import inner_loop
 
     model, params = case.model, case.params
     tasks = list(tasks or case.tasks)
@@ -293,7 +293,7 @@ def _reptile(case: Case, kind: str, rate: Any, *, steps: int | None = None,
     lrs = _step_sizes(case, kind, rate)
     total = [np.zeros_like(np.asarray(p, dtype=np.result_type(p, rate))) for p in params]
     for t in tasks:
-        p_k = _inner.adapt(model, params, t.x_support, t.y_support, lrs, steps, keep_iterates=False)[0][0]
+        p_k = inner_loop.adapt(model, params, t.x_support, t.y_support, lrs, steps, keep_iterates=False)[0][0]
         total = [acc + (p - q) for acc, p, q in zip(total, params, p_k)]
     return None, flatten([a / len(tasks) for a in total])
 
@@ -313,7 +313,7 @@ def _newton_first_order(case: Case) -> tuple[Any, np.ndarray]:
 
 
 class _DetachedSupport:
-    """A ``reference._features.TaskFeatures`` whose VJP drops the support cotangent (support branch detached)."""
+    """A ``reference.features.TaskFeatures`` whose VJP drops the support cotangent (support branch detached)."""
 
     def __init__(self, feats: Any):
         self._feats, self.support, self.query, self.n_support = feats, feats.support, feats.query, feats.n_support
@@ -326,7 +326,7 @@ def _support_detached(case: Case) -> tuple[Any, np.ndarray]:
     """Backbone algorithms with the support features treated as constants, from the reference's task kernels."""
     import importlib
 
-    from reference._features import TaskFeatures
+    from reference.features import TaskFeatures
 
     mod = importlib.import_module(f"reference.{case.algorithm}")
     h, e = case.hyper, case.extra

@@ -285,7 +285,7 @@ def _hessian_inverse_checks(case: Case) -> list[dict[str, Any]]:
                                inner_tol=ti.stationarity_tolerance, rtol=max(ti.linear_residual, 1e-12))
             checks.append(_check(f"iMAML residuals, task {i}", v.status, v.error, v.tolerance, v.reason))
     elif case.algorithm == "r2d2" and not case.hyper.get("regression", False):
-        from reference._features import append_ones
+        from reference.features import append_ones
         from reference.r2d2 import ridge_weights
 
         lam = float(case.extra["lam"])

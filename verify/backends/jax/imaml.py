@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.imaml import Result, TaskInfo
 from reference.tasks import check_tasks

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN
 from reference.tasks import Task, check_tasks

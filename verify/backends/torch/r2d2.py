@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference._features import check_lam, check_n_classes, class_label_check, target_check
-from reference._validation import check_finite_scalar
+from reference.features import check_lam, check_n_classes, class_label_check, target_check
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.torch import _features

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, activation_derivatives
 from reference.tasks import Task, check_tasks
 
