@@ -128,7 +128,7 @@ def _locate(case: Case, flat_index: int) -> str:
     return f"[{flat_index}]"
 
 
-#: Public names of the comparison helpers, shared with the audit (:mod:`verify._audit`).
+#: Public names of the comparison helpers, shared with the audit (:mod:`verify.auditing`).
 relative = _relative
 locate = _locate
 

@@ -136,7 +136,7 @@ def load_target(spec: str) -> Callable[..., Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verify._audit import audit
+    from verify.auditing import audit
     from verify._output import results_document, write_json, write_junit
 
     if (args.target is None) == (args.library is None):

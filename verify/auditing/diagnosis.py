@@ -1,6 +1,6 @@
 """The diagnosis catalogue: known-wrong meta-gradients, computed analytically from the reference.
 
-A gradient checker says "mismatch". The audit (:mod:`verify._audit`) also says
+A gradient checker says "mismatch". The audit (:mod:`verify.auditing`) also says
 *which* bug produced the mismatch when it can: every entry of
 :data:`CATALOGUE` is a known way of getting a meta-gradient wrong, and for a
 given problem (a :class:`verify.algorithms.Case`) the wrong meta-gradient it
