@@ -494,6 +494,18 @@ class MLP:
         loss = _Loss(self.loss_name, out, y)
         return loss.value()[()], self._backward(params, hs, derivs, loss.grad())
 
+    def loss_and_grad_unchecked(self, params: Sequence[Any], x: np.ndarray, y: np.ndarray) -> tuple[Any, Params]:
+        """:meth:`loss_and_grad` without the argument checks: the fast path of inner loops.
+
+        For inputs already validated (:meth:`check_params`, :meth:`check_x`,
+        :meth:`check_y`): the same values, without the checks' conversions.
+        """
+        return self._loss_and_grad(params, x, y)
+
+    def hvp_unchecked(self, params: Sequence[Any], x: np.ndarray, y: np.ndarray, v: Sequence[Any]) -> Params:
+        """:meth:`hvp` (Pearlmutter's R-operator, exact) without the argument checks, for validated inputs."""
+        return self._hvp(params, x, y, v)
+
     def grad(self, params: Sequence[Any], x: Any, y: Any) -> Params:
         """Gradient of the loss w.r.t. every parameter tensor (backpropagation)."""
         return self.loss_and_grad(params, x, y)[1]

@@ -33,6 +33,7 @@ per task; never an explicit inverse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -182,6 +183,7 @@ def meta_loss_and_grad(
     normalize: bool = True,
     form: str = "dual",
     regression: bool = False,
+    features: Callable[..., TaskFeatures] = TaskFeatures,
 ) -> tuple[float, Params, dict[str, float]]:
     """R2-D2 meta-loss and its exact gradient (Bertinetto et al. 2019).
 
@@ -201,6 +203,9 @@ def meta_loss_and_grad(
         normalize: divide the support ``Z`` and ``Y`` by ``sqrt(n)``.
         form: ``"primal"`` or ``"dual"``.
         regression: the regression variant (targets, ``mse``).
+        features: the per-task feature factory ``features(backbone, params, task, where)``
+            (default :class:`reference.features.TaskFeatures`); the audit's diagnosis passes one
+            whose VJP drops the support branch (the "support detached" bug).
 
     Returns:
         ``(meta_loss, grads, {"lam": ..., "scale": ..., "offset": ...})``.
@@ -215,7 +220,7 @@ def meta_loss_and_grad(
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
     for i, task in enumerate(tasks):
-        feats = TaskFeatures(backbone, params, task, f"tasks[{i}]")
+        feats = features(backbone, params, task, f"tasks[{i}]")
         value, (g, g_lam, g_scale, g_offset) = _task(
             feats, task, n_classes, lam, scale, offset, bias_column, normalize, form, regression, f"tasks[{i}]", True
         )

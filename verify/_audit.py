@@ -3,8 +3,6 @@
 The code lives in :mod:`verify.auditing` (decision, result, harnesses, diagnosis).
 """
 
-from verify.auditing import AUDITABLE, AuditInputError, AuditResult, Claim, TensorCheck, audit, infer_backend, parse_model
-from verify.auditing.problem import BACKENDS, OPTIONS
+from verify.auditing import AuditInputError, AuditResult, Claim, TensorCheck, audit, infer_backend, parse_model
 
-__all__ = ["AUDITABLE", "BACKENDS", "OPTIONS", "AuditInputError", "AuditResult", "Claim", "TensorCheck", "audit",
-           "infer_backend", "parse_model"]
+__all__ = ["AuditInputError", "AuditResult", "Claim", "TensorCheck", "audit", "infer_backend", "parse_model"]

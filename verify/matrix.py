@@ -429,7 +429,7 @@ def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[st
             for dtype in dtypes:
                 if backend == "numpy" and dtype != "float64":
                     continue
-                if algorithm == "mlp" and backend != "numpy":
+                if backend not in ALGORITHMS[algorithm].backends:
                     continue
                 cells.append((algorithm, backend, dtype))
     return cells

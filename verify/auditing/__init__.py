@@ -2,7 +2,7 @@
 
 One concern per module:
 
-* :mod:`.problem`: the auditable algorithms, ``--model`` specs, the seeded problem;
+* :mod:`.problem`: ``--model`` specs, the seeded problem;
 * :mod:`.harness`: what the audited function claimed (:class:`~.harness.Claim`) and the
   framework-neutral part of calling it; the framework parts live beside their backends
   (:mod:`verify.backends.torch.audit_harness`, :mod:`verify.backends.jax.audit_harness`);
@@ -17,8 +17,8 @@ The package is ``verify.auditing`` rather than ``verify.audit`` so that the func
 from verify.auditing.decision import audit
 from verify.auditing.diagnosis import Diagnosis, diagnose
 from verify.auditing.harness import Claim, infer_backend
-from verify.auditing.problem import AUDITABLE, AuditInputError, parse_model
+from verify.auditing.problem import AuditInputError, parse_model
 from verify.auditing.result import AuditResult, TensorCheck
 
-__all__ = ["AUDITABLE", "AuditInputError", "AuditResult", "Claim", "Diagnosis", "TensorCheck", "audit", "diagnose",
+__all__ = ["AuditInputError", "AuditResult", "Claim", "Diagnosis", "TensorCheck", "audit", "diagnose",
            "infer_backend", "parse_model"]

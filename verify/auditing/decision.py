@@ -44,10 +44,10 @@ import numpy as np
 from reference.errors import InvalidInputError
 from reference.models import MLP, flatten
 from verify._verdict import FAIL, INCONCLUSIVE, PASS
-from verify.algorithms import ALGORITHMS, Case, evaluate
+from verify.algorithms import ALGORITHMS, Case, auditable, evaluate
 from verify.auditing.diagnosis import diagnose
 from verify.auditing.harness import Harness, infer_backend, make_harness, short
-from verify.auditing.problem import AUDITABLE, BACKENDS, build_problem
+from verify.auditing.problem import BACKENDS, build_problem
 from verify.auditing.result import AuditResult, TensorCheck
 from verify.tolerance import tolerance
 
@@ -162,8 +162,8 @@ def audit(
     t0 = time.perf_counter()
     if not callable(fn):
         raise InvalidInputError(f"fn={short(fn)} is not callable; pass the function to audit")
-    if algorithm not in AUDITABLE:
-        raise InvalidInputError(f"algorithm={algorithm!r} cannot be audited; choose one of {', '.join(AUDITABLE)}")
+    if algorithm not in auditable():
+        raise InvalidInputError(f"algorithm={algorithm!r} cannot be audited; choose one of {', '.join(auditable())}")
     backend = backend or infer_backend(fn)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend={backend!r} is unknown; choose 'torch' or 'jax'")
@@ -190,15 +190,13 @@ def audit(
     except Exception:  # rounding made the problem singular: no estimate, the table value stands
         cond = 1.0
     why = "the reference gradient's relative change when its inputs are rounded to float32, in units of float32's eps"
-    if algorithm == "imaml":
-        # The implicit gradient goes through (I + H/lam)^{-1}: forward errors (the reference's own
-        # CG and inner solves included, each to a 1e-12 relative residual) scale with its condition.
-        from reference import imaml
-
-        info = imaml.meta_loss_and_grad_info(case.model, case.params, case.tasks, case.hyper["lam"])
-        kappa = max(t.cond_estimate for t in info.tasks)
+    row = ALGORITHMS[algorithm]
+    if row.condition is not None:
+        # e.g. iMAML: the implicit gradient goes through (I + H/lam)^{-1}, so forward errors scale with its
+        # condition (the row's condition estimate).
+        kappa, why_row = row.condition(case)
         if kappa > cond:
-            cond, why = kappa, "max over tasks of cond(I + H_s(phi*)/lam), estimated by the reference's CG"
+            cond, why = kappa, why_row
     tol = tolerance("float64", "reference_match", condition=cond)
     reason = "float64 'reference_match' = eps^(3/4)" + (f" x condition estimate {cond:.3g} ({why})" if cond > 1 else "")
 

@@ -11,14 +11,14 @@ import importlib
 import inspect
 import math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from verify.algorithms import Case
-from verify.auditing.problem import OPTIONS, AuditInputError
+from verify.algorithms import ALGORITHMS, Case
+from verify.auditing.problem import AuditInputError
 
 __all__ = ["Claim", "Harness", "infer_backend", "make_harness", "leaves_keep_none", "optional_kwargs", "raised", "short"]
 
@@ -48,21 +48,26 @@ def raised(exc: BaseException, what: str) -> AuditInputError:
     return AuditInputError(f"{what} raised {type(exc).__name__}: {exc}\n{tb.rstrip()}")
 
 
-def leaves_keep_none(obj: Any) -> list[Any]:
-    """Flatten nested lists/tuples/dicts of gradients, keeping ``None`` entries (dicts in key order,
-    except R2-D2's ``{"lam", "scale", "offset"}`` which is put in that order)."""
+def leaves_keep_none(obj: Any, order: Sequence[str] = ()) -> list[Any]:
+    """Flatten nested lists/tuples/dicts of gradients, keeping ``None`` entries.
+
+    Dicts are read in key order, except a dict whose keys are exactly the names in
+    ``order`` (an algorithm's scalar extra variables, e.g. R2-D2's ``lam, scale,
+    offset``: the row's ``extra``), which is read in that order.
+    """
     if isinstance(obj, dict):
         keys = list(obj)
-        if set(keys) == {"lam", "scale", "offset"}:
-            keys = ["lam", "scale", "offset"]
-        return [leaf for k in keys for leaf in leaves_keep_none(obj[k])]
+        if order and set(keys) == set(order):
+            keys = list(order)
+        return [leaf for k in keys for leaf in leaves_keep_none(obj[k], order)]
     if isinstance(obj, (list, tuple)):
-        return [leaf for item in obj for leaf in leaves_keep_none(item)]
+        return [leaf for item in obj for leaf in leaves_keep_none(item, order)]
     return [obj]
 
 
 def optional_kwargs(fn: Callable[..., Any], case: Case) -> dict[str, Any]:
-    names = OPTIONS.get(case.algorithm, ())
+    """The row's ``options`` that ``fn`` declares by name, with the case's values."""
+    names = ALGORITHMS[case.algorithm].options
     if not names:
         return {}
     try:
@@ -88,6 +93,7 @@ class Harness:
 
     def __init__(self, fn: Callable[..., Any], case: Case):
         self.fn, self.case = fn, case
+        self.row = ALGORITHMS[case.algorithm]
         self.kwargs = optional_kwargs(fn, case)
         self.n = len(case.variables)
 
@@ -127,6 +133,10 @@ class Harness:
             grads.append(arr)
             missing.append(False)
         return grads, missing
+
+    def leaves(self, obj: Any) -> list[Any]:
+        """:func:`leaves_keep_none` with the row's scalar extra variables as the dict order."""
+        return leaves_keep_none(obj, tuple(n for n in self.row.extra if n != "lrs"))
 
     # subclasses: _loss_array, _to_numpy, claim(), own_loss(flat)
 

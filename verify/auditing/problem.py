@@ -1,4 +1,4 @@
-"""The problem an audit runs on: the auditable algorithms, ``--model`` specs, the seeded case.
+"""The problem an audit runs on: ``--model`` specs and the seeded case.
 
 :func:`build_problem` turns the audit's keyword arguments (``model="mlp:1-40-1:tanh"``,
 ``inner_lr=...``) into a :class:`verify.algorithms.Case`, with the checks a user's
@@ -15,15 +15,9 @@ from reference.errors import InvalidInputError
 from reference.models import MLP
 from verify.algorithms import ALGORITHMS, Case, build_case
 
-__all__ = ["AUDITABLE", "BACKENDS", "OPTIONS", "AuditInputError", "build_problem", "parse_model"]
+__all__ = ["BACKENDS", "AuditInputError", "build_problem", "parse_model"]
 
-#: Algorithms with a calling contract (the base ``mlp`` check is not an audit).
-AUDITABLE: tuple[str, ...] = tuple(a for a in ALGORITHMS if a != "mlp")
-#: Keyword options passed to an audited function that declares a parameter of that name.
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "r2d2": ("n_classes", "bias_column", "normalize", "form"),
-    "lrd2": ("bias_column", "newton_steps"),
-}
+#: The frameworks with an audit harness (``verify.backends.<name>.audit_harness``).
 BACKENDS = ("torch", "jax")
 
 

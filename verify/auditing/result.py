@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from verify._verdict import FAIL, PASS, jsonable
+from verify.algorithms import ALGORITHMS
 from verify.auditing.diagnosis import Diagnosis
 
 __all__ = ["AuditResult", "TensorCheck"]
@@ -82,6 +83,11 @@ class AuditResult:
     def worst(self) -> TensorCheck | None:
         return max(self.tensors, key=lambda t: t.error) if self.tensors else None
 
+    def _row_quantity(self) -> str:
+        """What the algorithm's function returns (the row's ``quantity``: meta-gradient, gradient, direction)."""
+        row = ALGORITHMS.get(self.algorithm)
+        return row.quantity if row is not None else "meta-gradient"
+
     def headline(self) -> str:
         """The one-line chex-style message."""
         a = self.algorithm
@@ -96,8 +102,7 @@ class AuditResult:
         bad = [t for t in self.tensors if t.status == FAIL]
         if bad:
             w = max(bad, key=lambda t: t.error)
-            what = "direction" if a == "reptile" else ("meta-gradient" if a not in ("protonet", "matchingnet")
-                                                       else "gradient")
+            what = self._row_quantity()
             return f"{a} {what} mismatch: {w.where} reference={_g(w.reference)} got={_g(w.got)} rel={w.error:.1e} {tol}"
         ind = self.independent or {}
         return (f"{a} meta-gradient inconsistent with its own meta-loss: {ind.get('reason', '')}")
@@ -114,7 +119,7 @@ class AuditResult:
             L = self.loss
             lines.append(f"  meta-loss: reference={_g(L['reference'])} got={_g(L['got'])} rel={L['error']:.1e} "
                          f"-> {L['status']}")
-        what = "direction" if self.algorithm == "reptile" else "meta-gradient"
+        what = "direction" if self._row_quantity() == "direction" else "meta-gradient"
         lines.append(f"  {what} vs reference (per tensor, worst entry, relative to the largest reference entry):")
         width = max((len(t.name) for t in self.tensors), default=4)
         for t in self.tensors:

@@ -24,8 +24,6 @@ from typing import Any, Callable
 
 from reference.errors import InvalidInputError
 
-ALGORITHM_CHOICES = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton", "imaml", "r2d2", "lrd2", "protonet",
-                     "matchingnet")
 LIBRARIES = ("higher", "torchopt", "learn2learn")
 
 
@@ -42,8 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", metavar="TARGET",
                    help="the function to audit: path/to/file.py:function or package.module:function")
     p.add_argument("--library", choices=LIBRARIES, help="audit this library's idiomatic implementation instead")
-    p.add_argument("--algorithm", required=True, choices=ALGORITHM_CHOICES, metavar="NAME",
-                   help=f"the algorithm the function implements: {', '.join(ALGORITHM_CHOICES)}")
+    from verify.algorithms import auditable
+
+    choices = auditable()  # the rows with an audit calling contract, read when the parser is built
+    p.add_argument("--algorithm", required=True, choices=choices, metavar="NAME",
+                   help=f"the algorithm the function implements: {', '.join(choices)}")
     p.add_argument("--backend", choices=("torch", "jax"),
                    help="calling contract (default: jax if the function's 2nd parameter is apply_fn, else torch)")
     p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh "

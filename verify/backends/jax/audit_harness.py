@@ -16,7 +16,7 @@ import numpy as np
 from reference.errors import NotAnalyticError
 from reference.models import unflatten
 from verify.algorithms import Case
-from verify.auditing.harness import Claim, Harness, leaves_keep_none, raised, short
+from verify.auditing.harness import Claim, Harness, raised, short
 from verify.auditing.problem import AuditInputError
 
 __all__ = ["HARNESS", "JaxHarness"]
@@ -40,11 +40,8 @@ class JaxHarness(Harness):
         self.jax = jax
         self.tasks = to_jax_tasks(case.tasks, "float64")
         a = case.algorithm
-        # Positions of the differentiated arguments and of the task list in the call.
-        self.diff = {"metasgd": (0, 2), "r2d2": (0, 3, 4, 5), "lrd2": (0, 3, 4, 5)}.get(a, (0,))
-        self.task_pos = 3 if a == "metasgd" else 2
-        statics = tuple((k, v) for k, v in sorted(case.hyper.items()) if k in ("inner_lr", "inner_steps", "lam",
-                                                                                  "damping", "n_classes"))
+        # Every hyper-parameter is static (closed over by the compiled call): part of the cache key.
+        statics = tuple(sorted(case.hyper.items()))
         shapes = (tuple(case.shapes), tuple(tuple((a.shape, str(a.dtype)) for a in t) for t in self.tasks))
         try:
             key = (fn, a, spec_key(case.model), statics, tuple(sorted(self.kwargs.items())), shapes)
@@ -75,32 +72,35 @@ class JaxHarness(Harness):
         return np.asarray(leaf, dtype=float)
 
     def diff_arguments(self, variables: Sequence[Any]) -> list[Any]:
-        """The differentiated arguments: ``[params]``, ``[params, lrs]`` or ``[params, lam, scale, offset]``."""
+        """The differentiated arguments: ``[params, *extra]`` in the row's ``extra`` order
+        (``[params]``, ``[params, lrs]``, ``[params, lam, scale, offset]``)."""
         jnp = self.jax.numpy
         case = self.case
         params, extra = case.split(list(variables))
-        p = [jnp.asarray(v) for v in params]
-        if case.algorithm == "metasgd":
-            return [p, [jnp.asarray(extra[f"lrs[{i}]"]) for i in range(len(params))]]
-        if case.algorithm in ("r2d2", "lrd2"):
-            return [p, *(jnp.asarray(np.asarray(extra[k])[()]) for k in ("lam", "scale", "offset"))]
-        return [p]
+        out: list[Any] = [[jnp.asarray(v) for v in params]]
+        for name in self.row.extra:
+            if name == "lrs":
+                out.append([jnp.asarray(extra[f"lrs[{i}]"]) for i in range(len(params))])
+            else:
+                out.append(jnp.asarray(np.asarray(extra[name])[()]))
+        return out
 
     def assemble(self, diff_args: Sequence[Any], tasks: Any) -> list[Any]:
-        """The full positional argument list of the calling contract."""
-        h, a = self.case.hyper, self.case.algorithm
-        p = diff_args[0]
-        if a in ("maml", "fomaml", "anil", "reptile"):
-            return [p, self.apply_fn, tasks, h["inner_lr"], h["inner_steps"]]
-        if a == "newton":
-            return [p, self.apply_fn, tasks, h["inner_lr"], h["inner_steps"], h["damping"]]
-        if a == "metasgd":
-            return [p, self.apply_fn, diff_args[1], tasks, h["inner_steps"]]
-        if a == "imaml":
-            return [p, self.apply_fn, tasks, h["lam"]]
-        if a in ("r2d2", "lrd2"):
-            return [p, self.apply_fn, tasks, *diff_args[1:]]
-        return [p, self.apply_fn, tasks, h["n_classes"]]
+        """The full positional argument list of the calling contract (the row's JAX signature)."""
+        h, row = self.case.hyper, self.row
+        args: list[Any] = []
+        for name in row.jax_signature():
+            if name == "params":
+                args.append(diff_args[0])
+            elif name == "apply_fn":
+                args.append(self.apply_fn)
+            elif name == "tasks":
+                args.append(tasks)
+            elif name in row.extra:
+                args.append(diff_args[1 + row.extra.index(name)])
+            else:
+                args.append(h[name])
+        return args
 
     def _call_fn(self, diff_args: Sequence[Any], tasks: Any) -> Any:
         return self.fn(*self.assemble(diff_args, tasks), **self.kwargs)
@@ -136,7 +136,7 @@ class JaxHarness(Harness):
             shape = jax.eval_shape(self._call_fn, diff0, self.tasks)
         except Exception:
             shape = None
-        scalar = (case.algorithm != "reptile" and shape is not None and hasattr(shape, "shape")
+        scalar = (self.row.quantity != "direction" and shape is not None and hasattr(shape, "shape")
                   and getattr(shape, "size", 2) == 1)
         if not scalar:
             try:
@@ -145,18 +145,18 @@ class JaxHarness(Harness):
                 raise raised(exc, "the audited function") from exc
         if scalar:
             out = None
-        elif case.algorithm == "reptile":
+        elif self.row.quantity == "direction":
             if not isinstance(out, (list, tuple)):
-                raise AuditInputError(f"reptile: the function must return the direction as a list of arrays "
+                raise AuditInputError(f"{case.algorithm}: the function must return the direction as a list of arrays "
                                       f"shaped like params, got {short(out)}")
-            grads, missing = self._check_grads(leaves_keep_none(list(out)), "returned direction")
+            grads, missing = self._check_grads(self.leaves(list(out)), "returned direction")
             return Claim(None, grads, missing, "returned direction")
         if isinstance(out, (tuple, list)):
             if len(out) != 2:
                 raise AuditInputError(f"the function must return the meta-loss or (loss, grads), got a "
                                       f"{type(out).__name__} of length {len(out)}")
             loss = self._check_loss(out[0])
-            grads, missing = self._check_grads(leaves_keep_none(out[1]), "returned grads")
+            grads, missing = self._check_grads(self.leaves(out[1]), "returned grads")
             return Claim(loss, grads, missing, "returned (loss, grads)")
         if out is not None:
             self._check_loss(out)
@@ -168,7 +168,7 @@ class JaxHarness(Harness):
             loss, g = self._run("value_and_grad", value_and_grad, diff0)
         except Exception as exc:
             raise raised(exc, "jax.value_and_grad of the audited function") from exc
-        grads, missing = self._check_grads(leaves_keep_none(list(g)), "jax.value_and_grad")
+        grads, missing = self._check_grads(self.leaves(list(g)), "jax.value_and_grad")
         return Claim(self._check_loss(loss), grads, missing, "jax.value_and_grad of the returned meta-loss")
 
     def own_loss(self) -> Callable[[np.ndarray], Any]:

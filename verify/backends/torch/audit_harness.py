@@ -15,7 +15,7 @@ import numpy as np
 
 from reference.models import unflatten
 from verify.algorithms import Case
-from verify.auditing.harness import Claim, Harness, leaves_keep_none, raised, short
+from verify.auditing.harness import Claim, Harness, raised, short
 from verify.auditing.problem import AuditInputError
 
 __all__ = ["HARNESS", "TorchHarness"]
@@ -71,29 +71,28 @@ class TorchHarness(Harness):
                 p.grad = None
                 p.requires_grad_(True)
         leaves: list[Any] = list(model.parameters())
-        h, a = case.hyper, case.algorithm
-
-        def scalar(v: Any) -> Any:
-            return torch.tensor(float(np.asarray(v)), dtype=torch.float64, requires_grad=True)
-
-        if a in ("maml", "fomaml", "anil", "reptile"):
-            args = (model, self.tasks, h["inner_lr"], h["inner_steps"])
-        elif a == "newton":
-            args = (model, self.tasks, h["inner_lr"], h["inner_steps"], h["damping"])
-        elif a == "metasgd":
-            lrs = [torch.tensor(np.asarray(extra[f"lrs[{i}]"]), dtype=torch.float64, requires_grad=True)
-                   for i in range(len(params))]
-            leaves += lrs
-            args = (model, lrs, self.tasks, h["inner_steps"])
-        elif a == "imaml":
-            args = (model, self.tasks, h["lam"])
-        elif a in ("r2d2", "lrd2"):
-            hyper = [scalar(extra[k]) for k in ("lam", "scale", "offset")]
-            leaves += hyper
-            args = (model, self.tasks, *hyper)
-        else:
-            args = (model, self.tasks, h["n_classes"])
-        return args, leaves
+        h, row = case.hyper, self.row
+        args: list[Any] = []
+        # The row's signature says what goes where: the model, the tasks, a differentiated extra
+        # variable (tensors requiring grad, appended to the leaves in case.variables order), or a
+        # hyper-parameter.
+        for name in row.signature or ():
+            if name == "model":
+                args.append(model)
+            elif name == "tasks":
+                args.append(self.tasks)
+            elif name == "lrs" and name in row.extra:
+                lrs = [torch.tensor(np.asarray(extra[f"lrs[{i}]"]), dtype=torch.float64, requires_grad=True)
+                       for i in range(len(params))]
+                leaves += lrs
+                args.append(lrs)
+            elif name in row.extra:
+                leaf = torch.tensor(float(np.asarray(extra[name])), dtype=torch.float64, requires_grad=True)
+                leaves.append(leaf)
+                args.append(leaf)
+            else:
+                args.append(h[name])
+        return tuple(args), leaves
 
     def _call(self, variables: Sequence[np.ndarray],
               reuse: dict[str, Any] | None = None) -> tuple[Any, list[Any], list[np.ndarray]]:
@@ -125,11 +124,11 @@ class TorchHarness(Harness):
             notes.append(f"the function modified {', '.join(changed)} in place (through .data, an in-place "
                          "optimiser step or copy_); the audit is at the initial values, and in-place updates "
                          "also cut the autograd graph")
-        if case.algorithm == "reptile":
+        if self.row.quantity == "direction":
             if torch.is_tensor(out) or not isinstance(out, (list, tuple)):
-                raise AuditInputError(f"reptile: the function must return the direction as a list of tensors "
+                raise AuditInputError(f"{case.algorithm}: the function must return the direction as a list of tensors "
                                       f"shaped like model.parameters(), got {short(out)}")
-            grads, missing = self._check_grads(leaves_keep_none(list(out)), "returned direction")
+            grads, missing = self._check_grads(self.leaves(list(out)), "returned direction")
             return Claim(None, grads, missing, "returned direction", notes)
         grads_out = None
         if isinstance(out, (tuple, list)) and not torch.is_tensor(out):
@@ -139,7 +138,7 @@ class TorchHarness(Harness):
             out, grads_out = out
         loss = self._check_loss(out)
         if grads_out is not None:
-            grads, missing = self._check_grads(leaves_keep_none(grads_out), "returned grads")
+            grads, missing = self._check_grads(self.leaves(grads_out), "returned grads")
             return Claim(loss, grads, missing, "returned (loss, grads)", notes)
         if any(leaf.grad is not None for leaf in leaves):
             grads, missing = self._check_grads([leaf.grad for leaf in leaves], ".grad")
