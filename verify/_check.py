@@ -50,6 +50,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError, NotAnalyticError
+from reference.formatting import number
 from verify._numdiff import (
     NOISE_FACTOR,
     NOISE_PROBES,
@@ -134,7 +135,7 @@ def _kink_probe(p: Problem, v: np.ndarray, threshold: float) -> _Kink:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.6g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
+    return number(x)
 
 
 def _judge(

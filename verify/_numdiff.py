@@ -67,6 +67,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError, NotAnalyticError
+from reference.formatting import short
 from verify._verdict import jsonable
 
 __all__ = [
@@ -161,8 +162,7 @@ class Estimate:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return short(value, 80)
 
 
 def as_real_array(name: str, value: Any) -> np.ndarray:

@@ -44,6 +44,7 @@ import scipy.sparse.linalg
 from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError
+from reference.formatting import number
 from reference.models import flatten
 from reference.tasks import Task, check_tasks
 from verify._verdict import FAIL, INCONCLUSIVE, PASS, Verdict, combine_statuses
@@ -101,7 +102,7 @@ def _sym_extreme_norm(matvec: Callable[[np.ndarray], np.ndarray], n: int) -> flo
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.6g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
+    return number(x)
 
 
 def _worst_entry(a: np.ndarray, b: np.ndarray) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from reference.formatting import short as format_short
 from verify.algorithms import ALGORITHMS, Case
 from verify.auditing.problem import AuditInputError
 
@@ -39,8 +40,8 @@ class Claim:
 
 
 def short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+    """:func:`reference.formatting.short` at the audit's 120 characters."""
+    return format_short(value, 120)
 
 
 def raised(exc: BaseException, what: str) -> AuditInputError:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reference.errors import InvalidInputError
+from reference.errors import AuditInputError, InvalidInputError
 from reference.models import MLP
 from verify.algorithms import ALGORITHMS, Case, build_case
 
@@ -19,11 +19,6 @@ __all__ = ["BACKENDS", "AuditInputError", "build_problem", "parse_model"]
 
 #: The frameworks with an audit harness (``verify.backends.<name>.audit_harness``).
 BACKENDS = ("torch", "jax")
-
-
-class AuditInputError(InvalidInputError):
-    """The audited function could not be audited: it raised, returned a non-scalar or non-finite
-    loss, or the wrong number of gradients (exit code 2 in the CLI)."""
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reference.errors import InvalidInputError
+from reference.formatting import article
 
 LIBRARIES = ("higher", "torchopt", "learn2learn")
 
@@ -132,7 +133,7 @@ def load_target(spec: str) -> Callable[..., Any]:
                                     f"{', '.join(available) or '(none)'}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InvalidInputError(f"TARGET={spec!r}: {name!r} is a {type(obj).__name__}, not a function")
+        raise InvalidInputError(f"TARGET={spec!r}: {name!r} is {article(type(obj).__name__)}, not a function")
     return obj
 
 
