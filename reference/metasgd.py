@@ -15,10 +15,17 @@ from reference import inner_loop
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 
-__all__ = ["meta_loss", "meta_loss_and_grad"]
+__all__ = ["check_lrs", "meta_loss", "meta_loss_and_grad"]
 
 
-def _check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
+def check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
+    """Meta-SGD's per-parameter learning rates: one array shaped like each parameter tensor.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a missing, extra or mis-shaped entry, or a non-finite rate.
+    """
     try:
         return model.check_params(lrs, name="lrs")
     except InvalidInputError as exc:
@@ -26,6 +33,9 @@ def _check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
             f"{exc}; lrs holds one per-parameter learning rate for each entry of params, "
             f"e.g. [np.full_like(p, 0.01) for p in params]"
         ) from exc
+
+
+_check_lrs = check_lrs  # the former private name
 
 
 def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int) -> Any:

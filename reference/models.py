@@ -19,6 +19,11 @@ Derivatives are written out by hand:
 Every routine is complex-step safe for analytic activations: no ``abs``,
 no conjugation (``.T`` is a plain transpose), numerically stable branches are
 chosen on the real part. ``relu`` is not analytic and refuses complex input.
+
+Length: over 500 lines because :class:`MLP` keeps its hand-written passes
+(forward, backpropagation, the R-operator, third-order products, VJP/JVP) in one
+class, where they share the parameter layout and the cached forward quantities;
+:class:`Quadratic` is the small test model with the same interface.
 """
 
 from __future__ import annotations

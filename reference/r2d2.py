@@ -60,7 +60,16 @@ Params = list[np.ndarray]
 FORMS = ("primal", "dual")
 
 
-def _check(backbone, params, tasks, n_classes, lam, scale, offset, form, regression):
+def check_arguments(backbone: Any, params: Any, tasks: Any, n_classes: Any, lam: Any, scale: Any, offset: Any,
+                    form: Any, regression: bool = False) -> tuple[MLP, Params, list[Task], int, Any, Any, Any]:
+    """Validate R2-D2's arguments; return ``(backbone, params, tasks, n_classes, lam, scale, offset)`` checked.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a bad backbone, parameters, tasks or labels, an unknown ``form``,
+            ``lam <= 0``, a non-finite ``scale`` or ``offset``.
+    """
     backbone = check_backbone(backbone)
     params = backbone.check_params(params)
     if form not in FORMS:
@@ -75,6 +84,9 @@ def _check(backbone, params, tasks, n_classes, lam, scale, offset, form, regress
     scale = check_finite_scalar("scale", scale, hint="; scale is the logit multiplier (the paper's alpha)")
     offset = check_finite_scalar("offset", offset, hint="; offset is the logit shift (the paper's beta)")
     return backbone, params, tasks, n_classes, lam, scale, offset
+
+
+_check = check_arguments  # the former private name
 
 
 def ridge_weights(

@@ -68,7 +68,7 @@ from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError, NotAnalyticError
 from reference.formatting import short
-from verify._verdict import jsonable
+from verify._verdict import record
 
 __all__ = [
     "Estimate",
@@ -143,18 +143,7 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
-        return jsonable(
-            {
-                "value": self.value,
-                "error": self.error,
-                "method": self.method,
-                "step": self.step,
-                "steps": self.steps,
-                "noise": self.noise,
-                "evaluations": self.evaluations,
-                "note": self.note,
-            }
-        )
+        return record(self)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,23 +2,10 @@
 
 ``from verify.errors import InvalidInputError`` and ``from reference.errors import
 InvalidInputError`` name the same class: the engine, the audit and the reference
-raise the types of that one module.
+raise the types of that one module, re-exported here whole.
 """
 
-from reference.errors import (
-    AuditInputError,
-    ConvergenceError,
-    InvalidInputError,
-    MetaverifyError,
-    NotAnalyticError,
-    SingularMatrixError,
-)
+import reference.errors as _errors
+from reference.errors import *  # noqa: F401,F403  (the same classes, one definition)
 
-__all__ = [
-    "AuditInputError",
-    "ConvergenceError",
-    "InvalidInputError",
-    "MetaverifyError",
-    "NotAnalyticError",
-    "SingularMatrixError",
-]
+__all__ = list(_errors.__all__)

@@ -32,7 +32,7 @@ import numpy as np
 
 from reference.errors import MetaverifyError
 from reference.models import flatten, unflatten
-from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, jsonable
+from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, record
 from verify.algorithms import ALGORITHMS, Case, build_case, evaluate
 from verify.tolerance import TF32, tolerance
 
@@ -80,23 +80,12 @@ class Cell:
             self.worst_error, self.tolerance = result.error, result.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(
-            {
-                "algorithm": self.algorithm,
-                "backend": self.backend,
-                "dtype": self.dtype,
-                "status": self.status,
-                "worst_error": self.worst_error,
-                "tolerance": self.tolerance,
-                "examples": len(self.cases),
-                "note": self.note,
-                "seconds": round(self.seconds, 3),
-                "failures": [
-                    {"problem": c.description, "checks": [k for k in c.checks if k["status"] != PASS]}
-                    for c in self.cases
-                    if c.status != PASS
-                ],
-            }
+        return record(
+            self, ("algorithm", "backend", "dtype", "status", "worst_error", "tolerance", "examples", "note", "seconds",
+                   "failures"),
+            examples=len(self.cases), seconds=round(self.seconds, 3),
+            failures=[{"problem": c.description, "checks": [k for k in c.checks if k["status"] != PASS]}
+                      for c in self.cases if c.status != PASS],
         )
 
 
@@ -417,8 +406,7 @@ class MatrixResult:
         return combine_statuses(ran) if ran else INCONCLUSIVE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "examples": self.examples, "status": self.status,
-                "cells": [c.to_dict() for c in self.cells]}
+        return record(self, ("seed", "examples", "status", "cells"))
 
 
 def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[str]) -> list[tuple[str, str, str]]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from verify._verdict import FAIL, PASS, jsonable
+from verify._verdict import FAIL, PASS, record
 from verify.algorithms import ALGORITHMS
 from verify.auditing.diagnosis import Diagnosis
 
@@ -31,7 +31,7 @@ class TensorCheck:
     missing: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(self.__dict__)
+        return record(self)
 
 
 def _g(x: float) -> str:
@@ -148,28 +148,14 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``result.audit`` object of the versioned JSON schema (``docs/audit.md``)."""
-        return jsonable({
-            "status": self.status,
-            "algorithm": self.algorithm,
-            "backend": self.backend,
-            "title": self.title,
-            "problem": self.problem,
-            "seed": self.seed,
-            "dtype": "float64",
-            "tolerance": self.tolerance,
-            "tolerance_reason": self.tolerance_reason,
-            "condition": self.condition,
-            "gradient_source": self.source,
-            "meta_loss": self.loss,
-            "tensors": [t.to_dict() for t in self.tensors],
-            "independent": self.independent,
-            "which_side": self.which_side,
-            "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
-            "unexplained": (not self.passed) and self.diagnosis is None,
-            "headline": self.headline(),
-            "notes": list(self.notes),
-            "seconds": round(self.seconds, 3),
-        })
+        return record(
+            self, ("status", "algorithm", "backend", "title", "problem", "seed", "dtype", "tolerance", "tolerance_reason",
+                   "condition", "gradient_source", "meta_loss", "tensors", "independent", "which_side", "diagnosis",
+                   "unexplained", "headline", "notes", "seconds"),
+            dtype="float64", gradient_source=self.source, meta_loss=self.loss,
+            unexplained=(not self.passed) and self.diagnosis is None, headline=self.headline(),
+            seconds=round(self.seconds, 3),
+        )
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **({"indent": 2} | kwargs))

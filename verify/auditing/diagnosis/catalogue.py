@@ -42,7 +42,6 @@ layered) with the smallest error is reported; the others are listed as
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +51,7 @@ import numpy as np
 from reference.errors import MetaverifyError
 from reference.models import flatten
 from reference.tasks import Task
-from verify._verdict import jsonable
+from verify._verdict import record
 from verify.algorithms import ALGORITHMS, Case, evaluate
 
 __all__ = ["CATALOGUE", "Candidate", "Diagnosis", "Entry", "match_error"]
@@ -170,7 +169,7 @@ class Diagnosis:
     also: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(dataclasses.asdict(self))
+        return record(self)
 
     def __str__(self) -> str:
         text = f"{self.detail}\n  likely cause: {self.cause}"
