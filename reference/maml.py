@@ -29,7 +29,8 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
     params, tasks, steps = inner_loop.check_common(model, params, [task], inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
     t = tasks[0]
-    return inner_loop.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps, keep_iterates=False)[0][0]
+    return inner_loop.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps,
+                            keep_iterates=False)[0][0]
 
 
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int) -> Any:

@@ -5,9 +5,9 @@ A gradient checker says "mismatch". The audit (:mod:`verify.auditing`) also says
 :data:`CATALOGUE` is a known way of getting a meta-gradient wrong, and for a
 given problem (a :class:`verify.algorithms.Case`) the wrong meta-gradient it
 produces is computed here **analytically**, from the NumPy reference's own
-pieces (``model._loss_and_grad``, exact Hessian-vector products
-``model._hvp``, the reference algorithms run with changed arguments). Nothing
-here runs the implementation under audit or any autodiff framework.
+pieces (``model.loss_and_grad_unchecked``, the adjoint of
+:mod:`reference.inner_loop` with exact Hessian-vector products, the reference
+algorithms run with changed arguments). Nothing here runs the implementation under audit or any autodiff framework.
 
 A claimed gradient ``g`` is diagnosed as variant ``V`` when
 
