@@ -95,23 +95,38 @@ def test_unknown_backend():
         audit_function(lambda *a: 0, "tf")
 
 
-def test_command_module_runs_a_file_target(tmp_path):
-    """verify.commands.audit_rl.run_maml_rl (the CLI's handler): exit codes, report, JSON."""
+def test_cli_audits_a_file_target(tmp_path):
+    """``python -m verify audit FILE.py:fn --algorithm maml-rl``: dispatch from the row, exit code, report, JSON."""
     pytest.importorskip("torch")
-    import argparse
     import json
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
-
-    from verify.commands.audit_rl import run_maml_rl
 
     corpus_file = Path(__file__).with_name("corpus_rl_torch.py")
     out = tmp_path / "verdict.json"
-    ns = argparse.Namespace(target=f"{corpus_file}:maml_rl_no_inner_score", library=None, backend=None,
-                            inner_lr=None, seed=0, title="planted", json=str(out))
-    assert run_maml_rl(ns) == 1
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "verify", "audit", f"{corpus_file}:maml_rl_no_inner_score",
+                           "--algorithm", "maml-rl", "--json", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "matches the catalogue entry 'maml-original'" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["audit"]["status"] == "fail" and doc["audit"]["matches"][0] == "maml-original"
     assert doc["audit"]["backend"] == "torch"
+
+
+def test_the_row_refuses_the_case_machinery():
+    from verify.algorithms import ALGORITHMS, auditable, build_case, case_algorithms
+    from verify.auditing import audit
+
+    assert "maml-rl" in auditable() and "maml-rl" not in case_algorithms()
+    assert ALGORITHMS["maml-rl"].audit == "verify.rl_audit:audit_function"
+    with pytest.raises(InvalidInputError, match="has no Case"):
+        build_case("maml-rl")
+    with pytest.raises(InvalidInputError, match="has an audit of its own"):
+        audit(lambda *a: 0, "maml-rl", "torch")
 
 
 @pytest.mark.slow
