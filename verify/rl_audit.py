@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-from reference.errors import InvalidInputError
+from reference.errors import AuditInputError, InvalidInputError
 from reference.rl import (
     ESTIMATORS,
     EstimatorSpec,
@@ -365,7 +365,7 @@ def audit_maml_rl(grad_fn: GradFn, *, problem: RLProblem | None = None, backend:
     if n_pairs <= max_pairs:
         E_u = exact_user_expectation(grad_fn, problem, max_pairs=max_pairs)
         if not np.all(np.isfinite(E_u)):
-            raise InvalidInputError("the function's gradients contain NaN or inf on some batch pair")
+            raise AuditInputError("the function's gradients contain NaN or inf on some batch pair")
         err = _rel(E_u, gJ)
         if err <= MATCH_RTOL:
             return RLAuditResult(True, "exact", problem, backend, gJ, E_u, err, ["dice"],

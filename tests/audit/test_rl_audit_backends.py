@@ -95,6 +95,7 @@ def test_unknown_backend():
         audit_function(lambda *a: 0, "tf")
 
 
+@pytest.mark.slow  # ~14 s on a loaded machine: a fresh interpreter importing torch; the dispatch itself is fast
 def test_cli_audits_a_file_target(tmp_path):
     """``python -m verify audit FILE.py:fn --algorithm maml-rl``: dispatch from the row, exit code, report, JSON."""
     pytest.importorskip("torch")

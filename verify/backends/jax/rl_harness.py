@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 
 import verify.backends.jax  # noqa: F401  (enables float64 in JAX)
-from reference.errors import InvalidInputError
+from reference.errors import AuditInputError
 
 __all__ = ["gradient_callable"]
 
 
-def _raised(exc: BaseException) -> InvalidInputError:
+def _raised(exc: BaseException) -> AuditInputError:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return InvalidInputError(f"the audited function raised {type(exc).__name__}: {exc}\n{tb.rstrip()}")
+    return AuditInputError(f"the audited function raised {type(exc).__name__}: {exc}\n{tb.rstrip()}")
 
 
 def gradient_callable(fn: Callable[..., Any]) -> Callable[..., np.ndarray]:
@@ -51,13 +51,13 @@ def gradient_callable(fn: Callable[..., Any]) -> Callable[..., np.ndarray]:
         if isinstance(out, (tuple, list)) and len(out) == 2:
             grads = out[1]
             if isinstance(grads, (tuple, list)):
-                raise InvalidInputError("return (loss, grads) with grads one array of shape (S, A), not a sequence")
+                raise AuditInputError("return (loss, grads) with grads one array of shape (S, A), not a sequence")
             if tuple(np.shape(grads)) != tuple(params.shape):
-                raise InvalidInputError(f"the returned gradient has shape {tuple(np.shape(grads))}, expected "
+                raise AuditInputError(f"the returned gradient has shape {tuple(np.shape(grads))}, expected "
                                         f"{tuple(params.shape)}")
             return True
         if np.size(out) != 1:
-            raise InvalidInputError(f"the function must return a scalar loss (or (loss, grads)); got shape "
+            raise AuditInputError(f"the function must return a scalar loss (or (loss, grads)); got shape "
                                     f"{tuple(np.shape(out))}")
         return False
 

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from reference.errors import InvalidInputError
+from reference.errors import AuditInputError, InvalidInputError
 
 __all__ = ["gradient_callable"]
 
 
-def _raised(exc: BaseException) -> InvalidInputError:
+def _raised(exc: BaseException) -> AuditInputError:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return InvalidInputError(f"the audited function raised {type(exc).__name__}: {exc}\n{tb.rstrip()}")
+    return AuditInputError(f"the audited function raised {type(exc).__name__}: {exc}\n{tb.rstrip()}")
 
 
 def _grad_of(out: Any, params: torch.Tensor) -> torch.Tensor:
@@ -30,19 +30,19 @@ def _grad_of(out: Any, params: torch.Tensor) -> torch.Tensor:
         loss, grads = out
         if isinstance(grads, (tuple, list)):
             if len(grads) != 1:
-                raise InvalidInputError(f"the function returned {len(grads)} gradients; expected one, for "
+                raise AuditInputError(f"the function returned {len(grads)} gradients; expected one, for "
                                         "params (S, A)")
             grads = grads[0]
         if not isinstance(grads, torch.Tensor) or tuple(grads.shape) != tuple(params.shape):
-            raise InvalidInputError(f"the returned gradient must be a tensor of shape {tuple(params.shape)}, got "
+            raise AuditInputError(f"the returned gradient must be a tensor of shape {tuple(params.shape)}, got "
                                     f"{type(grads).__name__} {tuple(getattr(grads, 'shape', ()))}")
         return grads
     loss = out
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise InvalidInputError(f"the function must return a scalar loss tensor (or (loss, grads)); got "
+        raise AuditInputError(f"the function must return a scalar loss tensor (or (loss, grads)); got "
                                 f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}")
     if not loss.requires_grad:
-        raise InvalidInputError("the returned loss does not depend on params (requires_grad is False); build it "
+        raise AuditInputError("the returned loss does not depend on params (requires_grad is False); build it "
                                 "from log_softmax(params) evaluated at the batch's states and actions")
     (g,) = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
     return torch.zeros_like(params) if g is None else g
@@ -74,7 +74,7 @@ def gradient_callable(fn: Callable[..., Any]) -> Callable[..., np.ndarray]:
                 res = fn(params, {n: v[k] for n, v in ti.items()}, {n: v[k] for n, v in to.items()}, float(alpha),
                          float(gamma))
                 g = _grad_of(res, params)
-            except InvalidInputError:
+            except InvalidInputError:  # ours (AuditInputError), already explained
                 raise
             except Exception as exc:  # the user's code: show its traceback
                 raise _raised(exc) from exc
