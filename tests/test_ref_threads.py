@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from reference import _threads, imaml, maml, r2d2
-from reference._features import TaskFeatures, feature_blocks
+from reference.features import TaskFeatures, feature_blocks
 from reference.models import MLP
 from reference.tasks import gaussian_classification, sinusoid
 
@@ -98,7 +98,7 @@ def test_stacked_features_equal_per_task(max_rows):
 
 
 def test_r2d2_stacked_matches_blocks_of_one(monkeypatch, two_workers):
-    from reference import _features
+    from reference import features as _features
 
     model = MLP([8, 300, 20], "tanh", "mse")  # 8,720 parameters x 5 rows: the pool runs the blocks
     params = model.init(2)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from reference._validation import check_positive_int
+from reference.validation import check_positive_int
 from reference.errors import InvalidInputError
 from reference.symbolic._derivation import SymbolTable
 
@@ -30,6 +30,7 @@ LIMITS: dict[str, dict[str, int]] = {
     "expected-quadratic-maml": {"dim": 2, "steps": 4},
     "expected-linear-regression-maml": {"steps": 3, "shots": 3, "queries": 3},
     "gradient-flow-quadratic": {"dim": 2},
+    "bandit-maml-rl": {"batch": 4},
 }
 
 
