@@ -339,3 +339,19 @@ def test_bad_inputs_are_clear_errors():
             Network([Linear(2, 3), BatchNorm1d(3), Linear(3, 2)], (2,)).init(0), np.zeros((1, 2)), [0])
     with pytest.raises(InvalidInputError, match="labels"):
         net.loss(p, np.zeros((2, 1, 28, 28)), [0, 7])
+
+
+def test_fused_maml_task_equals_the_generic_loop():
+    """Network._maml_task (forward passes reused) against _inner's generic loop (fresh passes), incl. lr grads."""
+    from reference import _inner
+
+    net = conv4((2, 8, 8), 3, hidden=2, ceil_mode=True)
+    rng = np.random.default_rng(1)
+    p = [a + 0.1 * rng.normal(size=a.shape) for a in net.init(1)]
+    tasks = [Task(rng.normal(size=(3, 2, 8, 8)), np.arange(3), rng.normal(size=(3, 2, 8, 8)), np.arange(3))]
+    lrs = [0.2 * (1 + rng.random(s)) if i % 3 else (None if i == 3 else 0.1) for i, s in enumerate(net.shapes)]
+    a = _inner.meta_loss_and_grad(net, p, tasks, lrs, 2, lr_grad=True)
+    b = _inner.meta_loss_and_grad(net, p, tasks, lrs, 2, lr_grad=True, fused=False)
+    assert abs(a[0] - b[0]) <= 1e-15 * abs(b[0])
+    assert _rel(flatten(a[1]), flatten(b[1])) <= 1e-13
+    assert all((x is None and y is None) or _rel(x, y) <= 1e-13 for x, y in zip(a[2], b[2]))

@@ -330,6 +330,40 @@ class Network:
     def _hvp(self, params, x, y, v):
         return self._grad_and_hvp(params, x, y, v)[2]
 
+    def _maml_task(self, params: Params, task: Any, lrs: Sequence[Any], steps: int, *, first_order: bool,
+                   lr_grad: bool) -> tuple[Any, Params, Params | None]:
+        """One task of ``reference._inner``'s reverse accumulation, reusing each inner step's forward pass.
+
+        The same recursion as ``_inner.task_loss_and_grad`` (``v <- v - H_s(p_k) (a * v)``), but the
+        forward caches of the support pass at each ``p_k`` are kept from the inner loop (memory
+        ``K x activations``), so each Hessian-vector product costs an R-forward and a combined
+        backward only, not a fresh forward pass.
+        """
+        xs, ys = task.x_support, task.y_support
+        states = []
+        p = list(params)
+        for _ in range(steps):
+            out, caches, tree = self._forward(p, xs)
+            loss = _Loss(self.loss_name, out, ys)
+            g_tree, _ = self.body.bwd(tree, caches, loss.grad(), need_gx=False)
+            g = self._to_public(g_tree)
+            if not first_order:
+                states.append((p, caches, tree, loss, g))
+            p = [pi if a is None else pi - a * gi for pi, gi, a in zip(p, g, lrs)]
+        loss_q, v = self._loss_and_grad(p, task.x_query, task.y_query)
+        if first_order:
+            return loss_q, v, None
+        grad_lrs = [None if a is None else 0.0 for a in lrs] if lr_grad else None
+        for _, caches, tree, loss, g in reversed(states):
+            if grad_lrs is not None:
+                grad_lrs = [None if a is None else acc - gk * vk for acc, gk, vk, a in zip(grad_lrs, g, v, lrs)]
+            dtree = self._to_tree([np.zeros_like(vk) if a is None else a * vk for vk, a in zip(v, lrs)])
+            dout, rcaches = self.body.jvp(tree, caches, dtree, None)
+            _, _, hv, _ = self.body.rbwd(tree, caches, rcaches, loss.grad(), loss.hvp(dout), dtree, None,
+                                         need_gx=False)
+            v = [vk - hk for vk, hk in zip(v, self._to_public(hv))]
+        return loss_q, v, grad_lrs
+
     def _third(self, params, x, y, u, w):
         """``grad_params (u^T H(params) w)`` by a complex step of the exact R-operator.
 
