@@ -142,6 +142,21 @@ class Network:
         """Whether every layer is analytic (complex step exact everywhere, no kinks)."""
         return self.body.analytic
 
+    joint = False  # feature extractors: support and query normalised as one batch (see joint_batch)
+
+    @property
+    def batch_coupled(self) -> bool:
+        """Whether examples interact (a batch-norm layer normalises with batch statistics)."""
+        return any(bn.uses_batch_stats for _, bn in self.batchnorms)
+
+    def joint_batch(self, joint: bool = True) -> Network:
+        """A copy whose feature extraction (R2-D2, LR-D2, ProtoNets, Matching nets) normalises support and
+        query as one batch (R2-D2's encoder); the default is two batches (transductive, CONVENTIONS).
+        Losses and derivatives of a given batch are unaffected."""
+        new = copy.deepcopy(self)
+        new.joint = bool(joint)
+        return new
+
     @property
     def batchnorms(self) -> list[tuple[str, BatchNorm]]:
         """The batch-norm layers with their paths."""
@@ -459,7 +474,7 @@ def _image_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def conv4(in_shape: Sequence[int], n_out: int, hidden: int = 64, *, ceil_mode: bool = False,
-          loss: str = "ce") -> Network:
+          head: bool = True, loss: str = "ce") -> Network:
     """Conv4 (Finn et al. 2017, MAML; Vinyals et al. 2016, Matching networks).
 
     Four blocks ``Conv2d(3x3, hidden, padding=1) -> BatchNorm2d -> relu ->
@@ -467,10 +482,12 @@ def conv4(in_shape: Sequence[int], n_out: int, hidden: int = 64, *, ceil_mode: b
     ``nn.Sequential`` has 18 children, indices ``0..17`` (parameters
     ``0.weight, 0.bias, 1.weight, 1.bias, 4.weight, ...``). Images smaller than
     16x16 need ``ceil_mode=True`` (``MaxPool2d(2, ceil_mode=True)``: 8 -> 4 -> 2 -> 1 -> 1).
+    ``head=False`` drops the ``Linear``: the output is the flattened feature vector (the backbone of
+    R2-D2, ProtoNets, Matching nets; ``n_out`` is then ignored).
     """
     C, H, W = _image_shape(in_shape)
     hidden = check_positive_int("hidden", hidden)
-    n_out = check_positive_int("n_out", n_out)
+    n_out = check_positive_int("n_out", n_out) if head else 0
     layers: list[Layer] = []
     c = C
     for _ in range(4):
@@ -481,7 +498,7 @@ def conv4(in_shape: Sequence[int], n_out: int, hidden: int = 64, *, ceil_mode: b
         if H < 1 or W < 1:
             raise InvalidInputError(f"in_shape={tuple(in_shape)!r} is too small for 4 max-pools of 2 (needs >= 16); "
                                     "pass ceil_mode=True for small images")
-    layers += [Flatten(), Linear(hidden * H * W, n_out)]
+    layers += [Flatten(), Linear(hidden * H * W, n_out)] if head else [Flatten()]
     return Network(layers, (C, *in_shape[1:]), loss=loss)
 
 
@@ -503,16 +520,16 @@ def resnet_block(in_planes: int, planes: int, slope: float = 0.1) -> Sequential:
 
 
 def resnet12(in_shape: Sequence[int], n_out: int, widths: Sequence[int] = (64, 160, 320, 640), *,
-             avg_pool: bool = False, loss: str = "ce") -> Network:
+             avg_pool: bool = False, head: bool = True, loss: str = "ce") -> Network:
     """ResNet-12 (Lee et al. 2019, "Meta-Learning with Differentiable Convex Optimization"; MetaOptNet).
 
     Four :func:`resnet_block` s of the given widths (each halves H and W),
     then (``avg_pool=True``) a global average pool, ``Flatten`` and
-    ``Linear(n_out)``. Without DropBlock (CONVENTIONS). At 3x84x84 the features
+    ``Linear(n_out)`` (dropped with ``head=False``: a feature extractor). Without DropBlock (CONVENTIONS). At 3x84x84 the features
     are ``640 x 5 x 5`` (MetaOptNet's miniImageNet setting, ``avg_pool=False``).
     """
     C, H, W = _image_shape(in_shape)
-    n_out = check_positive_int("n_out", n_out)
+    n_out = check_positive_int("n_out", n_out) if head else 0
     widths = [check_positive_int(f"widths[{i}]", w) for i, w in enumerate(widths)]
     if len(widths) != 4:
         raise InvalidInputError(f"widths={widths!r} must have 4 entries, one per residual block")
@@ -530,8 +547,8 @@ def resnet12(in_shape: Sequence[int], n_out: int, widths: Sequence[int] = (64, 1
         layers.append(GlobalAvgPool2d())
         names.append("avgpool")
         H = W = 1
-    layers += [Flatten(), Linear(c * H * W, n_out)]
-    names += ["flatten", "fc"]
+    layers += [Flatten(), Linear(c * H * W, n_out)] if head else [Flatten()]
+    names += ["flatten", "fc"] if head else ["flatten"]
     return Network(Sequential(*layers, names=names), (C, *in_shape[1:]), loss=loss)
 
 
