@@ -30,7 +30,8 @@ exact Hessian-vector products by hand-written R-operators; no autodiff).
 Time: median (min-max) over rounds; the ratio is the median of per-round
 ratios (same round, same load). Memory: peak resident-set increase of one call
 in a fresh subprocess (``benchmarks._common.rss_probe``), the like-for-like
-figure for NumPy and torch; plus the reference's tracemalloc peak.
+figure for NumPy and torch. ResNet-12 (minutes per call) runs once each, every
+call in its own fresh process measuring its time and peak RSS together.
 """
 
 from __future__ import annotations
@@ -138,13 +139,62 @@ def compare(cfg: dict[str, Any], repeats: int, memory: bool) -> dict[str, Any]:
     return row
 
 
+def _probe(which: str, config: str, out: str) -> None:
+    """Child process: one timed call with its peak-RSS increase; the gradient saved for the parent."""
+    import json
+
+    import numpy as np
+
+    from reference.models import flatten
+
+    cfg = {"conv4": CONV4, "resnet12": RESNET12}[config]
+    fn = (reference_fn if which == "reference" else torch_fn)(**cfg)
+    (t, (loss, grad)), rss = C.measure_rss(lambda: C.timed(fn))
+    np.save(out, flatten(grad))
+    print(json.dumps({"time": t, "rss": rss, "loss": loss}))
+
+
+def compare_in_subprocesses(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One call each of reference and torch, each in a fresh process (time, peak RSS, gradient)."""
+    import json
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for which in ("reference", "torch"):
+            out = os.path.join(tmp, f"{which}.npy")
+            cmd = [sys.executable, os.path.abspath(__file__), "--probe", which, "--config", name, "--out", out]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **C.PROBE_ENV})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{which} probe failed:\n{proc.stderr[-3000:]}")
+            res[which] = json.loads(proc.stdout.strip().splitlines()[-1])
+            res[which]["grad"] = np.load(out)
+    g_ref, g_tor = res["reference"]["grad"], res["torch"]["grad"]
+    t_ref, t_tor = res["reference"]["time"], res["torch"]["time"]
+    return {"problem": cfg, "n_params": int(g_ref.size),
+            "rel_error": float(np.max(np.abs(g_ref - g_tor)) / np.max(np.abs(g_tor))),
+            "loss_rel_error": abs(res["reference"]["loss"] - res["torch"]["loss"]) / abs(res["torch"]["loss"]),
+            "time_reference_fmt": C.fmt_seconds(t_ref), "time_torch_fmt": C.fmt_seconds(t_tor),
+            "time_reference": t_ref, "time_torch": t_tor, "ratio_fmt": f"{t_ref / t_tor:.3g}x (one run each)",
+            "rss_reference": res["reference"]["rss"], "rss_torch": res["torch"]["rss"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="Conv4 only, 3 rounds, no memory probes")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds for Conv4 (default 7)")
     ap.add_argument("--threads", type=int, default=None, help="fix BLAS/torch threads (default: library defaults)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--probe", choices=["reference", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", choices=["conv4", "resnet12"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.probe:
+        _probe(args.probe, args.config, args.out)
+        return 0
     C.set_thread_env(args.threads)
     C.set_torch_threads(args.threads)
     env = C.environment(args.threads)
@@ -152,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     rows.append(compare(CONV4, 3 if args.quick else args.repeats, memory=not args.quick))
     if not args.quick:
-        rows.append(compare(RESNET12, 1, memory=True))
+        rows.append(compare_in_subprocesses("resnet12", RESNET12))
     C.log(f"load after: {C.load()}")
     headers = ["problem", "params", "rel. error", "reference", "torch", "ratio ref/torch", "peak RSS ref", "peak RSS torch"]
     table = []

@@ -14,8 +14,9 @@ is in train mode (batch statistics, differentiated through) or eval mode
 would set it; :meth:`Network.train`/:meth:`Network.eval` return copies with
 every batch-norm layer switched. Every call normalises the batch it is given,
 so an algorithm that evaluates the support and the query losses separately is
-transductive by default; normalising support and query as one batch is the
-caller's named choice (``reference.nets.features(..., bn_batch='joint')``). The running
+transductive by default; normalising support and query as one batch is a
+named choice for the feature-extractor algorithms (R2-D2, LR-D2, ProtoNets,
+Matching nets): :meth:`Network.joint_batch`. The running
 statistics are state, never touched by a loss or a derivative:
 :meth:`Network.running_stats` returns what one train-mode forward would leave
 (PyTorch's update), :meth:`Network.with_state` a copy holding given statistics.
