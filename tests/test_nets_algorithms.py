@@ -126,7 +126,7 @@ def test_feature_batches_separate_by_default_and_joint_on_request():
     t = tasks[0]
     zs, zq = net.forward(p, t.x_support), net.forward(p, t.x_query)
     zj = net.forward(p, np.concatenate([t.x_support, t.x_query]))
-    from reference._features import TaskFeatures
+    from reference.features import TaskFeatures
 
     f = TaskFeatures(net, p, t, "t")
     assert np.array_equal(f.support, zs) and np.array_equal(f.query, zq)

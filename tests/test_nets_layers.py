@@ -343,7 +343,7 @@ def test_bad_inputs_are_clear_errors():
 
 def test_fused_maml_task_equals_the_generic_loop():
     """Network._maml_task (forward passes reused) against _inner's generic loop (fresh passes), incl. lr grads."""
-    from reference import _inner
+    from reference import inner_loop as _inner
 
     net = conv4((2, 8, 8), 3, hidden=2, ceil_mode=True)
     rng = np.random.default_rng(1)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._validation import as_float_array, check_positive_int
+from reference.validation import as_float_array, check_positive_int
 from reference.errors import InvalidInputError, NotAnalyticError
 from reference.models import LOSSES, _Loss, flatten, unflatten
 from reference.nets.layers import (
@@ -348,7 +348,7 @@ class Network:
 
     def _maml_task(self, params: Params, task: Any, lrs: Sequence[Any], steps: int, *, first_order: bool,
                    lr_grad: bool) -> tuple[Any, Params, Params | None]:
-        """One task of ``reference._inner``'s reverse accumulation, reusing each inner step's forward pass.
+        """One task of ``reference.inner_loop``'s reverse accumulation, reusing each inner step's forward pass.
 
         The same recursion as ``_inner.task_loss_and_grad`` (``v <- v - H_s(p_k) (a * v)``), but the
         forward caches of the support pass at each ``p_k`` are kept from the inner loop (memory

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("jax")
 
-import jax_helpers as H  # noqa: E402
+import backend_helpers as H  # noqa: E402
 
 from reference import anil as r_anil  # noqa: E402
 from reference import maml as r_maml  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-import torch_helpers as H  # noqa: E402
+import backend_helpers as H  # noqa: E402
 
 import reference.anil as r_anil  # noqa: E402
 import reference.imaml as r_imaml  # noqa: E402
