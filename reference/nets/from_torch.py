@@ -238,6 +238,8 @@ def from_torch(module: nn.Module, in_shape: Sequence[int], *, loss: str = "ce",
     params = [p.detach().cpu().double().numpy().copy() for _, p in named]
     if check_forward:
         _check_forward(module, net, params)
+    # The user's own module, kept so a torch harness can run *their* class (verify.backends.torch.build_model).
+    net.source_module = copy.deepcopy(module).cpu()
     return net, params
 
 

@@ -138,6 +138,16 @@ class Network:
     def __repr__(self) -> str:
         return f"Network({self.body!r}, in_shape={self.in_shape}, loss={self.loss_name!r})"
 
+    def summary(self) -> str:
+        """One line: layer kinds, input shape, outputs, parameter count, batch-norm mode."""
+        kinds = [type(leaf).__name__ for _, leaf in self._leaves]
+        counts: dict[str, int] = {}
+        for k in kinds:
+            counts[k] = counts.get(k, 0) + 1
+        layers = ", ".join(f"{n}x{k}" for k, n in counts.items())
+        return (f"Network(in_shape={self.in_shape}, n_out={self.n_out}, {self.n_params} parameters, "
+                f"batch norm {self.mode}; {layers})")
+
     @property
     def is_analytic(self) -> bool:
         """Whether every layer is analytic (complex step exact everywhere, no kinks)."""

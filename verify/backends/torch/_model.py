@@ -222,6 +222,17 @@ def build_model(spec: Any, params: Sequence[Any] | None = None, dtype: Any = "fl
         params = spec.check_params(spec.init(0) if params is None else params)
         if any(np.iscomplexobj(p) for p in params):
             raise InvalidInputError("params are complex; the torch backend computes in real float64/float32")
+        source = getattr(spec, "source_module", None)
+        if source is not None:
+            # Translated from the user's own module (reference.from_torch): audit *their* class, a copy
+            # with the given values (its .parameters() order is the network's public order).
+            import copy
+
+            module = copy.deepcopy(source).to(dtype=tdtype, device=dev)
+            with torch.no_grad():
+                for p, value in zip(module.parameters(), params):
+                    p.copy_(torch.as_tensor(value, dtype=tdtype, device=dev))
+            return module
         return to_torch(spec, params, dtype=tdtype).to(dev)
     sizes = tuple(spec.sizes)
     if len(sizes) < 2 or not hasattr(spec, "activation"):
