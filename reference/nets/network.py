@@ -356,6 +356,14 @@ class Network:
     def _hvp(self, params, x, y, v):
         return self._grad_and_hvp(params, x, y, v)[2]
 
+    def loss_and_grad_unchecked(self, params: Sequence[Any], x: np.ndarray, y: np.ndarray) -> tuple[Any, Params]:
+        """:meth:`loss_and_grad` without the argument checks (for validated inputs), as ``MLP``'s."""
+        return self._loss_and_grad(params, x, y)
+
+    def hvp_unchecked(self, params: Sequence[Any], x: np.ndarray, y: np.ndarray, v: Sequence[Any]) -> Params:
+        """:meth:`hvp` without the argument checks (for validated inputs), as ``MLP``'s."""
+        return self._hvp(params, x, y, v)
+
     def _maml_task(self, params: Params, task: Any, lrs: Sequence[Any], steps: int, *, first_order: bool,
                    lr_grad: bool) -> tuple[Any, Params, Params | None]:
         """One task of ``reference.inner_loop``'s reverse accumulation, reusing each inner step's forward pass.
