@@ -17,7 +17,6 @@ Kinks follow PyTorch: relu'(0) = 0 (``jax.nn.relu``), leaky_relu'(0) = slope
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
