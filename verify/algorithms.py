@@ -73,6 +73,9 @@ class Case:
     def describe(self) -> str:
         m = self.model
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        if not isinstance(m, MLP):  # a reference.nets.Network (Conv4, ResNet-12, a translated torch module)
+            what = m.summary() if hasattr(m, "summary") else repr(m)
+            return f"{self.algorithm}: {what}, {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
         return (
             f"{self.algorithm}: MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, "
             f"bias={m.bias}), {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
@@ -87,6 +90,8 @@ class Case:
 def param_names(model: Any) -> list[str]:
     """CONVENTIONS names of the parameter tensors: ``W1, b1, W2, b2, ...`` (``theta`` for a Quadratic)."""
     if not isinstance(model, MLP):
+        if hasattr(model, "param_names"):  # reference.nets.Network: PyTorch's names (0.weight, layer1.conv1.weight)
+            return list(model.param_names)
         return ["theta"] if len(model.shapes) == 1 else [f"p{i}" for i in range(len(model.shapes))]
     names = []
     for layer in range(1, model.n_layers + 1):
