@@ -259,7 +259,11 @@ class Adam(_Elementwise):
         d_k = m_{k+1} / ((1 - b1^t) (r + eps))   [+ wd p_k if decoupled].
 
     ``eps_root = 0`` is torch's Adam (``eps`` outside the root); optax's
-    ``adam(eps_root=...)`` puts ``eps_root`` inside.
+    ``adam(eps_root=...)`` puts ``eps_root`` inside. ``eps_placement="v"`` is
+    Kingma & Ba's section-2 "eps-hat" form ``a sqrt(bc2) / bc1 * m / (sqrt(v) +
+    eps)`` (TensorFlow/Keras, ``higher.optim.DifferentiableAdam``), i.e. ``eps``
+    replaced by ``eps / sqrt(1 - b2^t)`` above: a different optimiser, ~31x
+    larger ``eps`` at the first step with ``b2 = 0.999``.
 
     VJP (``bar_m, bar_v`` include the next step's state cotangents):
 
@@ -280,7 +284,7 @@ class Adam(_Elementwise):
     n_state = 2
 
     def __init__(self, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
-                 weight_decay: float = 0.0, decoupled: bool = False):
+                 weight_decay: float = 0.0, decoupled: bool = False, eps_placement: str = "v_hat"):
         self.b1 = _check_unit("b1", b1, "; torch.optim.Adam's betas[0], e.g. 0.9")
         self.b2 = _check_unit("b2", b2, "; torch.optim.Adam's betas[1], e.g. 0.999")
         self.eps = float(check_finite_scalar("eps", eps, nonnegative=True, hint="; e.g. eps=1e-8 (torch default)"))
@@ -288,10 +292,19 @@ class Adam(_Elementwise):
                                                   hint="; optax's eps inside the square root, 0 for torch"))
         self.weight_decay = _check_weight_decay(weight_decay)
         self.decoupled = bool(decoupled)
+        if eps_placement not in ("v_hat", "v"):
+            raise InvalidInputError(
+                f"eps_placement={eps_placement!r} must be 'v_hat' (torch.optim.Adam, optax: eps added to "
+                "sqrt(v_hat)) or 'v' (Kingma & Ba's eps-hat, TensorFlow, higher: eps added to sqrt(v))")
+        self.eps_placement = eps_placement
 
     def __repr__(self) -> str:
         return (f"Adam(b1={self.b1}, b2={self.b2}, eps={self.eps}, eps_root={self.eps_root}, "
-                f"weight_decay={self.weight_decay}, decoupled={self.decoupled})")
+                f"weight_decay={self.weight_decay}, decoupled={self.decoupled}, eps_placement={self.eps_placement!r})")
+
+    def eps_at(self, k: int) -> float:
+        """The ``eps`` added to ``sqrt(v_hat)`` at step ``k``: ``eps``, or ``eps / sqrt(1 - b2^t)`` for ``'v'``."""
+        return self.eps if self.eps_placement == "v_hat" else self.eps / np.sqrt(self._bias(k)[1])
 
     def _bias(self, k: int) -> tuple[float, float]:
         t = k + 1
@@ -307,7 +320,7 @@ class Adam(_Elementwise):
             r = np.sqrt(v) / np.sqrt(bc2)  # torch's order: sqrt(v) / sqrt(bc2)
         else:
             r = np.sqrt(v / bc2 + self.eps_root)
-        denom = r + self.eps
+        denom = r + self.eps_at(k)
         if self.eps == 0.0 and np.any(denom == 0):
             idx = tuple(int(i) for i in np.argwhere(denom == 0)[0])
             raise NotDifferentiableError(
