@@ -376,3 +376,23 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         [[None if a is None else a / n for a in row] for row in acc.lrs],
         [g / n for g in acc.optimizer],
     )
+
+
+def shared_rates(model: Any, params: Sequence[Any], tasks: Sequence[Task], rates: Sequence[Any], inner_steps: int, *,
+                 optimizer: Optimizer, first_order: bool = False) -> tuple[Any, Params, list[Any]]:
+    """The loop with one rate per tensor shared by every step (MAML, ANIL, Meta-SGD with ``inner_optimizer=``).
+
+    ``rates[i]``: ``None`` (tensor not adapted), a scalar or an array. Returns
+    ``(meta_loss, dL/dtheta, dL/drates)``; a shared rate's gradient is the sum
+    of its per-step gradients (``None`` for tensors not adapted).
+    """
+    steps = check_positive_int("inner_steps", inner_steps, hint="; the inner loop needs at least one step (K >= 1)")
+    r = meta_loss_and_grad(model, params, tasks, [list(rates)] * steps, steps, optimizer=optimizer,
+                           approximation=Approximation(first_order=bool(first_order)))
+    grad_rates = [None if a is None else sum(r.lrs[k][i] for k in range(steps)) for i, a in enumerate(rates)]
+    return r.loss, r.params, grad_rates
+
+
+def check_inner_optimizer(inner_optimizer: Any) -> Optimizer | None:
+    """``None`` (plain SGD, the algorithm's own fast path) or an :class:`~reference.optimizers.Optimizer`."""
+    return None if inner_optimizer is None else _check_optimizer(inner_optimizer)

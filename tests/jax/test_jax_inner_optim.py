@@ -123,3 +123,28 @@ def test_functional_jax_learned_optimizers(name: str, steps: int) -> None:
     r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, weights=w)
     j = jio.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, weights=w)
     assert rel(r.optimizer, j.optimizer) <= BAR and rel(r.params, j.params) <= BAR
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
+def test_backend_algorithms_take_inner_optimizer(algorithm: str) -> None:
+    from reference import anil as r_anil
+    from reference import maml as r_maml
+    from reference import metasgd as r_metasgd
+    from verify.backends.jax import anil as j_anil
+    from verify.backends.jax import maml as j_maml
+    from verify.backends.jax import metasgd as j_metasgd
+
+    model, params, tasks = problem(14)
+    opt = Adam(weight_decay=0.05)
+    if algorithm == "maml":
+        ref = r_maml.meta_loss_and_grad(model, params, tasks, 0.1, 2, inner_optimizer=opt)
+        got = j_maml.meta_loss_and_grad(model, params, tasks, 0.1, 2, inner_optimizer=opt)
+    elif algorithm == "anil":
+        ref = r_anil.meta_loss_and_grad(model, params, tasks, 0.1, 2, inner_optimizer=opt)
+        got = j_anil.meta_loss_and_grad(model, params, tasks, 0.1, 2, inner_optimizer=opt)
+    else:
+        a = [np.full(s, 0.1) for s in model.shapes]
+        ref = r_metasgd.meta_loss_and_grad(model, params, a, tasks, 2, inner_optimizer=opt)
+        got = j_metasgd.meta_loss_and_grad(model, params, a, tasks, 2, inner_optimizer=opt)
+        assert rel(ref[2], got[2]) <= BAR
+    assert abs(ref[0] - got[0]) <= BAR * abs(ref[0]) and rel(ref[1], got[1]) <= BAR

@@ -332,3 +332,36 @@ def test_torchopt_adam_at_v_zero() -> None:
     assert np.isnan(nan[0][:, 1]).all()  # eps_root = 0: autograd's 0 * inf, as plain torch
     ref = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, 3, optimizer=Adam(eps_root=1e-10)).params
     assert rel(ref, ok) <= BAR
+
+
+# ---------------------------------------------------------------------------
+# inner_optimizer= on the torch backend's MAML, ANIL, Meta-SGD
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd"])
+@pytest.mark.parametrize("opt_name", ["nesterov[wd]", "adam"])
+def test_backend_algorithms_take_inner_optimizer(algorithm: str, opt_name: str) -> None:
+    from reference import anil as r_anil
+    from reference import maml as r_maml
+    from reference import metasgd as r_metasgd
+    from verify.backends.torch import anil as t_anil
+    from verify.backends.torch import maml as t_maml
+    from verify.backends.torch import metasgd as t_metasgd
+
+    model, params, tasks = problem(14)
+    opt = OPTIMIZERS[opt_name]()
+    if algorithm in ("maml", "fomaml"):
+        fo = algorithm == "fomaml"
+        ref = r_maml.meta_loss_and_grad(model, params, tasks, 0.1, 3, fo, inner_optimizer=opt)
+        got = t_maml.meta_loss_and_grad(model, params, tasks, 0.1, 3, fo, inner_optimizer=opt)
+        assert t_maml.meta_loss(model, params, tasks, 0.1, 3, inner_optimizer=opt) == pytest.approx(ref[0], rel=BAR)
+    elif algorithm == "anil":
+        ref = r_anil.meta_loss_and_grad(model, params, tasks, 0.1, 3, inner_optimizer=opt)
+        got = t_anil.meta_loss_and_grad(model, params, tasks, 0.1, 3, inner_optimizer=opt)
+    else:
+        a = [np.full(s, 0.1) for s in model.shapes]
+        ref = r_metasgd.meta_loss_and_grad(model, params, a, tasks, 3, inner_optimizer=opt)
+        got = t_metasgd.meta_loss_and_grad(model, params, a, tasks, 3, inner_optimizer=opt)
+        assert rel(ref[2], got[2]) <= BAR
+    assert abs(ref[0] - got[0]) <= BAR * abs(ref[0]) and rel(ref[1], got[1]) <= BAR

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from reference import inner_optim as ref
+from reference._validation import check_positive_int
 from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
 from reference.models import MLP, Quadratic
 from reference.optimizers import SGD, Adam, Momentum
@@ -26,7 +27,7 @@ from verify.backends.jax._model import build_loss, check_dtype, to_jax_tasks
 
 import jax.numpy as jnp  # noqa: E402  (after verify.backends.jax._model, which enables x64)
 
-__all__ = ["direction", "init_state", "meta_loss_and_grad"]
+__all__ = ["direction", "init_state", "meta_loss", "meta_loss_and_grad", "shared_rates"]
 
 sg = jax.lax.stop_gradient
 
@@ -199,3 +200,30 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     rows = [[None if a is None else (lambda x: x if x.ndim else float(x))(np.asarray(next(it))) for a in row]
             for row in lrs]
     return JaxMetaGradient(float(value), [np.asarray(g) for g in g_theta], rows, [np.asarray(g) for g in g_phi])
+
+
+def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any, inner_steps: int, *,
+              optimizer: Any = None, weights: Any = None, dtype: str = "float64") -> float:
+    """Meta-loss of :func:`reference.inner_optim.meta_loss`, computed by JAX (forward only)."""
+    params, tasks, steps, lrs, active, w, opt = ref._validate(model, params, tasks, lrs, inner_steps, weights,
+                                                              optimizer)
+    jdt = check_dtype(dtype)
+    loss_fn = _loss_fn(model)
+    jtasks = ([Task(*(jnp.asarray(np.asarray(a), dtype=jdt) for a in t)) for t in tasks]
+              if isinstance(model, Quadratic) else to_jax_tasks(tasks, dtype))
+    rows = [[None if a is None else jnp.asarray(np.asarray(a), dtype=jdt) for a in row] for row in lrs]
+    theta = [jnp.asarray(p, dtype=jdt) for p in params]
+    phi = [jnp.asarray(x, dtype=jdt) for x in opt.meta_params]
+    total = sum(_task_loss(loss_fn, opt, theta, t, rows, active, steps, w, phi, ref.EXACT) for t in jtasks)
+    return float(total) / len(jtasks)
+
+
+def shared_rates(model: Any, params: Sequence[Any], tasks: Sequence[Task], rates: Sequence[Any], inner_steps: int, *,
+                 optimizer: Any, first_order: bool = False, dtype: str = "float64"
+                 ) -> tuple[float, list[np.ndarray], list[Any]]:
+    """One rate per tensor for every step (MAML, ANIL, Meta-SGD with ``inner_optimizer=``); see the reference's."""
+    steps = check_positive_int("inner_steps", inner_steps)
+    r = meta_loss_and_grad(model, params, tasks, [list(rates)] * steps, steps, optimizer=optimizer,
+                           approximation=ref.Approximation(first_order=bool(first_order)), dtype=dtype)
+    return r.loss, r.params, [None if a is None else sum(r.lrs[k][i] for k in range(steps))
+                              for i, a in enumerate(rates)]

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 
 from reference import inner_optim as ref
+from reference._validation import check_positive_int
 from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
 from reference.models import MLP, Quadratic
 from reference.optimizers import SGD, Adam, Momentum
 from reference.tasks import Task
 from verify.backends.torch._model import FunctionalMLP, resolve_device, resolve_dtype, to_numpy, to_torch_tasks
 
-__all__ = ["direction", "init_state", "meta_loss", "meta_loss_and_grad"]
+__all__ = ["direction", "init_state", "meta_loss", "meta_loss_and_grad", "shared_rates"]
 
 T = torch.Tensor
 
@@ -275,3 +276,14 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     it = iter(out[n_theta:n_theta + n_lr])
     g_lrs = [[None if a is None else (lambda x: x if x.ndim else float(x))(next(it)) for a in row] for row in t_lrs]
     return TorchMetaGradient(total, out[:n_theta], g_lrs, out[n_theta + n_lr:])
+
+
+def shared_rates(model: Any, params: Sequence[Any], tasks: Sequence[Task], rates: Sequence[Any], inner_steps: int, *,
+                 optimizer: Any, first_order: bool = False, dtype: str = "float64", device: str = "cpu"
+                 ) -> tuple[float, list[np.ndarray], list[Any]]:
+    """One rate per tensor for every step (MAML, ANIL, Meta-SGD with ``inner_optimizer=``); see the reference's."""
+    steps = check_positive_int("inner_steps", inner_steps)
+    r = meta_loss_and_grad(model, params, tasks, [list(rates)] * steps, steps, optimizer=optimizer,
+                           approximation=ref.Approximation(first_order=bool(first_order)), dtype=dtype, device=device)
+    return r.loss, r.params, [None if a is None else sum(r.lrs[k][i] for k in range(steps))
+                              for i, a in enumerate(rates)]
