@@ -39,7 +39,7 @@ from reference.inner_optim import Approximation, MetaGradient
 from reference.optimizers import Adam, Momentum
 from verify.tolerance import tolerance
 
-__all__ = ["InnerLoopProblem", "InnerLoopAudit", "Candidate", "audit_inner_loop", "distance", "parse_declared"]
+__all__ = ["InnerLoopProblem", "InnerLoopAudit", "Candidate", "audit_imaml", "audit_inner_loop", "distance", "parse_declared"]
 
 
 @dataclass(frozen=True)
@@ -286,3 +286,74 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
                               [(m[0], m[1]) for m in matches])
     return InnerLoopAudit("fail", verdict + "; no catalogued computation matches", label, max(err, err_lrs), tol,
                           d_exact)
+
+
+# ---------------------------------------------------------------------------
+# iMAML: the authors' solver (cg:M, inner_steps:N, damping:D) against the exact implicit gradient
+# ---------------------------------------------------------------------------
+
+
+def audit_imaml(model: Any, params: Sequence[Any], tasks: Sequence[Any], lam: float, claimed: Sequence[Any], *,
+                inner_lr: float, approximation: str | None = None, dtype: Any = np.float64,
+                condition: float = 1.0) -> InnerLoopAudit:
+    """Verify an iMAML meta-gradient against the declared approximation of the authors' solver.
+
+    ``approximation`` ``None`` means the exact implicit gradient
+    (:func:`reference.imaml.meta_loss_and_grad`, converged inner problem and
+    CG); otherwise ``"cg:M+inner_steps:N+damping:D"``
+    (:mod:`reference.imaml_solver`). On a mismatch the catalogue tries other
+    CG lengths, inner-loop lengths and the damping dropped or added.
+    """
+    from reference import imaml, imaml_solver
+
+    tol = tolerance(dtype, "reference_match", condition=condition)
+    _, exact = imaml.meta_loss_and_grad(model, params, tasks, lam)
+
+    def approx(d: imaml_solver.Declared) -> list[np.ndarray]:
+        return imaml_solver.meta_loss_and_grad(model, params, tasks, lam, inner_lr=inner_lr, declared=d)[1]
+
+    if approximation is None or approximation == "exact":
+        target, label, d0 = exact, "exact", None
+    else:
+        d0 = imaml_solver.Declared.parse(approximation)
+        target, label = approx(d0), str(d0)
+    d_exact = distance(target, exact)
+    err = distance(claimed, target)["relative"]
+    if err <= tol:
+        verdict = (f"matches the exact meta-gradient (relative error {err:.1e}, tolerance {tol:.1e})" if d0 is None
+                   else f"matches the declared approximation {label} (relative error {err:.1e}, tolerance "
+                        f"{tol:.1e}); distance from exact {d_exact['relative']:.3g} (cosine {d_exact['cosine']:.4f})")
+        return InnerLoopAudit("pass", verdict, label, err, tol, d_exact)
+    base = d0 or imaml_solver.Declared()
+    n = sum(int(np.size(p)) for p in params)
+    candidates: list[tuple[str, str, Callable[[], list[np.ndarray]]]] = []
+    if d0 is not None:
+        candidates.append(("exact", "the exact implicit gradient (declared approximation not applied)", lambda: exact))
+    for m in range(1, min(n, 40) + 1):
+        if d0 is None:  # undeclared: the authors' solver with its defaults, named in full
+            d = replace(base, cg_steps=m)
+            candidates.append((f"undeclared approximation {d}", f"the authors' solver ({m} CG iterations, "
+                               f"{d.inner_steps} inner steps) where the exact gradient was claimed",
+                               lambda d=d: approx(d)))
+        elif m != base.cg_steps:
+            candidates.append((f"cg:{m}", f"CG stopped after {m} iterations (declared {label})",
+                               lambda m=m: approx(replace(base, cg_steps=m))))
+    for s in range(0, 2 * base.inner_steps + 2):
+        if d0 is not None and s != base.inner_steps:
+            candidates.append((f"inner_steps:{s}", f"the inner loop ran {s} steps, not {base.inner_steps}",
+                               lambda s=s: approx(replace(base, inner_steps=s))))
+    if d0 is not None and base.damping:
+        candidates.append(("damping ignored", "lam_damping left out of the system matrix",
+                           lambda: approx(replace(base, damping=0.0))))
+    for name, why, fn in candidates:
+        try:
+            e = distance(claimed, fn())["relative"]
+        except Exception:  # an exact solve that does not converge names nothing
+            continue
+        if e <= tol:
+            verdict = f"does not match {'the exact meta-gradient' if d0 is None else 'the declared ' + label}: " \
+                      f"relative error {err:.3g} (tolerance {tol:.1e})"
+            return InnerLoopAudit("fail", verdict, label, err, tol, d_exact, name, why, [(name, e)])
+    which = "the exact meta-gradient" if d0 is None else f"the declared {label}"
+    return InnerLoopAudit("fail", f"does not match {which}: relative error {err:.3g} (tolerance {tol:.1e}); "
+                          "no catalogued computation matches", label, err, tol, d_exact)

@@ -388,3 +388,63 @@ def test_audit_names_highers_eps_placement_and_a_detached_state() -> None:
     assert audit_inner_loop(pb, detached).diagnosis == "optimiser state detached between steps (stop_gradient)"
     declared = audit_inner_loop(pb, detached, approximation="stop_gradient")
     assert declared.passed and "distance from exact" in declared.verdict
+
+
+# ---------------------------------------------------------------------------
+# The iMAML authors' solver, written as their code writes it, audited with a declared approximation
+# ---------------------------------------------------------------------------
+
+
+def authors_imaml(model: MLP, params: list[np.ndarray], tasks: list[Task], lam: float, *, inner_lr: float,
+                  n_steps: int, cg_steps: int, lam_damping: float) -> list[np.ndarray]:
+    """implicit_maml's outer gradient: SGD on the proximal loss, damped matrix_evaluator, cg_solve (torch)."""
+    fm = FunctionalMLP(model, "float64")
+    theta = fm.tensors(params)
+    total = None
+    for t in to_torch_tasks(tasks, "float64", model=model):
+        phi = [p.clone().requires_grad_(True) for p in theta]
+        for _ in range(n_steps):
+            reg = 0.5 * lam * sum(((a - b) ** 2).sum() for a, b in zip(phi, theta))
+            g = torch.autograd.grad(fm.loss(phi, t.x_support, t.y_support) + reg, phi)
+            phi = [(a - inner_lr * gi).detach().requires_grad_(True) for a, gi in zip(phi, g)]
+        gq = torch.cat([x.reshape(-1) for x in torch.autograd.grad(fm.loss(phi, t.x_query, t.y_query), phi)])
+        grads = torch.autograd.grad(fm.loss(phi, t.x_support, t.y_support), phi, create_graph=True)
+        flat_g = torch.cat([x.reshape(-1) for x in grads])
+
+        def f_ax(v: Any) -> Any:
+            hvp = torch.cat([x.reshape(-1) for x in torch.autograd.grad(flat_g, phi, v, retain_graph=True)])
+            return v + hvp / (lam + lam_damping)  # regu_coef = 0
+
+        x = torch.zeros_like(gq)
+        r = gq - f_ax(x)
+        p = r.clone()
+        for _ in range(cg_steps):
+            rdotr = r.dot(r)
+            Ap = f_ax(p)
+            alpha = rdotr / p.dot(Ap)
+            x, r = x + alpha * p, r - alpha * Ap
+            new = r.dot(r)
+            p = r + new / rdotr * p
+            if new < 1e-10:
+                break
+        total = x if total is None else total + x
+    flat = (total / len(tasks)).numpy()
+    return [flat[a:b].reshape(s) for a, b, s in zip(np.cumsum([0, *[int(np.prod(s)) for s in model.shapes[:-1]]]),
+                                                    np.cumsum([int(np.prod(s)) for s in model.shapes]), model.shapes)]
+
+
+def test_imaml_authors_solver_audited_with_declared_approximation() -> None:
+    from verify.inner_audit import audit_imaml
+
+    rng = np.random.default_rng(0)
+    model = MLP([2, 8, 1], "tanh", "mse")
+    params = [0.5 * rng.normal(size=s) for s in model.shapes]
+    tasks = check_tasks(model, [Task(rng.normal(size=(10, 2)), rng.normal(size=(10, 1)), rng.normal(size=(10, 2)),
+                                     rng.normal(size=(10, 1))) for _ in range(2)])
+    got = authors_imaml(model, params, tasks, 2.0, inner_lr=0.05, n_steps=16, cg_steps=5, lam_damping=1.0)
+    declared = audit_imaml(model, params, tasks, 2.0, got, inner_lr=0.05,
+                           approximation="cg:5+inner_steps:16+damping:1")
+    assert declared.passed, str(declared)
+    assert declared.distance_from_exact["relative"] > 1e-2  # far from the exact implicit gradient, and said so
+    wrong = audit_imaml(model, params, tasks, 2.0, got, inner_lr=0.05, approximation="cg:5+inner_steps:16")
+    assert not wrong.passed  # the damping was not declared: a mismatch
