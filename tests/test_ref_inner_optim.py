@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reference import anil, inner_optim, maml, mamlpp, metasgd
 from reference.errors import InvalidInputError
@@ -126,6 +128,46 @@ def test_array_rates_and_exclusion_match_complex_step() -> None:
     assert_engine_pass(lambda x: inner_optim.meta_loss(model, unflatten(x, model.shapes), tasks, lrs, steps,
                                                        optimizer=Adam()),
                        flatten(r.params), flatten(params), "adam theta with exclusion")
+
+
+@st.composite
+def loop_problems(draw):
+    """A random small problem of the optimiser loop: model, optimiser, K, per-step rates, weights, exclusion."""
+    loss = draw(st.sampled_from(("mse", "ce")))
+    act = draw(st.sampled_from(("tanh", "sigmoid", "softplus")))
+    hidden = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
+    model = MLP([2, *hidden, 3 if loss == "ce" else 1], act, loss, draw(st.booleans()))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    params = [0.8 * rng.normal(size=s) for s in model.shapes]
+    tasks = make_tasks(model, rng, draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 3)))
+    steps = draw(st.integers(1, 4))
+    excluded = draw(st.sets(st.integers(0, len(model.shapes) - 1), max_size=len(model.shapes) - 1))
+    lrs = [[None if i in excluded else float(rng.uniform(0.02, 0.3)) for i in range(len(model.shapes))]
+           for _ in range(steps)]
+    weights = rng.uniform(0.0, 1.0, size=steps) if draw(st.booleans()) else None
+    return model, params, tasks, steps, lrs, weights, draw(st.sampled_from(sorted(OPTIMIZERS))), rng
+
+
+@given(pb=loop_problems())
+def test_property_loop_gradients_match_complex_step(pb: Any) -> None:
+    model, params, tasks, steps, lrs, weights, name, rng = pb
+    opt = OPTIMIZERS[name]()
+    r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, weights=weights)
+    e = [rng.normal(size=s) for s in model.shapes]
+    h = 1e-30
+    cs = np.imag(inner_optim.meta_loss(model, [p + 1j * h * v for p, v in zip(params, e)], tasks, lrs, steps,
+                                       optimizer=opt, weights=weights)) / h
+    got = float(flatten(r.params) @ flatten(e))
+    # Complex step has no cancellation: rounding of the K-step recursion only (as the gradient family's CS_RTOL).
+    assert abs(got - cs) <= 1e-9 * (np.linalg.norm(flatten(r.params)) * np.linalg.norm(flatten(e)) + abs(cs)), name
+    de = [[None if a is None else rng.normal() for a in row] for row in lrs]
+    cs_lr = np.imag(inner_optim.meta_loss(model, params, tasks, [[None if a is None else a + 1j * h * b
+                                                                  for a, b in zip(ra, rb)]
+                                                                 for ra, rb in zip(lrs, de)], steps,
+                                          optimizer=opt, weights=weights)) / h
+    g_lr = np.array([a for row in r.lrs for a in row if a is not None], dtype=float)
+    v_lr = np.array([b for row in de for b in row if b is not None])
+    assert abs(g_lr @ v_lr - cs_lr) <= 1e-9 * (np.linalg.norm(g_lr) * np.linalg.norm(v_lr) + abs(cs_lr)), name
 
 
 # ---------------------------------------------------------------------------
