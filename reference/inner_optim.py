@@ -57,11 +57,16 @@ __all__ = [
     "EXACT",
     "Approximation",
     "MetaGradient",
+    "check_approximation",
+    "check_inner_optimizer",
     "check_lrs",
     "constant_lrs",
     "meta_loss",
     "meta_loss_and_grad",
+    "shared_rates",
+    "task_loss_and_grad",
     "unroll",
+    "validate",
 ]
 
 Params = list[np.ndarray]
@@ -223,7 +228,8 @@ def _check_optimizer(optimizer: Any) -> Optimizer:
     return optimizer
 
 
-def _check_approximation(approximation: Any) -> Approximation:
+def check_approximation(approximation: Any) -> Approximation:
+    """``None`` (exact), an :class:`Approximation` or its string (``Approximation.parse``)."""
     if approximation is None:
         return EXACT
     if isinstance(approximation, str):
@@ -233,7 +239,9 @@ def _check_approximation(approximation: Any) -> Approximation:
     return approximation
 
 
-def _validate(model, params, tasks, lrs, inner_steps, weights, optimizer):
+def validate(model: Any, params: Any, tasks: Any, lrs: Any, inner_steps: Any, weights: Any, optimizer: Any
+             ) -> tuple[Params, list[Task], int, Schedule, list[bool], np.ndarray, Optimizer]:
+    """Validate the loop's arguments once (the backends share it): ``(params, tasks, K, lrs, active, w, opt)``."""
     params = model.check_params(params)
     tasks = check_tasks(model, tasks)
     steps = check_positive_int("inner_steps", inner_steps, hint="; the inner loop needs at least one step (K >= 1)")
@@ -332,7 +340,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any
         optimizer: the direction transform (default ``SGD()``).
         weights: ``(K,)`` weights of ``L_q(p_1) .. L_q(p_K)`` (default: final step only).
     """
-    params, tasks, steps, lrs, active, w, opt = _validate(model, params, tasks, lrs, inner_steps, weights, optimizer)
+    params, tasks, steps, lrs, active, w, opt = validate(model, params, tasks, lrs, inner_steps, weights, optimizer)
     total: Any = 0.0
     for task in tasks:
         total = total + unroll(model, params, task, opt, lrs, active, steps, w, keep=False)[0]
@@ -354,8 +362,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         array for an array rate, a scalar for a scalar rate) and like
         ``optimizer.meta_params``.
     """
-    params, tasks, steps, lrs, active, w, opt = _validate(model, params, tasks, lrs, inner_steps, weights, optimizer)
-    approx = _check_approximation(approximation)
+    params, tasks, steps, lrs, active, w, opt = validate(model, params, tasks, lrs, inner_steps, weights, optimizer)
+    approx = check_approximation(approximation)
     n = len(tasks)
     acc: MetaGradient | None = None
     for task in tasks:

@@ -230,7 +230,7 @@ def _task_loss(fm: Any, opt: Any, theta: Sequence[T], task: Any, lrs: Sequence[S
 
 def _setup(model: Any, params: Any, tasks: Any, lrs: Any, inner_steps: Any, optimizer: Any, weights: Any,
            dtype: Any, device: Any):
-    params, tasks, steps, lrs, active, w, opt = ref._validate(model, params, tasks, lrs, inner_steps, weights,
+    params, tasks, steps, lrs, active, w, opt = ref.validate(model, params, tasks, lrs, inner_steps, weights,
                                                               optimizer)
     fm = _functional(model, dtype, device)
     theta = fm.tensors(params, requires_grad=True)
@@ -259,7 +259,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     """
     fm, theta, ttasks, steps, t_lrs, active, w, opt, phi = _setup(model, params, tasks, lrs, inner_steps, optimizer,
                                                                   weights, dtype, device)
-    approx = ref._check_approximation(approximation)
+    approx = ref.check_approximation(approximation)
     flat_lrs = [a for row in t_lrs for a in row if a is not None]
     wrt = [*theta, *flat_lrs, *phi]
     n = len(ttasks)
