@@ -101,7 +101,7 @@ def test_optax_adam_at_v_zero_gives_nan_reference_is_exact() -> None:
 @pytest.mark.parametrize("approximation", ["exact", "first_order", "truncated:2", "stop_gradient"])
 def test_functional_jax_adam_with_schedule_and_weights(approximation: str) -> None:
     model, params, tasks = problem(3)
-    steps = 3
+    steps = 2
     rng = np.random.default_rng(3)
     lrs = [[None if i == 1 else float(rng.uniform(0.05, 0.2)) for i in range(len(model.shapes))] for _ in range(steps)]
     w = rng.uniform(0.2, 1.0, size=steps)
@@ -113,7 +113,7 @@ def test_functional_jax_adam_with_schedule_and_weights(approximation: str) -> No
     assert rel([a for row in r.lrs for a in row if a is not None], [a for row in j.lrs for a in row if a is not None]) <= BAR
 
 
-@pytest.mark.parametrize("name,steps", [("lstm", 5), ("meta_lstm", 4),
+@pytest.mark.parametrize("name,steps", [("lstm", 3), ("meta_lstm", 3),
                                         pytest.param("lstm", 20, marks=pytest.mark.slow)])
 def test_functional_jax_learned_optimizers(name: str, steps: int) -> None:
     model, params, tasks = problem(4)
