@@ -284,7 +284,8 @@ def task_loss_and_grad(model: Any, params: Params, task: Task, optimizer: Optimi
                        active: Sequence[bool], steps: int, weights: np.ndarray,
                        approximation: Approximation = EXACT) -> MetaGradient:
     """Meta-loss of one task and its gradients (exact, or the declared approximation)."""
-    _, record, p_final = unroll(model, params, task, optimizer, lrs, active, steps, weights)
+    # The weighted query losses are evaluated in the reverse pass (with their gradients), not here.
+    _, record, p_final = unroll(model, params, task, optimizer, lrs, active, steps, np.zeros(steps))
     xq, yq = task.x_query, task.y_query
     loss, bar_p = model._loss_and_grad(p_final, xq, yq)
     total = weights[-1] * loss
