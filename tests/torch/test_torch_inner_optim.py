@@ -448,3 +448,19 @@ def test_imaml_authors_solver_audited_with_declared_approximation() -> None:
     assert declared.distance_from_exact["relative"] > 1e-2  # far from the exact implicit gradient, and said so
     wrong = audit_imaml(model, params, tasks, 2.0, got, inner_lr=0.05, approximation="cg:5+inner_steps:16")
     assert not wrong.passed  # the damping was not declared: a mismatch
+
+
+@pytest.mark.parametrize("opt_name", ["sgd[wd]", "adam"])
+def test_mamlpp_torch_backend_matches_reference(opt_name: str) -> None:
+    from reference import mamlpp as r_pp
+    from verify.backends.torch import mamlpp as t_pp
+
+    model, params, tasks = problem(15)
+    steps = 4
+    a = np.random.default_rng(15).uniform(0.05, 0.2, size=(steps, len(model.shapes)))
+    w = r_pp.msl_weights(steps, 2, 10)
+    kw = dict(weights=w, exclude=(1,), optimizer=OPTIMIZERS[opt_name]())
+    ref = r_pp.meta_loss_and_grad(model, params, a, tasks, steps, **kw)
+    got = t_pp.meta_loss_and_grad(model, params, a, tasks, steps, **kw)
+    assert abs(ref[0] - got[0]) <= BAR * abs(ref[0]) and rel(ref[1], got[1]) <= BAR and rel([ref[2]], [got[2]]) <= BAR
+    assert t_pp.meta_loss(model, params, a, tasks, steps, **kw) == pytest.approx(ref[0], rel=BAR)
