@@ -133,12 +133,18 @@ EXACT = Approximation()
 
 
 class MetaGradient(NamedTuple):
-    """Meta-loss and its gradients: w.r.t. ``theta``, the learning rates ``lrs[k][i]`` and ``phi``."""
+    """Meta-loss and its gradients: w.r.t. ``theta``, the rates ``lrs[k][i]``, ``phi`` and the hyper-parameters.
+
+    ``hyper`` maps a hand-designed optimiser's hyper-parameter names
+    (``momentum``, ``dampening``; ``b1``, ``b2``, ``eps``, ``eps_root``) to
+    their meta-gradients (empty for SGD and learned optimisers).
+    """
 
     loss: Any
     params: Params
     lrs: Schedule
     optimizer: list[np.ndarray]
+    hyper: dict[str, Any] = {}
 
 
 class _Step(NamedTuple):
@@ -292,6 +298,7 @@ def task_loss_and_grad(model: Any, params: Params, task: Task, optimizer: Optimi
     bar_p = [weights[-1] * b for b in bar_p]
     grad_lrs: Schedule = [[None if a is None else 0.0 for a in row] for row in lrs]
     grad_meta = [np.zeros_like(m) for m in optimizer.meta_params]
+    grad_hyper: dict[str, Any] = {}
     bar_s = None
     first = 0 if approximation.truncate is None else max(0, steps - approximation.truncate)
     for k in reversed(range(steps)):
@@ -302,6 +309,8 @@ def task_loss_and_grad(model: Any, params: Params, task: Task, optimizer: Optimi
                            for a, bp, dk in zip(lrs[k], bar_p, step.direction)]
             vjp = optimizer.vjp(k, step.cache, bar_d, None if approximation.detach_state else bar_s)
             grad_meta = [acc + b for acc, b in zip(grad_meta, vjp.meta)]
+            for name, value in vjp.hyper.items():
+                grad_hyper[name] = grad_hyper.get(name, 0.0) + value
             bar_p = [bp if extra is None else bp + extra for bp, extra in zip(bar_p, vjp.params)]
             if not approximation.first_order:
                 direction = [np.zeros_like(pk) if bg is None else bg for pk, bg in zip(step.params, vjp.grads)]
@@ -317,7 +326,7 @@ def task_loss_and_grad(model: Any, params: Params, task: Task, optimizer: Optimi
             lq, gq = model._loss_and_grad(step.params, xq, yq)
             total = total + weights[k - 1] * lq
             bar_p = [bp + weights[k - 1] * gi for bp, gi in zip(bar_p, gq)]
-    return MetaGradient(total, bar_p, grad_lrs, grad_meta)
+    return MetaGradient(total, bar_p, grad_lrs, grad_meta, {k: float(np.real(v)) for k, v in grad_hyper.items()})
 
 
 def _as_scalar(value: Any) -> Any:
@@ -377,6 +386,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
                 [a + b for a, b in zip(acc.params, r.params)],
                 [[None if a is None else a + b for a, b in zip(ra, rb)] for ra, rb in zip(acc.lrs, r.lrs)],
                 [a + b for a, b in zip(acc.optimizer, r.optimizer)],
+                {k: acc.hyper[k] + r.hyper[k] for k in acc.hyper},
             )
     assert acc is not None
     return MetaGradient(
@@ -384,6 +394,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         [g / n for g in acc.params],
         [[None if a is None else a / n for a in row] for row in acc.lrs],
         [g / n for g in acc.optimizer],
+        {k: v / n for k, v in acc.hyper.items()},
     )
 
 

@@ -69,6 +69,7 @@ class StepVJP(NamedTuple):
     grads: list[np.ndarray | None]    # bar_g
     loss: Any                         # bar of the support loss value (0.0 unless the transform reads it)
     meta: list[np.ndarray]            # bar_phi, one per meta-parameter (empty for hand-designed)
+    hyper: dict[str, Any] = {}        # d/d of the hand-designed hyper-parameters (momentum, b1, b2, eps, ...)
 
 
 class Optimizer(ABC):
@@ -125,15 +126,21 @@ class _Elementwise(Optimizer):
             ds.append(d), ss.append(s_new), caches.append(c)
         return ds, ss, caches
 
+    #: Names of the hyper-parameters whose meta-gradient :meth:`_vjp` returns.
+    hyper_names: tuple[str, ...] = ()
+
     def vjp(self, k, cache, bar_d, bar_state):
         bp, bs, bg = [], [], []
+        hyper = dict.fromkeys(self.hyper_names, 0.0)
         for i, c in enumerate(cache):
             if c is None:
                 bp.append(None), bs.append(None), bg.append(None)
                 continue
-            p_bar, s_bar, g_bar = self._vjp(k, c, bar_d[i], None if bar_state is None else bar_state[i])
+            p_bar, s_bar, g_bar, h_bar = self._vjp(k, c, bar_d[i], None if bar_state is None else bar_state[i])
             bp.append(p_bar), bs.append(s_bar), bg.append(g_bar)
-        return StepVJP(bp, bs, bg, 0.0, [])
+            for name, value in h_bar.items():
+                hyper[name] = hyper[name] + value
+        return StepVJP(bp, bs, bg, 0.0, [], hyper)
 
     @abstractmethod
     def _direction(self, k: int, p: np.ndarray, s: tuple, g: np.ndarray) -> tuple[np.ndarray, tuple, Any]:
@@ -141,7 +148,8 @@ class _Elementwise(Optimizer):
 
     @abstractmethod
     def _vjp(self, k: int, cache: Any, bar_d: np.ndarray, bar_s: tuple | None
-             ) -> tuple[np.ndarray | None, tuple | None, np.ndarray]: ...
+             ) -> tuple[np.ndarray | None, tuple | None, np.ndarray, dict[str, Any]]:
+        """``(bar_p, bar_s_k, bar_g, {hyper-parameter: cotangent})`` of one active tensor."""
 
 
 def _check_weight_decay(weight_decay: Any) -> float:
@@ -175,7 +183,7 @@ class SGD(_Elementwise):
         return d, (), ()
 
     def _vjp(self, k, cache, bar_d, bar_s):
-        return (self.weight_decay * bar_d if self.weight_decay else None), (), bar_d
+        return (self.weight_decay * bar_d if self.weight_decay else None), (), bar_d, {}
 
 
 class Momentum(_Elementwise):
@@ -199,6 +207,7 @@ class Momentum(_Elementwise):
 
     name = "momentum"
     n_state = 1
+    hyper_names = ("momentum", "dampening")
 
     def __init__(self, momentum: float = 0.9, *, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, init: str = "torch"):
@@ -231,7 +240,7 @@ class Momentum(_Elementwise):
         else:
             b = self.momentum * s[0] + c * gp
         d = gp + self.momentum * b if self.nesterov else b
-        return d, (b,), ()
+        return d, (b,), (s[0], b, gp)
 
     def _vjp(self, k, cache, bar_d, bar_s):
         mu = self.momentum
@@ -241,9 +250,16 @@ class Momentum(_Elementwise):
         bar_gp = self._coef(k) * bar_b
         if self.nesterov:
             bar_gp = bar_gp + bar_d
-        bar_prev = None if (k == 0 and self.init_rule == "torch") else (mu * bar_b,)
+        first = k == 0 and self.init_rule == "torch"
+        bar_prev = None if first else (mu * bar_b,)
         bar_p = self.weight_decay * bar_gp if self.weight_decay else None
-        return bar_p, bar_prev, bar_gp
+        s_prev, b, gp = cache
+        # d b / d mu = b_k, d b / d tau = -g' (not at torch's first step); Nesterov: d d / d mu = b too.
+        h_mu = 0.0 if first else np.sum(bar_b * s_prev)
+        if self.nesterov:
+            h_mu = h_mu + np.sum(bar_d * b)
+        h_tau = 0.0 if first else -np.sum(bar_b * gp)
+        return bar_p, bar_prev, bar_gp, {"momentum": h_mu, "dampening": h_tau}
 
 
 class Adam(_Elementwise):
@@ -282,6 +298,7 @@ class Adam(_Elementwise):
 
     name = "adam"
     n_state = 2
+    hyper_names = ("b1", "b2", "eps", "eps_root")
 
     def __init__(self, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
                  weight_decay: float = 0.0, decoupled: bool = False, eps_placement: str = "v_hat"):
@@ -330,10 +347,10 @@ class Adam(_Elementwise):
         d = m / (bc1 * denom)
         if wd and self.decoupled:
             d = d + wd * p
-        return d, (m, v), (gp, m, r, denom)
+        return d, (m, v), (gp, m, r, denom, s[0], s[1], v)
 
     def _vjp(self, k, cache, bar_d, bar_s):
-        gp, m, r, denom = cache
+        gp, m, r, denom, m_prev, v_prev, v = cache
         bc1, bc2 = self._bias(k)
         bar_m = bar_d / (bc1 * denom)
         zero = r == 0
@@ -361,4 +378,32 @@ class Adam(_Elementwise):
             bar_p = wd * bar_d
         else:
             bar_p = wd * bar_gp
-        return bar_p, (self.b1 * bar_m, self.b2 * bar_v), bar_gp
+        return bar_p, (self.b1 * bar_m, self.b2 * bar_v), bar_gp, self._hyper_vjp(k, cache, bar_d, bar_m, bar_v)
+
+    def _hyper_vjp(self, k: int, cache: tuple, bar_d: np.ndarray, bar_m: np.ndarray, bar_v: np.ndarray
+                   ) -> dict[str, Any]:
+        """Cotangents of ``b1, b2, eps, eps_root`` at step ``k`` (``bar_m, bar_v``: totals of ``m_{k+1}, v_{k+1}``).
+
+        ``q = m / (bc1 (r + e))`` with ``e = eps`` (or ``eps / sqrt(bc2)``):
+        ``dq/dbc1 = -q / bc1``, ``dq/dr = dq/de = -q / (r + e)``,
+        ``dr/dbc2 = -v / (2 r bc2^2)`` (``= -r / (2 bc2)`` when ``eps_root = 0``,
+        finite at ``v = 0``), ``dr/deps_root = 1 / (2 r)``;
+        ``dbc_i / db_i = -t b_i^(t-1)``; ``dm/db1 = m_k - g'``, ``dv/db2 = v_k - g'^2``.
+        """
+        gp, m, r, denom, m_prev, v_prev, v = cache
+        bc1, bc2 = self._bias(k)
+        t = k + 1
+        q = m / (bc1 * denom)
+        dq_dden = -q / denom
+        if self.eps_root == 0.0:
+            dr_dbc2 = -r / (2.0 * bc2)
+        else:
+            dr_dbc2 = -v / (2.0 * r * bc2 * bc2)
+        de_dbc2 = 0.0 if self.eps_placement == "v_hat" else -self.eps_at(k) / (2.0 * bc2)
+        de_deps = 1.0 if self.eps_placement == "v_hat" else 1.0 / np.sqrt(bc2)
+        h_b1 = np.sum(bar_m * (m_prev - gp)) + np.sum(bar_d * (-q / bc1)) * (-t * self.b1 ** (t - 1))
+        h_b2 = (np.sum(bar_v * (v_prev - gp * gp))
+                + np.sum(bar_d * dq_dden * (dr_dbc2 + de_dbc2)) * (-t * self.b2 ** (t - 1)))
+        h_eps = np.sum(bar_d * dq_dden) * de_deps
+        h_root = np.sum(bar_d * dq_dden / (2.0 * r)) if self.eps_root != 0.0 else 0.0
+        return {"b1": h_b1, "b2": h_b2, "eps": h_eps, "eps_root": h_root}

@@ -103,6 +103,33 @@ def test_theta_and_lr_gradients_match_complex_step(name: str, steps: int) -> Non
                        np.array(r.lrs, dtype=float).ravel(), np.array(lrs).ravel(), f"{name} lrs")
 
 
+HYPER = {
+    "adam": (lambda **kw: Adam(**{"b1": 0.9, "b2": 0.99, "eps": 1e-2, **kw}), ("b1", "b2", "eps")),
+    "adam[eps_root,wd]": (lambda **kw: Adam(**{"b1": 0.8, "b2": 0.99, "eps": 5e-2, "eps_root": 5e-2,
+                                                "weight_decay": 0.1, **kw}), ("b1", "b2", "eps", "eps_root")),
+    "adam[eps=v]": (lambda **kw: Adam(**{"b1": 0.9, "b2": 0.99, "eps": 1e-2, "eps_placement": "v", **kw}),
+                    ("b1", "b2", "eps")),
+    "momentum[dampening]": (lambda **kw: Momentum(**{"momentum": 0.8, "dampening": 0.3, **kw}),
+                            ("momentum", "dampening")),
+    "nesterov": (lambda **kw: Momentum(**{"momentum": 0.8, "nesterov": True, **kw}), ("momentum",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HYPER))
+def test_hyperparameter_gradients_match_richardson(name: str) -> None:
+    # The optimisers validate their hyper-parameters as real numbers, so the engine differentiates by
+    # Richardson extrapolation here (no complex step).
+    model, params, tasks = problem(9)
+    make, names = HYPER[name]
+    steps, lrs = 4, constant_lrs(model, 0.1, 4)
+    r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=make())
+    x0 = np.array([getattr(make(), n) for n in names])
+    claimed = np.array([r.hyper[n] for n in names])
+    assert_engine_pass(lambda x: inner_optim.meta_loss(model, params, tasks, lrs, steps,
+                                                       optimizer=make(**dict(zip(names, map(float, x))))),
+                       claimed, x0, f"{name} hyper-parameters", method="richardson")
+
+
 def test_richardson_agrees_for_adam_on_softplus() -> None:
     # Real differences (the engine's Richardson) on a non-analytic model: the adjoint does not rely on complex step.
     rng = np.random.default_rng(7)
