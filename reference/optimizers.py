@@ -405,5 +405,7 @@ class Adam(_Elementwise):
         h_b2 = (np.sum(bar_v * (v_prev - gp * gp))
                 + np.sum(bar_d * dq_dden * (dr_dbc2 + de_dbc2)) * (-t * self.b2 ** (t - 1)))
         h_eps = np.sum(bar_d * dq_dden) * de_deps
-        h_root = np.sum(bar_d * dq_dden / (2.0 * r)) if self.eps_root != 0.0 else 0.0
+        # At r = 0 (v = 0, eps_root = 0) q = 0 for every eps_root: that coordinate contributes 0.
+        safe = np.where(r == 0, 1.0, r)
+        h_root = np.sum(np.where(r == 0, 0.0, bar_d * dq_dden / (2.0 * safe)))
         return {"b1": h_b1, "b2": h_b2, "eps": h_eps, "eps_root": h_root}

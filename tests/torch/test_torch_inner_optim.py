@@ -464,3 +464,18 @@ def test_mamlpp_torch_backend_matches_reference(opt_name: str) -> None:
     got = t_pp.meta_loss_and_grad(model, params, a, tasks, steps, **kw)
     assert abs(ref[0] - got[0]) <= BAR * abs(ref[0]) and rel(ref[1], got[1]) <= BAR and rel([ref[2]], [got[2]]) <= BAR
     assert t_pp.meta_loss(model, params, a, tasks, steps, **kw) == pytest.approx(ref[0], rel=BAR)
+
+
+@pytest.mark.parametrize("name", ["momentum[dampening]", "nesterov[wd]", "adam", "adam[eps_root]", "adam[eps=v]",
+                                  "adamw"])
+@pytest.mark.parametrize("approximation", ["exact", "truncated:2+stop_gradient"])
+def test_hyperparameter_gradients_match_torch_autograd(name: str, approximation: str) -> None:
+    model, params, tasks = problem(16)
+    steps = 4
+    lrs = schedule(model, steps, 16)
+    opt = OPTIMIZERS[name]()
+    r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, approximation=approximation)
+    t = tio.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, approximation=approximation)
+    names = [n for n in r.hyper if not (n == "eps_root" and opt.eps_root == 0.0)]  # torch's branch has no eps_root
+    got, ref = np.array([t.hyper[n] for n in names]), np.array([r.hyper[n] for n in names])
+    assert np.linalg.norm(got - ref) <= BAR * np.linalg.norm(ref), dict(zip(names, zip(ref, got)))

@@ -109,9 +109,20 @@ def _split(flat: T, like: Sequence[Any], active: Sequence[bool]) -> list[Any]:
     return out
 
 
+def hyper_tensors(opt: Any, dtype: torch.dtype, device: torch.device) -> dict[str, T]:
+    """The hand-designed optimiser's hyper-parameters as leaf tensors requiring grad (``MetaGradient.hyper``)."""
+    names = {Momentum: ("momentum", "dampening"), Adam: ("b1", "b2", "eps", "eps_root")}.get(type(opt), ())
+    return {n: torch.tensor(float(getattr(opt, n)), dtype=dtype, device=device, requires_grad=True) for n in names}
+
+
 def direction(opt: Any, k: int, params: Sequence[T], state: Any, grads: Sequence[Any], loss: T,
-              active: Sequence[bool], phi: Sequence[T]) -> tuple[list[Any], Any]:
-    """``(d_k, s_{k+1})`` of the optimiser spec ``opt`` in torch ops (``phi``: its meta-parameters as tensors)."""
+              active: Sequence[bool], phi: Sequence[T], hp: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
+    """``(d_k, s_{k+1})`` of the optimiser spec ``opt`` in torch ops.
+
+    ``phi``: a learned optimiser's meta-parameters as tensors; ``hp``: hyper-parameters as tensors
+    (:func:`hyper_tensors`), default the spec's floats.
+    """
+    hp = hp or {}
     if isinstance(opt, SGD):
         return [None if not a else (g + opt.weight_decay * p if opt.weight_decay else g)
                 for p, g, a in zip(params, grads, active)], state
@@ -122,25 +133,29 @@ def direction(opt: Any, k: int, params: Sequence[T], state: Any, grads: Sequence
                 ds.append(None), ss.append(None)
                 continue
             gp = g + opt.weight_decay * p if opt.weight_decay else g
+            mu, tau = hp.get("momentum", opt.momentum), hp.get("dampening", opt.dampening)
             if k == 0 and opt.init_rule == "torch":
                 b = gp
             else:
-                b = opt.momentum * s[0] + (1.0 - opt.dampening) * gp
-            ds.append(gp + opt.momentum * b if opt.nesterov else b)
+                b = mu * s[0] + (1.0 - tau) * gp
+            ds.append(gp + mu * b if opt.nesterov else b)
             ss.append((b,))
         return ds, ss
     if isinstance(opt, Adam):
         ds, ss = [], []
-        bc1, bc2 = 1.0 - opt.b1 ** (k + 1), 1.0 - opt.b2 ** (k + 1)
+        b1, b2 = hp.get("b1", opt.b1), hp.get("b2", opt.b2)
+        eps, eps_root = hp.get("eps", opt.eps), hp.get("eps_root", opt.eps_root)
+        bc1, bc2 = 1.0 - b1 ** (k + 1), 1.0 - b2 ** (k + 1)
+        eps_k = eps if opt.eps_placement == "v_hat" else eps / bc2 ** 0.5
         for p, s, g, a in zip(params, state, grads, active):
             if not a:
                 ds.append(None), ss.append(None)
                 continue
             gp = g + opt.weight_decay * p if (opt.weight_decay and not opt.decoupled) else g
-            m = opt.b1 * s[0] + (1.0 - opt.b1) * gp
-            v = opt.b2 * s[1] + (1.0 - opt.b2) * gp * gp
-            r = v.sqrt() / np.sqrt(bc2) if opt.eps_root == 0.0 else (v / bc2 + opt.eps_root).sqrt()
-            d = m / (bc1 * (r + opt.eps_at(k)))
+            m = b1 * s[0] + (1.0 - b1) * gp
+            v = b2 * s[1] + (1.0 - b2) * gp * gp
+            r = v.sqrt() / bc2 ** 0.5 if opt.eps_root == 0.0 else (v / bc2 + eps_root).sqrt()
+            d = m / (bc1 * (r + eps_k))
             if opt.weight_decay and opt.decoupled:
                 d = d + opt.weight_decay * p
             ds.append(d), ss.append((m, v))
@@ -191,11 +206,12 @@ class TorchMetaGradient(NamedTuple):
     params: list[np.ndarray]
     lrs: list[list[Any]]
     optimizer: list[np.ndarray]
+    hyper: dict[str, float] = {}
 
 
 def _task_loss(fm: Any, opt: Any, theta: Sequence[T], task: Any, lrs: Sequence[Sequence[Any]],
                active: Sequence[bool], steps: int, weights: np.ndarray, phi: Sequence[T],
-               approx: ref.Approximation) -> T:
+               approx: ref.Approximation, hp: dict[str, T] | None = None) -> T:
     xs, ys, xq, yq = task
     p = list(theta)
     s = init_state(opt, p, active)
@@ -214,7 +230,7 @@ def _task_loss(fm: Any, opt: Any, theta: Sequence[T], task: Any, lrs: Sequence[S
         if approx.detach_state:
             s = _detach(s)
         if in_window:
-            d, s = direction(opt, k, p, s, g, loss_in, active, phi)
+            d, s = direction(opt, k, p, s, g, loss_in, active, phi, hp)
             p = [pi if a is None else pi - a * di for pi, di, a in zip(p, d, lrs[k])]
         else:
             with torch.no_grad():
@@ -261,11 +277,12 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
                                                                   weights, dtype, device)
     approx = ref.check_approximation(approximation)
     flat_lrs = [a for row in t_lrs for a in row if a is not None]
-    wrt = [*theta, *flat_lrs, *phi]
+    hp = hyper_tensors(opt, fm.dtype, fm.device)
+    wrt = [*theta, *flat_lrs, *phi, *hp.values()]
     n = len(ttasks)
     total, grads = 0.0, None
     for t in ttasks:
-        loss = _task_loss(fm, opt, theta, t, t_lrs, active, steps, w, phi, approx) / n
+        loss = _task_loss(fm, opt, theta, t, t_lrs, active, steps, w, phi, approx, hp) / n
         g = torch.autograd.grad(loss, wrt, allow_unused=True)
         g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, wrt)]
         grads = g if grads is None else [a + b for a, b in zip(grads, g)]
@@ -275,7 +292,9 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     n_theta, n_lr = len(theta), len(flat_lrs)
     it = iter(out[n_theta:n_theta + n_lr])
     g_lrs = [[None if a is None else (lambda x: x if x.ndim else float(x))(next(it)) for a in row] for row in t_lrs]
-    return TorchMetaGradient(total, out[:n_theta], g_lrs, out[n_theta + n_lr:])
+    n_phi = len(phi)
+    hyper = {name: float(g) for name, g in zip(hp, out[n_theta + n_lr + n_phi:])}
+    return TorchMetaGradient(total, out[:n_theta], g_lrs, out[n_theta + n_lr:n_theta + n_lr + n_phi], hyper)
 
 
 def shared_rates(model: Any, params: Sequence[Any], tasks: Sequence[Task], rates: Sequence[Any], inner_steps: int, *,
