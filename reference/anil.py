@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner, inner_optim
+from reference import inner_loop, inner_optim
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
@@ -32,12 +32,12 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     head parameters ``model.head_indices``; the body stays at ``theta``.
     Arguments as :func:`reference.maml.meta_loss` (``inner_optimizer`` acts on the head only).
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         return inner_optim.meta_loss(model, params, tasks, [_lrs(model, alpha)] * steps, steps, optimizer=opt)
-    return _inner.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
+    return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
 
 
 def meta_loss_and_grad(
@@ -59,11 +59,11 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad)`` with ``grad`` shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(model, alpha), steps, optimizer=opt)
         return loss, grad
-    loss, grad, _ = _inner.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps)
+    loss, grad, _ = inner_loop.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps)
     return loss, grad

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
 from reference.models import flatten, unflatten
 from reference.tasks import Task, check_tasks

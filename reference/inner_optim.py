@@ -19,7 +19,7 @@ Adjoint (reverse accumulation, ``k = K-1 .. 0``; ``bar_p_K = w_K grad L_q(p_K)``
     dL/dtheta = bar_p_0,   dL/dphi = sum_k bar_phi_k.
 
 ``H_s v`` is the model's exact Hessian-vector product (``model._hvp``, the
-interface :mod:`reference._inner` uses); the optimiser's Jacobians are
+interface :mod:`reference.inner_loop` uses); the optimiser's Jacobians are
 elementwise (or coordinatewise for learned optimisers) and their VJPs are
 hand-written. Cost: one gradient, one Hessian-vector product and one query
 gradient per weighted step; memory ``O(K x (params + state))``.
@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
 from reference.optimizers import SGD, Optimizer
 from reference.tasks import Task, check_tasks

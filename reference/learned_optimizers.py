@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._validation import as_float_array, check_finite_scalar, check_positive_int
+from reference.validation import as_float_array, check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
 from reference.models import _sigmoid
 from reference.optimizers import Optimizer, StepVJP

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner, inner_optim
+from reference import inner_loop, inner_optim
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
@@ -29,14 +29,14 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
     ``p_0 = theta``, ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)`` (``- inner_lr * d_k``
     with an ``inner_optimizer``, :mod:`reference.optimizers`).
     """
-    params, tasks, steps = _inner.check_common(model, params, [task], inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, [task], inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     t = tasks[0]
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         lrs, active = inner_optim.check_lrs(model, [_lrs(model, alpha)] * steps, steps)
         return inner_optim.unroll(model, params, t, opt, lrs, active, steps, np.zeros(steps), keep=False)[2]
-    return _inner.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps, keep_iterates=False)[0][0]
+    return inner_loop.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps, keep_iterates=False)[0][0]
 
 
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
@@ -56,12 +56,12 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
             :mod:`reference.optimizers` / :mod:`reference.learned_optimizers`
             (``p_{k+1} = p_k - alpha d_k``, CONVENTIONS "Inner-loop optimisers").
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         return inner_optim.meta_loss(model, params, tasks, [_lrs(model, alpha)] * steps, steps, optimizer=opt)
-    return _inner.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
+    return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
 
 
 def meta_loss_and_grad(
@@ -102,13 +102,13 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad)`` with ``grad`` a list shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(model, alpha), steps, optimizer=opt,
                                                  first_order=bool(first_order))
         return loss, grad
-    loss, grad, _ = _inner.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps,
+    loss, grad, _ = inner_loop.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps,
                                               first_order=bool(first_order))
     return loss, grad

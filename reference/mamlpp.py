@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from reference import inner_optim
-from reference._validation import check_positive_int
+from reference.validation import check_positive_int
 from reference.errors import InvalidInputError
 from reference.optimizers import Optimizer
 from reference.tasks import Task

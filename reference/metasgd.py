@@ -11,15 +11,22 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner, inner_optim
+from reference import inner_loop, inner_optim
 from reference.errors import InvalidInputError
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
-__all__ = ["meta_loss", "meta_loss_and_grad"]
+__all__ = ["check_lrs", "meta_loss", "meta_loss_and_grad"]
 
 
-def _check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
+def check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
+    """Meta-SGD's per-parameter learning rates: one array shaped like each parameter tensor.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a missing, extra or mis-shaped entry, or a non-finite rate.
+    """
     try:
         return model.check_params(lrs, name="lrs")
     except InvalidInputError as exc:
@@ -36,11 +43,11 @@ def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequ
     ``a`` (``lrs``) is a list of arrays shaped like ``params``; ``*`` is
     elementwise. Complex ``params`` or ``lrs`` give a complex loss (complex step).
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
-        return inner_optim.meta_loss(model, params, tasks, [_check_lrs(model, lrs)] * steps, steps, optimizer=opt)
-    return _inner.meta_loss(model, params, tasks, _check_lrs(model, lrs), steps)
+        return inner_optim.meta_loss(model, params, tasks, [check_lrs(model, lrs)] * steps, steps, optimizer=opt)
+    return inner_loop.meta_loss(model, params, tasks, check_lrs(model, lrs), steps)
 
 
 def meta_loss_and_grad(
@@ -62,10 +69,10 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad_params, grad_lrs)``, both gradients shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    lrs = _check_lrs(model, lrs)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    lrs = check_lrs(model, lrs)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         return inner_optim.shared_rates(model, params, tasks, lrs, steps, optimizer=opt)
-    loss, grad, grad_lrs = _inner.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
+    loss, grad, grad_lrs = inner_loop.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
     return loss, grad, grad_lrs

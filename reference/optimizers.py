@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference._validation import check_finite_scalar
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError, MetaverifyError
 
 __all__ = [

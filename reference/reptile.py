@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner, inner_optim
+from reference import inner_loop, inner_optim
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
@@ -30,8 +30,8 @@ def direction(
     ``inner_optimizer`` (Nichol et al. use Adam) ``p_K`` comes from
     ``p_{k+1} = p_k - alpha d_k`` (:mod:`reference.optimizers`).
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     lrs = [alpha] * len(params)
     opt = inner_optim.check_inner_optimizer(inner_optimizer)
     total = [np.zeros_like(p) for p in params]
@@ -40,7 +40,7 @@ def direction(
             sched, active = inner_optim.check_lrs(model, [lrs] * steps, steps)
             p_k = inner_optim.unroll(model, params, task, opt, sched, active, steps, np.zeros(steps), keep=False)[2]
         else:
-            p_k = _inner.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
+            p_k = inner_loop.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
         total = [acc + (p - q) for acc, p, q in zip(total, params, p_k)]
     return [acc / len(tasks) for acc in total]
 

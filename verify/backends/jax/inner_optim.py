@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from reference import inner_optim as ref
-from reference._validation import check_positive_int
+from reference.validation import check_positive_int
 from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
 from reference.models import MLP, Quadratic
 from reference.optimizers import SGD, Adam, Momentum
