@@ -379,6 +379,10 @@ def _imaml_condition(case: Case) -> tuple[float, str]:
             "max over tasks of cond(I + H_s(phi*)/lam), estimated by the reference's CG")
 
 
+_OPTIMIZER_DIAGNOSES = ("first_order", "optimizer_state_detached", "bptt_truncated", "wrong_inner_steps",
+                        "swapped_support_query", "scale", "disconnected")
+
+
 def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
     """``call`` with a differentiable inner optimiser (``reference.optimizers`` with torch.optim's defaults)."""
     from reference.optimizers import Adam, Momentum
@@ -427,17 +431,19 @@ ALGORITHMS: dict[str, Algorithm] = {
         # in the inner loop (reference.optimizers; exact through parameters and optimiser state).
         Algorithm("maml_momentum", "gradient", _with_optimizer(_call_maml, "momentum"),
                   paper="Finn et al. 2017 with torch.optim.SGD(momentum=0.9) as the inner optimiser",
-                  signature=_LOOP, diagnoses=_GRADIENT_DIAGNOSES[2:]),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("momentum_first_step",)),
         # Adam's step Jacobian is a cancellation (d = m_hat / (sqrt(v_hat) + eps): two O(1/|g|) terms whose
         # difference is O(eps / g^2)); float32 backends carry ~eps32 / |g| there, which the matrix's float32
         # condition estimate (input rounding) does not see (measured 7.7e-6 vs 6.4e-6, 2 of 80 cases). The
         # torch/JAX Adam loops are checked in float64 by tests/{torch,jax}/test_*_inner_optim.py (<= 1e-12).
         Algorithm("maml_adam", "gradient", _with_optimizer(_call_maml, "adam"),
                   paper="Finn et al. 2017 with torch.optim.Adam (defaults) as the inner optimiser",
-                  signature=_LOOP, diagnoses=_GRADIENT_DIAGNOSES[2:], backends=("numpy",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
+                  backends=("numpy",)),
         Algorithm("anil_adam", "gradient", _with_optimizer(_call_anil, "adam"),
                   paper="Raghu et al. 2020 with torch.optim.Adam (defaults) as the inner optimiser",
-                  signature=_LOOP, diagnoses=_GRADIENT_DIAGNOSES[2:], backends=("numpy",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
+                  backends=("numpy",)),
         Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
                   text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
                   diagnoses=("first_order", "swapped_support_query", "scale", "disconnected", "imaml_system",

@@ -479,3 +479,57 @@ def test_hyperparameter_gradients_match_torch_autograd(name: str, approximation:
     names = [n for n in r.hyper if not (n == "eps_root" and opt.eps_root == 0.0)]  # torch's branch has no eps_root
     got, ref = np.array([t.hyper[n] for n in names]), np.array([r.hyper[n] for n in names])
     assert np.linalg.norm(got - ref) <= BAR * np.linalg.norm(ref), dict(zip(names, zip(ref, got)))
+
+
+# ---------------------------------------------------------------------------
+# The CLI audit's rows: MAML with an Adam inner loop, written two ways
+# ---------------------------------------------------------------------------
+
+
+def _maml_adam(model: Any, tasks: Any, inner_lr: Any, inner_steps: Any, *, detach_state: bool = False) -> Any:
+    """MAML with torch.optim.Adam's formulas, functional (create_graph=True); optionally the moments detached."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    theta = list(model.parameters())
+    total = 0.0
+    for t in tasks:
+        p = theta
+        m = [torch.zeros_like(x) for x in p]
+        v = [torch.zeros_like(x) for x in p]
+        for k in range(1, inner_steps + 1):
+            out = functional_call(model, dict(zip(names, p)), (t.x_support,))
+            g = torch.autograd.grad(loss_fn("ce" if t.y_support.dtype == torch.int64 else "mse", out, t.y_support),
+                                    p, create_graph=True)
+            if detach_state:
+                m, v = [a.detach() for a in m], [b.detach() for b in v]
+            m = [0.9 * a + 0.1 * b for a, b in zip(m, g)]
+            v = [0.999 * a + 0.001 * b * b for a, b in zip(v, g)]
+            p = [x - inner_lr * (a / (1 - 0.9**k)) / (b.sqrt() / (1 - 0.999**k) ** 0.5 + 1e-8)
+                 for x, a, b in zip(p, m, v)]
+        out = functional_call(model, dict(zip(names, p)), (t.x_query,))
+        total = total + loss_fn("ce" if t.y_query.dtype == torch.int64 else "mse", out, t.y_query)
+    return total / len(tasks)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_audit_rows_name_the_optimizer_bugs() -> None:
+    higher = pytest.importorskip("higher")
+    from verify import audit
+
+    def with_higher(model: Any, tasks: Any, inner_lr: Any, inner_steps: Any) -> Any:
+        opt = torch.optim.Adam(model.parameters(), lr=inner_lr)
+        total = 0.0
+        for t in tasks:
+            with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+                name = "ce" if t.y_support.dtype == torch.int64 else "mse"
+                for _ in range(inner_steps):
+                    diffopt.step(loss_fn(name, fmodel(t.x_support), t.y_support))
+                total = total + loss_fn(name, fmodel(t.x_query), t.y_query)
+        return total / len(tasks)
+
+    assert audit(_maml_adam, "maml_adam", inner_steps=3).passed
+    r = audit(with_higher, "maml_adam", inner_steps=3)
+    assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "adam_eps_placement", r.diagnosis
+    r = audit(lambda *a: _maml_adam(*a, detach_state=True), "maml_adam", inner_steps=3)
+    assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "optimizer_state_detached", r.diagnosis
