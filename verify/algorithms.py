@@ -431,7 +431,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         # in the inner loop (reference.optimizers; exact through parameters and optimiser state).
         Algorithm("maml_momentum", "gradient", _with_optimizer(_call_maml, "momentum"),
                   paper="Finn et al. 2017 with torch.optim.SGD(momentum=0.9) as the inner optimiser",
-                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("momentum_first_step",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES),
         # Adam's step Jacobian is a cancellation (d = m_hat / (sqrt(v_hat) + eps): two O(1/|g|) terms whose
         # difference is O(eps / g^2)); float32 backends carry ~eps32 / |g| there, which the matrix's float32
         # condition estimate (input rounding) does not see (measured 7.7e-6 vs 6.4e-6, 2 of 80 cases). The

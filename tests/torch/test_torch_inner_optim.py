@@ -486,8 +486,13 @@ def test_hyperparameter_gradients_match_torch_autograd(name: str, approximation:
 # ---------------------------------------------------------------------------
 
 
-def _maml_adam(model: Any, tasks: Any, inner_lr: Any, inner_steps: Any, *, detach_state: bool = False) -> Any:
-    """MAML with torch.optim.Adam's formulas, functional (create_graph=True); optionally the moments detached."""
+def _maml_adam(model: Any, tasks: Any, inner_lr: Any, inner_steps: Any, *, detach_state: bool = False,
+               backprop_last: int | None = None) -> Any:
+    """MAML with torch.optim.Adam's formulas, functional (create_graph=True).
+
+    Optionally the moments detached between steps, or every step but the last ``backprop_last`` applied as
+    a detached increment (truncated backpropagation).
+    """
     from torch.func import functional_call
 
     names = [n for n, _ in model.named_parameters()]
@@ -505,8 +510,10 @@ def _maml_adam(model: Any, tasks: Any, inner_lr: Any, inner_steps: Any, *, detac
                 m, v = [a.detach() for a in m], [b.detach() for b in v]
             m = [0.9 * a + 0.1 * b for a, b in zip(m, g)]
             v = [0.999 * a + 0.001 * b * b for a, b in zip(v, g)]
-            p = [x - inner_lr * (a / (1 - 0.9**k)) / (b.sqrt() / (1 - 0.999**k) ** 0.5 + 1e-8)
-                 for x, a, b in zip(p, m, v)]
+            step = [inner_lr * (a / (1 - 0.9**k)) / (b.sqrt() / (1 - 0.999**k) ** 0.5 + 1e-8) for a, b in zip(m, v)]
+            if backprop_last is not None and k <= inner_steps - backprop_last:
+                step, m, v = [u.detach() for u in step], [a.detach() for a in m], [b.detach() for b in v]
+            p = [x - u for x, u in zip(p, step)]
         out = functional_call(model, dict(zip(names, p)), (t.x_query,))
         total = total + loss_fn("ce" if t.y_query.dtype == torch.int64 else "mse", out, t.y_query)
     return total / len(tasks)
@@ -533,3 +540,5 @@ def test_cli_audit_rows_name_the_optimizer_bugs() -> None:
     assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "adam_eps_placement", r.diagnosis
     r = audit(lambda *a: _maml_adam(*a, detach_state=True), "maml_adam", inner_steps=3)
     assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "optimizer_state_detached", r.diagnosis
+    r = audit(lambda *a: _maml_adam(*a, backprop_last=1), "maml_adam", inner_steps=3)
+    assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "bptt_truncated", r.diagnosis

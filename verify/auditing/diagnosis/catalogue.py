@@ -89,9 +89,6 @@ CATALOGUE: dict[str, Entry] = {
         Entry('adam_eps_placement', "Adam's eps placed differently",
               "torch.optim.Adam adds eps to sqrt(v_hat); higher's DifferentiableAdam and TensorFlow add it to "
               "sqrt(v) before bias correction (Kingma & Ba's eps-hat), optax's eps_root puts it inside the root"),
-        Entry('momentum_first_step', "the momentum buffer's first step differs from torch.optim.SGD",
-              'torch.optim.SGD sets the buffer to the first gradient (no dampening); a zero-initialised buffer '
-              "(optax trace, torchopt's sgd reused after its first call) dampens the first step"),
         Entry('second_order_instead', 'exact second-order MAML gradient returned where FOMAML was asked',
               'the inner gradients were differentiated (create_graph=True); FOMAML defines the direction with'
               ' every step Jacobian replaced by the identity'),
