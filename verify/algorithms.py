@@ -233,6 +233,9 @@ def build_case(
     """
     if algorithm not in ALGORITHMS:
         raise InvalidInputError(f"algorithm={algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+    if ALGORITHMS[algorithm].audit:
+        raise InvalidInputError(f"algorithm={algorithm!r} has no Case (its problem is built by "
+                                f"{ALGORITHMS[algorithm].audit}); choose one of {', '.join(case_algorithms())}")
     given = dict(seed=seed, sizes=sizes, activation=activation, loss=loss, bias=None if bias else False,
                  n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way, **hyper)
     recipe = "build_case(" + ", ".join([repr(algorithm)] + [f"{k}={v!r}" for k, v in given.items()
@@ -339,6 +342,11 @@ class Algorithm:
             algorithm (constant factor, disconnected tensors).
         condition: ``condition(case) -> (kappa, why)``: a condition estimate of the
             reference gradient that widens the audit's tolerance, or None.
+        audit: ``"module:function"`` of an audit of its own, for an algorithm whose
+            problem is not a :class:`Case` (``maml-rl``: the user's function gets
+            trajectory batches, :mod:`verify.rl_audit`). Such a row has no check-matrix
+            cell (``backends=()``), its ``call`` refuses a Case, and everything that
+            builds Cases iterates :func:`case_algorithms` instead of the whole table.
     """
 
     name: str
@@ -356,6 +364,7 @@ class Algorithm:
     diagnoses: tuple[str, ...] = ()
     diagnosis: str = ""
     condition: Callable[[Case], tuple[float, str]] | None = None
+    audit: str = ""
 
     @property
     def auditable(self) -> bool:
@@ -395,6 +404,11 @@ def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
     return with_optimizer
 
 
+def _call_no_case(mod, case, variables, **kw):
+    raise InvalidInputError(f"algorithm={case.algorithm!r} has no Case-based reference call; its row's audit "
+                            "function computes everything (see Algorithm.audit)")
+
+
 _LOOP = ("model", "tasks", "inner_lr", "inner_steps")
 _HEAD = ("model", "tasks", "lam", "scale", "offset")
 _SCALARS = ("lam", "scale", "offset")
@@ -429,18 +443,18 @@ ALGORITHMS: dict[str, Algorithm] = {
                   diagnosis="gradient", diagnoses=("first_order", "no_adaptation", *_GRADIENT_DIAGNOSES)),
         # Differentiable inner optimisers (issue #17): the same algorithms with torch.optim's momentum / Adam
         # in the inner loop (reference.optimizers; exact through parameters and optimiser state).
-        Algorithm("maml_momentum", "gradient", _with_optimizer(_call_maml, "momentum"),
+        Algorithm("maml-momentum", "gradient", _with_optimizer(_call_maml, "momentum"),
                   paper="Finn et al. 2017 with torch.optim.SGD(momentum=0.9) as the inner optimiser",
                   signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES),
         # Adam's step Jacobian is a cancellation (d = m_hat / (sqrt(v_hat) + eps): two O(1/|g|) terms whose
         # difference is O(eps / g^2)); float32 backends carry ~eps32 / |g| there, which the matrix's float32
         # condition estimate (input rounding) does not see (measured 7.7e-6 vs 6.4e-6, 2 of 80 cases). The
         # torch/JAX Adam loops are checked in float64 by tests/{torch,jax}/test_*_inner_optim.py (<= 1e-12).
-        Algorithm("maml_adam", "gradient", _with_optimizer(_call_maml, "adam"),
+        Algorithm("maml-adam", "gradient", _with_optimizer(_call_maml, "adam"),
                   paper="Finn et al. 2017 with torch.optim.Adam (defaults) as the inner optimiser",
                   signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
                   backends=("numpy",)),
-        Algorithm("anil_adam", "gradient", _with_optimizer(_call_anil, "adam"),
+        Algorithm("anil-adam", "gradient", _with_optimizer(_call_anil, "adam"),
                   paper="Raghu et al. 2020 with torch.optim.Adam (defaults) as the inner optimiser",
                   signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
                   backends=("numpy",)),
@@ -462,6 +476,12 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("matchingnet", "backbone", _call_metric("matchingnet"), paper="Vinyals et al. 2016",
                   signature=("model", "tasks", "n_classes"), quantity="gradient", text=TEXTS["matchingnet"],
                   diagnosis="backbone", diagnoses=_BACKBONE_DIAGNOSES),
+        # MAML-RL (reference.rl): exact expectations over enumerated trajectory batches; the user's
+        # function returns a surrogate loss whose gradient estimates grad J (docs/meta-rl.md).
+        Algorithm("maml-rl", "rl", _call_no_case, differentiable=False,
+                  paper="Finn et al. 2017 (MAML-RL); DiCE: Foerster et al. 2018",
+                  signature=("params", "inner", "outer", "alpha", "gamma"), quantity="gradient estimate",
+                  backends=(), symbolic=("bandit_maml_rl", {"batch": 1}), audit="verify.rl_audit:audit_function"),
     ]
 }
 
@@ -493,6 +513,11 @@ def auditable() -> tuple[str, ...]:
     return tuple(name for name, row in ALGORITHMS.items() if row.auditable)
 
 
+def case_algorithms() -> tuple[str, ...]:
+    """The rows whose problem is a :class:`Case` (all but those with an ``audit`` of their own), in table order."""
+    return tuple(name for name, row in ALGORITHMS.items() if not row.audit)
+
+
 def reference_root() -> ModuleType:
     return importlib.import_module("reference")
 
@@ -506,5 +531,6 @@ def evaluate(case: Case, root: ModuleType | None = None, variables: list[np.ndar
     return ALGORITHMS[case.algorithm].call(root, case, case.variables if variables is None else variables, **kw)
 
 
-__all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "evaluate", "param_names",
+__all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "case_algorithms",
+           "evaluate", "param_names",
            "reference_root", "register", "unregister"]

@@ -535,10 +535,10 @@ def test_cli_audit_rows_name_the_optimizer_bugs() -> None:
                 total = total + loss_fn(name, fmodel(t.x_query), t.y_query)
         return total / len(tasks)
 
-    assert audit(_maml_adam, "maml_adam", inner_steps=3).passed
-    r = audit(with_higher, "maml_adam", inner_steps=3)
+    assert audit(_maml_adam, "maml-adam", inner_steps=3).passed
+    r = audit(with_higher, "maml-adam", inner_steps=3)
     assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "adam_eps_placement", r.diagnosis
-    r = audit(lambda *a: _maml_adam(*a, detach_state=True), "maml_adam", inner_steps=3)
+    r = audit(lambda *a: _maml_adam(*a, detach_state=True), "maml-adam", inner_steps=3)
     assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "optimizer_state_detached", r.diagnosis
-    r = audit(lambda *a: _maml_adam(*a, backprop_last=1), "maml_adam", inner_steps=3)
+    r = audit(lambda *a: _maml_adam(*a, backprop_last=1), "maml-adam", inner_steps=3)
     assert not r.passed and r.diagnosis is not None and r.diagnosis.key == "bptt_truncated", r.diagnosis

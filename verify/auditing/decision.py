@@ -164,6 +164,10 @@ def audit(
         raise InvalidInputError(f"fn={short(fn)} is not callable; pass the function to audit")
     if algorithm not in auditable():
         raise InvalidInputError(f"algorithm={algorithm!r} cannot be audited; choose one of {', '.join(auditable())}")
+    if ALGORITHMS[algorithm].audit:
+        raise InvalidInputError(f"algorithm={algorithm!r} has an audit of its own with another calling contract: "
+                                f"use {ALGORITHMS[algorithm].audit} (or metaverify audit FILE.py:fn --algorithm "
+                                f"{algorithm})")
     backend = backend or infer_backend(fn)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend={backend!r} is unknown; choose 'torch' or 'jax'")

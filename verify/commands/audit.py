@@ -6,7 +6,8 @@
 
 ``TARGET`` is ``path/to/file.py:function`` or ``package.module:function``;
 ``--library higher|torchopt|learn2learn`` instead of ``TARGET`` audits that
-library's idiomatic implementation (:mod:`verify.adapters`). Exit codes: 0
+library's idiomatic implementation (:mod:`verify.adapters`). ``--algorithm maml-rl``
+(a row with an audit of its own) goes to :mod:`verify.commands.audit_rl`. Exit codes: 0
 verified, 1 mismatch, 2 usage or bad input (file or function missing, the
 function raises -- its traceback is shown --, non-scalar or non-finite output,
 wrong number of gradients).
@@ -141,6 +142,12 @@ def run(args: argparse.Namespace) -> int:
     from verify.auditing import audit
     from verify._output import results_document, write_json, write_junit
 
+    from verify.algorithms import ALGORITHMS
+
+    if ALGORITHMS[args.algorithm].audit:  # e.g. maml-rl: trajectory batches instead of a Case
+        from verify.commands.audit_rl import run_maml_rl
+
+        return run_maml_rl(args)
     if (args.target is None) == (args.library is None):
         raise InvalidInputError("give either TARGET (path/to/file.py:function or package.module:function) or "
                                 "--library higher|torchopt|learn2learn, not both or neither")

@@ -1,5 +1,5 @@
-"""Diagnosis variants of inner loops driven by a differentiable optimiser (rows ``maml_momentum``, ``maml_adam``,
-``anil_adam``; issue #17).
+"""Diagnosis variants of inner loops driven by a differentiable optimiser (rows ``maml-momentum``, ``maml-adam``,
+``anil-adam``; issue #17).
 
 Each variant is the reference's optimiser loop (:mod:`reference.inner_optim`) with one known mistake:
 Adam's ``eps`` placement (eps-hat, higher/TensorFlow) or ``eps`` inside the root, the optimiser state
@@ -19,7 +19,7 @@ import numpy as np
 from reference import inner_optim
 from reference.inner_optim import Approximation
 from reference.models import flatten
-from reference.optimizers import Adam, Momentum  # noqa: F401  (Momentum: the maml_momentum row's optimiser)
+from reference.optimizers import Adam, Momentum  # noqa: F401  (Momentum: the maml-momentum row's optimiser)
 from verify.algorithms import Case
 from verify.auditing.diagnosis.catalogue import Candidate
 
@@ -29,9 +29,9 @@ Variant = tuple[str, str, Callable[[], tuple[Any, np.ndarray]]]
 
 #: row -> (which tensors adapt, the optimiser the row runs)
 ROWS: dict[str, tuple[str, Callable[[], Any]]] = {
-    "maml_momentum": ("maml", lambda: Momentum(0.9)),
-    "maml_adam": ("maml", lambda: Adam()),
-    "anil_adam": ("anil", lambda: Adam()),
+    "maml-momentum": ("maml", lambda: Momentum(0.9)),
+    "maml-adam": ("maml", lambda: Adam()),
+    "anil-adam": ("anil", lambda: Adam()),
 }
 
 
