@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from reference import inner_loop
+from reference import inner_loop, inner_optim
+from reference.optimizers import Optimizer
 from reference.tasks import Task
 
 __all__ = ["meta_loss", "meta_loss_and_grad"]
@@ -23,20 +24,25 @@ def _lrs(model: Any, inner_lr: Any) -> list[Any]:
     return [inner_lr if i in head else None for i in range(len(model.shapes))]
 
 
-def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int) -> Any:
+def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
+              inner_optimizer: Optimizer | None = None) -> Any:
     """ANIL meta-loss ``(1/T) sum_t L_q^t(p_K^t)`` with only the head adapted.
 
     ``p_{k+1} = p_k - alpha P grad L_s(p_k)``, ``P`` the projection onto the
     head parameters ``model.head_indices``; the body stays at ``theta``.
-    Arguments as :func:`reference.maml.meta_loss`.
+    Arguments as :func:`reference.maml.meta_loss` (``inner_optimizer`` acts on the head only).
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        return inner_optim.meta_loss(model, params, tasks, [_lrs(model, alpha)] * steps, steps, optimizer=opt)
     return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
 
 
 def meta_loss_and_grad(
-    model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int
+    model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
+    inner_optimizer: Optimizer | None = None,
 ) -> tuple[Any, list[np.ndarray]]:
     """ANIL meta-loss and its exact meta-gradient with respect to body and head.
 
@@ -55,5 +61,9 @@ def meta_loss_and_grad(
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(model, alpha), steps, optimizer=opt)
+        return loss, grad
     loss, grad, _ = inner_loop.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps)
     return loss, grad

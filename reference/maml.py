@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from reference import inner_loop
+from reference import inner_loop, inner_optim
+from reference.optimizers import Optimizer
 from reference.tasks import Task
 
 __all__ = ["adapt", "meta_loss", "meta_loss_and_grad"]
@@ -21,19 +22,25 @@ def _lrs(model: Any, inner_lr: Any) -> list[Any]:
     return [inner_lr] * len(model.shapes)
 
 
-def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_steps: int) -> list[np.ndarray]:
+def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_steps: int, *,
+          inner_optimizer: Optimizer | None = None) -> list[np.ndarray]:
     """The adapted parameters ``p_K`` of one task: ``K`` gradient steps on its support loss.
 
-    ``p_0 = theta``, ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)``.
+    ``p_0 = theta``, ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)`` (``- inner_lr * d_k``
+    with an ``inner_optimizer``, :mod:`reference.optimizers`).
     """
     params, tasks, steps = inner_loop.check_common(model, params, [task], inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
     t = tasks[0]
-    return inner_loop.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps,
-                            keep_iterates=False)[0][0]
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        lrs, active = inner_optim.check_lrs(model, [_lrs(model, alpha)] * steps, steps)
+        return inner_optim.unroll(model, params, t, opt, lrs, active, steps, np.zeros(steps), keep=False)[2]
+    return inner_loop.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps, keep_iterates=False)[0][0]
 
 
-def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int) -> Any:
+def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
+              inner_optimizer: Optimizer | None = None) -> Any:
     """MAML meta-loss ``(1/T) sum_t L_q^t(p_K^t)``, ``p_{k+1} = p_k - alpha grad L_s^t(p_k)``, ``p_0 = theta``.
 
     Forward pass only, ``O(params)`` memory; meant for finite differences and
@@ -45,9 +52,15 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
         tasks: non-empty list of ``Task(x_support, y_support, x_query, y_query)``.
         inner_lr: the inner step size ``alpha`` (finite scalar).
         inner_steps: the number ``K >= 1`` of inner gradient steps.
+        inner_optimizer: ``None`` (SGD) or a differentiable optimiser from
+            :mod:`reference.optimizers` / :mod:`reference.learned_optimizers`
+            (``p_{k+1} = p_k - alpha d_k``, CONVENTIONS "Inner-loop optimisers").
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        return inner_optim.meta_loss(model, params, tasks, [_lrs(model, alpha)] * steps, steps, optimizer=opt)
     return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
 
 
@@ -58,6 +71,8 @@ def meta_loss_and_grad(
     inner_lr: float,
     inner_steps: int,
     first_order: bool = False,
+    *,
+    inner_optimizer: Optimizer | None = None,
 ) -> tuple[Any, list[np.ndarray]]:
     """MAML meta-loss and its exact meta-gradient (FOMAML's with ``first_order=True``).
 
@@ -77,6 +92,11 @@ def meta_loss_and_grad(
     CONVENTIONS): the same loss, gradient ``mean_t grad L_q^t(p_K^t)``, which
     is not the gradient of the meta-loss.
 
+    With ``inner_optimizer`` the steps are ``p_{k+1} = p_k - alpha d_k`` and the
+    gradient is the exact one through parameters and optimiser state
+    (:func:`reference.inner_optim.meta_loss_and_grad`); ``first_order`` then
+    makes the optimiser's gradient inputs constants.
+
     Args: as :func:`meta_loss`, plus ``first_order``.
 
     Returns:
@@ -84,6 +104,11 @@ def meta_loss_and_grad(
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(model, alpha), steps, optimizer=opt,
+                                                 first_order=bool(first_order))
+        return loss, grad
     loss, grad, _ = inner_loop.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps,
                                               first_order=bool(first_order))
     return loss, grad

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from reference import inner_loop
+from reference import inner_loop, inner_optim
 from reference.errors import InvalidInputError
+from reference.optimizers import Optimizer
 from reference.tasks import Task
 
 __all__ = ["check_lrs", "meta_loss", "meta_loss_and_grad"]
@@ -35,21 +36,23 @@ def check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
         ) from exc
 
 
-_check_lrs = check_lrs  # the former private name
-
-
-def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int) -> Any:
+def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int, *,
+              inner_optimizer: Optimizer | None = None) -> Any:
     """Meta-SGD meta-loss ``(1/T) sum_t L_q^t(p_K^t)``, ``p_{k+1} = p_k - a * grad L_s^t(p_k)``.
 
     ``a`` (``lrs``) is a list of arrays shaped like ``params``; ``*`` is
     elementwise. Complex ``params`` or ``lrs`` give a complex loss (complex step).
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    return inner_loop.meta_loss(model, params, tasks, _check_lrs(model, lrs), steps)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        return inner_optim.meta_loss(model, params, tasks, [check_lrs(model, lrs)] * steps, steps, optimizer=opt)
+    return inner_loop.meta_loss(model, params, tasks, check_lrs(model, lrs), steps)
 
 
 def meta_loss_and_grad(
-    model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int
+    model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int, *,
+    inner_optimizer: Optimizer | None = None,
 ) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
     """Meta-SGD meta-loss and its exact gradients with respect to ``theta`` and ``a``.
 
@@ -60,11 +63,16 @@ def meta_loss_and_grad(
 
     averaged over the tasks (exact Hessian-vector products, no Hessian
     formed). Memory ``O(K x params)``: iterates and support gradients.
+    With ``inner_optimizer`` the step is ``p_{k+1} = p_k - a * d_k`` and
+    ``dL/da = - sum_k d_k * bar_p_{k+1}`` (:mod:`reference.inner_optim`).
 
     Returns:
         ``(meta_loss, grad_params, grad_lrs)``, both gradients shaped like ``params``.
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    lrs = _check_lrs(model, lrs)
+    lrs = check_lrs(model, lrs)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    if opt is not None:
+        return inner_optim.shared_rates(model, params, tasks, lrs, steps, optimizer=opt)
     loss, grad, grad_lrs = inner_loop.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
     return loss, grad, grad_lrs

@@ -11,36 +11,46 @@ from typing import Any
 
 import numpy as np
 
-from reference import inner_loop
+from reference import inner_loop, inner_optim
+from reference.optimizers import Optimizer
 from reference.tasks import Task
 
 __all__ = ["direction", "meta_loss"]
 
 
 def direction(
-    model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int
+    model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
+    inner_optimizer: Optimizer | None = None,
 ) -> list[np.ndarray]:
     """Reptile meta-batch direction ``(1/T) sum_t (theta - p_K^t)``.
 
     ``p_0 = theta``, ``p_{k+1} = p_k - alpha grad L_s^t(p_k)`` (``K`` SGD steps
     on the support set, as CONVENTIONS defines); for ``K = 1`` it is
-    ``alpha * mean_t grad L_s^t(theta)``. The query sets are not used.
+    ``alpha * mean_t grad L_s^t(theta)``. The query sets are not used. With an
+    ``inner_optimizer`` (Nichol et al. use Adam) ``p_K`` comes from
+    ``p_{k+1} = p_k - alpha d_k`` (:mod:`reference.optimizers`).
     """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
     lrs = [alpha] * len(params)
+    opt = inner_optim.check_inner_optimizer(inner_optimizer)
     total = [np.zeros_like(p) for p in params]
     for task in tasks:
-        p_k = inner_loop.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
+        if opt is not None:
+            sched, active = inner_optim.check_lrs(model, [lrs] * steps, steps)
+            p_k = inner_optim.unroll(model, params, task, opt, sched, active, steps, np.zeros(steps), keep=False)[2]
+        else:
+            p_k = inner_loop.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
         total = [acc + (p - q) for acc, p, q in zip(total, params, p_k)]
     return [acc / len(tasks) for acc in total]
 
 
-def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int) -> Any:
+def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
+              inner_optimizer: Optimizer | None = None) -> Any:
     """The query loss after Reptile's inner loop: identical to MAML's meta-loss.
 
     Provided so every module exposes its loss; Reptile's direction is not its gradient.
     """
     from reference import maml
 
-    return maml.meta_loss(model, params, tasks, inner_lr, inner_steps)
+    return maml.meta_loss(model, params, tasks, inner_lr, inner_steps, inner_optimizer=inner_optimizer)

@@ -73,6 +73,9 @@ class Case:
     def describe(self) -> str:
         m = self.model
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        if not isinstance(m, MLP):  # a reference.nets.Network (Conv4, ResNet-12, a translated torch module)
+            what = m.summary() if hasattr(m, "summary") else repr(m)
+            return f"{self.algorithm}: {what}, {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
         return (
             f"{self.algorithm}: MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, "
             f"bias={m.bias}), {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
@@ -87,6 +90,8 @@ class Case:
 def param_names(model: Any) -> list[str]:
     """CONVENTIONS names of the parameter tensors: ``W1, b1, W2, b2, ...`` (``theta`` for a Quadratic)."""
     if not isinstance(model, MLP):
+        if hasattr(model, "param_names"):  # reference.nets.Network: PyTorch's names (0.weight, layer1.conv1.weight)
+            return list(model.param_names)
         return ["theta"] if len(model.shapes) == 1 else [f"p{i}" for i in range(len(model.shapes))]
     names = []
     for layer in range(1, model.n_layers + 1):
@@ -388,6 +393,22 @@ def _imaml_condition(case: Case) -> tuple[float, str]:
             "max over tasks of cond(I + H_s(phi*)/lam), estimated by the reference's CG")
 
 
+_OPTIMIZER_DIAGNOSES = ("first_order", "optimizer_state_detached", "bptt_truncated", "wrong_inner_steps",
+                        "swapped_support_query", "scale", "disconnected")
+
+
+def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``call`` with a differentiable inner optimiser (``reference.optimizers`` with torch.optim's defaults)."""
+    from reference.optimizers import Adam, Momentum
+
+    make = {"momentum": lambda: Momentum(0.9), "adam": lambda: Adam()}[name]
+
+    def with_optimizer(mod, case, variables, **kw):
+        return call(mod, case, variables, inner_optimizer=make(), **kw)
+
+    return with_optimizer
+
+
 def _call_no_case(mod, case, variables, **kw):
     raise InvalidInputError(f"algorithm={case.algorithm!r} has no Case-based reference call; its row's audit "
                             "function computes everything (see Algorithm.audit)")
@@ -425,6 +446,23 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("newton", "gradient", _call_newton, paper="Hessian-preconditioned inner step (CONVENTIONS)",
                   signature=(*_LOOP, "damping"), text=TEXTS["newton"], symbolic=("quadratic_newton_maml", {}),
                   diagnosis="gradient", diagnoses=("first_order", "no_adaptation", *_GRADIENT_DIAGNOSES)),
+        # Differentiable inner optimisers (issue #17): the same algorithms with torch.optim's momentum / Adam
+        # in the inner loop (reference.optimizers; exact through parameters and optimiser state).
+        Algorithm("maml-momentum", "gradient", _with_optimizer(_call_maml, "momentum"),
+                  paper="Finn et al. 2017 with torch.optim.SGD(momentum=0.9) as the inner optimiser",
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES),
+        # Adam's step Jacobian is a cancellation (d = m_hat / (sqrt(v_hat) + eps): two O(1/|g|) terms whose
+        # difference is O(eps / g^2)); float32 backends carry ~eps32 / |g| there, which the matrix's float32
+        # condition estimate (input rounding) does not see (measured 7.7e-6 vs 6.4e-6, 2 of 80 cases). The
+        # torch/JAX Adam loops are checked in float64 by tests/{torch,jax}/test_*_inner_optim.py (<= 1e-12).
+        Algorithm("maml-adam", "gradient", _with_optimizer(_call_maml, "adam"),
+                  paper="Finn et al. 2017 with torch.optim.Adam (defaults) as the inner optimiser",
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
+                  backends=("numpy",)),
+        Algorithm("anil-adam", "gradient", _with_optimizer(_call_anil, "adam"),
+                  paper="Raghu et al. 2020 with torch.optim.Adam (defaults) as the inner optimiser",
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
+                  backends=("numpy",)),
         Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
                   text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
                   diagnoses=("first_order", "swapped_support_query", "scale", "disconnected", "imaml_system",

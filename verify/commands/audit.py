@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the algorithm the function implements: {', '.join(choices)}")
     p.add_argument("--backend", choices=("torch", "jax"),
                    help="calling contract (default: jax if the function's 2nd parameter is apply_fn, else torch)")
-    p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh "
+    p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh; "
+                   "conv4:1x28x28:5[:hidden=64], resnet12:3x84x84:5, or FILE.py:factory[:CxHxW] (your torch module) "
                    "(default: a small random MLP drawn from the seed)")
     p.add_argument("--loss", choices=("mse", "ce"), help="task loss of the gradient-based algorithms")
     p.add_argument("--inner-lr", type=float, metavar="A", help="inner learning rate (Meta-SGD: base of the lrs)")

@@ -79,6 +79,16 @@ CATALOGUE: dict[str, Entry] = {
               'track_higher_grads=False, learn2learn first_order=True; JAX: jax.lax.stop_gradient on the '
               'inner gradient. iMAML: the implicit solve skipped (grad L_q(phi*) returned). The result is '
               "FOMAML's direction, not the meta-gradient"),
+        Entry('optimizer_state_detached', 'optimiser state detached between inner steps',
+              'the momentum buffer / Adam moments (or a learned optimiser\'s hidden state) were .detach()-ed or '
+              'stop_gradient-ed between steps, so no meta-gradient flows through them; declare it with '
+              'verify.inner_audit (approximation="stop_gradient") if intended'),
+        Entry('bptt_truncated', 'backpropagation truncated to the last inner steps',
+              'the inner loop was unrolled under torch.no_grad()/detach (or stop_gradient) except for its last '
+              'steps; declare it with verify.inner_audit (approximation="truncated:T") if intended'),
+        Entry('adam_eps_placement', "Adam's eps placed differently",
+              "torch.optim.Adam adds eps to sqrt(v_hat); higher's DifferentiableAdam and TensorFlow add it to "
+              "sqrt(v) before bias correction (Kingma & Ba's eps-hat), optax's eps_root puts it inside the root"),
         Entry('second_order_instead', 'exact second-order MAML gradient returned where FOMAML was asked',
               'the inner gradients were differentiated (create_graph=True); FOMAML defines the direction with'
               ' every step Jacobian replaced by the identity'),

@@ -15,11 +15,14 @@ from typing import Any
 import jax
 
 from reference.tasks import Task
+from verify.backends.jax import inner_optim
 from verify.backends.jax._inner import check_common, check_inner_lr, sgd_adapt
 from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit, task_mean, to_jax_scalar, to_numpy
 
 
 def _head_indices(key: tuple) -> tuple[int, ...]:
+    if key[0] == "network":  # reference.nets.Network: the last Linear's tensors, recorded in the key
+        return tuple(key[3])
     n_tensors = (len(key[0]) - 1) * (2 if key[3] else 1)
     k = 2 if key[3] else 1
     return tuple(range(n_tensors - k, n_tensors))
@@ -41,18 +44,31 @@ def _build(key: tuple, steps: int, with_grad: bool, jit: bool):
     return maybe_jit(jax.value_and_grad(meta_loss) if with_grad else meta_loss, jit)
 
 
+def _rates(model: Any, alpha: float) -> list[Any]:
+    """The head's tensors adapted at ``alpha``, the body's not (``None``): the optimiser loop's rates."""
+    return [alpha if i in model.head_indices else None for i in range(len(model.shapes))]
+
+
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int, *,
-              dtype: str = "float64", jit: bool = False) -> float:
+              dtype: str = "float64", jit: bool = False, inner_optimizer: Any = None) -> float:
     """ANIL meta-loss ``mean_tasks L_q(body, head_K)`` (only the head adapted), computed in JAX."""
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    if inner_optimizer is not None:
+        return inner_optim.meta_loss(model, params, tasks, [_rates(model, check_inner_lr(inner_lr))] * steps, steps,
+                                     optimizer=inner_optimizer, dtype=dtype)
     lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
     return to_numpy(_build(key, steps, False, jit)(p, batch, lr))
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int,
-                       *, dtype: str = "float64", jit: bool = False) -> tuple[float, list[Any]]:
+                       *, dtype: str = "float64", jit: bool = False,
+                       inner_optimizer: Any = None) -> tuple[float, list[Any]]:
     """ANIL meta-loss and its exact gradient w.r.t. every parameter (body and head), by ``jax.value_and_grad``."""
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    if inner_optimizer is not None:
+        loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _rates(model, check_inner_lr(inner_lr)), steps,
+                                                 optimizer=inner_optimizer, dtype=dtype)
+        return loss, grad
     lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
     value, grads = _build(key, steps, True, jit)(p, batch, lr)
     return to_numpy(value), to_numpy(grads)

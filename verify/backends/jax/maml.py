@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from reference.tasks import Task
+from verify.backends.jax import inner_optim
 from verify.backends.jax._inner import check_common, check_inner_lr, sgd_adapt
 from verify.backends.jax._model import (
     Params,
@@ -45,7 +46,7 @@ def _build(key: tuple, steps: int, first_order: bool, with_grad: bool, jit: bool
 
 
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int, *,
-              dtype: str = "float64", jit: bool = False) -> float:
+              dtype: str = "float64", jit: bool = False, inner_optimizer: Any = None) -> float:
     """MAML meta-loss ``mean_tasks L_q(p_K)`` computed in JAX.
 
     Args:
@@ -56,23 +57,34 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr:
         inner_steps: ``K >= 1``.
         dtype: ``"float64"`` or ``"float32"`` (the whole computation runs in it).
         jit: wrap the computation in ``jax.jit``.
+        inner_optimizer: ``None`` (SGD) or a ``reference.optimizers`` spec, run by
+            :mod:`verify.backends.jax.inner_optim` (eagerly; ``jit`` is ignored then).
     """
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
-    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    alpha = check_inner_lr(inner_lr)
+    if inner_optimizer is not None:
+        return inner_optim.meta_loss(model, params, tasks, [[alpha] * len(p)] * steps, steps,
+                                     optimizer=inner_optimizer, dtype=dtype)
+    lr = to_jax_scalar(alpha, dtype)
     return to_numpy(_build(key, steps, False, False, jit)(p, batch, lr))
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int,
                        first_order: bool = False, *, dtype: str = "float64",
-                       jit: bool = False) -> tuple[float, list[Any]]:
+                       jit: bool = False, inner_optimizer: Any = None) -> tuple[float, list[Any]]:
     """MAML meta-loss and meta-gradient by JAX reverse-mode autodiff through the inner loop.
 
     Returns ``(loss, grads)`` with ``grads`` a list of float64 NumPy arrays
     shaped like ``params`` (converted from ``dtype``). ``first_order=True``
-    gives FOMAML: ``mean_tasks grad L_q(p_K)``.
+    gives FOMAML: ``mean_tasks grad L_q(p_K)``. ``inner_optimizer``: as :func:`meta_loss`.
     """
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
-    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    alpha = check_inner_lr(inner_lr)
+    if inner_optimizer is not None:
+        loss, grad, _ = inner_optim.shared_rates(model, params, tasks, [alpha] * len(p), steps,
+                                                 optimizer=inner_optimizer, first_order=bool(first_order), dtype=dtype)
+        return loss, grad
+    lr = to_jax_scalar(alpha, dtype)
     value, grads = _build(key, steps, bool(first_order), True, jit)(p, batch, lr)
     return to_numpy(value), to_numpy(grads)
 

@@ -17,6 +17,7 @@ import numpy as np
 from reference.errors import InvalidInputError
 from reference.metasgd import check_lrs
 from reference.tasks import Task
+from verify.backends.jax import inner_optim
 from verify.backends.jax._inner import check_common, sgd_adapt
 from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit, task_mean, to_jax_params, to_numpy
 
@@ -43,18 +44,25 @@ def _check_lrs(model: Any, lrs: Any, dtype: str) -> Params:
 
 
 def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Any], inner_steps: int, *,
-              dtype: str = "float64", jit: bool = False) -> float:
+              dtype: str = "float64", jit: bool = False, inner_optimizer: Any = None) -> float:
     """Meta-SGD meta-loss with per-parameter learning rates ``lrs`` (shaped like ``params``), in JAX."""
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    if inner_optimizer is not None:
+        _check_lrs(model, lrs, dtype)
+        return inner_optim.meta_loss(model, params, tasks, [list(lrs)] * steps, steps, optimizer=inner_optimizer,
+                                     dtype=dtype)
     a = _check_lrs(model, lrs, dtype)
     return to_numpy(_build(key, steps, False, jit)(p, a, batch))
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Any],
                        inner_steps: int, *, dtype: str = "float64",
-                       jit: bool = False) -> tuple[float, list[Any], list[Any]]:
+                       jit: bool = False, inner_optimizer: Any = None) -> tuple[float, list[Any], list[Any]]:
     """Meta-SGD meta-loss, its gradient w.r.t. ``params`` and w.r.t. the learning rates ``lrs``."""
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    if inner_optimizer is not None:
+        _check_lrs(model, lrs, dtype)
+        return inner_optim.shared_rates(model, params, tasks, list(lrs), steps, optimizer=inner_optimizer, dtype=dtype)
     a = _check_lrs(model, lrs, dtype)
     value, (g_params, g_lrs) = _build(key, steps, True, jit)(p, a, batch)
     return to_numpy(value), to_numpy(g_params), to_numpy(g_lrs)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from reference.tasks import Task
-from verify.backends.torch import _inner
+from verify.backends.torch import _inner, inner_optim
 from verify.backends.torch._model import scalar, tf32, to_numpy
 
 __all__ = ["adapt", "meta_loss", "meta_loss_and_grad"]
@@ -31,7 +31,8 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
 
 
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int, *,
-              dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False) -> float:
+              dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False,
+              inner_optimizer: Any = None) -> float:
     """MAML meta-loss ``(1/T) sum_t L_q^t(p_K^t)``, ``p_0 = theta``, ``p_{k+1} = p_k - alpha grad L_s^t(p_k)``.
 
     Args:
@@ -43,16 +44,21 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
         dtype: ``"float64"`` or ``"float32"`` (the whole computation runs in it).
         device: ``"cpu"`` or ``"cuda"``.
         allow_tf32: allow TF32 matmuls on CUDA for the call (float32 only has an effect).
+        inner_optimizer: ``None`` (SGD) or a ``reference.optimizers`` spec, run by
+            :mod:`verify.backends.torch.inner_optim` (``p_{k+1} = p_k - alpha d_k``).
     """
     with tf32(allow_tf32):
         fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
         alpha = _inner.check_inner_lr(inner_lr)
+        if inner_optimizer is not None:
+            return inner_optim.meta_loss(model, params, tasks, [[alpha] * len(theta)] * steps, steps,
+                                         optimizer=inner_optimizer, dtype=dtype, device=device)
         return scalar(_inner.meta_loss(fm, theta, ttasks, [alpha] * len(theta), steps))
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int,
                        first_order: bool = False, *, dtype: str = "float64", device: str = "cpu",
-                       allow_tf32: bool = False) -> tuple[float, list[np.ndarray]]:
+                       allow_tf32: bool = False, inner_optimizer: Any = None) -> tuple[float, list[np.ndarray]]:
     """MAML meta-loss and meta-gradient by autograd through the inner loop.
 
     Exact (second order): ``(I - alpha H_s(p_0)) ... (I - alpha H_s(p_{K-1})) grad L_q(p_K)``,
@@ -67,6 +73,11 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     with tf32(allow_tf32):
         fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
         alpha = _inner.check_inner_lr(inner_lr)
+        if inner_optimizer is not None:
+            loss, grad, _ = inner_optim.shared_rates(model, params, tasks, [alpha] * len(theta), steps,
+                                                     optimizer=inner_optimizer, first_order=bool(first_order),
+                                                     dtype=dtype, device=device)
+            return loss, grad
         loss, grads = _inner.meta_loss_and_grad(fm, theta, ttasks, [alpha] * len(theta), steps,
                                                 first_order=bool(first_order))
         return scalar(loss), [to_numpy(g) for g in grads]

@@ -15,24 +15,29 @@ import numpy as np
 
 from reference.metasgd import check_lrs
 from reference.tasks import Task
-from verify.backends.torch import _inner
+from verify.backends.torch import _inner, inner_optim
 from verify.backends.torch._model import scalar, tf32, to_numpy
 
 __all__ = ["meta_loss", "meta_loss_and_grad"]
 
 
 def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int, *,
-              dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False) -> float:
+              dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False,
+              inner_optimizer: Any = None) -> float:
     """Meta-SGD meta-loss ``(1/T) sum_t L_q^t(p_K^t)``, ``p_{k+1} = p_k - a * grad L_s^t(p_k)``."""
     with tf32(allow_tf32):
         fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
+        if inner_optimizer is not None:
+            return inner_optim.meta_loss(model, params, tasks, [check_lrs(model, lrs)] * steps, steps,
+                                         optimizer=inner_optimizer, dtype=dtype, device=device)
         a = fm.tensors(check_lrs(model, lrs))
         return scalar(_inner.meta_loss(fm, theta, ttasks, a, steps))
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task],
                        inner_steps: int, *, dtype: str = "float64", device: str = "cpu",
-                       allow_tf32: bool = False) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+                       allow_tf32: bool = False, inner_optimizer: Any = None
+                       ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
     """Meta-SGD meta-loss and its exact gradients w.r.t. ``theta`` and the learning rates ``a``.
 
     ``a`` are leaf tensors with ``requires_grad=True`` used inside the
@@ -43,6 +48,9 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], lrs: Sequence[Any], ta
     """
     with tf32(allow_tf32):
         fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
+        if inner_optimizer is not None:
+            return inner_optim.shared_rates(model, params, tasks, check_lrs(model, lrs), steps,
+                                            optimizer=inner_optimizer, dtype=dtype, device=device)
         a = fm.tensors(check_lrs(model, lrs), requires_grad=True)
         loss, grads = _inner.meta_loss_and_grad(fm, theta, ttasks, a, steps, wrt=[*theta, *a])
         n = len(theta)

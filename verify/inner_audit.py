@@ -1,0 +1,359 @@
+"""Judge a claimed inner-loop meta-gradient against the exact one or a *declared* approximation.
+
+The Python side of ``metaverify audit ... --approximation first_order |
+truncated:K | stop_gradient | inner_steps:N`` for the optimiser-driven inner
+loop (:mod:`reference.inner_optim`). Given a problem (model, ``theta``, tasks,
+per-step rates, optimiser, multi-step weights) and the gradient a user's code
+returned, :func:`audit_inner_loop`
+
+1. computes the exact meta-gradient and the declared approximation's (the
+   reference's switches: the approximation is defined as the ``detach`` a
+   framework would apply, so a correct implementation of it matches to
+   round-off);
+2. verifies the claimed gradient against the *declared* one: verdict "matches
+   the declared approximation; distance from exact X" (relative error and
+   cosine of the declared gradient against the exact one);
+3. on a mismatch (an undeclared approximation is still a mismatch), names the
+   computation the claimed gradient does match, from a catalogue of the
+   family's bugs: Adam ``eps`` placement, optimiser state detached between
+   steps, second derivatives dropped, BPTT truncated at the wrong length, the
+   multi-step loss weights ignored, a different number of inner steps, the
+   momentum buffer's first step, per-step learning rates shared across steps
+   (on the learning-rate gradient).
+
+Matching is normwise relative difference ``<= tolerance(dtype,
+"reference_match") * condition`` over the concatenated gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from reference import inner_optim
+from reference.errors import InvalidInputError
+from reference.inner_optim import Approximation, MetaGradient
+from reference.optimizers import Adam, Momentum
+from verify.tolerance import tolerance
+
+__all__ = ["InnerLoopProblem", "InnerLoopAudit", "Candidate", "audit_imaml", "audit_inner_loop", "distance", "parse_declared"]
+
+
+@dataclass(frozen=True)
+class InnerLoopProblem:
+    """What the user's code computes: the loop of :func:`reference.inner_optim.meta_loss_and_grad`."""
+
+    model: Any
+    params: Sequence[np.ndarray]
+    tasks: Sequence[Any]
+    lrs: Sequence[Sequence[Any]]
+    inner_steps: int
+    optimizer: Any = None
+    weights: Any = None
+
+    def gradient(self, approximation: Approximation | None = None, **changes: Any) -> MetaGradient:
+        """The reference gradient of this problem, or of a variant (``changes`` replace fields)."""
+        pb = replace(self, **changes) if changes else self
+        return inner_optim.meta_loss_and_grad(pb.model, pb.params, pb.tasks, pb.lrs, pb.inner_steps,
+                                              optimizer=pb.optimizer, weights=pb.weights,
+                                              approximation=approximation)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A named computation a claimed gradient may match (the exact one, the declared one, or a known bug)."""
+
+    name: str
+    explanation: str
+    compute: Callable[[], MetaGradient] = field(repr=False)
+    on: str = "params"  # which gradient the candidate is judged on: "params" or "lrs"
+
+
+@dataclass
+class InnerLoopAudit:
+    """The verdict: ``status`` ``"pass"``/``"fail"``, the sentence, and the measured figures."""
+
+    status: str
+    verdict: str
+    declared: str
+    error_vs_declared: float
+    tolerance: float
+    distance_from_exact: dict[str, float]
+    diagnosis: str | None = None
+    explanation: str | None = None
+    matches: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def __str__(self) -> str:
+        lines = [f"{self.status.upper()}: {self.verdict}"]
+        if self.diagnosis:
+            lines.append(f"diagnosis: {self.diagnosis}: {self.explanation}")
+        return "\n".join(lines)
+
+
+def _flat(tree: Sequence[Any]) -> np.ndarray:
+    parts = [np.ravel(np.asarray(x, dtype=float)) for x in tree if x is not None]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _flat_lrs(lrs: Sequence[Sequence[Any]]) -> np.ndarray:
+    return _flat([a for row in lrs for a in row])
+
+
+def distance(a: Sequence[Any], b: Sequence[Any]) -> dict[str, float]:
+    """``{"relative": ||a - b|| / max(||a||, ||b||), "cosine": <a, b> / (||a|| ||b||)}`` over flattened lists."""
+    x, y = _flat(a), _flat(b)
+    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return {"relative": float("nan"), "cosine": float("nan")}
+    rel = float(np.linalg.norm(x - y)) / max(nx, ny) if max(nx, ny) > 0 else 0.0
+    cos = float(x @ y) / (nx * ny) if nx > 0 and ny > 0 else float("nan")
+    return {"relative": rel, "cosine": cos}
+
+
+def parse_declared(text: str | Approximation | None, steps: int) -> tuple[Approximation, int]:
+    """``(switches, inner steps)`` of a declaration: ``Approximation.parse`` plus ``inner_steps:N``."""
+    if text is None:
+        return inner_optim.EXACT, steps
+    if isinstance(text, Approximation):
+        return text, steps
+    parts = [p.strip() for p in str(text).split("+")]
+    n = steps
+    rest = []
+    for p in parts:
+        if p.startswith("inner_steps:"):
+            try:
+                n = int(p.split(":", 1)[1])
+            except ValueError:
+                raise InvalidInputError(f"approximation={text!r}: {p!r} needs an integer, e.g. inner_steps:3") from None
+            if n < 1:
+                raise InvalidInputError(f"approximation={text!r}: inner_steps must be >= 1")
+        else:
+            rest.append(p)
+    return Approximation.parse("+".join(rest) or "exact"), n
+
+
+def _with_steps(pb: InnerLoopProblem, n: int) -> dict[str, Any]:
+    """Field changes that run ``n`` inner steps (rates and weights cut or extended with the last entry)."""
+    if n == pb.inner_steps:
+        return {}
+    lrs = [list(pb.lrs[min(k, len(pb.lrs) - 1)]) for k in range(n)]
+    weights = None
+    if pb.weights is not None:
+        w = np.asarray(pb.weights, dtype=float)
+        weights = np.concatenate([w, np.full(max(0, n - len(w)), w[-1])])[:n]
+    return {"lrs": lrs, "inner_steps": n, "weights": weights}
+
+
+def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int) -> list[Candidate]:
+    """The named computations a wrong gradient of this family is checked against (module notes)."""
+    K = pb.inner_steps
+    out: list[Candidate] = []
+    base = _with_steps(pb, declared_steps)
+
+    def add(name: str, explanation: str, approx: Approximation | None = None, on: str = "params",
+            **changes: Any) -> None:
+        merged = {**base, **changes}
+        out.append(Candidate(name, explanation, lambda: pb.gradient(approx, **merged), on))
+
+    add("exact", "the exact meta-gradient through parameters and optimiser state", inner_optim.EXACT, **{})
+    if not declared.first_order:
+        add("second derivatives dropped (first_order)",
+            "the gradients fed to the optimiser were treated as constants (create_graph=False / stop_gradient)",
+            replace(declared, first_order=True))
+    if not declared.detach_state:
+        add("optimiser state detached between steps (stop_gradient)",
+            "momentum buffers / Adam moments / the LSTM state were detached before each step",
+            replace(declared, detach_state=True))
+    for t in range(0, K):
+        if declared.truncate != t:
+            what = ("BPTT truncated at the wrong length" if declared.truncate is not None else
+                    "backpropagation truncated (undeclared)")
+            add(f"{what}: truncated:{t}", f"only the last {t} inner steps were backpropagated "
+                f"(declared: {declared.truncate if declared.truncate is not None else 'all'})",
+                replace(declared, truncate=t))
+    for n in (n for n in range(1, K + 3) if n != declared_steps):
+        out.append(Candidate(f"inner_steps:{n}", f"the inner loop ran {n} steps, not {declared_steps}",
+                             (lambda n=n: pb.gradient(declared, **_with_steps(pb, n)))))
+    if pb.weights is not None and K > 1:
+        w = np.zeros(declared_steps)
+        w[-1] = 1.0
+        add("multi-step loss weights ignored", "only the final query loss L_q(p_K) was differentiated "
+            "(MAML++'s sum_k w_k L_q(p_k) ignored)", declared, weights=w)
+        add("multi-step loss weights ignored (uniform)", "the multi-step loss used uniform weights 1/K",
+            declared, weights=np.full(declared_steps, 1.0 / declared_steps))
+    opt = pb.optimizer
+    if isinstance(opt, Adam):
+        other = "v" if opt.eps_placement == "v_hat" else "v_hat"
+        alt = Adam(opt.b1, opt.b2, opt.eps, eps_root=opt.eps_root, weight_decay=opt.weight_decay,
+                   decoupled=opt.decoupled, eps_placement=other)
+        add("Adam eps placement", "eps added to sqrt(v) before bias correction (Kingma & Ba's eps-hat: "
+            "higher, TensorFlow) instead of to sqrt(v_hat) (torch.optim.Adam)" if other == "v" else
+            "eps added to sqrt(v_hat) (torch.optim.Adam) instead of to sqrt(v) (eps-hat)", declared, optimizer=alt)
+        if opt.eps > 0:
+            inside = Adam(opt.b1, opt.b2, 0.0, eps_root=opt.eps, weight_decay=opt.weight_decay,
+                          decoupled=opt.decoupled)
+            add("Adam eps inside the square root", "sqrt(v_hat + eps) (optax eps_root) instead of sqrt(v_hat) + eps",
+                declared, optimizer=inside)
+        if opt.weight_decay:
+            wd = Adam(opt.b1, opt.b2, opt.eps, eps_root=opt.eps_root, weight_decay=opt.weight_decay,
+                      decoupled=not opt.decoupled, eps_placement=opt.eps_placement)
+            add("Adam weight decay coupling", "decoupled (AdamW) and L2 (Adam) weight decay confused",
+                declared, optimizer=wd)
+    if isinstance(opt, Momentum) and opt.dampening:
+        alt_m = Momentum(opt.momentum, dampening=opt.dampening, nesterov=opt.nesterov,
+                         weight_decay=opt.weight_decay, init="zeros" if opt.init_rule == "torch" else "torch")
+        add("momentum buffer's first step", "the first step's buffer was (1 - dampening) g (zero-initialised, "
+            "torchopt after its first call) instead of g (torch.optim.SGD)" if opt.init_rule == "torch" else
+            "the first step's buffer was g instead of (1 - dampening) g", declared, optimizer=alt_m)
+    if K > 1:
+        def shared() -> MetaGradient:
+            r = pb.gradient(declared, **base)
+            tot = [None if a is None else sum(r.lrs[k][i] for k in range(len(r.lrs))) for i, a in enumerate(r.lrs[0])]
+            return MetaGradient(r.loss, r.params, [tot for _ in r.lrs], r.optimizer)
+
+        out.append(Candidate("per-step learning rates shared across steps",
+                             "one rate per tensor for all steps: every step's rate gradient is the sum over steps",
+                             shared, "lrs"))
+    return out
+
+
+def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *,
+                     claimed_lrs: Sequence[Sequence[Any]] | None = None, approximation: Any = None,
+                     dtype: Any = np.float64, condition: float = 1.0) -> InnerLoopAudit:
+    """Verify ``claimed_params`` (and ``claimed_lrs``) against the declared approximation of ``problem``.
+
+    Args:
+        problem: the inner-loop problem the user's code solved.
+        claimed_params: the user's ``dL/dtheta``, shaped like ``problem.params``.
+        claimed_lrs: optionally the user's ``dL/dlrs[k][i]`` (None entries for tensors not adapted).
+        approximation: ``None``/``"exact"`` or a declaration such as ``"truncated:5"``,
+            ``"first_order"``, ``"stop_gradient"``, ``"inner_steps:3"`` (``+``-joined).
+        dtype: precision of the claimed gradient (selects the tolerance row).
+        condition: multiplier of the tolerance for ill-conditioned problems.
+
+    Returns:
+        :class:`InnerLoopAudit`; ``str()`` of it is the one-paragraph verdict.
+    """
+    declared, n = parse_declared(approximation, problem.inner_steps)
+    tol = tolerance(dtype, "reference_match", condition=condition)
+    label = "exact" if declared.is_exact and n == problem.inner_steps else (
+        "+".join(p for p in (str(declared) if not declared.is_exact else "",
+                             f"inner_steps:{n}" if n != problem.inner_steps else "") if p))
+    exact = problem.gradient()
+    target = problem.gradient(declared, **_with_steps(problem, n))
+    d_exact = distance(target.params, exact.params)
+    err = distance(claimed_params, target.params)["relative"]
+    err_lrs = distance(_flat_lrs(claimed_lrs), _flat_lrs(target.lrs))["relative"] if claimed_lrs is not None else 0.0
+    if err <= tol and err_lrs <= tol:
+        if label == "exact":
+            verdict = f"matches the exact meta-gradient (relative error {err:.1e}, tolerance {tol:.1e})"
+        else:
+            verdict = (f"matches the declared approximation {label} (relative error {err:.1e}, tolerance {tol:.1e}); "
+                       f"distance from exact {d_exact['relative']:.3g} (cosine {d_exact['cosine']:.4f})")
+        return InnerLoopAudit("pass", verdict, label, max(err, err_lrs), tol, d_exact)
+    matches = []
+    for cand in catalogue(problem, declared, n):
+        if cand.name == "exact" and label == "exact":
+            continue
+        try:
+            g = cand.compute()
+        except Exception:  # a variant that does not exist here (e.g. NotDifferentiableError) names nothing
+            continue
+        if cand.on == "lrs":
+            if claimed_lrs is None or err > tol:
+                continue
+            e = distance(_flat_lrs(claimed_lrs), _flat_lrs(g.lrs))["relative"]
+        else:
+            e = distance(claimed_params, g.params)["relative"]
+            if claimed_lrs is not None and _flat_lrs(claimed_lrs).size == _flat_lrs(g.lrs).size:
+                e = max(e, distance(_flat_lrs(claimed_lrs), _flat_lrs(g.lrs))["relative"])
+        if e <= tol:
+            matches.append((cand.name, e, cand.explanation))
+    which = f"the declared approximation {label}" if label != "exact" else "the exact meta-gradient"
+    verdict = f"does not match {which}: relative error {max(err, err_lrs):.3g} (tolerance {tol:.1e})"
+    if matches:
+        name, e, why = matches[0]
+        if name == "exact":
+            verdict += f"; it matches the exact meta-gradient ({e:.1e}): the declared {label} was not applied"
+        return InnerLoopAudit("fail", verdict, label, max(err, err_lrs), tol, d_exact, name, why,
+                              [(m[0], m[1]) for m in matches])
+    return InnerLoopAudit("fail", verdict + "; no catalogued computation matches", label, max(err, err_lrs), tol,
+                          d_exact)
+
+
+# ---------------------------------------------------------------------------
+# iMAML: the authors' solver (cg:M, inner_steps:N, damping:D) against the exact implicit gradient
+# ---------------------------------------------------------------------------
+
+
+def audit_imaml(model: Any, params: Sequence[Any], tasks: Sequence[Any], lam: float, claimed: Sequence[Any], *,
+                inner_lr: float, approximation: str | None = None, dtype: Any = np.float64,
+                condition: float = 1.0) -> InnerLoopAudit:
+    """Verify an iMAML meta-gradient against the declared approximation of the authors' solver.
+
+    ``approximation`` ``None`` means the exact implicit gradient
+    (:func:`reference.imaml.meta_loss_and_grad`, converged inner problem and
+    CG); otherwise ``"cg:M+inner_steps:N+damping:D"``
+    (:mod:`reference.imaml_solver`). On a mismatch the catalogue tries other
+    CG lengths, inner-loop lengths and the damping dropped or added.
+    """
+    from reference import imaml, imaml_solver
+
+    tol = tolerance(dtype, "reference_match", condition=condition)
+    _, exact = imaml.meta_loss_and_grad(model, params, tasks, lam)
+
+    def approx(d: imaml_solver.Declared) -> list[np.ndarray]:
+        return imaml_solver.meta_loss_and_grad(model, params, tasks, lam, inner_lr=inner_lr, declared=d)[1]
+
+    if approximation is None or approximation == "exact":
+        target, label, d0 = exact, "exact", None
+    else:
+        d0 = imaml_solver.Declared.parse(approximation)
+        target, label = approx(d0), str(d0)
+    d_exact = distance(target, exact)
+    err = distance(claimed, target)["relative"]
+    if err <= tol:
+        verdict = (f"matches the exact meta-gradient (relative error {err:.1e}, tolerance {tol:.1e})" if d0 is None
+                   else f"matches the declared approximation {label} (relative error {err:.1e}, tolerance "
+                        f"{tol:.1e}); distance from exact {d_exact['relative']:.3g} (cosine {d_exact['cosine']:.4f})")
+        return InnerLoopAudit("pass", verdict, label, err, tol, d_exact)
+    base = d0 or imaml_solver.Declared()
+    n = sum(int(np.size(p)) for p in params)
+    candidates: list[tuple[str, str, Callable[[], list[np.ndarray]]]] = []
+    if d0 is not None:
+        candidates.append(("exact", "the exact implicit gradient (declared approximation not applied)", lambda: exact))
+    for m in range(1, min(n, 40) + 1):
+        if d0 is None:  # undeclared: the authors' solver with its defaults, named in full
+            d = replace(base, cg_steps=m)
+            candidates.append((f"undeclared approximation {d}", f"the authors' solver ({m} CG iterations, "
+                               f"{d.inner_steps} inner steps) where the exact gradient was claimed",
+                               lambda d=d: approx(d)))
+        elif m != base.cg_steps:
+            candidates.append((f"cg:{m}", f"CG stopped after {m} iterations (declared {label})",
+                               lambda m=m: approx(replace(base, cg_steps=m))))
+    for s in range(0, 2 * base.inner_steps + 2):
+        if d0 is not None and s != base.inner_steps:
+            candidates.append((f"inner_steps:{s}", f"the inner loop ran {s} steps, not {base.inner_steps}",
+                               lambda s=s: approx(replace(base, inner_steps=s))))
+    if d0 is not None and base.damping:
+        candidates.append(("damping ignored", "lam_damping left out of the system matrix",
+                           lambda: approx(replace(base, damping=0.0))))
+    for name, why, fn in candidates:
+        try:
+            e = distance(claimed, fn())["relative"]
+        except Exception:  # an exact solve that does not converge names nothing
+            continue
+        if e <= tol:
+            verdict = f"does not match {'the exact meta-gradient' if d0 is None else 'the declared ' + label}: " \
+                      f"relative error {err:.3g} (tolerance {tol:.1e})"
+            return InnerLoopAudit("fail", verdict, label, err, tol, d_exact, name, why, [(name, e)])
+    which = "the exact meta-gradient" if d0 is None else f"the declared {label}"
+    return InnerLoopAudit("fail", f"does not match {which}: relative error {err:.3g} (tolerance {tol:.1e}); "
+                          "no catalogued computation matches", label, err, tol, d_exact)
