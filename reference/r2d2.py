@@ -175,8 +175,8 @@ def _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column,
             need_grad):
     """Per block of tasks (``task_blocks``, fixed size): ``(values, (summed backbone grads, heads))``, in order.
 
-    The backbone is shared by the tasks: one stacked forward pass and one VJP per block (reference/
-    _features.py) around the small per-task ridge solves; the blocks run on the thread pool of
+    MLP backbones only. The backbone is shared by the tasks: one stacked forward pass and one VJP
+    per block (reference/features.py) around the small per-task ridge solves; the blocks run on the thread pool of
     reference/_threads.py, each with one BLAS thread, and are reduced in order by the caller.
     """
 
@@ -215,9 +215,15 @@ def meta_loss(
         backbone, params, tasks, n_classes, lam, scale, offset, form, regression
     )
     total = 0.0
-    for values, _ in _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column, normalize, form,
-                             regression, need_grad=False):
-        for value in values:
+    if isinstance(backbone, MLP):
+        for values, _ in _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column, normalize,
+                                 form, regression, need_grad=False):
+            for value in values:
+                total = total + value
+    else:  # a reference.nets.Network: batch norm couples the rows, so no stacking across tasks
+        for i, task in enumerate(tasks):
+            value, _ = _task(TaskFeatures(backbone, params, task, f"tasks[{i}]"), task, n_classes, lam, scale,
+                             offset, bias_column, normalize, form, regression, f"tasks[{i}]", False)
             total = total + value
     return as_scalar(total / len(tasks))
 
@@ -271,7 +277,7 @@ def meta_loss_and_grad(
     )
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
-    if features is TaskFeatures:
+    if features is TaskFeatures and isinstance(backbone, MLP):
         for values, (g, heads) in _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column,
                                           normalize, form, regression, need_grad=True):
             for value, (g_lam, g_scale, g_offset) in zip(values, heads):
@@ -280,7 +286,8 @@ def meta_loss_and_grad(
                 hyper["scale"] += g_scale
                 hyper["offset"] += g_offset
             grads = accumulate(grads, g)
-    else:  # a custom feature factory (the audit's diagnosis): task by task, through the hook
+    else:  # a custom feature factory (the audit's diagnosis) or a Network backbone (batch norm couples the
+        # rows of a batch, so tasks are not stacked): task by task
         for i, task in enumerate(tasks):
             feats = features(backbone, params, task, f"tasks[{i}]")
             value, (g, g_lam, g_scale, g_offset) = _task(
