@@ -31,6 +31,40 @@ ALGORITHM_CHOICES = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton", "
 LIBRARIES = ("higher", "torchopt", "learn2learn")
 
 
+#: Problem options of each algorithm (besides --model, --tasks, --shots, --queries, --seed): an option
+#: outside its row is a usage error, never silently echoed in the problem line as if it were used.
+_GRADIENT = ("inner_lr", "inner_steps", "loss")
+ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
+    "maml": _GRADIENT, "fomaml": _GRADIENT, "anil": _GRADIENT, "reptile": _GRADIENT, "metasgd": _GRADIENT,
+    "newton": (*_GRADIENT, "damping"),
+    "imaml": ("lam", "loss"),
+    "r2d2": ("lam", "scale", "offset", "bias_column", "normalize", "form", "n_way"),
+    "lrd2": ("lam", "scale", "offset", "bias_column", "newton_steps", "n_way"),
+    "protonet": ("n_way",), "matchingnet": ("n_way",),
+}
+#: Options every algorithm takes.
+COMMON_OPTIONS = ("model", "n_tasks", "shots", "queries")
+
+
+def _flag(name: str) -> str:
+    return "--tasks" if name == "n_tasks" else "--" + name.replace("_", "-")
+
+
+def check_options_apply(algorithm: str, given: dict[str, Any], *, spell: Callable[[str], str] = _flag) -> None:
+    """Refuse problem options that ``algorithm`` does not have (e.g. ``--lam`` with ``maml``).
+
+    Raises:
+        InvalidInputError: naming the options that do not apply and the ones that do.
+    """
+    own = ALGORITHM_OPTIONS.get(algorithm, ())
+    bad = [k for k, v in given.items() if v is not None and k not in own and k not in COMMON_OPTIONS]
+    if bad:
+        names = ", ".join(spell(k) for k in bad)
+        takes = ", ".join(spell(k) for k in (*own, *COMMON_OPTIONS))
+        raise InvalidInputError(f"{names} {'does' if len(bad) == 1 else 'do'} not apply to {algorithm}; its problem "
+                                f"options are {takes}; remove {names}")
+
+
 def _bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
@@ -159,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.json, "--json")
     if args.junit:
         check_writable(args.junit, "--junit")
+    check_options_apply(args.algorithm, {k: getattr(args, k) for k in (
+        "model", "loss", "inner_lr", "inner_steps", "n_tasks", "shots", "queries", "n_way", "lam", "scale", "offset",
+        "damping", "bias_column", "normalize", "form", "newton_steps")})
     check_problem_size(args.algorithm, args.model, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
                        n_way=args.n_way, inner_steps=args.inner_steps, loss=args.loss)
     if args.library:

@@ -178,7 +178,12 @@ def run(args: argparse.Namespace) -> int:
     for b in backends:
         load_backend(b)  # installed but failing to import: a clear error now
     if args.audit:
-        from verify.commands.audit import check_problem_size, load_target
+        from verify.commands.audit import check_options_apply, check_problem_size, load_target
+
+        check_options_apply(audit_algorithm, {k: v for k, v in options.items() if k in (
+            "model", "loss", "inner_lr", "inner_steps", "n_tasks", "shots", "queries", "n_way", "lam", "scale",
+            "offset", "damping", "bias_column", "normalize", "form", "newton_steps")},
+                            spell=lambda k: f"--audit-option {k}")
 
         sized: dict[str, Any] = {k: v if isinstance(v := options.get(k), int) and not isinstance(v, bool) and v > 0
                                  else None for k in ("n_tasks", "shots", "queries", "n_way", "inner_steps")}
