@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reference import imaml, r2d2  # noqa: E402
-from reference._linalg import SPDFactor, conjugate_gradient  # noqa: E402
+from reference.linalg import SPDFactor, conjugate_gradient  # noqa: E402
 from reference.models import MLP, flatten, unflatten  # noqa: E402
 from reference.tasks import gaussian_classification, sinusoid  # noqa: E402
 

@@ -1,7 +1,12 @@
 """metaverify's reference: analytic (no autodiff) NumPy/SciPy meta-gradients.
 
-Submodules are imported on demand (``from reference import maml``); this
-package never imports torch or jax.
+The package re-exports the models (:class:`MLP`, :class:`Quadratic`), the task
+type (:class:`Task`), the task generators and the errors; the algorithms are
+submodules imported on demand (``from reference import maml``), as are the
+public building blocks :mod:`reference.inner_loop` (the unrolled inner loop and
+its adjoint), :mod:`reference.features` (backbone features and their VJP),
+:mod:`reference.linalg` and :mod:`reference.validation`. This package never
+imports torch or jax.
 """
 
 from reference.errors import (
@@ -11,11 +16,21 @@ from reference.errors import (
     NotAnalyticError,
     SingularMatrixError,
 )
+from reference.models import MLP, Quadratic, flatten, unflatten
+from reference.tasks import Task, gaussian_classification, linear_regression, sinusoid
 
 __all__ = [
     "ConvergenceError",
     "InvalidInputError",
+    "MLP",
     "MetaverifyError",
     "NotAnalyticError",
+    "Quadratic",
     "SingularMatrixError",
+    "Task",
+    "flatten",
+    "gaussian_classification",
+    "linear_regression",
+    "sinusoid",
+    "unflatten",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner
+from reference import inner_loop
 from reference.tasks import Task
 
 __all__ = ["meta_loss", "meta_loss_and_grad"]
@@ -30,9 +30,9 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     head parameters ``model.head_indices``; the body stays at ``theta``.
     Arguments as :func:`reference.maml.meta_loss`.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
-    return _inner.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
+    return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
 
 
 def meta_loss_and_grad(
@@ -53,7 +53,7 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad)`` with ``grad`` shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
-    loss, grad, _ = _inner.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
+    loss, grad, _ = inner_loop.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps)
     return loss, grad

@@ -1,4 +1,8 @@
-"""Exception types shared by the reference and the checking engine.
+"""Every exception type metaverify raises on purpose: one neutral module for the reference, the
+engine and the audit (also importable as :mod:`verify.errors`).
+
+It lives in :mod:`reference` because the reference imports nothing of :mod:`verify`
+while everything in :mod:`verify` may import the reference.
 
 Every validation failure raises :class:`InvalidInputError` (a ``ValueError``)
 whose message repeats the offending ``name=value`` and says how to fix it.
@@ -29,10 +33,16 @@ class NotAnalyticError(MetaverifyError, TypeError):
     """Complex-step differentiation was asked of a non-analytic function (relu)."""
 
 
+class AuditInputError(InvalidInputError):
+    """The audited function could not be audited: it raised, returned a non-scalar or non-finite
+    loss, or the wrong number of gradients (exit code 2 in the CLI)."""
+
+
 __all__ = [
     "MetaverifyError",
     "InvalidInputError",
     "ConvergenceError",
     "SingularMatrixError",
     "NotAnalyticError",
+    "AuditInputError",
 ]

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from reference._validation import check_finite_scalar
+from reference.validation import check_finite_scalar
 from reference.errors import ConvergenceError, InvalidInputError
 from reference.models import flatten, unflatten
 from reference.tasks import Task, check_tasks

@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 
-from reference._features import as_scalar
-from reference._linalg import SPDFactor, conjugate_gradient
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.features import as_scalar
+from reference.linalg import SPDFactor, conjugate_gradient
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, MLP, flatten, unflatten
 from reference.tasks import Task, check_tasks
@@ -104,7 +104,17 @@ class Result:
     tasks: list[TaskInfo]
 
 
-def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter):
+def check_arguments(model: Any, params: Any, tasks: Any, lam: Any, solver: Any, inner_tol: Any, cg_tol: Any,
+                    inner_maxiter: Any, cg_maxiter: Any) -> tuple[Params, list[Task], Any, int, int | None]:
+    """Validate iMAML's arguments; return ``(params, tasks, lam, inner_maxiter, cg_maxiter)`` checked.
+
+    The backends call this check and add only their framework's limits (real ``lam``, dtype, jit).
+
+    Raises:
+        InvalidInputError: bad parameters or tasks, ``lam <= 0``, an unknown ``solver``, a tolerance
+            outside ``(0, 1)``, a non-positive iteration limit, or ``solver="direct"`` beyond the dense
+            Hessian limit.
+    """
     params = model.check_params(params)
     tasks = check_tasks(model, tasks)
     lam = check_finite_scalar(
@@ -128,7 +138,12 @@ def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, 
     inner_maxiter = check_positive_int("inner_maxiter", inner_maxiter)
     if cg_maxiter is not None:
         cg_maxiter = check_positive_int("cg_maxiter", cg_maxiter)
-    return params, tasks, lam
+    return params, tasks, lam, inner_maxiter, cg_maxiter
+
+
+def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter):
+    """:func:`check_arguments`' ``(params, tasks, lam)`` (the former private check)."""
+    return check_arguments(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)[:3]
 
 
 class _Problem:
@@ -383,5 +398,5 @@ def meta_loss_and_grad(
     return result.loss, result.grad
 
 
-__all__ = ["Result", "SOLVERS", "TaskInfo", "inner_solve", "meta_loss", "meta_loss_and_grad",
+__all__ = ["Result", "SOLVERS", "TaskInfo", "check_arguments", "inner_solve", "meta_loss", "meta_loss_and_grad",
            "meta_loss_and_grad_info"]

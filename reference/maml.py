@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner
+from reference import inner_loop
 from reference.tasks import Task
 
 __all__ = ["adapt", "meta_loss", "meta_loss_and_grad"]
@@ -26,10 +26,11 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
 
     ``p_0 = theta``, ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)``.
     """
-    params, tasks, steps = _inner.check_common(model, params, [task], inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, [task], inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     t = tasks[0]
-    return _inner.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps, keep_iterates=False)[0][0]
+    return inner_loop.adapt(model, params, t.x_support, t.y_support, _lrs(model, alpha), steps,
+                            keep_iterates=False)[0][0]
 
 
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int) -> Any:
@@ -45,9 +46,9 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
         inner_lr: the inner step size ``alpha`` (finite scalar).
         inner_steps: the number ``K >= 1`` of inner gradient steps.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
-    return _inner.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
+    return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
 
 
 def meta_loss_and_grad(
@@ -81,8 +82,8 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad)`` with ``grad`` a list shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
-    loss, grad, _ = _inner.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps,
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
+    loss, grad, _ = inner_loop.meta_loss_and_grad(model, params, tasks, _lrs(model, alpha), steps,
                                               first_order=bool(first_order))
     return loss, grad

@@ -25,11 +25,12 @@ support example has probability 0 (infinite loss): both are errors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from reference._features import (
+from reference.features import (
     TaskFeatures,
     accumulate,
     as_scalar,
@@ -114,7 +115,8 @@ def loss(backbone: MLP, params: list[Any], tasks: list[Task], n_classes: int) ->
     return as_scalar(total / len(tasks))
 
 
-def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes: int) -> tuple[float, Params]:
+def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes: int, *,
+                  features: Callable[..., TaskFeatures] = TaskFeatures) -> tuple[float, Params]:
     """Matching-network loss and its exact gradient w.r.t. the backbone (Vinyals et al. 2016).
 
     Args:
@@ -122,6 +124,10 @@ def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes
         params: the backbone parameters.
         tasks: list of :class:`reference.tasks.Task`, integer labels in ``[0, n_classes)``.
         n_classes: classes per task (labels are validated against it).
+
+        features: the per-task feature factory ``features(backbone, params, task, where)``
+            (default :class:`reference.features.TaskFeatures`); the audit's diagnosis passes one
+            whose VJP drops the support branch (the "support detached" bug).
 
     Returns:
         ``(loss, grads)``.
@@ -133,7 +139,7 @@ def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes
     backbone, params, tasks, n_classes = _check(backbone, params, tasks, n_classes)
     total, grads = 0.0, None
     for i, task in enumerate(tasks):
-        value, g = _task(TaskFeatures(backbone, params, task, f"tasks[{i}]"), task, f"tasks[{i}]", True)
+        value, g = _task(features(backbone, params, task, f"tasks[{i}]"), task, f"tasks[{i}]", True)
         total = total + value
         grads = accumulate(grads, g)
     m = len(tasks)

@@ -11,14 +11,21 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner
+from reference import inner_loop
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 
-__all__ = ["meta_loss", "meta_loss_and_grad"]
+__all__ = ["check_lrs", "meta_loss", "meta_loss_and_grad"]
 
 
-def _check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
+def check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
+    """Meta-SGD's per-parameter learning rates: one array shaped like each parameter tensor.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a missing, extra or mis-shaped entry, or a non-finite rate.
+    """
     try:
         return model.check_params(lrs, name="lrs")
     except InvalidInputError as exc:
@@ -28,14 +35,17 @@ def _check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
         ) from exc
 
 
+_check_lrs = check_lrs  # the former private name
+
+
 def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int) -> Any:
     """Meta-SGD meta-loss ``(1/T) sum_t L_q^t(p_K^t)``, ``p_{k+1} = p_k - a * grad L_s^t(p_k)``.
 
     ``a`` (``lrs``) is a list of arrays shaped like ``params``; ``*`` is
     elementwise. Complex ``params`` or ``lrs`` give a complex loss (complex step).
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    return _inner.meta_loss(model, params, tasks, _check_lrs(model, lrs), steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    return inner_loop.meta_loss(model, params, tasks, _check_lrs(model, lrs), steps)
 
 
 def meta_loss_and_grad(
@@ -54,7 +64,7 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad_params, grad_lrs)``, both gradients shaped like ``params``.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     lrs = _check_lrs(model, lrs)
-    loss, grad, grad_lrs = _inner.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
+    loss, grad, grad_lrs = inner_loop.meta_loss_and_grad(model, params, tasks, lrs, steps, lr_grad=True)
     return loss, grad, grad_lrs

@@ -19,6 +19,11 @@ Derivatives are written out by hand:
 Every routine is complex-step safe for analytic activations: no ``abs``,
 no conjugation (``.T`` is a plain transpose), numerically stable branches are
 chosen on the real part. ``relu`` is not analytic and refuses complex input.
+
+Length: over 500 lines because :class:`MLP` keeps its hand-written passes
+(forward, backpropagation, the R-operator, third-order products, VJP/JVP) in one
+class, where they share the parameter layout and the cached forward quantities;
+:class:`Quadratic` is the small test model with the same interface.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._validation import as_float_array, check_positive_int
+from reference.validation import as_float_array, check_positive_int
 from reference.errors import InvalidInputError, NotAnalyticError
 
 ACTIVATIONS: tuple[str, ...] = ("tanh", "sigmoid", "softplus", "relu", "identity")
@@ -493,6 +498,18 @@ class MLP:
         out, hs, derivs = self._forward(params, x, order=1)
         loss = _Loss(self.loss_name, out, y)
         return loss.value()[()], self._backward(params, hs, derivs, loss.grad())
+
+    def loss_and_grad_unchecked(self, params: Sequence[Any], x: np.ndarray, y: np.ndarray) -> tuple[Any, Params]:
+        """:meth:`loss_and_grad` without the argument checks: the fast path of inner loops.
+
+        For inputs already validated (:meth:`check_params`, :meth:`check_x`,
+        :meth:`check_y`): the same values, without the checks' conversions.
+        """
+        return self._loss_and_grad(params, x, y)
+
+    def hvp_unchecked(self, params: Sequence[Any], x: np.ndarray, y: np.ndarray, v: Sequence[Any]) -> Params:
+        """:meth:`hvp` (Pearlmutter's R-operator, exact) without the argument checks, for validated inputs."""
+        return self._hvp(params, x, y, v)
 
     def grad(self, params: Sequence[Any], x: Any, y: Any) -> Params:
         """Gradient of the loss w.r.t. every parameter tensor (backpropagation)."""

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from reference import _inner
-from reference._validation import check_finite_scalar
+from reference import inner_loop
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, flatten, unflatten
 from reference.tasks import Task
@@ -39,8 +39,8 @@ MAX_CONDITION = 1e12
 
 
 def _check(model: Any, params: Any, tasks: Any, inner_lr: Any, inner_steps: Any, damping: Any):
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     delta = check_finite_scalar("damping", damping, nonnegative=True,
                                 hint="; damping adds delta * I to the support Hessian")
     if model.n_params > MAX_PARAMS:
@@ -112,7 +112,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     for i, t in enumerate(tasks):
         p_k, _ = _adapt(model, params, t.x_support, t.y_support, alpha, delta, steps, keep=False, label=f"task {i}")
         total = total + model._loss_and_grad(p_k, t.x_query, t.y_query)[0]
-    return _inner.as_scalar(total / len(tasks))
+    return inner_loop.as_scalar(total / len(tasks))
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int,
@@ -153,4 +153,4 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
             v = v - alpha * ((v - delta * u) - t_u)
         total = total + loss
         grad = grad + v
-    return _inner.as_scalar(total / len(tasks)), unflatten(grad / len(tasks), shapes)
+    return inner_loop.as_scalar(total / len(tasks)), unflatten(grad / len(tasks), shapes)

@@ -33,11 +33,12 @@ per task; never an explicit inverse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from reference._features import (
+from reference.features import (
     TaskFeatures,
     accumulate,
     append_ones,
@@ -49,8 +50,8 @@ from reference._features import (
     class_label_check,
     target_check,
 )
-from reference._linalg import SPDFactor
-from reference._validation import check_finite_scalar
+from reference.linalg import SPDFactor
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.models import MLP, _Loss
 from reference.tasks import Task
@@ -59,7 +60,16 @@ Params = list[np.ndarray]
 FORMS = ("primal", "dual")
 
 
-def _check(backbone, params, tasks, n_classes, lam, scale, offset, form, regression):
+def check_arguments(backbone: Any, params: Any, tasks: Any, n_classes: Any, lam: Any, scale: Any, offset: Any,
+                    form: Any, regression: bool = False) -> tuple[MLP, Params, list[Task], int, Any, Any, Any]:
+    """Validate R2-D2's arguments; return ``(backbone, params, tasks, n_classes, lam, scale, offset)`` checked.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a bad backbone, parameters, tasks or labels, an unknown ``form``,
+            ``lam <= 0``, a non-finite ``scale`` or ``offset``.
+    """
     backbone = check_backbone(backbone)
     params = backbone.check_params(params)
     if form not in FORMS:
@@ -74,6 +84,9 @@ def _check(backbone, params, tasks, n_classes, lam, scale, offset, form, regress
     scale = check_finite_scalar("scale", scale, hint="; scale is the logit multiplier (the paper's alpha)")
     offset = check_finite_scalar("offset", offset, hint="; offset is the logit shift (the paper's beta)")
     return backbone, params, tasks, n_classes, lam, scale, offset
+
+
+_check = check_arguments  # the former private name
 
 
 def ridge_weights(
@@ -182,6 +195,7 @@ def meta_loss_and_grad(
     normalize: bool = True,
     form: str = "dual",
     regression: bool = False,
+    features: Callable[..., TaskFeatures] = TaskFeatures,
 ) -> tuple[float, Params, dict[str, float]]:
     """R2-D2 meta-loss and its exact gradient (Bertinetto et al. 2019).
 
@@ -201,6 +215,9 @@ def meta_loss_and_grad(
         normalize: divide the support ``Z`` and ``Y`` by ``sqrt(n)``.
         form: ``"primal"`` or ``"dual"``.
         regression: the regression variant (targets, ``mse``).
+        features: the per-task feature factory ``features(backbone, params, task, where)``
+            (default :class:`reference.features.TaskFeatures`); the audit's diagnosis passes one
+            whose VJP drops the support branch (the "support detached" bug).
 
     Returns:
         ``(meta_loss, grads, {"lam": ..., "scale": ..., "offset": ...})``.
@@ -215,7 +232,7 @@ def meta_loss_and_grad(
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
     for i, task in enumerate(tasks):
-        feats = TaskFeatures(backbone, params, task, f"tasks[{i}]")
+        feats = features(backbone, params, task, f"tasks[{i}]")
         value, (g, g_lam, g_scale, g_offset) = _task(
             feats, task, n_classes, lam, scale, offset, bias_column, normalize, form, regression, f"tasks[{i}]", True
         )

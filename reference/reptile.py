@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import _inner
+from reference import inner_loop
 from reference.tasks import Task
 
 __all__ = ["direction", "meta_loss"]
@@ -26,12 +26,12 @@ def direction(
     on the support set, as CONVENTIONS defines); for ``K = 1`` it is
     ``alpha * mean_t grad L_s^t(theta)``. The query sets are not used.
     """
-    params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-    alpha = _inner.check_inner_lr(inner_lr)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
     lrs = [alpha] * len(params)
     total = [np.zeros_like(p) for p in params]
     for task in tasks:
-        p_k = _inner.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
+        p_k = inner_loop.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
         total = [acc + (p - q) for acc, p, q in zip(total, params, p_k)]
     return [acc / len(tasks) for acc in total]
 

@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference._validation import check_finite_scalar, check_nonempty, check_positive_int
 from reference.errors import InvalidInputError
+from reference.formatting import article
+from reference.validation import check_finite_scalar, check_nonempty, check_positive_int
 
 
 class Task(NamedTuple):
@@ -130,7 +131,7 @@ def as_tasks(tasks: Any, name: str = "tasks") -> list[Task]:
             out.append(Task(*(np.asarray(a) for a in t)))
         else:
             raise InvalidInputError(
-                f"{name}[{i}] is a {type(t).__name__}; expected a Task(x_support, y_support, x_query, y_query)"
+                f"{name}[{i}] is {article(type(t).__name__)}; expected a Task(x_support, y_support, x_query, y_query)"
             )
     return out
 

@@ -1,4 +1,9 @@
-"""Comparison helpers shared by the torch- and JAX-backend tests (``torch_helpers`` / ``jax_helpers`` re-export them).
+"""Helpers shared by the torch- and JAX-backend tests: the backend handle of the tables and the comparisons.
+
+Backend tables (``tests/backends/``, ``tests/audit/test_audit_corpus.py``) are
+parametrized over :data:`BACKENDS` through the ``backend`` fixture of
+``tests/conftest.py``: it calls ``pytest.importorskip`` per parameter, so the
+rows of a backend that is not installed skip with the reason, the others run.
 
 Tolerances come from ``verify.tolerance`` (kind ``"reference_match"``: normwise
 ``||a - b|| / max(||a||, ||b||)``), multiplied by a condition number that is
@@ -13,13 +18,57 @@ is such a perturbation, so a float32 backend cannot be more accurate than
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pytest
 
 from reference.tasks import Task
 from verify.tolerance import tolerance
+
+#: The optional backends every shared table runs over.
+BACKENDS = ("torch", "jax")
+
+
+class Backend:
+    """A backend under test: ``B.maml`` is ``verify.backends.<name>.maml`` (imported on first use).
+
+    ``B.options`` are the keyword arguments the tables pass to every call: JAX's tables check the
+    compiled path (``jit=True``; its eager path has tests of its own), torch has no such switch.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.options: dict[str, Any] = {"jit": True} if name == "jax" else {}
+
+    def __getattr__(self, module: str) -> ModuleType:
+        full = f"verify.backends.{self.name}.{module}"
+        if module.startswith("_"):
+            raise AttributeError(module)
+        try:
+            return importlib.import_module(full)
+        except ModuleNotFoundError as exc:
+            if exc.name != full:  # a module that exists but fails to import: that error, not ours
+                raise
+            # An AttributeError, as for any missing attribute (hypothesis, for one, probes names).
+            raise AttributeError(f"verify.backends.{self.name} has no module {module!r}") from None
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+def backend_param(name: str, *values: Any, id: str | None = None, slow: bool = False) -> Any:
+    """``pytest.param(name, *values)`` for a table parametrized (indirectly) over the ``backend`` fixture.
+
+    Carries the ``torch``/``jax`` marker (``-m "not jax"`` deselects a backend) and, if ``slow``, the
+    ``slow`` marker; the id defaults to the backend's name.
+    """
+    marks = [getattr(pytest.mark, name)] + ([pytest.mark.slow] if slow else [])
+    return pytest.param(name, *values, id=id or name, marks=marks)
+
 
 #: Relative size of the input perturbations that measure the condition number: large enough that
 #: float64 round-off in the reference (~1e-16) is negligible against the change (~kappa * 1e-7).

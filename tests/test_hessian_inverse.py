@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference import imaml
-from reference._linalg import conjugate_gradient
+from reference.linalg import conjugate_gradient
 from reference.errors import InvalidInputError
 from reference.models import MLP, flatten
 from reference.tasks import sinusoid

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from reference import _inner, anil, maml, metasgd, newton, reptile
+from reference import anil, inner_loop, maml, metasgd, newton, reptile
 from reference.errors import InvalidInputError, NotAnalyticError, SingularMatrixError
 from reference.models import MLP, Quadratic, flatten, tree_vdot, unflatten
 from reference.tasks import Task, check_tasks
@@ -127,7 +127,7 @@ def _maml(pb):
 def _maml_generic(pb):
     lrs = [pb.inner_lr] * len(pb.params)
     return (lambda p: maml.meta_loss(pb.model, p, pb.tasks, pb.inner_lr, pb.steps),
-            lambda p: _inner.meta_loss_and_grad(pb.model, p, pb.tasks, lrs, pb.steps, fused=False)[:2])
+            lambda p: inner_loop.meta_loss_and_grad(pb.model, p, pb.tasks, lrs, pb.steps, fused=False)[:2])
 
 
 def _anil(pb):

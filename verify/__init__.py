@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # (read tolerances with ``verify.tolerance.tolerance(dtype, kind)``); the function is not
 # re-exported under the same name so the module is never shadowed.
 from verify import tolerance
-from verify._audit import AuditInputError, AuditResult, audit
+from verify.auditing import AuditInputError, AuditResult, audit
 from verify._check import check_gradient
 from verify._dottest import dot_product_test
 from verify._numdiff import Estimate, directional_derivative

@@ -35,8 +35,9 @@ is seen at full size and the rest as ``~||e|| / sqrt(2 n)``. Its estimators
 are cheaper (complex step with one noise sample; central differences), with
 2 noise probes instead of 8; the verdict rules are the same. Cost: ``f(x)``,
 2 complex and 6 real evaluations (kink probe and noise), whatever ``n`` is.
-Measured on a MAML meta-loss: 4-8 reference meta-gradients from 141 to 1M
-parameters, and planted 1e-8 errors caught (``reports/benchmarks/``).
+What that costs and catches in practice is measured in ``docs/benchmarks.md``
+(benchmark figures live there, not in docstrings, so they can be rerun and
+updated in one place).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError, NotAnalyticError
+from reference.formatting import number
 from verify._numdiff import (
     NOISE_FACTOR,
     NOISE_PROBES,
@@ -134,7 +136,7 @@ def _kink_probe(p: Problem, v: np.ndarray, threshold: float) -> _Kink:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.6g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
+    return number(x)
 
 
 def _judge(
@@ -297,16 +299,14 @@ def check_gradient(
     * ``"thorough"`` (default): 8 random directions; per direction the complex
       step with four noise samples (6 complex evaluations) or Richardson
       extrapolation (up to 28 real evaluations), plus the kink probe (4 real
-      evaluations); 8 noise probes. About 50-120 meta-gradients' worth of time
-      on a MAML meta-loss.
+      evaluations); 8 noise probes (its cost in meta-gradients: ``docs/benchmarks.md``).
     * ``"fast"``: one direction, ``v = (g/||g|| + r) / ||g/||g|| + r||`` with
       ``r`` seeded random (see :func:`_fast_directions`); the complex step with
       one noise sample (2 complex evaluations) or, when ``f`` rejects complex
       input, a central difference at steps ``t, 2t`` (4 real evaluations); the
       kink probe (4 real) and 2 noise probes. With ``f(x)``: 7 real + 2
-      complex evaluations, flat in the parameter count (<= 10 meta-gradients
-      of the NumPy reference MAML up to 1M parameters,
-      ``reports/benchmarks/2-verification-cost.md``). Along ``g/||g||`` an
+      complex evaluations, flat in the parameter count (measured:
+      ``docs/benchmarks.md``). Along ``g/||g||`` an
       error correlated with ``g`` is seen at full size: a 1e-8 error of one
       tensor is caught in float64; an error orthogonal to ``g`` is seen only
       through the random half, as ``~||e|| / sqrt(2 n)``.

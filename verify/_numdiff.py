@@ -67,7 +67,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError, NotAnalyticError
-from verify._verdict import jsonable
+from reference.formatting import short
+from verify._verdict import record
 
 __all__ = [
     "Estimate",
@@ -142,18 +143,7 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
-        return jsonable(
-            {
-                "value": self.value,
-                "error": self.error,
-                "method": self.method,
-                "step": self.step,
-                "steps": self.steps,
-                "noise": self.noise,
-                "evaluations": self.evaluations,
-                "note": self.note,
-            }
-        )
+        return record(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,8 +151,7 @@ class Estimate:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return short(value, 80)
 
 
 def as_real_array(name: str, value: Any) -> np.ndarray:

@@ -59,7 +59,7 @@ from numpy.typing import ArrayLike
 
 from reference.errors import InvalidInputError
 from verify._numdiff import Problem, _pow2, as_real_array, check_direction
-from verify._verdict import FAIL, INCONCLUSIVE, PASS, jsonable
+from verify._verdict import FAIL, INCONCLUSIVE, PASS, record
 from verify.tolerance import precision_dtype, tolerance
 
 __all__ = ["TaylorResult", "taylor_test", "TAYLOR_NUM_STEPS"]
@@ -108,19 +108,7 @@ class TaylorResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
-        return jsonable(
-            {
-                "status": self.status,
-                "reason": self.reason,
-                "expected_rate": self.expected_rate,
-                "slope": self.slope,
-                "steps": self.steps,
-                "remainders": self.remainders,
-                "floors": self.floors,
-                "rates": self.rates,
-                "used": self.used,
-            }
-        )
+        return record(self)
 
 
 def _vector(name: str, value: Any, x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,27 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def record(obj: Any, layout: Sequence[str] | None = None, **values: Any) -> dict[str, Any]:
+    """The JSON form of a result object: the one ``to_dict`` of every result type.
+
+    Keys follow ``layout`` (default: the dataclass fields of ``obj`` in declaration
+    order); each key's value is ``values[key]`` when given (computed or renamed
+    entries), else the attribute of that name. Values with a ``to_dict`` (nested
+    results), also inside lists and tuples, are converted by it, and the whole is
+    made JSON-safe by :func:`jsonable` (NumPy scalars, tuples, non-finite floats).
+    """
+    keys = list(layout) if layout is not None else [f.name for f in fields(obj)]
+    return jsonable({k: _plain(values[k] if k in values else getattr(obj, k)) for k in keys})
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict") and not isinstance(value, type):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of a derivative check.
@@ -86,15 +108,4 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (non-finite numbers as strings)."""
-        return jsonable(
-            {
-                "status": self.status,
-                "check": self.check,
-                "error": self.error,
-                "tolerance": self.tolerance,
-                "reason": self.reason,
-                "dtype": self.dtype,
-                "method": self.method,
-                "details": list(self.details),
-            }
-        )
+        return record(self)

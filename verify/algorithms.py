@@ -8,8 +8,9 @@ learning rates or R2-D2's ``lam, scale, offset``), and how to call the
 reference (``reference.*``) and the backends (``verify.backends.torch.*``,
 ``verify.backends.jax.*``) share signatures, so one adapter serves all.
 
-The check matrix (:mod:`verify.matrix`), the audit and the reports read this
-table; adding an algorithm is adding a row.
+The check matrix (:mod:`verify.matrix`), the audit (its harnesses and its
+diagnosis catalogue) and the reports read this table; adding an algorithm is
+adding a row (:func:`register`) and a reference module.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from reference.errors import InvalidInputError
 from reference.models import MLP
 from reference.tasks import Task, gaussian_classification
+from verify.formulas import TEXTS, AlgorithmText
 
 GRADIENT_FAMILY = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton")
 
@@ -272,7 +274,7 @@ def build_case(
             sizes = [d0, width, d_out]
         model = MLP(sizes, act, loss, bias)
         tasks = _regression_or_classification(rng, model, n_tasks, shots, queries)
-        if algorithm in GRADIENT_FAMILY:
+        if spec.family == "gradient":
             hyper.setdefault("inner_steps", int(rng.integers(1, 4)))
             hyper.setdefault("inner_lr", float(rng.uniform(0.05, 0.4)))
         if algorithm == "newton":
@@ -288,19 +290,55 @@ def build_case(
     return Case(algorithm, model, params, tasks, hyper, seed, extra, recipe=recipe)
 
 
+#: The catalogue keys (``verify.auditing.diagnosis.CATALOGUE``) of each family's known-wrong variants.
+_GRADIENT_DIAGNOSES = ("wrong_inner_lr", "wrong_inner_steps", "swapped_support_query", "scale", "disconnected")
+_BACKBONE_DIAGNOSES = ("swapped_support_query", "scale", "disconnected", "support_detached")
+
+
 @dataclass(frozen=True)
 class Algorithm:
-    """A row of the algorithm table.
+    """A row of the algorithm table: everything metaverify knows about one algorithm.
+
+    Adding an algorithm is adding a row (:func:`register`) plus its reference
+    module: the check matrix, the audit (both frameworks' harnesses), the
+    diagnosis catalogue and the report read the row.
 
     Attributes:
         name: CLI name.
-        family: ``"mlp"``, ``"gradient"``, ``"implicit"`` or ``"backbone"``.
+        family: ``"mlp"``, ``"gradient"``, ``"implicit"`` or ``"backbone"`` (how
+            :func:`build_case` draws a problem).
         call: ``call(module_root, case, variables, **backend_kwargs) -> (loss, grads)``
             with ``grads`` aligned with ``case.variables``.
         differentiable: whether ``grads`` is the exact gradient of ``loss``
             (False for FOMAML and Reptile, whose directions are defined, not
             derived; they are compared with the reference only).
         paper: citation for reports.
+        extra: the differentiated variables after the parameters, in
+            ``case.variables`` order: ``"lrs"`` (Meta-SGD: one array per
+            parameter tensor, named ``lrs[i]``) or 0-dim scalars (R2-D2's
+            ``"lam", "scale", "offset"``).
+        signature: the audit's calling contract: the positional arguments of a
+            user's PyTorch function (``"model"``: the ``nn.Sequential``;
+            ``"tasks"``: the task list; a name of ``extra``: that differentiated
+            variable, as tensors requiring grad; any other name: that
+            hyper-parameter of the case). The JAX contract is the same with
+            ``"model"`` replaced by ``params, apply_fn``. None: not auditable.
+        options: hyper-parameters passed as keywords to an audited function
+            that declares a parameter of that name.
+        quantity: what the function returns the derivative as: ``"meta-gradient"``,
+            ``"gradient"`` (metric learners) or ``"direction"`` (Reptile: the
+            function returns the direction itself, no loss).
+        backends: where the check matrix runs it (``"numpy"`` is the reference).
+        text: the report's formulas (:class:`verify.formulas.AlgorithmText`), or None.
+        symbolic: ``(reference.symbolic constructor, keyword arguments)`` of the
+            exact toy derivation the report shows, or None.
+        diagnoses: the keys of the diagnosis catalogue that apply to it.
+        diagnosis: the module of ``verify.auditing.diagnosis`` (a short name, or a
+            dotted path) whose ``variants(case)`` and ``fitted(case, g, loss)``
+            compute those variants; ``""``: only the layers that need no
+            algorithm (constant factor, disconnected tensors).
+        condition: ``condition(case) -> (kappa, why)``: a condition estimate of the
+            reference gradient that widens the audit's tolerance, or None.
     """
 
     name: str
@@ -308,26 +346,118 @@ class Algorithm:
     call: Callable[..., tuple[Any, list[np.ndarray]]]
     differentiable: bool = True
     paper: str = ""
+    extra: tuple[str, ...] = ()
+    signature: tuple[str, ...] | None = None
+    options: tuple[str, ...] = ()
+    quantity: str = "meta-gradient"
+    backends: tuple[str, ...] = ("numpy", "torch", "jax")
+    text: AlgorithmText | None = None
+    symbolic: tuple[str, dict[str, Any]] | None = None
+    diagnoses: tuple[str, ...] = ()
+    diagnosis: str = ""
+    condition: Callable[[Case], tuple[float, str]] | None = None
 
+    @property
+    def auditable(self) -> bool:
+        return self.signature is not None
+
+    def jax_signature(self) -> tuple[str, ...]:
+        """The JAX calling contract: ``"model"`` becomes ``"params", "apply_fn"``."""
+        out: list[str] = []
+        for name in self.signature or ():
+            out += ["params", "apply_fn"] if name == "model" else [name]
+        return tuple(out)
+
+
+def _imaml_condition(case: Case) -> tuple[float, str]:
+    """The implicit gradient goes through ``(I + H/lam)^{-1}``: forward errors (the reference's own
+    CG and inner solves included, each to a 1e-12 relative residual) scale with its condition."""
+    from reference import imaml
+
+    info = imaml.meta_loss_and_grad_info(case.model, case.params, case.tasks, case.hyper["lam"])
+    return (max(t.cond_estimate for t in info.tasks),
+            "max over tasks of cond(I + H_s(phi*)/lam), estimated by the reference's CG")
+
+
+_LOOP = ("model", "tasks", "inner_lr", "inner_steps")
+_HEAD = ("model", "tasks", "lam", "scale", "offset")
+_SCALARS = ("lam", "scale", "offset")
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in [
-        Algorithm("mlp", "mlp", _call_mlp, paper="the base model: backpropagation and Pearlmutter (1994) HVPs"),
-        Algorithm("maml", "gradient", _call_maml, paper="Finn, Abbeel, Levine 2017"),
+        Algorithm("mlp", "mlp", _call_mlp, paper="the base model: backpropagation and Pearlmutter (1994) HVPs",
+                  backends=("numpy",), text=TEXTS["mlp"], symbolic=("linear_regression_maml", {})),
+        Algorithm("maml", "gradient", _call_maml, paper="Finn, Abbeel, Levine 2017", signature=_LOOP,
+                  text=TEXTS["maml"], symbolic=("quadratic_maml", {"dim": 1, "steps": 2}), diagnosis="gradient",
+                  diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
+                             "anil_instead_of_maml", *_GRADIENT_DIAGNOSES)),
         Algorithm("fomaml", "gradient", lambda m, c, v, **kw: _call_maml(m, c, v, first_order=True, **kw),
-                  differentiable=False, paper="Finn et al. 2017 (first-order approximation)"),
-        Algorithm("anil", "gradient", _call_anil, paper="Raghu et al. 2020"),
-        Algorithm("metasgd", "gradient", _call_metasgd, paper="Li et al. 2017"),
-        Algorithm("reptile", "gradient", _call_reptile, differentiable=False, paper="Nichol, Achiam, Schulman 2018"),
-        Algorithm("newton", "gradient", _call_newton, paper="Hessian-preconditioned inner step (CONVENTIONS)"),
-        Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019"),
-        Algorithm("r2d2", "backbone", _call_r2d2, paper="Bertinetto et al. 2019"),
-        Algorithm("lrd2", "backbone", _call_lrd2, paper="Bertinetto et al. 2019 (logistic regression head)"),
-        Algorithm("protonet", "backbone", _call_metric("protonet"), paper="Snell, Swersky, Zemel 2017"),
-        Algorithm("matchingnet", "backbone", _call_metric("matchingnet"), paper="Vinyals et al. 2016"),
+                  differentiable=False, paper="Finn et al. 2017 (first-order approximation)", signature=_LOOP,
+                  text=TEXTS["fomaml"], symbolic=("quadratic_maml", {"dim": 1, "steps": 2, "first_order": True}),
+                  diagnosis="gradient", diagnoses=("second_order_instead", "no_adaptation", *_GRADIENT_DIAGNOSES)),
+        Algorithm("anil", "gradient", _call_anil, paper="Raghu et al. 2020", signature=_LOOP, text=TEXTS["anil"],
+                  symbolic=("anil_linear", {}), diagnosis="gradient",
+                  diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
+                             "maml_instead_of_anil", *_GRADIENT_DIAGNOSES)),
+        Algorithm("metasgd", "gradient", _call_metasgd, paper="Li et al. 2017", extra=("lrs",),
+                  signature=("model", "lrs", "tasks", "inner_steps"), text=TEXTS["metasgd"],
+                  symbolic=("quadratic_metasgd", {}), diagnosis="gradient",
+                  diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
+                             "metasgd_lrs_no_grad", "metasgd_transposed", *_GRADIENT_DIAGNOSES)),
+        Algorithm("reptile", "gradient", _call_reptile, differentiable=False, paper="Nichol, Achiam, Schulman 2018",
+                  signature=_LOOP, quantity="direction", text=TEXTS["reptile"], symbolic=("quadratic_reptile", {}),
+                  diagnosis="gradient", diagnoses=("reptile_head_only", *_GRADIENT_DIAGNOSES)),
+        Algorithm("newton", "gradient", _call_newton, paper="Hessian-preconditioned inner step (CONVENTIONS)",
+                  signature=(*_LOOP, "damping"), text=TEXTS["newton"], symbolic=("quadratic_newton_maml", {}),
+                  diagnosis="gradient", diagnoses=("first_order", "no_adaptation", *_GRADIENT_DIAGNOSES)),
+        Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
+                  text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
+                  diagnoses=("first_order", "swapped_support_query", "scale", "disconnected", "imaml_system",
+                             "imaml_truncated_cg"), condition=_imaml_condition),
+        Algorithm("r2d2", "backbone", _call_r2d2, paper="Bertinetto et al. 2019", extra=_SCALARS, signature=_HEAD,
+                  options=("n_classes", "bias_column", "normalize", "form"), text=TEXTS["r2d2"],
+                  symbolic=("r2d2_ridge", {}), diagnosis="backbone",
+                  diagnoses=("hyper_detached", "normalize_mismatch", "bias_column_mismatch", *_BACKBONE_DIAGNOSES)),
+        Algorithm("lrd2", "backbone", _call_lrd2, paper="Bertinetto et al. 2019 (logistic regression head)",
+                  extra=_SCALARS, signature=_HEAD, options=("bias_column", "newton_steps"), text=TEXTS["lrd2"],
+                  diagnosis="backbone", diagnoses=("wrong_inner_steps", "hyper_detached", "bias_column_mismatch",
+                                                   *_BACKBONE_DIAGNOSES)),
+        Algorithm("protonet", "backbone", _call_metric("protonet"), paper="Snell, Swersky, Zemel 2017",
+                  signature=("model", "tasks", "n_classes"), quantity="gradient", text=TEXTS["protonet"],
+                  diagnosis="backbone", diagnoses=_BACKBONE_DIAGNOSES),
+        Algorithm("matchingnet", "backbone", _call_metric("matchingnet"), paper="Vinyals et al. 2016",
+                  signature=("model", "tasks", "n_classes"), quantity="gradient", text=TEXTS["matchingnet"],
+                  diagnosis="backbone", diagnoses=_BACKBONE_DIAGNOSES),
     ]
 }
+
+
+def register(row: Algorithm, *, replace: bool = False) -> Algorithm:
+    """Add ``row`` to :data:`ALGORITHMS` (the check matrix, the audit, the diagnosis and the report read it).
+
+    Raises:
+        InvalidInputError: ``row.name`` is taken (pass ``replace=True`` to overwrite it), or
+            ``row.diagnoses`` names a key the diagnosis catalogue does not have.
+    """
+    if not isinstance(row, Algorithm):
+        raise InvalidInputError(f"row={row!r} is not an Algorithm; build one with Algorithm(name, family, call, ...)")
+    if row.name in ALGORITHMS and not replace:
+        raise InvalidInputError(f"algorithm {row.name!r} is already registered; pass replace=True to overwrite it")
+    ALGORITHMS[row.name] = row
+    return row
+
+
+def unregister(name: str) -> Algorithm:
+    """Remove ``name`` from :data:`ALGORITHMS` and return its row (tests that register a toy algorithm)."""
+    if name not in ALGORITHMS:
+        raise InvalidInputError(f"algorithm={name!r} is not registered; registered: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS.pop(name)
+
+
+def auditable() -> tuple[str, ...]:
+    """The algorithms with an audit calling contract (``Algorithm.signature``), in table order."""
+    return tuple(name for name, row in ALGORITHMS.items() if row.auditable)
 
 
 def reference_root() -> ModuleType:
@@ -343,4 +473,5 @@ def evaluate(case: Case, root: ModuleType | None = None, variables: list[np.ndar
     return ALGORITHMS[case.algorithm].call(root, case, case.variables if variables is None else variables, **kw)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Case", "build_case", "evaluate", "param_names", "reference_root"]
+__all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "evaluate", "param_names",
+           "reference_root", "register", "unregister"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from reference.errors import MetaverifyError
 from reference.models import flatten, unflatten
-from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, jsonable
+from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, record
 from verify.algorithms import ALGORITHMS, Case, build_case, evaluate
 from verify.tolerance import TF32, tolerance
 
@@ -80,23 +80,12 @@ class Cell:
             self.worst_error, self.tolerance = result.error, result.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(
-            {
-                "algorithm": self.algorithm,
-                "backend": self.backend,
-                "dtype": self.dtype,
-                "status": self.status,
-                "worst_error": self.worst_error,
-                "tolerance": self.tolerance,
-                "examples": len(self.cases),
-                "note": self.note,
-                "seconds": round(self.seconds, 3),
-                "failures": [
-                    {"problem": c.description, "checks": [k for k in c.checks if k["status"] != PASS]}
-                    for c in self.cases
-                    if c.status != PASS
-                ],
-            }
+        return record(
+            self, ("algorithm", "backend", "dtype", "status", "worst_error", "tolerance", "examples", "note", "seconds",
+                   "failures"),
+            examples=len(self.cases), seconds=round(self.seconds, 3),
+            failures=[{"problem": c.description, "checks": [k for k in c.checks if k["status"] != PASS]}
+                      for c in self.cases if c.status != PASS],
         )
 
 
@@ -128,7 +117,7 @@ def _locate(case: Case, flat_index: int) -> str:
     return f"[{flat_index}]"
 
 
-#: Public names of the comparison helpers, shared with the audit (:mod:`verify._audit`).
+#: Public names of the comparison helpers, shared with the audit (:mod:`verify.auditing`).
 relative = _relative
 locate = _locate
 
@@ -285,7 +274,7 @@ def _hessian_inverse_checks(case: Case) -> list[dict[str, Any]]:
                                inner_tol=ti.stationarity_tolerance, rtol=max(ti.linear_residual, 1e-12))
             checks.append(_check(f"iMAML residuals, task {i}", v.status, v.error, v.tolerance, v.reason))
     elif case.algorithm == "r2d2" and not case.hyper.get("regression", False):
-        from reference._features import append_ones
+        from reference.features import append_ones
         from reference.r2d2 import ridge_weights
 
         lam = float(case.extra["lam"])
@@ -417,8 +406,7 @@ class MatrixResult:
         return combine_statuses(ran) if ran else INCONCLUSIVE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "examples": self.examples, "status": self.status,
-                "cells": [c.to_dict() for c in self.cells]}
+        return record(self, ("seed", "examples", "status", "cells"))
 
 
 def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -429,7 +417,7 @@ def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[st
             for dtype in dtypes:
                 if backend == "numpy" and dtype != "float64":
                     continue
-                if algorithm == "mlp" and backend != "numpy":
+                if backend not in ALGORITHMS[algorithm].backends:
                     continue
                 cells.append((algorithm, backend, dtype))
     return cells

@@ -47,7 +47,7 @@ class MetaGradientAssertionError(AssertionError):
 def audit_results(fn: Callable[..., Any], algorithm: str, *, seeds: Iterable[int] = (0,),
                   **problem: Any) -> list[Any]:
     """Run :func:`verify.audit` on ``fn`` for each seed; returns the :class:`verify.AuditResult` list."""
-    from verify._audit import audit
+    from verify.auditing import audit
 
     seeds = list(seeds)
     if not seeds:

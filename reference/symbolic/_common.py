@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from reference._validation import check_positive_int
+from reference.validation import check_positive_int
 from reference.errors import InvalidInputError
 from reference.symbolic._derivation import SymbolTable
 

@@ -6,6 +6,9 @@ lead there (rendered by :meth:`Derivation.latex` / :meth:`Derivation.text`) and
 named by-products (``extras``) that the tests check independently (the
 chain-rule form of the gradient, the implicit-function form, series in
 ``alpha``, ...).
+
+Length: a little over 500 lines, one class with its renderers (LaTeX, text,
+SymPy code) and evaluators, which share the display rules; kept together.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pytest
 jax = pytest.importorskip("jax")
 
 import jax.numpy as jnp  # noqa: E402
-import jax_helpers as H  # noqa: E402
+import backend_helpers as H  # noqa: E402
 from hypothesis import given, strategies as st  # noqa: E402
 
 from reference.models import ACTIVATIONS, MLP  # noqa: E402

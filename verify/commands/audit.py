@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reference.errors import InvalidInputError
+from reference.formatting import article
 from verify.commands import nonnegative_int, positive_int
 from verify.commands import seed as seed_type
 
-ALGORITHM_CHOICES = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton", "imaml", "r2d2", "lrd2", "protonet",
-                     "matchingnet")
 LIBRARIES = ("higher", "torchopt", "learn2learn")
 
 
@@ -78,8 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", metavar="TARGET",
                    help="the function to audit: path/to/file.py:function or package.module:function")
     p.add_argument("--library", choices=LIBRARIES, help="audit this library's idiomatic implementation instead")
-    p.add_argument("--algorithm", required=True, choices=ALGORITHM_CHOICES, metavar="NAME",
-                   help=f"the algorithm the function implements: {', '.join(ALGORITHM_CHOICES)}")
+    from verify.algorithms import auditable
+
+    choices = auditable()  # the rows with an audit calling contract, read when the parser is built
+    p.add_argument("--algorithm", required=True, choices=choices, metavar="NAME",
+                   help=f"the algorithm the function implements: {', '.join(choices)}")
     p.add_argument("--backend", choices=("torch", "jax"),
                    help="calling contract (default: jax if the function's 2nd parameter is apply_fn, else torch)")
     p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh "
@@ -167,23 +169,23 @@ def load_target(spec: str) -> Callable[..., Any]:
                                     f"{', '.join(available) or '(none)'}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InvalidInputError(f"TARGET={spec!r}: {name!r} is a {type(obj).__name__}, not a function")
+        raise InvalidInputError(f"TARGET={spec!r}: {name!r} is {article(type(obj).__name__)}, not a function")
     return obj
 
 
 def check_problem_size(algorithm: str, model: str | None, **sizes: Any) -> None:
     """Refuse, before any work, a problem whose memory estimate exceeds the memory available."""
-    from verify._audit import parse_model
     from verify._limits import check_problem_fits
+    from verify.auditing.problem import parse_model
 
     spec = parse_model(model) if model is not None else None
     check_problem_fits(algorithm, sizes=spec["sizes"] if spec else None, **sizes)
 
 
 def run(args: argparse.Namespace) -> int:
-    from verify._audit import audit
     from verify._calls import print_once
     from verify._output import check_writable, results_document, write_json, write_junit
+    from verify.auditing import audit
 
     if (args.target is None) == (args.library is None):
         raise InvalidInputError("give either TARGET (path/to/file.py:function or package.module:function) or "

@@ -79,7 +79,7 @@ _RESERVED_AUDIT_KEYS = ("fn", "algorithm", "backend", "title", "case")
 def _audit_options(items: list[str]) -> dict[str, Any]:
     import inspect
 
-    from verify._audit import audit
+    from verify.auditing import audit
 
     known = [k for k in inspect.signature(audit).parameters if k not in _RESERVED_AUDIT_KEYS]
     out: dict[str, Any] = {}

@@ -143,7 +143,7 @@ def _run_audit(req: AuditRequest, seed: int) -> dict[str, Any]:
     """Run one audit; a failure to run (bad target, the function raised) is recorded and shown, not raised."""
     entry: dict[str, Any] = {"target": req.label, "algorithm": req.algorithm}
     try:
-        from verify._audit import audit
+        from verify.auditing import audit
 
         if req.library:
             from verify.adapters import load_adapter

@@ -32,7 +32,7 @@ from reference.errors import MetaverifyError
 from reference.models import flatten, unflatten
 from verify._numdiff import directional_derivative
 from verify._taylor import TaylorResult, taylor_test
-from verify._verdict import jsonable
+from verify._verdict import record
 from verify.algorithms import Case, evaluate
 
 __all__ = ["FDCurves", "TaylorData", "direction", "fd_curves", "hessian_vector_product", "taylor_data"]
@@ -113,10 +113,8 @@ class TaylorData:
         return combine_statuses([r.status for r in self.results])
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable({
-            "algorithm": self.algorithm, "problem": self.problem, "hvp": self.hvp_method, "status": self.status,
-            "remainders": [{"order": k, **r.to_dict()} for k, r in enumerate(self.results)],
-        })
+        return record(self, ("algorithm", "problem", "hvp", "status", "remainders"), hvp=self.hvp_method,
+                      remainders=[{"order": k, **r.to_dict()} for k, r in enumerate(self.results)])
 
 
 def taylor_data(case: Case, *, seed: int) -> TaylorData:
@@ -155,11 +153,8 @@ class FDCurves:
         return (self.complex_steps if method == "complex" else self.steps)[k], float(errs[k])
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable({
-            "algorithm": self.algorithm, "problem": self.problem, "exact": self.exact,
-            "best": {m: dict(zip(("step", "error"), self.best(m))) for m in ("central", "richardson", "complex")},
-            "defaults": self.defaults,
-        })
+        return record(self, ("algorithm", "problem", "exact", "best", "defaults"),
+                      best={m: dict(zip(("step", "error"), self.best(m))) for m in ("central", "richardson", "complex")})
 
 
 def fd_curves(case: Case, *, seed: int) -> FDCurves:

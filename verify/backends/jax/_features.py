@@ -1,7 +1,7 @@
 """Backbone plumbing shared by the JAX R2-D2, LR-D2, prototypical and matching networks.
 
 Arguments are validated with the NumPy reference's own checks
-(``reference._features``: backbone, labels, tasks) so both raise the same
+(``reference.features``: backbone, labels, tasks) so both raise the same
 errors on bad input; then the parameters and tasks are converted to JAX.
 """
 
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference._features import check_backbone, check_feature_tasks
-from reference._validation import check_finite_scalar
+from reference.features import check_backbone, check_feature_tasks
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.jax._model import (

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
 from reference.tasks import Task, check_tasks
 from verify.backends.jax._model import (

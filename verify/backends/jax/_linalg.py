@@ -5,7 +5,7 @@ NaN without complaint, and a jitted function cannot raise on values. So the
 differentiated code records the extreme eigenvalues of each system matrix
 (``jnp.linalg.eigvalsh`` of its ``stop_gradient``: a diagnostic, no gradient
 flows through it) as an auxiliary output, and the host checks them after the
-call with the rules of the NumPy reference (``reference._linalg``):
+call with the rules of the NumPy reference (``reference.linalg``):
 
 * an SPD system (ridge, IRLS, iMAML's ``I + H/lam``) must have a positive
   smallest eigenvalue;
@@ -23,7 +23,7 @@ import numpy as np
 
 from reference.errors import SingularMatrixError
 
-#: ``reference._linalg.MAX_COND`` (``1e-4 / eps``) per dtype.
+#: ``reference.linalg.MAX_COND`` (``1e-4 / eps``) per dtype.
 MAX_COND: dict[str, float] = {dt: 1e-4 / float(np.finfo(dt).eps) for dt in ("float64", "float32")}
 
 

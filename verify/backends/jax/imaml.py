@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference import imaml as reference_imaml
+from reference.formatting import short
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.imaml import Result, TaskInfo
-from reference.tasks import check_tasks
 from verify.backends.jax._linalg import MAX_COND
 from verify.backends.jax._model import (
     _loss_from_key,
@@ -57,7 +57,7 @@ from verify.backends.jax._model import (
 )
 from verify.tolerance import TF32_EPS
 
-SOLVERS = ("cg", "direct")
+SOLVERS = reference_imaml.SOLVERS
 # Newton polishing steps after the trust-region solve (as reference.imaml).
 _NEWTON_STEPS = 8
 _SADDLE_HINT = "the inner solution is not a strict local minimum of L_s + lam/2 ||phi - theta||^2; increase lam"
@@ -148,27 +148,13 @@ def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, 
     key = spec_key(model)
     check_dtype(dtype)
     check_jit(jit)
-    params = model.check_params(params)
+    # The reference's check of every argument, then JAX's own limits: real arithmetic.
+    params, tasks, lam, inner_maxiter, cg_maxiter = reference_imaml.check_arguments(
+        model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)
     if any(np.iscomplexobj(p) for p in params):
         raise InvalidInputError("params are complex; the JAX backend computes in real float32/float64 only")
-    tasks = check_tasks(model, tasks)
-    lam = check_finite_scalar(
-        "lam", lam, positive=True,
-        hint="; iMAML's proximal weight must be positive (the inner problem is regularised by lam/2 ||phi - theta||^2)",
-    )
     if isinstance(lam, complex):
-        raise InvalidInputError(f"lam={lam!r} must be real for the JAX backend")
-    if solver not in SOLVERS:
-        raise InvalidInputError(
-            f"solver={solver!r} is unknown; use 'cg' (matrix-free conjugate gradient) or 'direct' (dense solve)"
-        )
-    for name, tol in (("inner_tol", inner_tol), ("cg_tol", cg_tol)):
-        tol = check_finite_scalar(name, tol, positive=True)
-        if isinstance(tol, complex) or tol >= 1:
-            raise InvalidInputError(f"{name}={tol!r} must be a real relative tolerance in (0, 1), e.g. 1e-12")
-    inner_maxiter = check_positive_int("inner_maxiter", inner_maxiter)
-    if cg_maxiter is not None:
-        cg_maxiter = check_positive_int("cg_maxiter", cg_maxiter)
+        raise InvalidInputError(f"lam={short(lam)} must be real for the JAX backend")
     return key, params, tasks, float(lam), inner_maxiter, cg_maxiter
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from reference._features import binary_label_check, check_lam
-from reference._validation import check_positive_int
+from reference.features import binary_label_check, check_lam
+from reference.validation import check_positive_int
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, check_real, features

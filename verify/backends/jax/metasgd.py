@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from reference.errors import InvalidInputError
+from reference.metasgd import check_lrs
 from reference.tasks import Task
 from verify.backends.jax._inner import check_common, sgd_adapt
 from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit, task_mean, to_jax_params, to_numpy
@@ -35,7 +36,7 @@ def _build(key: tuple, steps: int, with_grad: bool, jit: bool):
 
 
 def _check_lrs(model: Any, lrs: Any, dtype: str) -> Params:
-    checked = model.check_params(lrs, name="lrs")
+    checked = check_lrs(model, lrs)  # the reference's check; the JAX limit (real only) below
     if any(np.iscomplexobj(a) for a in checked):
         raise InvalidInputError("lrs are complex; the JAX backend computes in real float32/float64 only")
     return to_jax_params(checked, dtype)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference._features import check_n_classes, class_label_check
+from reference.features import check_n_classes, class_label_check
 from reference.errors import InvalidInputError
 from reference.tasks import Task, as_tasks
 from verify.backends.jax._features import check_backbone_common, check_finite_result, features

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from reference._features import check_lam, check_n_classes, class_label_check, target_check
+from reference.features import check_lam, check_n_classes, class_label_check, target_check
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, check_real, features

@@ -3,7 +3,7 @@
 The backbone is a ``reference.models.MLP`` spec whose output is the feature
 vector; it runs functionally on ``[x_support; x_query]`` so gradients flow to
 its parameters. Argument validation reuses the reference's checks
-(``reference._features``) so both sides refuse the same inputs with the same
+(``reference.features``) so both sides refuse the same inputs with the same
 messages; the math here is independent (torch autograd).
 """
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from reference._features import check_backbone, check_feature_tasks
+from reference.features import check_backbone, check_feature_tasks
 from verify.backends.torch._model import FunctionalMLP, TorchTask, resolve_device, resolve_dtype, to_torch_tasks
 from reference.errors import InvalidInputError, SingularMatrixError
 
 # Largest accepted condition number of the SPD systems (ridge / IRLS matrices), per dtype. float64
-# matches the reference (reference._linalg.MAX_COND = 1e-4 / eps: keep >= 4 correct digits); in
+# matches the reference (reference.linalg.MAX_COND = 1e-4 / eps: keep >= 4 correct digits); in
 # float32 (7 digits) the same "4 digits" rule would refuse cond > 840, which normalised features
 # exceed routinely, so float32 keeps >= 2 digits: 1e-2 / eps32 ~ 8.4e4.
 MAX_COND: dict[torch.dtype, float] = {

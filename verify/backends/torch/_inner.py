@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.tasks import Task, check_tasks
 from verify.backends.torch._model import FunctionalMLP, TorchTask, resolve_device, resolve_dtype, to_torch_tasks
 

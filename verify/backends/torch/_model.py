@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from reference._validation import check_finite_scalar
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.tasks import as_tasks, check_tasks
 from verify.tolerance import TF32_EPS

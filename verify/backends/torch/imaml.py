@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference import imaml as reference_imaml
+from reference.formatting import short
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
-from reference.models import MAX_DENSE_HESSIAN
-from reference.tasks import Task, check_tasks
+from reference.tasks import Task
 from verify.backends.torch import _features
 from verify.backends.torch._model import FunctionalMLP, TorchTask, resolve_device, resolve_dtype, scalar, tf32
 from verify.backends.torch._model import to_numpy, to_torch_tasks, working_eps
@@ -44,7 +44,7 @@ from verify.backends.torch._model import to_numpy, to_torch_tasks, working_eps
 __all__ = ["CG_ACCEPT", "CG_TOL_FLOOR", "Result", "SOLVERS", "TOL_FLOOR", "TaskInfo", "meta_loss", "meta_loss_and_grad",
            "meta_loss_and_grad_info"]
 
-SOLVERS = ("cg", "direct")
+SOLVERS = reference_imaml.SOLVERS
 _EPS32 = float(torch.finfo(torch.float32).eps)
 # Smallest relative tolerances a solve in this dtype can meet. float64: none below the caller's
 # (the 1e-12 defaults are reachable). float32: Newton-CG stalls at a stationarity residual of
@@ -255,30 +255,11 @@ def _inner_solve(prob: _Problem, tol: float, scale: float, maxiter: int, cg_maxi
 
 
 def _check(model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter):
-    params = model.check_params(params)
-    tasks = check_tasks(model, tasks)
-    lam = check_finite_scalar(
-        "lam", lam, positive=True,
-        hint="; iMAML's proximal weight must be positive (the inner problem is regularised by lam/2 ||phi - theta||^2)",
-    )
+    # The reference's check of every argument, then torch's own limit: real arithmetic.
+    params, tasks, lam, inner_maxiter, cg_maxiter = reference_imaml.check_arguments(
+        model, params, tasks, lam, solver, inner_tol, cg_tol, inner_maxiter, cg_maxiter)
     if isinstance(lam, complex):
-        raise InvalidInputError(f"lam={lam!r} is complex; the torch backend computes in real arithmetic")
-    if solver not in SOLVERS:
-        raise InvalidInputError(
-            f"solver={solver!r} is unknown; use 'cg' (matrix-free conjugate gradient) or 'direct' (dense solve)"
-        )
-    for name, tol in (("inner_tol", inner_tol), ("cg_tol", cg_tol)):
-        tol = check_finite_scalar(name, tol, positive=True)
-        if isinstance(tol, complex) or tol >= 1:
-            raise InvalidInputError(f"{name}={tol!r} must be a real relative tolerance in (0, 1), e.g. 1e-12")
-    inner_maxiter = check_positive_int("inner_maxiter", inner_maxiter)
-    if cg_maxiter is not None:
-        cg_maxiter = check_positive_int("cg_maxiter", cg_maxiter)
-    if solver == "direct" and model.n_params > MAX_DENSE_HESSIAN:
-        raise InvalidInputError(
-            f"{model!r} has {model.n_params} parameters; solver='direct' forms a dense Hessian and is limited to "
-            f"{MAX_DENSE_HESSIAN}; use solver='cg'"
-        )
+        raise InvalidInputError(f"lam={short(lam)} is complex; the torch backend computes in real arithmetic")
     return params, tasks, float(lam), inner_maxiter, cg_maxiter
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference._features import binary_label_check, check_lam
-from reference._validation import check_positive_int
+from reference.features import binary_label_check, check_lam
+from reference.validation import check_positive_int
 from reference.tasks import Task
 from verify.backends.torch import _features
 from verify.backends.torch._model import FunctionalMLP, TorchTask, as_scalar_tensor, scalar, tf32, to_numpy

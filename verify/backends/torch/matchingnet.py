@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference._features import check_n_classes, class_label_check
+from reference.features import check_n_classes, class_label_check
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.torch import _features

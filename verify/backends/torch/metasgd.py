@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from reference.errors import InvalidInputError
+from reference.metasgd import check_lrs
 from reference.tasks import Task
 from verify.backends.torch import _inner
 from verify.backends.torch._model import scalar, tf32, to_numpy
@@ -21,22 +21,12 @@ from verify.backends.torch._model import scalar, tf32, to_numpy
 __all__ = ["meta_loss", "meta_loss_and_grad"]
 
 
-def _check_lrs(model: Any, lrs: Any) -> list[np.ndarray]:
-    try:
-        return model.check_params(lrs, name="lrs")
-    except InvalidInputError as exc:
-        raise InvalidInputError(
-            f"{exc}; lrs holds one per-parameter learning rate for each entry of params, "
-            f"e.g. [np.full_like(p, 0.01) for p in params]"
-        ) from exc
-
-
 def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequence[Task], inner_steps: int, *,
               dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False) -> float:
     """Meta-SGD meta-loss ``(1/T) sum_t L_q^t(p_K^t)``, ``p_{k+1} = p_k - a * grad L_s^t(p_k)``."""
     with tf32(allow_tf32):
         fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-        a = fm.tensors(_check_lrs(model, lrs))
+        a = fm.tensors(check_lrs(model, lrs))
         return scalar(_inner.meta_loss(fm, theta, ttasks, a, steps))
 
 
@@ -53,7 +43,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], lrs: Sequence[Any], ta
     """
     with tf32(allow_tf32):
         fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-        a = fm.tensors(_check_lrs(model, lrs), requires_grad=True)
+        a = fm.tensors(check_lrs(model, lrs), requires_grad=True)
         loss, grads = _inner.meta_loss_and_grad(fm, theta, ttasks, a, steps, wrt=[*theta, *a])
         n = len(theta)
         return scalar(loss), [to_numpy(g) for g in grads[:n]], [to_numpy(g) for g in grads[n:]]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reference._validation import check_finite_scalar
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN
 from reference.tasks import Task

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference._features import check_lam, check_n_classes, class_label_check, target_check
-from reference._validation import check_finite_scalar
+from reference import r2d2 as reference_r2d2
+from reference.features import class_label_check, target_check
+from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.torch import _features
@@ -29,7 +30,7 @@ from verify.backends.torch._model import FunctionalMLP, TorchTask, as_scalar_ten
 
 __all__ = ["FORMS", "meta_loss", "meta_loss_and_grad", "ridge_weights"]
 
-FORMS = ("primal", "dual")
+FORMS = reference_r2d2.FORMS
 
 
 def _real(name: str, value: Any, **checks: bool) -> float:
@@ -72,15 +73,11 @@ def _task_loss(fm: FunctionalMLP, theta, task: TorchTask, n_classes: int, lam, s
 
 
 def _setup(backbone, params, tasks, n_classes, lam, scale, offset, form, regression, dtype, device):
-    if form not in FORMS:
-        raise InvalidInputError(
-            f"form={form!r} is unknown; use 'primal' ((Z^T Z + lam I)^{{-1}} Z^T Y, cheap when features < shots) "
-            "or 'dual' (Woodbury, cheap when shots < features)"
-        )
-    n_classes = check_n_classes(n_classes, minimum=1 if regression else 2)
+    # The reference's check of every argument; torch adds its own limits (dtype, device, real hyper-parameters).
+    backbone, params, tasks, n_classes, lam, scale, offset = reference_r2d2.check_arguments(
+        backbone, params, tasks, n_classes, lam, scale, offset, form, regression)
     check = target_check(n_classes) if regression else class_label_check(n_classes)
     fm, theta, ttasks = _features.setup(backbone, params, tasks, check, dtype, device)
-    check_lam(lam)
     hyper = {
         "lam": as_scalar_tensor("lam", _real("lam", lam, positive=True), fm),
         "scale": as_scalar_tensor("scale", _real("scale", scale), fm),

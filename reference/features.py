@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from reference._validation import as_float_array, check_finite_scalar, check_positive_int
+from reference.validation import as_float_array, check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
 from reference.models import MLP
 from reference.tasks import Task, as_tasks

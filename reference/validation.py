@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from reference.errors import InvalidInputError
+from reference.formatting import short
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short(value, 60)
 
 
 def check_positive_int(name: str, value: Any, *, minimum: int = 1, hint: str = "") -> int:
@@ -26,7 +26,7 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1, hint: str = "
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidInputError(f"{name}={_short(value)} must be an integer >= {minimum}{hint}")
     if value < minimum:
-        raise InvalidInputError(f"{name}={value!r} must be >= {minimum}{hint}")
+        raise InvalidInputError(f"{name}={_short(value)} must be >= {minimum}{hint}")
     return int(value)
 
 
@@ -39,7 +39,7 @@ def check_finite_scalar(
     hyper-parameters); the sign conditions then apply to the real part.
     """
     if isinstance(value, bool):
-        raise InvalidInputError(f"{name}={value!r} must be a finite number, not a bool{hint}")
+        raise InvalidInputError(f"{name}={_short(value)} must be a finite number, not a bool{hint}")
     try:
         arr = np.asarray(value)
     except Exception as exc:  # pragma: no cover - exotic objects
@@ -47,12 +47,12 @@ def check_finite_scalar(
     if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
         raise InvalidInputError(f"{name}={_short(value)} must be a finite scalar number{hint}")
     if not np.isfinite(arr):
-        raise InvalidInputError(f"{name}={value!r} must be finite{hint}")
+        raise InvalidInputError(f"{name}={_short(value)} must be finite{hint}")
     real = float(np.real(arr))
     if positive and not real > 0:
-        raise InvalidInputError(f"{name}={value!r} must be > 0{hint}")
+        raise InvalidInputError(f"{name}={_short(value)} must be > 0{hint}")
     if nonnegative and not real >= 0:
-        raise InvalidInputError(f"{name}={value!r} must be >= 0{hint}")
+        raise InvalidInputError(f"{name}={_short(value)} must be >= 0{hint}")
     return value if np.iscomplexobj(arr) else float(arr)
 
 

@@ -32,13 +32,13 @@ width)`` activations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 
-from reference._validation import check_finite_scalar, check_positive_int
+from reference.validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, activation_derivatives
 from reference.tasks import Task, check_tasks
 
@@ -91,13 +91,21 @@ def adapt(model: Any, params: Params, x: np.ndarray, y: np.ndarray, lrs: Learnin
 
 
 def task_loss_and_grad(model: Any, params: Params, task: Task, lrs: LearningRates, steps: int, *,
-                       first_order: bool = False, lr_grad: bool = False) -> tuple[Any, Params, Params | None]:
+                       first_order: bool = False, lr_grad: bool = False, keep: Callable[[int], bool] | None = None,
+                       transpose: bool = False) -> tuple[Any, Params, Params | None]:
     """Query loss after adaptation and its exact gradient for one task.
 
     Returns ``(L_q(p_K), dL/dtheta, dL/da)``; ``dL/da`` (only with
     ``lr_grad``) has one array per tensor, ``None`` for tensors not adapted.
     With ``first_order`` the gradient is ``grad L_q(p_K)`` (FOMAML: every step
     Jacobian replaced by the identity).
+
+    ``keep`` and ``transpose`` change the adjoint into the one of a known bug
+    (the audit's diagnosis catalogue, :mod:`verify.auditing.diagnosis`): a step
+    ``k`` with ``keep(k)`` False contributes the identity (its inner gradient
+    treated as a constant; the learning-rate adjoint still counts the step),
+    and ``transpose`` applies the step Jacobian transposed, ``v - a * (H_s v)``
+    instead of ``v - H_s (a * v)``.
     """
     iterates, grads = adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_grads=lr_grad)
     loss, v = model._loss_and_grad(iterates[-1], task.x_query, task.y_query)
@@ -109,6 +117,12 @@ def task_loss_and_grad(model: Any, params: Params, task: Task, lrs: LearningRate
             # d p_{k+1} / d a = -grad L_s(p_k) (elementwise), contracted with v_{k+1}.
             grad_lrs = [None if a is None else acc - gk * vk
                         for acc, gk, vk, a in zip(grad_lrs, grads[k], v, lrs)]
+        if keep is not None and not keep(k):
+            continue
+        if transpose:
+            hv = model._hvp(iterates[k], task.x_support, task.y_support, v)
+            v = [vk if a is None else vk - a * hk for vk, hk, a in zip(v, hv, lrs)]
+            continue
         direction = [np.zeros_like(vk) if a is None else a * vk for vk, a in zip(v, lrs)]
         hv = model._hvp(iterates[k], task.x_support, task.y_support, direction)
         v = [vk - hk for vk, hk in zip(v, hv)]
