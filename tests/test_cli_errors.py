@@ -158,3 +158,25 @@ def test_output_files_get_the_umask_mode(tmp_path, capsys):
     assert code == 0, capsys.readouterr().out
     for name in ("r.json", "r.xml"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
+
+
+PRECISION = str(ROOT / "tests" / "audit" / "corpus_precision.py")
+
+# Bad input found once the audited function runs (or the reference does): still one clear line, exit 2.
+RUN_ROWS = [
+    ("audit-function-returns-none", ["audit", f"{PRECISION}:maml_returns_none", "--algorithm", "maml", *SMALL],
+     "the audited function returned None; return the meta-loss"),
+    ("audit-reference-overflows", ["audit", f"{CORPUS}:maml", "--algorithm", "maml", *SMALL[:-4], "--inner-lr",
+                                   "1e200", "--directions", "1"], "not a fault of the audited function"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", [r[1:] for r in RUN_ROWS], ids=[r[0] for r in RUN_ROWS])
+def test_bad_input_found_while_running_is_one_clear_line(argv, fragment, capsys):
+    pytest.importorskip("torch")
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    assert "Traceback" not in err and out == ""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("metaverify audit: error: ") and fragment in last, err

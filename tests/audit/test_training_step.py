@@ -14,7 +14,7 @@ import corpus_training_step as S  # noqa: E402
 from _configs import GRAD, GRAD_CE, METASGD  # noqa: E402
 
 from reference.errors import InvalidInputError  # noqa: E402
-from verify._audit import audit  # noqa: E402
+from verify.auditing import audit  # noqa: E402
 from verify.backends.torch import TorchTask  # noqa: E402
 from verify.backends.torch.training_step import (  # noqa: E402
     EpisodeBatch,
@@ -29,6 +29,7 @@ from verify.backends.torch.training_step import (  # noqa: E402
 def test_maml_pytorch_meta_class_verified(cfg):
     r = audit(S.maml_pytorch, "maml", seed=1, directions=2, **cfg)
     assert r.passed, r.report()
+    assert "optimizer.step()" in r.source and "backward() was called on" in r.source
     assert r.loss["status"] == "pass" and r.independent["status"] == "pass"
 
 

@@ -24,44 +24,11 @@ from typing import Any, Callable
 
 from reference.errors import InvalidInputError
 from reference.formatting import article
+from verify.auditing.problem import check_options_apply
 from verify.commands import nonnegative_int, positive_int
 from verify.commands import seed as seed_type
 
 LIBRARIES = ("higher", "torchopt", "learn2learn")
-
-
-#: Problem options of each algorithm (besides --model, --tasks, --shots, --queries, --seed): an option
-#: outside its row is a usage error, never silently echoed in the problem line as if it were used.
-_GRADIENT = ("inner_lr", "inner_steps", "loss")
-ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
-    "maml": _GRADIENT, "fomaml": _GRADIENT, "anil": _GRADIENT, "reptile": _GRADIENT, "metasgd": _GRADIENT,
-    "newton": (*_GRADIENT, "damping"),
-    "imaml": ("lam", "loss"),
-    "r2d2": ("lam", "scale", "offset", "bias_column", "normalize", "form", "n_way"),
-    "lrd2": ("lam", "scale", "offset", "bias_column", "newton_steps", "n_way"),
-    "protonet": ("n_way",), "matchingnet": ("n_way",),
-}
-#: Options every algorithm takes.
-COMMON_OPTIONS = ("model", "n_tasks", "shots", "queries")
-
-
-def _flag(name: str) -> str:
-    return "--tasks" if name == "n_tasks" else "--" + name.replace("_", "-")
-
-
-def check_options_apply(algorithm: str, given: dict[str, Any], *, spell: Callable[[str], str] = _flag) -> None:
-    """Refuse problem options that ``algorithm`` does not have (e.g. ``--lam`` with ``maml``).
-
-    Raises:
-        InvalidInputError: naming the options that do not apply and the ones that do.
-    """
-    own = ALGORITHM_OPTIONS.get(algorithm, ())
-    bad = [k for k, v in given.items() if v is not None and k not in own and k not in COMMON_OPTIONS]
-    if bad:
-        names = ", ".join(spell(k) for k in bad)
-        takes = ", ".join(spell(k) for k in (*own, *COMMON_OPTIONS))
-        raise InvalidInputError(f"{names} {'does' if len(bad) == 1 else 'do'} not apply to {algorithm}; its problem "
-                                f"options are {takes}; remove {names}")
 
 
 def _bool(text: str) -> bool:
@@ -108,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thorough", action="store_true",
                    help="run the full finite-difference check even when the gradient matches the reference "
                         "(default: only on a mismatch; a match is confirmed in one direction, ~5 evaluations)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="float64 (default): the audit in float64; a function whose result depends on torch's default "
+                        "dtype is re-run with float64 as the default and named as float32 constants when that "
+                        "verifies. float32: the whole audit in float32 with float32's tolerances (torch)")
     p.add_argument("--json", metavar="PATH", help="write the verdict (versioned schema, docs/audit.md) to PATH")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
     p.add_argument("--title", default="", metavar="TEXT", help="a label for the report")
@@ -216,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
         n_way=args.n_way, lam=args.lam, scale=args.scale, offset=args.offset, damping=args.damping,
         bias_column=args.bias_column, normalize=args.normalize, form=args.form, newton_steps=args.newton_steps,
-        seed=args.seed, directions=args.directions, thorough=args.thorough, title=title,
+        seed=args.seed, directions=args.directions, thorough=args.thorough, title=title, dtype=args.dtype,
     )
     note = fn.output.note()
     if note:
