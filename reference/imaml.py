@@ -188,7 +188,8 @@ _SADDLE_HINT = (
 )
 
 
-def _relu_kink(model: Any, phi: Params, x: np.ndarray, rel_tol: float = 1e-9) -> tuple[int, int, int, float, float] | None:
+def _relu_kink(model: Any, phi: Params, x: np.ndarray,
+               rel_tol: float = 1e-9) -> tuple[int, int, int, float, float] | None:
     """Where a relu network's hidden pre-activation sits at zero (a kink of the loss) at ``phi``.
 
     Returns ``(layer, unit, example, value, relative)`` of the pre-activation smallest relative to its

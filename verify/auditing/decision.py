@@ -292,7 +292,8 @@ def audit(
             ref_max = max(float(np.max(np.abs(ref), initial=0.0)), np.finfo(float).tiny)
             worst32 = float(np.max(np.abs(flatten(claim.grads) - flatten(claim64.grads)), initial=0.0)) / ref_max
             if claim.loss is not None and claim64.loss is not None and ref_loss is not None:
-                worst32 = max(worst32, abs(claim.loss - claim64.loss) / max(abs(float(ref_loss)), np.finfo(float).tiny))
+                loss_scale = max(abs(float(ref_loss)), np.finfo(float).tiny)
+                worst32 = max(worst32, abs(claim.loss - claim64.loss) / loss_scale)
             # float32 round-off: up to the float32 tolerance of this problem (eps32^(3/4) x condition), with
             # a factor 10 for the constants' own rounding propagated through the inner loop
             floor32 = 10 * tolerance("float32", "reference_match", condition=cond)
@@ -315,7 +316,7 @@ def audit(
             else:
                 notes.append(
                     "the function creates tensors in torch's default dtype (float32 round-off, worst rel "
-                    f"{worst32:.1e} as written): the verdict below is on its run with "
+                    f"{worst32:.1e} as written): this verdict is on its run with "
                     "torch.set_default_dtype(torch.float64), where that round-off is gone")
             harness, claim, cmp = harness64, claim64, cmp64
     if cmp.loss and cmp.loss.get("why"):

@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", type=_bool, metavar="BOOL", help="R2-D2: divide Z and Y by sqrt(n)")
     p.add_argument("--form", choices=("primal", "dual"), help="R2-D2 ridge form")
     p.add_argument("--newton-steps", type=positive_int, metavar="K", help="LR-D2 Newton steps")
-    p.add_argument("--seed", type=seed_type, default=0, help="seed of the problem and the random directions (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0,
+                   help="seed of the problem and the random directions (default 0)")
     p.add_argument("--directions", type=nonnegative_int, default=4,
                    help="random directions of the full finite-difference check of the function's own meta-loss "
                         "(default 4; 0 skips every finite-difference check)")

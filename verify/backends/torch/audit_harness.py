@@ -202,7 +202,8 @@ class TorchHarness(Harness):
             except RuntimeError as exc:
                 raise raised(exc, "differentiating the returned meta-loss (torch.autograd.grad)") from exc
             grads, missing = self._check_grads(list(g), "torch.autograd.grad of the returned loss")
-            return self._mark(Claim(loss, grads, missing, "torch.autograd.grad of the returned meta-loss", notes, dtype))
+            return self._mark(Claim(loss, grads, missing, "torch.autograd.grad of the returned meta-loss", notes,
+                                    dtype))
         notes.append("the returned meta-loss does not require grad and no .grad was set: no gradient reached "
                      "any tensor")
         return self._mark(Claim(loss, [np.zeros(s) for s in case.shapes], [True] * self.n, "none", notes, dtype))
