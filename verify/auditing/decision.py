@@ -46,7 +46,7 @@ from reference.errors import InvalidInputError
 from reference.models import MLP, flatten
 from verify._verdict import FAIL, INCONCLUSIVE, PASS
 from verify.algorithms import ALGORITHMS, Case, auditable, evaluate
-from verify.auditing.diagnosis import diagnose
+from verify.auditing.diagnosis import diagnose, match_error
 from verify.auditing.harness import Claim, Harness, infer_backend, make_harness, short
 from verify.auditing.problem import BACKENDS, build_problem, check_options_apply
 from verify.auditing.result import AuditResult, TensorCheck
@@ -356,6 +356,24 @@ def audit(
     if status == FAIL and not (ref_ok and loss_ok is not False):
         diagnosis = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
                              reference_grads=ref_grads, tol=tol)
+    lr_rounding = False
+    if (dtype == "float64" and diagnosis is not None and diagnosis.key == "wrong_inner_lr"
+            and "inner_lr" in diagnosis.fitted and "inner_lr" in case.hyper):
+        # A step size held in float32 (jnp.float32(lr), np.float32(lr); torch.tensor(lr) is caught by the
+        # default-dtype re-run above): the fit finds exactly float32(inner_lr), with no other factor. The
+        # claim is then exactly the algorithm's meta-gradient at that step size: a precision matter.
+        base = float(case.hyper["inner_lr"])
+        r32 = float(np.float32(base))
+        fitted_lr, c = float(diagnosis.fitted["inner_lr"]), float(diagnosis.fitted.get("scale", 1.0))
+        if r32 != base and abs(fitted_lr - r32) <= 1e-12 * abs(base) and abs(c - 1.0) <= 1e-12:
+            precision = (
+                f"float32 constants: the function uses the inner learning rate as float32({base:.10g}) = {r32!r} (a "
+                f"step size held in float32: jnp.float32(lr), np.float32(lr), torch.tensor(lr)); with that rate its "
+                f"meta-gradient is exactly the reference's (rel {diagnosis.error:.1e}, tol {tol:.1e}), so it is "
+                "verified; the step size's rounding changes the result by "
+                f"rel {match_error(flatten(claim.grads), ref):.1e}")
+            status, diagnosis = PASS, None
+            lr_rounding = True
     if dtype == "float64" and status == FAIL and not precision and not (ref_ok and loss_ok is not False):
         # Hard-coded float32 (.float(), dtype=torch.float32, float32 data) does not depend on the default
         # dtype, so the re-run above cannot remove it. Its round-off is bounded by float32's tolerance for
@@ -369,6 +387,8 @@ def audit(
                 diagnosis = coarse
                 notes.append(f"the diagnosis matched at float32's tolerance ({tol32:.1e}), not float64's: the "
                              "function computes part of its result in float32")
+        if not claim.low_precision and hasattr(harness, "find_low_precision"):
+            claim.low_precision = harness.find_low_precision()  # JAX: read from the traced program
         evidence = bool(claim.low_precision) or claim.loss_dtype in _LOW_PRECISION
         if diagnosis is None and cmp.worst <= tol32 and evidence:
             precision = (
@@ -382,6 +402,9 @@ def audit(
         precision = _float32_floor(case, ref_loss, ref_grads, tol)
     side = which_side(None if cmp.loss is None else cmp.loss["status"], PASS if ref_ok else FAIL, own_status,
                       algorithm, row.quantity)
+    if lr_rounding:
+        side = ("the meta-loss and the gradient are exactly the reference's at the function's float32 step size; "
+                "they differ from the float64 step size's by that rounding only (see precision)")
     result = AuditResult(status, algorithm, backend, case.describe(), case.seed, tol, reason, cond, cmp.loss,
                          cmp.tensors, independent, side, diagnosis, claim.source, claim.notes + notes, title,
                          time.perf_counter() - t0, dtype=dtype, precision=precision)

@@ -100,7 +100,7 @@ class AuditResult:
         if self.passed:
             w = self.worst
             err = w.error if w else 0.0
-            extra = " with float64 constants (float32 constants in the function: see precision)" if \
+            extra = " up to float32 constants in the function (see precision)" if \
                 self.precision.startswith("float32 constants") else ""
             return f"{a} meta-gradient verified{extra}: worst rel {err:.1e} {tol}"
         if self.loss and self.loss["status"] == FAIL:

@@ -131,6 +131,20 @@ class JaxHarness(Harness):
                 self._eager.add(key)
         return fun(diff_args, self.tasks)
 
+    def find_low_precision(self) -> tuple[str, ...]:
+        """Floating dtypes below float64 in the function's traced computation (``jnp.float32`` constants,
+        ``.astype(jnp.float32)``): the evidence the audit needs before naming a mismatch float32 round-off.
+        One more trace (``jax.make_jaxpr``), taken only on a mismatch; nested jaxprs (scan, cond, jit)
+        are part of the printed program, so the types are read from it."""
+        import re
+
+        try:
+            text = str(self.jax.make_jaxpr(self._call_fn)(self.diff_arguments(self.case.variables), self.tasks))
+        except Exception:
+            return ()
+        names = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+        return tuple(sorted({names[m] for m in re.findall(r"\b(bf16|f16|f32)\[", text)}))
+
     def claim(self) -> Claim:
         jax, case = self.jax, self.case
         diff0 = self.diff_arguments(case.variables)
