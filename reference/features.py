@@ -37,11 +37,13 @@ def as_scalar(value: Any) -> float | complex:
     return complex(value) if np.iscomplexobj(value) else float(value)
 
 
-def check_backbone(backbone: Any) -> MLP:
-    if not isinstance(backbone, MLP):
+def check_backbone(backbone: Any) -> Any:
+    from reference.nets.network import Network
+
+    if not isinstance(backbone, (MLP, Network)):
         raise InvalidInputError(
-            f"backbone={backbone!r} must be a reference.models.MLP whose output is the feature vector, "
-            "e.g. MLP([d_in, 32, 16], activation='tanh')"
+            f"backbone={backbone!r} must be a reference.models.MLP or a reference.nets.Network whose output is the "
+            "feature vector, e.g. MLP([d_in, 32, 16], activation='tanh') or conv4((1, 28, 28), 0, head=False)"
         )
     return backbone
 
@@ -132,18 +134,35 @@ def check_feature_tasks(backbone: MLP, tasks: Any, label_check: LabelCheck, name
 class TaskFeatures:
     """Features of one task's support and query inputs, and the VJP back to the parameters.
 
-    One forward pass over ``[x_support; x_query]`` (the backbone is applied row
-    by row, so stacking changes nothing but the cost). Non-finite features
-    (overflow in a saturating backbone, say) are an error naming the task.
+    An MLP: one forward pass over ``[x_support; x_query]`` (the backbone is
+    applied row by row, so stacking changes nothing but the cost). A
+    ``reference.nets.Network``: batch norm in train mode couples the rows, so
+    support and query are two batches (transductive, CONVENTIONS' default)
+    unless the network was made with ``joint_batch()`` (one batch, R2-D2's
+    encoder); without train-mode batch norm both give the same features.
+    Non-finite features (overflow in a saturating backbone, say) are an error
+    naming the task.
     """
 
-    def __init__(self, backbone: MLP, params: Params, task: Task, where: str):
+    def __init__(self, backbone: Any, params: Params, task: Task, where: str):
         self.backbone, self.params = backbone, params
         self.n_support = task.x_support.shape[0]
         x = np.concatenate([task.x_support, task.x_query], axis=0)
-        # Overflow is detected and reported below as a clear error; silence NumPy's warning about it.
+        self._passes: list[tuple[Any, Any]] | None = None
         with np.errstate(over="ignore", invalid="ignore"):
-            out, self._hs, self._derivs = backbone._forward(params, x, order=1)
+            if isinstance(backbone, MLP):
+                # Overflow is detected and reported below as a clear error; silence NumPy's warning about it.
+                out, self._hs, self._derivs = backbone._forward(params, x, order=1)
+            elif backbone.batch_coupled and not backbone.joint:
+                outs, self._passes = [], []
+                for part in (task.x_support, task.x_query):
+                    o, caches, tree = backbone._forward(params, part)
+                    outs.append(o)
+                    self._passes.append((caches, tree))
+                out = np.concatenate(outs, axis=0)
+            else:
+                out, caches, tree = backbone._forward(params, x)
+                self._passes = [(caches, tree)]
         finite = np.isfinite(out)
         if not np.all(finite):
             row = int(np.argwhere(~finite)[0][0])
@@ -162,8 +181,16 @@ class TaskFeatures:
             g_support = np.zeros_like(self.support)
         if g_query is None:
             g_query = np.zeros_like(self.query)
-        g = np.concatenate([g_support, g_query], axis=0)
-        return self.backbone._backward(self.params, self._hs, self._derivs, g)
+        if self._passes is None:
+            g = np.concatenate([g_support, g_query], axis=0)
+            return self.backbone._backward(self.params, self._hs, self._derivs, g)
+        net = self.backbone
+        cots = [g_support, g_query] if len(self._passes) == 2 else [np.concatenate([g_support, g_query], axis=0)]
+        total = None
+        for (caches, tree), cot in zip(self._passes, cots):
+            grads, _ = net.body.bwd(tree, caches, cot, need_gx=False)
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        return net._to_public(total)
 
 
 def append_ones(Z: np.ndarray) -> np.ndarray:

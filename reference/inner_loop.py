@@ -151,6 +151,11 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
 
         def per_task(task: Task) -> tuple[Any, Params, Params | None]:
             return engine.task(params, task, lrs, steps, first_order=first_order, lr_grad=lr_grad)
+    elif fused and hasattr(model, "_maml_task"):
+        # reference.nets.Network: the same recursion, reusing each inner step's forward pass.
+
+        def per_task(task: Task) -> tuple[Any, Params, Params | None]:
+            return model._maml_task(params, task, lrs, steps, first_order=first_order, lr_grad=lr_grad)
     else:
 
         def per_task(task: Task) -> tuple[Any, Params, Params | None]:

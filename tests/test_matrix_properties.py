@@ -42,7 +42,7 @@ import os
 import pytest
 from hypothesis import given, settings
 
-from verify.algorithms import ALGORITHMS
+from verify.algorithms import case_algorithms
 from verify.backends import is_available, load_backend
 from verify.matrix import ReferenceData, check_case
 from verify.strategies import cases
@@ -64,7 +64,7 @@ def _examples(algorithm: str, backend: str) -> int:
 def _cells() -> list:
     out = []
     for backend in ("numpy", "torch", "jax"):
-        for algorithm in ALGORITHMS:
+        for algorithm in case_algorithms():
             if algorithm == "mlp" and backend != "numpy":
                 continue
             marks = [pytest.mark.torch] if backend == "torch" else [pytest.mark.jax] if backend == "jax" else []

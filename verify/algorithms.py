@@ -86,12 +86,15 @@ class Case:
             flat = np.concatenate([a.ravel() for a in lrs])
             values.append(f"lrs in [{float(flat.min()):.4g}, {float(flat.max()):.4g}] (per entry)")
         head = {"lrd2": "the head's loss is 'bce'"}.get(self.algorithm, "the head's loss is 'ce'")
-        model = (f"MLP(sizes={list(m.sizes)}, activation={m.activation!r}, bias={m.bias}) as the backbone ({head})"
-                 if backbone else
-                 f"MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, bias={m.bias})")
+        if not isinstance(m, MLP):  # a reference.nets.Network (Conv4, ResNet-12, a translated torch module)
+            model = m.summary() if hasattr(m, "summary") else repr(m)
+        elif backbone:
+            model = f"MLP(sizes={list(m.sizes)}, activation={m.activation!r}, bias={m.bias}) as the backbone ({head})"
+        else:
+            model = f"MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, bias={m.bias})"
         t = self.tasks[0] if self.tasks else None
-        sizes = (f"{len(self.tasks)} task(s) of {t.x_support.shape[0]} support / {t.x_query.shape[0]} query "
-                 "examples" if t is not None else f"{len(self.tasks)} task(s)")
+        sizes = (f"{len(self.tasks)} task(s) of {np.shape(t.x_support)[0]} support / {np.shape(t.x_query)[0]} "
+                 "query examples" if t is not None else f"{len(self.tasks)} task(s)")
         return f"{self.algorithm}: {model}, {sizes}, {', '.join(values)}, seed={self.seed}"
 
     def split(self, variables: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
@@ -103,6 +106,8 @@ class Case:
 def param_names(model: Any) -> list[str]:
     """CONVENTIONS names of the parameter tensors: ``W1, b1, W2, b2, ...`` (``theta`` for a Quadratic)."""
     if not isinstance(model, MLP):
+        if hasattr(model, "param_names"):  # reference.nets.Network: PyTorch's names (0.weight, layer1.conv1.weight)
+            return list(model.param_names)
         return ["theta"] if len(model.shapes) == 1 else [f"p{i}" for i in range(len(model.shapes))]
     names = []
     for layer in range(1, model.n_layers + 1):
@@ -249,6 +254,9 @@ def build_case(
     """
     if algorithm not in ALGORITHMS:
         raise InvalidInputError(f"algorithm={algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+    if ALGORITHMS[algorithm].audit:
+        raise InvalidInputError(f"algorithm={algorithm!r} has no Case (its problem is built by "
+                                f"{ALGORITHMS[algorithm].audit}); choose one of {', '.join(case_algorithms())}")
     given = dict(seed=seed, sizes=sizes, activation=activation, loss=loss, bias=None if bias else False,
                  n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way, **hyper)
     recipe = "build_case(" + ", ".join([repr(algorithm)] + [f"{k}={v!r}" for k, v in given.items()
@@ -355,6 +363,11 @@ class Algorithm:
             algorithm (constant factor, disconnected tensors).
         condition: ``condition(case) -> (kappa, why)``: a condition estimate of the
             reference gradient that widens the audit's tolerance, or None.
+        audit: ``"module:function"`` of an audit of its own, for an algorithm whose
+            problem is not a :class:`Case` (``maml-rl``: the user's function gets
+            trajectory batches, :mod:`verify.rl_audit`). Such a row has no check-matrix
+            cell (``backends=()``), its ``call`` refuses a Case, and everything that
+            builds Cases iterates :func:`case_algorithms` instead of the whole table.
     """
 
     name: str
@@ -372,6 +385,7 @@ class Algorithm:
     diagnoses: tuple[str, ...] = ()
     diagnosis: str = ""
     condition: Callable[[Case], tuple[float, str]] | None = None
+    audit: str = ""
 
     @property
     def auditable(self) -> bool:
@@ -393,6 +407,11 @@ def _imaml_condition(case: Case) -> tuple[float, str]:
     info = imaml.meta_loss_and_grad_info(case.model, case.params, case.tasks, case.hyper["lam"])
     return (max(t.cond_estimate for t in info.tasks),
             "max over tasks of cond(I + H_s(phi*)/lam), estimated by the reference's CG")
+
+
+def _call_no_case(mod, case, variables, **kw):
+    raise InvalidInputError(f"algorithm={case.algorithm!r} has no Case-based reference call; its row's audit "
+                            "function computes everything (see Algorithm.audit)")
 
 
 _LOOP = ("model", "tasks", "inner_lr", "inner_steps")
@@ -445,6 +464,12 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("matchingnet", "backbone", _call_metric("matchingnet"), paper="Vinyals et al. 2016",
                   signature=("model", "tasks", "n_classes"), quantity="gradient", text=TEXTS["matchingnet"],
                   diagnosis="backbone", diagnoses=_BACKBONE_DIAGNOSES),
+        # MAML-RL (reference.rl): exact expectations over enumerated trajectory batches; the user's
+        # function returns a surrogate loss whose gradient estimates grad J (docs/meta-rl.md).
+        Algorithm("maml-rl", "rl", _call_no_case, differentiable=False,
+                  paper="Finn et al. 2017 (MAML-RL); DiCE: Foerster et al. 2018",
+                  signature=("params", "inner", "outer", "alpha", "gamma"), quantity="gradient estimate",
+                  backends=(), symbolic=("bandit_maml_rl", {"batch": 1}), audit="verify.rl_audit:audit_function"),
     ]
 }
 
@@ -476,6 +501,11 @@ def auditable() -> tuple[str, ...]:
     return tuple(name for name, row in ALGORITHMS.items() if row.auditable)
 
 
+def case_algorithms() -> tuple[str, ...]:
+    """The rows whose problem is a :class:`Case` (all but those with an ``audit`` of their own), in table order."""
+    return tuple(name for name, row in ALGORITHMS.items() if not row.audit)
+
+
 def reference_root() -> ModuleType:
     return importlib.import_module("reference")
 
@@ -489,5 +519,6 @@ def evaluate(case: Case, root: ModuleType | None = None, variables: list[np.ndar
     return ALGORITHMS[case.algorithm].call(root, case, case.variables if variables is None else variables, **kw)
 
 
-__all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "evaluate", "param_names",
+__all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "case_algorithms",
+           "evaluate", "param_names",
            "reference_root", "register", "unregister"]

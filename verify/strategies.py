@@ -172,10 +172,10 @@ def cases(draw: st.DrawFn, algorithm: str | st.SearchStrategy[str] | None = None
         algorithm: a name of :data:`verify.algorithms.ALGORITHMS`, a strategy
             of names, or ``None`` for any algorithm.
     """
-    from verify.algorithms import ALGORITHMS, GRADIENT_FAMILY, build_case
+    from verify.algorithms import ALGORITHMS, GRADIENT_FAMILY, build_case, case_algorithms
 
     if algorithm is None:
-        algorithm = st.sampled_from(sorted(ALGORITHMS))
+        algorithm = st.sampled_from(sorted(case_algorithms()))
     name = draw(algorithm) if isinstance(algorithm, st.SearchStrategy) else algorithm
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm={name!r} is unknown; choose one of {sorted(ALGORITHMS)}")

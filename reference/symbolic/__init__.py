@@ -11,9 +11,11 @@ Families: gradient-based algorithms on quadratics (MAML/FOMAML, Meta-SGD,
 Reptile, Newton-MAML, iMAML), MAML on linear regression, ANIL on a two-layer
 linear network, the R2-D2 ridge head, Nichol et al. 2018's expansions in
 alpha, expectations over Gaussian task distributions, and gradient flow with
-its adjoint.
+its adjoint, and MAML-RL on a 2-armed bandit (exact objective, gradient and
+estimator bias).
 """
 
+from reference.symbolic._bandit_rl import bandit_maml_rl
 from reference.symbolic._common import LIMITS
 from reference.symbolic._derivation import Derivation, Step, chain_gradient, to_exact
 from reference.symbolic._expectation import (
@@ -41,6 +43,7 @@ __all__ = [
     "Problem",
     "Step",
     "anil_linear",
+    "bandit_maml_rl",
     "chain_gradient",
     "derive",
     "expected_linear_regression_maml",

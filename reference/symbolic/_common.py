@@ -30,6 +30,7 @@ LIMITS: dict[str, dict[str, int]] = {
     "expected-quadratic-maml": {"dim": 2, "steps": 4},
     "expected-linear-regression-maml": {"steps": 3, "shots": 3, "queries": 3},
     "gradient-flow-quadratic": {"dim": 2},
+    "bandit-maml-rl": {"batch": 4},
 }
 
 

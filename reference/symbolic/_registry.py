@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reference.errors import InvalidInputError
+from reference.symbolic._bandit_rl import bandit_maml_rl
 from reference.symbolic._common import LIMITS
 from reference.symbolic._derivation import Derivation
 from reference.symbolic._expectation import expected_linear_regression_maml, expected_quadratic_maml
@@ -66,6 +67,7 @@ _CONSTRUCTORS = [
     expected_quadratic_maml,
     expected_linear_regression_maml,
     gradient_flow_quadratic,
+    bandit_maml_rl,
 ]
 
 #: name (constructor name with dashes) -> :class:`Problem`.

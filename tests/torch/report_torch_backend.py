@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import verify.backends.torch as tb
-    from verify.algorithms import ALGORITHMS, build_case, evaluate
+    from verify.algorithms import build_case, case_algorithms, evaluate
     from verify.matrix import float32_condition
 
-    names = args.algorithm or [a for a in ALGORITHMS if a != "mlp"]
+    names = args.algorithm or [a for a in case_algorithms() if a != "mlp"]
     print(f"{'algorithm':12s} {'float64 grad':>12s} {'float64 loss':>12s} {'float32 grad':>12s} "
           f"{'float32 loss':>12s} {'max kappa32':>11s} {'time':>6s}")
     for name in names:

@@ -212,6 +212,10 @@ def audit(
         raise InvalidInputError(f"fn={short(fn)} is not callable; pass the function to audit")
     if algorithm not in auditable():
         raise InvalidInputError(f"algorithm={algorithm!r} cannot be audited; choose one of {', '.join(auditable())}")
+    if ALGORITHMS[algorithm].audit:
+        raise InvalidInputError(f"algorithm={algorithm!r} has an audit of its own with another calling contract: "
+                                f"use {ALGORITHMS[algorithm].audit} (or metaverify audit FILE.py:fn --algorithm "
+                                f"{algorithm})")
     backend = backend or infer_backend(fn)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend={backend!r} is unknown; choose 'torch' or 'jax'")
@@ -234,8 +238,10 @@ def audit(
         from verify._limits import check_problem_fits
         from verify.auditing.problem import parse_model
 
-        sizes = (list(model.sizes) if isinstance(model, MLP) else parse_model(model)["sizes"] if model is not None
-                 else None)
+        # the estimate covers MLPs (the --model mlp:... spec); networks (conv4:, resnet12:, FILE.py:factory)
+        # are sized by their own builders
+        sizes = (list(model.sizes) if isinstance(model, MLP) else parse_model(model)["sizes"]
+                 if isinstance(model, str) and model.startswith("mlp:") else None)
         counts = {k: v if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 else None
                   for k, v in dict(n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way,
                                    inner_steps=inner_steps).items()}

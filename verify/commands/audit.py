@@ -6,7 +6,8 @@
 
 ``TARGET`` is ``path/to/file.py:function`` or ``package.module:function``;
 ``--library higher|torchopt|learn2learn`` instead of ``TARGET`` audits that
-library's idiomatic implementation (:mod:`verify.adapters`). Exit codes: 0
+library's idiomatic implementation (:mod:`verify.adapters`). ``--algorithm maml-rl``
+(a row with an audit of its own) goes to :mod:`verify.commands.audit_rl`. Exit codes: 0
 verified, 1 mismatch, 2 usage or bad input (file or function missing, the
 function raises -- its traceback is shown --, non-scalar or non-finite output,
 wrong number of gradients).
@@ -51,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the algorithm the function implements: {', '.join(choices)}")
     p.add_argument("--backend", choices=("torch", "jax"),
                    help="calling contract (default: jax if the function's 2nd parameter is apply_fn, else torch)")
-    p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh "
+    p.add_argument("--model", metavar="SPEC", help="model spec mlp:SIZES[:ACTIVATION][:nobias], e.g. mlp:1-40-40-1:tanh; "
+                   "conv4:1x28x28:5[:hidden=64], resnet12:3x84x84:5, or FILE.py:factory[:CxHxW] (your torch module) "
                    "(default: a small random MLP drawn from the seed)")
     p.add_argument("--loss", choices=("mse", "ce"), help="task loss of the gradient-based algorithms")
     p.add_argument("--inner-lr", type=float, metavar="A", help="inner learning rate (Meta-SGD: base of the lrs)")
@@ -150,7 +152,7 @@ def check_problem_size(algorithm: str, model: str | None, **sizes: Any) -> None:
     from verify._limits import check_problem_fits
     from verify.auditing.problem import parse_model
 
-    spec = parse_model(model) if model is not None else None
+    spec = parse_model(model) if model is not None and model.startswith("mlp:") else None
     check_problem_fits(algorithm, sizes=spec["sizes"] if spec else None, **sizes)
 
 
@@ -159,6 +161,12 @@ def run(args: argparse.Namespace) -> int:
     from verify._output import check_writable, results_document, write_json, write_junit
     from verify.auditing import audit
 
+    from verify.algorithms import ALGORITHMS
+
+    if ALGORITHMS[args.algorithm].audit:  # e.g. maml-rl: trajectory batches instead of a Case
+        from verify.commands.audit_rl import run_maml_rl
+
+        return run_maml_rl(args)
     if (args.target is None) == (args.library is None):
         raise InvalidInputError("give either TARGET (path/to/file.py:function or package.module:function) or "
                                 "--library higher|torchopt|learn2learn, not both or neither")

@@ -13,11 +13,11 @@ import sys
 from typing import Any
 
 from reference.errors import InvalidInputError
+from verify._output import Progress, check_writable, results_document, write_json, write_junit
+from verify.algorithms import ALGORITHMS, case_algorithms
+from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
 from verify.commands import positive_int
 from verify.commands import seed as seed_type
-from verify._output import Progress, check_writable, results_document, write_json, write_junit
-from verify.algorithms import ALGORITHMS
-from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
 from verify.matrix import DTYPES, PRECISIONS, UNSUPPORTED, MatrixResult, plan, run_matrix
 from verify.tolerance import TF32
 
@@ -105,10 +105,14 @@ def junit_cases(result: MatrixResult) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.examples < 1:
         raise InvalidInputError(f"--examples={args.examples} must be >= 1")
-    algorithms = args.algorithm or list(ALGORITHMS)
+    algorithms = args.algorithm or list(case_algorithms())
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
-        raise InvalidInputError(f"unknown algorithm(s) {unknown}; choose from {', '.join(ALGORITHMS)}")
+        raise InvalidInputError(f"unknown algorithm(s) {unknown}; choose from {', '.join(case_algorithms())}")
+    own = [a for a in algorithms if ALGORITHMS[a].audit]
+    if own:
+        raise InvalidInputError(f"{', '.join(own)} has no check-matrix cell (its reference is checked by the test "
+                                f"suite); audit an implementation with: metaverify audit FILE.py:fn --algorithm {own[0]}")
     requested = args.backend or []
     if not requested or "all" in requested:
         backends = available_backends()

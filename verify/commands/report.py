@@ -16,7 +16,7 @@ from reference.errors import InvalidInputError
 from verify.commands import positive_int
 from verify.commands import seed as seed_type
 from verify._output import Progress
-from verify.algorithms import ALGORITHMS
+from verify.algorithms import ALGORITHMS, case_algorithms
 from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
 from verify.matrix import DTYPES, plan
 
@@ -150,10 +150,14 @@ def run(args: argparse.Namespace) -> int:
     examples = args.examples if args.examples is not None else (1 if args.quick else DEFAULT_EXAMPLES)
     if examples < 1:
         raise InvalidInputError(f"--examples={examples} must be >= 1")
-    algorithms = list(dict.fromkeys(args.algorithm or ALGORITHMS))
+    algorithms = list(dict.fromkeys(args.algorithm or case_algorithms()))
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
-        raise InvalidInputError(f"unknown algorithm(s) {unknown}; choose from {', '.join(ALGORITHMS)}")
+        raise InvalidInputError(f"unknown algorithm(s) {unknown}; choose from {', '.join(case_algorithms())}")
+    own = [a for a in algorithms if ALGORITHMS[a].audit]
+    if own:
+        raise InvalidInputError(f"{', '.join(own)} is not part of the check-matrix report (its reference is checked by "
+                                "the test suite; the meta-RL report is reports/meta-rl/, scripts/meta_rl_report.py)")
     audits = bool(args.audit or args.audit_library)
     audit_algorithm = args.audit_algorithm or (algorithms[0] if len(algorithms) == 1 else None)
     if audits and audit_algorithm is None:

@@ -33,7 +33,7 @@ from typing import Any
 from reference.errors import InvalidInputError, MetaverifyError
 from verify._output import SCHEMA, junit_xml, results_document
 from verify._verdict import jsonable
-from verify.algorithms import ALGORITHMS, build_case
+from verify.algorithms import ALGORITHMS, build_case, case_algorithms
 from verify.report import _content, _figures, _formulas
 from verify.report._html import render_html
 from verify.report._katex import load_assets
@@ -71,7 +71,7 @@ class ReportConfig:
     """What to check and where to write it (the ``metaverify report`` options)."""
 
     out: Path = Path("reports/latest")
-    algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS))
+    algorithms: list[str] = field(default_factory=lambda: list(case_algorithms()))
     backends: list[str] = field(default_factory=lambda: ["numpy"])
     dtypes: list[str] = field(default_factory=lambda: ["float64", "float32"])
     examples: int = 2

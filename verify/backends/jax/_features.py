@@ -57,7 +57,15 @@ def append_ones(z: jax.Array) -> jax.Array:
 
 
 def features(apply: ApplyFn, params: Params, task: Task) -> tuple[jax.Array, jax.Array]:
-    """Backbone features of the support and query inputs of one task."""
+    """Backbone features of the support and query inputs of one task.
+
+    Two batches (transductive batch norm, CONVENTIONS' default), or one for a
+    ``reference.nets.Network`` made with ``joint_batch()``.
+    """
+    if getattr(apply, "joint", False):
+        n = task.x_support.shape[0]
+        out = apply(params, jnp.concatenate([task.x_support, task.x_query], axis=0))
+        return out[:n], out[n:]
     return apply(params, task.x_support), apply(params, task.x_query)
 
 

@@ -69,7 +69,17 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def spec_key(spec: Any) -> tuple[tuple[int, ...], str, str, bool]:
-    """A hashable description of an ``MLP`` spec (used to cache compiled functions)."""
+    """A hashable description of an ``MLP`` spec (used to cache compiled functions).
+
+    A ``reference.nets.Network`` (Conv4, ResNet-12, a layer list) gets the key of
+    :func:`verify.backends.jax._nets.network_key` (first entry ``"network"``).
+    """
+    from reference.nets.network import Network
+
+    if isinstance(spec, Network):
+        from verify.backends.jax._nets import network_key
+
+        return network_key(spec)  # type: ignore[return-value]
     try:
         key = (tuple(int(d) for d in spec.sizes), str(spec.activation), str(spec.loss_name), bool(spec.bias))
     except AttributeError as exc:
@@ -84,6 +94,10 @@ def spec_key(spec: Any) -> tuple[tuple[int, ...], str, str, bool]:
 
 
 def _apply_from_key(key: tuple[tuple[int, ...], str, str, bool]) -> ApplyFn:
+    if key[0] == "network":
+        from verify.backends.jax._nets import apply_from_network_key
+
+        return apply_from_network_key(key)
     sizes, activation, _, bias = key
     act = ACTIVATIONS[activation]
     n_layers = len(sizes) - 1

@@ -20,6 +20,8 @@ from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit
 
 
 def _head_indices(key: tuple) -> tuple[int, ...]:
+    if key[0] == "network":  # reference.nets.Network: the last Linear's tensors, recorded in the key
+        return tuple(key[3])
     n_tensors = (len(key[0]) - 1) * (2 if key[3] else 1)
     k = 2 if key[3] else 1
     return tuple(range(n_tensors - k, n_tensors))

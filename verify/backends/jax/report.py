@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from reference.models import flatten
-from verify.algorithms import ALGORITHMS, build_case, evaluate
+from verify.algorithms import build_case, case_algorithms, evaluate
 
 
 def _rel(a: Any, b: Any) -> float:
@@ -41,7 +41,7 @@ def algorithm_table(seeds: int, eager: bool) -> list[dict[str, Any]]:
     import verify.backends.jax as backend
 
     rows = []
-    for name in ALGORITHMS:
+    for name in case_algorithms():
         if name == "mlp":
             continue
         row: dict[str, Any] = {"algorithm": name}

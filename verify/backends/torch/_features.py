@@ -41,9 +41,18 @@ def setup(backbone: Any, params: Any, tasks: Any, label_check: Any, dtype: Any, 
 
 def features(fm: FunctionalMLP, params: Sequence[torch.Tensor], task: TorchTask, where: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f(x_support), f(x_query))`` from one forward pass; non-finite features are an error."""
+    """``(f(x_support), f(x_query))``; non-finite features are an error.
+
+    One forward pass over ``[x_support; x_query]``, except for a network whose batch norm uses batch
+    statistics: support and query are then two batches (transductive), unless the spec asks for one
+    (``Network.joint_batch()``), as the reference does.
+    """
     n = task.x_support.shape[0]
-    out = fm.forward(params, torch.cat([task.x_support, task.x_query], dim=0))
+    spec = fm.spec
+    if getattr(spec, "batch_coupled", False) and not getattr(spec, "joint", False):
+        out = torch.cat([fm.forward(params, task.x_support), fm.forward(params, task.x_query)], dim=0)
+    else:
+        out = fm.forward(params, torch.cat([task.x_support, task.x_query], dim=0))
     finite = torch.isfinite(out.detach())
     if not bool(finite.all()):
         row = int(torch.nonzero(~finite)[0, 0])

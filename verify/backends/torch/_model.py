@@ -190,8 +190,12 @@ def working_eps(dtype: torch.dtype, device: torch.device | str = "cpu") -> float
 # ---------------------------------------------------------------------------
 
 
-def build_model(spec: Any, params: Sequence[Any] | None = None, dtype: Any = "float64", device: Any = "cpu") -> nn.Sequential:
+def build_model(spec: Any, params: Sequence[Any] | None = None, dtype: Any = "float64", device: Any = "cpu") -> nn.Module:
     """The ``nn.Sequential`` of ``nn.Linear`` and activation modules for an MLP spec.
+
+    A ``reference.nets.Network`` spec (Conv4, ResNet-12, a layer list) gives its
+    module twin instead (``reference.nets.to_torch``: conv, batch norm in the
+    network's modes with its running statistics, pooling, residual blocks).
 
     Layout: ``Linear(d0, d1), act, Linear(d1, d2), act, ..., Linear(d_{L-1}, d_L)``
     with ``act`` one of ``nn.Tanh``, ``nn.Sigmoid``, ``nn.Softplus``
@@ -208,6 +212,28 @@ def build_model(spec: Any, params: Sequence[Any] | None = None, dtype: Any = "fl
         device: ``"cpu"`` or ``"cuda"``.
     """
     tdtype, dev = resolve_dtype(dtype), resolve_device(device)
+    from reference.nets.network import Network
+
+    if isinstance(spec, Network):
+        # A convolutional / batch-norm network: its nn.Module twin (reference.nets.to_torch), modes and
+        # running statistics included; .parameters() in the network's order.
+        from reference.nets.from_torch import to_torch
+
+        params = spec.check_params(spec.init(0) if params is None else params)
+        if any(np.iscomplexobj(p) for p in params):
+            raise InvalidInputError("params are complex; the torch backend computes in real float64/float32")
+        source = getattr(spec, "source_module", None)
+        if source is not None:
+            # Translated from the user's own module (reference.from_torch): audit *their* class, a copy
+            # with the given values (its .parameters() order is the network's public order).
+            import copy
+
+            module = copy.deepcopy(source).to(dtype=tdtype, device=dev)
+            with torch.no_grad():
+                for p, value in zip(module.parameters(), params):
+                    p.copy_(torch.as_tensor(value, dtype=tdtype, device=dev))
+            return module
+        return to_torch(spec, params, dtype=tdtype).to(dev)
     sizes = tuple(spec.sizes)
     if len(sizes) < 2 or not hasattr(spec, "activation"):
         raise InvalidInputError(f"spec={spec!r} is not an MLP spec (needs sizes [d0, ..., dL] and an activation)")

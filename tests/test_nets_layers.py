@@ -1,0 +1,357 @@
+"""The reference networks' hand-written derivatives against independent sources (NumPy only).
+
+Every layer type sits in a small network (table ``CASES``); its gradient is
+checked against the complex step of the loss and the engine's
+``verify.check_gradient`` (complex step and, independently of complex
+arithmetic, Richardson extrapolation); its Hessian-vector product (the
+R-operators) against the complex step of the gradient (a different code
+path: the backward pass in complex arithmetic) and the engine's Taylor
+test; the JVP/VJP pair by the dot-product identity and the JVP against the
+complex step of the forward pass. Batch-norm running statistics are compared
+with PyTorch's formula written out with NumPy. Torch's own double backward is
+in ``tests/torch/test_nets_torch.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reference import maml
+from reference.errors import InvalidInputError, NotAnalyticError
+from reference.models import flatten, unflatten
+from reference.nets import (
+    Activation,
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Linear,
+    MaxPool2d,
+    Network,
+    Residual,
+    Sequential,
+    conv4,
+    resnet12,
+)
+from reference.tasks import Task
+from verify import FAIL, PASS, check_gradient, dot_product_test, taylor_test
+
+H_CS = 1e-30  # complex step: no subtractive cancellation, so the step can be tiny
+# Both sides exact to round-off; a few hundred ulps of the gradient's scale leaves room for
+# the summation order of GEMMs and reductions over ~10^3 terms.
+EXACT = 1e-12
+
+
+def _cs(fun, params, v):
+    return np.imag(fun([p + 1j * H_CS * d for p, d in zip(params, v)])) / H_CS
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-300))
+
+
+def _small(act: str = "tanh") -> list:
+    return [Conv2d(2, 3, 3, stride=2, padding=1, bias=False), BatchNorm2d(3), Activation(act),
+            AvgPool2d(2, padding=1), Conv2d(3, 4, 2), BatchNorm2d(4, track_running_stats=False), Activation(act),
+            MaxPool2d(2, ceil_mode=True), Flatten(), Linear(4, 5), BatchNorm1d(5), Activation(act), Linear(5, 3)]
+
+
+def _resblock() -> list:
+    body = Sequential(Conv2d(2, 3, 3, padding=1), BatchNorm2d(3), Activation("elu"), Conv2d(3, 3, 3, padding=1))
+    short = Sequential(Conv2d(2, 3, 1, bias=False), BatchNorm2d(3))
+    return [Residual(body, short), Activation("softplus"), GlobalAvgPool2d(), Flatten(), Linear(3, 3)]
+
+
+# name -> (builder, in_shape, batch, loss)
+CASES = {
+    "conv-bn-pools-tanh": (lambda: Network(_small("tanh"), (2, 9, 9)), 6),
+    "conv-bn-pools-sigmoid": (lambda: Network(_small("sigmoid"), (2, 9, 9)), 6),
+    "conv-bn-pools-softplus": (lambda: Network(_small("softplus"), (2, 9, 9)), 6),
+    "conv-bn-pools-elu": (lambda: Network(_small("elu"), (2, 9, 9)), 6),
+    "conv-bn-pools-relu": (lambda: Network(_small("relu"), (2, 9, 9)), 6),
+    "conv-bn-pools-leaky": (lambda: Network(_small("leaky_relu"), (2, 9, 9)), 6),
+    "eval-mode-bn": (lambda: Network(_small("tanh"), (2, 9, 9)).eval(), 6),
+    "residual-gap": (lambda: Network(_resblock(), (2, 6, 6)), 5),
+    "conv4-ceil": (lambda: conv4((1, 8, 8), 3, hidden=3, ceil_mode=True), 5),
+    "resnet12-tiny": (lambda: resnet12((3, 16, 16), 3, widths=(2, 3, 3, 4)), 4),
+}
+
+
+def _problem(name: str, seed: int = 0):
+    build, n = CASES[name]
+    net = build()
+    rng = np.random.default_rng(seed)
+    # Perturb the defaults (BN weight 1, bias 0) so every parameter matters at second order.
+    params = [p + 0.2 * rng.normal(size=p.shape) for p in net.init(seed)]
+    x = rng.normal(size=(n, *net.in_shape))
+    y = rng.integers(0, net.n_out, size=n)
+    v = [rng.normal(size=s) for s in net.shapes]
+    return net, params, x, y, v
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_grad_and_hvp_match_complex_step(name):
+    net, p, x, y, v = _problem(name)
+    loss, g, hv = net._grad_and_hvp(p, x, y, v)
+    assert abs(loss - net.loss(p, x, y)) <= EXACT * abs(loss)
+    d = _cs(lambda q: net.loss(q, x, y), p, v)
+    assert abs(np.dot(flatten(g), flatten(v)) - d) <= EXACT * np.linalg.norm(flatten(g)) * np.linalg.norm(flatten(v))
+    # H v against the complex step of the (separately coded) backward pass.
+    want = flatten(_cs(lambda q: flatten(net.grad(q, x, y)), p, v))
+    assert _rel(flatten(hv), want) <= EXACT
+    assert _rel(flatten(net.hvp(p, x, y, v)), want) <= EXACT
+
+
+@pytest.mark.parametrize("name", ["conv-bn-pools-tanh", "conv-bn-pools-relu", "residual-gap", "eval-mode-bn"])
+def test_engine_check_gradient_and_taylor(name):
+    net, p, x, y, v = _problem(name)
+    flat = flatten(p)
+
+    def f(z):
+        return net.loss(unflatten(z, net.shapes), x, y)
+
+    g = flatten(net.grad(p, x, y))
+    verdict = check_gradient(f, g, flat, budget="fast")
+    assert verdict.status == PASS, verdict.reason
+    # Richardson extrapolation: no complex arithmetic involved at all.
+    verdict = check_gradient(lambda z: float(np.real(f(z))), g, flat, method="richardson", directions=3)
+    assert verdict.status == PASS, verdict.reason
+    direction = flatten(v)
+    result = taylor_test(f, flat, direction, grad=g,
+                         hvp=lambda z, w: flatten(net.hvp(unflatten(z, net.shapes), x, y, unflatten(w, net.shapes))))
+    assert result.status == PASS, result.reason
+
+
+def test_engine_catches_a_wrong_hvp():
+    """The Taylor check above can fail: the first block's Hessian-vector product with the wrong sign.
+
+    (Taylor's rate test resolves only errors comparable with the second-order term along ``v``; small
+    errors are the complex-step comparisons' job.)"""
+    net, p, x, y, v = _problem("conv-bn-pools-tanh")
+    flat = flatten(p)
+
+    def bad(z, w):
+        hv = net.hvp(unflatten(z, net.shapes), x, y, unflatten(w, net.shapes))
+        hv[0] = -hv[0]
+        return flatten(hv)
+
+    result = taylor_test(lambda z: net.loss(unflatten(z, net.shapes), x, y), flat, flatten(v),
+                         grad=flatten(net.grad(p, x, y)), hvp=bad)
+    assert result.status == FAIL
+
+
+@pytest.mark.parametrize("name", ["conv-bn-pools-elu", "residual-gap", "eval-mode-bn"])
+def test_jvp_vjp_dot_product_and_complex_step(name):
+    net, p, x, y, v = _problem(name)
+    out = net.forward(p, x)
+    verdict = dot_product_test(lambda u: net.jvp(p, x, unflatten(u, net.shapes)),
+                               lambda c: flatten(net.vjp(p, x, c)), in_shape=(net.n_params,), out_shape=out.shape)
+    assert verdict.status == PASS, verdict.reason
+    want = _cs(lambda q: net.forward(q, x), p, v)
+    assert _rel(net.jvp(p, x, v), want) <= EXACT
+    # The input gradient: dot product with the complex step along an input direction.
+    c = np.random.default_rng(3).normal(size=out.shape)
+    _, gx = net.vjp(p, x, c, wrt_input=True)
+    dx = np.random.default_rng(4).normal(size=x.shape)
+    d = np.imag(np.sum(c * net.forward(p, x + 1j * H_CS * dx))) / H_CS
+    assert abs(np.sum(gx * dx) - d) <= EXACT * np.linalg.norm(gx) * np.linalg.norm(dx)
+
+
+conv_configs = st.tuples(
+    st.integers(1, 3),  # in channels
+    st.integers(1, 3),  # out channels
+    st.integers(1, 3),  # kernel
+    st.integers(1, 2),  # stride
+    st.integers(0, 1),  # padding
+    st.integers(4, 7),  # image size
+    st.booleans(),      # bias
+    st.integers(2, 4),  # batch
+    st.integers(0, 2**16),
+)
+
+
+@given(conv_configs)
+def test_conv_bn_random_geometry(cfg):
+    c_in, c_out, k, s, pad, size, bias, n, seed = cfg
+    layers = [Conv2d(c_in, c_out, k, stride=s, padding=pad, bias=bias), BatchNorm2d(c_out), Activation("tanh")]
+    out = Sequential(*layers).out_shape((c_in, size, size))
+    net = Network(layers + [Flatten(), Linear(int(np.prod(out)), 2)], (c_in, size, size))
+    rng = np.random.default_rng(seed)
+    p = [a + 0.2 * rng.normal(size=a.shape) for a in net.init(seed)]
+    x = rng.normal(size=(n, c_in, size, size))
+    y = rng.integers(0, 2, size=n)
+    v = [rng.normal(size=sh) for sh in net.shapes]
+    _, g, hv = net._grad_and_hvp(p, x, y, v)
+    d = _cs(lambda q: net.loss(q, x, y), p, v)
+    assert abs(np.dot(flatten(g), flatten(v)) - d) <= EXACT * max(np.linalg.norm(flatten(g)) *
+                                                                  np.linalg.norm(flatten(v)), 1e-300)
+    want = flatten(_cs(lambda q: flatten(net.grad(q, x, y)), p, v))
+    assert np.max(np.abs(flatten(hv) - want)) <= EXACT * max(np.max(np.abs(want)), 1e-12)
+
+
+def test_conv_matches_direct_loop():
+    """Cross-correlation, stride and padding against the definition written as loops."""
+    rng = np.random.default_rng(0)
+    conv = Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0))
+    W, b = rng.normal(size=(3, 2, 3, 2)), rng.normal(size=3)
+    x = rng.normal(size=(2, 2, 5, 4))
+    y, _ = conv.fwd([W, b], x.transpose(0, 2, 3, 1))
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    Ho, Wo = (5 + 2 - 3) // 2 + 1, 4 - 2 + 1
+    want = np.zeros((2, 3, Ho, Wo))
+    for n in range(2):
+        for o in range(3):
+            for h in range(Ho):
+                for w in range(Wo):
+                    want[n, o, h, w] = b[o] + np.sum(W[o] * xp[n, :, 2 * h : 2 * h + 3, w : w + 2])
+    assert _rel(y.transpose(0, 3, 1, 2), want) <= 1e-14
+
+
+def test_maxpool_ties_go_to_the_first_index_and_relu_kink_is_zero():
+    """At exact ties / zeros the reference takes PyTorch's convention (first index; relu'(0) = 0)."""
+    # 1x1 convolution of piecewise-constant 2x2 blocks: every max-pool window is a 4-way tie.
+    x = np.kron(np.array([[[[1.0, -2.0], [0.5, 3.0]]]]), np.ones((1, 1, 2, 2)))
+    net = Network([Conv2d(1, 1, 1, bias=False), MaxPool2d(2), Flatten(), Linear(4, 1)], (1, 4, 4), loss="mse")
+    p = [np.array([[[[2.0]]]]), np.ones((1, 4)), np.zeros(1)]
+    c = np.ones((1, 1))
+    _, gx = net.vjp(p, x, c, wrt_input=True)
+    # Only the top-left element of each window receives the cotangent.
+    mask = np.zeros((4, 4))
+    mask[0::2, 0::2] = 1
+    assert np.array_equal(gx[0, 0] != 0, mask.astype(bool))
+    relu_net = Network([Linear(2, 2, bias=False), Activation("relu"), Linear(2, 1)], (2,), loss="mse")
+    q = [np.array([[1.0, -1.0], [1.0, 1.0]]), np.ones((1, 2)), np.zeros(1)]
+    xs = np.array([[1.0, 1.0]])  # first hidden pre-activation is exactly 0
+    _, gxs = relu_net.vjp(q, xs, np.ones((1, 1)), wrt_input=True)
+    assert np.array_equal(gxs, np.array([[1.0, 1.0]]))  # only the second unit (z = 2) passes gradient
+
+
+def test_richardson_at_a_relu_kink_is_not_a_false_failure():
+    """At a kink the finite-difference verdict may be inconclusive but never 'fail' on the right convention."""
+    net = Network([Linear(2, 3), Activation("relu"), Linear(3, 1)], (2,), loss="mse")
+    rng = np.random.default_rng(0)
+    p = [rng.normal(size=s) for s in net.shapes]
+    x = rng.normal(size=(4, 2))
+    p[1][0] = -(x[0] @ p[0][0])  # unit 0's pre-activation is exactly 0 on example 0
+    y = rng.normal(size=(4, 1))
+    g = flatten(net.grad(p, x, y))
+    verdict = check_gradient(lambda z: float(np.real(net.loss(unflatten(z, net.shapes), x, y))), g, flatten(p),
+                             method="richardson")
+    assert verdict.status != FAIL, verdict.reason
+
+
+def test_third_order_by_complex_step_of_hvp_matches_hvp_differences():
+    """``third_order`` (a complex step of the R-operator) against a central difference of ``hvp``."""
+    net, p, x, y, u = _problem("residual-gap")
+    w = [np.random.default_rng(9).normal(size=s) for s in net.shapes]
+    t = flatten(net.third_order(p, x, y, u, w))
+    h = 1e-5
+    plus = flatten(net.hvp([a + h * b for a, b in zip(p, w)], x, y, u))
+    minus = flatten(net.hvp([a - h * b for a, b in zip(p, w)], x, y, u))
+    # Central difference: O(h^2) truncation ~1e-10 relative and round-off eps/h ~ 1e-11.
+    assert _rel(t, (plus - minus) / (2 * h)) <= 1e-7
+    with pytest.raises(NotAnalyticError):
+        net.third_order([a + 0j for a in p], x, y, u, w)
+
+
+def test_running_stats_follow_pytorch_update():
+    """Momentum update with the biased mean and unbiased variance, written out with NumPy."""
+    net = Network([Conv2d(1, 2, 3), BatchNorm2d(2, momentum=0.3), Flatten(), Linear(2 * 4 * 4, 2)], (1, 6, 6))
+    rng = np.random.default_rng(0)
+    p = net.init(0)
+    x = rng.normal(size=(3, 1, 6, 6))
+    z = net.body.layers[0].fwd(p[:2], x.transpose(0, 2, 3, 1))[0]  # conv output, NHWC
+    mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2), ddof=1)
+    state = net.running_stats(p, x)
+    rm, rv, count = state["1"]
+    assert count == 1
+    assert _rel(rm, 0.3 * mean) <= 1e-14
+    assert _rel(rv, 0.7 * np.ones(2) + 0.3 * var) <= 1e-14
+    # The network is unchanged; with_state installs the statistics; eval mode then uses them as constants.
+    assert np.array_equal(net.state()["1"][0], np.zeros(2))
+    ev = net.with_state(state).eval()
+    zhat = (z - rm) / np.sqrt(rv + 1e-5) * p[2] + p[3]
+    want = zhat.transpose(0, 3, 1, 2).reshape(3, -1) @ p[4].T + p[5]
+    assert _rel(ev.forward(p, x), want) <= 1e-13
+    # Momentum None: cumulative average with factor 1/num_batches_tracked.
+    cum = Network([Conv2d(1, 2, 3), BatchNorm2d(2, momentum=None), Flatten(), Linear(32, 2)], (1, 6, 6))
+    assert _rel(cum.running_stats(p, x)["1"][0], mean) <= 1e-14
+
+
+def test_eval_mode_treats_statistics_as_constants():
+    """In eval mode the loss is affine in (gamma, beta) before the head: the BN-parameter Hessian block of a
+    linear-output mse net is then that of a least-squares problem, PSD; in train mode the statistics move."""
+    net, p, x, y, v = _problem("eval-mode-bn")
+    train = net.train()
+    assert net.mode == "eval" and train.mode == "train"
+    assert abs(net.loss(p, x, y) - train.loss(p, x, y)) > 1e-3  # batch vs running statistics differ
+
+
+def test_maml_meta_gradient_on_conv4_matches_complex_step():
+    net = conv4((1, 8, 8), 3, hidden=3, ceil_mode=True)
+    rng = np.random.default_rng(0)
+    p = net.init(0)
+    tasks = [Task(rng.normal(size=(3, 1, 8, 8)), np.arange(3), rng.normal(size=(6, 1, 8, 8)),
+                  np.repeat(np.arange(3), 2)) for _ in range(2)]
+    loss, g = maml.meta_loss_and_grad(net, p, tasks, 0.3, 2)
+    flat = flatten(p)
+    verdict = check_gradient(lambda z: maml.meta_loss(net, unflatten(z, net.shapes), tasks, 0.3, 2),
+                             flatten(g), flat, budget="fast")
+    assert verdict.status == PASS, verdict.reason
+    assert abs(loss - maml.meta_loss(net, p, tasks, 0.3, 2)) <= 1e-14 * abs(loss)
+
+
+def test_parameter_order_and_names():
+    net = conv4((1, 28, 28), 5, hidden=4)
+    assert net.param_names[:4] == ("0.weight", "0.bias", "1.weight", "1.bias")
+    assert net.param_names[-2:] == ("17.weight", "17.bias")
+    assert net.shapes[0] == (4, 1, 3, 3) and net.shapes[-2] == (5, 4)
+    assert net.head_indices == (16, 17)
+    r = resnet12((3, 84, 84), 5)
+    assert r.param_names[:4] == ("layer1.conv1.weight", "layer1.bn1.weight", "layer1.bn1.bias", "layer1.conv2.weight")
+    assert "layer4.downsample.0.weight" in r.param_names
+    assert r.shapes[-2] == (5, 640 * 5 * 5)
+    # A permuted public order round-trips.
+    perm = Network(Sequential(Linear(3, 4), Activation("tanh"), Linear(4, 2)), (3,), param_order=[2, 3, 0, 1])
+    assert perm.param_names == ("2.weight", "2.bias", "0.weight", "0.bias")
+    assert perm.shapes == ((2, 4), (2,), (4, 3), (4,))
+
+
+def test_bad_inputs_are_clear_errors():
+    net = conv4((1, 28, 28), 5, hidden=4)
+    p = net.init(0)
+    with pytest.raises(InvalidInputError, match=r"expected \(n, 1, 28, 28\)"):
+        net.forward(p, np.zeros((2, 28, 28, 1)))
+    with pytest.raises(InvalidInputError, match="0.weight"):
+        net.forward([np.zeros((4, 1, 3, 2))] + p[1:], np.zeros((2, 1, 28, 28)))
+    with pytest.raises(InvalidInputError, match="ceil_mode=True"):
+        conv4((1, 8, 8), 5)
+    with pytest.raises(InvalidInputError, match="Flatten"):
+        Network([Conv2d(1, 2, 3), Linear(2, 2)], (1, 5, 5))
+    with pytest.raises(InvalidInputError, match="more than 1 value per channel"):
+        Network([Linear(2, 3), BatchNorm1d(3), Linear(3, 2)], (2,)).loss(
+            Network([Linear(2, 3), BatchNorm1d(3), Linear(3, 2)], (2,)).init(0), np.zeros((1, 2)), [0])
+    with pytest.raises(InvalidInputError, match="labels"):
+        net.loss(p, np.zeros((2, 1, 28, 28)), [0, 7])
+
+
+def test_fused_maml_task_equals_the_generic_loop():
+    """Network._maml_task (forward passes reused) against _inner's generic loop (fresh passes), incl. lr grads."""
+    from reference import inner_loop as _inner
+
+    net = conv4((2, 8, 8), 3, hidden=2, ceil_mode=True)
+    rng = np.random.default_rng(1)
+    p = [a + 0.1 * rng.normal(size=a.shape) for a in net.init(1)]
+    tasks = [Task(rng.normal(size=(3, 2, 8, 8)), np.arange(3), rng.normal(size=(3, 2, 8, 8)), np.arange(3))]
+    lrs = [0.2 * (1 + rng.random(s)) if i % 3 else (None if i == 3 else 0.1) for i, s in enumerate(net.shapes)]
+    a = _inner.meta_loss_and_grad(net, p, tasks, lrs, 2, lr_grad=True)
+    b = _inner.meta_loss_and_grad(net, p, tasks, lrs, 2, lr_grad=True, fused=False)
+    assert abs(a[0] - b[0]) <= 1e-15 * abs(b[0])
+    assert _rel(flatten(a[1]), flatten(b[1])) <= 1e-13
+    assert all((x is None and y is None) or _rel(x, y) <= 1e-13 for x, y in zip(a[2], b[2]))
