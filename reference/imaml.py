@@ -202,6 +202,33 @@ _SADDLE_HINT = (
 )
 
 
+def _relu_kink(model: Any, phi: Params, x: np.ndarray,
+               rel_tol: float = 1e-9) -> tuple[int, int, int, float, float] | None:
+    """Where a relu network's hidden pre-activation sits at zero (a kink of the loss) at ``phi``.
+
+    Returns ``(layer, unit, example, value, relative)`` of the pre-activation smallest relative to its
+    layer's largest, when that ratio is below ``rel_tol`` (a minimiser driven onto the kink: the solver
+    leaves it at round-off, ~1e-15), else None; None for smooth activations.
+    """
+    if getattr(model, "activation", None) != "relu" or not hasattr(model, "_split"):
+        return None
+    Ws, bs = model._split([np.asarray(p).real for p in phi])
+    h = np.asarray(x, dtype=float)
+    worst: tuple[int, int, int, float, float] | None = None
+    for layer in range(model.n_layers - 1):
+        z = h @ Ws[layer].T
+        if bs[layer] is not None:
+            z = z + bs[layer]
+        top = float(np.max(np.abs(z), initial=0.0))
+        if top > 0:
+            i, j = np.unravel_index(int(np.argmin(np.abs(z))), z.shape)
+            rel = abs(float(z[i, j])) / top
+            if rel <= rel_tol and (worst is None or rel < worst[4]):
+                worst = (layer + 1, int(j), int(i), float(z[i, j]), rel)
+        h = np.maximum(z, 0.0)
+    return worst
+
+
 def inner_solve(
     model: Any, params: Params, task: Task, lam: Any, *, inner_tol: float = 1e-12, inner_maxiter: int = 1000,
     solver: str = "cg", cg_tol: float = 1e-12, where: str = "task",
@@ -272,6 +299,19 @@ def inner_solve(
         if res <= tol or iterations >= inner_maxiter or not np.isfinite(res):
             break
     if not res <= tol:
+        kink = _relu_kink(model, real_prob.unflat(z), task.x_support)
+        if kink is not None:
+            layer, unit, example, value, rel = kink
+            error = ConvergenceError(
+                f"iMAML inner problem of {where} has no stationary point to solve for: its minimiser lies on a kink "
+                f"of relu (hidden layer {layer}, unit {unit} has pre-activation {value:.2e}, {rel:.1e} of the layer's "
+                f"largest, at support example {example}), where the support loss is not differentiable; the "
+                f"stationarity residual stays at {res:.3g} (tol {tol:.3g}). The implicit meta-gradient needs "
+                "grad L_s = -lam (phi - theta) and the Hessian at phi*, which do not exist there: this is the "
+                "problem, not conditioning (a larger lam does not make the kink go away unless it moves phi* off "
+                "it). Use a smooth activation (softplus, tanh) or another problem (seed, data)")
+            error.residual, error.tolerance, error.phi = res, tol, real_prob.unflat(z)
+            raise error
         error = ConvergenceError(
             f"iMAML inner problem of {where} did not converge: stationarity residual "
             f"||grad L_s(phi) + lam (phi - theta)|| = {res:.3g} > inner_tol * max(1, ||grad L_s(theta)||) = {tol:.3g} "

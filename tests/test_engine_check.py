@@ -528,3 +528,16 @@ def test_fast_steep_direction_is_not_a_kink(seed: int) -> None:
     verdict = check_gradient(f, g, x, seed=seed, budget="fast")
     assert verdict.status == PASS, verdict.reason
     assert not verdict.details[0]["kink"]
+
+
+@pytest.mark.parametrize("budget", ["thorough", "fast"])
+@pytest.mark.parametrize("c", [1e155, 1e250, 1e307])
+def test_values_near_overflow_are_scaled_before_norms(c, budget):
+    # ||g|| of 1e155 * cos(x) overflows when squared: the check scales by a power of two first
+    # and never passes on a non-finite tolerance.
+    x = np.linspace(0.0, 1.0, 5)
+    right = check_gradient(lambda y: c * np.sum(np.sin(y)), c * np.cos(x), x, budget=budget)
+    assert right.status == "pass" and math.isfinite(right.tolerance) and right.tolerance < 1e-9, right
+    assert "divided by 2^" in right.reason
+    wrong = check_gradient(lambda y: c * np.sum(np.sin(y)), -c * np.cos(x), x, budget=budget)
+    assert wrong.status == "fail" and math.isfinite(wrong.tolerance), wrong

@@ -430,9 +430,12 @@ def test_cli_usage_errors_exit_2(argv: list[str], message: str, tmp_path: Path, 
 
 
 def test_report_with_a_failed_audit_target_still_writes_and_exits_1(tmp_path: Path) -> None:
-    """An audit that cannot run is a failure shown in the report (escaped), not a crash."""
+    """An audit that cannot run (the function raises) is a failure shown in the report (escaped), not a crash.
+    (A target that does not exist is a usage error, exit 2 before any work: tests/test_cli_errors.py.)"""
     out = tmp_path / "audit"
-    target = str(tmp_path / "<img src=x onerror=alert(1)>.py") + ":maml"
+    src = tmp_path / "<img src=x onerror=alert(1)>.py"
+    src.write_text("def maml(model, tasks, inner_lr, inner_steps):\n    raise RuntimeError('boom <b>')\n")
+    target = str(src) + ":maml"
     code = main(["report", "--quick", "--backend", "numpy", "--algorithm", "maml", "--out", str(out),
                  "--audit", target])
     assert code == 1
@@ -440,6 +443,7 @@ def test_report_with_a_failed_audit_target_still_writes_and_exits_1(tmp_path: Pa
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;.py" in html
     doc = json.loads((out / "results.json").read_text())
     (audit,) = doc["result"]["audits"]
-    assert audit["status"] == "fail" and "does not exist" in audit["error"]
+    assert audit["status"] == "fail" and "boom <b>" in audit["error"]
+    assert "boom <b>" not in html and "boom &lt;b&gt;" in html
     assert doc["result"]["report"]["status"] == "fail"
     assert math.isfinite(doc["generated"]["seconds"]["total"])

@@ -164,10 +164,20 @@ def _judge(
                    why=f"the {est.method} estimate could not be formed ({est.note})")
         return rec
     scale = max(gnorm, abs(est.value))
+    if not (math.isfinite(scale) and math.isfinite(claimed) and math.isfinite(est.error)):
+        # Near float64's overflow threshold (~1.8e308) the sums in <g,v>, ||g|| or the estimate's error
+        # bound overflow: there is no finite tolerance to judge with, so no verdict but "inconclusive".
+        rec.update(status=INCONCLUSIVE, error=math.nan, tolerance=math.nan, kink=False,
+                   why=(f"direction {k}: <g,v>={_fmt(claimed)}, ||g||={gnorm:.3g}, estimate {_fmt(est.value)} +- "
+                        f"{est.error:.1e} reach float64's overflow threshold; scale f (and its gradient) down, "
+                        "e.g. divide it by a constant, and check again"))
+        return rec
     diff = abs(claimed - est.value)
     tol_abs = rtol * scale + est.error
-    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-    tol_rel = tol_abs / scale if scale > 0 else math.inf
+    # Relative quantities formed by dividing first, so that they stay finite whenever the inputs are.
+    rel = (abs(claimed / scale - est.value / scale) if scale > 0 else (0.0 if diff == 0 else math.inf))
+    # scale 0 means g = 0 and D = 0, so diff = 0: the table tolerance stands as the (finite) relative one
+    tol_rel = (rtol + est.error / scale) if scale > 0 else rtol
     rec.update(error=rel, tolerance=tol_rel, difference=diff)
     kink = (_kink_probe(p, v, rtol * scale) if probe_kinks
             else _Kink(False, math.nan, math.nan, math.nan, math.inf))
@@ -208,12 +218,37 @@ def _judge(
 _EXACT_DOT_MAX = 1 << 16
 
 
+def _magnitude(out: Any) -> float:
+    """``|f(x)|`` of a scalar output, 0 for anything else (its error is reported by the engine)."""
+    try:
+        arr = np.asarray(out)
+        if arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
+            return 0.0
+        return float(abs(arr.reshape(()).item()))
+    except Exception:
+        return 0.0
+
+
+def _norm(a: np.ndarray) -> float:
+    """``||a||_2`` scaled by ``max |a_i|`` first, so that it is finite whenever it is representable
+    (``np.linalg.norm`` squares the entries and overflows from ``|a_i| ~ 1e154``)."""
+    m = float(np.max(np.abs(a), initial=0.0))
+    if m == 0.0 or not math.isfinite(m):
+        return m
+    with np.errstate(over="ignore"):
+        return float(m * np.linalg.norm(a / m))
+
+
 def _dot(g: np.ndarray, v: np.ndarray) -> float:
     """``<g, v>``: exact (``math.fsum``) for small ``n``; else NumPy's pairwise sum, whose error
     ``<= ~(log2(n) + 1) eps sum |g_i v_i| <= ~21 eps ||g|| ||v||`` at 1M entries is ~1e4 times below
     the float64 tolerance ``eps^(2/3) ||g|| ||v||``."""
-    prod = g * v
-    return math.fsum(prod) if prod.size <= _EXACT_DOT_MAX else float(np.sum(prod))
+    with np.errstate(over="ignore"):
+        prod = g * v
+        try:
+            return math.fsum(prod) if prod.size <= _EXACT_DOT_MAX else float(np.sum(prod))
+        except OverflowError:  # fsum's intermediate sum left float64's range
+            return math.inf
 
 
 def _fast_directions(rng: np.random.Generator, count: int, g: np.ndarray, gnorm: float) -> np.ndarray:
@@ -374,7 +409,23 @@ def _check_gradient(
         )
     if noise_probes is None:
         noise_probes = FAST_NOISE_PROBES if fast else NOISE_PROBES
-    p = Problem(f, x_arr, noise_probes=noise_probes)
+    # Scale before any norm or difference: values near float64's overflow threshold (|f| or |g_i| above
+    # 2^64, e.g. 1e155 * sin) are divided by a power of two, exact in binary floating point, so that
+    # ||g||, <g,v>, the difference quotients and Richardson's combinations stay finite; every error and
+    # tolerance is relative, so the verdict is that of the unscaled problem.
+    g_max = float(np.max(np.abs(g_arr), initial=0.0)) if np.all(np.isfinite(g_arr)) else 0.0
+    scaling: dict[str, float] = {}
+
+    def f_scaled(y: np.ndarray) -> Any:
+        out = f(y)
+        if "inv" not in scaling:
+            big = max(g_max, _magnitude(out))
+            scaling["inv"] = math.ldexp(1.0, -(math.frexp(big)[1] - 64)) if math.isfinite(big) and big > 2.0**64 \
+                else 1.0
+        return out if scaling["inv"] == 1.0 else out * scaling["inv"]
+
+    p = Problem(f_scaled, x_arr, noise_probes=noise_probes)
+    inv = scaling.get("inv", 1.0)
     dtype = precision_dtype(x_arr.dtype, g_arr.dtype, p.output_dtype)
     tol = float(rtol) if rtol is not None else tolerance(dtype, "gradient")
     if not np.all(np.isfinite(g_arr)):
@@ -382,8 +433,8 @@ def _check_gradient(
         return Verdict(FAIL, "gradient", math.inf, tol,
                        f"the claimed gradient has non-finite entries at {bad}", dtype.name, "", ())
 
-    g = g_arr.astype(np.float64).reshape(-1)
-    gnorm = float(np.linalg.norm(g))
+    g = g_arr.astype(np.float64).reshape(-1) * inv
+    gnorm = _norm(g)
     n = g.size
     rng = np.random.default_rng(seed)
     if fast:
@@ -399,7 +450,7 @@ def _check_gradient(
     def est_at(k: int, mth: str) -> Estimate:
         # fast: ||g * v|| of the claimed gradient stands in for the rounding scale T of the complex
         # step (it only enters the 8 eps floor, far below rtol * ||g|| ||v||).
-        terms = float(np.linalg.norm(g * dirs[k])) if fast else 0.0
+        terms = _norm(g * dirs[k]) if fast else 0.0
         return estimate(p, dirs[k].reshape(p.shape), mth, None, fast=fast, terms=terms)
 
     note = ""
@@ -461,6 +512,12 @@ def _check_gradient(
     if scale_floor > gnorm:
         reason += (f"; errors measured against the rounding floor scale_floor={float(scale_floor):.3g} "
                    f"(> ||g|| = {gnorm:.3g}) instead of ||g||")
+    if inv != 1.0:
+        reason += (f"; f and g were divided by 2^{-math.frexp(inv)[1] + 1} (exact) to keep norms and "
+                   "differences far from overflow; errors are relative, so the verdict is unchanged")
     error = worst.get("error", math.nan)
+    if status == PASS and not (math.isfinite(float(error)) and math.isfinite(float(worst.get("tolerance", tol)))):
+        status = INCONCLUSIVE  # never a pass on a non-finite error or tolerance
+        reason = f"no finite error or tolerance could be formed ({reason})"
     return Verdict(status, "gradient", float(error), float(worst.get("tolerance", tol)), reason, dtype.name,
                    chosen, tuple(records))

@@ -62,6 +62,41 @@ def results_document(command: list[str], result: dict[str, Any], *, device: str 
     }
 
 
+def check_writable(path: str | os.PathLike[str], option: str) -> Path:
+    """Fail before any work when ``path`` (the value of ``option``, e.g. ``--json``) cannot be written.
+
+    The file itself is not created; its nearest existing ancestor must be a writable folder (missing
+    folders below it are created at write time), and an existing ``path`` must be a writable file.
+
+    Raises:
+        InvalidInputError: ``path`` is a folder, lies below a file, or in a folder that cannot be written.
+    """
+    target = Path(path)
+    if str(path) == "":
+        raise InvalidInputError(f"{option}={str(path)!r} is empty; give a file path")
+    if target.is_dir():
+        raise InvalidInputError(f"{option}={str(target)!r} is a directory; give a file path, e.g. "
+                                f"{str(target / ('results.xml' if option == '--junit' else 'results.json'))!r}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InvalidInputError(f"{option}={str(target)!r} exists and is not writable; choose another path")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidInputError(f"{option}={str(target)!r} cannot be created: {str(ancestor)!r} is a file, not a "
+                                "folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{option}={str(target)!r} cannot be written: no write permission in folder "
+                                f"{str(ancestor)!r}")
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temp file + rename); parent folders are created."""
     target = Path(path)
@@ -75,6 +110,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        # mkstemp creates 0600; an output file gets the mode any new file gets (0666 less the umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -141,5 +178,5 @@ class Progress:
             self.stream.flush()
 
 
-__all__ = ["Progress", "SCHEMA", "SCHEMA_VERSION", "atomic_write_text", "environment", "junit_xml",
+__all__ = ["Progress", "SCHEMA", "SCHEMA_VERSION", "atomic_write_text", "check_writable", "environment", "junit_xml",
            "results_document", "write_json", "write_junit"]

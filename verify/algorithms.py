@@ -71,15 +71,31 @@ class Case:
         return [np.shape(v) for v in self.variables]
 
     def describe(self) -> str:
+        """Every value the problem uses: the model, the task sizes, the hyper-parameters (given or drawn,
+        including R2-D2/LR-D2's ``lam, scale, offset`` and Meta-SGD's learning-rate range), the seed."""
         m = self.model
-        hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        row = ALGORITHMS.get(self.algorithm)
+        backbone = row is not None and row.family == "backbone"
+        values = [f"{k}={v!r}" for k, v in self.hyper.items()]
+        for name, value in self.extra.items():
+            arr = np.asarray(value)
+            if arr.ndim == 0:
+                values.append(f"{name}={float(arr):.6g}")
+        lrs = [np.asarray(v) for k, v in self.extra.items() if k.startswith("lrs[")]
+        if lrs:
+            flat = np.concatenate([a.ravel() for a in lrs])
+            values.append(f"lrs in [{float(flat.min()):.4g}, {float(flat.max()):.4g}] (per entry)")
+        head = {"lrd2": "the head's loss is 'bce'"}.get(self.algorithm, "the head's loss is 'ce'")
         if not isinstance(m, MLP):  # a reference.nets.Network (Conv4, ResNet-12, a translated torch module)
-            what = m.summary() if hasattr(m, "summary") else repr(m)
-            return f"{self.algorithm}: {what}, {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
-        return (
-            f"{self.algorithm}: MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, "
-            f"bias={m.bias}), {len(self.tasks)} task(s), {hyper}, seed={self.seed}"
-        )
+            model = m.summary() if hasattr(m, "summary") else repr(m)
+        elif backbone:
+            model = f"MLP(sizes={list(m.sizes)}, activation={m.activation!r}, bias={m.bias}) as the backbone ({head})"
+        else:
+            model = f"MLP(sizes={list(m.sizes)}, activation={m.activation!r}, loss={m.loss_name!r}, bias={m.bias})"
+        t = self.tasks[0] if self.tasks else None
+        sizes = (f"{len(self.tasks)} task(s) of {np.shape(t.x_support)[0]} support / {np.shape(t.x_query)[0]} "
+                 "query examples" if t is not None else f"{len(self.tasks)} task(s)")
+        return f"{self.algorithm}: {model}, {sizes}, {', '.join(values)}, seed={self.seed}"
 
     def split(self, variables: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
         """Split a variables list back into ``(params, extra)``."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,9 @@ from reference.errors import InvalidInputError
 from reference.models import MLP, flatten
 from verify._verdict import FAIL, INCONCLUSIVE, PASS
 from verify.algorithms import ALGORITHMS, Case, auditable, evaluate
-from verify.auditing.diagnosis import diagnose
-from verify.auditing.harness import Harness, infer_backend, make_harness, short
-from verify.auditing.problem import BACKENDS, build_problem
+from verify.auditing.diagnosis import diagnose, match_error
+from verify.auditing.harness import Claim, Harness, infer_backend, make_harness, short
+from verify.auditing.problem import BACKENDS, build_problem, check_options_apply
 from verify.auditing.result import AuditResult, TensorCheck
 from verify.tolerance import tolerance
 
@@ -58,31 +59,72 @@ __all__ = ["audit"]
 # ---------------------------------------------------------------------------
 
 
-def _which_side(loss_ok: bool | None, ref_ok: bool, own: str | None, algorithm: str) -> str:
-    if own is None:
-        return ("" if ref_ok else f"{algorithm}'s direction is defined, not derived: it is compared with the "
-                "reference only")
-    own_ok = own == PASS
-    if ref_ok and own_ok:
-        return "the gradient matches the reference and finite differences of the function's own meta-loss"
-    if ref_ok and own == INCONCLUSIVE:
-        return "the gradient matches the reference; finite differences of the function's meta-loss were inconclusive"
-    if ref_ok:
-        return ("the gradient matches the reference but not finite differences of the meta-loss the function "
-                "returns: the returned loss is not the function that was differentiated")
-    if own_ok:
-        if loss_ok is False:
-            return ("the gradient is the exact gradient of the function's own meta-loss, but that meta-loss is not "
-                    f"{algorithm}'s: the forward computation (the inner loop or the loss) differs from the algorithm")
-        return ("the gradient is the gradient of the function's own meta-loss, which agrees with the reference at "
-                "this point but not nearby: the forward computation differs from the algorithm")
-    if own == INCONCLUSIVE:
-        return "the gradient disagrees with the reference; finite differences of the function's meta-loss were inconclusive"
-    if loss_ok is False:
-        return ("the gradient disagrees with the reference and is not the gradient of the function's own meta-loss, "
-                "which also differs from the reference: both the forward and the backward computation are wrong")
-    return ("the meta-loss matches the reference but the gradient is not the gradient of that meta-loss: the "
-            "backward pass (what is differentiated) is wrong")
+#: The verdict sentence for every combination of the three checks (``tests/audit/test_which_side.py``
+#: walks the table): the meta-loss against the reference (pass / fail / None: not compared), the
+#: gradient tensors against the reference (pass / fail), and the gradient against finite differences
+#: of the function's own meta-loss (pass / fail / inconclusive / None: not run).
+WHICH_SIDE: dict[tuple[str | None, str, str | None], str] = {
+    # every tensor matches the reference
+    (PASS, PASS, PASS): "the meta-loss and the gradient match the reference, and the gradient matches finite "
+                        "differences of the function's own meta-loss",
+    (PASS, PASS, INCONCLUSIVE): "the meta-loss and the gradient both match the reference; finite differences of the "
+                                "function's own meta-loss were inconclusive (they do not change the verdict)",
+    (PASS, PASS, FAIL): "the meta-loss and the gradient both match the reference here, but the gradient is not the "
+                        "gradient of the returned loss nearby: the returned loss is not the function that was "
+                        "differentiated",
+    (PASS, PASS, None): "the meta-loss and the gradient match the reference (no finite-difference check of the "
+                        "function's own meta-loss was run)",
+    (FAIL, PASS, PASS): "every gradient tensor matches the reference and is the gradient of the returned meta-loss; "
+                        "only the meta-loss value differs: it differs from the algorithm's by a term the gradient "
+                        "does not see (a constant added, a loss reported at another point or in another precision)",
+    (FAIL, PASS, FAIL): "every gradient tensor matches the reference, but the returned meta-loss differs from the "
+                        "reference and its finite differences disagree with the gradient: the returned loss is not "
+                        "the function that was differentiated (e.g. an extra term, or the loss of another step)",
+    (FAIL, PASS, INCONCLUSIVE): "every gradient tensor matches the reference; only the meta-loss differs (finite "
+                                "differences of it were inconclusive): the value returned is not the algorithm's "
+                                "meta-loss, the gradient is right",
+    (FAIL, PASS, None): "every gradient tensor matches the reference; only the meta-loss differs: the value returned "
+                        "is not the algorithm's meta-loss, the gradient is right",
+    (None, PASS, PASS): "the gradient matches the reference and finite differences of the function's own meta-loss",
+    (None, PASS, INCONCLUSIVE): "the gradient matches the reference; finite differences of the function's meta-loss "
+                                "were inconclusive",
+    (None, PASS, FAIL): "the gradient matches the reference but not finite differences of the meta-loss the "
+                        "function returns: the returned loss is not the function that was differentiated",
+    (None, PASS, None): "the {quantity} matches the reference",
+    # some tensor differs from the reference
+    (PASS, FAIL, PASS): "the gradient is the gradient of the function's own meta-loss, which agrees with the "
+                        "reference at this point but not nearby: the forward computation differs from the algorithm",
+    (PASS, FAIL, FAIL): "the meta-loss matches the reference but the gradient is not the gradient of that meta-loss: "
+                        "the backward pass (what is differentiated) is wrong",
+    (PASS, FAIL, INCONCLUSIVE): "the meta-loss matches the reference but the gradient does not; finite differences of "
+                                "the function's meta-loss were inconclusive, so which computation is wrong is not "
+                                "established (with the loss right, most likely the backward pass)",
+    (PASS, FAIL, None): "the meta-loss matches the reference but the gradient does not (no finite-difference check "
+                        "of the function's own meta-loss was run): most likely the backward pass is wrong",
+    (FAIL, FAIL, PASS): "the gradient is the exact gradient of the function's own meta-loss, but that meta-loss is "
+                        "not {algorithm}'s: the forward computation (the inner loop or the loss) differs from the "
+                        "algorithm",
+    (FAIL, FAIL, FAIL): "the gradient disagrees with the reference and is not the gradient of the function's own "
+                        "meta-loss, which also differs from the reference: both the forward and the backward "
+                        "computation are wrong",
+    (FAIL, FAIL, INCONCLUSIVE): "the meta-loss and the gradient both differ from the reference; finite differences "
+                                "of the function's meta-loss were inconclusive, so whether the backward pass is also "
+                                "wrong is not established",
+    (FAIL, FAIL, None): "the meta-loss and the gradient both differ from the reference (no finite-difference check "
+                        "of the function's own meta-loss was run)",
+    (None, FAIL, PASS): "the gradient is the gradient of the function's own meta-loss, but differs from the "
+                        "reference: the forward computation differs from the algorithm",
+    (None, FAIL, FAIL): "the gradient disagrees with the reference and with finite differences of the function's own "
+                        "meta-loss",
+    (None, FAIL, INCONCLUSIVE): "the gradient disagrees with the reference; finite differences of the function's "
+                                "meta-loss were inconclusive",
+    (None, FAIL, None): "{algorithm}'s {quantity} is defined, not derived: it is compared with the reference only",
+}
+
+
+def which_side(loss: str | None, tensors: str, own: str | None, algorithm: str, quantity: str = "meta-gradient") -> str:
+    """The sentence saying which side is wrong (:data:`WHICH_SIDE`), from the three checks' statuses."""
+    return WHICH_SIDE[(loss, tensors, own)].format(algorithm=algorithm, quantity=quantity)
 
 
 def audit(
@@ -111,6 +153,7 @@ def audit(
     thorough: bool = False,
     title: str = "",
     case: Case | None = None,
+    dtype: str = "float64",
 ) -> AuditResult:
     """Audit a meta-gradient implementation ``fn`` of ``algorithm`` against the reference.
 
@@ -146,6 +189,11 @@ def audit(
             conclusive is followed by the full one.
         title: a label for reports.
         case: a ready :class:`verify.algorithms.Case` (overrides the problem arguments).
+        dtype: ``"float64"`` (default: the model, tasks and tolerances in float64; a function whose
+            result depends on torch's default dtype is re-run with float64 as the default and, when
+            that verifies, named as float32 constants) or ``"float32"`` (PyTorch: the whole audit in
+            float32 with float32's tolerances, as most code trains; the report says whether the
+            first-order bug is above float32's floor on the problem).
 
     Returns:
         An :class:`AuditResult`; ``result.passed`` is the verdict.
@@ -176,8 +224,28 @@ def audit(
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 0:
         raise InvalidInputError(f"directions={directions!r} must be an integer >= 0 (0 skips the finite-difference "
                                 "check of the function's own meta-loss)")
+    if dtype not in ("float64", "float32"):
+        raise InvalidInputError(f"dtype={dtype!r} must be 'float64' (the default) or 'float32'")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed={seed!r} must be an integer >= 0")
     load_backend(backend)  # a clear error with the install hint when missing
+    row = ALGORITHMS[algorithm]
     if case is None:
+        check_options_apply(algorithm, dict(loss=loss, inner_lr=inner_lr, inner_steps=inner_steps, n_way=n_way,
+                                            lam=lam, scale=scale, offset=offset, damping=damping,
+                                            bias_column=bias_column, normalize=normalize, form=form,
+                                            newton_steps=newton_steps), spell=lambda k: f"{k}=")
+        from verify._limits import check_problem_fits
+        from verify.auditing.problem import parse_model
+
+        # the estimate covers MLPs (the --model mlp:... spec); networks (conv4:, resnet12:, FILE.py:factory)
+        # are sized by their own builders
+        sizes = (list(model.sizes) if isinstance(model, MLP) else parse_model(model)["sizes"]
+                 if isinstance(model, str) and model.startswith("mlp:") else None)
+        counts = {k: v if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 else None
+                  for k, v in dict(n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way,
+                                   inner_steps=inner_steps).items()}
+        check_problem_fits(algorithm, sizes=sizes, loss=loss, **counts)  # before any allocation
         hyper = {k: v for k, v in dict(inner_lr=inner_lr, inner_steps=inner_steps, lam=lam, scale=scale,
                                        offset=offset, damping=damping, bias_column=bias_column,
                                        normalize=normalize, form=form, newton_steps=newton_steps).items()
@@ -187,51 +255,87 @@ def audit(
     elif case.algorithm != algorithm:
         raise InvalidInputError(f"case.algorithm={case.algorithm!r} differs from algorithm={algorithm!r}")
 
-    ref_loss, ref_grads = evaluate(case)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ref_loss, ref_grads = evaluate(case)
     ref = flatten([np.asarray(g, dtype=float) for g in ref_grads])
+    if not (np.all(np.isfinite(ref)) and (ref_loss is None or np.isfinite(float(ref_loss)))):
+        raise InvalidInputError(
+            f"the reference {row.quantity} of this problem is not finite (overflow in float64): the problem's values "
+            f"are too large ({case.describe()}), not a fault of the audited function; choose smaller values "
+            "(inner_lr, lam, scale, the number of inner steps) or another seed")
     try:
         cond = float32_condition(case, ref)
     except Exception:  # rounding made the problem singular: no estimate, the table value stands
         cond = 1.0
     why = "the reference gradient's relative change when its inputs are rounded to float32, in units of float32's eps"
-    row = ALGORITHMS[algorithm]
     if row.condition is not None:
         # e.g. iMAML: the implicit gradient goes through (I + H/lam)^{-1}, so forward errors scale with its
         # condition (the row's condition estimate).
         kappa, why_row = row.condition(case)
         if kappa > cond:
             cond, why = kappa, why_row
-    tol = tolerance("float64", "reference_match", condition=cond)
-    reason = "float64 'reference_match' = eps^(3/4)" + (f" x condition estimate {cond:.3g} ({why})" if cond > 1 else "")
+    tol = tolerance(dtype, "reference_match", condition=cond)
+    reason = (f"{dtype} 'reference_match' = eps^(3/4)" + (f" x condition estimate {cond:.3g} ({why})" if cond > 1
+                                                          else ""))
 
-    harness: Harness = make_harness(backend, fn, case)
+    harness: Harness = make_harness(backend, fn, case, **({"dtype": "float32", "default_dtype": "float32"}
+                                                          if dtype == "float32" else {}))
     claim = harness.claim()
+    cmp = _compare(case, claim, ref_loss, ref_grads, ref, tol, locate)
+    notes: list[str] = []
+    precision = ""
+    if dtype == "float64" and backend == "torch" and not cmp.agrees:
+        # Precision first: code that creates tensors in torch's default dtype (torch.tensor(0.) accumulators,
+        # torch.tensor(lr) step sizes, lam * torch.eye(n)) differs from the reference by float32 round-off.
+        # Run it again with float64 as the default dtype: if the result changes, those tensors are what
+        # float32 touched, and the rest of the verdict is on the float64 run (a real bug stays visible there,
+        # free of the float32 noise, so the catalogue can name it).
+        harness64 = make_harness(backend, fn, case, default_dtype="float64")
+        claim64 = harness64.claim()
+        if not _same_claim(claim, claim64):
+            cmp64 = _compare(case, claim64, ref_loss, ref_grads, ref, tol, locate)
+            # the size of the float32 round-off: how far the two runs are apart, relative to the reference
+            ref_max = max(float(np.max(np.abs(ref), initial=0.0)), np.finfo(float).tiny)
+            worst32 = float(np.max(np.abs(flatten(claim.grads) - flatten(claim64.grads)), initial=0.0)) / ref_max
+            if claim.loss is not None and claim64.loss is not None and ref_loss is not None:
+                loss_scale = max(abs(float(ref_loss)), np.finfo(float).tiny)
+                worst32 = max(worst32, abs(claim.loss - claim64.loss) / loss_scale)
+            # float32 round-off: up to the float32 tolerance of this problem (eps32^(3/4) x condition), with
+            # a factor 10 for the constants' own rounding propagated through the inner loop
+            floor32 = 10 * tolerance("float32", "reference_match", condition=cond)
+            if cmp64.agrees and worst32 > floor32:
+                precision = (
+                    "default dtype: the function verifies with torch.set_default_dtype(torch.float64) (worst rel "
+                    f"{cmp64.worst:.1e}), but as written its default-dtype (float32) tensors change the result by rel "
+                    f"{worst32:.1e}, more than float32 round-off explains ({floor32:.1e}): a float32 tensor changes "
+                    "the computation (a step size or constant that float32 cannot hold, data cast to float32)")
+                cmp64 = cmp  # keep the verdict on the code as written
+                claim64, harness64 = claim, harness
+            elif cmp64.agrees:
+                precision = (
+                    "float32 constants: the function creates tensors in the default dtype (e.g. torch.tensor(0.), "
+                    "torch.eye(n), torch.tensor(lr)); it verifies when they are float64 (re-run with "
+                    f"torch.set_default_dtype(torch.float64): worst rel {cmp64.worst:.1e}, tol {tol:.1e}). As "
+                    f"written they add float32 round-off (worst rel {worst32:.1e}), not a wrong meta-gradient; for "
+                    "float64 accuracy create them with the parameters' dtype (torch.zeros((), dtype=p.dtype), "
+                    "torch.eye(n, dtype=z.dtype))")
+            else:
+                notes.append(
+                    "the function creates tensors in torch's default dtype (float32 round-off, worst rel "
+                    f"{worst32:.1e} as written): this verdict is on its run with "
+                    "torch.set_default_dtype(torch.float64), where that round-off is gone")
+            harness, claim, cmp = harness64, claim64, cmp64
+    if cmp.loss and cmp.loss.get("why"):
+        notes.append(f"the returned meta-loss is a {claim.loss_dtype} tensor (e.g. torch.tensor(total) of a Python "
+                     f"float, or a {claim.loss_dtype} accumulator): its value is compared at {claim.loss_dtype}'s "
+                     f"rounding ({cmp.loss['tolerance']:.1e}), the gradient at the audit's tolerance")
     g = flatten(claim.grads)
-
-    loss_check = None
-    loss_ok: bool | None = None
-    if claim.loss is not None and ref_loss is not None:
-        err = abs(claim.loss - float(ref_loss)) / max(abs(float(ref_loss)), np.finfo(float).tiny)
-        loss_ok = err <= tol
-        loss_check = {"status": PASS if loss_ok else FAIL, "reference": float(ref_loss), "got": claim.loss,
-                      "error": err, "tolerance": tol}
-
-    scale_ = max(float(np.max(np.abs(ref), initial=0.0)), np.finfo(float).tiny)
-    tensors = []
-    offset_ = 0
-    for name, shape, got, want, miss in zip(case.names, case.shapes, claim.grads, ref_grads, claim.missing):
-        got, want = np.asarray(got, dtype=float).ravel(), np.asarray(want, dtype=float).ravel()
-        diff = np.abs(got - want)
-        idx = int(np.argmax(diff)) if diff.size else 0
-        err = float(diff[idx]) / scale_ if diff.size else 0.0
-        tensors.append(TensorCheck(name, tuple(shape), PASS if err <= tol else FAIL, err,
-                                   locate(case, offset_ + idx), float(want[idx]), float(got[idx]), miss))
-        offset_ += got.size
-    ref_ok = all(t.status == PASS for t in tensors)
+    loss_ok = None if cmp.loss is None else cmp.loss["status"] == PASS
+    ref_ok = cmp.tensors_ok
 
     independent = None
     own_status = None
-    if ALGORITHMS[algorithm].differentiable and claim.loss is not None and directions > 0:
+    if row.differentiable and claim.loss is not None and directions > 0:
         own, x_own = harness.own_loss(), flatten(case.variables)
         v = None
         used, budget = directions, "thorough"
@@ -258,7 +362,135 @@ def audit(
     if status == FAIL and not (ref_ok and loss_ok is not False):
         diagnosis = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
                              reference_grads=ref_grads, tol=tol)
-    return AuditResult(status, algorithm, backend, case.describe(), case.seed, tol, reason, cond, loss_check,
-                       tensors, independent, _which_side(loss_ok, ref_ok and loss_ok is not False, own_status,
-                                                         algorithm),
-                       diagnosis, claim.source, claim.notes, title, time.perf_counter() - t0)
+    lr_rounding = False
+    if (dtype == "float64" and diagnosis is not None and diagnosis.key == "wrong_inner_lr"
+            and "inner_lr" in diagnosis.fitted and "inner_lr" in case.hyper):
+        # A step size held in float32 (jnp.float32(lr), np.float32(lr); torch.tensor(lr) is caught by the
+        # default-dtype re-run above): the fit finds exactly float32(inner_lr), with no other factor. The
+        # claim is then exactly the algorithm's meta-gradient at that step size: a precision matter.
+        base = float(case.hyper["inner_lr"])
+        r32 = float(np.float32(base))
+        fitted_lr, c = float(diagnosis.fitted["inner_lr"]), float(diagnosis.fitted.get("scale", 1.0))
+        if r32 != base and abs(fitted_lr - r32) <= 1e-12 * abs(base) and abs(c - 1.0) <= 1e-12:
+            precision = (
+                f"float32 constants: the function uses the inner learning rate as float32({base:.10g}) = {r32!r} (a "
+                f"step size held in float32: jnp.float32(lr), np.float32(lr), torch.tensor(lr)); with that rate its "
+                f"meta-gradient is exactly the reference's (rel {diagnosis.error:.1e}, tol {tol:.1e}), so it is "
+                "verified; the step size's rounding changes the result by "
+                f"rel {match_error(flatten(claim.grads), ref):.1e}")
+            status, diagnosis = PASS, None
+            lr_rounding = True
+    if dtype == "float64" and status == FAIL and not precision and not (ref_ok and loss_ok is not False):
+        # Hard-coded float32 (.float(), dtype=torch.float32, float32 data) does not depend on the default
+        # dtype, so the re-run above cannot remove it. Its round-off is bounded by float32's tolerance for
+        # this problem: a bug far above that floor is still named by the catalogue at that tolerance, and a
+        # mismatch within it is named as precision, never "unexplained".
+        tol32 = tolerance("float32", "reference_match", condition=cond)
+        if diagnosis is None and cmp.worst > tol32:  # within tol32 every variant near the correct one matches
+            coarse = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
+                              reference_grads=ref_grads, tol=tol32)
+            if coarse is not None:
+                diagnosis = coarse
+                notes.append(f"the diagnosis matched at float32's tolerance ({tol32:.1e}), not float64's: the "
+                             "function computes part of its result in float32")
+        if not claim.low_precision and hasattr(harness, "find_low_precision"):
+            claim.low_precision = harness.find_low_precision()  # JAX: read from the traced program
+        evidence = bool(claim.low_precision) or claim.loss_dtype in _LOW_PRECISION
+        if diagnosis is None and cmp.worst <= tol32 and evidence:
+            precision = (
+                f"float32 round-off: the function differs from the reference by rel {cmp.worst:.1e}, within "
+                f"float32's tolerance for this problem ({tol32:.1e}), and no variant of the catalogue explains it: "
+                f"the function computes in {', '.join(claim.low_precision) or claim.loss_dtype} (seen during the "
+                "call: .float(), dtype=torch.float32, float32 data; independent of torch's default dtype). Audit it "
+                f"with --dtype float32 for a float32 verdict; a bug smaller than {tol32:.1e} cannot be told apart "
+                "from this round-off")
+    if dtype == "float32":
+        precision = _float32_floor(case, ref_loss, ref_grads, tol)
+    side = which_side(None if cmp.loss is None else cmp.loss["status"], PASS if ref_ok else FAIL, own_status,
+                      algorithm, row.quantity)
+    if lr_rounding:
+        side = ("the meta-loss and the gradient are exactly the reference's at the function's float32 step size; "
+                "they differ from the float64 step size's by that rounding only (see precision)")
+    result = AuditResult(status, algorithm, backend, case.describe(), case.seed, tol, reason, cond, cmp.loss,
+                         cmp.tensors, independent, side, diagnosis, claim.source, claim.notes + notes, title,
+                         time.perf_counter() - t0, dtype=dtype, precision=precision)
+    return result
+
+
+@dataclass
+class _Comparison:
+    """The claim against the reference: the meta-loss check and the per-tensor checks."""
+
+    loss: dict[str, Any] | None
+    tensors: list[TensorCheck]
+
+    @property
+    def tensors_ok(self) -> bool:
+        return all(t.status == PASS for t in self.tensors)
+
+    @property
+    def agrees(self) -> bool:
+        return self.tensors_ok and (self.loss is None or self.loss["status"] == PASS)
+
+    @property
+    def worst(self) -> float:
+        return max([t.error for t in self.tensors] + [self.loss["error"] if self.loss else 0.0])
+
+
+#: Below float64: a meta-loss returned in one of these is compared at its own rounding.
+_LOW_PRECISION = {"float32": float(np.finfo(np.float32).eps), "float16": float(np.finfo(np.float16).eps),
+                  "bfloat16": 2.0 ** -7}
+
+
+def _compare(case: Case, claim: Claim, ref_loss: Any, ref_grads: Any, ref: np.ndarray, tol: float,
+             locate: Callable[[Case, int], str]) -> _Comparison:
+    loss_check = None
+    if claim.loss is not None and ref_loss is not None:
+        err = abs(claim.loss - float(ref_loss)) / max(abs(float(ref_loss)), np.finfo(float).tiny)
+        loss_tol, why = tol, ""
+        if claim.loss_dtype in _LOW_PRECISION and 2 * _LOW_PRECISION[claim.loss_dtype] > tol:
+            # A float64 value rounded to float32 is off by up to eps32/2: the value's precision, not the
+            # forward computation. Two eps leave room for a final float32 division or sum over tasks.
+            loss_tol = 2 * _LOW_PRECISION[claim.loss_dtype]
+            why = f"a {claim.loss_dtype} value, compared at 2 eps({claim.loss_dtype})"
+        loss_check = {"status": PASS if err <= loss_tol else FAIL, "reference": float(ref_loss), "got": claim.loss,
+                      "error": err, "tolerance": loss_tol}
+        if why:
+            loss_check["why"] = why
+    scale_ = max(float(np.max(np.abs(ref), initial=0.0)), np.finfo(float).tiny)
+    tensors = []
+    offset_ = 0
+    for name, shape, got, want, miss in zip(case.names, case.shapes, claim.grads, ref_grads, claim.missing):
+        got, want = np.asarray(got, dtype=float).ravel(), np.asarray(want, dtype=float).ravel()
+        diff = np.abs(got - want)
+        idx = int(np.argmax(diff)) if diff.size else 0
+        err = float(diff[idx]) / scale_ if diff.size else 0.0
+        tensors.append(TensorCheck(name, tuple(shape), PASS if err <= tol else FAIL, err,
+                                   locate(case, offset_ + idx), float(want[idx]), float(got[idx]), miss))
+        offset_ += got.size
+    return _Comparison(loss_check, tensors)
+
+
+def _same_claim(a: Claim, b: Claim) -> bool:
+    if (a.loss is None) != (b.loss is None) or (a.loss is not None and a.loss != b.loss):
+        return False
+    return all(np.array_equal(x, y) for x, y in zip(a.grads, b.grads)) and a.missing == b.missing
+
+
+def _float32_floor(case: Case, ref_loss: Any, ref_grads: Any, tol: float) -> str:
+    """``dtype="float32"``: whether the first-order bug is above float32's floor on this problem."""
+    from verify.auditing.diagnosis import candidates
+
+    ref = flatten([np.asarray(g, dtype=float) for g in ref_grads])
+    first = [c for c in candidates(case) if c.key == "first_order"]
+    if not first:
+        return f"float32 audit: tolerance {tol:.1e} (float32's floor for this problem)"
+    from verify.auditing.diagnosis.catalogue import match_error
+
+    gap = match_error(first[0].grads, ref)
+    if gap > tol:
+        return (f"float32 audit: a first-order implementation would be caught here (its gap to the exact "
+                f"meta-gradient, rel {gap:.1e}, is above float32's tolerance {tol:.1e})")
+    return (f"float32 audit: a first-order implementation would NOT be caught on this problem: its gap to the "
+            f"exact meta-gradient (rel {gap:.1e}) is below float32's tolerance {tol:.1e}; audit in float64 (the "
+            "default) or on a problem with a larger gap (a larger inner_lr or more inner steps)")

@@ -37,6 +37,10 @@ class Claim:
     missing: list[bool]
     source: str
     notes: list[str] = field(default_factory=list)
+    #: dtype of the returned meta-loss (``"float32"`` for ``torch.tensor(total)`` of a Python float)
+    loss_dtype: str | None = None
+    #: floating dtypes below float64 that the function's own operations produced (torch: seen during the call)
+    low_precision: tuple[str, ...] = ()
 
 
 def short(value: Any) -> str:
@@ -92,13 +96,24 @@ class Harness:
 
     backend = ""
 
-    def __init__(self, fn: Callable[..., Any], case: Case):
+    def __init__(self, fn: Callable[..., Any], case: Case, *, dtype: str = "float64",
+                 default_dtype: str | None = None):
         self.fn, self.case = fn, case
         self.row = ALGORITHMS[case.algorithm]
         self.kwargs = optional_kwargs(fn, case)
         self.n = len(case.variables)
+        #: precision of the model, tasks and differentiated tensors passed to the function
+        self.dtype = dtype
+        #: the framework's default dtype during the calls (None: left as it is)
+        self.default_dtype = default_dtype
 
     def _check_loss(self, loss: Any) -> float:
+        if loss is None:
+            raise AuditInputError(
+                "the audited function returned None; return the meta-loss (a scalar), or (loss, grads). A function "
+                "that calls backward() and optimizer.step() itself can be audited through "
+                "verify.backends.torch.training_step (docs/audit.md), which takes the meta-loss from the tensor "
+                "backward() was called on")
         arr = self._loss_array(loss)
         if arr.size != 1:
             raise AuditInputError(
@@ -143,7 +158,8 @@ class Harness:
 
 
 
-def make_harness(backend: str, fn: Callable[..., Any], case: Case) -> Harness:
-    """The harness of ``backend`` (``verify.backends.<backend>.audit_harness``), imported on demand."""
+def make_harness(backend: str, fn: Callable[..., Any], case: Case, **options: Any) -> Harness:
+    """The harness of ``backend`` (``verify.backends.<backend>.audit_harness``), imported on demand;
+    ``options``: ``dtype`` (``"float64"``/``"float32"``), ``default_dtype``."""
     module = importlib.import_module(f"verify.backends.{backend}.audit_harness")
-    return module.HARNESS(fn, case)
+    return module.HARNESS(fn, case, **options)

@@ -7,6 +7,7 @@ typo deserves (:class:`verify.errors.InvalidInputError`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,53 @@ from reference.models import MLP
 from reference.tasks import Task
 from verify.algorithms import ALGORITHMS, Case, build_case
 
-__all__ = ["BACKENDS", "AuditInputError", "build_problem", "network_from_spec", "parse_model"]
+__all__ = ["ALGORITHM_OPTIONS", "BACKENDS", "AuditInputError", "build_problem", "check_options_apply",
+           "network_from_spec", "parse_model"]
 
 #: The frameworks with an audit harness (``verify.backends.<name>.audit_harness``).
 BACKENDS = ("torch", "jax")
+
+
+#: Problem options of each algorithm (besides --model, --tasks, --shots, --queries, --seed): an option
+#: outside its row is a usage error, never silently echoed in the problem line as if it were used.
+_GRADIENT = ("inner_lr", "inner_steps", "loss")
+ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
+    "maml": _GRADIENT, "fomaml": _GRADIENT, "anil": _GRADIENT, "reptile": _GRADIENT, "metasgd": _GRADIENT,
+    "newton": (*_GRADIENT, "damping"),
+    "imaml": ("lam", "loss"),
+    "r2d2": ("lam", "scale", "offset", "bias_column", "normalize", "form", "n_way"),
+    "lrd2": ("lam", "scale", "offset", "bias_column", "newton_steps", "n_way"),
+    "protonet": ("n_way",), "matchingnet": ("n_way",),
+}
+#: CONVENTIONS' defaults of the discrete conventions ("wherever a caller does not say otherwise, never
+#: drawn at random"): ones column on, normalisation on, the dual form.
+CONVENTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "r2d2": {"bias_column": True, "normalize": True, "form": "dual"},
+    "lrd2": {"bias_column": True},
+}
+#: Options every algorithm takes.
+COMMON_OPTIONS = ("model", "n_tasks", "shots", "queries")
+
+
+def _flag(name: str) -> str:
+    return "--tasks" if name == "n_tasks" else "--" + name.replace("_", "-")
+
+
+def check_options_apply(algorithm: str, given: dict[str, Any], *, spell: Callable[[str], str] = _flag) -> None:
+    """Refuse problem options that ``algorithm`` does not have (e.g. ``--lam`` with ``maml``).
+
+    Raises:
+        InvalidInputError: naming the options that do not apply and the ones that do.
+    """
+    if algorithm not in ALGORITHM_OPTIONS:
+        return  # a row registered elsewhere (verify.algorithms.register) declares no option table here
+    own = ALGORITHM_OPTIONS[algorithm]
+    bad = [k for k, v in given.items() if v is not None and k not in own and k not in COMMON_OPTIONS]
+    if bad:
+        names = ", ".join(spell(k) for k in bad)
+        takes = ", ".join(spell(k) for k in (*own, *COMMON_OPTIONS))
+        raise InvalidInputError(f"{names} {'does' if len(bad) == 1 else 'do'} not apply to {algorithm}; its problem "
+                                f"options are {takes}; remove {names}")
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +213,9 @@ def build_problem(algorithm: str, *, model: Any, loss: str | None, n_tasks: int 
                    queries: int | None, n_way: int | None, seed: int, hyper: dict[str, Any]) -> Case:
     from reference.nets.network import Network
 
+    # Discrete conventions a caller did not give take CONVENTIONS' defaults, never a draw from the seed
+    # (a draw made the verdict of an implementation of the default flip with the seed).
+    hyper = {**CONVENTION_DEFAULTS.get(algorithm, {}), **hyper}
     network = None
     if isinstance(model, Network):
         network = (model, None)

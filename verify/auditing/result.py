@@ -74,6 +74,11 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     title: str = ""
     seconds: float = 0.0
+    #: the precision of the audit (``"float64"``, or ``"float32"`` with ``dtype="float32"``)
+    dtype: str = "float64"
+    #: what precision explains (float32 constants in the function, a float32 meta-loss, the float32
+    #: floor of ``dtype="float32"``); '' when nothing
+    precision: str = ""
 
     @property
     def passed(self) -> bool:
@@ -91,11 +96,13 @@ class AuditResult:
     def headline(self) -> str:
         """The one-line chex-style message."""
         a = self.algorithm
-        tol = f"(tol {self.tolerance:.1e}, float64)"
+        tol = f"(tol {self.tolerance:.1e}, {self.dtype})"
         if self.passed:
             w = self.worst
             err = w.error if w else 0.0
-            return f"{a} meta-gradient verified: worst rel {err:.1e} {tol}"
+            extra = " up to float32 constants in the function (see precision)" if \
+                self.precision.startswith("float32 constants") else ""
+            return f"{a} meta-gradient verified{extra}: worst rel {err:.1e} {tol}"
         if self.loss and self.loss["status"] == FAIL:
             return (f"{a} meta-loss mismatch: reference={_g(self.loss['reference'])} got={_g(self.loss['got'])} "
                     f"rel={self.loss['error']:.1e} {tol}")
@@ -117,8 +124,9 @@ class AuditResult:
         lines.append(f"  tolerance: {self.tolerance:.2e} relative ({self.tolerance_reason})")
         if self.loss:
             L = self.loss
+            own_tol = (f" (tol {L['tolerance']:.1e}: {L['why']})" if L.get("why") else "")
             lines.append(f"  meta-loss: reference={_g(L['reference'])} got={_g(L['got'])} rel={L['error']:.1e} "
-                         f"-> {L['status']}")
+                         f"-> {L['status']}{own_tol}")
         what = "direction" if self._row_quantity() == "direction" else "meta-gradient"
         lines.append(f"  {what} vs reference (per tensor, worst entry, relative to the largest reference entry):")
         width = max((len(t.name) for t in self.tensors), default=4)
@@ -133,9 +141,13 @@ class AuditResult:
                          f"tol {ind['tolerance']:.1e}): {ind['reason']}")
         if self.which_side:
             lines.append(f"  verdict: {self.which_side}")
+        if self.precision:
+            lines.append(f"  precision: {self.precision}")
         if not self.passed:
             if self.diagnosis is not None:
                 lines.append(f"  diagnosis: {self.diagnosis}".replace("\n", "\n  "))
+            elif self.precision:
+                lines.append("  diagnosis: precision (see the precision line)")
             else:
                 lines.append("  diagnosis: unexplained mismatch (no variant of the catalogue matches within the "
                              "tolerance)")
@@ -149,12 +161,12 @@ class AuditResult:
     def to_dict(self) -> dict[str, Any]:
         """The ``result.audit`` object of the versioned JSON schema (``docs/audit.md``)."""
         return record(
-            self, ("status", "algorithm", "backend", "title", "problem", "seed", "dtype", "tolerance", "tolerance_reason",
-                   "condition", "gradient_source", "meta_loss", "tensors", "independent", "which_side", "diagnosis",
-                   "unexplained", "headline", "notes", "seconds"),
-            dtype="float64", gradient_source=self.source, meta_loss=self.loss,
-            unexplained=(not self.passed) and self.diagnosis is None, headline=self.headline(),
-            seconds=round(self.seconds, 3),
+            self, ("status", "algorithm", "backend", "title", "problem", "seed", "dtype", "precision", "tolerance",
+                   "tolerance_reason", "condition", "gradient_source", "meta_loss", "tensors", "independent",
+                   "which_side", "diagnosis", "unexplained", "headline", "notes", "seconds"),
+            gradient_source=self.source, meta_loss=self.loss,
+            unexplained=(not self.passed) and self.diagnosis is None and not self.precision,
+            headline=self.headline(), seconds=round(self.seconds, 3),
         )
 
     def to_json(self, **kwargs: Any) -> str:

@@ -44,7 +44,14 @@ def load_backend(name: str) -> ModuleType:
     if not is_available(name):
         module, dist, hint = BACKENDS[name]
         raise BackendUnavailableError(f"backend={name!r} needs {dist}, which is not installed; install it with: {hint}")
-    return importlib.import_module(BACKENDS[name][0])
+    try:
+        return importlib.import_module(BACKENDS[name][0])
+    except Exception as exc:  # installed, but importing it fails (broken build, missing shared library, ...)
+        module, dist, hint = BACKENDS[name]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BackendUnavailableError(
+            f"backend={name!r}: {dist} is installed but importing it failed: {type(exc).__name__}: {first}; "
+            f"reinstall it (pip install --force-reinstall {dist}) or choose another backend") from exc
 
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "is_available", "load_backend"]

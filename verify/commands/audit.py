@@ -25,6 +25,9 @@ from typing import Any, Callable
 
 from reference.errors import InvalidInputError
 from reference.formatting import article
+from verify.auditing.problem import check_options_apply
+from verify.commands import nonnegative_int, positive_int
+from verify.commands import seed as seed_type
 
 LIBRARIES = ("higher", "torchopt", "learn2learn")
 
@@ -54,11 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: a small random MLP drawn from the seed)")
     p.add_argument("--loss", choices=("mse", "ce"), help="task loss of the gradient-based algorithms")
     p.add_argument("--inner-lr", type=float, metavar="A", help="inner learning rate (Meta-SGD: base of the lrs)")
-    p.add_argument("--inner-steps", type=int, metavar="K", help="inner steps")
-    p.add_argument("--tasks", type=int, metavar="N", dest="n_tasks", help="tasks in the meta-batch")
-    p.add_argument("--shots", type=int, metavar="K", help="support examples (per class for classification)")
-    p.add_argument("--queries", type=int, metavar="Q", help="query examples (per class for classification)")
-    p.add_argument("--n-way", type=int, metavar="C", help="classes per task (backbone algorithms)")
+    p.add_argument("--inner-steps", type=positive_int, metavar="K", help="inner steps")
+    p.add_argument("--tasks", type=positive_int, metavar="N", dest="n_tasks", help="tasks in the meta-batch")
+    p.add_argument("--shots", type=positive_int, metavar="K", help="support examples (per class for classification)")
+    p.add_argument("--queries", type=positive_int, metavar="Q", help="query examples (per class for classification)")
+    p.add_argument("--n-way", type=positive_int, metavar="C", help="classes per task (backbone algorithms)")
     p.add_argument("--lam", type=float, metavar="L", help="iMAML proximal weight / R2-D2 and LR-D2 ridge")
     p.add_argument("--scale", type=float, help="R2-D2/LR-D2 logit scale")
     p.add_argument("--offset", type=float, help="R2-D2/LR-D2 logit offset")
@@ -66,14 +69,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-column", type=_bool, metavar="BOOL", help="R2-D2/LR-D2: append a ones column")
     p.add_argument("--normalize", type=_bool, metavar="BOOL", help="R2-D2: divide Z and Y by sqrt(n)")
     p.add_argument("--form", choices=("primal", "dual"), help="R2-D2 ridge form")
-    p.add_argument("--newton-steps", type=int, metavar="K", help="LR-D2 Newton steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problem and the random directions (default 0)")
-    p.add_argument("--directions", type=int, default=4,
+    p.add_argument("--newton-steps", type=positive_int, metavar="K", help="LR-D2 Newton steps")
+    p.add_argument("--seed", type=seed_type, default=0,
+                   help="seed of the problem and the random directions (default 0)")
+    p.add_argument("--directions", type=nonnegative_int, default=4,
                    help="random directions of the full finite-difference check of the function's own meta-loss "
                         "(default 4; 0 skips every finite-difference check)")
     p.add_argument("--thorough", action="store_true",
                    help="run the full finite-difference check even when the gradient matches the reference "
                         "(default: only on a mismatch; a match is confirmed in one direction, ~5 evaluations)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="float64 (default): the audit in float64; a function whose result depends on torch's default "
+                        "dtype is re-run with float64 as the default and named as float32 constants when that "
+                        "verifies. float32: the whole audit in float32 with float32's tolerances (torch)")
     p.add_argument("--json", metavar="PATH", help="write the verdict (versioned schema, docs/audit.md) to PATH")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
     p.add_argument("--title", default="", metavar="TEXT", help="a label for the report")
@@ -139,9 +147,19 @@ def load_target(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def check_problem_size(algorithm: str, model: str | None, **sizes: Any) -> None:
+    """Refuse, before any work, a problem whose memory estimate exceeds the memory available."""
+    from verify._limits import check_problem_fits
+    from verify.auditing.problem import parse_model
+
+    spec = parse_model(model) if model is not None and model.startswith("mlp:") else None
+    check_problem_fits(algorithm, sizes=spec["sizes"] if spec else None, **sizes)
+
+
 def run(args: argparse.Namespace) -> int:
+    from verify._calls import print_once
+    from verify._output import check_writable, results_document, write_json, write_junit
     from verify.auditing import audit
-    from verify._output import results_document, write_json, write_junit
 
     from verify.algorithms import ALGORITHMS
 
@@ -152,6 +170,16 @@ def run(args: argparse.Namespace) -> int:
     if (args.target is None) == (args.library is None):
         raise InvalidInputError("give either TARGET (path/to/file.py:function or package.module:function) or "
                                 "--library higher|torchopt|learn2learn, not both or neither")
+    # Everything that can be refused is refused before the target is imported or anything runs.
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.junit:
+        check_writable(args.junit, "--junit")
+    check_options_apply(args.algorithm, {k: getattr(args, k) for k in (
+        "model", "loss", "inner_lr", "inner_steps", "n_tasks", "shots", "queries", "n_way", "lam", "scale", "offset",
+        "damping", "bias_column", "normalize", "form", "newton_steps")})
+    check_problem_size(args.algorithm, args.model, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
+                       n_way=args.n_way, inner_steps=args.inner_steps, loss=args.loss)
     if args.library:
         from verify.adapters import load_adapter
 
@@ -162,13 +190,17 @@ def run(args: argparse.Namespace) -> int:
         fn = load_target(args.target)
         backend = args.backend
         title = args.title
+    fn = print_once(fn)
     result = audit(
         fn, args.algorithm, backend, model=args.model, loss=args.loss, inner_lr=args.inner_lr,
         inner_steps=args.inner_steps, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
         n_way=args.n_way, lam=args.lam, scale=args.scale, offset=args.offset, damping=args.damping,
         bias_column=args.bias_column, normalize=args.normalize, form=args.form, newton_steps=args.newton_steps,
-        seed=args.seed, directions=args.directions, thorough=args.thorough, title=title,
+        seed=args.seed, directions=args.directions, thorough=args.thorough, title=title, dtype=args.dtype,
     )
+    note = fn.output.note()
+    if note:
+        result.notes.append(note)
     print(result.report())
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("metaverify", "__main__.py")) else []
     if args.json:

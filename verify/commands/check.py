@@ -13,9 +13,11 @@ import sys
 from typing import Any
 
 from reference.errors import InvalidInputError
-from verify._output import Progress, results_document, write_json, write_junit
+from verify._output import Progress, check_writable, results_document, write_json, write_junit
 from verify.algorithms import ALGORITHMS, case_algorithms
-from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available
+from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
+from verify.commands import positive_int
+from verify.commands import seed as seed_type
 from verify.matrix import DTYPES, PRECISIONS, UNSUPPORTED, MatrixResult, plan, run_matrix
 from verify.tolerance import TF32
 
@@ -32,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "float32 with TensorFloat-32 matrix products: on the GPU for torch and JAX, emulated on "
                         "the CPU for torch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for torch/JAX (default: cpu)")
-    p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
+    p.add_argument("--examples", type=positive_int, default=DEFAULT_EXAMPLES,
                    help=f"random problems per cell (default: {DEFAULT_EXAMPLES})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated problems (default: 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the generated problems (default: 0)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (1-based), for CI matrices")
     p.add_argument("--json", metavar="PATH", help="write the results (versioned schema) to PATH")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
@@ -131,11 +133,20 @@ def run(args: argparse.Namespace) -> int:
                                 "TF32 there: add --backend torch, or run on a GPU with --device cuda")
     if args.device == "cuda":
         _require_cuda(backends)
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.junit:
+        check_writable(args.junit, "--junit")
+    for b in backends:
+        load_backend(b)  # installed but failing to import: a clear error now, not a crash mid-run
     cells = plan(algorithms, backends, dtypes)
     shard = _parse_shard(args.shard)
     if shard:
         i, n = shard
         cells = cells[i - 1 :: n]
+    if not cells:
+        raise InvalidInputError(empty_selection_reason(algorithms, backends, dtypes, shard, len(plan(
+            algorithms, backends, dtypes))))
     bar = Progress(len(cells), label="metaverify check ")
     try:
         result = run_matrix(algorithms, backends, dtypes, examples=args.examples, seed=args.seed, cells=cells,
@@ -161,6 +172,25 @@ def run(args: argparse.Namespace) -> int:
     if args.junit:
         write_junit(args.junit, "metaverify check", junit_cases(result))
     return 0 if result.status == "pass" else 1
+
+
+def empty_selection_reason(algorithms: list[str], backends: list[str], dtypes: list[str],
+                           shard: tuple[int, int] | None, planned: int) -> str:
+    """Why a selection of the matrix holds no cell, and what would select one."""
+    if not backends:
+        return ("no backend to check: none of numpy, torch, jax is installed or selected; install one "
+                "(pip install 'metaverify[torch]') or pass --backend")
+    if shard and planned:
+        return (f"--shard {shard[0]}/{shard[1]} is empty: the selection has {planned} cell(s), fewer than "
+                f"{shard[1]} shards; use at most {planned} shards")
+    why = []
+    if set(backends) == {"numpy"} and "float64" not in dtypes:
+        why.append(f"the numpy reference is float64 only (--dtype {' '.join(dtypes)} was asked)")
+    if set(algorithms) == {"mlp"} and "numpy" not in backends:
+        why.append("the base 'mlp' check runs on the numpy backend only")
+    reason = "; ".join(why) or "no (algorithm, backend, dtype) combination is supported"
+    return (f"the selection --algorithm {' '.join(algorithms)} --backend {' '.join(backends)} --dtype "
+            f"{' '.join(dtypes)} holds no check: {reason}; widen the selection")
 
 
 def _require_cuda(backends: list[str]) -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from reference.errors import InvalidInputError
+from verify.commands import positive_int
+from verify.commands import seed as seed_type
 from verify._output import Progress
 from verify.algorithms import ALGORITHMS, case_algorithms
-from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available
+from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
 from verify.matrix import DTYPES, plan
 
 DEFAULT_OUT = "reports/latest"
@@ -35,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"algorithms (default: all): {', '.join(ALGORITHMS)}; with --audit and a single NAME, also "
                         "the algorithm the audited functions implement")
     p.add_argument("--dtype", choices=[*DTYPES, "all"], default="all", help="precision (default: all)")
-    p.add_argument("--examples", type=int, default=None,
+    p.add_argument("--examples", type=positive_int, default=None,
                    help=f"random problems per cell (default: {DEFAULT_EXAMPLES}; 1 with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problems and directions (default: 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the problems and directions (default: 0)")
     p.add_argument("--quick", action="store_true",
                    help="one problem per cell, NumPy and PyTorch only unless --backend is given, one "
                         "finite-difference figure")
@@ -177,6 +179,23 @@ def run(args: argparse.Namespace) -> int:
 
         _require_cuda(backends)
     check_output_folder(Path(args.out))  # fail before minutes of checks, not after
+    for b in backends:
+        load_backend(b)  # installed but failing to import: a clear error now
+    if args.audit:
+        from verify.commands.audit import check_options_apply, check_problem_size, load_target
+
+        check_options_apply(audit_algorithm, {k: v for k, v in options.items() if k in (
+            "model", "loss", "inner_lr", "inner_steps", "n_tasks", "shots", "queries", "n_way", "lam", "scale",
+            "offset", "damping", "bias_column", "normalize", "form", "newton_steps")},
+                            spell=lambda k: f"--audit-option {k}")
+
+        sized: dict[str, Any] = {k: v if isinstance(v := options.get(k), int) and not isinstance(v, bool) and v > 0
+                                 else None for k in ("n_tasks", "shots", "queries", "n_way", "inner_steps")}
+        sized["loss"] = options.get("loss") if isinstance(options.get("loss"), str) else None
+        check_problem_size(audit_algorithm, options.get("model") if isinstance(options.get("model"), str) else None,
+                           **sized)
+        for target in args.audit:
+            load_target(target)  # a missing file or function is a usage error (exit 2), not a FAIL report
 
     config = ReportConfig(
         out=Path(args.out), algorithms=algorithms, backends=backends, dtypes=dtypes, examples=examples,

@@ -121,6 +121,9 @@ def check_output_folder(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidInputError(f"--out={str(out)!r}: cannot create its parent folder: {exc.strerror}") from exc
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"--out={str(out)!r} cannot be written: no write permission in folder "
+                                f"{str(out.parent)!r}")
     return out
 
 

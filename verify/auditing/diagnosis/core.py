@@ -75,6 +75,24 @@ def _scale_label(case: Case, c: float) -> str:
     return f"scaled by a constant factor {c:.6g}"
 
 
+def scale_consequence(c: float) -> str:
+    """What a meta-gradient ``c`` times the correct one does to training (appended to the diagnosis).
+
+    It stays a mismatch (the meta-loss is the mean over tasks, CONVENTIONS), but its effect depends on the
+    optimiser: SGD takes steps ``|c|`` times larger; Adam-like optimisers (Adam, AdamW, RMSProp, Adagrad)
+    divide each entry by a running root mean square of the same gradients, ``m / (sqrt(v) + eps)``, which a
+    positive constant ``c`` leaves unchanged except through ``eps`` (as if ``eps`` were ``eps / c``).
+    """
+    if c > 0:
+        return (f". Its direction is right: it is exactly {c:.6g} times the correct meta-gradient. With SGD that is "
+                f"a meta learning rate {c:.6g} times larger; under Adam-like optimisers (Adam, AdamW, RMSProp), which "
+                f"divide by a running RMS of the same gradients, the update is unchanged except through eps (it acts "
+                f"as eps / {c:.6g}), so training barely differs. It is still a mismatch: the meta-loss is the mean "
+                "over tasks (CONVENTIONS)")
+    return (f". Its direction is reversed: it is {c:.6g} times the correct meta-gradient, so a descent step on it "
+            "ascends the meta-loss, under any optimiser")
+
+
 def _with_scale(case: Case, base: Candidate, g: np.ndarray, ref_scale: float) -> Candidate | None:
     G = base.grads
     gg = float(G @ G)
@@ -190,5 +208,7 @@ def diagnose(
     entry = CATALOGUE[best.key]
     detail = (f"{entry.title}. The claimed meta-gradient matches this variant ({best.label}) to rel {err:.1e} "
               f"(tol {tol:.1e}) and differs from the correct meta-gradient by rel {gap:.1e}")
+    if best.key == "scale" and "scale" in best.fitted:
+        detail += scale_consequence(float(best.fitted["scale"]))
     also = tuple(dict.fromkeys(m[2].label for m in matches[1:] if m[2].label != best.label))
     return Diagnosis(best.key, entry.title, detail, entry.cause, dict(best.fitted), err, tol, also[:5])

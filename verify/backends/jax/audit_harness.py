@@ -30,8 +30,12 @@ _JAX_CACHE_SIZE = 64
 class JaxHarness(Harness):
     backend = "jax"
 
-    def __init__(self, fn: Callable[..., Any], case: Case):
-        super().__init__(fn, case)
+    def __init__(self, fn: Callable[..., Any], case: Case, *, dtype: str = "float64",
+                 default_dtype: str | None = None):
+        if dtype != "float64":
+            raise AuditInputError(f"dtype={dtype!r}: the JAX audit runs in float64 only (jax_enable_x64); "
+                                  "audit float32 code with the torch backend or in float64")
+        super().__init__(fn, case, dtype=dtype, default_dtype=default_dtype)
         import jax
 
         from verify.backends.jax import build_apply, to_jax_tasks  # enables float64 (jax_enable_x64)
@@ -127,6 +131,20 @@ class JaxHarness(Harness):
                 self._eager.add(key)
         return fun(diff_args, self.tasks)
 
+    def find_low_precision(self) -> tuple[str, ...]:
+        """Floating dtypes below float64 in the function's traced computation (``jnp.float32`` constants,
+        ``.astype(jnp.float32)``): the evidence the audit needs before naming a mismatch float32 round-off.
+        One more trace (``jax.make_jaxpr``), taken only on a mismatch; nested jaxprs (scan, cond, jit)
+        are part of the printed program, so the types are read from it."""
+        import re
+
+        try:
+            text = str(self.jax.make_jaxpr(self._call_fn)(self.diff_arguments(self.case.variables), self.tasks))
+        except Exception:
+            return ()
+        names = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+        return tuple(sorted({names[m] for m in re.findall(r"\b(bf16|f16|f32)\[", text)}))
+
     def claim(self) -> Claim:
         jax, case = self.jax, self.case
         diff0 = self.diff_arguments(case.variables)
@@ -143,6 +161,8 @@ class JaxHarness(Harness):
                 out = self._run("call", self._call_fn, diff0)
             except Exception as exc:
                 raise raised(exc, "the audited function") from exc
+            if out is None:
+                self._check_loss(None)  # "the audited function returned None; ..."
         if scalar:
             out = None
         elif self.row.quantity == "direction":
@@ -157,7 +177,7 @@ class JaxHarness(Harness):
                                       f"{type(out).__name__} of length {len(out)}")
             loss = self._check_loss(out[0])
             grads, missing = self._check_grads(self.leaves(out[1]), "returned grads")
-            return Claim(loss, grads, missing, "returned (loss, grads)")
+            return Claim(loss, grads, missing, "returned (loss, grads)", loss_dtype=str(np.asarray(out[0]).dtype))
         if out is not None:
             self._check_loss(out)
 
@@ -169,7 +189,8 @@ class JaxHarness(Harness):
         except Exception as exc:
             raise raised(exc, "jax.value_and_grad of the audited function") from exc
         grads, missing = self._check_grads(self.leaves(list(g)), "jax.value_and_grad")
-        return Claim(self._check_loss(loss), grads, missing, "jax.value_and_grad of the returned meta-loss")
+        return Claim(self._check_loss(loss), grads, missing, "jax.value_and_grad of the returned meta-loss",
+                     loss_dtype=str(np.asarray(loss).dtype))
 
     def own_loss(self) -> Callable[[np.ndarray], Any]:
         shapes = self.case.shapes

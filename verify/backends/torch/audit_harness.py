@@ -20,17 +20,41 @@ from verify.auditing.problem import AuditInputError
 
 __all__ = ["HARNESS", "TorchHarness"]
 
+def _dtype_watch() -> Any:
+    """A torch function mode that records the floating dtypes below float64 produced during a call
+    (evidence that the function computes part of its result in float32), active only during the claim."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    low = {torch.float32, torch.float16, torch.bfloat16}
+
+    class DtypeWatch(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype in low:
+                self.seen.add(str(out.dtype).replace("torch.", ""))
+            return out
+
+    return DtypeWatch()
+
+
 class TorchHarness(Harness):
     backend = "torch"
 
-    def __init__(self, fn: Callable[..., Any], case: Case):
-        super().__init__(fn, case)
+    def __init__(self, fn: Callable[..., Any], case: Case, *, dtype: str = "float64",
+                 default_dtype: str | None = None):
+        super().__init__(fn, case, dtype=dtype, default_dtype=default_dtype)
         import torch
 
-        from verify.backends.torch import build_model, to_torch_tasks
+        from verify.backends.torch import build_model, resolve_dtype, to_torch_tasks
 
         self.torch, self.build_model = torch, build_model
-        self.tasks = to_torch_tasks(case.tasks, "float64")
+        self.tdtype = resolve_dtype(dtype)
+        self.tasks = to_torch_tasks(case.tasks, dtype)
 
     def _loss_array(self, loss: Any) -> np.ndarray:
         torch = self.torch
@@ -60,13 +84,13 @@ class TorchHarness(Harness):
         params, extra = case.split([np.asarray(v) for v in variables])
         model = reuse.get("model") if reuse is not None else None
         if model is None:
-            model = self.build_model(case.model, params, "float64", "cpu")
+            model = self.build_model(case.model, params, self.dtype, "cpu")
             if reuse is not None:
                 reuse["model"] = model
         else:
             with torch.no_grad():
                 for p, value in zip(model.parameters(), params):
-                    p.copy_(torch.as_tensor(np.asarray(value), dtype=torch.float64))
+                    p.copy_(torch.as_tensor(np.asarray(value), dtype=self.tdtype))
             for p in model.parameters():
                 p.grad = None
                 p.requires_grad_(True)
@@ -82,12 +106,12 @@ class TorchHarness(Harness):
             elif name == "tasks":
                 args.append(self.tasks)
             elif name == "lrs" and name in row.extra:
-                lrs = [torch.tensor(np.asarray(extra[f"lrs[{i}]"]), dtype=torch.float64, requires_grad=True)
+                lrs = [torch.tensor(np.asarray(extra[f"lrs[{i}]"]), dtype=self.tdtype, requires_grad=True)
                        for i in range(len(params))]
                 leaves += lrs
                 args.append(lrs)
             elif name in row.extra:
-                leaf = torch.tensor(float(np.asarray(extra[name])), dtype=torch.float64, requires_grad=True)
+                leaf = torch.tensor(float(np.asarray(extra[name])), dtype=self.tdtype, requires_grad=True)
                 leaves.append(leaf)
                 args.append(leaf)
             else:
@@ -105,14 +129,34 @@ class TorchHarness(Harness):
         # for the call, the caller's setting restored after; results do not depend on it.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # The precision re-run (verify.auditing.decision) calls the function with float64 as torch's
+        # default dtype, so that tensors it creates itself (torch.tensor(0.), torch.eye(n)) are float64;
+        # the caller's default is restored after the call.
+        default = torch.get_default_dtype()
+        if self.default_dtype is not None:
+            torch.set_default_dtype(getattr(torch, self.default_dtype))
+        watch = _dtype_watch() if reuse is None else None
         try:
             with torch.enable_grad():
-                out = self.fn(*args, **self.kwargs)
+                if watch is not None:
+                    with watch:
+                        out = self.fn(*args, **self.kwargs)
+                    self.low_precision = tuple(sorted(watch.seen))
+                else:
+                    out = self.fn(*args, **self.kwargs)
         except Exception as exc:  # the audited code's failure is bad input, shown in full
             raise raised(exc, "the audited function") from exc
         finally:
             torch.set_num_threads(threads)
+            torch.set_default_dtype(default)
         return out, leaves, before
+
+    def _mark(self, claim: Claim) -> Claim:
+        claim.low_precision = tuple(getattr(self, "low_precision", ()))
+        return claim
+
+    def _loss_dtype(self, out: Any) -> str | None:
+        return str(out.dtype).replace("torch.", "") if self.torch.is_tensor(out) else None
 
     def claim(self) -> Claim:
         torch, case = self.torch, self.case
@@ -131,38 +175,51 @@ class TorchHarness(Harness):
             grads, missing = self._check_grads(self.leaves(list(out)), "returned direction")
             return Claim(None, grads, missing, "returned direction", notes)
         grads_out = None
+        # verify.backends.torch.training_step returns (loss, grads) saying where they came from
+        step_source, step_notes = getattr(out, "source", None), list(getattr(out, "notes", []) or [])
         if isinstance(out, (tuple, list)) and not torch.is_tensor(out):
             if len(out) != 2:
                 raise AuditInputError(f"the function must return the meta-loss or (loss, grads), got a "
                                       f"{type(out).__name__} of length {len(out)}")
             out, grads_out = out
+        if out is None and any(leaf.grad is not None for leaf in leaves):
+            raise AuditInputError(
+                "the audited function returned None (it called backward(): .grad is set, but the meta-loss is not "
+                "returned); return the meta-loss, or wrap a training step with "
+                "verify.backends.torch.training_step, which takes it from the tensor backward() was called on")
         loss = self._check_loss(out)
+        dtype = self._loss_dtype(out)
         if grads_out is not None:
             grads, missing = self._check_grads(self.leaves(grads_out), "returned grads")
-            return Claim(loss, grads, missing, "returned (loss, grads)", notes)
+            return self._mark(Claim(loss, grads, missing, step_source or "returned (loss, grads)", notes + step_notes,
+                                    dtype))
         if any(leaf.grad is not None for leaf in leaves):
             grads, missing = self._check_grads([leaf.grad for leaf in leaves], ".grad")
-            return Claim(loss, grads, missing, ".grad left by the function's own backward()", notes)
+            return self._mark(Claim(loss, grads, missing, ".grad left by the function's own backward()", notes, dtype))
         if torch.is_tensor(out) and out.requires_grad:
             try:
                 g = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
             except RuntimeError as exc:
                 raise raised(exc, "differentiating the returned meta-loss (torch.autograd.grad)") from exc
             grads, missing = self._check_grads(list(g), "torch.autograd.grad of the returned loss")
-            return Claim(loss, grads, missing, "torch.autograd.grad of the returned meta-loss", notes)
+            return self._mark(Claim(loss, grads, missing, "torch.autograd.grad of the returned meta-loss", notes,
+                                    dtype))
         notes.append("the returned meta-loss does not require grad and no .grad was set: no gradient reached "
                      "any tensor")
-        return Claim(loss, [np.zeros(s) for s in case.shapes], [True] * self.n, "none", notes)
+        return self._mark(Claim(loss, [np.zeros(s) for s in case.shapes], [True] * self.n, "none", notes, dtype))
 
     def own_loss(self) -> Callable[[np.ndarray], float]:
         shapes = self.case.shapes
         reuse: dict[str, Any] = {}
 
-        def f(x: np.ndarray) -> float:
+        def f(x: np.ndarray) -> Any:
             out, _, _ = self._call(unflatten(np.asarray(x, dtype=float), shapes), reuse)
             if isinstance(out, (tuple, list)) and not self.torch.is_tensor(out):
                 out = out[0]
-            return self._check_loss(out)
+            value = self._check_loss(out)
+            # A float32 meta-loss is handed to the engine as float32, so that its finite differences are
+            # judged with float32's tolerances (its rounding is not a wrong gradient).
+            return np.float32(value) if self._loss_dtype(out) in ("float32", "float16", "bfloat16") else value
 
         return f
 
