@@ -1,0 +1,358 @@
+"""Properties of the engine that a wrong formula or a wrong constant breaks (issue 19).
+
+These tests measure what the engine *does* (a convergence order, where a
+verdict flips, how close an estimate lands), not how it is written, so a
+mutated formula or tolerance is caught even where the formula-level tests
+restate the code:
+
+* Richardson extrapolation removes the ``t^2`` and ``t^4`` terms of the
+  central difference, so at fixed steps its error is ``O(t^6)``: halving the
+  step divides the error by ``2^6 = 64`` (Richardson 1911; Romberg tables,
+  e.g. Press et al., Numerical Recipes, 3rd ed., section 5.7). A second level
+  written for ``t^2`` (``(8 r1_k - r1_{k+1}) / 7``; ``(4 r1_k - r1_{k+1}) / 3``
+  removes ``t^2`` twice) leaves ``O(t^4)``: ratio 16.
+* Each tolerance of :mod:`verify.tolerance` is observed through the verdict of
+  the check that reads it: a claim wrong by half the tolerance passes, one
+  wrong by twice the tolerance fails, with the estimator's own error far
+  below both. A uniform change of a tolerance by any factor outside ``[1/2,
+  2]`` (1000x looser or tighter, or a different eps power) flips one of them.
+* The fast budget's estimate (its value, not the method that produced it)
+  against the closed-form directional derivative.
+
+Exact values: closed-form derivatives of elementary functions, evaluated in
+float64 (their rounding, ~1e-16 relative, is far below every bound here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from verify import check_gradient, directional_derivative, dot_product_test, taylor_test
+from verify._verdict import FAIL, PASS
+from verify.hessian_inverse import check_solve, check_spd
+from verify.tolerance import KINDS, tolerance
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def spec(dtype, kind: str) -> float:
+    """The documented tolerance (``verify.tolerance``'s docstring and comments), from eps alone.
+
+    Deliberately not read from :func:`verify.tolerance.tolerance`: the tests below check that the
+    verdicts flip where the *documented* tolerance says, so a changed table entry (1000x looser,
+    another eps power) is caught instead of moving the test's claims along with it.
+    """
+    eps = float(np.finfo(dtype).eps)
+    return {"gradient": eps ** (2 / 3), "dot_product": eps ** (2 / 3), "reference_match": eps ** 0.75,
+            "solve_backward_error": 1024 * eps, "roundoff": 64 * eps}[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Richardson: convergence order 6 at fixed steps, and a tight accuracy bound
+
+
+X0 = 0.3
+
+
+def _f(x):
+    """``exp(sin x)``: analytic, every Taylor coefficient nonzero at ``X0`` (no accidental cancellation)."""
+    return np.exp(np.sin(x[0]))
+
+
+def _df(x0: float) -> float:
+    return math.cos(x0) * math.exp(math.sin(x0))
+
+
+def _richardson_at(t0: float):
+    """The Richardson estimate with smallest step ``t0`` (14 steps ``t0 2^k``) along ``v = 1``."""
+    return directional_derivative(_f, np.array([X0]), np.array([1.0]), method="richardson", step=t0)
+
+
+def test_richardson_error_is_sixth_order_at_fixed_steps() -> None:
+    # Steps 2^-3 .. 2^-6: the t^6 error (1e-6 .. 4e-10) stands far above round-off (~eps/t ~ 1e-14),
+    # and the t^8 term shifts each ratio from 64 by < 10 % here.
+    exact = _df(X0)
+    steps = [2.0**-3, 2.0**-4, 2.0**-5, 2.0**-6]
+    errors = []
+    for t0 in steps:
+        est = _richardson_at(t0)
+        # the estimate is the Romberg value of the smallest window (t0, 2 t0, 4 t0): truncation
+        # dominates, so the neighbouring-extrapolant difference is smallest there
+        assert est.step == t0, (t0, est)
+        errors.append(abs(est.value - exact))
+    ratios = [errors[i] / errors[i + 1] for i in range(len(errors) - 1)]
+    assert all(48.0 <= r <= 80.0 for r in ratios), (errors, ratios)  # 64 = 2^6 (a t^4 leftover gives 16)
+    # the observed order by least squares over the four steps
+    order = np.polyfit(np.log2(steps), np.log2(errors), 1)[0]
+    assert 5.7 <= order <= 6.3, (order, errors)
+
+
+def test_richardson_accuracy_at_step_1e_2() -> None:
+    # At t0 = 2^-7 (~7.8e-3) the O(t^6) error is ~1e-11 times |D|; a second Romberg level that does
+    # not cancel t^4 leaves ~3e-9 (measured: 2.6e-9 at step 1e-2 on the issue's example).
+    exact = _df(X0)
+    est = _richardson_at(2.0**-7)
+    assert abs(est.value - exact) <= 5e-11 * abs(exact), (est.value, exact)
+
+
+def test_richardson_automatic_step_accuracy_and_error_estimate() -> None:
+    # Automatic steps: the true error is within the reported error, and both are tiny. A Romberg
+    # level that leaves a t^2 or t^4 term makes the true error ~1e-7 .. 1e-9 at these steps.
+    for x0 in (X0, -1.1, 2.5):
+        exact = _df(x0)
+        est = directional_derivative(_f, np.array([x0]), np.array([1.0]), method="richardson")
+        assert abs(est.value - exact) <= est.error, (x0, est, exact)
+        assert abs(est.value - exact) <= 1e-12 * abs(exact), (x0, est.value, exact)
+        assert est.error <= 1e-10 * abs(exact), (x0, est)
+
+
+def test_richardson_error_estimate_is_not_wildly_pessimistic_at_a_fixed_step() -> None:
+    # Truncation-dominated step: the reported error (12.7 x the difference of neighbouring
+    # extrapolants, ~63 x the true error) bounds the true error by a factor of 10 .. 10^4.
+    est = _richardson_at(2.0**-4)
+    true = abs(est.value - _df(X0))
+    assert 10.0 * true <= est.error <= 1e4 * true, (est.error, true)
+
+
+@pytest.mark.parametrize(("method", "order"), [("central", 2)])
+def test_central_difference_is_second_order(method: str, order: int) -> None:
+    # D(t) = D + c t^2 + O(t^4): halving t divides the error by 4.
+    exact = _df(X0)
+    errs = []
+    for t in (2.0**-6, 2.0**-7, 2.0**-8):
+        est = directional_derivative(_f, np.array([X0]), np.array([1.0]), method=method, step=t)
+        assert est.step == t
+        errs.append(abs(est.value - exact))
+    for a, b in zip(errs, errs[1:]):
+        assert 3.8 <= a / b <= 4.2, errs
+
+
+def test_complex_step_is_exact_to_rounding() -> None:
+    # Im f(x + i h v) / h = D + O(h^2) with h ~ 1e-30: a few ulps of |D|.
+    for x0 in (X0, -1.1, 2.5):
+        est = directional_derivative(_f, np.array([x0]), np.array([1.0]))
+        assert abs(est.value - _df(x0)) <= 4 * EPS64 * abs(_df(x0)), (x0, est.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances: a claim wrong by tol/2 passes, by 2 tol fails (for every kind, through its consumer)
+
+
+def _sin_problem(dtype):
+    """``f(x) = sum sin(a x)`` returning ``dtype`` (float32: the float32 row is selected)."""
+    a = np.array([0.7])
+    x = np.array([0.4])
+
+    def f(z):
+        return np.sum(np.sin(a * z)).astype(np.result_type(dtype, z.dtype) if np.iscomplexobj(z) else dtype)
+
+    return f, a * np.cos(a * x), x
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gradient_tolerance_edge(dtype) -> None:
+    # n = 1, v = +-1: relative error = |delta| / (1 + delta). The estimator's error (complex step:
+    # ~8 eps of the working precision, i.e. < 4 % of tol in float32, 1e-5 of it in float64) is
+    # negligible at the edge, so the verdict flips between delta = tol/2 and delta = 2 tol.
+    f, g, x = _sin_problem(dtype)
+    tol = spec(dtype, "gradient")
+    for sign in (1.0, -1.0):
+        ok = check_gradient(f, g * (1.0 + sign * 0.5 * tol), x, directions=2)
+        bad = check_gradient(f, g * (1.0 + sign * 2.0 * tol), x, directions=2)
+        assert ok.status == PASS, ok.reason
+        assert bad.status == FAIL, bad.reason
+        # the verdict's tolerance is tol plus the estimate's own error (relative): at most ~10 % more
+        assert tol <= ok.tolerance <= 1.15 * tol and tol <= bad.tolerance <= 1.15 * tol, (ok, bad)
+
+
+@pytest.mark.parametrize("budget", ["thorough", "fast"])
+def test_gradient_tolerance_edge_many_parameters(budget: str) -> None:
+    # A claim g + e with e parallel to v in every direction is impossible for n > 1, so take the
+    # claimed gradient exact and a loss whose directional derivative is off: f(x) + delta <c, x>
+    # with ||c|| = ||g||. In direction v the error is delta <c, v> relative to ||g||: with c = g
+    # (parallel) the fast budget's first direction sees ~delta / sqrt(2) .. delta.
+    n = 20
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0.5, 1.5, n)
+    x = rng.uniform(-1, 1, n)
+    g = a * np.cos(a * x)
+    tol = spec(np.float64, "gradient")
+
+    def make(delta):
+        return lambda z: np.sum(np.sin(a * z)) + delta * np.dot(g, z)
+
+    assert check_gradient(make(0.3 * tol), g, x, budget=budget).status == PASS
+    verdict = check_gradient(make(3.0 * tol), g, x, budget=budget, directions=8)
+    assert verdict.status == FAIL, verdict.reason
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dot_product_tolerance_edge(dtype) -> None:
+    # J = [2]: <J u, w> = 2 u w, <u, J^T w> = 2 (1 + delta) u w; relative error delta / (1 + delta).
+    tol = spec(dtype, "dot_product")
+
+    def run(delta):
+        return dot_product_test(lambda u: (2.0 * u).astype(dtype), lambda w: (2.0 * (1.0 + delta) * w).astype(dtype),
+                                in_shape=(1,), out_shape=(1,), dtype=dtype, trials=2)
+
+    if dtype == np.float64:
+        assert run(0.5 * tol).status == PASS
+        assert run(2.0 * tol).status == FAIL
+    else:  # float32 storage rounds 2 (1 + delta) w to 1 ulp (1.2e-7), ~0.5 % of tol
+        assert run(0.5 * tol).status == PASS
+        assert run(2.0 * tol).status == FAIL
+    assert run(0.5 * tol).tolerance == pytest.approx(tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_solve_backward_error_tolerance_edge(dtype) -> None:
+    # A = [1], b = 1, x = 1 + d: eta = |d| / (|1 + d| + 1) ~ d / 2.
+    tol = spec(dtype, "solve_backward_error")
+    A = np.eye(1, dtype=dtype)
+    b = np.ones(1, dtype=dtype)
+    for eta, want in ((0.5 * tol, PASS), (2.0 * tol, FAIL)):
+        d = 2.0 * eta / (1.0 - eta)  # eta = d / (2 + d)
+        x = np.array([1.0 + d], dtype=dtype)
+        verdict = check_solve(A, x, b)
+        assert verdict.status == want, (dtype, eta, verdict.reason)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_reference_match_tolerance_edge_through_check_spd(dtype) -> None:
+    # A = [[4, 1 + d], [1, 4]]: ||A - A^T||_F / ||A||_F = sqrt(2) d / ||A||_F.
+    tol = spec(dtype, "reference_match")
+    for target, want in ((0.5 * tol, PASS), (2.0 * tol, FAIL)):
+        base = np.array([[4.0, 1.0], [1.0, 4.0]])
+        d = target * np.linalg.norm(base) / math.sqrt(2.0)
+        A = base.copy()
+        A[0, 1] += d
+        A = A.astype(dtype)
+        asym = float(np.linalg.norm(A.astype(np.float64) - A.astype(np.float64).T) / np.linalg.norm(A.astype(np.float64)))
+        assert 0.4 * tol < asym < 2.5 * tol  # float32 storage of 1 + d keeps d to within 10 %
+        verdict = check_spd(A)
+        assert verdict.status == want, (dtype, target, verdict.reason)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_spd_band_edge(dtype) -> None:
+    # diag(1, -m): indefinite when m > band = tol_solve * ||A||_2 = tol_solve, "singular to working
+    # precision" (inconclusive) when m is inside the band.
+    tol = spec(dtype, "solve_backward_error")
+    inside = check_spd(np.diag([1.0, -0.5 * tol]).astype(dtype))
+    outside = check_spd(np.diag([1.0, -2.0 * tol]).astype(dtype))
+    assert inside.status == "inconclusive", inside.reason
+    assert outside.status == FAIL, outside.reason
+
+
+def test_roundoff_tolerance_sets_the_taylor_resolution() -> None:
+    # The Taylor test sees a relative gradient error delta only where the h delta term stands above
+    # the round-off floor tolerance("roundoff") * magnitudes (64 eps ~ 1.4e-14 here) before the h^2
+    # term takes over: about delta >~ sqrt(64 eps) ~ 1.2e-7 (verify._taylor's docstring). Measured on
+    # this problem: 1e-6 fails, 1e-7 is inconclusive. A floor 1000x higher hides 1e-6 (pass); one
+    # 1000x lower resolves 1e-7 (fail). The correct gradient passes, also with f offset by 1e3.
+    rng = np.random.default_rng(3)
+    n = 6
+    a = rng.uniform(0.5, 1.5, n)
+    x = rng.uniform(-1, 1, n)
+    v = rng.standard_normal(n)
+    g = a * np.cos(a * x)
+    e = v / np.linalg.norm(v) * np.linalg.norm(g)  # an error along v, of size delta ||g||
+
+    def f(z):
+        return np.sum(np.sin(a * z))
+
+    def f_offset(z):
+        return 1e3 + np.sum(np.sin(a * z))
+
+    assert taylor_test(f, x, v, grad=g).status == PASS
+    assert taylor_test(f_offset, x, v, grad=g).status == PASS
+    for delta in (1e-4, 1e-5, 1e-6):
+        bad = taylor_test(f, x, v, grad=g + delta * e)
+        assert bad.status == FAIL, (delta, bad.reason)
+    below = taylor_test(f, x, v, grad=g + 1e-7 * e)
+    assert below.status != FAIL, below.reason  # at the documented resolution, not resolved
+    assert taylor_test(f, x, v, grad=g + 1e-9 * e).status == PASS
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_edge_tests_cover_every_kind(dtype) -> None:
+    # every kind has an edge test above; the table agrees with the documented values it pins
+    assert set(KINDS) == {"gradient", "dot_product", "reference_match", "solve_backward_error", "roundoff"}
+    for kind in KINDS:
+        assert tolerance(dtype, kind) == pytest.approx(spec(dtype, kind), rel=1e-12), kind
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast budget: the estimate's value against the exact directional derivative
+
+
+def _fast_direction(seed: int, g: np.ndarray) -> np.ndarray:
+    """``check_gradient``'s first fast direction, rebuilt from its documented definition."""
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal(g.size)
+    r /= np.linalg.norm(r)
+    ghat = g / np.linalg.norm(g)
+    r = r if r @ ghat >= 0 else -r
+    v = ghat + r
+    return v / np.linalg.norm(v)
+
+
+def _problem(n: int = 7, seed: int = 11):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.5, 1.5, n)
+    B = rng.standard_normal((n, n)) / n
+    x = rng.uniform(-1, 1, n)
+
+    def f(z):
+        return np.sum(np.sin(a * z)) + 0.5 * z @ B @ z + np.exp(0.3 * np.sum(z))
+
+    def grad(z):
+        return a * np.cos(a * z) + 0.5 * (B + B.T) @ z + 0.3 * np.exp(0.3 * np.sum(z))
+
+    return f, grad, x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_complex_estimate_value(seed: int) -> None:
+    f, grad, x = _problem()
+    g = grad(x)
+    verdict = check_gradient(f, g, x, seed=seed, budget="fast")
+    d = verdict.details[0]
+    v = _fast_direction(seed, g)
+    exact = float(g @ v)  # the closed-form gradient along the rebuilt direction
+    assert d["claimed"] == pytest.approx(exact, rel=1e-14)
+    assert abs(d["estimate"] - exact) <= 1e-14 * np.linalg.norm(g), (d, exact)
+    assert abs(d["estimate"] - exact) <= d["estimate_error"] <= 1e-13 * np.linalg.norm(g), d
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_central_estimate_value(seed: int) -> None:
+    # f rejects complex input: the fast budget uses one central difference at t ~ eps^(1/3) s; its
+    # error is t^2 |f_vvv| / 6 + eps |f| / t ~ 1e-11, and the reported error bounds it.
+    f0, grad, x = _problem()
+
+    def f(z):
+        return float(f0(np.asarray(z, dtype=float)))
+
+    g = grad(x)
+    verdict = check_gradient(f, g, x, seed=seed, budget="fast")
+    assert verdict.status == PASS and verdict.method == "central", verdict.reason
+    d = verdict.details[0]
+    exact = float(g @ _fast_direction(seed, g))
+    assert abs(d["estimate"] - exact) <= 1e-9 * np.linalg.norm(g), (d, exact)
+    assert abs(d["estimate"] - exact) <= d["estimate_error"], (d, exact)
+    assert d["estimate_error"] <= 1e-7 * np.linalg.norm(g), d
+
+
+def test_fast_estimate_value_on_a_scaled_direction_of_x() -> None:
+    # Large |x| changes the nominal step s = log(e + ||x||) / ||v||: the value must still be right.
+    f, grad, x = _problem()
+    x = 30.0 * x
+    g = grad(x)
+    verdict = check_gradient(f, g, x, seed=4, budget="fast")
+    d = verdict.details[0]
+    exact = float(g @ _fast_direction(4, g))
+    assert abs(d["estimate"] - exact) <= 1e-13 * np.linalg.norm(g), (d, exact)
