@@ -277,6 +277,17 @@ def test_roundoff_tolerance_sets_the_taylor_resolution() -> None:
     assert taylor_test(f, x, v, grad=g + 1e-9 * e).status == PASS
 
 
+def test_precision_row_ignores_non_float_entries_in_any_position() -> None:
+    # "ints and bools ignored" (precision_dtype's docstring) must not stop the scan: a float32
+    # quantity after an int or a None still selects the float32 row (mutation survivors: `continue`
+    # -> `break` in the scan).
+    from verify.tolerance import precision_dtype
+
+    assert precision_dtype(None, np.float32) == np.float32
+    assert precision_dtype(np.int64, np.float32) == np.float32
+    assert precision_dtype(np.bool_, None, np.complex64, np.float64) == np.float32
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_edge_tests_cover_every_kind(dtype) -> None:
     # every kind has an edge test above; the table agrees with the documented values it pins
