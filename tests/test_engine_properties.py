@@ -137,6 +137,27 @@ def test_complex_step_is_exact_to_rounding() -> None:
         assert abs(est.value - _df(x0)) <= 4 * EPS64 * abs(_df(x0)), (x0, est.value)
 
 
+@pytest.mark.parametrize("method", ["complex", "central", "richardson"])
+def test_error_bound_is_positive_when_every_other_term_vanishes(method: str) -> None:
+    # f linear with a power-of-two slope, at x = 0: every difference quotient is exact, the
+    # truncation and noise terms are 0 (one-ulp probes of 0 do not move x), so the reported error
+    # is the relative floor alone, FLOOR_ULPS eps |D| (and, for the complex step, eps |D_{s v} f|):
+    # positive, a few ulps. An error bound that can be 0 or negative is no bound.
+    from verify._numdiff import FLOOR_ULPS
+
+    est = directional_derivative(lambda x: 4.0 * x[0], np.array([0.0]), np.array([1.0]), method=method)
+    assert est.value == 4.0
+    assert FLOOR_ULPS * EPS64 * 4.0 <= est.error <= 3 * FLOOR_ULPS * EPS64 * 4.0, est
+
+
+def test_long_inputs_are_shortened_in_error_messages() -> None:
+    # A bad input whose repr exceeds 80 characters is cut to 77 + "..." (not a TypeError).
+    from reference.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"(?s)^x=array\(\[nan, .{50,}\.\.\. has a non-finite entry"):
+        directional_derivative(lambda x: float(np.sum(x)), np.full(40, np.nan), np.ones(40))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tolerances: a claim wrong by tol/2 passes, by 2 tol fails (for every kind, through its consumer)
 
