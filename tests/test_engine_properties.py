@@ -150,6 +150,26 @@ def test_error_bound_is_positive_when_every_other_term_vanishes(method: str) -> 
     assert FLOOR_ULPS * EPS64 * 4.0 <= est.error <= 3 * FLOOR_ULPS * EPS64 * 4.0, est
 
 
+@pytest.mark.parametrize("finite", [True, False])
+@pytest.mark.parametrize("method", ["complex", "central", "richardson"])
+def test_evaluation_count_is_the_number_of_calls(method: str, finite: bool) -> None:
+    # Estimate.evaluations counts the calls of f the estimate made (all but f(x), which the
+    # problem makes once up front), also when f is not finite near x and the estimate is missing.
+    x0 = np.array([0.5, -0.25])
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        value = np.sum(np.sin(z))
+        if finite or np.array_equal(z, x0):
+            return value
+        return value * np.nan  # NaN (or NaN + NaN i) away from x: no quotient can be formed
+
+    est = directional_derivative(f, x0, np.array([1.0, 2.0]), method=method)
+    assert math.isfinite(est.value) == finite
+    assert est.evaluations == len(calls) - 1, (est, len(calls))
+
+
 def test_long_inputs_are_shortened_in_error_messages() -> None:
     # A bad input whose repr exceeds 80 characters is cut to 77 + "..." (not a TypeError).
     from reference.errors import InvalidInputError
