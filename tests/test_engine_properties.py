@@ -170,6 +170,41 @@ def test_evaluation_count_is_the_number_of_calls(method: str, finite: bool) -> N
     assert est.evaluations == len(calls) - 1, (est, len(calls))
 
 
+@pytest.mark.parametrize("method", ["complex", "central", "richardson"])
+def test_directional_derivative_is_homogeneous_in_the_direction(method: str) -> None:
+    # D_{c v} f = c D_v f. Every step is chosen per unit of displacement (s = log(e + ||x||) /
+    # ||v||_inf), so t (c v) does not depend on c, and with c a power of two nothing else rounds:
+    # the estimate scales exactly, for c from 2^-600 to 2^600 (a step scaled the wrong way
+    # overflows or underflows there).
+    x0 = np.array([0.5, -0.25, 1.5])
+    v = np.array([1.0, -2.0, 0.5])
+
+    def f(z):
+        return np.sum(np.sin(z)) + z[0] * z[1]
+
+    base = directional_derivative(f, x0, v, method=method).value
+    for k in (-600, -30, 30, 600):
+        c = 2.0**k
+        est = directional_derivative(f, x0, c * v, method=method)
+        assert est.value == pytest.approx(c * base, rel=1e-13), (k, est)
+
+
+def test_fast_complex_step_counts_its_calls_on_the_non_finite_path() -> None:
+    from verify._numdiff import Problem, estimate
+
+    calls = []
+    x0 = np.array([0.5, -0.25])
+
+    def f(z):
+        calls.append(1)
+        return np.sum(np.sin(z)) * (1.0 if np.array_equal(z, x0) else np.nan)
+
+    p = Problem(f, x0)
+    est = estimate(p, np.array([1.0, 2.0]), "complex", None, fast=True, terms=1.0)
+    assert not math.isfinite(est.value) and est.error == math.inf
+    assert est.evaluations == len(calls) - 1 == 2
+
+
 def test_long_inputs_are_shortened_in_error_messages() -> None:
     # A bad input whose repr exceeds 80 characters is cut to 77 + "..." (not a TypeError).
     from reference.errors import InvalidInputError
