@@ -205,6 +205,29 @@ def test_fast_complex_step_counts_its_calls_on_the_non_finite_path() -> None:
     assert est.evaluations == len(calls) - 1 == 2
 
 
+@pytest.mark.parametrize("method", ["complex", "central", "richardson"])
+def test_reported_steps_are_the_steps_evaluated(method: str) -> None:
+    # Estimate.steps: "every step evaluated, in increasing order". Read the steps off the points
+    # f was called at (real methods: |z - x| / |v| above the one-ulp noise probes; complex step:
+    # Im z / v) and compare.
+    x0 = np.array([0.5, -0.25])
+    v = np.array([1.0, 2.0])
+    seen = set()
+
+    def f(z):
+        if np.iscomplexobj(z):
+            seen.add(float(np.max(np.abs(z.imag)) / np.max(np.abs(v))))
+        else:
+            t = float(np.max(np.abs(z - x0)) / np.max(np.abs(v)))
+            if t > 1e-12:  # not f(x) itself, not a one-ulp noise probe
+                seen.add(t)
+        return np.sum(np.sin(z)) + z[0] * z[1]
+
+    est = directional_derivative(f, x0, v, method=method)
+    assert list(est.steps) == sorted(est.steps)
+    assert {float(t) for t in est.steps} == seen, (est.steps, sorted(seen))
+
+
 def test_long_inputs_are_shortened_in_error_messages() -> None:
     # A bad input whose repr exceeds 80 characters is cut to 77 + "..." (not a TypeError).
     from reference.errors import InvalidInputError
