@@ -249,6 +249,73 @@ def test_reported_steps_are_the_steps_evaluated(method: str) -> None:
     assert {float(t) for t in est.steps} == seen, (est.steps, sorted(seen))
 
 
+def test_noise_is_probed_at_distinct_points() -> None:
+    # nu is "the largest change of f under a few random perturbations of x by one ulp per
+    # component": the probes must be different points (a sign pattern that never varies probes
+    # one point 8 times).
+    x0 = np.array([0.5, -0.25, 1.5, 2.0, -3.0, 0.75])
+    probes = set()
+
+    def f(z):
+        dz = z - x0
+        if np.any(dz) and np.max(np.abs(dz)) < 1e-12:
+            probes.add(tuple(np.sign(dz)))
+        return float(np.sum(np.sin(z)))
+
+    directional_derivative(f, x0, np.ones(6), method="central")
+    assert len(probes) >= 4, probes
+
+
+def test_richardson_step_count_and_cap() -> None:
+    # 14 steps t0 2^k when t0 is given; automatic: at most 14 and the largest <= 2^-4 s, which binds
+    # in float32 (t0 = eps32^(1/2.5) s ~ 1.7e-3 s: only 6 steps fit below s / 16).
+    x0 = np.array([0.3])
+    assert len(directional_derivative(_f, x0, np.array([1.0]), method="richardson", step=1e-3).steps) == 14
+    s = math.log(math.e + 0.3)
+
+    def f32(x):
+        return np.float32(np.exp(np.sin(np.float32(x[0]))))
+
+    est = directional_derivative(f32, x0.astype(np.float32), np.array([1.0]), method="richardson")
+    assert est.steps[-1] <= 2.0**-4 * s < 2 * est.steps[-1], est.steps
+    assert len(est.steps) == 6, est.steps
+
+
+def test_complex_step_size_policy() -> None:
+    # h = 2^-100 s rounded to a power of two (the module docstring's policy).
+    x0 = np.array([3.0, -1.0])
+    v = np.array([0.5, 0.25])
+    s = math.log(math.e + 3.0) / 0.5
+    est = directional_derivative(lambda x: np.sum(np.sin(x)), x0, v)
+    assert abs(math.log2(est.step) - math.log2(2.0**-100 * s)) <= 0.5, est.step
+
+
+def test_richardson_with_a_single_romberg_value_is_missing() -> None:
+    # f finite only within 4 t0: one Romberg value, no spread to estimate its error: NaN + a note.
+    t0 = 2.0**-6
+
+    def f(x):
+        return np.exp(np.sin(x[0])) if abs(x[0] - X0) <= 4.5 * t0 else np.nan
+
+    est = directional_derivative(f, np.array([X0]), np.array([1.0]), method="richardson", step=t0)
+    assert math.isnan(est.value) and est.error == math.inf and "Romberg" in est.note, est
+
+
+def test_relative_error_property() -> None:
+    est = directional_derivative(_f, np.array([X0]), np.array([1.0]))
+    assert est.relative_error == est.error / abs(est.value)
+    zero = directional_derivative(lambda x: 1.0 + 0.0 * x[0], np.array([X0]), np.array([1.0]), method="central")
+    assert zero.value == 0.0 and zero.relative_error == math.inf
+
+
+def test_non_numeric_outputs_are_rejected() -> None:
+    from reference.errors import InvalidInputError
+
+    for bad in (np.array("1.0"), np.array(True), np.array([1.0, 2.0])):
+        with pytest.raises(InvalidInputError, match="must return a real scalar"):
+            directional_derivative(lambda x, b=bad: b, np.array([X0]), np.array([1.0]), method="central")
+
+
 def test_long_inputs_are_shortened_in_error_messages() -> None:
     # A bad input whose repr exceeds 80 characters is cut to 77 + "..." (not a TypeError).
     from reference.errors import InvalidInputError
