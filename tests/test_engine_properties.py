@@ -266,6 +266,21 @@ def test_noise_is_probed_at_distinct_points() -> None:
     assert len(probes) >= 4, probes
 
 
+def test_evaluation_budget_of_the_thorough_estimators() -> None:
+    # The documented costs: central 2 steps x 2 points + 8 noise probes; Richardson 14 steps x 2
+    # points + 8 probes; the complex step 6 complex evaluations (h, 3h, 5h, two shifted points, one
+    # random-sign direction) and no probes.
+    x0 = np.array([0.3, 0.1])
+    v = np.array([1.0, 0.5])
+
+    def f(x):
+        return np.sum(np.sin(x))
+
+    assert directional_derivative(f, x0, v, method="central").evaluations == 4 + 8
+    assert directional_derivative(f, x0, v, method="richardson", step=1e-3).evaluations == 28 + 8
+    assert directional_derivative(f, x0, v, method="complex").evaluations == 6
+
+
 def test_richardson_step_count_and_cap() -> None:
     # 14 steps t0 2^k when t0 is given; automatic: at most 14 and the largest <= 2^-4 s, which binds
     # in float32 (t0 = eps32^(1/2.5) s ~ 1.7e-3 s: only 6 steps fit below s / 16).
