@@ -281,6 +281,43 @@ def test_evaluation_budget_of_the_thorough_estimators() -> None:
     assert directional_derivative(f, x0, v, method="complex").evaluations == 6
 
 
+def _romberg(values: dict[float, float], t: float) -> float:
+    """Two Richardson levels on central differences at t, 2t, 4t (Press et al., sec. 5.7), written out."""
+    d = [(values[(k * t)] - values[-(k * t)]) / (2 * k * t) for k in (1, 2, 4)]
+    r1 = [(4 * d[0] - d[1]) / 3, (4 * d[1] - d[2]) / 3]
+    return (16 * r1[0] - r1[1]) / 15
+
+
+@pytest.mark.parametrize("method", ["central", "richardson"])
+def test_round_off_part_of_the_bound_is_noise_factor_times_the_worst_case(method: str) -> None:
+    # f = 2 x exactly at every difference point (no truncation, no rounding: x = 0.5, t powers of 2),
+    # but the one-ulp noise probes see f move by eta. The bound is then its round-off part alone
+    # (plus 8 eps |D|): NOISE_FACTOR = 4 times the worst case of a noise of size nu (the measured
+    # noise, Estimate.noise) at each evaluation point, amplified by the difference quotient (central)
+    # or the Romberg combination (Richardson). The worst case is computed here by trying every sign
+    # pattern of +-nu at the points the estimate used.
+    import itertools
+
+    x0, eta = 0.5, 1e-10
+
+    def f(z):
+        dz = float(z[0]) - x0
+        return 2.0 * float(z[0]) + (eta if 0 < abs(dz) < 1e-12 else 0.0)
+
+    est = directional_derivative(f, np.array([x0]), np.array([1.0]), method=method, step=2.0**-6)
+    assert est.value == 2.0
+    nu, t = est.noise, est.step
+    assert eta <= nu <= eta + 4 * EPS64
+    if method == "central":
+        worst = 2 * nu / (2 * t)
+    else:
+        points = [s * k * t for k in (1, 2, 4) for s in (1, -1)]
+        worst = max(abs(_romberg(dict(zip(points, signs)), t)) * nu
+                    for signs in itertools.product((1.0, -1.0), repeat=6))
+    ratio = (est.error - 8 * EPS64 * 2.0) / worst
+    assert 3.99 <= ratio <= 4.01, (ratio, est)
+
+
 def test_richardson_step_count_and_cap() -> None:
     # 14 steps t0 2^k when t0 is given; automatic: at most 14 and the largest <= 2^-4 s, which binds
     # in float32 (t0 = eps32^(1/2.5) s ~ 1.7e-3 s: only 6 steps fit below s / 16).
