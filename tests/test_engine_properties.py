@@ -318,6 +318,28 @@ def test_round_off_part_of_the_bound_is_noise_factor_times_the_worst_case(method
     assert 3.99 <= ratio <= 4.01, (ratio, est)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_complex_step_bound_is_its_factor_times_the_spread_of_its_noise_samples(fast: bool) -> None:
+    # The complex-step bound is "3 times the largest deviation of the noise samples from D(h)"
+    # (thorough: steps 3h, 5h and two shifted points) or "10 |D' - D|" (fast: one shifted point),
+    # plus a floor of a few ulps. Plant a deviation c at the shifted points only (f = 2 x exactly
+    # elsewhere): the bound must be 3 c (10 c).
+    from verify._numdiff import Problem, estimate
+
+    x0, c = np.array([0.5]), 1e-6
+
+    def f(z):
+        out = 2.0 * np.sum(z)
+        if np.iscomplexobj(z) and np.any(z.real != x0):  # a shifted point: Im f / h moves by c
+            out = out + 1j * c * float(np.max(np.abs(z.imag)))
+        return out
+
+    est = estimate(Problem(f, x0), np.array([1.0]), "complex", None, fast=fast, terms=2.0)
+    assert est.value == 2.0
+    factor = 10.0 if fast else 3.0
+    assert factor * c * 0.999 <= est.error <= factor * c * 1.001, est
+
+
 def test_richardson_step_count_and_cap() -> None:
     # 14 steps t0 2^k when t0 is given; automatic: at most 14 and the largest <= 2^-4 s, which binds
     # in float32 (t0 = eps32^(1/2.5) s ~ 1.7e-3 s: only 6 steps fit below s / 16).
