@@ -390,6 +390,46 @@ def test_non_numeric_outputs_are_rejected() -> None:
             directional_derivative(lambda x, b=bad: b, np.array([X0]), np.array([1.0]), method="central")
 
 
+def test_noise_of_a_function_flat_or_undefined_at_the_probes() -> None:
+    # nu = (largest finite change under the one-ulp probes) + 2 eps |f(x)|: exactly 2 eps |f(x)| when
+    # the probes see no change (x = 0: a one-ulp move of 0 is 0) or are all non-finite.
+    from verify._numdiff import Problem
+
+    flat = Problem(lambda z: 3.0 + 2.0 * z[0], np.array([0.0]))
+    assert flat.noise == 2 * EPS64 * 3.0
+    x0 = np.array([0.75, -1.5])
+    undefined = Problem(lambda z: 3.0 + np.sum(z) if np.array_equal(z, x0) else np.nan, x0)
+    assert undefined.noise == 2 * EPS64 * abs(3.0 - 0.75)
+
+
+def test_noise_probes_move_each_component_by_one_ulp() -> None:
+    # x + s eps |x| rounds to within one ulp of the exact one-eps move: never more than eps |x| + ulp.
+    x0 = np.array([0.75, -1.5, 3.3, 0.1])
+    moves = []
+
+    def f(z):
+        dz = np.abs(z - x0)
+        if np.any(dz) and np.max(dz) < 1e-12:
+            moves.append(dz)
+        return float(np.sum(np.sin(z)))
+
+    directional_derivative(f, x0, np.ones(4), method="central")
+    assert moves
+    for dz in moves:
+        assert np.all(dz <= EPS64 * np.abs(x0) + np.spacing(np.abs(x0))), dz
+
+
+def test_messages_name_the_first_bad_index_and_shorten_only_long_values() -> None:
+    from reference.errors import InvalidInputError
+    from verify._numdiff import _short
+
+    with pytest.raises(InvalidInputError, match=r"non-finite entry at index \(1,\)"):
+        directional_derivative(lambda x: float(np.sum(x)), np.array([1.0, np.nan, 2.0, np.inf]), np.ones(4))
+    exactly_80 = "x" * 78  # repr adds two quotes
+    assert _short(exactly_80) == repr(exactly_80) and len(repr(exactly_80)) == 80
+    assert _short("x" * 79) == repr("x" * 79)[:77] + "..."
+
+
 def test_long_inputs_are_shortened_in_error_messages() -> None:
     # A bad input whose repr exceeds 80 characters is cut to 77 + "..." (not a TypeError).
     from reference.errors import InvalidInputError
