@@ -419,6 +419,27 @@ def test_noise_probes_move_each_component_by_one_ulp() -> None:
         assert np.all(dz <= EPS64 * np.abs(x0) + np.spacing(np.abs(x0))), dz
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_complex_step_noise_samples_move_x_by_one_ulp(fast: bool) -> None:
+    # "the same h at points moved by one ulp": the real parts of the shifted complex evaluation
+    # points are within eps |x| + ulp of x, and the moves are not all zero.
+    from verify._numdiff import Problem, estimate
+
+    x0 = np.array([0.75, -1.5, 3.3, 0.1])
+    moves = []
+
+    def f(z):
+        if np.iscomplexobj(z):
+            moves.append(np.abs(z.real - x0))
+        return np.sum(np.sin(z))
+
+    estimate(Problem(f, x0), np.ones(4), "complex", None, fast=fast, terms=1.0)
+    shifted = [dz for dz in moves if np.any(dz)]
+    assert len(shifted) == (1 if fast else 2)
+    for dz in shifted:
+        assert np.all(dz <= EPS64 * np.abs(x0) + np.spacing(np.abs(x0))), dz
+
+
 def test_messages_name_the_first_bad_index_and_shorten_only_long_values() -> None:
     from reference.errors import InvalidInputError
     from verify._numdiff import _short
