@@ -691,3 +691,57 @@ def test_fast_estimate_value_on_a_scaled_direction_of_x() -> None:
     d = verdict.details[0]
     exact = float(g @ _fast_direction(4, g))
     assert abs(d["estimate"] - exact) <= 1e-13 * np.linalg.norm(g), (d, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# dot_product_test: inputs and records (mutation survivors of verify/_dottest.py)
+
+
+def test_dot_test_dtype_follows_the_example_arrays() -> None:
+    # The dtype of u and w comes from the example arrays: a float32 output example alone selects
+    # float32; two real examples keep u real (complex only when an example is complex).
+    seen = []
+
+    def jvp(u):
+        seen.append(u.dtype)
+        return np.array([2.0, 1.0], dtype=u.dtype) * u[0]
+
+    def vjp(w):
+        return np.array([2.0 * w[0] + w[1], 0.0, 0.0], dtype=w.dtype)
+
+    v32 = dot_product_test(jvp, vjp, in_shape=3, out_shape=np.zeros(2, dtype=np.float32), trials=1)
+    assert v32.dtype == "float32" and seen[-1] == np.float32
+    v64 = dot_product_test(jvp, vjp, in_shape=np.zeros(3), out_shape=np.zeros(2), trials=1)
+    assert v64.status == PASS and v64.dtype == "float64" and seen[-1] == np.float64
+    assert isinstance(v64.details[0]["forward"], float) and isinstance(v64.details[0]["reverse"], float)
+    vc = dot_product_test(lambda u: 2j * u, lambda w: -2j * w, in_shape=np.zeros(2, dtype=complex),
+                          out_shape=(2,), trials=1)
+    assert vc.status == PASS and isinstance(vc.details[0]["forward"], complex)
+
+
+def test_dot_test_empty_shapes_are_trivially_transposed() -> None:
+    # A zero-size map (shape (3, 0)) is allowed: <J u, w> = <u, J^T w> = 0, relative error 0.
+    verdict = dot_product_test(lambda u: np.zeros((2, 0)), lambda w: np.zeros((3, 0)), in_shape=(3, 0),
+                               out_shape=(2, 0), trials=1)
+    assert verdict.status == PASS and verdict.error == 0.0
+
+
+def test_dot_test_rejects_bad_trials_and_rtol() -> None:
+    from reference.errors import InvalidInputError
+
+    ok = dict(in_shape=2, out_shape=2)
+    for bad in (2.5, "3", True, 0):
+        with pytest.raises(InvalidInputError, match="trials="):
+            dot_product_test(lambda u: u, lambda w: w, trials=bad, **ok)
+    for bad in (1.0, 0.0, -1e-3):
+        with pytest.raises(InvalidInputError, match="rtol="):
+            dot_product_test(lambda u: u, lambda w: w, rtol=bad, **ok)
+
+
+def test_dot_test_complex_jvp_with_a_real_vjp_fails() -> None:
+    # J = A + iB on real inputs; a vjp that drops the imaginary part is not J^H.
+    rng = np.random.default_rng(2)
+    A, B = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    verdict = dot_product_test(lambda u: (A + 1j * B) @ u, lambda w: A.T @ np.real(w), in_shape=(2,),
+                               out_shape=(3,), dtype=np.float64, trials=2)
+    assert verdict.status == FAIL, verdict.reason
