@@ -745,3 +745,39 @@ def test_dot_test_complex_jvp_with_a_real_vjp_fails() -> None:
     verdict = dot_product_test(lambda u: (A + 1j * B) @ u, lambda w: A.T @ np.real(w), in_shape=(2,),
                                out_shape=(3,), dtype=np.float64, trials=2)
     assert verdict.status == FAIL, verdict.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# taylor_test: the window rules (mutation survivors of verify/_taylor.py)
+
+
+def test_taylor_three_steps_are_enough_for_a_rate() -> None:
+    # "inconclusive ... with fewer than 3 steps in the window": 3 steps above the floor give a rate.
+    a = np.array([0.7, 1.3])
+    x = np.array([0.2, -0.4])
+    v = np.array([1.0, 0.5])
+
+    def f(z):
+        return np.sum(np.sin(a * z))
+
+    g = a * np.cos(a * x)
+    ok = taylor_test(f, x, v, grad=g, steps=[0.1, 0.05, 0.025])
+    assert ok.status == PASS and 1.75 <= ok.slope <= 2.25 and sum(ok.used) == 3, ok.reason
+    bad = taylor_test(f, x, v, grad=g * 1.5, steps=[0.1, 0.05, 0.025])
+    assert bad.status == FAIL, bad.reason
+
+
+def test_taylor_exact_quadratic_model_at_the_origin_is_at_the_floor() -> None:
+    # f = x^T A x / 2 at x = 0 with its exact gradient (0) and Hessian-vector product: the remainder
+    # is rounding only, and the floor (64 eps x magnitudes, here |f(hv)| + h^2/2 |<v, Hv>|) covers it.
+    rng = np.random.default_rng(4)
+    M = rng.standard_normal((4, 4))
+    A = M @ M.T + np.eye(4)
+    v = rng.standard_normal(4)
+    x = np.zeros(4)
+
+    def f(z):
+        return 0.5 * z @ A @ z
+
+    result = taylor_test(f, x, v, grad=np.zeros(4), hvp=A @ v)
+    assert result.status == PASS, result.reason
