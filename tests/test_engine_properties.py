@@ -781,3 +781,4 @@ def test_taylor_exact_quadratic_model_at_the_origin_is_at_the_floor() -> None:
 
     result = taylor_test(f, x, v, grad=np.zeros(4), hvp=A @ v)
     assert result.status == PASS, result.reason
+    assert "order-2 Taylor model is exact" in result.reason, result.reason  # grad + hvp: order 2
