@@ -782,3 +782,24 @@ def test_taylor_exact_quadratic_model_at_the_origin_is_at_the_floor() -> None:
     result = taylor_test(f, x, v, grad=np.zeros(4), hvp=A @ v)
     assert result.status == PASS, result.reason
     assert "order-2 Taylor model is exact" in result.reason, result.reason  # grad + hvp: order 2
+
+
+def test_taylor_default_steps_and_the_exact_for_small_steps_path() -> None:
+    # 24 default steps h0 2^-k (48 evaluations). |x| at x = 0.3 with its gradient: the first-order
+    # remainder is exactly 0 for h < 0.3 / |v| (f linear there) and not above: it "falls to the floor
+    # within one halving", a pass, and `used` marks exactly the steps after the last one above the floor.
+    x, v = np.array([0.3]), np.array([1.0])
+    result = taylor_test(lambda z: np.abs(z[0]), x, v, grad=np.array([1.0]))
+    assert len(result.steps) == 24
+    assert result.status == PASS and "falls" in result.reason and "order-1 Taylor model" in result.reason, result.reason
+    rem, floors = np.array(result.remainders), np.array(result.floors)
+    last = int(np.flatnonzero(rem > floors)[-1])
+    assert list(result.used) == [False] * (last + 1) + [True] * (len(rem) - last - 1)
+
+
+def test_taylor_discontinuous_function_is_named() -> None:
+    # No derivative given: R0(h) = f(x + h v) - f(x) must shrink like h; a jump at x leaves a constant.
+    # x = 0, so the one-ulp noise probes do not move x (a jump the probes straddle is taken for
+    # noise: see the report of issue 19, a known limitation).
+    result = taylor_test(lambda z: float(z[0] > 0.0) + z[0], np.array([0.0]), np.array([1.0]))
+    assert result.status == FAIL and "not continuous" in result.reason, result.reason
