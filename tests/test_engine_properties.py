@@ -317,7 +317,7 @@ def test_round_off_part_of_the_bound_is_noise_factor_times_the_worst_case(method
         worst = max(abs(_romberg(dict(zip(points, signs)), t)) * nu
                     for signs in itertools.product((1.0, -1.0), repeat=6))
     ratio = (est.error - 8 * EPS64 * 2.0) / worst
-    assert 3.99 <= ratio <= 4.01, (ratio, est)
+    assert 3.999 <= ratio <= 4.001, (ratio, est)  # exact up to rounding (a weight off by 1 in 45 moves it 0.1 %)
 
 
 @pytest.mark.parametrize("fast", [False, True])
