@@ -210,6 +210,22 @@ def test_directional_derivative_is_homogeneous_in_the_direction(method: str) -> 
         assert est.value == pytest.approx(c * base, rel=1e-13), (k, est)
 
 
+def test_fast_complex_step_is_homogeneous_in_the_direction() -> None:
+    from verify._numdiff import Problem, estimate
+
+    x0 = np.array([0.5, -0.25, 1.5])
+    v = np.array([1.0, -2.0, 0.5])
+
+    def f(z):
+        return np.sum(np.sin(z)) + z[0] * z[1]
+
+    base = estimate(Problem(f, x0), v, "complex", None, fast=True, terms=1.0).value
+    for k in (-600, 600):
+        c = 2.0**k
+        est = estimate(Problem(f, x0), c * v, "complex", None, fast=True, terms=c)
+        assert est.value == pytest.approx(c * base, rel=1e-13), (k, est)
+
+
 def test_fast_complex_step_counts_its_calls_on_the_non_finite_path() -> None:
     from verify._numdiff import Problem, estimate
 
@@ -782,6 +798,7 @@ def test_taylor_exact_quadratic_model_at_the_origin_is_at_the_floor() -> None:
     result = taylor_test(f, x, v, grad=np.zeros(4), hvp=A @ v)
     assert result.status == PASS, result.reason
     assert "order-2 Taylor model is exact" in result.reason, result.reason  # grad + hvp: order 2
+    assert f"from h={result.steps[0]:.2e} to {result.steps[-1]:.2e}" in result.reason, result.reason
 
 
 def test_taylor_default_steps_and_the_exact_for_small_steps_path() -> None:
