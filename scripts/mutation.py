@@ -415,7 +415,8 @@ def _check_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None) -> int:
+def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None,
+        survivors_only: bool = False) -> int:
     i, n = _parse_shard(shard)
     modules = _check_paths(paths) if paths else default_modules()
     # SIGTERM (kill PID) ends the run cleanly: the scratch copy is removed, finished results are kept.
@@ -436,8 +437,8 @@ def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants:
             if data.get("fingerprint") != _fingerprint(module):
                 data = {"mutants": {}}
             tests_fp = _tests_fingerprint(module)
-            todo = [m for m in mutants if m["key"] not in data["mutants"]
-                    or (data["mutants"][m["key"]]["outcome"] == "survived"
+            todo = [m for m in mutants if (m["key"] not in data["mutants"] and not survivors_only)
+                    or (m["key"] in data["mutants"] and data["mutants"][m["key"]]["outcome"] == "survived"
                         and data["mutants"][m["key"]].get("tests") != tests_fp)]
             print(f"{module}: {len(mutants)} mutants in shard {i}/{n}, {len(todo)} to run", flush=True)
             if not todo:
@@ -558,12 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--shard", help="I/N: run the I-th of N interleaved shards")
     r.add_argument("--timeout-factor", type=float, default=4.0, help="timeout = factor x baseline (>= 30 s)")
     r.add_argument("--max", type=int, default=None, help="stop after this many mutants (a time-boxed run)")
+    r.add_argument("--survivors-only", action="store_true",
+                   help="only re-run survivors whose module's tests changed since (after adding tests)")
     sub.add_parser("report", help="write reports/mutation/README.md from the results")
     lst = sub.add_parser("list", help="count the mutants per module")
     lst.add_argument("paths", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run(args.paths, args.shard, args.timeout_factor, args.max)
+        return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only)
     if args.command == "report":
         return report()
     return list_mutants(args.paths)

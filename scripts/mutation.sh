@@ -3,6 +3,7 @@
 #   bash scripts/mutation.sh [PATHS ...] [--shard I/N] [--max N]   # run (resumes), then write the report
 #   bash scripts/mutation.sh report                                  # report only
 #   bash scripts/mutation.sh list [PATHS ...]                        # count mutants
+#   bash scripts/mutation.sh PATHS --survivors-only                  # re-run survivors after adding tests
 # Results: reports/mutation/results/*.json (resume state), reports/mutation/README.md (kill rates, survivors).
 # One process, niced: sized for a shared 2-core machine (run shards in parallel only on an idle one).
 set -euo pipefail
