@@ -439,7 +439,8 @@ def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants:
             tests_fp = _tests_fingerprint(module)
             todo = [m for m in mutants if (m["key"] not in data["mutants"] and not survivors_only)
                     or (m["key"] in data["mutants"] and data["mutants"][m["key"]]["outcome"] == "survived"
-                        and data["mutants"][m["key"]].get("tests") != tests_fp)]
+                        and data["mutants"][m["key"]].get("tests") != tests_fp
+                        and not (survivors_only and m["key"] in load_equivalent().get(module, {})))]
             print(f"{module}: {len(mutants)} mutants in shard {i}/{n}, {len(todo)} to run", flush=True)
             if not todo:
                 continue
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout-factor", type=float, default=4.0, help="timeout = factor x baseline (>= 30 s)")
     r.add_argument("--max", type=int, default=None, help="stop after this many mutants (a time-boxed run)")
     r.add_argument("--survivors-only", action="store_true",
-                   help="only re-run survivors whose module's tests changed since (after adding tests)")
+                   help="only re-run survivors (not those listed as equivalent) whose module's tests changed since")
     sub.add_parser("report", help="write reports/mutation/README.md from the results")
     lst = sub.add_parser("list", help="count the mutants per module")
     lst.add_argument("paths", nargs="*")
