@@ -169,6 +169,8 @@ def test_error_bound_is_positive_when_every_other_term_vanishes(method: str) -> 
     est = directional_derivative(lambda x: 4.0 * x[0], np.array([0.0]), np.array([1.0]), method=method)
     assert est.value == 4.0
     assert FLOOR_ULPS * EPS64 * 4.0 <= est.error <= 3 * FLOOR_ULPS * EPS64 * 4.0, est
+    # the documented floor is 8 ulps of |D| (complex step: of |D| + T, T = |D_{s v} f| = 4 here)
+    assert est.error == 8 * EPS64 * (8.0 if method == "complex" else 4.0), est
 
 
 @pytest.mark.parametrize("finite", [True, False])
@@ -467,6 +469,25 @@ def test_messages_name_the_first_bad_index_and_shorten_only_long_values() -> Non
     exactly_80 = "x" * 78  # repr adds two quotes
     assert _short(exactly_80) == repr(exactly_80) and len(repr(exactly_80)) == 80
     assert _short("x" * 79) == repr("x" * 79)[:77] + "..."
+
+
+def test_bad_steps_and_a_non_finite_fast_noise_sample() -> None:
+    from reference.errors import InvalidInputError
+    from verify._numdiff import Problem, estimate
+
+    for bad in (0.0, "1e-3", -1e-3, True):
+        with pytest.raises(InvalidInputError, match="step="):
+            directional_derivative(_f, np.array([X0]), np.array([1.0]), method="central", step=bad)
+    # the fast complex step's shifted sample is not finite: no estimate (not a NaN error bound)
+    x0 = np.array([X0])
+
+    def f(z):
+        if np.iscomplexobj(z) and np.any(z.real != x0):
+            return np.sin(z[0]) * np.nan
+        return np.sin(z[0])
+
+    est = estimate(Problem(f, x0), np.array([1.0]), "complex", None, fast=True, terms=1.0)
+    assert math.isnan(est.value) and est.error == math.inf, est
 
 
 def test_long_inputs_are_shortened_in_error_messages() -> None:
