@@ -222,3 +222,108 @@ def protonet(params, apply_fn, tasks, n_classes, *, stop_support=False):
 def protonet_support_stopped(params, apply_fn, tasks, n_classes):
     """Bug: stop_gradient on the support features."""
     return protonet(params, apply_fn, tasks, n_classes, stop_support=True)
+
+
+# -- entries added so that every diagnosis of the catalogue is exercised in JAX too (issue 19) ---------
+
+
+def maml_first_step_only(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: stop_gradient on every inner gradient but the first."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, stop=lambda k: k > 0)
+
+
+def maml_no_adaptation(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: the query loss evaluated with the initial parameters."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, adapt_query=False)
+
+
+def fomaml(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct first-order MAML (FOMAML): stop_gradient on every inner gradient."""
+    return _maml(params, apply_fn, tasks, inner_lr, inner_steps, stop=lambda k: True)
+
+
+def _hvp(apply_fn, p, x, y, v):
+    """``H(p) v`` of the support loss, forward-over-reverse."""
+    return jax.jvp(jax.grad(lambda q: task_loss(apply_fn(q, x), y)), (p,), (v,))[1]
+
+
+def metasgd_manual(params, apply_fn, lrs, tasks, inner_steps, *, transposed=False):
+    """Meta-SGD with a hand-written backward pass (reverse accumulation with HVPs), returning (loss, grads)."""
+    m = len(tasks)
+    total = 0.0
+    g_theta = [jnp.zeros_like(p) for p in params]
+    g_lrs = [jnp.zeros_like(p) for p in params]
+    for t in tasks:
+        iterates, sgrads = [list(params)], []
+        for _ in range(inner_steps):
+            g = jax.grad(lambda q: task_loss(apply_fn(q, t.x_support), t.y_support))(iterates[-1])
+            sgrads.append(g)
+            iterates.append([q - a * gk for q, a, gk in zip(iterates[-1], lrs, g)])
+        loss, v = jax.value_and_grad(lambda q: task_loss(apply_fn(q, t.x_query), t.y_query))(iterates[-1])
+        v = list(v)
+        for k in reversed(range(inner_steps)):
+            g_lrs = [acc - gk * vk / m for acc, gk, vk in zip(g_lrs, sgrads[k], v)]
+            if transposed:  # the bug: a * (H v) instead of H (a * v)
+                hv = _hvp(apply_fn, iterates[k], t.x_support, t.y_support, v)
+                v = [vk - a * hk for vk, a, hk in zip(v, lrs, hv)]
+            else:
+                hv = _hvp(apply_fn, iterates[k], t.x_support, t.y_support, [a * vk for a, vk in zip(lrs, v)])
+                v = [vk - hk for vk, hk in zip(v, hv)]
+        g_theta = [acc + vk / m for acc, vk in zip(g_theta, v)]
+        total = total + loss
+    return total / m, g_theta + g_lrs
+
+
+def metasgd_transposed(params, apply_fn, lrs, tasks, inner_steps):
+    """Bug: hand-written backward applying the transposed step Jacobian."""
+    return metasgd_manual(params, apply_fn, lrs, tasks, inner_steps, transposed=True)
+
+
+def reptile_head_only(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: the inner SGD over the head (last weight and bias) only."""
+    n_head = 2
+    total = [jnp.zeros_like(p) for p in params]
+    for t in tasks:
+        fast = list(params)
+        for _ in range(inner_steps):
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            fast = fast[:-n_head] + [p - inner_lr * gi for p, gi in zip(fast[-n_head:], g[-n_head:])]
+        total = [acc + (p0 - p) for acc, p0, p in zip(total, params, fast)]
+    return [acc / len(tasks) for acc in total]
+
+
+def _imaml_system(params, apply_fn, tasks, lam, *, c, beta):
+    """iMAML solving ``(c I + beta H) x = grad L_q`` (correct: c = 1, beta = 1/lam)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    total, grad = 0.0, jnp.zeros_like(flat)
+    for t in tasks:
+        ls = lambda z: task_loss(apply_fn(unravel(z), t.x_support), t.y_support)  # noqa: E731
+        lq = lambda z: task_loss(apply_fn(unravel(z), t.x_query), t.y_query)  # noqa: E731
+
+        def newton(_, phi):  # Newton on L_s(phi) + lam/2 ||phi - theta||^2
+            r = jax.grad(ls)(phi) + lam * (phi - flat)
+            return phi - jnp.linalg.solve(jax.hessian(ls)(phi) + lam * jnp.eye(flat.size), r)
+
+        phi = jax.lax.stop_gradient(jax.lax.fori_loop(0, 12, newton, flat))
+        x = jnp.linalg.solve(c * jnp.eye(flat.size) + beta * jax.hessian(ls)(phi), jax.grad(lq)(phi))
+        total = total + lq(phi)
+        grad = grad + x / len(tasks)
+    return total / len(tasks), unravel(grad)
+
+
+def imaml_no_identity(params, apply_fn, tasks, lam):
+    """Bug: H x = lam grad L_q (the identity term dropped)."""
+    return _imaml_system(params, apply_fn, tasks, lam, c=0.0, beta=1.0 / lam)
+
+
+def r2d2_no_bias_column(params, apply_fn, tasks, lam, scale, offset, n_classes=None):
+    """Bug (bias_column=True asked): the column of ones forgotten."""
+    total = 0.0
+    for t in tasks:
+        zs, zq = apply_fn(params, t.x_support), apply_fn(params, t.x_query)
+        y = jax.nn.one_hot(t.y_support, n_classes)
+        n = zs.shape[0]
+        zs, y = zs / jnp.sqrt(n), y / jnp.sqrt(n)
+        w = jnp.linalg.solve(zs.T @ zs + lam * jnp.eye(zs.shape[1]), zs.T @ y)
+        total = total + task_loss(scale * (zq @ w) + offset, t.y_query)
+    return total / len(tasks)

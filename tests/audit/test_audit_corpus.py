@@ -100,6 +100,16 @@ CORPUS = {
         ("r2d2_no_normalize", "r2d2", "normalize_mismatch", "R2D2"),
         ("protonet", "protonet", None, "METRIC"),
         ("protonet_support_stopped", "protonet", "support_detached", "METRIC"),
+        # issue 19: the diagnoses the JAX corpus lacked (every catalogue entry in both corpora)
+        ("maml_first_step_only", "maml", "first_step_only", "GRAD_CE"),
+        ("maml_no_adaptation", "maml", "no_adaptation", "GRAD"),
+        ("fomaml", "fomaml", None, "GRAD"),
+        ("maml", "fomaml", "second_order_instead", "GRAD"),
+        ("metasgd_manual", "metasgd", None, "METASGD"),
+        ("metasgd_transposed", "metasgd", "metasgd_transposed", "METASGD"),
+        ("reptile_head_only", "reptile", "reptile_head_only", "GRAD"),
+        ("imaml_no_identity", "imaml", "imaml_system", "IMAML"),
+        ("r2d2_no_bias_column", "r2d2", "bias_column_mismatch", "R2D2"),
     ],
 }
 
