@@ -180,3 +180,22 @@ def test_invalid_inputs(kwargs, match) -> None:
 def test_zero_direction_rejected() -> None:
     with pytest.raises(InvalidInputError, match=r"v=.*zero vector"):
         taylor_test(lambda x: float(np.sum(x**2)), np.ones(2), np.zeros(2))
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_jump_straddled_by_the_noise_probes_is_not_a_pass(with_grad):
+    # f jumps by 1 at x = 0.3: one-ulp changes of x straddle it, so the measured "noise" is the jump.
+    # A floor built from it would hide every remainder and call the Taylor model exact (found by the
+    # mutation campaign, reports/mutation/CAMPAIGN.md). Independent fact: f is discontinuous at x.
+    kwargs = {"grad": np.array([1.0])} if with_grad else {}
+    result = taylor_test(lambda z: float(z[0] > 0.3) + z[0], np.array([0.3]), np.array([1.0]), **kwargs)
+    assert result.status == "inconclusive", result.reason
+    assert "discontinuity" in result.reason
+
+
+def test_exact_model_with_cancelling_values_still_passes():
+    # f(x) = a.x with a.x = 0 at x: the values cancel exactly, the remainder is pure rounding of O(1)
+    # magnitudes; the jump rule must not mistake that rounding for a discontinuity.
+    a, x = np.array([1.0, -1.0]), np.array([1.0, 1.0])
+    result = taylor_test(lambda z: float(a @ z), x, np.array([0.3, 0.7]), grad=a)
+    assert result.status == "pass", result.reason
