@@ -111,6 +111,7 @@ def audit(
     thorough: bool = False,
     title: str = "",
     case: Case | None = None,
+    approximation: str | None = None,
 ) -> AuditResult:
     """Audit a meta-gradient implementation ``fn`` of ``algorithm`` against the reference.
 
@@ -146,6 +147,14 @@ def audit(
             conclusive is followed by the full one.
         title: a label for reports.
         case: a ready :class:`verify.algorithms.Case` (overrides the problem arguments).
+        approximation: a declared approximation (:mod:`verify.inner_audit`): ``first_order``,
+            ``truncated:K``, ``stop_gradient``, ``inner_steps:N`` (``+``-joined) for maml, anil,
+            maml-momentum, maml-adam, anil-adam; ``cg:M``, ``inner_steps:N``, ``damping:D`` (the
+            iMAML authors' solver, inner step ``inner_lr``, default 0.05) for imaml. The claimed
+            gradient is then verified against the declared approximation's reference, and the
+            result carries the declared gradient's distance from the exact one (relative error and
+            cosine). ``None``/``"exact"``: the exact meta-gradient (an undeclared approximation is a
+            mismatch and is named by the diagnosis).
 
     Returns:
         An :class:`AuditResult`; ``result.passed`` is the verdict.
@@ -177,6 +186,14 @@ def audit(
         raise InvalidInputError(f"directions={directions!r} must be an integer >= 0 (0 skips the finite-difference "
                                 "check of the function's own meta-loss)")
     load_backend(backend)  # a clear error with the install hint when missing
+    decl = None
+    solver_lr = None
+    if approximation is not None and str(approximation).strip() not in ("", "exact"):
+        from verify import inner_audit
+
+        decl = inner_audit.declare(algorithm, str(approximation))  # a usage error before any work
+        if decl.kind == "imaml":  # iMAML's case has no inner_lr: it is the authors' solver's step
+            solver_lr, inner_lr = inner_lr, None
     if case is None:
         hyper = {k: v for k, v in dict(inner_lr=inner_lr, inner_steps=inner_steps, lam=lam, scale=scale,
                                        offset=offset, damping=damping, bias_column=bias_column,
@@ -189,6 +206,13 @@ def audit(
 
     ref_loss, ref_grads = evaluate(case)
     ref = flatten([np.asarray(g, dtype=float) for g in ref_grads])
+    target = None
+    if decl is not None:
+        from verify import inner_audit
+
+        # Verify against the declared approximation; the exact gradient stays for the distance and the
+        # condition estimate (the declared one is a perturbation of it, computed the same way).
+        target = inner_audit.declared_target(case, decl, ref_grads, inner_lr=solver_lr)
     try:
         cond = float32_condition(case, ref)
     except Exception:  # rounding made the problem singular: no estimate, the table value stands
@@ -204,6 +228,9 @@ def audit(
     tol = tolerance("float64", "reference_match", condition=cond)
     reason = "float64 'reference_match' = eps^(3/4)" + (f" x condition estimate {cond:.3g} ({why})" if cond > 1 else "")
 
+    if target is not None:
+        ref_loss, ref_grads = target.loss, target.grads
+        reason += f"; against the declared approximation {target.label}"
     harness: Harness = make_harness(backend, fn, case)
     claim = harness.claim()
     g = flatten(claim.grads)
@@ -231,7 +258,10 @@ def audit(
 
     independent = None
     own_status = None
-    if ALGORITHMS[algorithm].differentiable and claim.loss is not None and directions > 0:
+    # A declared approximation's gradient is not the derivative of the meta-loss (only inner_steps:N is:
+    # the exact gradient of a shorter loop), so the own-loss check would fail by design.
+    own_check = decl is None or decl.differentiable
+    if ALGORITHMS[algorithm].differentiable and claim.loss is not None and directions > 0 and own_check:
         own, x_own = harness.own_loss(), flatten(case.variables)
         v = None
         used, budget = directions, "thorough"
@@ -256,9 +286,39 @@ def audit(
     status = PASS if (ref_ok and loss_ok is not False and own_status != FAIL) else FAIL
     diagnosis = None
     if status == FAIL and not (ref_ok and loss_ok is not False):
-        diagnosis = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
-                             reference_grads=ref_grads, tol=tol)
+        if decl is None:
+            diagnosis = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
+                                 reference_grads=ref_grads, tol=tol)
+        else:
+            diagnosis = _declared_diagnosis(case, decl, claim.grads, solver_lr, cond)
+    side = _which_side(loss_ok, ref_ok and loss_ok is not False, own_status, algorithm)
+    if decl is not None and not own_check:
+        side = (f"the declared approximation {decl.label}'s gradient is not the derivative of the meta-loss: the "
+                "claimed gradient is compared with the reference's declared approximation only")
     return AuditResult(status, algorithm, backend, case.describe(), case.seed, tol, reason, cond, loss_check,
-                       tensors, independent, _which_side(loss_ok, ref_ok and loss_ok is not False, own_status,
-                                                         algorithm),
-                       diagnosis, claim.source, claim.notes, title, time.perf_counter() - t0)
+                       tensors, independent, side, diagnosis, claim.source, claim.notes, title,
+                       time.perf_counter() - t0, approximation=target.label if target else "",
+                       distance_from_exact=target.distance_from_exact if target else None)
+
+
+def _declared_diagnosis(case: Case, decl: Any, grads: Any, solver_lr: float | None, cond: float) -> Any:
+    """Name what a gradient that misses its declared approximation computes (:mod:`verify.inner_audit`)."""
+    from verify import inner_audit
+    from verify.auditing.diagnosis import Diagnosis
+
+    n = len(case.params)
+    r = inner_audit.name_declared_mismatch(case, decl, [np.asarray(g, dtype=float) for g in grads[:n]],
+                                           inner_lr=solver_lr, condition=cond)
+    if r.passed or r.diagnosis is None:
+        return None
+    err = float(dict(r.matches).get(r.diagnosis, r.error_vs_declared))
+    if r.diagnosis == "exact":
+        detail = (f"the exact meta-gradient: the declared approximation {decl.label} was not applied. The claimed "
+                  f"gradient matches the exact one to rel {err:.1e} (tol {r.tolerance:.1e})")
+        cause = f"the declaration does not describe the code: drop --approximation, or apply {decl.label}"
+    else:
+        detail = (f"{r.diagnosis}, not the declared {decl.label}: {r.explanation}. The claimed gradient matches "
+                  f"this variant to rel {err:.1e} (tol {r.tolerance:.1e})")
+        cause = f"the implementation computes {r.diagnosis} where {decl.label} was declared"
+    return Diagnosis("approximation_mismatch", r.diagnosis, detail, cause, {}, err, r.tolerance,
+                     tuple(m for m, _ in r.matches[1:]))

@@ -74,6 +74,15 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     title: str = ""
     seconds: float = 0.0
+    #: the declared approximation the gradient was verified against ("" for the exact meta-gradient)
+    approximation: str = ""
+    #: the declared approximation's distance from the exact meta-gradient: ``relative``, ``cosine``
+    distance_from_exact: dict[str, float] | None = None
+
+    def _distance_text(self) -> str:
+        d = self.distance_from_exact or {}
+        return (f"distance from exact {d.get('relative', float('nan')):.3g} "
+                f"(cosine {d.get('cosine', float('nan')):.4f})")
 
     @property
     def passed(self) -> bool:
@@ -95,6 +104,9 @@ class AuditResult:
         if self.passed:
             w = self.worst
             err = w.error if w else 0.0
+            if self.approximation:
+                return (f"{a} meta-gradient matches the declared approximation {self.approximation}: worst rel "
+                        f"{err:.1e} {tol}; {self._distance_text()}")
             return f"{a} meta-gradient verified: worst rel {err:.1e} {tol}"
         if self.loss and self.loss["status"] == FAIL:
             return (f"{a} meta-loss mismatch: reference={_g(self.loss['reference'])} got={_g(self.loss['got'])} "
@@ -115,6 +127,9 @@ class AuditResult:
         lines.append(f"  problem: {self.problem}")
         lines.append(f"  gradients from: {self.source}")
         lines.append(f"  tolerance: {self.tolerance:.2e} relative ({self.tolerance_reason})")
+        if self.approximation:
+            lines.append(f"  declared approximation: {self.approximation}: its {self._distance_text()}; "
+                         "the checks below are against it")
         if self.loss:
             L = self.loss
             lines.append(f"  meta-loss: reference={_g(L['reference'])} got={_g(L['got'])} rel={L['error']:.1e} "
@@ -147,8 +162,12 @@ class AuditResult:
         return self.report()
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``result.audit`` object of the versioned JSON schema (``docs/audit.md``)."""
-        return record(
+        """The ``result.audit`` object of the versioned JSON schema (``docs/audit.md``).
+
+        With a declared approximation two keys follow ``status``... ``seconds``: ``approximation``
+        (its label) and ``distance_from_exact`` (``relative``, ``cosine``); absent otherwise.
+        """
+        out = record(
             self, ("status", "algorithm", "backend", "title", "problem", "seed", "dtype", "tolerance", "tolerance_reason",
                    "condition", "gradient_source", "meta_loss", "tensors", "independent", "which_side", "diagnosis",
                    "unexplained", "headline", "notes", "seconds"),
@@ -156,6 +175,9 @@ class AuditResult:
             unexplained=(not self.passed) and self.diagnosis is None, headline=self.headline(),
             seconds=round(self.seconds, 3),
         )
+        if self.approximation:
+            out |= record(self, ("approximation", "distance_from_exact"))
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **({"indent": 2} | kwargs))
@@ -178,6 +200,10 @@ class AuditResult:
             cases.append({"classname": cls, "name": "finite differences of own meta-loss",
                           "status": st if st in (PASS, FAIL) else "skipped",
                           "message": self.independent["reason"][:300], "detail": detail})
+        if self.approximation:
+            cases.insert(0, {"classname": cls, "name": f"declared approximation {self.approximation}",
+                             "status": self.status, "message": f"verified against the declared approximation "
+                             f"{self.approximation}; {self._distance_text()}", "detail": detail})
         if cases:
             cases[0]["seconds"] = self.seconds
         return cases
