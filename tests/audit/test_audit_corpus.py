@@ -108,6 +108,11 @@ CORPUS = {
         ("r2d2_no_normalize", "r2d2", "normalize_mismatch", "R2D2"),
         ("protonet", "protonet", None, "METRIC"),
         ("protonet_support_stopped", "protonet", "support_detached", "METRIC"),
+        ("maml_adam", "maml-adam", None, "OPTIM"),
+        ("maml_adam_eps_hat", "maml-adam", "adam_eps_placement", "OPTIM"),
+        ("maml_adam_state_detached", "maml-adam", "optimizer_state_detached", "OPTIM"),
+        ("maml_momentum", "maml-momentum", None, "OPTIM"),
+        ("anil_adam", "anil-adam", None, "OPTIM"),
     ],
 }
 
