@@ -172,6 +172,11 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
         add("optimiser state detached between steps (stop_gradient)",
             "momentum buffers / Adam moments / the LSTM state were detached before each step",
             replace(declared, detach_state=True))
+    if not declared.is_exact:  # another approximation applied instead of the declared one
+        for alt in (inner_optim.Approximation(first_order=True), inner_optim.Approximation(detach_state=True)):
+            if alt != declared:
+                add(f"{alt} instead of {declared}", f"the code computes {alt} (alone), not the declared {declared}",
+                    alt)
     for t in range(0, K):
         if declared.truncate != t:
             what = ("BPTT truncated at the wrong length" if declared.truncate is not None else

@@ -170,3 +170,25 @@ def test_inapplicable_approximation_is_a_usage_error(algorithm, spec, message, c
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("metaverify audit: error: ") and message in err
+
+
+OPTIM = ["--model", "mlp:2-4-1:tanh", "--tasks", "2", "--shots", "4", "--queries", "3", "--inner-steps", "3",
+         "--inner-lr", "0.05"]
+
+
+@pytest.mark.parametrize("name, spec", [("maml_adam_truncated", "truncated:1"),
+                                        ("maml_adam_state_detached", "stop_gradient")])
+def test_declared_truncation_and_stop_gradient_on_the_adam_row(name, spec, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code = main(["audit", f"{CORPUS}:{name}", "--algorithm", "maml-adam", *OPTIM, "--approximation", spec,
+                 "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    a = json.loads(out_json.read_text())["result"]["audit"]
+    assert a["approximation"] == spec and 0 < a["distance_from_exact"]["relative"] < 1
+    # Declared the other way round, the same code is a named mismatch.
+    other = "stop_gradient" if spec.startswith("truncated") else "truncated:1"
+    assert main(["audit", f"{CORPUS}:{name}", "--algorithm", "maml-adam", *OPTIM, "--approximation", other]) == 1
+    text = capsys.readouterr().out
+    assert ("diagnosis: stop_gradient instead of truncated:1" in text if name == "maml_adam_state_detached" else
+            "diagnosis: backpropagation truncated (undeclared): truncated:1, not the declared stop_gradient" in text)
