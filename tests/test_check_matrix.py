@@ -239,10 +239,10 @@ def test_mamlpp_and_lstm_optimizer_rows_are_opt_in_cells():
     case = build_case("mamlpp", seed=2)
     K, n = case.hyper["inner_steps"], len(case.params)
     assert K >= 2 and case.extra["lrs"].shape == (K, n) and len(case.hyper["weights"]) == K
+    from reference.learned_optimizers import LSTMOptimizer
+
     lstm = build_case("lstm-optimizer", seed=2)
-    assert [v.shape for k, v in lstm.extra.items()] == [tuple(s) for s in
-                                                         __import__("reference.learned_optimizers", fromlist=["x"])
-                                                         .LSTMOptimizer.shapes(lstm.hyper["hidden"])]
+    assert [v.shape for v in lstm.extra.values()] == [tuple(s) for s in LSTMOptimizer.shapes(lstm.hyper["hidden"])]
     # the rates' gradient is not zero: the per-step rates are really differentiated
     _, grads = evaluate(case)
     assert np.linalg.norm(grads[-1]) > 0
