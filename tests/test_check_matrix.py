@@ -223,3 +223,26 @@ def test_float32_directional_check_measures_tiny_gradients_against_the_rounding_
     assert bad.status == "fail"
     failed = {c["check"] for c in bad.checks if c["status"] == "fail"}
     assert "meta-gradient vs reference" in failed and any("vs complex" in c or "vs richardson" in c for c in failed)
+
+
+def test_mamlpp_and_lstm_optimizer_rows_are_opt_in_cells():
+    """MAML++ (rates per step and tensor, multi-step loss) and the LSTM optimiser are matrix rows, named to run.
+
+    Their reference cells (gradient w.r.t. theta, the (K, n) rates / the LSTM's phi against directional
+    derivatives of the reference meta-loss) run in test_reference_cell_passes_for_every_algorithm; torch and
+    JAX against the reference in tests/test_matrix_properties.py.
+    """
+    from verify.algorithms import default_algorithms
+
+    assert {"mamlpp", "lstm-optimizer"} <= set(case_algorithms())
+    assert not {"mamlpp", "lstm-optimizer"} & set(default_algorithms())
+    case = build_case("mamlpp", seed=2)
+    K, n = case.hyper["inner_steps"], len(case.params)
+    assert K >= 2 and case.extra["lrs"].shape == (K, n) and len(case.hyper["weights"]) == K
+    from reference.learned_optimizers import LSTMOptimizer
+
+    lstm = build_case("lstm-optimizer", seed=2)
+    assert [v.shape for v in lstm.extra.values()] == [tuple(s) for s in LSTMOptimizer.shapes(lstm.hyper["hidden"])]
+    # the rates' gradient is not zero: the per-step rates are really differentiated
+    _, grads = evaluate(case)
+    assert np.linalg.norm(grads[-1]) > 0

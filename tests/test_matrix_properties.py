@@ -42,7 +42,7 @@ import os
 import pytest
 from hypothesis import given, settings
 
-from verify.algorithms import case_algorithms
+from verify.algorithms import ALGORITHMS, case_algorithms
 from verify.backends import is_available, load_backend
 from verify.matrix import ReferenceData, check_case
 from verify.strategies import cases
@@ -68,6 +68,10 @@ def _cells() -> list:
             if algorithm == "mlp" and backend != "numpy":
                 continue
             marks = [pytest.mark.torch] if backend == "torch" else [pytest.mark.jax] if backend == "jax" else []
+            if backend == "jax" and not ALGORITHMS[algorithm].default:
+                # MAML++ / the LSTM optimiser: JAX's optimiser loop runs eagerly (~10-20 s per case on 2 cores);
+                # their torch and reference cells stay in CI, the JAX ones run with the slow tests.
+                marks.append(pytest.mark.slow)
             out.append(pytest.param(algorithm, backend, marks=marks, id=f"{algorithm}-{backend}"))
     # the slowest properties first, so that `pytest -n N` starts them early
     weight = {"numpy": 1, "jax": 2, "torch": 3}

@@ -15,6 +15,7 @@ adding a row (:func:`register`) and a reference module.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -299,7 +300,8 @@ def build_case(
         model = MLP(sizes, act, loss, bias)
         tasks = _regression_or_classification(rng, model, n_tasks, shots, queries)
         if spec.family == "gradient":
-            hyper.setdefault("inner_steps", int(rng.integers(1, 4)))
+            # MAML++'s multi-step loss and an LSTM optimiser's recurrence need K >= 2 to be exercised
+            hyper.setdefault("inner_steps", int(rng.integers(2 if algorithm in ("mamlpp", "lstm-optimizer") else 1, 4)))
             hyper.setdefault("inner_lr", float(rng.uniform(0.05, 0.4)))
         if algorithm == "newton":
             hyper.setdefault("damping", float(rng.uniform(1.0, 2.0)))
@@ -307,6 +309,20 @@ def build_case(
         if algorithm == "imaml":
             hyper.setdefault("lam", float(rng.uniform(2.0, 8.0)))
     params = model.init(int(rng.integers(2**31)))
+    if algorithm == "mamlpp":
+        # per-step per-tensor rates around inner_lr; multi-step loss weights of MAML++'s annealing at epoch 0
+        from reference.mamlpp import msl_weights
+
+        K = int(hyper["inner_steps"])
+        base = hyper.pop("inner_lr")
+        extra["lrs"] = base * rng.uniform(0.5, 1.5, size=(K, len(params)))
+        hyper.setdefault("weights", tuple(float(w) for w in msl_weights(K, 0, 10)))
+    if algorithm == "lstm-optimizer":
+        from reference.learned_optimizers import LSTMOptimizer
+
+        hyper.setdefault("hidden", 2)
+        for j, phi in enumerate(LSTMOptimizer.random_params(hyper["hidden"], seed=int(rng.integers(2**31)))):
+            extra[f"phi[{j}]"] = phi
     if algorithm == "metasgd":
         base = hyper.pop("inner_lr")
         for i, p in enumerate(params):
@@ -368,6 +384,9 @@ class Algorithm:
             trajectory batches, :mod:`verify.rl_audit`). Such a row has no check-matrix
             cell (``backends=()``), its ``call`` refuses a Case, and everything that
             builds Cases iterates :func:`case_algorithms` instead of the whole table.
+        default: whether a plain ``metaverify check`` (no ``--algorithm``) runs it; False for rows
+            whose cells would lengthen the default matrix by more than ~20% (``mamlpp`` and
+            ``lstm-optimizer``: their JAX loops run eagerly), checked with ``--algorithm NAME``.
     """
 
     name: str
@@ -386,6 +405,7 @@ class Algorithm:
     diagnosis: str = ""
     condition: Callable[[Case], tuple[float, str]] | None = None
     audit: str = ""
+    default: bool = True
 
     @property
     def auditable(self) -> bool:
@@ -423,6 +443,40 @@ def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
         return call(mod, case, variables, inner_optimizer=make(), **kw)
 
     return with_optimizer
+
+
+def _eager(kw: dict[str, Any]) -> dict[str, Any]:
+    """Backend keywords for the optimiser-driven loop: JAX's runs eagerly (``verify.backends.jax.inner_optim``:
+    compiling the unrolled double backward costs more than running it once), so ``jit`` is dropped."""
+    return {k: v for k, v in kw.items() if k != "jit"}
+
+
+def _call_mamlpp(mod, case, variables, **kw):
+    kw = _eager(kw)
+    p, extra = case.split(variables)
+    h = case.hyper
+    loss, gp, glr = _sub(mod, "mamlpp").meta_loss_and_grad(case.model, p, extra["lrs"], case.tasks, h["inner_steps"],
+                                                           weights=np.asarray(h["weights"], dtype=float), **kw)
+    return loss, list(gp) + [np.asarray(glr)]
+
+
+def _call_lstm_optimizer(mod, case, variables, **kw):
+    from reference.learned_optimizers import LSTMOptimizer
+
+    p, extra = case.split(variables)
+    h = case.hyper
+    opt = LSTMOptimizer([extra[f"phi[{j}]"] for j in range(len(extra))], hidden=h["hidden"])
+    K = h["inner_steps"]
+    rates = [[h["inner_lr"]] * len(p) for _ in range(K)]
+    kw = _eager(kw)
+    allow_tf32 = kw.pop("allow_tf32", False)  # torch: the loop module takes no TF32 switch, the context does
+    with contextlib.ExitStack() as stack:
+        if allow_tf32:
+            from verify.backends.torch._model import tf32
+
+            stack.enter_context(tf32(True))
+        r = _sub(mod, "inner_optim").meta_loss_and_grad(case.model, p, case.tasks, rates, K, optimizer=opt, **kw)
+    return r.loss, list(r.params) + list(r.optimizer)
 
 
 def _call_no_case(mod, case, variables, **kw):
@@ -479,6 +533,15 @@ ALGORITHMS: dict[str, Algorithm] = {
                   paper="Raghu et al. 2020 with torch.optim.Adam (defaults) as the inner optimiser",
                   signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
                   backends=("numpy",)),
+        # MAML++ (Antoniou et al. 2019): per-step per-tensor learned rates (the (K, n_tensors) variable "lrs")
+        # and the multi-step loss sum_k w_k L_q(p_k) with the annealed weights (reference.mamlpp).
+        Algorithm("mamlpp", "gradient", _call_mamlpp, paper="Antoniou, Edwards, Storkey 2019 (MAML++: LSLR + MSL)",
+                  extra=("lrs",), default=False),
+        # A coordinatewise LSTM optimiser (Andrychowicz et al. 2016) on an MLP optimisee: the meta-gradient w.r.t.
+        # theta and the LSTM's phi by exact BPTT through the unrolled inner loop (reference.learned_optimizers).
+        Algorithm("lstm-optimizer", "gradient", _call_lstm_optimizer,
+                  paper="Andrychowicz et al. 2016 (learning to learn by gradient descent by gradient descent)",
+                  extra=("phi",), default=False),
         Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
                   text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
                   diagnoses=("first_order", "swapped_support_query", "scale", "disconnected", "imaml_system",
@@ -534,6 +597,11 @@ def auditable() -> tuple[str, ...]:
     return tuple(name for name, row in ALGORITHMS.items() if row.auditable)
 
 
+def default_algorithms() -> tuple[str, ...]:
+    """The rows a plain ``metaverify check`` runs: :func:`case_algorithms` with ``Algorithm.default``."""
+    return tuple(name for name in case_algorithms() if ALGORITHMS[name].default)
+
+
 def case_algorithms() -> tuple[str, ...]:
     """The rows whose problem is a :class:`Case` (all but those with an ``audit`` of their own), in table order."""
     return tuple(name for name, row in ALGORITHMS.items() if not row.audit)
@@ -553,5 +621,6 @@ def evaluate(case: Case, root: ModuleType | None = None, variables: list[np.ndar
 
 
 __all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "case_algorithms",
+           "default_algorithms",
            "evaluate", "param_names",
            "reference_root", "register", "unregister"]

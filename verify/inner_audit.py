@@ -39,7 +39,8 @@ from reference.inner_optim import Approximation, MetaGradient
 from reference.optimizers import Adam, Momentum
 from verify.tolerance import tolerance
 
-__all__ = ["InnerLoopProblem", "InnerLoopAudit", "Candidate", "audit_imaml", "audit_inner_loop", "distance", "parse_declared"]
+__all__ = ["Candidate", "CaseDeclaration", "DeclaredTarget", "InnerLoopAudit", "InnerLoopProblem", "audit_imaml",
+           "audit_inner_loop", "declare", "declared_target", "distance", "name_declared_mismatch", "parse_declared"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,11 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
         add("optimiser state detached between steps (stop_gradient)",
             "momentum buffers / Adam moments / the LSTM state were detached before each step",
             replace(declared, detach_state=True))
+    if not declared.is_exact:  # another approximation applied instead of the declared one
+        for alt in (inner_optim.Approximation(first_order=True), inner_optim.Approximation(detach_state=True)):
+            if alt != declared:
+                add(f"{alt} instead of {declared}", f"the code computes {alt} (alone), not the declared {declared}",
+                    alt)
     for t in range(0, K):
         if declared.truncate != t:
             what = ("BPTT truncated at the wrong length" if declared.truncate is not None else
@@ -357,3 +363,126 @@ def audit_imaml(model: Any, params: Sequence[Any], tasks: Sequence[Any], lam: fl
     which = "the exact meta-gradient" if d0 is None else f"the declared {label}"
     return InnerLoopAudit("fail", f"does not match {which}: relative error {err:.3g} (tolerance {tol:.1e}); "
                           "no catalogued computation matches", label, err, tol, d_exact)
+
+
+# ---------------------------------------------------------------------------
+# The audit's side (``metaverify audit ... --approximation``): a Case of a row
+# ---------------------------------------------------------------------------
+
+#: rows whose reference is the optimiser-driven loop (:mod:`reference.inner_optim`):
+#: name -> (adapted tensors: "all" or "head", the inner optimiser's factory or None for SGD)
+_LOOP_ROWS: dict[str, tuple[str, Callable[[], Any] | None]] = {
+    "maml": ("all", None),
+    "anil": ("head", None),
+    "maml-momentum": ("all", lambda: Momentum(0.9)),
+    "maml-adam": ("all", lambda: Adam()),
+    "anil-adam": ("head", lambda: Adam()),
+}
+#: rows whose declared approximation is the iMAML authors' solver (:mod:`reference.imaml_solver`)
+_IMAML_ROWS = ("imaml",)
+#: the inner step size of the authors' solver when ``--inner-lr`` is not given (their default)
+IMAML_SOLVER_LR = 0.05
+
+
+@dataclass(frozen=True)
+class CaseDeclaration:
+    """A parsed ``--approximation`` for one audited row: ``kind`` ``"loop"`` or ``"imaml"``."""
+
+    algorithm: str
+    text: str
+    kind: str
+    label: str
+    #: the gradient is the exact derivative of the (possibly shorter) loop's loss: only ``inner_steps:N``
+    differentiable: bool
+
+
+def declare(algorithm: str, approximation: str) -> CaseDeclaration:
+    """Parse ``approximation`` for ``algorithm`` (before any problem is built).
+
+    Raises:
+        InvalidInputError: the declaration is malformed, or does not apply to the
+            algorithm (``cg:M`` with MAML, ``first_order`` with iMAML, any with a
+            row that has no approximation catalogue).
+    """
+    text = str(approximation).strip()
+    loop_parts = ("first_order", "truncated:K", "stop_gradient", "inner_steps:N")
+    if algorithm in _LOOP_ROWS:
+        for part in text.split("+"):
+            part = part.strip()
+            if part.startswith(("cg:", "damping:", "regu:")):
+                raise InvalidInputError(
+                    f"approximation={text!r}: {part!r} does not apply to algorithm={algorithm!r} (cg:M, damping:D "
+                    f"and regu:R are the iMAML authors' solver); {algorithm} takes {', '.join(loop_parts)} joined "
+                    "by '+'")
+        declared, _ = parse_declared(text, 1)  # validates every part
+        steps_only = declared.is_exact
+        return CaseDeclaration(algorithm, text, "loop", text, steps_only)
+    if algorithm in _IMAML_ROWS:
+        for part in text.split("+"):
+            part = part.strip()
+            if part.split(":", 1)[0] in ("first_order", "truncated", "stop_gradient"):
+                raise InvalidInputError(
+                    f"approximation={text!r}: {part!r} does not apply to algorithm='imaml'; iMAML's declared "
+                    "approximation is the authors' solver: cg:M, inner_steps:N, damping:D (joined by '+', e.g. "
+                    "cg:5+inner_steps:16)")
+        from reference import imaml_solver
+
+        d = imaml_solver.Declared.parse(text)
+        return CaseDeclaration(algorithm, text, "imaml", str(d), False)
+    rows = ", ".join((*_LOOP_ROWS, *_IMAML_ROWS))
+    raise InvalidInputError(f"approximation={text!r} does not apply to algorithm={algorithm!r}: declared "
+                            f"approximations are audited for {rows}; drop --approximation to audit the exact "
+                            "meta-gradient")
+
+
+def _loop_problem(case: Any) -> InnerLoopProblem:
+    which, make = _LOOP_ROWS[case.algorithm]
+    alpha = case.hyper["inner_lr"]
+    K = int(case.hyper["inner_steps"])
+    head = set(getattr(case.model, "head_indices", ())) if which == "head" else None
+    rates = [alpha if head is None or i in head else None for i in range(len(case.params))]
+    return InnerLoopProblem(case.model, list(case.params), list(case.tasks), [list(rates) for _ in range(K)], K,
+                            optimizer=make() if make is not None else None)
+
+
+@dataclass
+class DeclaredTarget:
+    """The declared approximation's reference (``loss``, ``grads``) and its distance from the exact gradient."""
+
+    label: str
+    loss: float
+    grads: list[np.ndarray]
+    distance_from_exact: dict[str, float]
+
+
+def declared_target(case: Any, decl: CaseDeclaration, exact_grads: Sequence[Any], *,
+                    inner_lr: float | None = None) -> DeclaredTarget:
+    """The reference gradient of ``decl`` on ``case`` (aligned with ``case.variables``).
+
+    ``inner_lr``: the authors' iMAML solver's step (default :data:`IMAML_SOLVER_LR`).
+    """
+    if decl.kind == "loop":
+        pb = _loop_problem(case)
+        approx, n = parse_declared(decl.text, pb.inner_steps)
+        r = pb.gradient(approx, **_with_steps(pb, n))
+        loss, grads = float(np.real(r.loss)), [np.asarray(g, dtype=float) for g in r.params]
+    else:
+        from reference import imaml_solver
+
+        loss, grads = imaml_solver.meta_loss_and_grad(case.model, case.params, case.tasks, case.hyper["lam"],
+                                                      inner_lr=IMAML_SOLVER_LR if inner_lr is None else inner_lr,
+                                                      declared=decl.text)
+        grads = [np.asarray(g, dtype=float) for g in grads]
+    return DeclaredTarget(decl.label, float(loss), grads, distance(grads, exact_grads))
+
+
+def name_declared_mismatch(case: Any, decl: CaseDeclaration, claimed: Sequence[Any], *,
+                           inner_lr: float | None = None, dtype: Any = np.float64,
+                           condition: float = 1.0) -> InnerLoopAudit:
+    """:func:`audit_inner_loop` / :func:`audit_imaml` of ``claimed`` on ``case`` against ``decl``."""
+    if decl.kind == "loop":
+        return audit_inner_loop(_loop_problem(case), claimed, approximation=decl.text, dtype=dtype,
+                                condition=condition)
+    return audit_imaml(case.model, case.params, case.tasks, case.hyper["lam"], claimed,
+                       inner_lr=IMAML_SOLVER_LR if inner_lr is None else inner_lr, approximation=decl.text,
+                       dtype=dtype, condition=condition)

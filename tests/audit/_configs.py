@@ -15,8 +15,10 @@ LRD2 = dict(model="mlp:2-3-3:tanh", n_tasks=2, shots=3, queries=2, n_way=2, newt
 METRIC = dict(model="mlp:2-4-3:tanh", n_tasks=2, shots=2, queries=2, n_way=3)
 NEWTON = dict(model="mlp:1-2-1:tanh", n_tasks=1, shots=3, queries=2, inner_steps=1, inner_lr=0.2, damping=1.5)
 
-CONFIGS = {"GRAD": GRAD, "GRAD_CE": GRAD_CE, "METASGD": METASGD, "IMAML": IMAML, "R2D2": R2D2, "LRD2": LRD2,
-           "METRIC": METRIC, "NEWTON": NEWTON}
+#: the optimiser rows: 3 steps (Adam's bias corrections and the momentum buffer differ from step 1 on)
+OPTIM = dict(model="mlp:2-4-1:tanh", n_tasks=2, shots=4, queries=3, inner_steps=3, inner_lr=0.05)
+CONFIGS = {"OPTIM": OPTIM, "GRAD": GRAD, "GRAD_CE": GRAD_CE, "METASGD": METASGD, "IMAML": IMAML, "R2D2": R2D2,
+           "LRD2": LRD2, "METRIC": METRIC, "NEWTON": NEWTON}
 
 
 def first_order_gap(case: Case) -> float:

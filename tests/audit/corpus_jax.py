@@ -91,6 +91,71 @@ def maml_returns_grads(params, apply_fn, tasks, inner_lr, inner_steps):
     return jax.value_and_grad(maml)(params, apply_fn, tasks, inner_lr, inner_steps)
 
 
+def _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, *, kind="adam", head_only=False, eps_hat=False,
+                detach_state=False):
+    """MAML/ANIL with torch.optim.Adam (defaults) / SGD(momentum=0.9)'s update (optax.adam's eps_root=0 form).
+
+    ``eps_hat``: eps added to sqrt(v) before the bias correction (Kingma & Ba's eps-hat).
+    """
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    n_head = 2
+    total = 0.0
+    for t in tasks:
+        fast = list(params)
+        m = v = buf = None
+        for k in range(1, inner_steps + 1):
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            if head_only:  # only the head is adapted (a zero gradient through sqrt(v = 0) would be NaN)
+                g = g[-n_head:]
+            if detach_state and m is not None:
+                m, v = jax.lax.stop_gradient(m), jax.lax.stop_gradient(v)
+            if detach_state and buf is not None:
+                buf = jax.lax.stop_gradient(buf)
+            if kind == "adam":
+                m = [(1 - b1) * gi for gi in g] if m is None else [b1 * a + (1 - b1) * gi for a, gi in zip(m, g)]
+                v = [(1 - b2) * gi * gi for gi in g] if v is None else [b2 * a + (1 - b2) * gi * gi
+                                                                        for a, gi in zip(v, g)]
+                c1, c2 = 1 - b1**k, 1 - b2**k
+                if eps_hat:
+                    step = [inner_lr * c2**0.5 / c1 * a / (jnp.sqrt(b) + eps) for a, b in zip(m, v)]
+                else:
+                    step = [inner_lr * (a / c1) / (jnp.sqrt(b) / c2**0.5 + eps) for a, b in zip(m, v)]
+            else:
+                buf = list(g) if buf is None else [0.9 * a + gi for a, gi in zip(buf, g)]
+                step = [inner_lr * a for a in buf]
+            if head_only:
+                fast = fast[:-n_head] + [p - u for p, u in zip(fast[-n_head:], step)]
+            else:
+                fast = [p - u for p, u in zip(fast, step)]
+        total = total + task_loss(apply_fn(fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def maml_adam(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct MAML with torch.optim.Adam's update, differentiated through the moments."""
+    return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps)
+
+
+def maml_adam_eps_hat(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug (for maml-adam): eps added to sqrt(v) before bias correction."""
+    return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, eps_hat=True)
+
+
+def maml_adam_state_detached(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: stop_gradient on Adam's moments between steps."""
+    return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, detach_state=True)
+
+
+def maml_momentum(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct MAML with SGD(momentum=0.9)'s update (buffer = g at the first step)."""
+    return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, kind="momentum")
+
+
+def anil_adam(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Correct ANIL with Adam on the head."""
+    return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, head_only=True)
+
+
 def anil(params, apply_fn, tasks, inner_lr, inner_steps):
     """Correct ANIL."""
     return _maml(params, apply_fn, tasks, inner_lr, inner_steps, head_only=True)

@@ -139,6 +139,95 @@ def maml_noisy(model, tasks, inner_lr, inner_steps):
                   for g in grads]
 
 
+# -- MAML / ANIL with torch.optim's momentum and Adam in the inner loop (rows maml-momentum, maml-adam, anil-adam) --
+
+
+def _maml_optim(model, tasks, inner_lr, inner_steps, *, kind: str = "adam", head_only: bool = False,
+                eps_hat: bool = False, detach_state: bool = False, backprop_last: int | None = None):
+    """MAML/ANIL with torch.optim.Adam (defaults) or SGD(momentum=0.9)'s update written functionally.
+
+    Adam: ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, ``p -= lr m_hat / (sqrt(v_hat) + eps)``
+    (``eps_hat``: ``lr sqrt(1-b2^k)/(1-b1^k) m / (sqrt(v) + eps)``, higher's and Kingma & Ba's placement).
+    Momentum: ``buf = g`` at the first step, then ``buf = 0.9 buf + g``; ``p -= lr buf``.
+    """
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    n_head = 2 if model[-1].bias is not None else 1
+    theta = list(model.parameters())
+    total = 0.0
+    for t in tasks:
+        fast = list(theta)
+        m = v = buf = None
+        for k in range(1, inner_steps + 1):
+            adapt = fast[-n_head:] if head_only else fast
+            g = torch.autograd.grad(task_loss(_forward(model, fast, t.x_support), t.y_support), adapt,
+                                    create_graph=True)
+            if detach_state and m is not None:
+                m, v = [a.detach() for a in m], [b.detach() for b in v]
+            if detach_state and buf is not None:
+                buf = [a.detach() for a in buf]
+            if kind == "adam":
+                m = [(1 - b1) * gi for gi in g] if m is None else [b1 * a + (1 - b1) * gi for a, gi in zip(m, g)]
+                v = [(1 - b2) * gi * gi for gi in g] if v is None else [b2 * a + (1 - b2) * gi * gi
+                                                                        for a, gi in zip(v, g)]
+                c1, c2 = 1 - b1**k, 1 - b2**k
+                if eps_hat:
+                    step = [inner_lr * c2**0.5 / c1 * a / (b.sqrt() + eps) for a, b in zip(m, v)]
+                else:
+                    step = [inner_lr * (a / c1) / (b.sqrt() / c2**0.5 + eps) for a, b in zip(m, v)]
+            else:
+                buf = list(g) if buf is None else [0.9 * a + gi for a, gi in zip(buf, g)]
+                step = [inner_lr * a for a in buf]
+            if backprop_last is not None and k <= inner_steps - backprop_last:
+                step = [u.detach() for u in step]
+                m = None if m is None else [a.detach() for a in m]
+                v = None if v is None else [b.detach() for b in v]
+                buf = None if buf is None else [a.detach() for a in buf]
+            new = [p - u for p, u in zip(adapt, step)]
+            fast = fast[:-n_head] + new if head_only else new
+        total = total + task_loss(_forward(model, fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def maml_adam(model, tasks, inner_lr, inner_steps):
+    """Correct MAML with torch.optim.Adam's update (eps added to sqrt(v_hat)), differentiated through m, v."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps)
+
+
+def maml_adam_eps_hat(model, tasks, inner_lr, inner_steps):
+    """Bug (for maml-adam): eps added to sqrt(v) before bias correction (higher's DifferentiableAdam)."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, eps_hat=True)
+
+
+def maml_adam_state_detached(model, tasks, inner_lr, inner_steps):
+    """Bug: Adam's moments detached before each step (state stored with .detach())."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, detach_state=True)
+
+
+def maml_adam_truncated(model, tasks, inner_lr, inner_steps):
+    """Bug: backpropagation through the last inner step only (earlier steps applied as detached increments)."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, backprop_last=1)
+
+
+def maml_momentum(model, tasks, inner_lr, inner_steps):
+    """Correct MAML with torch.optim.SGD(momentum=0.9)'s update, differentiated through the buffer."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, kind="momentum")
+
+
+def maml_momentum_state_detached(model, tasks, inner_lr, inner_steps):
+    """Bug: the momentum buffer detached between steps."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, kind="momentum", detach_state=True)
+
+
+def anil_adam(model, tasks, inner_lr, inner_steps):
+    """Correct ANIL with torch.optim.Adam's update on the head."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, head_only=True)
+
+
+def anil_adam_eps_hat(model, tasks, inner_lr, inner_steps):
+    """Bug (for anil-adam): higher's eps placement on the head's Adam."""
+    return _maml_optim(model, tasks, inner_lr, inner_steps, head_only=True, eps_hat=True)
+
+
 def anil(model, tasks, inner_lr, inner_steps):
     """Correct ANIL."""
     return _maml(model, tasks, inner_lr, inner_steps, head_only=True)
@@ -325,6 +414,60 @@ def imaml(model, tasks, lam, *, solve="exact", cg_iterations=3, c=1.0, beta=None
         grads.append(grad[start:start + n].view(s))
         start += n
     return total / len(tasks), grads
+
+
+def imaml_authors(model, tasks, lam, *, inner_lr=0.05, inner_steps=16, cg_steps=5, damping=0.0):
+    """iMAML as the authors' released code computes it (declared approximation cg:M+inner_steps:N+damping:D).
+
+    N gradient steps of size inner_lr on L_s(phi) + lam/2 ||phi - theta||^2 from theta, then M conjugate-gradient
+    iterations from 0 on (I + H_s(phi_N) / (lam + damping)) x = grad L_q(phi_N), stopping when r^T r < 1e-10;
+    Hessian-vector products by double backward. Returns (loss, grads).
+    """
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+    total, grad = 0.0, torch.zeros_like(theta)
+    for t in tasks:
+        phi = theta.clone()
+        for _ in range(inner_steps):
+            z = phi.detach().requires_grad_()
+            g = torch.autograd.grad(_flat_loss(model, z, t.x_support, t.y_support, shapes), z)[0]
+            phi = phi - inner_lr * (g + lam * (phi - theta))
+        z = phi.detach().requires_grad_()
+        g_s = torch.autograd.grad(_flat_loss(model, z, t.x_support, t.y_support, shapes), z, create_graph=True)[0]
+
+        def matvec(v):
+            hv = torch.autograd.grad(g_s, z, grad_outputs=v, retain_graph=True)[0]
+            return v + hv / (lam + damping)
+
+        zq = phi.detach().requires_grad_()
+        loss_q = _flat_loss(model, zq, t.x_query, t.y_query, shapes)
+        b = torch.autograd.grad(loss_q, zq)[0]
+        x = torch.zeros_like(b)
+        r = b - matvec(x)
+        p = r.clone()
+        for _ in range(cg_steps):
+            rdotr = r @ r
+            Ap = matvec(p)
+            alpha = rdotr / (p @ Ap)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            new = r @ r
+            p = r + (new / rdotr) * p
+            if float(new) < 1e-10:
+                break
+        total = total + loss_q.detach()
+        grad = grad + x / len(tasks)
+    grads, start = [], 0
+    for s in shapes:
+        n = int(torch.Size(s).numel())
+        grads.append(grad[start:start + n].view(s))
+        start += n
+    return total / len(tasks), grads
+
+
+def imaml_authors_cg3(model, tasks, lam):
+    """The authors' solver with 3 CG iterations (declared cg:5 elsewhere: a named mismatch)."""
+    return imaml_authors(model, tasks, lam, cg_steps=3)
 
 
 def imaml_truncated_cg(model, tasks, lam):

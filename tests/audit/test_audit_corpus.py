@@ -75,6 +75,14 @@ CORPUS = {
         ("matchingnet_support_detached", "matchingnet", "support_detached", "METRIC"),
         ("newton", "newton", None, "NEWTON"),
         ("newton_first_order", "newton", "first_order", "NEWTON"),
+        ("maml_adam", "maml-adam", None, "OPTIM"),
+        ("maml_adam_eps_hat", "maml-adam", "adam_eps_placement", "OPTIM"),
+        ("maml_adam_state_detached", "maml-adam", "optimizer_state_detached", "OPTIM"),
+        ("maml_adam_truncated", "maml-adam", "bptt_truncated", "OPTIM"),
+        ("maml_momentum", "maml-momentum", None, "OPTIM"),
+        ("maml_momentum_state_detached", "maml-momentum", "optimizer_state_detached", "OPTIM"),
+        ("anil_adam", "anil-adam", None, "OPTIM"),
+        ("anil_adam_eps_hat", "anil-adam", "adam_eps_placement", "OPTIM"),
     ],
     "jax": [
         ("maml", "maml", None, "GRAD"),
@@ -110,6 +118,11 @@ CORPUS = {
         ("reptile_head_only", "reptile", "reptile_head_only", "GRAD"),
         ("imaml_no_identity", "imaml", "imaml_system", "IMAML"),
         ("r2d2_no_bias_column", "r2d2", "bias_column_mismatch", "R2D2"),
+        ("maml_adam", "maml-adam", None, "OPTIM"),
+        ("maml_adam_eps_hat", "maml-adam", "adam_eps_placement", "OPTIM"),
+        ("maml_adam_state_detached", "maml-adam", "optimizer_state_detached", "OPTIM"),
+        ("maml_momentum", "maml-momentum", None, "OPTIM"),
+        ("anil_adam", "anil-adam", None, "OPTIM"),
     ],
 }
 

@@ -38,3 +38,22 @@ def test_complex_step_on_own_loss_when_the_function_is_analytic():
     maml = audit(J.maml, "maml", "jax", thorough=True, **problem)
     assert maml.passed and maml.independent["method"] == "richardson", maml.report()
     assert maml.independent["budget"] == "thorough"
+
+
+def test_declared_first_order_jax_from_the_cli(tmp_path, capsys):
+    """``--approximation first_order`` with the JAX contract: verified against FOMAML, distance reported."""
+    import json
+    from pathlib import Path
+
+    from verify.cli import main
+
+    out = tmp_path / "r.json"
+    args = ["--algorithm", "maml", "--model", "mlp:2-3-1:tanh", "--tasks", "2", "--inner-steps", "2",
+            "--inner-lr", "0.2", "--approximation", "first_order", "--json", str(out)]
+    corpus = str(Path(J.__file__))
+    assert main(["audit", f"{corpus}:maml_first_order", *args]) == 0, capsys.readouterr().out
+    a = json.loads(out.read_text())["result"]["audit"]
+    assert a["backend"] == "jax" and a["approximation"] == "first_order"
+    assert a["distance_from_exact"]["relative"] > 0.1
+    assert main(["audit", f"{corpus}:maml", *args]) == 1  # exact code, first_order declared
+    assert "the declared approximation first_order was not applied" in capsys.readouterr().out

@@ -154,6 +154,7 @@ def audit(
     title: str = "",
     case: Case | None = None,
     dtype: str = "float64",
+    approximation: str | None = None,
 ) -> AuditResult:
     """Audit a meta-gradient implementation ``fn`` of ``algorithm`` against the reference.
 
@@ -194,6 +195,14 @@ def audit(
             that verifies, named as float32 constants) or ``"float32"`` (PyTorch: the whole audit in
             float32 with float32's tolerances, as most code trains; the report says whether the
             first-order bug is above float32's floor on the problem).
+        approximation: a declared approximation (:mod:`verify.inner_audit`): ``first_order``,
+            ``truncated:K``, ``stop_gradient``, ``inner_steps:N`` (``+``-joined) for maml, anil,
+            maml-momentum, maml-adam, anil-adam; ``cg:M``, ``inner_steps:N``, ``damping:D`` (the
+            iMAML authors' solver, inner step ``inner_lr``, default 0.05) for imaml. The claimed
+            gradient is then verified against the declared approximation's reference, and the
+            result carries the declared gradient's distance from the exact one (relative error and
+            cosine). ``None``/``"exact"``: the exact meta-gradient (an undeclared approximation is a
+            mismatch and is named by the diagnosis).
 
     Returns:
         An :class:`AuditResult`; ``result.passed`` is the verdict.
@@ -230,6 +239,14 @@ def audit(
         raise InvalidInputError(f"seed={seed!r} must be an integer >= 0")
     load_backend(backend)  # a clear error with the install hint when missing
     row = ALGORITHMS[algorithm]
+    decl = None
+    solver_lr = None
+    if approximation is not None and str(approximation).strip() not in ("", "exact"):
+        from verify import inner_audit
+
+        decl = inner_audit.declare(algorithm, str(approximation))  # a usage error before any work
+        if decl.kind == "imaml":  # iMAML's case has no inner_lr: it is the authors' solver's step
+            solver_lr, inner_lr = inner_lr, None
     if case is None:
         check_options_apply(algorithm, dict(loss=loss, inner_lr=inner_lr, inner_steps=inner_steps, n_way=n_way,
                                             lam=lam, scale=scale, offset=offset, damping=damping,
@@ -263,6 +280,13 @@ def audit(
             f"the reference {row.quantity} of this problem is not finite (overflow in float64): the problem's values "
             f"are too large ({case.describe()}), not a fault of the audited function; choose smaller values "
             "(inner_lr, lam, scale, the number of inner steps) or another seed")
+    target = None
+    if decl is not None:
+        from verify import inner_audit
+
+        # Verify against the declared approximation; the exact gradient stays for the distance and the
+        # condition estimate (the declared one is a perturbation of it, computed the same way).
+        target = inner_audit.declared_target(case, decl, ref_grads, inner_lr=solver_lr)
     try:
         cond = float32_condition(case, ref)
     except Exception:  # rounding made the problem singular: no estimate, the table value stands
@@ -278,6 +302,9 @@ def audit(
     reason = (f"{dtype} 'reference_match' = eps^(3/4)" + (f" x condition estimate {cond:.3g} ({why})" if cond > 1
                                                           else ""))
 
+    if target is not None:
+        ref_loss, ref_grads = target.loss, target.grads
+        reason += f"; against the declared approximation {target.label}"
     harness: Harness = make_harness(backend, fn, case, **({"dtype": "float32", "default_dtype": "float32"}
                                                           if dtype == "float32" else {}))
     claim = harness.claim()
@@ -335,7 +362,10 @@ def audit(
 
     independent = None
     own_status = None
-    if row.differentiable and claim.loss is not None and directions > 0:
+    # A declared approximation's gradient is not the derivative of the meta-loss (only inner_steps:N is:
+    # the exact gradient of a shorter loop), so the own-loss check would fail by design.
+    own_check = decl is None or decl.differentiable
+    if row.differentiable and claim.loss is not None and directions > 0 and own_check:
         own, x_own = harness.own_loss(), flatten(case.variables)
         v = None
         used, budget = directions, "thorough"
@@ -360,8 +390,11 @@ def audit(
     status = PASS if (ref_ok and loss_ok is not False and own_status != FAIL) else FAIL
     diagnosis = None
     if status == FAIL and not (ref_ok and loss_ok is not False):
-        diagnosis = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
-                             reference_grads=ref_grads, tol=tol)
+        if decl is None:
+            diagnosis = diagnose(case, claim.loss, claim.grads, missing=claim.missing, reference_loss=ref_loss,
+                                 reference_grads=ref_grads, tol=tol)
+        else:
+            diagnosis = _declared_diagnosis(case, decl, claim.grads, solver_lr, cond)
     lr_rounding = False
     if (dtype == "float64" and diagnosis is not None and diagnosis.key == "wrong_inner_lr"
             and "inner_lr" in diagnosis.fitted and "inner_lr" in case.hyper):
@@ -408,12 +441,17 @@ def audit(
         precision = _float32_floor(case, ref_loss, ref_grads, tol)
     side = which_side(None if cmp.loss is None else cmp.loss["status"], PASS if ref_ok else FAIL, own_status,
                       algorithm, row.quantity)
+    if decl is not None and not own_check:
+        side = (f"the declared approximation {decl.label}'s gradient is not the derivative of the meta-loss: the "
+                "claimed gradient is compared with the reference's declared approximation only")
     if lr_rounding:
         side = ("the meta-loss and the gradient are exactly the reference's at the function's float32 step size; "
                 "they differ from the float64 step size's by that rounding only (see precision)")
     result = AuditResult(status, algorithm, backend, case.describe(), case.seed, tol, reason, cond, cmp.loss,
                          cmp.tensors, independent, side, diagnosis, claim.source, claim.notes + notes, title,
-                         time.perf_counter() - t0, dtype=dtype, precision=precision)
+                         time.perf_counter() - t0, dtype=dtype, precision=precision,
+                         approximation=target.label if target else "",
+                         distance_from_exact=target.distance_from_exact if target else None)
     return result
 
 
@@ -494,3 +532,26 @@ def _float32_floor(case: Case, ref_loss: Any, ref_grads: Any, tol: float) -> str
     return (f"float32 audit: a first-order implementation would NOT be caught on this problem: its gap to the "
             f"exact meta-gradient (rel {gap:.1e}) is below float32's tolerance {tol:.1e}; audit in float64 (the "
             "default) or on a problem with a larger gap (a larger inner_lr or more inner steps)")
+
+
+def _declared_diagnosis(case: Case, decl: Any, grads: Any, solver_lr: float | None, cond: float) -> Any:
+    """Name what a gradient that misses its declared approximation computes (:mod:`verify.inner_audit`)."""
+    from verify import inner_audit
+    from verify.auditing.diagnosis import Diagnosis
+
+    n = len(case.params)
+    r = inner_audit.name_declared_mismatch(case, decl, [np.asarray(g, dtype=float) for g in grads[:n]],
+                                           inner_lr=solver_lr, condition=cond)
+    if r.passed or r.diagnosis is None:
+        return None
+    err = float(dict(r.matches).get(r.diagnosis, r.error_vs_declared))
+    if r.diagnosis == "exact":
+        detail = (f"the exact meta-gradient: the declared approximation {decl.label} was not applied. The claimed "
+                  f"gradient matches the exact one to rel {err:.1e} (tol {r.tolerance:.1e})")
+        cause = f"the declaration does not describe the code: drop --approximation, or apply {decl.label}"
+    else:
+        detail = (f"{r.diagnosis}, not the declared {decl.label}: {r.explanation}. The claimed gradient matches "
+                  f"this variant to rel {err:.1e} (tol {r.tolerance:.1e})")
+        cause = f"the implementation computes {r.diagnosis} where {decl.label} was declared"
+    return Diagnosis("approximation_mismatch", r.diagnosis, detail, cause, {}, err, r.tolerance,
+                     tuple(m for m, _ in r.matches[1:]))

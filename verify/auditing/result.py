@@ -79,6 +79,15 @@ class AuditResult:
     #: what precision explains (float32 constants in the function, a float32 meta-loss, the float32
     #: floor of ``dtype="float32"``); '' when nothing
     precision: str = ""
+    #: the declared approximation the gradient was verified against ("" for the exact meta-gradient)
+    approximation: str = ""
+    #: the declared approximation's distance from the exact meta-gradient: ``relative``, ``cosine``
+    distance_from_exact: dict[str, float] | None = None
+
+    def _distance_text(self) -> str:
+        d = self.distance_from_exact or {}
+        return (f"distance from exact {d.get('relative', float('nan')):.3g} "
+                f"(cosine {d.get('cosine', float('nan')):.4f})")
 
     @property
     def passed(self) -> bool:
@@ -100,6 +109,9 @@ class AuditResult:
         if self.passed:
             w = self.worst
             err = w.error if w else 0.0
+            if self.approximation:
+                return (f"{a} meta-gradient matches the declared approximation {self.approximation}: worst rel "
+                        f"{err:.1e} {tol}; {self._distance_text()}")
             extra = " up to float32 constants in the function (see precision)" if \
                 self.precision.startswith("float32 constants") else ""
             return f"{a} meta-gradient verified{extra}: worst rel {err:.1e} {tol}"
@@ -122,6 +134,9 @@ class AuditResult:
         lines.append(f"  problem: {self.problem}")
         lines.append(f"  gradients from: {self.source}")
         lines.append(f"  tolerance: {self.tolerance:.2e} relative ({self.tolerance_reason})")
+        if self.approximation:
+            lines.append(f"  declared approximation: {self.approximation}: its {self._distance_text()}; "
+                         "the checks below are against it")
         if self.loss:
             L = self.loss
             own_tol = (f" (tol {L['tolerance']:.1e}: {L['why']})" if L.get("why") else "")
@@ -159,8 +174,12 @@ class AuditResult:
         return self.report()
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``result.audit`` object of the versioned JSON schema (``docs/audit.md``)."""
-        return record(
+        """The ``result.audit`` object of the versioned JSON schema (``docs/audit.md``).
+
+        With a declared approximation two keys follow ``status``... ``seconds``: ``approximation``
+        (its label) and ``distance_from_exact`` (``relative``, ``cosine``); absent otherwise.
+        """
+        out = record(
             self, ("status", "algorithm", "backend", "title", "problem", "seed", "dtype", "precision", "tolerance",
                    "tolerance_reason", "condition", "gradient_source", "meta_loss", "tensors", "independent",
                    "which_side", "diagnosis", "unexplained", "headline", "notes", "seconds"),
@@ -168,6 +187,9 @@ class AuditResult:
             unexplained=(not self.passed) and self.diagnosis is None and not self.precision,
             headline=self.headline(), seconds=round(self.seconds, 3),
         )
+        if self.approximation:
+            out |= record(self, ("approximation", "distance_from_exact"))
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **({"indent": 2} | kwargs))
@@ -190,6 +212,10 @@ class AuditResult:
             cases.append({"classname": cls, "name": "finite differences of own meta-loss",
                           "status": st if st in (PASS, FAIL) else "skipped",
                           "message": self.independent["reason"][:300], "detail": detail})
+        if self.approximation:
+            cases.insert(0, {"classname": cls, "name": f"declared approximation {self.approximation}",
+                             "status": self.status, "message": f"verified against the declared approximation "
+                             f"{self.approximation}; {self._distance_text()}", "detail": detail})
         if cases:
             cases[0]["seconds"] = self.seconds
         return cases

@@ -2,7 +2,7 @@
 
 ``metaverify audit TARGET --algorithm NAME [--backend torch|jax] [--model mlp:1-40-40-1:tanh[:nobias]]
 [--loss mse|ce] [--inner-lr A] [--inner-steps K] [--tasks N] [--shots K] [--queries Q] [--n-way C]
-[--lam L] [--seed S] [--directions N] [--thorough] [--json PATH] [--junit PATH] [--title TEXT]``
+[--lam L] [--seed S] [--directions N] [--thorough] [--approximation SPEC] [--json PATH] [--junit PATH] [--title TEXT]``
 
 ``TARGET`` is ``path/to/file.py:function`` or ``package.module:function``;
 ``--library higher|torchopt|learn2learn`` instead of ``TARGET`` audits that
@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float64 (default): the audit in float64; a function whose result depends on torch's default "
                         "dtype is re-run with float64 as the default and named as float32 constants when that "
                         "verifies. float32: the whole audit in float32 with float32's tolerances (torch)")
+    p.add_argument("--approximation", metavar="SPEC",
+                   help="a declared approximation to verify the gradient against, reporting its distance from the "
+                        "exact meta-gradient: first_order, truncated:K, stop_gradient, inner_steps:N (maml, anil, "
+                        "maml-momentum, maml-adam, anil-adam) or cg:M, inner_steps:N, damping:D (imaml: the "
+                        "authors' solver, inner step --inner-lr, default 0.05), joined by '+', e.g. "
+                        "cg:5+inner_steps:16")
     p.add_argument("--json", metavar="PATH", help="write the verdict (versioned schema, docs/audit.md) to PATH")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
     p.add_argument("--title", default="", metavar="TEXT", help="a label for the report")
@@ -164,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     from verify.algorithms import ALGORITHMS
 
     if ALGORITHMS[args.algorithm].audit:  # e.g. maml-rl: trajectory batches instead of a Case
+        if args.approximation:
+            raise InvalidInputError(f"approximation={args.approximation!r} does not apply to algorithm="
+                                    f"{args.algorithm!r}: its audit has no declared approximations")
         from verify.commands.audit_rl import run_maml_rl
 
         return run_maml_rl(args)
@@ -197,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         n_way=args.n_way, lam=args.lam, scale=args.scale, offset=args.offset, damping=args.damping,
         bias_column=args.bias_column, normalize=args.normalize, form=args.form, newton_steps=args.newton_steps,
         seed=args.seed, directions=args.directions, thorough=args.thorough, title=title, dtype=args.dtype,
+        approximation=args.approximation,
     )
     note = fn.output.note()
     if note:

@@ -14,7 +14,7 @@ from typing import Any
 
 from reference.errors import InvalidInputError
 from verify._output import Progress, check_writable, results_document, write_json, write_junit
-from verify.algorithms import ALGORITHMS, case_algorithms
+from verify.algorithms import ALGORITHMS, case_algorithms, default_algorithms
 from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
 from verify.commands import positive_int
 from verify.commands import seed as seed_type
@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", action="append", choices=[*BACKENDS, "all"], metavar="{numpy,torch,jax,all}",
                    help="backend(s) to check; repeatable (default: every installed backend)")
     p.add_argument("--algorithm", nargs="+", action="extend", metavar="NAME",
-                   help=f"algorithms to check (default: all): {', '.join(ALGORITHMS)}")
+                   help=f"algorithms to check: {', '.join(ALGORITHMS)} (default: all but "
+                        f"{', '.join(sorted(set(case_algorithms()) - set(default_algorithms()))) or 'none'}, "
+                        "which lengthen the matrix: name them to check them)")
     p.add_argument("--dtype", choices=[*PRECISIONS, "all"], default="all",
                    help="precision (default: all = float64 and float32, plus tf32 with --device cuda). tf32 is "
                         "float32 with TensorFloat-32 matrix products: on the GPU for torch and JAX, emulated on "
@@ -105,7 +107,7 @@ def junit_cases(result: MatrixResult) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.examples < 1:
         raise InvalidInputError(f"--examples={args.examples} must be >= 1")
-    algorithms = args.algorithm or list(case_algorithms())
+    algorithms = args.algorithm or list(default_algorithms())
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
         raise InvalidInputError(f"unknown algorithm(s) {unknown}; choose from {', '.join(case_algorithms())}")
