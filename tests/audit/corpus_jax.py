@@ -92,10 +92,12 @@ def maml_returns_grads(params, apply_fn, tasks, inner_lr, inner_steps):
 
 
 def _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, *, kind="adam", head_only=False, eps_hat=False,
-                detach_state=False):
+                detach_state=False, backprop_last=None):
     """MAML/ANIL with torch.optim.Adam (defaults) / SGD(momentum=0.9)'s update (optax.adam's eps_root=0 form).
 
     ``eps_hat``: eps added to sqrt(v) before the bias correction (Kingma & Ba's eps-hat).
+    ``backprop_last``: differentiate through the last ``backprop_last`` steps only (earlier increments and
+    the optimiser state behind them under ``stop_gradient``), as corpus_torch's truncated BPTT.
     """
     b1, b2, eps = 0.9, 0.999, 1e-8
     n_head = 2
@@ -123,6 +125,12 @@ def _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, *, kind="adam", 
             else:
                 buf = list(g) if buf is None else [0.9 * a + gi for a, gi in zip(buf, g)]
                 step = [inner_lr * a for a in buf]
+            if backprop_last is not None and k <= inner_steps - backprop_last:
+                sg = jax.lax.stop_gradient
+                step = [sg(u) for u in step]
+                m = None if m is None else [sg(a) for a in m]
+                v = None if v is None else [sg(b) for b in v]
+                buf = None if buf is None else [sg(a) for a in buf]
             if head_only:
                 fast = fast[:-n_head] + [p - u for p, u in zip(fast[-n_head:], step)]
             else:
@@ -144,6 +152,11 @@ def maml_adam_eps_hat(params, apply_fn, tasks, inner_lr, inner_steps):
 def maml_adam_state_detached(params, apply_fn, tasks, inner_lr, inner_steps):
     """Bug: stop_gradient on Adam's moments between steps."""
     return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, detach_state=True)
+
+
+def maml_adam_truncated(params, apply_fn, tasks, inner_lr, inner_steps):
+    """Bug: backpropagation through the last inner step only (earlier steps applied as stopped increments)."""
+    return _maml_optim(params, apply_fn, tasks, inner_lr, inner_steps, backprop_last=1)
 
 
 def maml_momentum(params, apply_fn, tasks, inner_lr, inner_steps):

@@ -121,6 +121,7 @@ CORPUS = {
         ("maml_adam", "maml-adam", None, "OPTIM"),
         ("maml_adam_eps_hat", "maml-adam", "adam_eps_placement", "OPTIM"),
         ("maml_adam_state_detached", "maml-adam", "optimizer_state_detached", "OPTIM"),
+        ("maml_adam_truncated", "maml-adam", "bptt_truncated", "OPTIM"),
         ("maml_momentum", "maml-momentum", None, "OPTIM"),
         ("anil_adam", "anil-adam", None, "OPTIM"),
     ],
