@@ -32,7 +32,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     """ANIL meta-loss: as MAML's, with only the head adapted in the inner loop."""
     with tf32(allow_tf32):
         fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_anil.check_arguments, model, params, tasks,
-                                                          inner_lr, inner_steps, dtype, device)
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             return inner_optim.meta_loss(model, params, tasks, [_lrs(fm, alpha)] * steps, steps,
                                          optimizer=inner_optimizer, dtype=dtype, device=device)
@@ -52,7 +52,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     """
     with tf32(allow_tf32):
         fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_anil.check_arguments, model, params, tasks,
-                                                          inner_lr, inner_steps, dtype, device)
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(fm, alpha), steps,
                                                      optimizer=inner_optimizer, dtype=dtype, device=device)

@@ -26,7 +26,7 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
     """The adapted parameters ``p_K`` of one task: ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)``."""
     with tf32(allow_tf32):
         fm, theta, tasks, alpha, steps = _inner.setup_checked(reference_maml.check_arguments, model, params, [task],
-                                                          inner_lr, inner_steps, dtype, device)
+                                                              inner_lr, inner_steps, dtype, device)
         p = _inner.adapt(fm, theta, tasks[0], [alpha] * len(theta), steps, first_order=True)
         return [to_numpy(q) for q in p]
 
@@ -50,7 +50,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     """
     with tf32(allow_tf32):
         fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_maml.check_arguments, model, params, tasks,
-                                                          inner_lr, inner_steps, dtype, device)
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             return inner_optim.meta_loss(model, params, tasks, [[alpha] * len(theta)] * steps, steps,
                                          optimizer=inner_optimizer, dtype=dtype, device=device)
@@ -73,7 +73,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     """
     with tf32(allow_tf32):
         fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_maml.check_arguments, model, params, tasks,
-                                                          inner_lr, inner_steps, dtype, device)
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             loss, grad, _ = inner_optim.shared_rates(model, params, tasks, [alpha] * len(theta), steps,
                                                      optimizer=inner_optimizer, first_order=bool(first_order),
