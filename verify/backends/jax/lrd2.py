@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from reference import lrd2 as reference_lrd2
 from reference.features import binary_label_check
 from reference.tasks import Task
-from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, check_real, features
+from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, features, real_hyper
 from verify.backends.jax._linalg import check_spd, eig_extremes
 from verify.backends.jax._model import (
     Params,
@@ -33,7 +33,6 @@ from verify.backends.jax._model import (
     loss_from_output,
     maybe_jit,
     task_map,
-    to_jax_scalar,
     to_numpy,
 )
 
@@ -79,8 +78,7 @@ def _prepare(backbone, params, tasks, lam, scale, offset, newton_steps, dtype, j
     backbone, params, tasks, _, _, _, steps = reference_lrd2.check_arguments(
         backbone, params, tasks, lam, scale, offset, newton_steps)
     key, p, batch = check_backbone_common(backbone, params, tasks, binary_label_check, dtype, jit)
-    hyper = [check_real(name, v) for name, v in (("lam", lam), ("scale", scale), ("offset", offset))]
-    return key, p, batch, steps, [to_jax_scalar(v, dtype) for v in hyper]
+    return key, p, batch, steps, real_hyper(dtype, lam, scale, offset)
 
 
 def _check_systems(extremes: Any, dtype: str) -> None:
