@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from reference import inner_loop, inner_optim
+from reference.maml import check_arguments  # ANIL takes MAML's arguments
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
-__all__ = ["meta_loss", "meta_loss_and_grad"]
+__all__ = ["check_arguments", "meta_loss", "meta_loss_and_grad"]
 
 
 def _lrs(model: Any, inner_lr: Any) -> list[Any]:
@@ -32,9 +33,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     head parameters ``model.head_indices``; the body stays at ``theta``.
     Arguments as :func:`reference.maml.meta_loss` (``inner_optimizer`` acts on the head only).
     """
-    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    alpha = inner_loop.check_inner_lr(inner_lr)
-    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    params, tasks, alpha, steps, opt = check_arguments(model, params, tasks, inner_lr, inner_steps, inner_optimizer)
     if opt is not None:
         return inner_optim.meta_loss(model, params, tasks, [_lrs(model, alpha)] * steps, steps, optimizer=opt)
     return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
@@ -59,9 +58,7 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad)`` with ``grad`` shaped like ``params``.
     """
-    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    alpha = inner_loop.check_inner_lr(inner_lr)
-    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    params, tasks, alpha, steps, opt = check_arguments(model, params, tasks, inner_lr, inner_steps, inner_optimizer)
     if opt is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(model, alpha), steps, optimizer=opt)
         return loss, grad

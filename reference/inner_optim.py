@@ -48,16 +48,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from reference import inner_loop
 from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
 from reference.optimizers import SGD, Optimizer
-from reference.tasks import Task, check_tasks
+from reference.tasks import Task
 
 __all__ = [
     "EXACT",
     "Approximation",
     "MetaGradient",
     "check_approximation",
+    "check_arguments",
     "check_inner_optimizer",
     "check_lrs",
     "constant_lrs",
@@ -245,14 +247,18 @@ def check_approximation(approximation: Any) -> Approximation:
     return approximation
 
 
-def validate(model: Any, params: Any, tasks: Any, lrs: Any, inner_steps: Any, weights: Any, optimizer: Any
-             ) -> tuple[Params, list[Task], int, Schedule, list[bool], np.ndarray, Optimizer]:
-    """Validate the loop's arguments once (the backends share it): ``(params, tasks, K, lrs, active, w, opt)``."""
-    params = model.check_params(params)
-    tasks = check_tasks(model, tasks)
-    steps = check_positive_int("inner_steps", inner_steps, hint="; the inner loop needs at least one step (K >= 1)")
+def check_arguments(model: Any, params: Any, tasks: Any, lrs: Any, inner_steps: Any, weights: Any, optimizer: Any
+                    ) -> tuple[Params, list[Task], int, Schedule, list[bool], np.ndarray, Optimizer]:
+    """Validate the loop's arguments once: ``(params, tasks, K, lrs, active, w, opt)``.
+
+    The backends call this check and add only their framework's limits.
+    """
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     lrs, active = check_lrs(model, lrs, steps)
     return params, tasks, steps, lrs, active, _check_weights(weights, steps), _check_optimizer(optimizer)
+
+
+validate = check_arguments  # the former name
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +356,8 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any
         optimizer: the direction transform (default ``SGD()``).
         weights: ``(K,)`` weights of ``L_q(p_1) .. L_q(p_K)`` (default: final step only).
     """
-    params, tasks, steps, lrs, active, w, opt = validate(model, params, tasks, lrs, inner_steps, weights, optimizer)
+    params, tasks, steps, lrs, active, w, opt = check_arguments(model, params, tasks, lrs, inner_steps, weights,
+                                                                optimizer)
     total: Any = 0.0
     for task in tasks:
         total = total + unroll(model, params, task, opt, lrs, active, steps, w, keep=False)[0]
@@ -372,7 +379,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         array for an array rate, a scalar for a scalar rate) and like
         ``optimizer.meta_params``.
     """
-    params, tasks, steps, lrs, active, w, opt = validate(model, params, tasks, lrs, inner_steps, weights, optimizer)
+    params, tasks, steps, lrs, active, w, opt = check_arguments(model, params, tasks, lrs, inner_steps, weights,
+                                                                optimizer)
     approx = check_approximation(approximation)
     n = len(tasks)
     acc: MetaGradient | None = None

@@ -53,7 +53,16 @@ from reference.tasks import Task
 Params = list[np.ndarray]
 
 
-def _check(backbone, params, tasks, lam, scale, offset, newton_steps):
+def check_arguments(backbone: Any, params: Any, tasks: Any, lam: Any, scale: Any, offset: Any, newton_steps: Any
+                    ) -> tuple[MLP, Params, list[Task], float, float, float, int]:
+    """Validate LR-D2's arguments; return ``(backbone, params, tasks, lam, scale, offset, newton_steps)`` checked.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a bad backbone or params, labels not 0/1, ``lam <= 0``, a non-finite
+            ``scale``/``offset``, ``newton_steps < 1``.
+    """
     backbone = check_backbone(backbone)
     params = backbone.check_params(params)
     tasks = check_feature_tasks(backbone, tasks, binary_label_check)
@@ -137,8 +146,8 @@ def meta_loss(
     bias_column: bool = True,
 ) -> float:
     """The LR-D2 meta-loss alone (mean query ``bce`` over tasks); see :func:`meta_loss_and_grad`."""
-    backbone, params, tasks, lam, scale, offset, steps = _check(backbone, params, tasks, lam, scale, offset,
-                                                                newton_steps)
+    backbone, params, tasks, lam, scale, offset, steps = check_arguments(backbone, params, tasks, lam, scale, offset,
+                                                                          newton_steps)
     total = 0.0
     for i, task in enumerate(tasks):
         feats = TaskFeatures(backbone, params, task, f"tasks[{i}]")
@@ -182,8 +191,8 @@ def meta_loss_and_grad(
         InvalidInputError: bad arguments, non-binary labels, non-finite features.
         SingularMatrixError: a Newton matrix is singular in floating point.
     """
-    backbone, params, tasks, lam, scale, offset, steps = _check(backbone, params, tasks, lam, scale, offset,
-                                                                newton_steps)
+    backbone, params, tasks, lam, scale, offset, steps = check_arguments(backbone, params, tasks, lam, scale, offset,
+                                                                          newton_steps)
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
     for i, task in enumerate(tasks):
@@ -199,4 +208,4 @@ def meta_loss_and_grad(
     return as_scalar(total / m), [g / m for g in grads], {k: as_scalar(v / m) for k, v in hyper.items()}
 
 
-__all__ = ["meta_loss", "meta_loss_and_grad", "newton_weights"]
+__all__ = ["check_arguments", "meta_loss", "meta_loss_and_grad", "newton_weights"]

@@ -15,7 +15,23 @@ from reference import inner_loop, inner_optim
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
-__all__ = ["adapt", "meta_loss", "meta_loss_and_grad"]
+__all__ = ["adapt", "check_arguments", "meta_loss", "meta_loss_and_grad"]
+
+
+def check_arguments(model: Any, params: Any, tasks: Any, inner_lr: Any, inner_steps: Any,
+                    inner_optimizer: Any = None) -> tuple[list[np.ndarray], list[Task], Any, int, Optimizer | None]:
+    """Validate the arguments of MAML, FOMAML, ANIL and Reptile; return ``(params, tasks, inner_lr, inner_steps,
+    inner_optimizer)`` checked.
+
+    The backends call this check and add only their framework's limits (dtype, device, real ``inner_lr``).
+
+    Raises:
+        InvalidInputError: params not shaped like the model, bad tasks, ``inner_steps < 1``, a non-finite
+            ``inner_lr``, an ``inner_optimizer`` that is not a :mod:`reference.optimizers` spec.
+    """
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    alpha = inner_loop.check_inner_lr(inner_lr)
+    return params, tasks, alpha, steps, inner_optim.check_inner_optimizer(inner_optimizer)
 
 
 def _lrs(model: Any, inner_lr: Any) -> list[Any]:
@@ -29,10 +45,8 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
     ``p_0 = theta``, ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)`` (``- inner_lr * d_k``
     with an ``inner_optimizer``, :mod:`reference.optimizers`).
     """
-    params, tasks, steps = inner_loop.check_common(model, params, [task], inner_steps)
-    alpha = inner_loop.check_inner_lr(inner_lr)
+    params, tasks, alpha, steps, opt = check_arguments(model, params, [task], inner_lr, inner_steps, inner_optimizer)
     t = tasks[0]
-    opt = inner_optim.check_inner_optimizer(inner_optimizer)
     if opt is not None:
         lrs, active = inner_optim.check_lrs(model, [_lrs(model, alpha)] * steps, steps)
         return inner_optim.unroll(model, params, t, opt, lrs, active, steps, np.zeros(steps), keep=False)[2]
@@ -56,9 +70,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
             :mod:`reference.optimizers` / :mod:`reference.learned_optimizers`
             (``p_{k+1} = p_k - alpha d_k``, CONVENTIONS "Inner-loop optimisers").
     """
-    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    alpha = inner_loop.check_inner_lr(inner_lr)
-    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    params, tasks, alpha, steps, opt = check_arguments(model, params, tasks, inner_lr, inner_steps, inner_optimizer)
     if opt is not None:
         return inner_optim.meta_loss(model, params, tasks, [_lrs(model, alpha)] * steps, steps, optimizer=opt)
     return inner_loop.meta_loss(model, params, tasks, _lrs(model, alpha), steps)
@@ -102,9 +114,7 @@ def meta_loss_and_grad(
     Returns:
         ``(meta_loss, grad)`` with ``grad`` a list shaped like ``params``.
     """
-    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    alpha = inner_loop.check_inner_lr(inner_lr)
-    opt = inner_optim.check_inner_optimizer(inner_optimizer)
+    params, tasks, alpha, steps, opt = check_arguments(model, params, tasks, inner_lr, inner_steps, inner_optimizer)
     if opt is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(model, alpha), steps, optimizer=opt,
                                                  first_order=bool(first_order))

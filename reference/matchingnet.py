@@ -48,7 +48,15 @@ Params = list[np.ndarray]
 _TINY_NORM_SQ = float(np.finfo(np.float64).tiny) ** 0.5
 
 
-def _check(backbone, params, tasks, n_classes):
+def check_arguments(backbone: Any, params: Any, tasks: Any, n_classes: Any) -> tuple[MLP, Params, list[Task], int]:
+    """Validate Matching networks' arguments; return ``(backbone, params, tasks, n_classes)`` checked.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a bad backbone or params, labels out of ``[0, n_classes)``, or
+            a query class without a support example.
+    """
     backbone = check_backbone(backbone)
     params = backbone.check_params(params)
     n_classes = check_n_classes(n_classes)
@@ -108,7 +116,7 @@ def _task(feats: TaskFeatures, task: Task, where: str, need_grad: bool):
 
 def loss(backbone: MLP, params: list[Any], tasks: list[Task], n_classes: int) -> float:
     """The matching-network loss alone (mean over tasks); see :func:`loss_and_grad`."""
-    backbone, params, tasks, n_classes = _check(backbone, params, tasks, n_classes)
+    backbone, params, tasks, n_classes = check_arguments(backbone, params, tasks, n_classes)
     total = 0.0
     for i, task in enumerate(tasks):
         total = total + _task(TaskFeatures(backbone, params, task, f"tasks[{i}]"), task, f"tasks[{i}]", False)[0]
@@ -136,7 +144,7 @@ def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes
         InvalidInputError: bad arguments, a zero feature vector, a query class
             absent from the support set, non-finite features.
     """
-    backbone, params, tasks, n_classes = _check(backbone, params, tasks, n_classes)
+    backbone, params, tasks, n_classes = check_arguments(backbone, params, tasks, n_classes)
     total, grads = 0.0, None
     for i, task in enumerate(tasks):
         value, g = _task(features(backbone, params, task, f"tasks[{i}]"), task, f"tasks[{i}]", True)
@@ -146,4 +154,4 @@ def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes
     return as_scalar(total / m), [g / m for g in grads]
 
 
-__all__ = ["loss", "loss_and_grad"]
+__all__ = ["check_arguments", "loss", "loss_and_grad"]

@@ -29,7 +29,7 @@ from reference.errors import InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, flatten, unflatten
 from reference.tasks import Task
 
-__all__ = ["MAX_CONDITION", "MAX_PARAMS", "adapt", "meta_loss", "meta_loss_and_grad"]
+__all__ = ["MAX_CONDITION", "MAX_PARAMS", "adapt", "check_arguments", "meta_loss", "meta_loss_and_grad"]
 
 # Largest model (parameter count) whose dense Hessian is formed, as reference.models.hessian allows.
 MAX_PARAMS = MAX_DENSE_HESSIAN
@@ -38,7 +38,16 @@ MAX_PARAMS = MAX_DENSE_HESSIAN
 MAX_CONDITION = 1e12
 
 
-def _check(model: Any, params: Any, tasks: Any, inner_lr: Any, inner_steps: Any, damping: Any):
+def check_arguments(model: Any, params: Any, tasks: Any, inner_lr: Any, inner_steps: Any, damping: Any
+                    ) -> tuple[list[np.ndarray], list[Task], int, Any, Any]:
+    """Validate Newton-MAML's arguments; return ``(params, tasks, inner_steps, inner_lr, damping)`` checked.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: the shared gradient-family checks, a negative or non-finite ``damping``,
+            a model over ``MAX_PARAMS`` parameters.
+    """
     params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
     alpha = inner_loop.check_inner_lr(inner_lr)
     delta = check_finite_scalar("damping", damping, nonnegative=True,
@@ -94,7 +103,7 @@ def _adapt(model, params, x, y, alpha, delta, steps, *, keep: bool, label: str):
 def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_steps: int,
           damping: float = 0.0) -> list[np.ndarray]:
     """Adapted parameters ``p_K`` of one task after ``K`` damped Newton steps on its support loss."""
-    params, tasks, steps, alpha, delta = _check(model, params, [task], inner_lr, inner_steps, damping)
+    params, tasks, steps, alpha, delta = check_arguments(model, params, [task], inner_lr, inner_steps, damping)
     t = tasks[0]
     return _adapt(model, params, t.x_support, t.y_support, alpha, delta, steps, keep=False, label="task 0")[0]
 
@@ -107,7 +116,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     Raises :class:`~reference.errors.SingularMatrixError` when a damped Hessian
     has condition number above ``MAX_CONDITION``.
     """
-    params, tasks, steps, alpha, delta = _check(model, params, tasks, inner_lr, inner_steps, damping)
+    params, tasks, steps, alpha, delta = check_arguments(model, params, tasks, inner_lr, inner_steps, damping)
     total = 0.0
     for i, t in enumerate(tasks):
         p_k, _ = _adapt(model, params, t.x_support, t.y_support, alpha, delta, steps, keep=False, label=f"task {i}")
@@ -139,7 +148,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         SingularMatrixError: a damped Hessian's condition number exceeds ``MAX_CONDITION``.
         InvalidInputError: bad arguments, or more than ``MAX_PARAMS`` parameters.
     """
-    params, tasks, steps, alpha, delta = _check(model, params, tasks, inner_lr, inner_steps, damping)
+    params, tasks, steps, alpha, delta = check_arguments(model, params, tasks, inner_lr, inner_steps, damping)
     shapes = model.shapes
     total, grad = 0.0, 0.0
     for i, t in enumerate(tasks):

@@ -40,7 +40,15 @@ from reference.tasks import Task
 Params = list[np.ndarray]
 
 
-def _check(backbone, params, tasks, n_classes):
+def check_arguments(backbone: Any, params: Any, tasks: Any, n_classes: Any) -> tuple[MLP, Params, list[Task], int]:
+    """Validate Prototypical networks' arguments; return ``(backbone, params, tasks, n_classes)`` checked.
+
+    The backends call this check and add only their framework's limits.
+
+    Raises:
+        InvalidInputError: a bad backbone or params, labels out of ``[0, n_classes)``, or
+            a class without a support example.
+    """
     backbone = check_backbone(backbone)
     params = backbone.check_params(params)
     n_classes = check_n_classes(n_classes)
@@ -78,7 +86,7 @@ def _task(feats: TaskFeatures, task: Task, n_classes: int, need_grad: bool):
 
 def loss(backbone: MLP, params: list[Any], tasks: list[Task], n_classes: int) -> float:
     """The prototypical-network loss alone (mean over tasks); see :func:`loss_and_grad`."""
-    backbone, params, tasks, n_classes = _check(backbone, params, tasks, n_classes)
+    backbone, params, tasks, n_classes = check_arguments(backbone, params, tasks, n_classes)
     total = 0.0
     for i, task in enumerate(tasks):
         total = total + _task(TaskFeatures(backbone, params, task, f"tasks[{i}]"), task, n_classes, False)[0]
@@ -105,7 +113,7 @@ def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes
     Raises:
         InvalidInputError: bad arguments, a class without support examples, non-finite features.
     """
-    backbone, params, tasks, n_classes = _check(backbone, params, tasks, n_classes)
+    backbone, params, tasks, n_classes = check_arguments(backbone, params, tasks, n_classes)
     total, grads = 0.0, None
     for i, task in enumerate(tasks):
         value, g = _task(features(backbone, params, task, f"tasks[{i}]"), task, n_classes, True)
@@ -115,4 +123,4 @@ def loss_and_grad(backbone: MLP, params: list[Any], tasks: list[Task], n_classes
     return as_scalar(total / m), [g / m for g in grads]
 
 
-__all__ = ["loss", "loss_and_grad"]
+__all__ = ["check_arguments", "loss", "loss_and_grad"]

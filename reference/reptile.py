@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 from reference import inner_loop, inner_optim
+from reference.maml import check_arguments  # Reptile takes MAML's arguments
 from reference.optimizers import Optimizer
 from reference.tasks import Task
 
-__all__ = ["direction", "meta_loss"]
+__all__ = ["check_arguments", "direction", "meta_loss"]
 
 
 def direction(
@@ -30,10 +31,8 @@ def direction(
     ``inner_optimizer`` (Nichol et al. use Adam) ``p_K`` comes from
     ``p_{k+1} = p_k - alpha d_k`` (:mod:`reference.optimizers`).
     """
-    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
-    alpha = inner_loop.check_inner_lr(inner_lr)
+    params, tasks, alpha, steps, opt = check_arguments(model, params, tasks, inner_lr, inner_steps, inner_optimizer)
     lrs = [alpha] * len(params)
-    opt = inner_optim.check_inner_optimizer(inner_optimizer)
     total = [np.zeros_like(p) for p in params]
     for task in tasks:
         if opt is not None:

@@ -26,6 +26,7 @@ from verify.backends.jax._model import (
     check_jit,
     spec_key,
     to_jax_params,
+    to_jax_scalar,
     to_jax_tasks,
 )
 
@@ -49,6 +50,12 @@ def check_real(name: str, value: Any, **kwargs: Any) -> float:
     if isinstance(out, complex):
         raise InvalidInputError(f"{name}={value!r} must be real for the JAX backend")
     return out
+
+
+def real_hyper(dtype: str, lam: Any, scale: Any, offset: Any) -> list[Any]:
+    """R2-D2's and LR-D2's ``lam``, ``scale``, ``offset`` (checked by the reference) as real JAX scalars."""
+    named = (("lam", lam), ("scale", scale), ("offset", offset))
+    return [to_jax_scalar(check_real(name, v), dtype) for name, v in named]
 
 
 def append_ones(z: jax.Array) -> jax.Array:
@@ -77,4 +84,4 @@ def check_finite_result(value: Any, what: str) -> None:
         )
 
 
-__all__ = ["append_ones", "check_backbone_common", "check_finite_result", "check_real", "features"]
+__all__ = ["append_ones", "check_backbone_common", "check_finite_result", "check_real", "features", "real_hyper"]

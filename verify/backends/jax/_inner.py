@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from reference.validation import check_finite_scalar, check_positive_int
+from reference import inner_loop
 from reference.errors import InvalidInputError
-from reference.tasks import Task, check_tasks
+from reference.tasks import Task
 from verify.backends.jax._model import (
     LossFn,
     Params,
@@ -66,28 +66,50 @@ def sgd_adapt(loss: LossFn, params: Params, x: jax.Array, y: jax.Array, lrs: Seq
     return p
 
 
+def check_framework(model: Any, dtype: Any, jit: Any) -> tuple:
+    """The JAX limits checked before the reference's argument check: a model JAX can build, ``dtype``, ``jit``."""
+    key = spec_key(model)
+    check_dtype(dtype)
+    check_jit(jit)
+    return key
+
+
+def to_jax(params: list[Any], tasks: list[Task], dtype: str) -> tuple[Params, Any]:
+    """Checked ``params`` (real only: the JAX limit) and ``tasks`` in ``dtype``, the batch stacked when possible."""
+    if any(np.iscomplexobj(p) for p in params):
+        raise InvalidInputError("params are complex; the JAX backend computes in real float32/float64 only")
+    return to_jax_params(params, dtype), batch_tasks(to_jax_tasks(tasks, dtype))
+
+
+def real_inner_lr(inner_lr: Any, checked: Any) -> float:
+    """The JAX limit on a step size the reference has checked (``checked``): real only."""
+    if isinstance(checked, complex):
+        raise InvalidInputError(f"inner_lr={inner_lr!r} must be real for the JAX backend")
+    return checked
+
+
 def check_common(model: Any, params: Any, tasks: Any, inner_steps: Any, dtype: Any, jit: Any):
-    """Validate the shared arguments; return ``(key, params, batch, steps)`` ready for JAX.
+    """The JAX limits around :func:`reference.inner_loop.check_common`; return ``(key, params, batch, steps)``.
 
     ``params`` are converted to ``dtype`` and ``batch`` is the meta-batch
     (stacked for ``jax.vmap`` when all tasks have equal shapes).
     """
-    key = spec_key(model)
-    check_dtype(dtype)
-    check_jit(jit)
-    params = model.check_params(params)
-    if any(np.iscomplexobj(p) for p in params):
-        raise InvalidInputError("params are complex; the JAX backend computes in real float32/float64 only")
-    tasks = check_tasks(model, tasks)
-    steps = check_positive_int("inner_steps", inner_steps, hint="; the inner loop needs at least one step (K >= 1)")
-    return key, to_jax_params(params, dtype), batch_tasks(to_jax_tasks(tasks, dtype)), steps
+    key = check_framework(model, dtype, jit)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    return (key, *to_jax(params, tasks, dtype), steps)
 
 
-def check_inner_lr(inner_lr: Any) -> float:
-    value = check_finite_scalar("inner_lr", inner_lr, hint="; pass a step size such as inner_lr=0.01")
-    if isinstance(value, complex):
-        raise InvalidInputError(f"inner_lr={inner_lr!r} must be real for the JAX backend")
-    return value
+def setup_checked(check: Any, model: Any, params: Any, tasks: Any, inner_lr: Any, inner_steps: Any, dtype: Any,
+                  jit: Any) -> tuple[tuple, Params, Any, float, int]:
+    """The JAX limits around a reference check of MAML's arguments (``reference.<alg>.check_arguments``).
+
+    Returns ``(key, params, batch, inner_lr, inner_steps)``; the optimiser argument is left to
+    :mod:`verify.backends.jax.inner_optim`, which checks it.
+    """
+    key = check_framework(model, dtype, jit)
+    params, tasks, alpha, steps, _ = check(model, params, tasks, inner_lr, inner_steps)
+    alpha = real_inner_lr(inner_lr, alpha)
+    return (key, *to_jax(params, tasks, dtype), alpha, steps)
 
 
-__all__ = ["Task", "check_common", "check_inner_lr", "sgd_adapt"]
+__all__ = ["Task", "check_common", "check_framework", "real_inner_lr", "setup_checked", "sgd_adapt", "to_jax"]

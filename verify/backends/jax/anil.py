@@ -14,9 +14,10 @@ from typing import Any
 
 import jax
 
+from reference import anil as reference_anil
 from reference.tasks import Task
 from verify.backends.jax import inner_optim
-from verify.backends.jax._inner import check_common, check_inner_lr, sgd_adapt
+from verify.backends.jax._inner import setup_checked, sgd_adapt
 from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit, task_mean, to_jax_scalar, to_numpy
 
 
@@ -52,11 +53,12 @@ def _rates(model: Any, alpha: float) -> list[Any]:
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int, *,
               dtype: str = "float64", jit: bool = False, inner_optimizer: Any = None) -> float:
     """ANIL meta-loss ``mean_tasks L_q(body, head_K)`` (only the head adapted), computed in JAX."""
-    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    key, p, batch, alpha, steps = setup_checked(reference_anil.check_arguments, model, params, tasks, inner_lr,
+                                                inner_steps, dtype, jit)
     if inner_optimizer is not None:
-        return inner_optim.meta_loss(model, params, tasks, [_rates(model, check_inner_lr(inner_lr))] * steps, steps,
+        return inner_optim.meta_loss(model, params, tasks, [_rates(model, alpha)] * steps, steps,
                                      optimizer=inner_optimizer, dtype=dtype)
-    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    lr = to_jax_scalar(alpha, dtype)
     return to_numpy(_build(key, steps, False, jit)(p, batch, lr))
 
 
@@ -64,12 +66,13 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], 
                        *, dtype: str = "float64", jit: bool = False,
                        inner_optimizer: Any = None) -> tuple[float, list[Any]]:
     """ANIL meta-loss and its exact gradient w.r.t. every parameter (body and head), by ``jax.value_and_grad``."""
-    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
+    key, p, batch, alpha, steps = setup_checked(reference_anil.check_arguments, model, params, tasks, inner_lr,
+                                                inner_steps, dtype, jit)
     if inner_optimizer is not None:
-        loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _rates(model, check_inner_lr(inner_lr)), steps,
+        loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _rates(model, alpha), steps,
                                                  optimizer=inner_optimizer, dtype=dtype)
         return loss, grad
-    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    lr = to_jax_scalar(alpha, dtype)
     value, grads = _build(key, steps, True, jit)(p, batch, lr)
     return to_numpy(value), to_numpy(grads)
 

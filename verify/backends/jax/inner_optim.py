@@ -172,8 +172,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
                        optimizer: Any = None, weights: Any = None, approximation: Any = None,
                        dtype: str = "float64") -> JaxMetaGradient:
     """Meta-loss and its gradients w.r.t. ``theta``, every ``lrs[k][i]`` and ``phi`` by ``jax.value_and_grad``."""
-    params, tasks, steps, lrs, active, w, opt = ref.validate(model, params, tasks, lrs, inner_steps, weights,
-                                                              optimizer)
+    params, tasks, steps, lrs, active, w, opt = ref.check_arguments(model, params, tasks, lrs, inner_steps, weights,
+                                                                    optimizer)
     approx = ref.check_approximation(approximation)
     jdt = check_dtype(dtype)
     loss_fn = _loss_fn(model)
@@ -205,8 +205,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any, inner_steps: int, *,
               optimizer: Any = None, weights: Any = None, dtype: str = "float64") -> float:
     """Meta-loss of :func:`reference.inner_optim.meta_loss`, computed by JAX (forward only)."""
-    params, tasks, steps, lrs, active, w, opt = ref.validate(model, params, tasks, lrs, inner_steps, weights,
-                                                              optimizer)
+    params, tasks, steps, lrs, active, w, opt = ref.check_arguments(model, params, tasks, lrs, inner_steps, weights,
+                                                                    optimizer)
     jdt = check_dtype(dtype)
     loss_fn = _loss_fn(model)
     jtasks = ([Task(*(jnp.asarray(np.asarray(a), dtype=jdt) for a in t)) for t in tasks]

@@ -21,11 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from reference.features import binary_label_check, check_lam
-from reference.validation import check_positive_int
-from reference.errors import InvalidInputError
+from reference import lrd2 as reference_lrd2
+from reference.features import binary_label_check
 from reference.tasks import Task
-from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, check_real, features
+from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, features, real_hyper
 from verify.backends.jax._linalg import check_spd, eig_extremes
 from verify.backends.jax._model import (
     Params,
@@ -34,7 +33,6 @@ from verify.backends.jax._model import (
     loss_from_output,
     maybe_jit,
     task_map,
-    to_jax_scalar,
     to_numpy,
 )
 
@@ -76,14 +74,11 @@ def _build(key: tuple, steps: int, bias_column: bool, with_grad: bool, jit: bool
 
 
 def _prepare(backbone, params, tasks, lam, scale, offset, newton_steps, dtype, jit):
+    # The reference's check of every argument; JAX adds its own limits (dtype, jit, real values only).
+    backbone, params, tasks, _, _, _, steps = reference_lrd2.check_arguments(
+        backbone, params, tasks, lam, scale, offset, newton_steps)
     key, p, batch = check_backbone_common(backbone, params, tasks, binary_label_check, dtype, jit)
-    lam_ = check_lam(lam)
-    if isinstance(lam_, complex):
-        raise InvalidInputError(f"lam={lam!r} must be real for the JAX backend")
-    scale_ = check_real("scale", scale, hint="; scale is the logit multiplier (the paper's alpha)")
-    offset_ = check_real("offset", offset, hint="; offset is the logit shift (the paper's beta)")
-    steps = check_positive_int("newton_steps", newton_steps, hint="; LR-D2 needs at least one Newton step")
-    return key, p, batch, steps, [to_jax_scalar(v, dtype) for v in (lam_, scale_, offset_)]
+    return key, p, batch, steps, real_hyper(dtype, lam, scale, offset)
 
 
 def _check_systems(extremes: Any, dtype: str) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 
 import jax
 
+from reference import maml as reference_maml
 from reference.tasks import Task
 from verify.backends.jax import inner_optim
-from verify.backends.jax._inner import check_common, check_inner_lr, sgd_adapt
+from verify.backends.jax._inner import setup_checked, sgd_adapt
 from verify.backends.jax._model import (
     Params,
     _loss_from_key,
@@ -60,8 +61,8 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr:
         inner_optimizer: ``None`` (SGD) or a ``reference.optimizers`` spec, run by
             :mod:`verify.backends.jax.inner_optim` (eagerly; ``jit`` is ignored then).
     """
-    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
-    alpha = check_inner_lr(inner_lr)
+    key, p, batch, alpha, steps = setup_checked(reference_maml.check_arguments, model, params, tasks, inner_lr,
+                                                inner_steps, dtype, jit)
     if inner_optimizer is not None:
         return inner_optim.meta_loss(model, params, tasks, [[alpha] * len(p)] * steps, steps,
                                      optimizer=inner_optimizer, dtype=dtype)
@@ -78,8 +79,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], 
     shaped like ``params`` (converted from ``dtype``). ``first_order=True``
     gives FOMAML: ``mean_tasks grad L_q(p_K)``. ``inner_optimizer``: as :func:`meta_loss`.
     """
-    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
-    alpha = check_inner_lr(inner_lr)
+    key, p, batch, alpha, steps = setup_checked(reference_maml.check_arguments, model, params, tasks, inner_lr,
+                                                inner_steps, dtype, jit)
     if inner_optimizer is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, [alpha] * len(p), steps,
                                                  optimizer=inner_optimizer, first_order=bool(first_order), dtype=dtype)

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference.features import check_n_classes, class_label_check
+from reference import matchingnet as reference_matchingnet
 from reference.errors import InvalidInputError
-from reference.tasks import Task, as_tasks
+from reference.features import class_label_check
+from reference.tasks import Task
 from verify.backends.jax._features import check_backbone_common, check_finite_result, features
 from verify.backends.jax._model import Params, _apply_from_key, cached, maybe_jit, task_map, to_numpy
 
@@ -57,15 +58,9 @@ _TINY_NORM_SQ = {dt: float(np.finfo(dt).tiny) ** 0.5 for dt in ("float64", "floa
 
 
 def _prepare(backbone, params, tasks, n_classes, dtype, jit):
-    n_classes = check_n_classes(n_classes)
+    # The reference's check of every argument (every query class has a support example); JAX adds dtype, jit, real.
+    backbone, params, tasks, n_classes = reference_matchingnet.check_arguments(backbone, params, tasks, n_classes)
     key, p, batch = check_backbone_common(backbone, params, tasks, class_label_check(n_classes), dtype, jit)
-    for i, task in enumerate(as_tasks(tasks)):
-        missing = np.setdiff1d(np.asarray(task.y_query, dtype=np.int64), np.asarray(task.y_support, dtype=np.int64))
-        if missing.size:
-            raise InvalidInputError(
-                f"tasks[{i}].y_query has class {int(missing[0])}, which has no example in tasks[{i}].y_support: "
-                "its attention probability is 0 and the loss is infinite; give every query class a support example"
-            )
     return key, p, batch, n_classes
 
 

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from reference.validation import check_finite_scalar
+from reference import newton as reference_newton
 from reference.errors import InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN
 from reference.tasks import Task
-from verify.backends.jax._inner import check_common, check_inner_lr
+from verify.backends.jax._inner import check_framework, real_inner_lr, to_jax
 from verify.backends.jax._model import (
     LossFn,
     Params,
@@ -87,17 +87,19 @@ def _build(key: tuple, steps: int, with_grad: bool, jit: bool):
 
 
 def _check(model, params, tasks, inner_lr, inner_steps, damping, dtype, jit):
-    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
-    alpha = to_jax_scalar(check_inner_lr(inner_lr), dtype)
-    delta = check_finite_scalar("damping", damping, nonnegative=True,
-                                hint="; damping adds delta * I to the support Hessian")
-    if isinstance(delta, complex):
-        raise InvalidInputError(f"damping={damping!r} must be real for the JAX backend")
-    if model.n_params > MAX_PARAMS:
+    key = check_framework(model, dtype, jit)
+    if model.n_params > MAX_PARAMS:  # before the reference's check, so that the advice names this backend's maml
         raise InvalidInputError(
             f"{model!r} has {model.n_params} parameters; Newton-MAML forms dense Hessians and is limited to "
             f"MAX_PARAMS={MAX_PARAMS}. Use maml or a smaller model"
         )
+    # The reference's check of every argument; JAX adds real values only, dtype and jit.
+    params, tasks, steps, alpha, delta = reference_newton.check_arguments(model, params, tasks, inner_lr, inner_steps,
+                                                                         damping)
+    alpha = to_jax_scalar(real_inner_lr(inner_lr, alpha), dtype)
+    if isinstance(delta, complex):
+        raise InvalidInputError(f"damping={damping!r} must be real for the JAX backend")
+    p, batch = to_jax(params, tasks, dtype)
     return key, p, batch, steps, alpha, to_jax_scalar(delta, dtype)
 
 

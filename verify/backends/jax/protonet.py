@@ -14,11 +14,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from reference.features import check_n_classes, class_label_check
-from reference.errors import InvalidInputError
-from reference.tasks import Task, as_tasks
+from reference import protonet as reference_protonet
+from reference.features import class_label_check
+from reference.tasks import Task
 from verify.backends.jax._features import check_backbone_common, check_finite_result, features
 from verify.backends.jax._model import Params, _apply_from_key, cached, loss_from_output, maybe_jit, task_mean, to_numpy
 
@@ -45,15 +44,9 @@ def _build(key: tuple, n_classes: int, with_grad: bool, jit: bool):
 
 
 def _prepare(backbone, params, tasks, n_classes, dtype, jit):
-    n_classes = check_n_classes(n_classes)
+    # The reference's check of every argument (every class has a support example); JAX adds dtype, jit, real.
+    backbone, params, tasks, n_classes = reference_protonet.check_arguments(backbone, params, tasks, n_classes)
     key, p, batch = check_backbone_common(backbone, params, tasks, class_label_check(n_classes), dtype, jit)
-    for i, task in enumerate(as_tasks(tasks)):
-        counts = np.bincount(np.asarray(task.y_support, dtype=np.int64), minlength=n_classes)
-        if np.any(counts == 0):
-            raise InvalidInputError(
-                f"tasks[{i}].y_support has no example of class {int(np.argmin(counts))} (n_classes={n_classes}): "
-                "its prototype is undefined; give every class at least one support example"
-            )
     return key, p, batch, n_classes
 
 

@@ -22,10 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from reference.features import check_lam, check_n_classes, class_label_check, target_check
-from reference.errors import InvalidInputError
+from reference import r2d2 as reference_r2d2
+from reference.features import class_label_check, target_check
 from reference.tasks import Task
-from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, check_real, features
+from verify.backends.jax._features import append_ones, check_backbone_common, check_finite_result, features, real_hyper
 from verify.backends.jax._linalg import check_spd, eig_extremes
 from verify.backends.jax._model import (
     Params,
@@ -34,7 +34,6 @@ from verify.backends.jax._model import (
     loss_from_output,
     maybe_jit,
     task_map,
-    to_jax_scalar,
     to_numpy,
 )
 
@@ -79,20 +78,12 @@ def _build(key: tuple, n_classes: int, bias_column: bool, normalize: bool, form:
 
 
 def _prepare(backbone, params, tasks, n_classes, lam, scale, offset, form, regression, dtype, jit):
-    if form not in FORMS:
-        raise InvalidInputError(
-            f"form={form!r} is unknown; use 'primal' ((Z^T Z + lam I)^{{-1}} Z^T Y) or 'dual' (Woodbury)"
-        )
-    n_classes = check_n_classes(n_classes, minimum=1 if regression else 2)
+    # The reference's check of every argument; JAX adds its own limits (dtype, jit, real values only).
+    backbone, params, tasks, n_classes, _, _, _ = reference_r2d2.check_arguments(
+        backbone, params, tasks, n_classes, lam, scale, offset, form, regression)
     check = target_check(n_classes) if regression else class_label_check(n_classes)
     key, p, batch = check_backbone_common(backbone, params, tasks, check, dtype, jit)
-    lam_ = check_lam(lam)
-    if isinstance(lam_, complex):
-        raise InvalidInputError(f"lam={lam!r} must be real for the JAX backend")
-    scale_ = check_real("scale", scale, hint="; scale is the logit multiplier (the paper's alpha)")
-    offset_ = check_real("offset", offset, hint="; offset is the logit shift (the paper's beta)")
-    hyper = [to_jax_scalar(v, dtype) for v in (lam_, scale_, offset_)]
-    return key, p, batch, n_classes, hyper
+    return key, p, batch, n_classes, real_hyper(dtype, lam, scale, offset)
 
 
 def _check_systems(extremes: Any, form: str, dtype: str) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 
 import jax
 
+from reference import reptile as reference_reptile
 from reference.tasks import Task
-from verify.backends.jax._inner import check_common, check_inner_lr, sgd_adapt
+from verify.backends.jax._inner import setup_checked, sgd_adapt
 from verify.backends.jax._model import Params, _loss_from_key, cached, maybe_jit, task_mean, to_jax_scalar, to_numpy
 
 
@@ -36,8 +37,9 @@ def _build(key: tuple, steps: int, jit: bool):
 def direction(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr: float, inner_steps: int, *,
               dtype: str = "float64", jit: bool = False) -> list[Any]:
     """Reptile direction ``mean_tasks (theta - p_K)`` as float64 NumPy arrays shaped like ``params``."""
-    key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
-    lr = to_jax_scalar(check_inner_lr(inner_lr), dtype)
+    key, p, batch, alpha, steps = setup_checked(reference_reptile.check_arguments, model, params, tasks, inner_lr,
+                                                inner_steps, dtype, jit)
+    lr = to_jax_scalar(alpha, dtype)
     return to_numpy(_build(key, steps, jit)(p, batch, lr))
 
 

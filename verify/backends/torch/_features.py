@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from reference.features import check_backbone, check_feature_tasks
-from verify.backends.torch._model import FunctionalMLP, TorchTask, resolve_device, resolve_dtype, to_torch_tasks
+from reference.validation import check_finite_scalar
+from verify.backends.torch._model import (
+    FunctionalMLP,
+    TorchTask,
+    as_scalar_tensor,
+    resolve_device,
+    resolve_dtype,
+    to_torch_tasks,
+)
 from reference.errors import InvalidInputError, SingularMatrixError
 
 # Largest accepted condition number of the SPD systems (ridge / IRLS matrices), per dtype. float64
@@ -37,6 +45,23 @@ def setup(backbone: Any, params: Any, tasks: Any, label_check: Any, dtype: Any, 
     tasks = check_feature_tasks(backbone, tasks, label_check)
     fm = FunctionalMLP(backbone, dtype, device)
     return fm, fm.tensors(params, requires_grad=True), to_torch_tasks(tasks, fm.dtype, fm.device)
+
+
+def real_scalar(name: str, value: Any, **checks: bool) -> float:
+    """The torch limit on a hyper-parameter: a finite real number (no complex step)."""
+    value = check_finite_scalar(name, value, **checks)
+    if isinstance(value, complex):
+        raise InvalidInputError(f"{name}={value!r} is complex; the torch backend computes in real arithmetic")
+    return float(value)
+
+
+def head_hyper(fm: FunctionalMLP, lam: Any, scale: Any, offset: Any) -> dict[str, torch.Tensor]:
+    """R2-D2's and LR-D2's ``lam``, ``scale``, ``offset`` as real leaf tensors of ``fm``'s dtype and device."""
+    return {
+        "lam": as_scalar_tensor("lam", real_scalar("lam", lam, positive=True), fm),
+        "scale": as_scalar_tensor("scale", real_scalar("scale", scale), fm),
+        "offset": as_scalar_tensor("offset", real_scalar("offset", offset), fm),
+    }
 
 
 def features(fm: FunctionalMLP, params: Sequence[torch.Tensor], task: TorchTask, where: str

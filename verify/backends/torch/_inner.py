@@ -22,39 +22,53 @@ from typing import Any
 
 import torch
 
-from reference.validation import check_finite_scalar, check_positive_int
-from reference.tasks import Task, check_tasks
+from reference import inner_loop
+from reference.errors import InvalidInputError
+from reference.tasks import Task
 from verify.backends.torch._model import FunctionalMLP, TorchTask, resolve_device, resolve_dtype, to_torch_tasks
 
 # One entry per parameter tensor: None (not adapted), a float or a tensor shaped like the parameter.
 LearningRates = Sequence[Any]
 
 
-def check_common(model: Any, params: Any, tasks: Any, inner_steps: Any) -> tuple[list[Any], list[Task], int]:
-    """Validate the arguments shared by the gradient-based algorithms (same messages as the reference)."""
-    params = model.check_params(params)
-    tasks = check_tasks(model, tasks)
-    steps = check_positive_int("inner_steps", inner_steps, hint="; the inner loop needs at least one step (K >= 1)")
-    return params, tasks, steps
+def check_device(dtype: Any, device: Any) -> None:
+    """The torch limits checked before the reference's argument check: a known ``dtype`` and ``device``."""
+    resolve_dtype(dtype), resolve_device(device)
 
 
-def check_inner_lr(inner_lr: Any) -> float:
-    value = check_finite_scalar("inner_lr", inner_lr, hint="; pass a step size such as inner_lr=0.01")
-    if isinstance(value, complex):
-        from reference.errors import InvalidInputError
-
+def real_inner_lr(inner_lr: Any, checked: Any) -> float:
+    """The torch limit on a step size the reference has checked (``checked``): real arithmetic only."""
+    if isinstance(checked, complex):
         raise InvalidInputError(f"inner_lr={inner_lr!r} is complex; the torch backend computes in real arithmetic")
-    return float(value)
+    return float(checked)
+
+
+def build(model: Any, params: list[Any], tasks: list[Task], dtype: Any, device: Any
+          ) -> tuple[FunctionalMLP, list[torch.Tensor], list[TorchTask]]:
+    """The functional model, leaf parameters (requiring grad) and tensor tasks of checked arguments."""
+    fm = FunctionalMLP(model, dtype, device)
+    return fm, fm.tensors(params, requires_grad=True), to_torch_tasks(tasks, fm.dtype, fm.device)
+
+
+def setup_checked(check: Any, model: Any, params: Any, tasks: Any, inner_lr: Any, inner_steps: Any, dtype: Any,
+                  device: Any) -> tuple[FunctionalMLP, list[torch.Tensor], list[TorchTask], float, int]:
+    """The torch limits around a reference check of MAML's arguments (``reference.<alg>.check_arguments``).
+
+    Returns ``(fm, theta, tasks, inner_lr, inner_steps)``; the optimiser argument is left to
+    :mod:`verify.backends.torch.inner_optim`, which checks it.
+    """
+    check_device(dtype, device)
+    params, tasks, alpha, steps, _ = check(model, params, tasks, inner_lr, inner_steps)
+    alpha = real_inner_lr(inner_lr, alpha)
+    return (*build(model, params, tasks, dtype, device), alpha, steps)
 
 
 def setup(model: Any, params: Any, tasks: Any, inner_steps: Any, dtype: Any, device: Any
           ) -> tuple[FunctionalMLP, list[torch.Tensor], list[TorchTask], int]:
-    """Validate, then build the functional model, leaf parameters (requiring grad) and tensor tasks."""
-    resolve_dtype(dtype), resolve_device(device)
-    params, tasks, steps = check_common(model, params, tasks, inner_steps)
-    fm = FunctionalMLP(model, dtype, device)
-    theta = fm.tensors(params, requires_grad=True)
-    return fm, theta, to_torch_tasks(tasks, fm.dtype, fm.device), steps
+    """The torch limits, the reference's shared check (:func:`reference.inner_loop.check_common`), then :func:`build`."""
+    check_device(dtype, device)
+    params, tasks, steps = inner_loop.check_common(model, params, tasks, inner_steps)
+    return (*build(model, params, tasks, dtype, device), steps)
 
 
 def adapt(fm: FunctionalMLP, params: Sequence[torch.Tensor], task: TorchTask, lrs: LearningRates, steps: int,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from reference import anil as reference_anil
 from reference.tasks import Task
 from verify.backends.torch import _inner, inner_optim
 from verify.backends.torch._model import FunctionalMLP, scalar, tf32, to_numpy
@@ -30,8 +31,8 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
               inner_optimizer: Any = None) -> float:
     """ANIL meta-loss: as MAML's, with only the head adapted in the inner loop."""
     with tf32(allow_tf32):
-        fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-        alpha = _inner.check_inner_lr(inner_lr)
+        fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_anil.check_arguments, model, params, tasks,
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             return inner_optim.meta_loss(model, params, tasks, [_lrs(fm, alpha)] * steps, steps,
                                          optimizer=inner_optimizer, dtype=dtype, device=device)
@@ -50,8 +51,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         ``(meta_loss, grad)`` with ``grad`` shaped like ``params``.
     """
     with tf32(allow_tf32):
-        fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-        alpha = _inner.check_inner_lr(inner_lr)
+        fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_anil.check_arguments, model, params, tasks,
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _lrs(fm, alpha), steps,
                                                      optimizer=inner_optimizer, dtype=dtype, device=device)

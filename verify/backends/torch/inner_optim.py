@@ -246,8 +246,8 @@ def _task_loss(fm: Any, opt: Any, theta: Sequence[T], task: Any, lrs: Sequence[S
 
 def _setup(model: Any, params: Any, tasks: Any, lrs: Any, inner_steps: Any, optimizer: Any, weights: Any,
            dtype: Any, device: Any):
-    params, tasks, steps, lrs, active, w, opt = ref.validate(model, params, tasks, lrs, inner_steps, weights,
-                                                              optimizer)
+    params, tasks, steps, lrs, active, w, opt = ref.check_arguments(model, params, tasks, lrs, inner_steps, weights,
+                                                                    optimizer)
     fm = _functional(model, dtype, device)
     theta = fm.tensors(params, requires_grad=True)
     t_lrs = [[None if a is None else torch.tensor(np.asarray(a), dtype=fm.dtype, device=fm.device,

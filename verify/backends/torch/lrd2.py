@@ -19,12 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference.features import binary_label_check, check_lam
-from reference.validation import check_positive_int
+from reference import lrd2 as reference_lrd2
+from reference.features import binary_label_check
 from reference.tasks import Task
 from verify.backends.torch import _features
-from verify.backends.torch._model import FunctionalMLP, TorchTask, as_scalar_tensor, scalar, tf32, to_numpy
-from verify.backends.torch.r2d2 import _real
+from verify.backends.torch._model import FunctionalMLP, TorchTask, scalar, tf32, to_numpy
 
 __all__ = ["meta_loss", "meta_loss_and_grad", "newton_weights"]
 
@@ -59,15 +58,11 @@ def _task_loss(fm: FunctionalMLP, theta, task: TorchTask, lam, scale, offset, st
 
 
 def _setup(backbone, params, tasks, lam, scale, offset, newton_steps, dtype, device):
+    # The reference's check of every argument; torch adds its own limits (dtype, device, real hyper-parameters).
+    backbone, params, tasks, lam, scale, offset, steps = reference_lrd2.check_arguments(
+        backbone, params, tasks, lam, scale, offset, newton_steps)
     fm, theta, ttasks = _features.setup(backbone, params, tasks, binary_label_check, dtype, device)
-    check_lam(lam)
-    steps = check_positive_int("newton_steps", newton_steps, hint="; LR-D2 needs at least one Newton step")
-    hyper = {
-        "lam": as_scalar_tensor("lam", _real("lam", lam, positive=True), fm),
-        "scale": as_scalar_tensor("scale", _real("scale", scale), fm),
-        "offset": as_scalar_tensor("offset", _real("offset", offset), fm),
-    }
-    return fm, theta, ttasks, hyper, steps
+    return fm, theta, ttasks, _features.head_hyper(fm, lam, scale, offset), steps
 
 
 def meta_loss(backbone: Any, params: list[Any], tasks: list[Task], lam: float, scale: float, offset: float,

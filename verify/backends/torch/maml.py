@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from reference import maml as reference_maml
 from reference.tasks import Task
 from verify.backends.torch import _inner, inner_optim
 from verify.backends.torch._model import scalar, tf32, to_numpy
@@ -24,8 +25,8 @@ def adapt(model: Any, params: Sequence[Any], task: Task, inner_lr: float, inner_
           dtype: str = "float64", device: str = "cpu", allow_tf32: bool = False) -> list[np.ndarray]:
     """The adapted parameters ``p_K`` of one task: ``p_{k+1} = p_k - inner_lr * grad L_s(p_k)``."""
     with tf32(allow_tf32):
-        fm, theta, tasks, steps = _inner.setup(model, params, [task], inner_steps, dtype, device)
-        alpha = _inner.check_inner_lr(inner_lr)
+        fm, theta, tasks, alpha, steps = _inner.setup_checked(reference_maml.check_arguments, model, params, [task],
+                                                              inner_lr, inner_steps, dtype, device)
         p = _inner.adapt(fm, theta, tasks[0], [alpha] * len(theta), steps, first_order=True)
         return [to_numpy(q) for q in p]
 
@@ -48,8 +49,8 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
             :mod:`verify.backends.torch.inner_optim` (``p_{k+1} = p_k - alpha d_k``).
     """
     with tf32(allow_tf32):
-        fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-        alpha = _inner.check_inner_lr(inner_lr)
+        fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_maml.check_arguments, model, params, tasks,
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             return inner_optim.meta_loss(model, params, tasks, [[alpha] * len(theta)] * steps, steps,
                                          optimizer=inner_optimizer, dtype=dtype, device=device)
@@ -71,8 +72,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         (computed in ``dtype``).
     """
     with tf32(allow_tf32):
-        fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-        alpha = _inner.check_inner_lr(inner_lr)
+        fm, theta, ttasks, alpha, steps = _inner.setup_checked(reference_maml.check_arguments, model, params, tasks,
+                                                               inner_lr, inner_steps, dtype, device)
         if inner_optimizer is not None:
             loss, grad, _ = inner_optim.shared_rates(model, params, tasks, [alpha] * len(theta), steps,
                                                      optimizer=inner_optimizer, first_order=bool(first_order),

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference.features import check_n_classes, class_label_check
+from reference import matchingnet as reference_matchingnet
 from reference.errors import InvalidInputError
+from reference.features import class_label_check
 from reference.tasks import Task
 from verify.backends.torch import _features
 from verify.backends.torch._model import FunctionalMLP, TorchTask, scalar, tf32, to_numpy
@@ -29,15 +30,9 @@ _MIN_NORM = 1e-8
 
 
 def _setup(backbone, params, tasks, n_classes, dtype, device):
-    n_classes = check_n_classes(n_classes)
+    # The reference's check of every argument (every query class has a support example); torch adds dtype, device.
+    backbone, params, tasks, n_classes = reference_matchingnet.check_arguments(backbone, params, tasks, n_classes)
     fm, theta, ttasks = _features.setup(backbone, params, tasks, class_label_check(n_classes), dtype, device)
-    for i, t in enumerate(ttasks):
-        missing = sorted(set(t.y_query.tolist()) - set(t.y_support.tolist()))
-        if missing:
-            raise InvalidInputError(
-                f"tasks[{i}].y_query has class {missing[0]}, which has no example in tasks[{i}].y_support: "
-                "its attention probability is 0 and the loss is infinite; give every query class a support example"
-            )
     return fm, theta, ttasks, n_classes
 
 

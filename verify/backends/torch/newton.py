@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reference.validation import check_finite_scalar
+from reference import newton as reference_newton
 from reference.errors import InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN
 from reference.tasks import Task
@@ -35,16 +35,13 @@ MAX_CONDITION: dict[torch.dtype, float] = {
 }
 
 
-def _check(model: Any, inner_lr: Any, damping: Any) -> tuple[float, float]:
-    alpha = _inner.check_inner_lr(inner_lr)
-    delta = float(check_finite_scalar("damping", damping, nonnegative=True,
-                                      hint="; damping adds delta * I to the support Hessian"))
+def _check_size(model: Any) -> None:
+    # Checked before the reference's check so that the advice names this backend's maml.
     if model.n_params > MAX_PARAMS:
         raise InvalidInputError(
             f"{model!r} has {model.n_params} parameters; Newton-MAML forms dense Hessians and is limited to "
             f"MAX_PARAMS={MAX_PARAMS}. Use maml or a smaller model"
         )
-    return alpha, delta
 
 
 def _check_conditioning(A: torch.Tensor, delta: float, where: str) -> None:
@@ -79,8 +76,13 @@ def _adapt(fm: FunctionalMLP, p: torch.Tensor, task: TorchTask, alpha: float, de
 
 
 def _setup(model, params, tasks, inner_lr, inner_steps, damping, dtype, device):
-    fm, theta, ttasks, steps = _inner.setup(model, params, tasks, inner_steps, dtype, device)
-    alpha, delta = _check(model, inner_lr, damping)
+    _inner.check_device(dtype, device)
+    _check_size(model)
+    # The reference's check of every argument; torch adds real arithmetic, dtype and device.
+    params, tasks, steps, alpha, delta = reference_newton.check_arguments(model, params, tasks, inner_lr, inner_steps,
+                                                                         damping)
+    alpha, delta = _inner.real_inner_lr(inner_lr, alpha), float(delta)
+    fm, theta, ttasks = _inner.build(model, params, tasks, dtype, device)
     flat = torch.cat([t.detach().reshape(-1) for t in theta]).requires_grad_(True)
     return fm, flat, ttasks, steps, alpha, delta
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference.features import check_n_classes, class_label_check
-from reference.errors import InvalidInputError
+from reference import protonet as reference_protonet
+from reference.features import class_label_check
 from reference.tasks import Task
 from verify.backends.torch import _features
 from verify.backends.torch._model import FunctionalMLP, TorchTask, scalar, tf32, to_numpy
@@ -26,16 +26,9 @@ __all__ = ["loss", "loss_and_grad"]
 
 
 def _setup(backbone, params, tasks, n_classes, dtype, device):
-    n_classes = check_n_classes(n_classes)
+    # The reference's check of every argument (every class has a support example); torch adds dtype, device.
+    backbone, params, tasks, n_classes = reference_protonet.check_arguments(backbone, params, tasks, n_classes)
     fm, theta, ttasks = _features.setup(backbone, params, tasks, class_label_check(n_classes), dtype, device)
-    for i, t in enumerate(ttasks):
-        counts = torch.bincount(t.y_support.cpu(), minlength=n_classes)
-        if bool((counts == 0).any()):
-            k = int(torch.argmin(counts))
-            raise InvalidInputError(
-                f"tasks[{i}].y_support has no example of class {k} (n_classes={n_classes}): its prototype "
-                "(the mean of its support features) is undefined; give every class at least one support example"
-            )
     return fm, theta, ttasks, n_classes
 
 

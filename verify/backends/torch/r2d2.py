@@ -22,22 +22,13 @@ import torch.nn.functional as F
 
 from reference import r2d2 as reference_r2d2
 from reference.features import class_label_check, target_check
-from reference.validation import check_finite_scalar
-from reference.errors import InvalidInputError
 from reference.tasks import Task
 from verify.backends.torch import _features
-from verify.backends.torch._model import FunctionalMLP, TorchTask, as_scalar_tensor, scalar, tf32, to_numpy
+from verify.backends.torch._model import FunctionalMLP, TorchTask, scalar, tf32, to_numpy
 
 __all__ = ["FORMS", "meta_loss", "meta_loss_and_grad", "ridge_weights"]
 
 FORMS = reference_r2d2.FORMS
-
-
-def _real(name: str, value: Any, **checks: bool) -> float:
-    value = check_finite_scalar(name, value, **checks)
-    if isinstance(value, complex):
-        raise InvalidInputError(f"{name}={value!r} is complex; the torch backend computes in real arithmetic")
-    return float(value)
 
 
 def ridge_weights(Z: torch.Tensor, Y: torch.Tensor, lam: torch.Tensor, *, form: str = "dual",
@@ -78,12 +69,7 @@ def _setup(backbone, params, tasks, n_classes, lam, scale, offset, form, regress
         backbone, params, tasks, n_classes, lam, scale, offset, form, regression)
     check = target_check(n_classes) if regression else class_label_check(n_classes)
     fm, theta, ttasks = _features.setup(backbone, params, tasks, check, dtype, device)
-    hyper = {
-        "lam": as_scalar_tensor("lam", _real("lam", lam, positive=True), fm),
-        "scale": as_scalar_tensor("scale", _real("scale", scale), fm),
-        "offset": as_scalar_tensor("offset", _real("offset", offset), fm),
-    }
-    return fm, theta, ttasks, n_classes, hyper
+    return fm, theta, ttasks, n_classes, _features.head_hyper(fm, lam, scale, offset)
 
 
 def meta_loss(backbone: Any, params: list[Any], tasks: list[Task], n_classes: int, lam: float, scale: float,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reference import reptile as reference_reptile
 from reference.tasks import Task
 from verify.backends.torch import _inner
 from verify.backends.torch._model import build_model, loss_fn, tf32, to_numpy, to_torch_tasks
@@ -32,8 +33,8 @@ def direction(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
         float64 arrays shaped like ``params`` (computed in ``dtype``).
     """
     with tf32(allow_tf32):
-        params, tasks, steps = _inner.check_common(model, params, tasks, inner_steps)
-        alpha = _inner.check_inner_lr(inner_lr)
+        params, tasks, alpha, steps, _ = reference_reptile.check_arguments(model, params, tasks, inner_lr, inner_steps)
+        alpha = _inner.real_inner_lr(inner_lr, alpha)  # the torch limit: real arithmetic
         net = build_model(model, params, dtype, device)
         ttasks = to_torch_tasks(tasks, next(net.parameters()).dtype, next(net.parameters()).device)
         total = [torch.zeros_like(p) for p in net.parameters()]
