@@ -373,7 +373,9 @@ def _backbone_case(algorithm: str, backbone: str, *, seed: int, n_tasks: int | N
 
 #: The catalogue keys (``verify.auditing.diagnosis.CATALOGUE``) of each family's known-wrong variants.
 _GRADIENT_DIAGNOSES = ("wrong_inner_lr", "wrong_inner_steps", "swapped_support_query", "scale", "disconnected")
-_BACKBONE_DIAGNOSES = ("swapped_support_query", "scale", "disconnected", "support_detached")
+_BACKBONE_DIAGNOSES = ("swapped_support_query", "scale", "disconnected", "support_detached", "bn_joint_batch")
+#: Batch-norm diagnoses (networks with batch norm only; :mod:`verify.auditing.diagnosis.batchnorm`).
+_BN_DIAGNOSES = ("bn_running_stats", "bn_batch_stats", "bn_state_leaked")
 
 
 @dataclass(frozen=True)
@@ -483,15 +485,16 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("maml", "gradient", _call_maml, paper="Finn, Abbeel, Levine 2017", signature=_LOOP,
                   text=TEXTS["maml"], symbolic=("quadratic_maml", {"dim": 1, "steps": 2}), diagnosis="gradient",
                   diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
-                             "anil_instead_of_maml", *_GRADIENT_DIAGNOSES)),
+                             "anil_instead_of_maml", *_GRADIENT_DIAGNOSES, *_BN_DIAGNOSES, "bn_params_frozen")),
         Algorithm("fomaml", "gradient", lambda m, c, v, **kw: _call_maml(m, c, v, first_order=True, **kw),
                   differentiable=False, paper="Finn et al. 2017 (first-order approximation)", signature=_LOOP,
                   text=TEXTS["fomaml"], symbolic=("quadratic_maml", {"dim": 1, "steps": 2, "first_order": True}),
-                  diagnosis="gradient", diagnoses=("second_order_instead", "no_adaptation", *_GRADIENT_DIAGNOSES)),
+                  diagnosis="gradient", diagnoses=("second_order_instead", "no_adaptation", *_GRADIENT_DIAGNOSES,
+                                                   *_BN_DIAGNOSES, "bn_params_frozen")),
         Algorithm("anil", "gradient", _call_anil, paper="Raghu et al. 2020", signature=_LOOP, text=TEXTS["anil"],
                   symbolic=("anil_linear", {}), diagnosis="gradient",
                   diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
-                             "maml_instead_of_anil", *_GRADIENT_DIAGNOSES)),
+                             "maml_instead_of_anil", *_GRADIENT_DIAGNOSES, *_BN_DIAGNOSES, "bn_params_adapted")),
         Algorithm("metasgd", "gradient", _call_metasgd, paper="Li et al. 2017", extra=("lrs",),
                   signature=("model", "lrs", "tasks", "inner_steps"), text=TEXTS["metasgd"],
                   symbolic=("quadratic_metasgd", {}), diagnosis="gradient",
