@@ -56,6 +56,25 @@ def test_audit_passes_correct_anil_and_notes_the_leaked_running_statistics():
     assert any("running statistics updated by the meta-gradient evaluation" in n for n in ok.notes)
 
 
+@pytest.mark.slow
+def test_audit_names_batch_statistics_where_running_statistics_were_meant():
+    model = FACTORY.replace("make_conv4:", "make_conv4_eval:")
+    ok = audit(conv_user.maml_keep_mode, "maml", backend="torch", model=model)
+    assert ok.status == "pass", ok.headline()
+    bad = audit(conv_user.maml_train_mode, "maml", backend="torch", model=model)
+    assert bad.status == "fail"
+    assert bad.diagnosis is not None and bad.diagnosis.key == "bn_batch_stats", bad.diagnosis
+
+
+def test_audit_protonet_on_the_users_feature_extractor_names_joint_normalisation():
+    model = FACTORY.replace("make_conv4:", "make_features:")
+    ok = audit(conv_user.protonet, "protonet", backend="torch", model=model)
+    assert ok.status == "pass", ok.headline()
+    bad = audit(conv_user.protonet_joint, "protonet", backend="torch", model=model)
+    assert bad.status == "fail"
+    assert bad.diagnosis is not None and bad.diagnosis.key == "bn_joint_batch", bad.diagnosis
+
+
 def test_model_specs():
     net, params = network_from_spec("conv4:1x28x28:5:hidden=8")
     assert params is None and net.n_out == 5 and net.in_shape == (1, 28, 28) and net.shapes[0] == (8, 1, 3, 3)
