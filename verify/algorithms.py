@@ -244,6 +244,7 @@ def build_case(
     shots: int | None = None,
     queries: int | None = None,
     n_way: int | None = None,
+    backbone: str | None = None,
     **hyper: Any,
 ) -> Case:
     """Build a seeded random :class:`Case` for ``algorithm``.
@@ -252,6 +253,12 @@ def build_case(
     ranges where every algorithm is well posed (inner problems converge,
     Newton systems are well conditioned, all classes appear in each support
     set). Keyword overrides fix them.
+
+    ``backbone`` (one of :data:`BACKBONES`, e.g. ``"conv4:1x8x8"``) replaces the
+    MLP by a small Conv4 (Finn et al. 2017: four ``conv3x3 -> BatchNorm2d
+    (train mode) -> relu -> MaxPool2d(2, ceil_mode=True)`` blocks) on seeded
+    image tasks; see :func:`_backbone_case`. Only :data:`BACKBONE_ALGORITHMS`
+    accept one.
     """
     if algorithm not in ALGORITHMS:
         raise InvalidInputError(f"algorithm={algorithm!r} is unknown; choose one of {sorted(ALGORITHMS)}")
@@ -259,9 +266,14 @@ def build_case(
         raise InvalidInputError(f"algorithm={algorithm!r} has no Case (its problem is built by "
                                 f"{ALGORITHMS[algorithm].audit}); choose one of {', '.join(case_algorithms())}")
     given = dict(seed=seed, sizes=sizes, activation=activation, loss=loss, bias=None if bias else False,
-                 n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way, **hyper)
+                 n_tasks=n_tasks, shots=shots, queries=queries, n_way=n_way, backbone=backbone, **hyper)
     recipe = "build_case(" + ", ".join([repr(algorithm)] + [f"{k}={v!r}" for k, v in given.items()
                                                             if v is not None]) + ")"
+    if backbone is not None:
+        if sizes is not None or activation is not None or loss is not None or not bias:
+            raise InvalidInputError(f"backbone={backbone!r} fixes the network; drop sizes/activation/loss/bias")
+        return _backbone_case(algorithm, backbone, seed=seed, n_tasks=n_tasks, shots=shots, queries=queries,
+                              n_way=n_way, hyper=hyper, recipe=recipe)
     rng = np.random.default_rng(seed)
     spec = ALGORITHMS[algorithm]
     act = activation or str(rng.choice(["tanh", "sigmoid", "softplus"]))
@@ -330,9 +342,72 @@ def build_case(
     return Case(algorithm, model, params, tasks, hyper, seed, extra, recipe=recipe)
 
 
+#: Convolutional backbones of the check matrix: ``name -> (image shape, hidden channels)``. Small images so
+#: that the CPU-only CI stays fast; four 2x2 max-pools need ``ceil_mode=True`` there (8 -> 4 -> 2 -> 1 -> 1,
+#: 12 -> 6 -> 3 -> 2 -> 1).
+BACKBONES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "conv4:1x8x8": ((1, 8, 8), 4),
+    "conv4:3x12x12": ((3, 12, 12), 4),
+}
+#: The algorithms with check-matrix cells on :data:`BACKBONES` (the others' reference on a network is
+#: exercised by the test suite; their cells would cost minutes per example on the CPU).
+BACKBONE_ALGORITHMS = ("maml", "fomaml", "anil", "protonet", "r2d2")
+
+
+def _backbone_case(algorithm: str, backbone: str, *, seed: int, n_tasks: int | None, shots: int | None,
+                   queries: int | None, n_way: int | None, hyper: dict[str, Any], recipe: str) -> Case:
+    """A seeded few-shot image-classification :class:`Case` on a small Conv4 (see :data:`BACKBONES`).
+
+    Gradient-based algorithms get the full Conv4 with its ``Linear`` head (``n_way`` logits, softmax
+    cross-entropy); the feature-extractor algorithms the headless Conv4 (features of ``hidden`` entries).
+    Batch norm is in train mode (batch statistics of each support or query batch, differentiated through),
+    as in MAML's reference implementation; every class has ``shots`` support images, so each batch has at
+    least two examples and the batch variance at the 1x1 last block is defined.
+    """
+    from reference.nets import conv4
+
+    if backbone not in BACKBONES:
+        raise InvalidInputError(f"backbone={backbone!r} is unknown; choose one of {sorted(BACKBONES)}")
+    if algorithm not in BACKBONE_ALGORITHMS:
+        raise InvalidInputError(f"algorithm={algorithm!r} has no {backbone} case; choose one of "
+                                f"{', '.join(BACKBONE_ALGORITHMS)}")
+    shape, hidden = BACKBONES[backbone]
+    spec = ALGORITHMS[algorithm]
+    rng = np.random.default_rng(seed)
+    n_way = n_way or int(rng.integers(2, 4))
+    shots = shots or int(rng.integers(1, 3))
+    queries = queries or int(rng.integers(1, 3))
+    n_tasks = n_tasks or int(rng.integers(1, 3))
+    head = spec.family != "backbone"
+    net = conv4(shape, n_way, hidden=hidden, ceil_mode=True, head=head)
+    tasks = []
+    for _ in range(n_tasks):
+        ys = rng.permutation(np.repeat(np.arange(n_way), shots)).astype(np.int64)
+        yq = rng.permutation(np.repeat(np.arange(n_way), queries)).astype(np.int64)
+        tasks.append(Task(rng.normal(size=(ys.size, *shape)), ys, rng.normal(size=(yq.size, *shape)), yq))
+    hyper = dict(hyper)
+    extra: dict[str, np.ndarray] = {}
+    if head:
+        hyper.setdefault("inner_steps", int(rng.integers(1, 3)))
+        hyper.setdefault("inner_lr", float(rng.uniform(0.05, 0.3)))
+    else:
+        hyper.setdefault("n_classes", n_way)
+        if algorithm == "r2d2":
+            extra["lam"] = np.array(hyper.pop("lam", float(rng.uniform(0.5, 2.0))))
+            extra["scale"] = np.array(hyper.pop("scale", float(rng.uniform(0.5, 1.5))))
+            extra["offset"] = np.array(hyper.pop("offset", float(rng.uniform(-0.5, 0.5))))
+            hyper.setdefault("bias_column", bool(rng.integers(2)))
+            hyper.setdefault("normalize", bool(rng.integers(2)))
+            hyper.setdefault("form", str(rng.choice(["primal", "dual"])))
+    params = net.init(int(rng.integers(2**31)))
+    return Case(algorithm, net, params, tasks, hyper, seed, extra, recipe=recipe)
+
+
 #: The catalogue keys (``verify.auditing.diagnosis.CATALOGUE``) of each family's known-wrong variants.
 _GRADIENT_DIAGNOSES = ("wrong_inner_lr", "wrong_inner_steps", "swapped_support_query", "scale", "disconnected")
-_BACKBONE_DIAGNOSES = ("swapped_support_query", "scale", "disconnected", "support_detached")
+_BACKBONE_DIAGNOSES = ("swapped_support_query", "scale", "disconnected", "support_detached", "bn_joint_batch")
+#: Batch-norm diagnoses (networks with batch norm only; :mod:`verify.auditing.diagnosis.batchnorm`).
+_BN_DIAGNOSES = ("bn_running_stats", "bn_batch_stats", "bn_state_leaked")
 
 
 @dataclass(frozen=True)
@@ -496,15 +571,16 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("maml", "gradient", _call_maml, paper="Finn, Abbeel, Levine 2017", signature=_LOOP,
                   text=TEXTS["maml"], symbolic=("quadratic_maml", {"dim": 1, "steps": 2}), diagnosis="gradient",
                   diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
-                             "anil_instead_of_maml", *_GRADIENT_DIAGNOSES)),
+                             "anil_instead_of_maml", *_GRADIENT_DIAGNOSES, *_BN_DIAGNOSES, "bn_params_frozen")),
         Algorithm("fomaml", "gradient", lambda m, c, v, **kw: _call_maml(m, c, v, first_order=True, **kw),
                   differentiable=False, paper="Finn et al. 2017 (first-order approximation)", signature=_LOOP,
                   text=TEXTS["fomaml"], symbolic=("quadratic_maml", {"dim": 1, "steps": 2, "first_order": True}),
-                  diagnosis="gradient", diagnoses=("second_order_instead", "no_adaptation", *_GRADIENT_DIAGNOSES)),
+                  diagnosis="gradient", diagnoses=("second_order_instead", "no_adaptation", *_GRADIENT_DIAGNOSES,
+                                                   *_BN_DIAGNOSES, "bn_params_frozen")),
         Algorithm("anil", "gradient", _call_anil, paper="Raghu et al. 2020", signature=_LOOP, text=TEXTS["anil"],
                   symbolic=("anil_linear", {}), diagnosis="gradient",
                   diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
-                             "maml_instead_of_anil", *_GRADIENT_DIAGNOSES)),
+                             "maml_instead_of_anil", *_GRADIENT_DIAGNOSES, *_BN_DIAGNOSES, "bn_params_adapted")),
         Algorithm("metasgd", "gradient", _call_metasgd, paper="Li et al. 2017", extra=("lrs",),
                   signature=("model", "lrs", "tasks", "inner_steps"), text=TEXTS["metasgd"],
                   symbolic=("quadratic_metasgd", {}), diagnosis="gradient",
@@ -620,7 +696,7 @@ def evaluate(case: Case, root: ModuleType | None = None, variables: list[np.ndar
     return ALGORITHMS[case.algorithm].call(root, case, case.variables if variables is None else variables, **kw)
 
 
-__all__ = ["ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable", "build_case", "case_algorithms",
-           "default_algorithms",
+__all__ = ["ALGORITHMS", "BACKBONES", "BACKBONE_ALGORITHMS", "GRADIENT_FAMILY", "Algorithm", "Case", "auditable",
+           "build_case", "case_algorithms", "default_algorithms",
            "evaluate", "param_names",
            "reference_root", "register", "unregister"]

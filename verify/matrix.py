@@ -33,7 +33,7 @@ import numpy as np
 from reference.errors import MetaverifyError
 from reference.models import flatten, unflatten
 from verify._verdict import FAIL, INCONCLUSIVE, PASS, combine_statuses, record
-from verify.algorithms import ALGORITHMS, Case, build_case, evaluate
+from verify.algorithms import ALGORITHMS, BACKBONE_ALGORITHMS, Case, build_case, evaluate
 from verify.tolerance import TF32, tolerance
 
 #: Status of a cell that could not run (backend missing, not implemented).
@@ -409,17 +409,45 @@ class MatrixResult:
         return record(self, ("seed", "examples", "status", "cells"))
 
 
-def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[str]) -> list[tuple[str, str, str]]:
-    """The cells to run, in table order (the numpy reference is float64 only)."""
+def cell_name(algorithm: str, backbone: str = "mlp") -> str:
+    """The algorithm column of a cell: ``maml`` on the MLP, ``maml[conv4:1x8x8]`` on a backbone."""
+    return algorithm if backbone == "mlp" else f"{algorithm}[{backbone}]"
+
+
+def split_cell_name(name: str) -> tuple[str, str]:
+    """``"maml[conv4:1x8x8]"`` -> ``("maml", "conv4:1x8x8")``; ``"maml"`` -> ``("maml", "mlp")``."""
+    if name.endswith("]") and "[" in name:
+        algorithm, _, rest = name.partition("[")
+        return algorithm, rest[:-1]
+    return name, "mlp"
+
+
+def build_cell_case(name: str, seed: int) -> Case:
+    """The seeded problem of a cell's algorithm column (see :func:`cell_name`)."""
+    algorithm, backbone = split_cell_name(name)
+    return build_case(algorithm, seed=seed, backbone=None if backbone == "mlp" else backbone)
+
+
+def plan(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[str],
+         backbones: Sequence[str] = ("mlp",)) -> list[tuple[str, str, str]]:
+    """The cells to run, in table order (the numpy reference is float64 only).
+
+    ``backbones``: ``"mlp"`` (each algorithm's random MLP problem) and/or names of
+    :data:`verify.algorithms.BACKBONES`; a backbone cell exists for the algorithms of
+    :data:`verify.algorithms.BACKBONE_ALGORITHMS` only and is named ``maml[conv4:1x8x8]``.
+    """
     cells = []
-    for algorithm in algorithms:
+    names = [cell_name(a, b) for b in backbones for a in algorithms
+             if b == "mlp" or a in BACKBONE_ALGORITHMS]
+    for name in names:
+        algorithm, _ = split_cell_name(name)
         for backend in backends:
             for dtype in dtypes:
                 if backend == "numpy" and dtype != "float64":
                     continue
                 if backend not in ALGORITHMS[algorithm].backends:
                     continue
-                cells.append((algorithm, backend, dtype))
+                cells.append((name, backend, dtype))
     return cells
 
 
@@ -434,7 +462,11 @@ def run_matrix(
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
 ) -> MatrixResult:
-    """Run the matrix; ``cells`` (from :func:`plan`, possibly sharded) overrides the product."""
+    """Run the matrix; ``cells`` (from :func:`plan`, possibly sharded) overrides the product.
+
+    Without ``cells`` the product covers the MLP problems only; backbone cells come from
+    ``plan(..., backbones=...)``.
+    """
     from verify.backends import load_backend
 
     todo = list(cells) if cells is not None else plan(algorithms, backends, dtypes)
@@ -453,7 +485,7 @@ def run_matrix(
     for algorithm in dict.fromkeys(a for a, _, _ in todo):
         keys = [k for k in todo if k[0] == algorithm and results[k].status != UNSUPPORTED]
         for k in range(examples):
-            case = build_case(algorithm, seed=seed * 1_000_003 + k)
+            case = build_cell_case(algorithm, seed * 1_000_003 + k)
             ref: ReferenceData | None = None
             for key in keys:
                 cell = results[key]
@@ -473,5 +505,5 @@ def run_matrix(
     return MatrixResult([results[k] for k in todo], seed, examples)
 
 
-__all__ = ["Cell", "CaseResult", "DTYPES", "PRECISIONS", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "rounding_floor", "float32_condition", "taylor_direction",
+__all__ = ["Cell", "CaseResult", "build_cell_case", "cell_name", "split_cell_name", "DTYPES", "PRECISIONS", "MatrixResult", "ReferenceData", "UNSUPPORTED", "check_case", "rounding_floor", "float32_condition", "taylor_direction",
            "locate", "plan", "reference_loss_function", "relative", "run_matrix"]

@@ -28,10 +28,51 @@ def test_audit_verifies_correct_maml_and_names_first_order_on_the_users_module()
 
 
 @pytest.mark.slow
-def test_audit_flags_batchnorm_eval_mode_in_the_inner_loop():
-    """No batch-norm diagnosis is fitted yet (issue #14 phase 2): the bug is caught as a meta-loss mismatch."""
+def test_audit_names_running_statistics_for_an_eval_mode_inner_loop():
+    """Issue #14's bar: model.eval() around the inner loop is named, as PyTorch computes it (running statistics
+    carried across tasks by the in-place updates, and the backward run with the final ones)."""
     bad = audit(conv_user.maml_bn_eval_inner, "maml", backend="torch", model=FACTORY)
     assert bad.status == "fail"
+    assert bad.diagnosis is not None and bad.diagnosis.key == "bn_running_stats", bad.diagnosis
+    assert bad.diagnosis.error <= bad.diagnosis.tolerance
+    assert any("running statistics updated by the meta-gradient evaluation" in n for n in bad.notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fn, algorithm, key", [
+    (conv_user.maml_bn_frozen, "maml", "bn_params_frozen"),
+    (conv_user.anil_bn_adapted, "anil", "bn_params_adapted"),
+])
+def test_audit_names_batchnorm_parameters_adapted_or_not(fn, algorithm, key):
+    bad = audit(fn, algorithm, backend="torch", model=FACTORY)
+    assert bad.status == "fail"
+    assert bad.diagnosis is not None and bad.diagnosis.key == key, bad.diagnosis
+
+
+@pytest.mark.slow
+def test_audit_passes_correct_anil_and_notes_the_leaked_running_statistics():
+    ok = audit(conv_user.anil, "anil", backend="torch", model=FACTORY)
+    assert ok.status == "pass", ok.reason
+    assert any("running statistics updated by the meta-gradient evaluation" in n for n in ok.notes)
+
+
+@pytest.mark.slow
+def test_audit_names_batch_statistics_where_running_statistics_were_meant():
+    model = FACTORY.replace("make_conv4:", "make_conv4_eval:")
+    ok = audit(conv_user.maml_keep_mode, "maml", backend="torch", model=model)
+    assert ok.status == "pass", ok.headline()
+    bad = audit(conv_user.maml_train_mode, "maml", backend="torch", model=model)
+    assert bad.status == "fail"
+    assert bad.diagnosis is not None and bad.diagnosis.key == "bn_batch_stats", bad.diagnosis
+
+
+def test_audit_protonet_on_the_users_feature_extractor_names_joint_normalisation():
+    model = FACTORY.replace("make_conv4:", "make_features:")
+    ok = audit(conv_user.protonet, "protonet", backend="torch", model=model)
+    assert ok.status == "pass", ok.headline()
+    bad = audit(conv_user.protonet_joint, "protonet", backend="torch", model=model)
+    assert bad.status == "fail"
+    assert bad.diagnosis is not None and bad.diagnosis.key == "bn_joint_batch", bad.diagnosis
 
 
 def test_model_specs():

@@ -181,14 +181,16 @@ def _network_case(algorithm: str, net: Any, params: list[np.ndarray] | None, *, 
                   hyper: dict[str, Any]) -> Case:
     """A seeded image-classification case on a convolutional network (gradient-based algorithms)."""
     spec = ALGORITHMS[algorithm]
-    if spec.family != "gradient":
+    metric = algorithm in ("protonet", "matchingnet")
+    if spec.family != "gradient" and not metric:
         raise InvalidInputError(f"algorithm={algorithm!r}: convolutional models are audited for the gradient-based "
-                                "algorithms (maml, fomaml, anil, metasgd, reptile, ...); use an mlp: spec")
+                                "algorithms (maml, fomaml, anil, metasgd, reptile, ...) and the metric learners "
+                                "(protonet, matchingnet: the model is the feature extractor); use an mlp: spec")
     if net.loss_name != "ce":
         raise InvalidInputError(f"the network's loss is {net.loss_name!r}; image tasks need class logits ('ce')")
     rng = np.random.default_rng(seed)
     n_way = n_way or net.n_out
-    if n_way > net.n_out:
+    if n_way > net.n_out and not metric:
         raise InvalidInputError(f"n_way={n_way} exceeds the network's {net.n_out} outputs")
     shots, queries, n_tasks = shots or 1, queries or 5, n_tasks or 2
     tasks = []
@@ -198,8 +200,11 @@ def _network_case(algorithm: str, net: Any, params: list[np.ndarray] | None, *, 
         tasks.append(Task(rng.normal(size=(ys.size, *net.in_shape)), ys, rng.normal(size=(yq.size, *net.in_shape)),
                           yq))
     hyper = dict(hyper)
-    hyper.setdefault("inner_steps", 1)
-    hyper.setdefault("inner_lr", 0.1)
+    if metric:
+        hyper.setdefault("n_classes", n_way)
+    else:
+        hyper.setdefault("inner_steps", 1)
+        hyper.setdefault("inner_lr", 0.1)
     params = net.init(int(rng.integers(2**31))) if params is None else params
     extra: dict[str, np.ndarray] = {}
     if algorithm == "metasgd":

@@ -14,7 +14,7 @@ from typing import Any
 
 from reference.errors import InvalidInputError
 from verify._output import Progress, check_writable, results_document, write_json, write_junit
-from verify.algorithms import ALGORITHMS, case_algorithms, default_algorithms
+from verify.algorithms import ALGORITHMS, BACKBONE_ALGORITHMS, BACKBONES, case_algorithms, default_algorithms
 from verify.backends import BACKENDS, BackendUnavailableError, available_backends, is_available, load_backend
 from verify.commands import positive_int
 from verify.commands import seed as seed_type
@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precision (default: all = float64 and float32, plus tf32 with --device cuda). tf32 is "
                         "float32 with TensorFloat-32 matrix products: on the GPU for torch and JAX, emulated on "
                         "the CPU for torch")
+    p.add_argument("--backbone", action="append", choices=["mlp", *BACKBONES, "conv4", "all"], metavar="NAME",
+                   help="problems to check on, repeatable: mlp (each algorithm's random MLP; the default), "
+                        f"{', '.join(BACKBONES)} (a small Conv4 with train-mode batch norm and max-pooling, cells "
+                        f"named maml[conv4:1x8x8], for {', '.join(BACKBONE_ALGORITHMS)}), conv4 (both), all "
+                        "(mlp and both). The conv4 cells take ~10 min on 2 CPU cores, mostly JAX compiling")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for torch/JAX (default: cpu)")
     p.add_argument("--examples", type=positive_int, default=DEFAULT_EXAMPLES,
                    help=f"random problems per cell (default: {DEFAULT_EXAMPLES})")
@@ -43,6 +48,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results (versioned schema) to PATH")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML to PATH")
     p.add_argument("--verbose", "-v", action="store_true", help="print every failing check in full")
+
+
+def _backbones(requested: list[str] | None) -> list[str]:
+    """``--backbone`` values -> the ordered list of problem kinds (``mlp`` and :data:`BACKBONES` names)."""
+    out: list[str] = []
+    for b in requested or ["mlp"]:
+        if b == "all":
+            out += ["mlp", *BACKBONES]
+        elif b == "conv4":
+            out += [name for name in BACKBONES if name.startswith("conv4:")]
+        else:
+            out.append(b)
+    return list(dict.fromkeys(out))
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -141,14 +159,18 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.junit, "--junit")
     for b in backends:
         load_backend(b)  # installed but failing to import: a clear error now, not a crash mid-run
-    cells = plan(algorithms, backends, dtypes)
+    backbones = _backbones(args.backbone)
+    cells = plan(algorithms, backends, dtypes, backbones)
+    if not cells:
+        raise InvalidInputError(f"no cell to run: --backbone {' '.join(backbones)} has cells for "
+                                f"{', '.join(BACKBONE_ALGORITHMS)} only (asked: {', '.join(algorithms)})")
     shard = _parse_shard(args.shard)
     if shard:
         i, n = shard
         cells = cells[i - 1 :: n]
     if not cells:
         raise InvalidInputError(empty_selection_reason(algorithms, backends, dtypes, shard, len(plan(
-            algorithms, backends, dtypes))))
+            algorithms, backends, dtypes, backbones))))
     bar = Progress(len(cells), label="metaverify check ")
     try:
         result = run_matrix(algorithms, backends, dtypes, examples=args.examples, seed=args.seed, cells=cells,

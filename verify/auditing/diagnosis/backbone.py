@@ -53,6 +53,15 @@ def variants(case: Case) -> list[Variant]:
     add("swapped_support_query", "support and query sets swapped", lambda: rerun(case, tasks=swapped(case.tasks)))
     add("support_detached", "support branch detached (gradient through the query features only)",
         lambda: _support_detached(case))
+    if getattr(case.model, "batch_coupled", False) and hasattr(case.model, "joint_batch"):
+        # a train-mode batch-norm backbone: support and query normalised as one batch, or as two
+        joint = bool(case.model.joint)
+        other = Case(a, case.model.joint_batch(not joint), case.params, list(case.tasks), dict(case.hyper), case.seed,
+                     dict(case.extra))
+        add("bn_joint_batch", "support and query normalised " + ("separately (two batches) where one batch was meant"
+                                                                  if joint else "together (one batch) where two "
+                                                                  "batches were meant"),
+            lambda: (lambda lg: (lg[0], flatten([np.asarray(g) for g in lg[1]])))(evaluate(other)))
     if a == "r2d2":
         nb, bc = h["normalize"], h["bias_column"]
         add("normalize_mismatch", f"normalize={not nb} instead of {nb}", lambda: rerun(case, normalize=not nb))

@@ -143,6 +143,26 @@ CATALOGUE: dict[str, Entry] = {
         Entry('imaml_truncated_cg', "iMAML's linear solve truncated (conjugate gradient stopped early)",
               'a fixed small number of CG iterations (or a loose CG tolerance) for (I + H/lam) x = grad L_q; '
               'the residual is reported'),
+        Entry('bn_running_stats', 'batch norm: running statistics used where batch statistics were meant',
+              'model.eval() (or a BatchNorm with track_running_stats=True in eval mode) around the inner loop '
+              'and model.train() for the query loss, or eval mode everywhere; in PyTorch the eval-mode inner '
+              "loop then uses statistics the earlier tasks' train-mode forwards left in the module's buffers"),
+        Entry('bn_batch_stats', 'batch norm: batch statistics used where running statistics were meant',
+              'model.train() left on (or a functional_call without the eval-mode flag) where the model is '
+              'meant to be in eval mode'),
+        Entry('bn_params_frozen', 'batch norm: weight and bias not adapted in the inner loop',
+              "the inner update built over the conv/linear parameters only (e.g. filtering names on 'conv' "
+              "or skipping 1-D tensors), so the batch-norm gamma/beta keep their initial values"),
+        Entry('bn_params_adapted', 'batch norm: weight and bias adapted in the inner loop where only the head was '
+              'meant', "ANIL's inner update built over the head and the batch-norm parameters (e.g. selected by "
+              "requires_grad or by a name filter that matches 'bn')"),
+        Entry('bn_joint_batch', 'batch norm: support and query normalised together vs separately',
+              'the encoder called on torch.cat([x_support, x_query]) where two calls were meant, or the '
+              'reverse; with batch statistics the two give different features'),
+        Entry('bn_state_leaked', "batch norm: running statistics updated by the meta-gradient evaluation",
+              'train-mode forwards update the running statistics in place (state leaks across tasks and '
+              'calls): evaluate with torch.func.functional_call(..., (params, buffers)) on copies of the '
+              'buffers, or set momentum / restore the buffers after the call'),
     ]
 }
 

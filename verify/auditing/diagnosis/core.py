@@ -35,7 +35,10 @@ def candidates(case: Case) -> list[Candidate]:
     """The fixed variants of the catalogue for this problem (fitted ones need the claim: see :func:`diagnose`)."""
     family = family_module(case)
     out: list[Candidate] = []
-    for key, label, fn in (family.variants(case) if family is not None else []):
+    from verify.auditing.diagnosis import batchnorm
+
+    fixed = (family.variants(case) if family is not None else []) + batchnorm.variants(case)
+    for key, label, fn in fixed:
         res = safe(fn)
         if res is None:
             continue

@@ -87,10 +87,16 @@ class TorchHarness(Harness):
             model = self.build_model(case.model, params, self.dtype, "cpu")
             if reuse is not None:
                 reuse["model"] = model
+                reuse["buffers"] = [b.detach().clone() for b in model.buffers()]
         else:
             with torch.no_grad():
                 for p, value in zip(model.parameters(), params):
                     p.copy_(torch.as_tensor(np.asarray(value), dtype=self.tdtype))
+                # Batch norm's running statistics are state a train-mode forward updates in place: every
+                # call starts from the module's statistics (those of the claim), never from the previous
+                # call's, or an eval-mode forward would see statistics of earlier evaluations.
+                for b, saved in zip(model.buffers(), reuse["buffers"]):
+                    b.copy_(saved)
             for p in model.parameters():
                 p.grad = None
                 p.requires_grad_(True)
@@ -124,6 +130,12 @@ class TorchHarness(Harness):
         args, leaves = self.arguments(variables, reuse)
         # The in-place check of claim() needs the values before the call; own-loss calls do not.
         before = [leaf.detach().clone() for leaf in leaves] if reuse is None else []
+        model = args[self.row.signature.index("model")] if "model" in (self.row.signature or ()) else None
+        if reuse is None and model is not None:
+            # the module's modes and running statistics, restored after the call (see claim())
+            self._state_before = ({n: b.detach().clone() for n, b in model.named_buffers()},
+                                  {n: m.training for n, m in model.named_modules()})
+            self._model = model
         # The audit's problems are small: intra-op threads only add synchronisation, which on a busy
         # machine costs milliseconds per op (measured 30x slower with 2 threads under load). One thread
         # for the call, the caller's setting restored after; results do not depend on it.
@@ -164,6 +176,7 @@ class TorchHarness(Harness):
         notes: list[str] = []
         changed = [case.names[i] for i, (leaf, b) in enumerate(zip(leaves, before))
                    if not torch.equal(leaf.detach(), b)]
+        notes += self._state_notes()
         if changed:
             notes.append(f"the function modified {', '.join(changed)} in place (through .data, an in-place "
                          "optimiser step or copy_); the audit is at the initial values, and in-place updates "
@@ -207,6 +220,34 @@ class TorchHarness(Harness):
         notes.append("the returned meta-loss does not require grad and no .grad was set: no gradient reached "
                      "any tensor")
         return self._mark(Claim(loss, [np.zeros(s) for s in case.shapes], [True] * self.n, "none", notes, dtype))
+
+    def _state_notes(self) -> list[str]:
+        """Batch-norm state the call changed: running statistics updated in place, modes left switched.
+
+        The gradient is audited at the module's state of the call; statistics updated by the evaluation
+        leak into the next call and the next task (catalogue ``bn_state_leaked``).
+        """
+        torch = self.torch
+        saved = getattr(self, "_state_before", None)
+        if saved is None:
+            return []
+        buffers, modes = saved
+        model = self._model
+        now = dict(model.named_buffers())
+        moved = sorted({n.rsplit(".", 1)[0] for n, b in buffers.items()
+                        if n.endswith(("running_mean", "running_var")) and not torch.equal(now[n].detach(), b)})
+        notes = []
+        if moved:
+            from verify.auditing.diagnosis.catalogue import CATALOGUE
+
+            notes.append(f"{CATALOGUE['bn_state_leaked'].title}: the call changed the running statistics of "
+                         f"{', '.join(moved)} (train-mode forwards update them in place, so later tasks and later "
+                         "calls see state from this one); the audit restores them before every evaluation")
+        switched = sorted(n or "<model>" for n, m in model.named_modules() if n in modes and m.training != modes[n])
+        if switched:
+            notes.append(f"the call left {', '.join(switched[:4])}{' ...' if len(switched) > 4 else ''} in "
+                         f"{'train' if model.training else 'eval'} mode, not the mode it was given")
+        return notes
 
     def own_loss(self) -> Callable[[np.ndarray], float]:
         shapes = self.case.shapes
