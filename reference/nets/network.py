@@ -23,6 +23,10 @@ statistics are state, never touched by a loss or a derivative:
 
 Constructors: :func:`conv4` (Finn et al. 2017; Vinyals et al. 2016) and
 :func:`resnet12` (Lee et al. 2019, MetaOptNet).
+
+Length: a little over 500 lines: :class:`Network` (the model interface the
+algorithms use, with its fused MAML task pass) and the Conv4/ResNet-12
+constructors that build it.
 """
 
 from __future__ import annotations
