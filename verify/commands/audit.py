@@ -184,9 +184,16 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.json, "--json")
     if args.junit:
         check_writable(args.junit, "--junit")
-    check_options_apply(args.algorithm, {k: getattr(args, k) for k in (
+    given = {k: getattr(args, k) for k in (
         "model", "loss", "inner_lr", "inner_steps", "n_tasks", "shots", "queries", "n_way", "lam", "scale", "offset",
-        "damping", "bias_column", "normalize", "form", "newton_steps")})
+        "damping", "bias_column", "normalize", "form", "newton_steps")}
+    if args.approximation and args.approximation.strip() not in ("", "exact"):
+        from verify import inner_audit
+
+        # a malformed or inapplicable declaration is the first thing to say
+        if inner_audit.declare(args.algorithm, args.approximation).kind == "imaml":
+            given.pop("inner_lr")  # the iMAML authors' solver's inner step (docs/audit.md)
+    check_options_apply(args.algorithm, given)
     check_problem_size(args.algorithm, args.model, n_tasks=args.n_tasks, shots=args.shots, queries=args.queries,
                        n_way=args.n_way, inner_steps=args.inner_steps, loss=args.loss)
     if args.library:

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         load_backend(b)  # installed but failing to import: a clear error now, not a crash mid-run
     backbones = _backbones(args.backbone)
     cells = plan(algorithms, backends, dtypes, backbones)
-    if not cells:
+    if not cells and backbones != ["mlp"]:
         raise InvalidInputError(f"no cell to run: --backbone {' '.join(backbones)} has cells for "
                                 f"{', '.join(BACKBONE_ALGORITHMS)} only (asked: {', '.join(algorithms)})")
     shard = _parse_shard(args.shard)
