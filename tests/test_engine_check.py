@@ -541,3 +541,16 @@ def test_values_near_overflow_are_scaled_before_norms(c, budget):
     assert "divided by 2^" in right.reason
     wrong = check_gradient(lambda y: c * np.sum(np.sin(y)), -c * np.cos(x), x, budget=budget)
     assert wrong.status == "fail" and math.isfinite(wrong.tolerance), wrong
+
+
+def test_verdict_passed_and_json_of_infinities():
+    # Killed survivors of the mutation run on verify/_verdict.py (reports/mutation/): ``passed`` must be
+    # the status, and +inf / -inf must serialise to distinct strings (a tolerance or error can be infinite).
+    from verify._verdict import FAIL, PASS, Verdict, jsonable
+
+    ok = Verdict(PASS, "gradient", 0.0, 1e-10, "matches")
+    bad = Verdict(FAIL, "gradient", 1.0, 1e-10, "differs")
+    assert ok.passed is True and bad.passed is False
+    assert jsonable(float("inf")) == "inf" and jsonable(-float("inf")) == "-inf"
+    assert jsonable(np.float64(-np.inf)) == "-inf" and jsonable(float("nan")) == "nan"
+    assert bad.to_dict()["error"] == 1.0
