@@ -150,21 +150,3 @@ class Residual(Layer):
         if not need_gx:
             return ga + gb, None, rga + rgb, None
         return ga + gb, _add(gxa, gxb), rga + rgb, _add(rgxa, rgxb)
-
-
-__all__ = [
-    "Activation",
-    "AvgPool2d",
-    "BatchNorm",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "Conv2d",
-    "Flatten",
-    "GlobalAvgPool2d",
-    "Identity",
-    "Layer",
-    "Linear",
-    "MaxPool2d",
-    "Residual",
-    "Sequential",
-]
