@@ -56,27 +56,33 @@ def check_finite_scalar(
     return value if np.iscomplexobj(arr) else float(arr)
 
 
-def as_float_array(name: str, value: Any, *, ndim: int | None = None, allow_complex: bool = True) -> np.ndarray:
-    """Convert to a float64 (or complex128) array and check finiteness and rank."""
+def as_float_array(name: str, value: Any, *, ndim: int | None = None, shape: tuple[int, ...] | None = None,
+                   allow_complex: bool = True, hint: str = "") -> np.ndarray:
+    """Convert to a float64 (or complex128) array and check finiteness, rank and (optionally) shape.
+
+    ``hint`` is appended to every message (e.g. what the array is for).
+    """
     try:
         arr = np.asarray(value)
     except Exception as exc:  # pragma: no cover
-        raise InvalidInputError(f"{name} could not be converted to an array: {exc}") from exc
+        raise InvalidInputError(f"{name} could not be converted to an array: {exc}{hint}") from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise InvalidInputError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+        raise InvalidInputError(f"{name} must be a numeric array, got dtype {arr.dtype}{hint}")
     if np.iscomplexobj(arr):
         if not allow_complex:
-            raise InvalidInputError(f"{name} must be real, got a complex array")
+            raise InvalidInputError(f"{name} must be real, got a complex array{hint}")
         arr = arr.astype(np.complex128, copy=False)
     else:
         arr = arr.astype(np.float64, copy=False)
     if ndim is not None and arr.ndim != ndim:
-        raise InvalidInputError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+        raise InvalidInputError(f"{name} must be {ndim}-D, got shape {arr.shape}{hint}")
+    if shape is not None and arr.shape != tuple(shape):
+        raise InvalidInputError(f"{name} has shape {arr.shape}, expected {tuple(shape)}{hint}")
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))
         raise InvalidInputError(
             f"{name} contains non-finite values (first at index {tuple(int(i) for i in bad[0])}); "
-            "clean the data (NaN/inf) before checking gradients"
+            f"clean the data (NaN/inf) before checking gradients{hint}"
         )
     return arr
 

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from reference.errors import InvalidInputError
+from reference.validation import as_float_array
 
 
 def _short(value: Any) -> str:
@@ -41,21 +42,5 @@ def check_scalar(name: str, value: Any, *, low: float | None = None, high: float
 
 def check_array(name: str, value: Any, shape: tuple[int, ...] | None = None, *, allow_complex: bool = True,
                 hint: str = "") -> np.ndarray:
-    """A finite float64 (or complex128) array, optionally of a given shape."""
-    try:
-        arr = np.asarray(value)
-    except Exception as exc:  # pragma: no cover - exotic objects
-        raise InvalidInputError(f"{name} could not be converted to an array: {exc}") from exc
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise InvalidInputError(f"{name} must be a numeric array, got dtype {arr.dtype}{hint}")
-    if np.iscomplexobj(arr):
-        if not allow_complex:
-            raise InvalidInputError(f"{name} must be real, got a complex array{hint}")
-        arr = arr.astype(np.complex128, copy=False)
-    else:
-        arr = arr.astype(np.float64, copy=False)
-    if shape is not None and arr.shape != shape:
-        raise InvalidInputError(f"{name} has shape {arr.shape}, expected {shape}{hint}")
-    if not np.all(np.isfinite(arr)):
-        raise InvalidInputError(f"{name} contains non-finite values; clean it (NaN/inf) first{hint}")
-    return arr
+    """A finite float64 (or complex128) array of an optional shape: :func:`reference.validation.as_float_array`."""
+    return as_float_array(name, value, shape=shape, allow_complex=allow_complex, hint=hint)
