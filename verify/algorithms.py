@@ -526,14 +526,7 @@ def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
     return with_optimizer
 
 
-def _eager(kw: dict[str, Any]) -> dict[str, Any]:
-    """Backend keywords for the optimiser-driven loop: JAX's runs eagerly (``verify.backends.jax.inner_optim``:
-    compiling the unrolled double backward costs more than running it once), so ``jit`` is dropped."""
-    return {k: v for k, v in kw.items() if k != "jit"}
-
-
 def _call_mamlpp(mod, case, variables, **kw):
-    kw = _eager(kw)
     p, extra = case.split(variables)
     h = case.hyper
     loss, gp, glr = _sub(mod, "mamlpp").meta_loss_and_grad(case.model, p, extra["lrs"], case.tasks, h["inner_steps"],
@@ -549,7 +542,6 @@ def _call_lstm_optimizer(mod, case, variables, **kw):
     opt = LSTMOptimizer([extra[f"phi[{j}]"] for j in range(len(extra))], hidden=h["hidden"])
     K = h["inner_steps"]
     rates = [[h["inner_lr"]] * len(p) for _ in range(K)]
-    kw = _eager(kw)
     allow_tf32 = kw.pop("allow_tf32", False)  # torch: the loop module takes no TF32 switch, the context does
     with contextlib.ExitStack() as stack:
         if allow_tf32:

@@ -388,9 +388,11 @@ def _backend_context(backend: str, dtype: str, device: str) -> Iterator[dict[str
             if tf32_on and device == "cpu":
                 raise NotImplementedError("JAX has no TF32 on the CPU (XLA:CPU ignores the precision); "
                                           "run the tf32 cells with --device cuda")
-            from verify.backends.jax import placement
+            from verify.backends.jax import placement, quick_compile
 
             stack.enter_context(placement(device, tf32=tf32_on))
+            # each program runs once or twice here: compile time is the cost (see quick_compile)
+            stack.enter_context(quick_compile(device == "cpu"))
             kwargs["jit"] = True  # eager JAX compiles every primitive per shape: jit is several times faster
         elif tf32_on or device != "cpu":
             raise NotImplementedError(f"backend {backend!r} has no device or TF32 option")

@@ -161,3 +161,82 @@ def test_mamlpp_jax_backend_matches_reference() -> None:
     ref = r_pp.meta_loss_and_grad(model, params, a, tasks, steps, **kw)
     got = j_pp.meta_loss_and_grad(model, params, a, tasks, steps, **kw)
     assert abs(ref[0] - got[0]) <= BAR * abs(ref[0]) and rel(ref[1], got[1]) <= BAR and rel([ref[2]], [got[2]]) <= BAR
+
+
+# ---------------------------------------------------------------------------
+# The compiled loop (jit=True, issue #18): one program per configuration, cached; the check matrix runs it
+# under quick_compile (verify.backends.jax._model.QUICK_COMPILE_OPTIONS), so these tests do too.
+# ---------------------------------------------------------------------------
+
+_JIT_OPTIMIZERS = {
+    "momentum": lambda: Momentum(0.9),
+    "nesterov": lambda: Momentum(0.9, nesterov=True, weight_decay=0.05),
+    "momentum[zeros,dampening]": lambda: Momentum(0.8, dampening=0.3, init="zeros"),
+    "adam": lambda: Adam(),
+    "adamw": lambda: Adam(weight_decay=0.05, decoupled=True),
+    "adam[eps_root]": lambda: Adam(eps=1e-3, eps_root=1e-6),
+    "adam[eps on v]": lambda: Adam(eps=1e-3, eps_placement="v"),
+    "lstm": lambda: LSTMOptimizer(LSTMOptimizer.random_params(3, seed=1), hidden=3),
+    "meta_lstm": lambda: MetaLearnerLSTM(MetaLearnerLSTM.random_params(seed=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(_JIT_OPTIMIZERS))
+def test_jitted_loop_matches_reference(name: str) -> None:
+    from verify.backends.jax import quick_compile
+
+    model, params, tasks = problem(21, n_tasks=2)
+    steps = 3
+    opt = _JIT_OPTIMIZERS[name]()
+    lrs = constant_lrs(model, 1.0 if name.endswith("lstm") else 0.1, steps)
+    w = np.array([0.2, 0.0, 0.8])  # a zero weight: that step's query loss is left out of the program
+    r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, weights=w)
+    with quick_compile():
+        j = jio.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, weights=w, jit=True)
+        # the forward-only program of meta_loss (MAML++'s, Meta-SGD's meta_loss with an optimiser), twice
+        loss = (jio.meta_loss(model, params, tasks, lrs, steps, optimizer=opt, weights=w, jit=True)
+                if name in ("nesterov", "meta_lstm") else r.loss)
+    assert abs(j.loss - r.loss) <= BAR * abs(r.loss) and abs(loss - r.loss) <= BAR * abs(r.loss)
+    assert rel(r.params, j.params) <= BAR
+    assert rel([a for row in r.lrs for a in row], [a for row in j.lrs for a in row]) <= BAR
+    if r.optimizer:
+        assert rel(r.optimizer, j.optimizer) <= BAR
+
+
+@pytest.mark.parametrize("approximation", ["first_order", "truncated:1", "stop_gradient"])
+def test_jitted_loop_approximations_match_reference(approximation: str) -> None:
+    from verify.backends.jax import quick_compile
+
+    model, params, tasks = problem(22)
+    steps = 3
+    opt = Adam(weight_decay=0.05)
+    lrs = [[None if i == 0 else 0.1 for i in range(len(model.shapes))] for _ in range(steps)]
+    r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, approximation=approximation)
+    with quick_compile():
+        j = jio.meta_loss_and_grad(model, params, tasks, lrs, steps, optimizer=opt, approximation=approximation,
+                                   jit=True)
+    assert rel(r.params, j.params) <= BAR
+    assert rel([a for row in r.lrs for a in row if a is not None], [a for row in j.lrs for a in row if a is not None]) <= BAR
+
+
+def test_jitted_loop_cache_keys_every_hyper_parameter() -> None:
+    """A program is reused only for an equal configuration: a stale one would give momentum 0.9's gradient for
+    0.5's; a new ``phi`` of the same shapes reuses the LSTM optimiser's program (it is an argument)."""
+    from verify.backends.jax import quick_compile
+
+    model, params, tasks = problem(23)
+    lrs = constant_lrs(model, 0.1, 2)
+    with quick_compile():
+        for opt in (Momentum(0.9), Momentum(0.5), Momentum(0.5, nesterov=True), Adam(), Adam(eps=1e-2)):
+            r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs, 2, optimizer=opt)
+            j = jio.meta_loss_and_grad(model, params, tasks, lrs, 2, optimizer=opt, jit=True)
+            assert rel(r.params, j.params) <= BAR, repr(opt)
+        lrs1 = constant_lrs(model, 1.0, 2)
+        before = None
+        for seed in (1, 2):
+            opt = LSTMOptimizer(LSTMOptimizer.random_params(2, seed=seed), hidden=2)
+            r = inner_optim.meta_loss_and_grad(model, params, tasks, lrs1, 2, optimizer=opt)
+            j = jio.meta_loss_and_grad(model, params, tasks, lrs1, 2, optimizer=opt, jit=True)
+            assert rel(r.optimizer, j.optimizer) <= BAR and rel(r.params, j.params) <= BAR
+            before = len(jio._PROGRAMS) if before is None else before
+        assert len(jio._PROGRAMS) == before

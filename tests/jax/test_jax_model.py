@@ -156,3 +156,27 @@ def test_placement_pins_the_device_and_the_matmul_precision():
         with pytest.raises(InvalidInputError, match="JAX sees no GPU"):
             with placement("cuda"):
                 pass
+
+
+def test_quick_compile_is_scoped_and_agrees_to_round_off():
+    """quick_compile only changes how XLA emits machine code: the same program gives the same numbers to
+    round-off, each setting keeps its own compiled version, and the setting is restored after the block."""
+    from verify.backends.jax._model import _QUICK, maybe_jit, quick_compile
+
+    m = MLP([2, 4, 1], "tanh", "mse")
+    loss = build_loss(m)
+    p = to_jax_params(m.init(3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)))
+    y = jnp.asarray(np.random.default_rng(1).normal(size=(5, 1)))
+    f = maybe_jit(lambda q: jax.grad(loss)(q, x, y), True)
+    default = f(p)
+    with pytest.raises(RuntimeError):
+        with quick_compile():
+            assert _QUICK.get()
+            quick = f(p)
+            raise RuntimeError("leave the block by an error")
+    assert not _QUICK.get()
+    assert set(f._jitted) == {False, True}
+    want = m.loss_and_grad([np.asarray(a) for a in p], np.asarray(x), np.asarray(y))[1]
+    for got in (default, quick):
+        H.assert_close("quick_compile gradient", [np.asarray(g) for g in got], want, "float64")

@@ -36,6 +36,7 @@ from verify.backends.jax._model import (
     build_loss,
     loss_from_output,
     placement,
+    quick_compile,
     to_jax_params,
     to_jax_tasks,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "ops",
     "placement",
     "protonet",
+    "quick_compile",
     "r2d2",
     "reptile",
     "to_jax_params",

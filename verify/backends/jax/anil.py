@@ -57,7 +57,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr:
                                                 inner_steps, dtype, jit)
     if inner_optimizer is not None:
         return inner_optim.meta_loss(model, params, tasks, [_rates(model, alpha)] * steps, steps,
-                                     optimizer=inner_optimizer, dtype=dtype)
+                                     optimizer=inner_optimizer, dtype=dtype, jit=jit)
     lr = to_jax_scalar(alpha, dtype)
     return to_numpy(_build(key, steps, False, jit)(p, batch, lr))
 
@@ -70,7 +70,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], 
                                                 inner_steps, dtype, jit)
     if inner_optimizer is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, _rates(model, alpha), steps,
-                                                 optimizer=inner_optimizer, dtype=dtype)
+                                                 optimizer=inner_optimizer, dtype=dtype, jit=jit)
         return loss, grad
     lr = to_jax_scalar(alpha, dtype)
     value, grads = _build(key, steps, True, jit)(p, batch, lr)

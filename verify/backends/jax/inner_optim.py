@@ -11,6 +11,7 @@ the increment and state of every step before the last ``T``
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
 from reference.models import MLP, Quadratic
 from reference.optimizers import SGD, Adam, Momentum
 from reference.tasks import Task
-from verify.backends.jax._model import build_loss, check_dtype, to_jax_tasks
+from verify.backends.jax._model import build_loss, check_dtype, check_jit, maybe_jit, spec_key, to_jax_tasks
 
 import jax.numpy as jnp  # noqa: E402  (after verify.backends.jax._model, which enables x64)
 
@@ -141,8 +142,9 @@ class JaxMetaGradient(NamedTuple):
 
 
 def _task_loss(loss_fn: Any, opt: Any, theta: Sequence[Any], task: Task, lrs: Sequence[Sequence[Any]],
-               active: Sequence[bool], steps: int, weights: np.ndarray, phi: Sequence[Any],
+               active: Sequence[bool], steps: int, weighted: Sequence[bool], w: jax.Array, phi: Sequence[Any],
                approx: ref.Approximation) -> jax.Array:
+    """``sum_k w_k L_q(p_k)`` of one task; ``weighted[k]`` (static) says whether ``w_k != 0``."""
     p = list(theta)
     s = init_state(opt, p, active)
     first = 0 if approx.truncate is None else max(0, steps - approx.truncate)
@@ -163,20 +165,72 @@ def _task_loss(loss_fn: Any, opt: Any, theta: Sequence[Any], task: Task, lrs: Se
             d, s = direction(opt, k, [sg(pi) for pi in p], s, g, loss_s, active, [sg(x) for x in phi])
             s = jax.tree_util.tree_map(sg, s)
             p = [pi if a is None else pi - sg(a * di) for pi, di, a in zip(p, d, lrs[k])]
-        if weights[k] != 0:
-            total = total + float(weights[k]) * loss_fn(p, task.x_query, task.y_query)
+        if weighted[k]:
+            total = total + w[k] * loss_fn(p, task.x_query, task.y_query)
     return total
 
 
-def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any, inner_steps: int, *,
-                       optimizer: Any = None, weights: Any = None, approximation: Any = None,
-                       dtype: str = "float64") -> JaxMetaGradient:
-    """Meta-loss and its gradients w.r.t. ``theta``, every ``lrs[k][i]`` and ``phi`` by ``jax.value_and_grad``."""
-    params, tasks, steps, lrs, active, w, opt = ref.check_arguments(model, params, tasks, lrs, inner_steps, weights,
-                                                                    optimizer)
-    approx = ref.check_approximation(approximation)
-    jdt = check_dtype(dtype)
+def _hashable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+
+def _optimizer_key(opt: Any) -> tuple:
+    """Every attribute of the optimiser spec but its meta-parameters ``phi`` (traced arguments)."""
+    return (type(opt).__module__, type(opt).__qualname__,
+            tuple(sorted((k, _hashable(v)) for k, v in vars(opt).items() if k != "_phi")))
+
+
+def _model_key(model: Any) -> tuple:
+    return ("quadratic",) if isinstance(model, Quadratic) else spec_key(model)
+
+
+#: Compiled programs per configuration (see :func:`_program`); bounded so that a long session does not grow.
+_PROGRAMS: OrderedDict[tuple, Any] = OrderedDict()
+_MAX_PROGRAMS = 128
+
+
+def _program(model: Any, opt: Any, active: Sequence[bool], pattern: tuple, steps: int, weighted: tuple,
+             approx: ref.Approximation, with_grad: bool, jit: bool) -> Any:
+    """``f(theta, flat_lrs, phi, tasks, w)``: the mean over ``tasks`` of :func:`_task_loss` (with its gradients
+    w.r.t. ``theta``, the rates and ``phi`` when ``with_grad``), jitted when ``jit``.
+
+    Everything Python branches on is static and in the cache key: the model spec, every non-array attribute of
+    the optimiser (its formulas read them as constants), the adapted tensors, the ``None`` pattern of the rate
+    schedule, ``K``, which weights are non-zero, the approximation. The values (``theta``, rates, ``phi``,
+    tasks, weights) are arguments, so a new problem of the same configuration and shapes reuses the compiled
+    program (``jax.jit`` retraces for new shapes or dtypes by itself).
+    """
+    key = (_model_key(model), _optimizer_key(opt), tuple(active), pattern, steps, weighted, approx, with_grad, jit)
+    fn = _PROGRAMS.get(key)
+    if fn is not None:
+        _PROGRAMS.move_to_end(key)
+        return fn
     loss_fn = _loss_fn(model)
+
+    def total(theta: list[Any], flat: list[Any], phi: list[Any], tasks: list[Task], w: jax.Array) -> jax.Array:
+        it = iter(flat)
+        rows = [[next(it) if a else None for a in row] for row in pattern]
+        out = 0.0
+        for t in tasks:
+            out = out + _task_loss(loss_fn, opt, theta, t, rows, active, steps, weighted, w, phi, approx)
+        return out / len(tasks)
+
+    fn = jax.value_and_grad(total, argnums=(0, 1, 2)) if with_grad else total
+    fn = maybe_jit(fn, jit)
+    _PROGRAMS[key] = fn
+    if len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return fn
+
+
+def _jax_inputs(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any, opt: Any, w: np.ndarray,
+                dtype: str) -> tuple[list[Any], list[Task], list[Any], list[Any], jax.Array, tuple]:
+    """``theta``, the tasks, the flat non-``None`` rates, ``phi`` and the weights in ``dtype``; the rates' pattern."""
+    jdt = check_dtype(dtype)
     if isinstance(model, Quadratic):
         jtasks = [Task(*(jnp.asarray(np.asarray(a), dtype=jdt) for a in t)) for t in tasks]
     else:
@@ -184,18 +238,26 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     theta = [jnp.asarray(p, dtype=jdt) for p in params]
     flat_lrs = [jnp.asarray(np.asarray(a), dtype=jdt) for row in lrs for a in row if a is not None]
     phi = [jnp.asarray(x, dtype=jdt) for x in opt.meta_params]
+    pattern = tuple(tuple(a is not None for a in row) for row in lrs)
+    # w_k * L_q in dtype, as the float w_k times a dtype loss was before (a Python float is weakly typed)
+    return theta, jtasks, flat_lrs, phi, jnp.asarray(np.asarray(w, dtype=np.float64), dtype=jdt), pattern
 
-    def total(theta: list[Any], flat: list[Any], phi: list[Any]) -> jax.Array:
-        it = iter(flat)
-        rows = [[None if a is None else next(it) for a in row] for row in lrs]
-        out = 0.0
-        for t in jtasks:
-            out = out + _task_loss(loss_fn, opt, theta, t, rows, active, steps, w, phi, approx)
-        return out / len(jtasks)
 
-    # Eager, not jax.jit: compiling the fully unrolled double-backward took longer than running it (measured
-    # 2-4x on the LSTM optimiser, T = 20); a verification backend runs each program once.
-    value, (g_theta, g_lrs, g_phi) = jax.value_and_grad(total, argnums=(0, 1, 2))(theta, flat_lrs, phi)
+def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any, inner_steps: int, *,
+                       optimizer: Any = None, weights: Any = None, approximation: Any = None,
+                       dtype: str = "float64", jit: bool = False) -> JaxMetaGradient:
+    """Meta-loss and its gradients w.r.t. ``theta``, every ``lrs[k][i]`` and ``phi`` by ``jax.value_and_grad``.
+
+    ``jit=True`` compiles the unrolled loop with ``jax.jit`` (one program per configuration, cached:
+    see :func:`_program`); ``False`` runs it eagerly, op by op.
+    """
+    params, tasks, steps, lrs, active, w, opt = ref.check_arguments(model, params, tasks, lrs, inner_steps, weights,
+                                                                    optimizer)
+    approx = ref.check_approximation(approximation)
+    jit = check_jit(jit)
+    theta, jtasks, flat_lrs, phi, jw, pattern = _jax_inputs(model, params, tasks, lrs, opt, w, dtype)
+    fn = _program(model, opt, active, pattern, steps, tuple(bool(x != 0) for x in w), approx, True, jit)
+    value, (g_theta, g_lrs, g_phi) = fn(theta, flat_lrs, phi, jtasks, jw)
     it = iter(g_lrs)
     rows = [[None if a is None else (lambda x: x if x.ndim else float(x))(np.asarray(next(it))) for a in row]
             for row in lrs]
@@ -203,27 +265,22 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
 
 
 def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Any, inner_steps: int, *,
-              optimizer: Any = None, weights: Any = None, dtype: str = "float64") -> float:
-    """Meta-loss of :func:`reference.inner_optim.meta_loss`, computed by JAX (forward only)."""
+              optimizer: Any = None, weights: Any = None, dtype: str = "float64", jit: bool = False) -> float:
+    """Meta-loss of :func:`reference.inner_optim.meta_loss`, computed by JAX (forward only; ``jit`` as above)."""
     params, tasks, steps, lrs, active, w, opt = ref.check_arguments(model, params, tasks, lrs, inner_steps, weights,
                                                                     optimizer)
-    jdt = check_dtype(dtype)
-    loss_fn = _loss_fn(model)
-    jtasks = ([Task(*(jnp.asarray(np.asarray(a), dtype=jdt) for a in t)) for t in tasks]
-              if isinstance(model, Quadratic) else to_jax_tasks(tasks, dtype))
-    rows = [[None if a is None else jnp.asarray(np.asarray(a), dtype=jdt) for a in row] for row in lrs]
-    theta = [jnp.asarray(p, dtype=jdt) for p in params]
-    phi = [jnp.asarray(x, dtype=jdt) for x in opt.meta_params]
-    total = sum(_task_loss(loss_fn, opt, theta, t, rows, active, steps, w, phi, ref.EXACT) for t in jtasks)
-    return float(total) / len(jtasks)
+    jit = check_jit(jit)
+    theta, jtasks, flat_lrs, phi, jw, pattern = _jax_inputs(model, params, tasks, lrs, opt, w, dtype)
+    fn = _program(model, opt, active, pattern, steps, tuple(bool(x != 0) for x in w), ref.EXACT, False, jit)
+    return float(fn(theta, flat_lrs, phi, jtasks, jw))
 
 
 def shared_rates(model: Any, params: Sequence[Any], tasks: Sequence[Task], rates: Sequence[Any], inner_steps: int, *,
-                 optimizer: Any, first_order: bool = False, dtype: str = "float64"
+                 optimizer: Any, first_order: bool = False, dtype: str = "float64", jit: bool = False
                  ) -> tuple[float, list[np.ndarray], list[Any]]:
     """One rate per tensor for every step (MAML, ANIL, Meta-SGD with ``inner_optimizer=``); see the reference's."""
     steps = check_positive_int("inner_steps", inner_steps)
     r = meta_loss_and_grad(model, params, tasks, [list(rates)] * steps, steps, optimizer=optimizer,
-                           approximation=ref.Approximation(first_order=bool(first_order)), dtype=dtype)
+                           approximation=ref.Approximation(first_order=bool(first_order)), dtype=dtype, jit=jit)
     return r.loss, r.params, [None if a is None else sum(r.lrs[k][i] for k in range(steps))
                               for i, a in enumerate(rates)]

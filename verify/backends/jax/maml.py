@@ -59,13 +59,13 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Any], inner_lr:
         dtype: ``"float64"`` or ``"float32"`` (the whole computation runs in it).
         jit: wrap the computation in ``jax.jit``.
         inner_optimizer: ``None`` (SGD) or a ``reference.optimizers`` spec, run by
-            :mod:`verify.backends.jax.inner_optim` (eagerly; ``jit`` is ignored then).
+            :mod:`verify.backends.jax.inner_optim` (compiled per configuration with ``jit``).
     """
     key, p, batch, alpha, steps = setup_checked(reference_maml.check_arguments, model, params, tasks, inner_lr,
                                                 inner_steps, dtype, jit)
     if inner_optimizer is not None:
         return inner_optim.meta_loss(model, params, tasks, [[alpha] * len(p)] * steps, steps,
-                                     optimizer=inner_optimizer, dtype=dtype)
+                                     optimizer=inner_optimizer, dtype=dtype, jit=jit)
     lr = to_jax_scalar(alpha, dtype)
     return to_numpy(_build(key, steps, False, False, jit)(p, batch, lr))
 
@@ -83,7 +83,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Any], 
                                                 inner_steps, dtype, jit)
     if inner_optimizer is not None:
         loss, grad, _ = inner_optim.shared_rates(model, params, tasks, [alpha] * len(p), steps,
-                                                 optimizer=inner_optimizer, first_order=bool(first_order), dtype=dtype)
+                                                 optimizer=inner_optimizer, first_order=bool(first_order), dtype=dtype,
+                                                 jit=jit)
         return loss, grad
     lr = to_jax_scalar(alpha, dtype)
     value, grads = _build(key, steps, bool(first_order), True, jit)(p, batch, lr)

@@ -50,7 +50,7 @@ def meta_loss(model: Any, params: Sequence[Any], lrs: Sequence[Any], tasks: Sequ
     if inner_optimizer is not None:
         _check_lrs(model, lrs, dtype)
         return inner_optim.meta_loss(model, params, tasks, [list(lrs)] * steps, steps, optimizer=inner_optimizer,
-                                     dtype=dtype)
+                                     dtype=dtype, jit=jit)
     a = _check_lrs(model, lrs, dtype)
     return to_numpy(_build(key, steps, False, jit)(p, a, batch))
 
@@ -62,7 +62,8 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], lrs: Sequence[Any], ta
     key, p, batch, steps = check_common(model, params, tasks, inner_steps, dtype, jit)
     if inner_optimizer is not None:
         _check_lrs(model, lrs, dtype)
-        return inner_optim.shared_rates(model, params, tasks, list(lrs), steps, optimizer=inner_optimizer, dtype=dtype)
+        return inner_optim.shared_rates(model, params, tasks, list(lrs), steps, optimizer=inner_optimizer, dtype=dtype,
+                                         jit=jit)
     a = _check_lrs(model, lrs, dtype)
     value, (g_params, g_lrs) = _build(key, steps, True, jit)(p, a, batch)
     return to_numpy(value), to_numpy(g_params), to_numpy(g_lrs)
