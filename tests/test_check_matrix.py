@@ -225,8 +225,8 @@ def test_float32_directional_check_measures_tiny_gradients_against_the_rounding_
     assert "meta-gradient vs reference" in failed and any("vs complex" in c or "vs richardson" in c for c in failed)
 
 
-def test_mamlpp_and_lstm_optimizer_rows_are_opt_in_cells():
-    """MAML++ (rates per step and tensor, multi-step loss) and the LSTM optimiser are matrix rows, named to run.
+def test_mamlpp_and_lstm_optimizer_rows_are_default_cells():
+    """MAML++ (rates per step and tensor, multi-step loss) and the LSTM optimiser are rows of the default matrix.
 
     Their reference cells (gradient w.r.t. theta, the (K, n) rates / the LSTM's phi against directional
     derivatives of the reference meta-loss) run in test_reference_cell_passes_for_every_algorithm; torch and
@@ -235,7 +235,7 @@ def test_mamlpp_and_lstm_optimizer_rows_are_opt_in_cells():
     from verify.algorithms import default_algorithms
 
     assert {"mamlpp", "lstm-optimizer"} <= set(case_algorithms())
-    assert not {"mamlpp", "lstm-optimizer"} & set(default_algorithms())
+    assert {"mamlpp", "lstm-optimizer"} <= set(default_algorithms())
     case = build_case("mamlpp", seed=2)
     K, n = case.hyper["inner_steps"], len(case.params)
     assert K >= 2 and case.extra["lrs"].shape == (K, n) and len(case.hyper["weights"]) == K

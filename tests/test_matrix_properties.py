@@ -69,8 +69,8 @@ def _cells() -> list:
                 continue
             marks = [pytest.mark.torch] if backend == "torch" else [pytest.mark.jax] if backend == "jax" else []
             if backend == "jax" and not ALGORITHMS[algorithm].default:
-                # MAML++ / the LSTM optimiser: JAX's optimiser loop runs eagerly (~10-20 s per case on 2 cores);
-                # their torch and reference cells stay in CI, the JAX ones run with the slow tests.
+                # an opt-in row (Algorithm.default False: its cells lengthen the matrix): its torch and
+                # reference cells stay in CI, the JAX ones run with the slow tests.
                 marks.append(pytest.mark.slow)
             out.append(pytest.param(algorithm, backend, marks=marks, id=f"{algorithm}-{backend}"))
     # the slowest properties first, so that `pytest -n N` starts them early

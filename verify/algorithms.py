@@ -466,8 +466,9 @@ class Algorithm:
             cell (``backends=()``), its ``call`` refuses a Case, and everything that
             builds Cases iterates :func:`case_algorithms` instead of the whole table.
         default: whether a plain ``metaverify check`` (no ``--algorithm``) runs it; False for rows
-            whose cells would lengthen the default matrix by more than ~20% (``mamlpp`` and
-            ``lstm-optimizer``: their JAX loops run eagerly), checked with ``--algorithm NAME``.
+            whose cells would lengthen the default matrix by more than ~20%, checked with
+            ``--algorithm NAME``. (``mamlpp`` and ``lstm-optimizer`` were such rows while JAX's
+            optimiser loop ran eagerly; compiled, their cells cost what the others do: issue #18.)
     """
 
     name: str
@@ -610,12 +611,12 @@ ALGORITHMS: dict[str, Algorithm] = {
         # MAML++ (Antoniou et al. 2019): per-step per-tensor learned rates (the (K, n_tensors) variable "lrs")
         # and the multi-step loss sum_k w_k L_q(p_k) with the annealed weights (reference.mamlpp).
         Algorithm("mamlpp", "gradient", _call_mamlpp, paper="Antoniou, Edwards, Storkey 2019 (MAML++: LSLR + MSL)",
-                  extra=("lrs",), default=False),
+                  extra=("lrs",)),
         # A coordinatewise LSTM optimiser (Andrychowicz et al. 2016) on an MLP optimisee: the meta-gradient w.r.t.
         # theta and the LSTM's phi by exact BPTT through the unrolled inner loop (reference.learned_optimizers).
         Algorithm("lstm-optimizer", "gradient", _call_lstm_optimizer,
                   paper="Andrychowicz et al. 2016 (learning to learn by gradient descent by gradient descent)",
-                  extra=("phi",), default=False),
+                  extra=("phi",)),
         Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
                   text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
                   diagnoses=("first_order", "swapped_support_query", "scale", "disconnected", "imaml_system",
