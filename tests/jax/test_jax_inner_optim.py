@@ -9,7 +9,9 @@
 Bar (issue #17): <= 1e-12 normwise relative in float64 for momentum and Adam,
 K = 1..5 (K = 1: Adam's first step). The JAX programs run eagerly (no jit), so
 the cases are few and small; the T = 20 learned-optimiser run is marked slow
-(torch covers T = 20 in CI, tests/torch/test_torch_inner_optim.py).
+(torch covers T = 20 in CI, tests/torch/test_torch_inner_optim.py). The
+compiled loop (``jit=True``, what the check matrix runs) has its own tests at
+the end: every optimiser, the approximations and the program cache's key.
 """
 
 from __future__ import annotations

@@ -7,6 +7,16 @@ the reference's optimiser specs are read and their formulas written with
 ``jax.lax.stop_gradient`` on the inner gradient and loss (``first_order``), on
 the increment and state of every step before the last ``T``
 (``truncate=T``), and on the state entering each step (``detach_state``).
+
+``jit=True`` compiles the unrolled loop and its reverse pass as one ``jax.jit``
+program per configuration (model spec, optimiser hyper-parameters, adapted
+tensors, rate pattern, ``K``, non-zero weights, approximation), cached in
+:data:`_PROGRAMS`; the values (``theta``, rates, ``phi``, tasks, weights) are
+its arguments. Eager (``jit=False``) runs the same code op by op. In the check
+matrix, compiled under :func:`verify.backends.jax.quick_compile`, a cell costs
+~0.6-1.4 s of CPU where the eager loop took 3-4 s (MAML with momentum) to
+10-18 s (MAML++, the LSTM optimiser), almost all of it compiling single
+primitives (issue #18).
 """
 
 from __future__ import annotations
