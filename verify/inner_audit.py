@@ -40,7 +40,8 @@ from reference.optimizers import Adam, Momentum
 from verify.tolerance import tolerance
 
 __all__ = ["Candidate", "CaseDeclaration", "DeclaredTarget", "InnerLoopAudit", "InnerLoopProblem", "audit_imaml",
-           "audit_inner_loop", "declare", "declared_target", "distance", "name_declared_mismatch", "parse_declared"]
+           "audit_inner_loop", "case_gradients", "declare", "declared_target", "distance", "name_declared_mismatch",
+           "parse_declared"]
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,9 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
             "momentum buffers / Adam moments / the LSTM state were detached before each step",
             replace(declared, detach_state=True))
     if not declared.is_exact:  # another approximation applied instead of the declared one
-        for alt in (inner_optim.Approximation(first_order=True), inner_optim.Approximation(detach_state=True)):
+        alternatives = [inner_optim.Approximation(first_order=True), inner_optim.Approximation(detach_state=True),
+                        *(inner_optim.Approximation(truncate=t) for t in range(1, K))]
+        for alt in alternatives:
             if alt != declared:
                 add(f"{alt} instead of {declared}", f"the code computes {alt} (alone), not the declared {declared}",
                     alt)
@@ -378,6 +381,17 @@ _LOOP_ROWS: dict[str, tuple[str, Callable[[], Any] | None]] = {
     "maml-adam": ("all", lambda: Adam()),
     "anil-adam": ("head", lambda: Adam()),
 }
+#: rows whose reference is the same loop with differentiated variables besides ``theta`` (their gradients follow
+#: the parameters' in ``case.variables`` order): Meta-SGD's per-parameter rates ``lrs[i]`` (shared by the steps),
+#: MAML++'s ``(K, n_tensors)`` rates and multi-step loss, a learned optimiser's ``phi[j]``
+_VARIABLE_ROWS = ("metasgd", "mamlpp", "lstm-optimizer", "meta-lstm")
+#: declaration parts that mean nothing for a row: row -> {part name: why}
+_NOT_APPLICABLE: dict[str, dict[str, str]] = {
+    "metasgd": {"stop_gradient": "Meta-SGD's inner loop is plain SGD: it has no optimiser state to detach"},
+    "mamlpp": {"stop_gradient": "MAML++'s inner loop is plain SGD: it has no optimiser state to detach",
+               "inner_steps": "MAML++'s (K, n_tensors) learning rates fix the number of inner steps (audit another K "
+                              "with --inner-steps)"},
+}
 #: rows whose declared approximation is the iMAML authors' solver (:mod:`reference.imaml_solver`)
 _IMAML_ROWS = ("imaml",)
 #: the inner step size of the authors' solver when ``--inner-lr`` is not given (their default)
@@ -406,14 +420,20 @@ def declare(algorithm: str, approximation: str) -> CaseDeclaration:
     """
     text = str(approximation).strip()
     loop_parts = ("first_order", "truncated:K", "stop_gradient", "inner_steps:N")
-    if algorithm in _LOOP_ROWS:
+    if algorithm in _LOOP_ROWS or algorithm in _VARIABLE_ROWS:
+        refused = _NOT_APPLICABLE.get(algorithm, {})
+        takes = [p for p in loop_parts if p.split(":")[0] not in refused]
         for part in text.split("+"):
             part = part.strip()
             if part.startswith(("cg:", "damping:", "regu:")):
                 raise InvalidInputError(
                     f"approximation={text!r}: {part!r} does not apply to algorithm={algorithm!r} (cg:M, damping:D "
-                    f"and regu:R are the iMAML authors' solver); {algorithm} takes {', '.join(loop_parts)} joined "
+                    f"and regu:R are the iMAML authors' solver); {algorithm} takes {', '.join(takes)} joined "
                     "by '+'")
+            why = refused.get(part.split(":")[0])
+            if why:
+                raise InvalidInputError(f"approximation={text!r}: {part!r} does not apply to algorithm={algorithm!r}: "
+                                        f"{why}; {algorithm} takes {', '.join(takes)} joined by '+'")
         declared, _ = parse_declared(text, 1)  # validates every part
         steps_only = declared.is_exact
         return CaseDeclaration(algorithm, text, "loop", text, steps_only)
@@ -429,13 +449,16 @@ def declare(algorithm: str, approximation: str) -> CaseDeclaration:
 
         d = imaml_solver.Declared.parse(text)
         return CaseDeclaration(algorithm, text, "imaml", str(d), False)
-    rows = ", ".join((*_LOOP_ROWS, *_IMAML_ROWS))
+    rows = ", ".join((*_LOOP_ROWS, *_VARIABLE_ROWS, *_IMAML_ROWS))
     raise InvalidInputError(f"approximation={text!r} does not apply to algorithm={algorithm!r}: declared "
                             f"approximations are audited for {rows}; drop --approximation to audit the exact "
                             "meta-gradient")
 
 
 def _loop_problem(case: Any) -> InnerLoopProblem:
+    """The :class:`InnerLoopProblem` a row's case describes (``_LOOP_ROWS`` and ``_VARIABLE_ROWS``)."""
+    if case.algorithm in _VARIABLE_ROWS:
+        return _variable_problem(case)
     which, make = _LOOP_ROWS[case.algorithm]
     alpha = case.hyper["inner_lr"]
     K = int(case.hyper["inner_steps"])
@@ -443,6 +466,39 @@ def _loop_problem(case: Any) -> InnerLoopProblem:
     rates = [alpha if head is None or i in head else None for i in range(len(case.params))]
     return InnerLoopProblem(case.model, list(case.params), list(case.tasks), [list(rates) for _ in range(K)], K,
                             optimizer=make() if make is not None else None)
+
+
+def _variable_problem(case: Any) -> InnerLoopProblem:
+    from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
+    from reference.mamlpp import schedule
+
+    a, K, n = case.algorithm, int(case.hyper["inner_steps"]), len(case.params)
+    params, tasks = list(case.params), list(case.tasks)
+    if a == "metasgd":  # p_{k+1} = p_k - lrs * grad: the same array rates at every step
+        rates = [np.asarray(case.extra[f"lrs[{i}]"]) for i in range(n)]
+        return InnerLoopProblem(case.model, params, tasks, [list(rates) for _ in range(K)], K)
+    if a == "mamlpp":
+        return InnerLoopProblem(case.model, params, tasks, schedule(case.model, case.extra["lrs"], K), K,
+                                weights=np.asarray(case.hyper["weights"], dtype=float))
+    phi = [case.extra[f"phi[{j}]"] for j in range(len(case.extra))]
+    if a == "lstm-optimizer":
+        opt, rate = LSTMOptimizer(phi, hidden=case.hyper["hidden"]), case.hyper["inner_lr"]
+    else:  # Ravi & Larochelle: the gates set the step, rate 1
+        opt, rate = MetaLearnerLSTM(phi), 1.0
+    return InnerLoopProblem(case.model, params, tasks, [[rate] * n for _ in range(K)], K, optimizer=opt)
+
+
+def case_gradients(case: Any, r: MetaGradient) -> list[np.ndarray]:
+    """A loop gradient ``r`` of ``case``'s problem aligned with ``case.variables``: ``dL/dtheta``, then Meta-SGD's
+    ``dL/dlrs[i]`` (summed over the steps that share the rate), MAML++'s ``(K, n)`` rate gradient, or ``dL/dphi``."""
+    out = [np.asarray(g, dtype=float) for g in r.params]
+    if case.algorithm == "metasgd":
+        out += [sum(np.asarray(r.lrs[k][i], dtype=float) for k in range(len(r.lrs))) for i in range(len(out))]
+    elif case.algorithm == "mamlpp":
+        out.append(np.array([[0.0 if x is None else float(np.real(x)) for x in row] for row in r.lrs]))
+    elif case.algorithm in ("lstm-optimizer", "meta-lstm"):
+        out += [np.asarray(g, dtype=float) for g in r.optimizer]
+    return out
 
 
 @dataclass
@@ -465,7 +521,7 @@ def declared_target(case: Any, decl: CaseDeclaration, exact_grads: Sequence[Any]
         pb = _loop_problem(case)
         approx, n = parse_declared(decl.text, pb.inner_steps)
         r = pb.gradient(approx, **_with_steps(pb, n))
-        loss, grads = float(np.real(r.loss)), [np.asarray(g, dtype=float) for g in r.params]
+        loss, grads = float(np.real(r.loss)), case_gradients(case, r)
     else:
         from reference import imaml_solver
 

@@ -30,6 +30,9 @@ _GRADIENT = ("inner_lr", "inner_steps", "loss")
 ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     "maml": _GRADIENT, "fomaml": _GRADIENT, "anil": _GRADIENT, "reptile": _GRADIENT, "metasgd": _GRADIENT,
     "newton": (*_GRADIENT, "damping"),
+    # MAML++ (inner_lr: the centre of the drawn (K, n) rates) and the learned optimisers (Ravi & Larochelle's
+    # meta-learner takes its step from its gates: no inner_lr)
+    "mamlpp": _GRADIENT, "lstm-optimizer": _GRADIENT, "meta-lstm": ("inner_steps", "loss"),
     "imaml": ("lam", "loss"),
     "r2d2": ("lam", "scale", "offset", "bias_column", "normalize", "form", "n_way"),
     "lrd2": ("lam", "scale", "offset", "bias_column", "newton_steps", "n_way"),
