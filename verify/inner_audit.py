@@ -174,9 +174,7 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
             "momentum buffers / Adam moments / the LSTM state were detached before each step",
             replace(declared, detach_state=True))
     if not declared.is_exact:  # another approximation applied instead of the declared one
-        alternatives = [inner_optim.Approximation(first_order=True), inner_optim.Approximation(detach_state=True),
-                        *(inner_optim.Approximation(truncate=t) for t in range(1, K))]
-        for alt in alternatives:
+        for alt in (inner_optim.Approximation(first_order=True), inner_optim.Approximation(detach_state=True)):
             if alt != declared:
                 add(f"{alt} instead of {declared}", f"the code computes {alt} (alone), not the declared {declared}",
                     alt)
@@ -187,6 +185,10 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
             add(f"{what}: truncated:{t}", f"only the last {t} inner steps were backpropagated "
                 f"(declared: {declared.truncate if declared.truncate is not None else 'all'})",
                 replace(declared, truncate=t))
+    if not declared.is_exact and declared.truncate is None:  # truncated BPTT alone where another was declared
+        for t in range(1, K):
+            alt = inner_optim.Approximation(truncate=t)
+            add(f"{alt} instead of {declared}", f"the code computes {alt} (alone), not the declared {declared}", alt)
     for n in (n for n in range(1, K + 3) if n != declared_steps):
         out.append(Candidate(f"inner_steps:{n}", f"the inner loop ran {n} steps, not {declared_steps}",
                              (lambda n=n: pb.gradient(declared, **_with_steps(pb, n)))))
@@ -235,7 +237,8 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
 
 def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *,
                      claimed_lrs: Sequence[Sequence[Any]] | None = None, approximation: Any = None,
-                     dtype: Any = np.float64, condition: float = 1.0) -> InnerLoopAudit:
+                     dtype: Any = np.float64, condition: float = 1.0,
+                     variables: Callable[[MetaGradient], Sequence[Any]] | None = None) -> InnerLoopAudit:
     """Verify ``claimed_params`` (and ``claimed_lrs``) against the declared approximation of ``problem``.
 
     Args:
@@ -246,6 +249,9 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
             ``"first_order"``, ``"stop_gradient"``, ``"inner_steps:3"`` (``+``-joined).
         dtype: precision of the claimed gradient (selects the tolerance row).
         condition: multiplier of the tolerance for ill-conditioned problems.
+        variables: maps a reference :class:`MetaGradient` to the list ``claimed_params`` holds, when the claim
+            covers more than ``dL/dtheta`` (:func:`case_gradients`: Meta-SGD's or MAML++'s rates, a learned
+            optimiser's ``phi``); default its ``params``.
 
     Returns:
         :class:`InnerLoopAudit`; ``str()`` of it is the one-paragraph verdict.
@@ -255,10 +261,13 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
     label = "exact" if declared.is_exact and n == problem.inner_steps else (
         "+".join(p for p in (str(declared) if not declared.is_exact else "",
                              f"inner_steps:{n}" if n != problem.inner_steps else "") if p))
+    def held(r: MetaGradient) -> Sequence[Any]:
+        return r.params if variables is None else variables(r)
+
     exact = problem.gradient()
     target = problem.gradient(declared, **_with_steps(problem, n))
-    d_exact = distance(target.params, exact.params)
-    err = distance(claimed_params, target.params)["relative"]
+    d_exact = distance(held(target), held(exact))
+    err = distance(claimed_params, held(target))["relative"]
     err_lrs = distance(_flat_lrs(claimed_lrs), _flat_lrs(target.lrs))["relative"] if claimed_lrs is not None else 0.0
     if err <= tol and err_lrs <= tol:
         if label == "exact":
@@ -273,6 +282,9 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
             continue
         try:
             g = cand.compute()
+            mine = held(g)
+            if variables is not None and _flat(mine).size != _flat(claimed_params).size:
+                continue  # a variant of another shape (MAML++'s (K, n) rates over another K)
         except Exception:  # a variant that does not exist here (e.g. NotDifferentiableError) names nothing
             continue
         if cand.on == "lrs":
@@ -280,7 +292,7 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
                 continue
             e = distance(_flat_lrs(claimed_lrs), _flat_lrs(g.lrs))["relative"]
         else:
-            e = distance(claimed_params, g.params)["relative"]
+            e = distance(claimed_params, mine)["relative"]
             if claimed_lrs is not None and _flat_lrs(claimed_lrs).size == _flat_lrs(g.lrs).size:
                 e = max(e, distance(_flat_lrs(claimed_lrs), _flat_lrs(g.lrs))["relative"])
         if e <= tol:
@@ -535,10 +547,14 @@ def declared_target(case: Any, decl: CaseDeclaration, exact_grads: Sequence[Any]
 def name_declared_mismatch(case: Any, decl: CaseDeclaration, claimed: Sequence[Any], *,
                            inner_lr: float | None = None, dtype: Any = np.float64,
                            condition: float = 1.0) -> InnerLoopAudit:
-    """:func:`audit_inner_loop` / :func:`audit_imaml` of ``claimed`` on ``case`` against ``decl``."""
+    """:func:`audit_inner_loop` / :func:`audit_imaml` of ``claimed`` (aligned with ``case.variables``) on ``case``
+    against ``decl``."""
     if decl.kind == "loop":
-        return audit_inner_loop(_loop_problem(case), claimed, approximation=decl.text, dtype=dtype,
-                                condition=condition)
+        if case.algorithm in _VARIABLE_ROWS:  # judged on every differentiated variable (rates, phi)
+            return audit_inner_loop(_loop_problem(case), claimed, approximation=decl.text, dtype=dtype,
+                                    condition=condition, variables=lambda r: case_gradients(case, r))
+        return audit_inner_loop(_loop_problem(case), claimed[:len(case.params)], approximation=decl.text,
+                                dtype=dtype, condition=condition)
     return audit_imaml(case.model, case.params, case.tasks, case.hyper["lam"], claimed,
                        inner_lr=IMAML_SOLVER_LR if inner_lr is None else inner_lr, approximation=decl.text,
                        dtype=dtype, condition=condition)

@@ -544,8 +544,7 @@ def _declared_diagnosis(case: Case, decl: Any, grads: Any, solver_lr: float | No
     from verify import inner_audit
     from verify.auditing.diagnosis import Diagnosis
 
-    n = len(case.params)
-    r = inner_audit.name_declared_mismatch(case, decl, [np.asarray(g, dtype=float) for g in grads[:n]],
+    r = inner_audit.name_declared_mismatch(case, decl, [np.asarray(g, dtype=float) for g in grads],
                                            inner_lr=solver_lr, condition=cond)
     if r.passed or r.diagnosis is None:
         return None
