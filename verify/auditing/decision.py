@@ -172,7 +172,9 @@ def audit(
     Args:
         fn: the implementation under audit.
         algorithm: ``maml``, ``fomaml``, ``anil``, ``metasgd``, ``reptile``,
-            ``newton``, ``imaml``, ``r2d2``, ``lrd2``, ``protonet``, ``matchingnet``.
+            ``newton``, ``imaml``, ``r2d2``, ``lrd2``, ``protonet``, ``matchingnet``, the
+            inner-optimiser rows (``maml-adam`` ..., ``mamlpp``, ``lstm-optimizer``, ``meta-lstm``):
+            :func:`verify.algorithms.auditable`.
         backend: ``"torch"`` or ``"jax"``; default: ``"jax"`` when ``fn``'s
             second parameter is named ``apply_fn``, else ``"torch"``.
         model: ``"mlp:1-40-40-1:tanh[:nobias]"`` or a ``reference.models.MLP``;
@@ -202,7 +204,10 @@ def audit(
             first-order bug is above float32's floor on the problem).
         approximation: a declared approximation (:mod:`verify.inner_audit`): ``first_order``,
             ``truncated:K``, ``stop_gradient``, ``inner_steps:N`` (``+``-joined) for maml, anil,
-            maml-momentum, maml-adam, anil-adam; ``cg:M``, ``inner_steps:N``, ``damping:D`` (the
+            maml-momentum, maml-adam, anil-adam, lstm-optimizer, meta-lstm (metasgd and mamlpp: no
+            ``stop_gradient``, their SGD has no state; mamlpp: no ``inner_steps:N``, its ``(K, n)`` rates fix
+            ``K``); the gradients of every differentiated variable (Meta-SGD's and MAML++'s rates, a learned
+            optimiser's ``phi``) are judged; ``cg:M``, ``inner_steps:N``, ``damping:D`` (the
             iMAML authors' solver, inner step ``inner_lr``, default 0.05) for imaml. The claimed
             gradient is then verified against the declared approximation's reference, and the
             result carries the declared gradient's distance from the exact one (relative error and
