@@ -660,6 +660,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("meta-lstm", "gradient", _call_meta_lstm,
                   paper="Ravi & Larochelle 2017 (optimization as a model for few-shot learning)",
                   extra=("phi",), default=False, signature=("model", "phi", "tasks", "inner_steps"),
+                  text=TEXTS["meta-lstm"],
                   diagnosis="optimizer", diagnoses=_LEARNED_DIAGNOSES),
         Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
                   text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
