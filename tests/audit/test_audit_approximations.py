@@ -132,3 +132,12 @@ def test_inapplicable_declarations_are_refused(algorithm, spec, message):
     with pytest.raises(InvalidInputError, match="does not apply|needs an integer") as info:
         inner_audit.declare(algorithm, spec)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("algorithm", ["mamlpp", "lstm-optimizer", "meta-lstm"])
+def test_convolutional_models_are_refused_for_the_mlp_rows(algorithm):
+    from verify.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="is audited on MLPs"):
+        build_problem(algorithm, model="conv4:1x8x8:2", loss=None, n_tasks=1, shots=1, queries=1, n_way=None, seed=0,
+                      hyper={})
