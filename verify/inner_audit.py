@@ -192,6 +192,11 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
     for n in (n for n in range(1, K + 3) if n != declared_steps):
         out.append(Candidate(f"inner_steps:{n}", f"the inner loop ran {n} steps, not {declared_steps}",
                              (lambda n=n: pb.gradient(declared, **_with_steps(pb, n)))))
+    if not declared.is_exact:  # a shorter or longer exact loop where an approximation was declared
+        for n in (n for n in range(1, K + 3) if n != K):
+            out.append(Candidate(f"inner_steps:{n} instead of {declared}", f"the code computes the exact "
+                                 f"meta-gradient of {n} inner steps, not the declared {declared}",
+                                 (lambda n=n: pb.gradient(None, **_with_steps(pb, n)))))
     if pb.weights is not None and K > 1:
         w = np.zeros(declared_steps)
         w[-1] = 1.0

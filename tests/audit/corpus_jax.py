@@ -557,3 +557,18 @@ def meta_lstm_truncated(params, apply_fn, phi, tasks, inner_steps):
 def meta_lstm_state_detached(params, apply_fn, phi, tasks, inner_steps):
     """stop_gradient on the previous gates before each step (stop_gradient)."""
     return _meta_lstm(params, apply_fn, phi, tasks, inner_steps, detach_state=True)
+
+
+def metasgd_short(params, apply_fn, lrs, tasks, inner_steps):
+    """Meta-SGD running one inner step fewer than asked (declared inner_steps:N)."""
+    return metasgd(params, apply_fn, lrs, tasks, inner_steps - 1)
+
+
+def lstm_optimizer_short(params, apply_fn, phi, tasks, inner_lr, inner_steps):
+    """The LSTM optimiser unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps - 1)
+
+
+def meta_lstm_short(params, apply_fn, phi, tasks, inner_steps):
+    """The meta-learner unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _meta_lstm(params, apply_fn, phi, tasks, inner_steps - 1)

@@ -826,3 +826,18 @@ def meta_lstm_truncated(model, phi, tasks, inner_steps):
 def meta_lstm_state_detached(model, phi, tasks, inner_steps):
     """The previous gates (the meta-learner's state) detached before each step (stop_gradient)."""
     return _meta_lstm(model, phi, tasks, inner_steps, detach_state=True)
+
+
+def metasgd_short(model, lrs, tasks, inner_steps):
+    """Meta-SGD running one inner step fewer than asked (declared inner_steps:N)."""
+    return metasgd(model, lrs, tasks, inner_steps - 1)
+
+
+def lstm_optimizer_short(model, phi, tasks, inner_lr, inner_steps):
+    """The LSTM optimiser unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps - 1)
+
+
+def meta_lstm_short(model, phi, tasks, inner_steps):
+    """The meta-learner unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _meta_lstm(model, phi, tasks, inner_steps - 1)

@@ -30,6 +30,8 @@ from verify.auditing.problem import build_problem
 DECLARED = [
     ("metasgd_truncated", "metasgd", "metasgd", "METASGD", "truncated:1", "bptt_truncated", "first_order",
      "truncated:1 instead of first_order"),
+    ("metasgd_short", "metasgd", "metasgd", "METASGD", "inner_steps:1", "wrong_inner_steps", "first_order",
+     "inner_steps:1 instead of first_order"),
     ("mamlpp_first_order", "mamlpp", "mamlpp", "MAMLPP", "first_order", "first_order", "truncated:1",
      "first_order instead of truncated:1"),
     ("mamlpp_truncated", "mamlpp", "mamlpp", "MAMLPP", "truncated:1", "bptt_truncated", "first_order",
@@ -40,12 +42,16 @@ DECLARED = [
      "truncated:2", "BPTT truncated at the wrong length: truncated:1"),
     ("lstm_optimizer_state_detached", "lstm_optimizer", "lstm-optimizer", "LEARNED", "stop_gradient",
      "optimizer_state_detached", "first_order", "stop_gradient instead of first_order"),
+    ("lstm_optimizer_short", "lstm_optimizer", "lstm-optimizer", "LEARNED", "inner_steps:2", "wrong_inner_steps",
+     "first_order", "inner_steps:2 instead of first_order"),
     ("meta_lstm_first_order", "meta_lstm", "meta-lstm", "META_LSTM", "first_order", "first_order", "stop_gradient",
      "first_order instead of stop_gradient"),
     ("meta_lstm_truncated", "meta_lstm", "meta-lstm", "META_LSTM", "truncated:1", "bptt_truncated", "truncated:2",
      "BPTT truncated at the wrong length: truncated:1"),
     ("meta_lstm_state_detached", "meta_lstm", "meta-lstm", "META_LSTM", "stop_gradient", "optimizer_state_detached",
      "truncated:1", "stop_gradient instead of truncated:1"),
+    ("meta_lstm_short", "meta_lstm", "meta-lstm", "META_LSTM", "inner_steps:2", "wrong_inner_steps", "truncated:1",
+     "inner_steps:2 instead of truncated:1"),
 ]
 
 
