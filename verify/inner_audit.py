@@ -21,6 +21,10 @@ returned, :func:`audit_inner_loop`
    momentum buffer's first step, per-step learning rates shared across steps
    (on the learning-rate gradient).
 
+The audit's rows (``metaverify audit --approximation``, :func:`declare`): ``maml``, ``anil`` and the
+optimiser rows judge ``dL/dtheta``; ``metasgd``, ``mamlpp``, ``lstm-optimizer`` and ``meta-lstm`` every
+differentiated variable (:func:`case_gradients`: the rates, a learned optimiser's ``phi``).
+
 Matching is normwise relative difference ``<= tolerance(dtype,
 "reference_match") * condition`` over the concatenated gradients.
 """
@@ -266,6 +270,7 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
     label = "exact" if declared.is_exact and n == problem.inner_steps else (
         "+".join(p for p in (str(declared) if not declared.is_exact else "",
                              f"inner_steps:{n}" if n != problem.inner_steps else "") if p))
+
     def held(r: MetaGradient) -> Sequence[Any]:
         return r.params if variables is None else variables(r)
 
