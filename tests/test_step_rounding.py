@@ -68,7 +68,7 @@ def test_forward_and_vjp_can_be_rounded_separately():
 
 
 def test_bias_corrections_are_computed_in_double_and_rounded_once():
-    # torch.optim and optax compute 1 - b2^t from Python floats; in float32, 1 - 0.999^2 would be 3e-5 off
+    # torch.optim and optax compute 1 - b2^t from Python floats; in float32, 1 - 0.999^2 would be 2e-5 off
     opt = float32_step(Adam())
     assert opt._bias(1) == Adam()._bias(1)  # outside the float32 step: the float64 values
     opt._in_float32 = True
