@@ -114,7 +114,7 @@ def float32_step(opt: Any, parts: tuple[str, ...] = ("direction", "vjp")) -> Any
         if hasattr(base, "_bias"):
             def _bias(self, k):
                 # Adam's bias corrections 1 - b^t: from the Python-float hyper-parameters in double, rounded
-                # once, as torch.optim and optax do (1 - 0.999 computed in float32 would be 1.3e-5 off:
+                # once, as torch.optim and optax do (from float32 b2 in float32, 1 - 0.999^2 is 2e-5 off:
                 # torchopt's float32 bias correction, tests/torch/test_torch_inner_optim.py)
                 b = base._bias(self, k)
                 return tuple(_F32(x) for x in b) if self._in_float32 else b
