@@ -1,7 +1,7 @@
 """A differentiable optimiser's step evaluated in float32, for the float32 condition estimate.
 
 Why (measured, ``scripts/adam_float32.py`` -> ``reports/inner-optimizers/adam-float32.md``):
-Adam's step ``d = m_hat / (sqrt(v_hat) + eps)`` is almost flat in ``g`` where
+Adam's step (Kingma & Ba 2015) ``d = m_hat / (sqrt(v_hat) + eps)`` is almost flat in ``g`` where
 ``|g| >> eps``: at the first step ``d = g / (|g| + eps)`` and
 
     dd/dg = 1 / (|g| + eps) - g^2 / (|g| (|g| + eps)^2) = eps / (|g| + eps)^2,
@@ -28,6 +28,9 @@ reference with it on float32-rounded inputs measures what an honest float32
 evaluation of the optimiser loses on *this* problem; the relative change of
 the meta-gradient, in units of float32's eps, is the condition estimate the
 float32 tolerance is scaled by (``tolerance("float32", ..., condition=...)``).
+It is one rounding sample, not a bound: over the matrix's 80 Adam problems a
+torch float32 error is at most 6.8x this deviation, against the 54x
+(``eps32^(3/4) / eps32``) the tolerance grants.
 """
 
 from __future__ import annotations
