@@ -535,9 +535,11 @@ def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
 
     make = {"momentum": lambda: Momentum(0.9), "adam": lambda: Adam()}[name]
 
-    def with_optimizer(mod, case, variables, **kw):
-        return call(mod, case, variables, inner_optimizer=make(), **kw)
+    def with_optimizer(mod, case, variables, inner_optimizer=None, **kw):
+        # inner_optimizer: a replacement spec (the float32 condition estimate passes its float32-step copy)
+        return call(mod, case, variables, inner_optimizer=make() if inner_optimizer is None else inner_optimizer, **kw)
 
+    with_optimizer.make_optimizer = make  # type: ignore[attr-defined]  # read by verify.matrix.float32_condition
     return with_optimizer
 
 
@@ -632,17 +634,14 @@ ALGORITHMS: dict[str, Algorithm] = {
                   paper="Finn et al. 2017 with torch.optim.SGD(momentum=0.9) as the inner optimiser",
                   signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES),
         # Adam's step Jacobian is a cancellation (d = m_hat / (sqrt(v_hat) + eps): two O(1/|g|) terms whose
-        # difference is O(eps / g^2)); float32 backends carry ~eps32 / |g| there, which the matrix's float32
-        # condition estimate (input rounding) does not see (measured 7.7e-6 vs 6.4e-6, 2 of 80 cases). The
-        # torch/JAX Adam loops are checked in float64 by tests/{torch,jax}/test_*_inner_optim.py (<= 1e-12).
+        # difference is O(eps / g^2)) that float32 evaluates to ~eps32 / |g|: the float32 cells' condition
+        # estimate evaluates the step in float32 too (verify.step_rounding; reports/inner-optimizers/adam-float32.md).
         Algorithm("maml-adam", "gradient", _with_optimizer(_call_maml, "adam"),
                   paper="Finn et al. 2017 with torch.optim.Adam (defaults) as the inner optimiser",
-                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
-                  backends=("numpy",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",)),
         Algorithm("anil-adam", "gradient", _with_optimizer(_call_anil, "adam"),
                   paper="Raghu et al. 2020 with torch.optim.Adam (defaults) as the inner optimiser",
-                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
-                  backends=("numpy",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",)),
         # MAML++ (Antoniou et al. 2019): per-step per-tensor learned rates (the (K, n_tensors) variable "lrs")
         # and the multi-step loss sum_k w_k L_q(p_k) with the annealed weights (reference.mamlpp).
         Algorithm("mamlpp", "gradient", _call_mamlpp, paper="Antoniou, Edwards, Storkey 2019 (MAML++: LSLR + MSL)",

@@ -298,10 +298,13 @@ def audit(
         # condition estimate (the declared one is a perturbation of it, computed the same way).
         target = inner_audit.declared_target(case, decl, ref_grads, inner_lr=solver_lr)
     try:
-        cond = float32_condition(case, ref)
+        # float32: also the optimiser step evaluated in float32 (Adam's cancelling step Jacobian, verify.step_rounding)
+        cond = float32_condition(case, ref, optimizer_step=dtype == "float32")
     except Exception:  # rounding made the problem singular: no estimate, the table value stands
         cond = 1.0
     why = "the reference gradient's relative change when its inputs are rounded to float32, in units of float32's eps"
+    if dtype == "float32" and hasattr(row.call, "make_optimizer"):
+        why += "; the inner optimiser's step and its VJP also evaluated in float32 (verify.step_rounding)"
     if row.condition is not None:
         # e.g. iMAML: the implicit gradient goes through (I + H/lam)^{-1}, so forward errors scale with its
         # condition (the row's condition estimate).
