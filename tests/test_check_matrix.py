@@ -225,8 +225,9 @@ def test_float32_directional_check_measures_tiny_gradients_against_the_rounding_
     assert "meta-gradient vs reference" in failed and any("vs complex" in c or "vs richardson" in c for c in failed)
 
 
-def test_mamlpp_and_lstm_optimizer_rows_are_default_cells():
-    """MAML++ (rates per step and tensor, multi-step loss) and the LSTM optimiser are rows of the default matrix.
+def test_optimizer_rows_default_and_opt_in_cells():
+    """MAML++ (rates per step and tensor, multi-step loss) and the LSTM optimiser are rows of the default matrix;
+    Ravi & Larochelle's meta-learner is a matrix row, named to run.
 
     Their reference cells (gradient w.r.t. theta, the (K, n) rates / the LSTM's phi against directional
     derivatives of the reference meta-loss) run in test_reference_cell_passes_for_every_algorithm; torch and
@@ -234,8 +235,9 @@ def test_mamlpp_and_lstm_optimizer_rows_are_default_cells():
     """
     from verify.algorithms import default_algorithms
 
-    assert {"mamlpp", "lstm-optimizer"} <= set(case_algorithms())
+    assert {"mamlpp", "lstm-optimizer", "meta-lstm"} <= set(case_algorithms())
     assert {"mamlpp", "lstm-optimizer"} <= set(default_algorithms())
+    assert "meta-lstm" not in default_algorithms()
     case = build_case("mamlpp", seed=2)
     K, n = case.hyper["inner_steps"], len(case.params)
     assert K >= 2 and case.extra["lrs"].shape == (K, n) and len(case.hyper["weights"]) == K
@@ -246,3 +248,13 @@ def test_mamlpp_and_lstm_optimizer_rows_are_default_cells():
     # the rates' gradient is not zero: the per-step rates are really differentiated
     _, grads = evaluate(case)
     assert np.linalg.norm(grads[-1]) > 0
+    from reference.learned_optimizers import MetaLearnerLSTM
+
+    # Ravi & Larochelle: theta is the learner's initial cell state c_0, phi = [W_I, b_I, W_F, b_F]; no inner_lr
+    # (the gates set the step); every one of the meta-learner's tensors gets a non-zero meta-gradient
+    rl = build_case("meta-lstm", seed=2)
+    assert rl.hyper["inner_steps"] >= 2 and "inner_lr" not in rl.hyper
+    assert rl.names == [*rl.names[:len(rl.params)], "phi[0]", "phi[1]", "phi[2]", "phi[3]"]
+    assert [v.shape for v in rl.extra.values()] == [tuple(s) for s in MetaLearnerLSTM.SHAPES]
+    _, g_rl = evaluate(rl)
+    assert all(np.linalg.norm(g) > 0 for g in g_rl)

@@ -167,3 +167,22 @@ def test_imaml_declared_approximation_and_named_mismatches() -> None:
         "damping ignored"
     assert audit_imaml(model, params, tasks, 2.0, g0, inner_lr=0.05).diagnosis == \
         "undeclared approximation cg:5+inner_steps:16+damping:0"
+
+
+@pytest.mark.parametrize("algorithm", ["metasgd", "mamlpp", "lstm-optimizer", "meta-lstm"])
+def test_the_audits_loop_problem_of_a_row_is_the_rows_reference(algorithm):
+    """The declared approximations of metasgd / mamlpp / the learned optimisers are switches on the loop problem
+    the audit builds from the case: exact, it must be the row's own reference (Meta-SGD: reference.metasgd's
+    separate adjoint; the others: the row's call), aligned with case.variables (rates, phi)."""
+    from reference.models import flatten
+    from verify.algorithms import build_case, evaluate
+    from verify.inner_audit import _loop_problem, case_gradients
+
+    for seed in range(2):
+        case = build_case(algorithm, seed=seed)
+        loss, grads = evaluate(case)
+        r = _loop_problem(case).gradient()
+        mine = case_gradients(case, r)
+        assert [np.shape(g) for g in mine] == case.shapes
+        assert abs(float(r.loss) - float(loss)) <= 1e-14 * abs(float(loss))
+        assert np.max(np.abs(flatten(mine) - flatten(grads))) <= 1e-13 * np.max(np.abs(flatten(grads)))

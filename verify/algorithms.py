@@ -36,6 +36,8 @@ from reference.tasks import Task, gaussian_classification
 from verify.formulas import TEXTS, AlgorithmText
 
 GRADIENT_FAMILY = ("maml", "fomaml", "anil", "metasgd", "reptile", "newton")
+#: rows whose inner loop is a recurrence worth K >= 2 steps (MAML++'s multi-step loss, the learned optimisers)
+_RECURRENT = ("mamlpp", "lstm-optimizer", "meta-lstm")
 
 
 @dataclass
@@ -319,7 +321,7 @@ def build_case(
         tasks = _regression_or_classification(rng, model, n_tasks, shots, queries)
         if spec.family == "gradient":
             # MAML++'s multi-step loss and an LSTM optimiser's recurrence need K >= 2 to be exercised
-            hyper.setdefault("inner_steps", int(rng.integers(2 if algorithm in ("mamlpp", "lstm-optimizer") else 1, 4)))
+            hyper.setdefault("inner_steps", int(rng.integers(2 if algorithm in _RECURRENT else 1, 4)))
             hyper.setdefault("inner_lr", float(rng.uniform(0.05, 0.4)))
         if algorithm == "newton":
             hyper.setdefault("damping", float(rng.uniform(1.0, 2.0)))
@@ -341,6 +343,13 @@ def build_case(
         hyper.setdefault("hidden", 2)
         for j, phi in enumerate(LSTMOptimizer.random_params(hyper["hidden"], seed=int(rng.integers(2**31)))):
             extra[f"phi[{j}]"] = phi
+    if algorithm == "meta-lstm":
+        # Ravi & Larochelle: the step is the meta-learner's (p_{k+1} = f_k p_k - i_k g_k, rate 1); no inner_lr
+        from reference.learned_optimizers import MetaLearnerLSTM
+
+        hyper.pop("inner_lr", None)
+        for j, phi in enumerate(MetaLearnerLSTM.random_params(seed=int(rng.integers(2**31)))):
+            extra[f"phi[{j}]"] = np.asarray(phi, dtype=float)
     if algorithm == "metasgd":
         base = hyper.pop("inner_lr")
         for i, p in enumerate(params):
@@ -515,15 +524,23 @@ _OPTIMIZER_DIAGNOSES = ("first_order", "optimizer_state_detached", "bptt_truncat
                         "swapped_support_query", "scale", "disconnected")
 
 
+#: the learned optimisers (Andrychowicz's LSTM, Ravi & Larochelle's meta-learner): the optimiser family's; MAML++
+#: runs SGD (no optimiser state to detach)
+_LEARNED_DIAGNOSES = _OPTIMIZER_DIAGNOSES
+_MAMLPP_DIAGNOSES = tuple(k for k in _OPTIMIZER_DIAGNOSES if k != "optimizer_state_detached")
+
+
 def _with_optimizer(call: Callable[..., Any], name: str) -> Callable[..., Any]:
     """``call`` with a differentiable inner optimiser (``reference.optimizers`` with torch.optim's defaults)."""
     from reference.optimizers import Adam, Momentum
 
     make = {"momentum": lambda: Momentum(0.9), "adam": lambda: Adam()}[name]
 
-    def with_optimizer(mod, case, variables, **kw):
-        return call(mod, case, variables, inner_optimizer=make(), **kw)
+    def with_optimizer(mod, case, variables, inner_optimizer=None, **kw):
+        # inner_optimizer: a replacement spec (the float32 condition estimate passes its float32-step copy)
+        return call(mod, case, variables, inner_optimizer=make() if inner_optimizer is None else inner_optimizer, **kw)
 
+    with_optimizer.make_optimizer = make  # type: ignore[attr-defined]  # read by verify.matrix.float32_condition
     return with_optimizer
 
 
@@ -535,22 +552,35 @@ def _call_mamlpp(mod, case, variables, **kw):
     return loss, list(gp) + [np.asarray(glr)]
 
 
-def _call_lstm_optimizer(mod, case, variables, **kw):
-    from reference.learned_optimizers import LSTMOptimizer
-
-    p, extra = case.split(variables)
-    h = case.hyper
-    opt = LSTMOptimizer([extra[f"phi[{j}]"] for j in range(len(extra))], hidden=h["hidden"])
-    K = h["inner_steps"]
-    rates = [[h["inner_lr"]] * len(p) for _ in range(K)]
+def _learned_loop(mod, case, params, opt, rate, **kw):
+    """The optimiser-driven loop (``inner_optim``) with a learned optimiser ``opt`` and one rate for every step and
+    tensor; returns ``(loss, dL/dtheta + dL/dphi)``."""
+    K = case.hyper["inner_steps"]
+    rates = [[rate] * len(params) for _ in range(K)]
     allow_tf32 = kw.pop("allow_tf32", False)  # torch: the loop module takes no TF32 switch, the context does
     with contextlib.ExitStack() as stack:
         if allow_tf32:
             from verify.backends.torch._model import tf32
 
             stack.enter_context(tf32(True))
-        r = _sub(mod, "inner_optim").meta_loss_and_grad(case.model, p, case.tasks, rates, K, optimizer=opt, **kw)
+        r = _sub(mod, "inner_optim").meta_loss_and_grad(case.model, params, case.tasks, rates, K, optimizer=opt, **kw)
     return r.loss, list(r.params) + list(r.optimizer)
+
+
+def _call_lstm_optimizer(mod, case, variables, **kw):
+    from reference.learned_optimizers import LSTMOptimizer
+
+    p, extra = case.split(variables)
+    opt = LSTMOptimizer([extra[f"phi[{j}]"] for j in range(len(extra))], hidden=case.hyper["hidden"])
+    return _learned_loop(mod, case, p, opt, case.hyper["inner_lr"], **kw)
+
+
+def _call_meta_lstm(mod, case, variables, **kw):
+    from reference.learned_optimizers import MetaLearnerLSTM
+
+    p, extra = case.split(variables)
+    opt = MetaLearnerLSTM([extra[f"phi[{j}]"] for j in range(len(extra))])
+    return _learned_loop(mod, case, p, opt, 1.0, **kw)
 
 
 def _call_no_case(mod, case, variables, **kw):
@@ -584,7 +614,7 @@ ALGORITHMS: dict[str, Algorithm] = {
                   signature=("model", "lrs", "tasks", "inner_steps"), text=TEXTS["metasgd"],
                   symbolic=("quadratic_metasgd", {}), diagnosis="gradient",
                   diagnoses=("first_order", "last_step_only", "first_step_only", "no_adaptation",
-                             "metasgd_lrs_no_grad", "metasgd_transposed", *_GRADIENT_DIAGNOSES)),
+                             "metasgd_lrs_no_grad", "metasgd_transposed", "bptt_truncated", *_GRADIENT_DIAGNOSES)),
         Algorithm("reptile", "gradient", _call_reptile, differentiable=False, paper="Nichol, Achiam, Schulman 2018",
                   signature=_LOOP, quantity="direction", text=TEXTS["reptile"], symbolic=("quadratic_reptile", {}),
                   diagnosis="gradient", diagnoses=("reptile_head_only", *_GRADIENT_DIAGNOSES)),
@@ -597,26 +627,33 @@ ALGORITHMS: dict[str, Algorithm] = {
                   paper="Finn et al. 2017 with torch.optim.SGD(momentum=0.9) as the inner optimiser",
                   signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES),
         # Adam's step Jacobian is a cancellation (d = m_hat / (sqrt(v_hat) + eps): two O(1/|g|) terms whose
-        # difference is O(eps / g^2)); float32 backends carry ~eps32 / |g| there, which the matrix's float32
-        # condition estimate (input rounding) does not see (measured 7.7e-6 vs 6.4e-6, 2 of 80 cases). The
-        # torch/JAX Adam loops are checked in float64 by tests/{torch,jax}/test_*_inner_optim.py (<= 1e-12).
+        # difference is O(eps / g^2)) that float32 evaluates to ~eps32 / |g|: the float32 cells' condition
+        # estimate evaluates the step in float32 too (verify.step_rounding; reports/inner-optimizers/adam-float32.md).
         Algorithm("maml-adam", "gradient", _with_optimizer(_call_maml, "adam"),
                   paper="Finn et al. 2017 with torch.optim.Adam (defaults) as the inner optimiser",
-                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
-                  backends=("numpy",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",)),
         Algorithm("anil-adam", "gradient", _with_optimizer(_call_anil, "adam"),
                   paper="Raghu et al. 2020 with torch.optim.Adam (defaults) as the inner optimiser",
-                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",),
-                  backends=("numpy",)),
+                  signature=_LOOP, diagnosis="optimizer", diagnoses=_OPTIMIZER_DIAGNOSES + ("adam_eps_placement",)),
         # MAML++ (Antoniou et al. 2019): per-step per-tensor learned rates (the (K, n_tensors) variable "lrs")
         # and the multi-step loss sum_k w_k L_q(p_k) with the annealed weights (reference.mamlpp).
         Algorithm("mamlpp", "gradient", _call_mamlpp, paper="Antoniou, Edwards, Storkey 2019 (MAML++: LSLR + MSL)",
-                  extra=("lrs",)),
+                  extra=("lrs",), signature=("model", "lrs", "tasks", "inner_steps", "weights"),
+                  diagnosis="optimizer", diagnoses=_MAMLPP_DIAGNOSES),
         # A coordinatewise LSTM optimiser (Andrychowicz et al. 2016) on an MLP optimisee: the meta-gradient w.r.t.
         # theta and the LSTM's phi by exact BPTT through the unrolled inner loop (reference.learned_optimizers).
         Algorithm("lstm-optimizer", "gradient", _call_lstm_optimizer,
                   paper="Andrychowicz et al. 2016 (learning to learn by gradient descent by gradient descent)",
-                  extra=("phi",)),
+                  extra=("phi",), signature=("model", "phi", "tasks", "inner_lr", "inner_steps"),
+                  diagnosis="optimizer", diagnoses=_LEARNED_DIAGNOSES),
+        # Ravi & Larochelle's meta-learner LSTM (2017) on an MLP learner: the learner's parameters are the cell state
+        # (c_0 = theta, the learned initialisation), p_{k+1} = f_k p_k - i_k g_k with gates on [g, L, p, previous
+        # gate]; meta-gradient w.r.t. theta and the gates' phi = [W_I, b_I, W_F, b_F] by exact BPTT.
+        Algorithm("meta-lstm", "gradient", _call_meta_lstm,
+                  paper="Ravi & Larochelle 2017 (optimization as a model for few-shot learning)",
+                  extra=("phi",), default=False, signature=("model", "phi", "tasks", "inner_steps"),
+                  text=TEXTS["meta-lstm"],
+                  diagnosis="optimizer", diagnoses=_LEARNED_DIAGNOSES),
         Algorithm("imaml", "implicit", _call_imaml, paper="Rajeswaran et al. 2019", signature=("model", "tasks", "lam"),
                   text=TEXTS["imaml"], symbolic=("quadratic_imaml", {}), diagnosis="implicit",
                   diagnoses=("first_order", "swapped_support_query", "scale", "disconnected", "imaml_system",

@@ -104,6 +104,21 @@ TEXTS: dict[str, AlgorithmText] = {
          ("exact meta-gradient",
           r"\nabla_\theta \mathcal{L} = \frac{1}{N} \sum_{i=1}^{N} J_0^\top J_1^\top \cdots J_{K-1}^\top\, "
           r"\nabla L^q_i(p_K)")]),
+    "meta-lstm": AlgorithmText(
+        "Meta-learner LSTM", "Ravi & Larochelle 2017 (optimization as a model for few-shot learning)", "",
+        "The learner's parameters are the cell state of a coordinatewise LSTM whose input and forget gates read "
+        "the gradient, the loss, the parameters and their own previous value; the initial cell state is theta. "
+        "The meta-gradient w.r.t. theta and the gates' phi is exact BPTT through the learner's gradients.",
+        [("gates (coordinatewise; L_k = L^s_i(c_k) shared by all coordinates, i_{-1} = f_{-1} = 0)",
+          r"i_k = \sigma\big(W_I \cdot [g_k, L_k, c_k, i_{k-1}] + b_I\big), \quad "
+          r"f_k = \sigma\big(W_F \cdot [g_k, L_k, c_k, f_{k-1}] + b_F\big), \quad g_k = \nabla L^s_i(c_k)"),
+         ("cell-state update, c_0 = theta", r"c_{k+1} = f_k \odot c_k - i_k \odot g_k, \qquad "
+          r"\mathcal{L}(\theta, \phi) = \frac{1}{N} \sum_{i=1}^{N} L^q_i\big(c^{(i)}_K\big)")],
+        [("BPTT through parameters and gates (the reference's adjoint; the paper's first-order approximation "
+          "drops the terms through g_k and L_k)",
+          r"\bar c_k = \frac{\partial c_{k+1}}{\partial c_k}^{\!\top} \bar c_{k+1} + "
+          r"\frac{\partial (i_k, f_k)}{\partial c_k}^{\!\top} (\bar i_k, \bar f_k), \qquad "
+          r"\nabla_\theta \mathcal{L} = \bar c_0")]),
     "imaml": AlgorithmText(
         "iMAML (implicit MAML)", "Rajeswaran, Finn, Kakade, Levine 2019", "1909.04630",
         "The inner problem is solved to near machine precision; the meta-gradient follows from the implicit "

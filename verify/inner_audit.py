@@ -21,6 +21,10 @@ returned, :func:`audit_inner_loop`
    momentum buffer's first step, per-step learning rates shared across steps
    (on the learning-rate gradient).
 
+The audit's rows (``metaverify audit --approximation``, :func:`declare`): ``maml``, ``anil`` and the
+optimiser rows judge ``dL/dtheta``; ``metasgd``, ``mamlpp``, ``lstm-optimizer`` and ``meta-lstm`` every
+differentiated variable (:func:`case_gradients`: the rates, a learned optimiser's ``phi``).
+
 Matching is normwise relative difference ``<= tolerance(dtype,
 "reference_match") * condition`` over the concatenated gradients.
 """
@@ -40,7 +44,8 @@ from reference.optimizers import Adam, Momentum
 from verify.tolerance import tolerance
 
 __all__ = ["Candidate", "CaseDeclaration", "DeclaredTarget", "InnerLoopAudit", "InnerLoopProblem", "audit_imaml",
-           "audit_inner_loop", "declare", "declared_target", "distance", "name_declared_mismatch", "parse_declared"]
+           "audit_inner_loop", "case_gradients", "declare", "declared_target", "distance", "name_declared_mismatch",
+           "parse_declared"]
 
 
 @dataclass(frozen=True)
@@ -184,9 +189,18 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
             add(f"{what}: truncated:{t}", f"only the last {t} inner steps were backpropagated "
                 f"(declared: {declared.truncate if declared.truncate is not None else 'all'})",
                 replace(declared, truncate=t))
+    if not declared.is_exact and declared.truncate is None:  # truncated BPTT alone where another was declared
+        for t in range(1, K):
+            alt = inner_optim.Approximation(truncate=t)
+            add(f"{alt} instead of {declared}", f"the code computes {alt} (alone), not the declared {declared}", alt)
     for n in (n for n in range(1, K + 3) if n != declared_steps):
         out.append(Candidate(f"inner_steps:{n}", f"the inner loop ran {n} steps, not {declared_steps}",
                              (lambda n=n: pb.gradient(declared, **_with_steps(pb, n)))))
+    if not declared.is_exact:  # a shorter or longer exact loop where an approximation was declared
+        for n in (n for n in range(1, K + 3) if n != K):
+            out.append(Candidate(f"inner_steps:{n} instead of {declared}", f"the code computes the exact "
+                                 f"meta-gradient of {n} inner steps, not the declared {declared}",
+                                 (lambda n=n: pb.gradient(None, **_with_steps(pb, n)))))
     if pb.weights is not None and K > 1:
         w = np.zeros(declared_steps)
         w[-1] = 1.0
@@ -232,7 +246,8 @@ def catalogue(pb: InnerLoopProblem, declared: Approximation, declared_steps: int
 
 def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *,
                      claimed_lrs: Sequence[Sequence[Any]] | None = None, approximation: Any = None,
-                     dtype: Any = np.float64, condition: float = 1.0) -> InnerLoopAudit:
+                     dtype: Any = np.float64, condition: float = 1.0,
+                     variables: Callable[[MetaGradient], Sequence[Any]] | None = None) -> InnerLoopAudit:
     """Verify ``claimed_params`` (and ``claimed_lrs``) against the declared approximation of ``problem``.
 
     Args:
@@ -243,6 +258,9 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
             ``"first_order"``, ``"stop_gradient"``, ``"inner_steps:3"`` (``+``-joined).
         dtype: precision of the claimed gradient (selects the tolerance row).
         condition: multiplier of the tolerance for ill-conditioned problems.
+        variables: maps a reference :class:`MetaGradient` to the list ``claimed_params`` holds, when the claim
+            covers more than ``dL/dtheta`` (:func:`case_gradients`: Meta-SGD's or MAML++'s rates, a learned
+            optimiser's ``phi``); default its ``params``.
 
     Returns:
         :class:`InnerLoopAudit`; ``str()`` of it is the one-paragraph verdict.
@@ -252,10 +270,14 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
     label = "exact" if declared.is_exact and n == problem.inner_steps else (
         "+".join(p for p in (str(declared) if not declared.is_exact else "",
                              f"inner_steps:{n}" if n != problem.inner_steps else "") if p))
+
+    def held(r: MetaGradient) -> Sequence[Any]:
+        return r.params if variables is None else variables(r)
+
     exact = problem.gradient()
     target = problem.gradient(declared, **_with_steps(problem, n))
-    d_exact = distance(target.params, exact.params)
-    err = distance(claimed_params, target.params)["relative"]
+    d_exact = distance(held(target), held(exact))
+    err = distance(claimed_params, held(target))["relative"]
     err_lrs = distance(_flat_lrs(claimed_lrs), _flat_lrs(target.lrs))["relative"] if claimed_lrs is not None else 0.0
     if err <= tol and err_lrs <= tol:
         if label == "exact":
@@ -270,6 +292,9 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
             continue
         try:
             g = cand.compute()
+            mine = held(g)
+            if variables is not None and _flat(mine).size != _flat(claimed_params).size:
+                continue  # a variant of another shape (MAML++'s (K, n) rates over another K)
         except Exception:  # a variant that does not exist here (e.g. NotDifferentiableError) names nothing
             continue
         if cand.on == "lrs":
@@ -277,7 +302,7 @@ def audit_inner_loop(problem: InnerLoopProblem, claimed_params: Sequence[Any], *
                 continue
             e = distance(_flat_lrs(claimed_lrs), _flat_lrs(g.lrs))["relative"]
         else:
-            e = distance(claimed_params, g.params)["relative"]
+            e = distance(claimed_params, mine)["relative"]
             if claimed_lrs is not None and _flat_lrs(claimed_lrs).size == _flat_lrs(g.lrs).size:
                 e = max(e, distance(_flat_lrs(claimed_lrs), _flat_lrs(g.lrs))["relative"])
         if e <= tol:
@@ -378,6 +403,17 @@ _LOOP_ROWS: dict[str, tuple[str, Callable[[], Any] | None]] = {
     "maml-adam": ("all", lambda: Adam()),
     "anil-adam": ("head", lambda: Adam()),
 }
+#: rows whose reference is the same loop with differentiated variables besides ``theta`` (their gradients follow
+#: the parameters' in ``case.variables`` order): Meta-SGD's per-parameter rates ``lrs[i]`` (shared by the steps),
+#: MAML++'s ``(K, n_tensors)`` rates and multi-step loss, a learned optimiser's ``phi[j]``
+_VARIABLE_ROWS = ("metasgd", "mamlpp", "lstm-optimizer", "meta-lstm")
+#: declaration parts that mean nothing for a row: row -> {part name: why}
+_NOT_APPLICABLE: dict[str, dict[str, str]] = {
+    "metasgd": {"stop_gradient": "Meta-SGD's inner loop is plain SGD: it has no optimiser state to detach"},
+    "mamlpp": {"stop_gradient": "MAML++'s inner loop is plain SGD: it has no optimiser state to detach",
+               "inner_steps": "MAML++'s (K, n_tensors) learning rates fix the number of inner steps (audit another K "
+                              "with --inner-steps)"},
+}
 #: rows whose declared approximation is the iMAML authors' solver (:mod:`reference.imaml_solver`)
 _IMAML_ROWS = ("imaml",)
 #: the inner step size of the authors' solver when ``--inner-lr`` is not given (their default)
@@ -406,14 +442,20 @@ def declare(algorithm: str, approximation: str) -> CaseDeclaration:
     """
     text = str(approximation).strip()
     loop_parts = ("first_order", "truncated:K", "stop_gradient", "inner_steps:N")
-    if algorithm in _LOOP_ROWS:
+    if algorithm in _LOOP_ROWS or algorithm in _VARIABLE_ROWS:
+        refused = _NOT_APPLICABLE.get(algorithm, {})
+        takes = [p for p in loop_parts if p.split(":")[0] not in refused]
         for part in text.split("+"):
             part = part.strip()
             if part.startswith(("cg:", "damping:", "regu:")):
                 raise InvalidInputError(
                     f"approximation={text!r}: {part!r} does not apply to algorithm={algorithm!r} (cg:M, damping:D "
-                    f"and regu:R are the iMAML authors' solver); {algorithm} takes {', '.join(loop_parts)} joined "
+                    f"and regu:R are the iMAML authors' solver); {algorithm} takes {', '.join(takes)} joined "
                     "by '+'")
+            why = refused.get(part.split(":")[0])
+            if why:
+                raise InvalidInputError(f"approximation={text!r}: {part!r} does not apply to algorithm={algorithm!r}: "
+                                        f"{why}; {algorithm} takes {', '.join(takes)} joined by '+'")
         declared, _ = parse_declared(text, 1)  # validates every part
         steps_only = declared.is_exact
         return CaseDeclaration(algorithm, text, "loop", text, steps_only)
@@ -429,13 +471,16 @@ def declare(algorithm: str, approximation: str) -> CaseDeclaration:
 
         d = imaml_solver.Declared.parse(text)
         return CaseDeclaration(algorithm, text, "imaml", str(d), False)
-    rows = ", ".join((*_LOOP_ROWS, *_IMAML_ROWS))
+    rows = ", ".join((*_LOOP_ROWS, *_VARIABLE_ROWS, *_IMAML_ROWS))
     raise InvalidInputError(f"approximation={text!r} does not apply to algorithm={algorithm!r}: declared "
                             f"approximations are audited for {rows}; drop --approximation to audit the exact "
                             "meta-gradient")
 
 
 def _loop_problem(case: Any) -> InnerLoopProblem:
+    """The :class:`InnerLoopProblem` a row's case describes (``_LOOP_ROWS`` and ``_VARIABLE_ROWS``)."""
+    if case.algorithm in _VARIABLE_ROWS:
+        return _variable_problem(case)
     which, make = _LOOP_ROWS[case.algorithm]
     alpha = case.hyper["inner_lr"]
     K = int(case.hyper["inner_steps"])
@@ -443,6 +488,39 @@ def _loop_problem(case: Any) -> InnerLoopProblem:
     rates = [alpha if head is None or i in head else None for i in range(len(case.params))]
     return InnerLoopProblem(case.model, list(case.params), list(case.tasks), [list(rates) for _ in range(K)], K,
                             optimizer=make() if make is not None else None)
+
+
+def _variable_problem(case: Any) -> InnerLoopProblem:
+    from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
+    from reference.mamlpp import schedule
+
+    a, K, n = case.algorithm, int(case.hyper["inner_steps"]), len(case.params)
+    params, tasks = list(case.params), list(case.tasks)
+    if a == "metasgd":  # p_{k+1} = p_k - lrs * grad: the same array rates at every step
+        rates = [np.asarray(case.extra[f"lrs[{i}]"]) for i in range(n)]
+        return InnerLoopProblem(case.model, params, tasks, [list(rates) for _ in range(K)], K)
+    if a == "mamlpp":
+        return InnerLoopProblem(case.model, params, tasks, schedule(case.model, case.extra["lrs"], K), K,
+                                weights=np.asarray(case.hyper["weights"], dtype=float))
+    phi = [case.extra[f"phi[{j}]"] for j in range(len(case.extra))]
+    if a == "lstm-optimizer":
+        opt, rate = LSTMOptimizer(phi, hidden=case.hyper["hidden"]), case.hyper["inner_lr"]
+    else:  # Ravi & Larochelle: the gates set the step, rate 1
+        opt, rate = MetaLearnerLSTM(phi), 1.0
+    return InnerLoopProblem(case.model, params, tasks, [[rate] * n for _ in range(K)], K, optimizer=opt)
+
+
+def case_gradients(case: Any, r: MetaGradient) -> list[np.ndarray]:
+    """A loop gradient ``r`` of ``case``'s problem aligned with ``case.variables``: ``dL/dtheta``, then Meta-SGD's
+    ``dL/dlrs[i]`` (summed over the steps that share the rate), MAML++'s ``(K, n)`` rate gradient, or ``dL/dphi``."""
+    out = [np.asarray(g, dtype=float) for g in r.params]
+    if case.algorithm == "metasgd":
+        out += [sum(np.asarray(r.lrs[k][i], dtype=float) for k in range(len(r.lrs))) for i in range(len(out))]
+    elif case.algorithm == "mamlpp":
+        out.append(np.array([[0.0 if x is None else float(np.real(x)) for x in row] for row in r.lrs]))
+    elif case.algorithm in ("lstm-optimizer", "meta-lstm"):
+        out += [np.asarray(g, dtype=float) for g in r.optimizer]
+    return out
 
 
 @dataclass
@@ -465,7 +543,7 @@ def declared_target(case: Any, decl: CaseDeclaration, exact_grads: Sequence[Any]
         pb = _loop_problem(case)
         approx, n = parse_declared(decl.text, pb.inner_steps)
         r = pb.gradient(approx, **_with_steps(pb, n))
-        loss, grads = float(np.real(r.loss)), [np.asarray(g, dtype=float) for g in r.params]
+        loss, grads = float(np.real(r.loss)), case_gradients(case, r)
     else:
         from reference import imaml_solver
 
@@ -479,10 +557,14 @@ def declared_target(case: Any, decl: CaseDeclaration, exact_grads: Sequence[Any]
 def name_declared_mismatch(case: Any, decl: CaseDeclaration, claimed: Sequence[Any], *,
                            inner_lr: float | None = None, dtype: Any = np.float64,
                            condition: float = 1.0) -> InnerLoopAudit:
-    """:func:`audit_inner_loop` / :func:`audit_imaml` of ``claimed`` on ``case`` against ``decl``."""
+    """:func:`audit_inner_loop` / :func:`audit_imaml` of ``claimed`` (aligned with ``case.variables``) on ``case``
+    against ``decl``."""
     if decl.kind == "loop":
-        return audit_inner_loop(_loop_problem(case), claimed, approximation=decl.text, dtype=dtype,
-                                condition=condition)
+        if case.algorithm in _VARIABLE_ROWS:  # judged on every differentiated variable (rates, phi)
+            return audit_inner_loop(_loop_problem(case), claimed, approximation=decl.text, dtype=dtype,
+                                    condition=condition, variables=lambda r: case_gradients(case, r))
+        return audit_inner_loop(_loop_problem(case), claimed[:len(case.params)], approximation=decl.text,
+                                dtype=dtype, condition=condition)
     return audit_imaml(case.model, case.params, case.tasks, case.hyper["lam"], claimed,
                        inner_lr=IMAML_SOLVER_LR if inner_lr is None else inner_lr, approximation=decl.text,
                        dtype=dtype, condition=condition)

@@ -206,7 +206,7 @@ def cases(draw: st.DrawFn, algorithm: str | st.SearchStrategy[str] | None = None
         if name in GRADIENT_FAMILY:
             kw.update(inner_steps=draw(st.integers(1, 3)),
                       inner_lr=draw(st.floats(0.05, 0.3 if name == "newton" else 0.4)))
-        if name in ("mamlpp", "lstm-optimizer"):  # K >= 2: the multi-step loss and the recurrence are exercised
+        if name in ("mamlpp", "lstm-optimizer", "meta-lstm"):  # K >= 2: the multi-step loss and recurrence run
             kw.update(inner_steps=draw(st.integers(2, 3)), inner_lr=draw(st.floats(0.05, 0.4)))
         if name == "newton":
             kw["damping"] = draw(st.floats(1.0, 2.0))

@@ -35,3 +35,11 @@ def sensitivity_case(seed: int, gap: float) -> Case:
     probe = build_case("maml", seed=seed, inner_lr=1e-3, **kw)
     lr = 1e-3 * gap / first_order_gap(probe)
     return build_case("maml", seed=seed, inner_lr=lr, **kw)
+
+
+#: declared approximations on Meta-SGD, MAML++ and the learned optimisers (3 steps: truncated:1 and the state
+#: differ from the exact meta-gradient; test_audit_approximations.py)
+MAMLPP = dict(model="mlp:2-3-1:tanh", n_tasks=2, shots=4, queries=3, inner_steps=3, inner_lr=0.2)
+LEARNED = dict(model="mlp:2-3-1:tanh", n_tasks=2, shots=4, queries=3, inner_steps=3, inner_lr=0.5)
+META_LSTM = dict(model="mlp:2-3-1:tanh", n_tasks=2, shots=4, queries=3, inner_steps=3)
+CONFIGS.update(MAMLPP=MAMLPP, LEARNED=LEARNED, META_LSTM=META_LSTM)

@@ -405,3 +405,170 @@ def r2d2_no_bias_column(params, apply_fn, tasks, lam, scale, offset, n_classes=N
         w = jnp.linalg.solve(zs.T @ zs + lam * jnp.eye(zs.shape[1]), zs.T @ y)
         total = total + task_loss(scale * (zq @ w) + offset, t.y_query)
     return total / len(tasks)
+
+
+# -- declared approximations on Meta-SGD, MAML++ and the learned optimisers (verify.inner_audit) ----------
+# As corpus_torch: truncated backpropagation applies the increments of the steps before the last ``T`` under
+# stop_gradient (the identity path through ``p`` stays) and stops the optimiser state leaving them.
+
+_sg = jax.lax.stop_gradient
+
+
+def metasgd_truncated(params, apply_fn, lrs, tasks, inner_steps):
+    """Meta-SGD differentiating the last inner step only (declared truncated:1)."""
+    total = 0.0
+    for t in tasks:
+        fast = list(params)
+        for k in range(inner_steps):
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            inc = [a * gi for a, gi in zip(lrs, g)]
+            fast = [p - (u if k >= inner_steps - 1 else _sg(u)) for p, u in zip(fast, inc)]
+        total = total + task_loss(apply_fn(fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def _mamlpp(params, apply_fn, lrs, tasks, inner_steps, weights, *, first_order=False, backprop_last=None):
+    """MAML++ (LSLR + MSL): ``p <- p - lrs[k, i] grad_i``, loss ``sum_k weights[k] L_q(p_{k+1})``."""
+    total = 0.0
+    for t in tasks:
+        fast = list(params)
+        for k in range(inner_steps):
+            window = backprop_last is None or k >= inner_steps - backprop_last
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            if first_order:
+                g = _sg(g)
+            inc = [lrs[k, i] * gi for i, gi in enumerate(g)]
+            fast = [p - (u if window else _sg(u)) for p, u in zip(fast, inc)]
+            if weights[k] != 0:
+                total = total + weights[k] * task_loss(apply_fn(fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def mamlpp(params, apply_fn, lrs, tasks, inner_steps, weights):
+    """Correct MAML++."""
+    return _mamlpp(params, apply_fn, lrs, tasks, inner_steps, weights)
+
+
+def mamlpp_first_order(params, apply_fn, lrs, tasks, inner_steps, weights):
+    """MAML++ with stop_gradient on the inner gradients (first_order)."""
+    return _mamlpp(params, apply_fn, lrs, tasks, inner_steps, weights, first_order=True)
+
+
+def mamlpp_truncated(params, apply_fn, lrs, tasks, inner_steps, weights):
+    """MAML++ differentiating the last inner step only (truncated:1)."""
+    return _mamlpp(params, apply_fn, lrs, tasks, inner_steps, weights, backprop_last=1)
+
+
+def _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps, *, first_order=False, backprop_last=None,
+                    detach_state=False):
+    """Andrychowicz et al.'s coordinatewise LSTM optimiser (gates i, f, g, o), ``d = 0.1 (W_out h + b_out)``."""
+    W_ih, W_hh, b, W_out, b_out = phi
+    H = W_hh.shape[1]
+    total = 0.0
+    for t in tasks:
+        fast = list(params)
+        flat, unravel = jax.flatten_util.ravel_pytree(fast)
+        h = c = jnp.zeros((flat.size, H))
+        for k in range(inner_steps):
+            window = backprop_last is None or k >= inner_steps - backprop_last
+            g = jax.grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            if first_order or not window:
+                g = _sg(g)
+            if detach_state or not window:
+                h, c = _sg(h), _sg(c)
+            x = jax.flatten_util.ravel_pytree(g)[0][:, None]
+            z = x @ W_ih.T + h @ W_hh.T + b
+            i, f, o = jax.nn.sigmoid(z[:, :H]), jax.nn.sigmoid(z[:, H:2 * H]), jax.nn.sigmoid(z[:, 3 * H:])
+            c = f * c + i * jnp.tanh(z[:, 2 * H:3 * H])
+            h = o * jnp.tanh(c)
+            d = inner_lr * 0.1 * (h @ W_out.T + b_out)[:, 0]
+            if not window:
+                d, h, c = _sg(d), _sg(h), _sg(c)
+            flat = jax.flatten_util.ravel_pytree(fast)[0] - d
+            fast = unravel(flat)
+        total = total + task_loss(apply_fn(fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps):
+    """Correct LSTM optimiser (exact BPTT)."""
+    return _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps)
+
+
+def lstm_optimizer_first_order(params, apply_fn, phi, tasks, inner_lr, inner_steps):
+    """Andrychowicz et al.'s approximation: stop_gradient on the optimisee gradients (first_order)."""
+    return _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps, first_order=True)
+
+
+def lstm_optimizer_truncated(params, apply_fn, phi, tasks, inner_lr, inner_steps):
+    """Truncated BPTT through the last inner step (truncated:1)."""
+    return _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps, backprop_last=1)
+
+
+def lstm_optimizer_state_detached(params, apply_fn, phi, tasks, inner_lr, inner_steps):
+    """stop_gradient on the LSTM state before each step (stop_gradient)."""
+    return _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps, detach_state=True)
+
+
+def _meta_lstm(params, apply_fn, phi, tasks, inner_steps, *, first_order=False, backprop_last=None,
+               detach_state=False):
+    """Ravi & Larochelle's meta-learner: ``c <- f c - i g`` with the gates on ``[g, L, c, previous gate]``."""
+    W_I, b_I, W_F, b_F = phi
+    total = 0.0
+    for t in tasks:
+        fast = list(params)
+        c, unravel = jax.flatten_util.ravel_pytree(fast)
+        i_prev = f_prev = jnp.zeros(c.size)
+        for k in range(inner_steps):
+            window = backprop_last is None or k >= inner_steps - backprop_last
+            loss, g = jax.value_and_grad(lambda p: task_loss(apply_fn(p, t.x_support), t.y_support))(fast)
+            if first_order or not window:  # the paper's dashed edges: no gradient through L and grad
+                loss, g = _sg(loss), _sg(g)
+            if detach_state or not window:
+                i_prev, f_prev = _sg(i_prev), _sg(f_prev)
+            g = jax.flatten_util.ravel_pytree(g)[0]
+            i = jax.nn.sigmoid(W_I[0] * g + W_I[1] * loss + W_I[2] * c + W_I[3] * i_prev + b_I)
+            f = jax.nn.sigmoid(W_F[0] * g + W_F[1] * loss + W_F[2] * c + W_F[3] * f_prev + b_F)
+            update = (1 - f) * c + i * g
+            if not window:
+                update, i, f = _sg(update), _sg(i), _sg(f)
+            c = c - update
+            i_prev, f_prev = i, f
+            fast = unravel(c)
+        total = total + task_loss(apply_fn(fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def meta_lstm(params, apply_fn, phi, tasks, inner_steps):
+    """Correct Ravi & Larochelle meta-learner (exact BPTT; gradients w.r.t. theta = c_0 and phi)."""
+    return _meta_lstm(params, apply_fn, phi, tasks, inner_steps)
+
+
+def meta_lstm_first_order(params, apply_fn, phi, tasks, inner_steps):
+    """The paper's approximation: stop_gradient on the learner's gradient and loss inputs (first_order)."""
+    return _meta_lstm(params, apply_fn, phi, tasks, inner_steps, first_order=True)
+
+
+def meta_lstm_truncated(params, apply_fn, phi, tasks, inner_steps):
+    """Truncated BPTT through the last inner step (truncated:1)."""
+    return _meta_lstm(params, apply_fn, phi, tasks, inner_steps, backprop_last=1)
+
+
+def meta_lstm_state_detached(params, apply_fn, phi, tasks, inner_steps):
+    """stop_gradient on the previous gates before each step (stop_gradient)."""
+    return _meta_lstm(params, apply_fn, phi, tasks, inner_steps, detach_state=True)
+
+
+def metasgd_short(params, apply_fn, lrs, tasks, inner_steps):
+    """Meta-SGD running one inner step fewer than asked (declared inner_steps:N)."""
+    return metasgd(params, apply_fn, lrs, tasks, inner_steps - 1)
+
+
+def lstm_optimizer_short(params, apply_fn, phi, tasks, inner_lr, inner_steps):
+    """The LSTM optimiser unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _lstm_optimizer(params, apply_fn, phi, tasks, inner_lr, inner_steps - 1)
+
+
+def meta_lstm_short(params, apply_fn, phi, tasks, inner_steps):
+    """The meta-learner unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _meta_lstm(params, apply_fn, phi, tasks, inner_steps - 1)

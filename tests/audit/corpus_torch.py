@@ -660,3 +660,184 @@ def too_few_grads(model, tasks, inner_lr, inner_steps):
 
 
 TaskList = Sequence[Any]
+
+
+# -- declared approximations on Meta-SGD, MAML++ and the learned optimisers (verify.inner_audit) ----------
+# Truncated backpropagation is written as the reference declares it: the steps before the last ``T`` apply
+# their increment detached (``p - (a * d).detach()``; the identity path through ``p`` stays), and the optimiser
+# state leaving them is detached.
+
+
+def metasgd_truncated(model, lrs, tasks, inner_steps):
+    """Meta-SGD with truncated backpropagation: only the last inner step differentiated (declared truncated:1)."""
+    theta = list(model.parameters())
+    total = 0.0
+    for t in tasks:
+        fast = theta
+        for k in range(inner_steps):
+            window = k >= inner_steps - 1
+            grads = torch.autograd.grad(task_loss(_forward(model, fast, t.x_support), t.y_support), fast,
+                                        create_graph=window)
+            inc = [a * g for a, g in zip(lrs, grads)]
+            fast = [p - (u if window else u.detach()) for p, u in zip(fast, inc)]
+        total = total + task_loss(_forward(model, fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def _mamlpp(model, lrs, tasks, inner_steps, weights, *, first_order=False, backprop_last=None):
+    """MAML++ (LSLR + MSL): ``p <- p - lrs[k, i] * grad_i``, loss ``sum_k weights[k] L_q(p_{k+1})``."""
+    theta = list(model.parameters())
+    total = 0.0
+    for t in tasks:
+        fast = theta
+        for k in range(inner_steps):
+            window = backprop_last is None or k >= inner_steps - backprop_last
+            grads = torch.autograd.grad(task_loss(_forward(model, fast, t.x_support), t.y_support), fast,
+                                        create_graph=window and not first_order)
+            inc = [lrs[k, i] * g for i, g in enumerate(grads)]
+            fast = [p - (u if window else u.detach()) for p, u in zip(fast, inc)]
+            if weights[k] != 0:
+                total = total + weights[k] * task_loss(_forward(model, fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def mamlpp(model, lrs, tasks, inner_steps, weights):
+    """Correct MAML++: per-step per-layer rates (a (K, n) tensor) and the multi-step loss."""
+    return _mamlpp(model, lrs, tasks, inner_steps, weights)
+
+
+def mamlpp_first_order(model, lrs, tasks, inner_steps, weights):
+    """MAML++ without create_graph (first_order; MAML++'s own first-order phase)."""
+    return _mamlpp(model, lrs, tasks, inner_steps, weights, first_order=True)
+
+
+def mamlpp_truncated(model, lrs, tasks, inner_steps, weights):
+    """MAML++ backpropagating through the last inner step only (truncated:1)."""
+    return _mamlpp(model, lrs, tasks, inner_steps, weights, backprop_last=1)
+
+
+def _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps, *, first_order=False, backprop_last=None,
+                    detach_state=False):
+    """Andrychowicz et al.'s coordinatewise LSTM optimiser (one torch.nn.LSTMCell-style cell, gates i, f, g, o):
+    ``x = grad``, ``d = 0.1 (W_out h + b_out)``, ``p <- p - inner_lr d``, meta-loss ``L_q(p_K)``."""
+    W_ih, W_hh, b, W_out, b_out = phi
+    H = W_hh.shape[1]
+    theta = list(model.parameters())
+    total = 0.0
+    for t in tasks:
+        fast = theta
+        n = sum(p.numel() for p in fast)
+        h = c = torch.zeros(n, H, dtype=W_hh.dtype)
+        for k in range(inner_steps):
+            window = backprop_last is None or k >= inner_steps - backprop_last
+            grads = torch.autograd.grad(task_loss(_forward(model, fast, t.x_support), t.y_support), fast,
+                                        create_graph=window and not first_order)
+            if detach_state or not window:
+                h, c = h.detach(), c.detach()
+            x = torch.cat([g.reshape(-1) for g in grads])[:, None]
+            z = x @ W_ih.T + h @ W_hh.T + b
+            i, f, o = torch.sigmoid(z[:, :H]), torch.sigmoid(z[:, H:2 * H]), torch.sigmoid(z[:, 3 * H:])
+            c = f * c + i * torch.tanh(z[:, 2 * H:3 * H])
+            h = o * torch.tanh(c)
+            d = inner_lr * 0.1 * (h @ W_out.T + b_out)[:, 0]
+            if not window:
+                d, h, c = d.detach(), h.detach(), c.detach()
+            out, j = [], 0
+            for p in fast:
+                out.append(p - d[j:j + p.numel()].reshape(p.shape))
+                j += p.numel()
+            fast = out
+        total = total + task_loss(_forward(model, fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def lstm_optimizer(model, phi, tasks, inner_lr, inner_steps):
+    """Correct LSTM optimiser: exact BPTT through the optimisee's gradients and the LSTM state."""
+    return _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps)
+
+
+def lstm_optimizer_first_order(model, phi, tasks, inner_lr, inner_steps):
+    """Andrychowicz et al.'s approximation: the optimisee gradients are constants (create_graph=False)."""
+    return _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps, first_order=True)
+
+
+def lstm_optimizer_truncated(model, phi, tasks, inner_lr, inner_steps):
+    """Truncated BPTT: only the last inner step backpropagated (truncated:1)."""
+    return _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps, backprop_last=1)
+
+
+def lstm_optimizer_state_detached(model, phi, tasks, inner_lr, inner_steps):
+    """The LSTM state detached before each step (stop_gradient)."""
+    return _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps, detach_state=True)
+
+
+def _meta_lstm(model, phi, tasks, inner_steps, *, first_order=False, backprop_last=None, detach_state=False):
+    """Ravi & Larochelle's meta-learner: the learner's parameters are the cell state (c_0 = theta);
+    ``i = sigma(W_I . [g, L, c, i_prev] + b_I)``, ``f = sigma(W_F . [g, L, c, f_prev] + b_F)``,
+    ``c <- f c - i g``; meta-loss ``L_q(c_K)``."""
+    W_I, b_I, W_F, b_F = phi
+    theta = list(model.parameters())
+    total = 0.0
+    for t in tasks:
+        fast = theta
+        n = sum(p.numel() for p in fast)
+        i_prev = f_prev = torch.zeros(n, dtype=W_I.dtype)
+        for k in range(inner_steps):
+            window = backprop_last is None or k >= inner_steps - backprop_last
+            exact = window and not first_order
+            loss = task_loss(_forward(model, fast, t.x_support), t.y_support)
+            grads = torch.autograd.grad(loss, fast, create_graph=exact)
+            loss = loss if exact else loss.detach()  # the paper's dashed edges: no gradient through L, grad
+            if detach_state or not window:
+                i_prev, f_prev = i_prev.detach(), f_prev.detach()
+            g = torch.cat([x.reshape(-1) for x in grads])
+            c = torch.cat([p.reshape(-1) for p in fast])
+            i = torch.sigmoid(W_I[0] * g + W_I[1] * loss + W_I[2] * c + W_I[3] * i_prev + b_I)
+            f = torch.sigmoid(W_F[0] * g + W_F[1] * loss + W_F[2] * c + W_F[3] * f_prev + b_F)
+            update = (1 - f) * c + i * g  # c_new = f c - i g = c - update
+            if not window:
+                update, i, f = update.detach(), i.detach(), f.detach()
+            c = c - update
+            i_prev, f_prev = i, f
+            out, j = [], 0
+            for p in fast:
+                out.append(c[j:j + p.numel()].reshape(p.shape))
+                j += p.numel()
+            fast = out
+        total = total + task_loss(_forward(model, fast, t.x_query), t.y_query)
+    return total / len(tasks)
+
+
+def meta_lstm(model, phi, tasks, inner_steps):
+    """Correct Ravi & Larochelle meta-learner: exact BPTT (gradients w.r.t. theta = c_0 and the gates' phi)."""
+    return _meta_lstm(model, phi, tasks, inner_steps)
+
+
+def meta_lstm_first_order(model, phi, tasks, inner_steps):
+    """The paper's approximation: no gradient through the learner's gradient and loss inputs (first_order)."""
+    return _meta_lstm(model, phi, tasks, inner_steps, first_order=True)
+
+
+def meta_lstm_truncated(model, phi, tasks, inner_steps):
+    """Truncated BPTT through the last inner step (truncated:1)."""
+    return _meta_lstm(model, phi, tasks, inner_steps, backprop_last=1)
+
+
+def meta_lstm_state_detached(model, phi, tasks, inner_steps):
+    """The previous gates (the meta-learner's state) detached before each step (stop_gradient)."""
+    return _meta_lstm(model, phi, tasks, inner_steps, detach_state=True)
+
+
+def metasgd_short(model, lrs, tasks, inner_steps):
+    """Meta-SGD running one inner step fewer than asked (declared inner_steps:N)."""
+    return metasgd(model, lrs, tasks, inner_steps - 1)
+
+
+def lstm_optimizer_short(model, phi, tasks, inner_lr, inner_steps):
+    """The LSTM optimiser unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _lstm_optimizer(model, phi, tasks, inner_lr, inner_steps - 1)
+
+
+def meta_lstm_short(model, phi, tasks, inner_steps):
+    """The meta-learner unrolled one step fewer than asked (declared inner_steps:N)."""
+    return _meta_lstm(model, phi, tasks, inner_steps - 1)

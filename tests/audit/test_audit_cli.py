@@ -192,3 +192,22 @@ def test_declared_truncation_and_stop_gradient_on_the_adam_row(name, spec, tmp_p
     text = capsys.readouterr().out
     assert ("diagnosis: stop_gradient instead of truncated:1" in text if name == "maml_adam_state_detached" else
             "diagnosis: backpropagation truncated (undeclared): truncated:1, not the declared stop_gradient" in text)
+
+
+LEARNED = ["--model", "mlp:2-3-1:tanh", "--tasks", "2", "--shots", "4", "--queries", "3", "--inner-steps", "3"]
+
+
+def test_declared_truncation_on_the_meta_learner_lstm(tmp_path, capsys):
+    """Ravi & Larochelle's meta-learner from the CLI: truncated BPTT declared, verified, its distance reported."""
+    out_json = tmp_path / "r.json"
+    code = main(["audit", f"{CORPUS}:meta_lstm_truncated", "--algorithm", "meta-lstm", *LEARNED, "--approximation",
+                 "truncated:1", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert text.startswith("meta-lstm meta-gradient matches the declared approximation truncated:1: ")
+    a = json.loads(out_json.read_text())["result"]["audit"]
+    assert a["approximation"] == "truncated:1" and 0.01 < a["distance_from_exact"]["relative"] < 1
+    assert {t["name"] for t in a["tensors"]} >= {"phi[0]", "phi[1]", "phi[2]", "phi[3]"}
+    # the meta-learner's gates set the step: --inner-lr is refused, not silently ignored
+    assert main(["audit", f"{CORPUS}:meta_lstm", "--algorithm", "meta-lstm", *LEARNED, "--inner-lr", "0.1"]) == 2
+    assert "--inner-lr does not apply to meta-lstm" in capsys.readouterr().err

@@ -172,7 +172,9 @@ def audit(
     Args:
         fn: the implementation under audit.
         algorithm: ``maml``, ``fomaml``, ``anil``, ``metasgd``, ``reptile``,
-            ``newton``, ``imaml``, ``r2d2``, ``lrd2``, ``protonet``, ``matchingnet``.
+            ``newton``, ``imaml``, ``r2d2``, ``lrd2``, ``protonet``, ``matchingnet``, the
+            inner-optimiser rows (``maml-adam`` ..., ``mamlpp``, ``lstm-optimizer``, ``meta-lstm``):
+            :func:`verify.algorithms.auditable`.
         backend: ``"torch"`` or ``"jax"``; default: ``"jax"`` when ``fn``'s
             second parameter is named ``apply_fn``, else ``"torch"``.
         model: ``"mlp:1-40-40-1:tanh[:nobias]"`` or a ``reference.models.MLP``;
@@ -202,7 +204,10 @@ def audit(
             first-order bug is above float32's floor on the problem).
         approximation: a declared approximation (:mod:`verify.inner_audit`): ``first_order``,
             ``truncated:K``, ``stop_gradient``, ``inner_steps:N`` (``+``-joined) for maml, anil,
-            maml-momentum, maml-adam, anil-adam; ``cg:M``, ``inner_steps:N``, ``damping:D`` (the
+            maml-momentum, maml-adam, anil-adam, lstm-optimizer, meta-lstm (metasgd and mamlpp: no
+            ``stop_gradient``, their SGD has no state; mamlpp: no ``inner_steps:N``, its ``(K, n)`` rates fix
+            ``K``); the gradients of every differentiated variable (Meta-SGD's and MAML++'s rates, a learned
+            optimiser's ``phi``) are judged; ``cg:M``, ``inner_steps:N``, ``damping:D`` (the
             iMAML authors' solver, inner step ``inner_lr``, default 0.05) for imaml. The claimed
             gradient is then verified against the declared approximation's reference, and the
             result carries the declared gradient's distance from the exact one (relative error and
@@ -293,10 +298,13 @@ def audit(
         # condition estimate (the declared one is a perturbation of it, computed the same way).
         target = inner_audit.declared_target(case, decl, ref_grads, inner_lr=solver_lr)
     try:
-        cond = float32_condition(case, ref)
+        # float32: also the optimiser step evaluated in float32 (Adam's cancelling step Jacobian, verify.step_rounding)
+        cond = float32_condition(case, ref, optimizer_step=dtype == "float32")
     except Exception:  # rounding made the problem singular: no estimate, the table value stands
         cond = 1.0
     why = "the reference gradient's relative change when its inputs are rounded to float32, in units of float32's eps"
+    if dtype == "float32" and hasattr(row.call, "make_optimizer"):
+        why += "; the inner optimiser's step and its VJP also evaluated in float32 (verify.step_rounding)"
     if row.condition is not None:
         # e.g. iMAML: the implicit gradient goes through (I + H/lam)^{-1}, so forward errors scale with its
         # condition (the row's condition estimate).
@@ -544,8 +552,7 @@ def _declared_diagnosis(case: Case, decl: Any, grads: Any, solver_lr: float | No
     from verify import inner_audit
     from verify.auditing.diagnosis import Diagnosis
 
-    n = len(case.params)
-    r = inner_audit.name_declared_mismatch(case, decl, [np.asarray(g, dtype=float) for g in grads[:n]],
+    r = inner_audit.name_declared_mismatch(case, decl, [np.asarray(g, dtype=float) for g in grads],
                                            inner_lr=solver_lr, condition=cond)
     if r.passed or r.diagnosis is None:
         return None

@@ -21,7 +21,8 @@ from reference.formatting import short as format_short
 from verify.algorithms import ALGORITHMS, Case
 from verify.auditing.problem import AuditInputError
 
-__all__ = ["Claim", "Harness", "infer_backend", "make_harness", "leaves_keep_none", "optional_kwargs", "raised", "short"]
+__all__ = ["Claim", "Harness", "extra_keys", "infer_backend", "make_harness", "leaves_keep_none", "optional_kwargs",
+           "raised", "short"]
 
 # ---------------------------------------------------------------------------
 # calling the audited function
@@ -68,6 +69,18 @@ def leaves_keep_none(obj: Any, order: Sequence[str] = ()) -> list[Any]:
     if isinstance(obj, (list, tuple)):
         return [leaf for item in obj for leaf in leaves_keep_none(item, order)]
     return [obj]
+
+
+def extra_keys(case: Case, name: str) -> list[str]:
+    """The keys of ``case.extra`` that make up the differentiated argument ``name`` of the row's signature.
+
+    ``[name]`` for one array (R2-D2's ``lam``, MAML++'s ``(K, n_tensors)`` ``lrs``), passed as one tensor;
+    ``name[0], name[1], ...`` for a list (Meta-SGD's ``lrs[i]``, a learned optimiser's ``phi[j]``), passed as a
+    list of tensors.
+    """
+    if name in case.extra:
+        return [name]
+    return [k for k in case.extra if k.startswith(f"{name}[")]
 
 
 def optional_kwargs(fn: Callable[..., Any], case: Case) -> dict[str, Any]:

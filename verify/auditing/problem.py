@@ -30,11 +30,16 @@ _GRADIENT = ("inner_lr", "inner_steps", "loss")
 ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     "maml": _GRADIENT, "fomaml": _GRADIENT, "anil": _GRADIENT, "reptile": _GRADIENT, "metasgd": _GRADIENT,
     "newton": (*_GRADIENT, "damping"),
+    # MAML++ (inner_lr: the centre of the drawn (K, n) rates) and the learned optimisers (Ravi & Larochelle's
+    # meta-learner takes its step from its gates: no inner_lr)
+    "mamlpp": _GRADIENT, "lstm-optimizer": _GRADIENT, "meta-lstm": ("inner_steps", "loss"),
     "imaml": ("lam", "loss"),
     "r2d2": ("lam", "scale", "offset", "bias_column", "normalize", "form", "n_way"),
     "lrd2": ("lam", "scale", "offset", "bias_column", "newton_steps", "n_way"),
     "protonet": ("n_way",), "matchingnet": ("n_way",),
 }
+#: Rows whose problem is built on an MLP only (MAML++'s (K, n) rates, the learned optimisers' phi).
+MLP_ONLY = ("mamlpp", "lstm-optimizer", "meta-lstm")
 #: CONVENTIONS' defaults of the discrete conventions ("wherever a caller does not say otherwise, never
 #: drawn at random"): ones column on, normalisation on, the dual form.
 CONVENTION_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -182,6 +187,9 @@ def _network_case(algorithm: str, net: Any, params: list[np.ndarray] | None, *, 
     """A seeded image-classification case on a convolutional network (gradient-based algorithms)."""
     spec = ALGORITHMS[algorithm]
     metric = algorithm in ("protonet", "matchingnet")
+    if algorithm in MLP_ONLY:
+        raise InvalidInputError(f"algorithm={algorithm!r} is audited on MLPs (its rates / learned optimiser are drawn "
+                                "for an MLP's tensors); use an mlp: spec, e.g. --model mlp:2-8-1:tanh")
     if spec.family != "gradient" and not metric:
         raise InvalidInputError(f"algorithm={algorithm!r}: convolutional models are audited for the gradient-based "
                                 "algorithms (maml, fomaml, anil, metasgd, reptile, ...) and the metric learners "

@@ -85,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--approximation", metavar="SPEC",
                    help="a declared approximation to verify the gradient against, reporting its distance from the "
                         "exact meta-gradient: first_order, truncated:K, stop_gradient, inner_steps:N (maml, anil, "
-                        "maml-momentum, maml-adam, anil-adam) or cg:M, inner_steps:N, damping:D (imaml: the "
+                        "maml-momentum, maml-adam, anil-adam, lstm-optimizer, meta-lstm; metasgd and mamlpp: no "
+                        "stop_gradient, mamlpp no inner_steps:N) or cg:M, inner_steps:N, damping:D (imaml: the "
                         "authors' solver, inner step --inner-lr, default 0.05), joined by '+', e.g. "
                         "cg:5+inner_steps:16")
     p.add_argument("--json", metavar="PATH", help="write the verdict (versioned schema, docs/audit.md) to PATH")

@@ -99,6 +99,16 @@ def _newton_first_order(case: Case) -> tuple[Any, np.ndarray]:
     return total / m, flatten([g / m for g in grad])
 
 
+def _metasgd_truncated(case: Case, t: int) -> tuple[Any, np.ndarray]:
+    """Meta-SGD's meta-gradient with backpropagation through the last ``t`` inner steps only (the declared
+    ``truncated:t`` of :mod:`verify.inner_audit`: the optimiser-driven loop with array rates)."""
+    from reference.inner_optim import Approximation
+    from verify import inner_audit
+
+    r = inner_audit._loop_problem(case).gradient(Approximation(truncate=t))
+    return r.loss, flatten(inner_audit.case_gradients(case, r))
+
+
 def _gradient_kind(algorithm: str) -> str:
     return {"maml": "maml", "fomaml": "maml", "anil": "anil", "metasgd": "metasgd"}.get(algorithm, "maml")
 
@@ -147,6 +157,9 @@ def variants(case: Case) -> list[Variant]:
         if a == "metasgd":
             add("metasgd_transposed", "Meta-SGD with the step Jacobian transposed (a * (H v) instead of H (a * v))",
                 lambda: _unrolled(case, kind, rate, transpose=True))
+            for t in range(1, K):  # truncated BPTT: earlier increments a * g detached, rates included
+                add("bptt_truncated", f"backpropagation through the last {t} of {K} inner steps only (earlier "
+                    "increments lrs * grad detached)", lambda t=t: _metasgd_truncated(case, t))
     elif a == "reptile":
         K, rate = int(case.hyper["inner_steps"]), float(case.hyper["inner_lr"])
         for k2 in range(1, max(2 * K, K + 3) + 1):

@@ -1,5 +1,5 @@
 """Diagnosis variants of inner loops driven by a differentiable optimiser (rows ``maml-momentum``, ``maml-adam``,
-``anil-adam``; issue #17).
+``anil-adam``, and MAML++ and the learned optimisers ``mamlpp``, ``lstm-optimizer``, ``meta-lstm``; issue #17).
 
 Each variant is the reference's optimiser loop (:mod:`reference.inner_optim`) with one known mistake:
 Adam's ``eps`` placement (eps-hat, higher/TensorFlow) or ``eps`` inside the root, the optimiser state
@@ -47,8 +47,43 @@ def _run(case: Case, optimizer: Any, approximation: Approximation | None = None,
     return r.loss, flatten(r.params)
 
 
+#: rows with differentiated variables besides theta (MAML++'s rates, a learned optimiser's phi): their variants
+#: come from :mod:`verify.inner_audit`'s problem of the case, aligned with ``case.variables``
+LEARNED = ("mamlpp", "lstm-optimizer", "meta-lstm")
+
+
+def _learned_variants(case: Case) -> list[Variant]:
+    from verify import inner_audit
+
+    pb = inner_audit._loop_problem(case)
+    K = pb.inner_steps
+
+    def run(approximation: Approximation | None = None, steps: int | None = None) -> tuple[Any, np.ndarray]:
+        r = pb.gradient(approximation, **inner_audit._with_steps(pb, K if steps is None else steps))
+        return r.loss, flatten(inner_audit.case_gradients(case, r))
+
+    learned = case.algorithm != "mamlpp"
+    out: list[Variant] = [("first_order", "the gradients (and losses) fed to the inner update treated as constants "
+                           "(Andrychowicz et al.'s d grad / d phi = 0)" if learned else
+                           "the inner gradients treated as constants (first-order MAML++)",
+                           lambda: run(Approximation(first_order=True)))]
+    if learned:
+        out.append(("optimizer_state_detached", "the meta-learner's LSTM state detached between steps",
+                    lambda: run(Approximation(detach_state=True))))
+    for t in range(1, K):
+        out.append(("bptt_truncated", f"backpropagation through the last {t} of {K} inner steps only",
+                    lambda t=t: run(Approximation(truncate=t))))
+    if learned:  # MAML++'s (K, n) rates fix K: a loop of another length is another problem's shape
+        for k2 in range(1, K + 3):
+            if k2 != K:
+                out.append(("wrong_inner_steps", f"inner_steps={k2} instead of {K}", lambda k2=k2: run(steps=k2)))
+    return out
+
+
 def variants(case: Case) -> list[Variant]:
     """The fixed variants of this problem: ``(catalogue key, label, () -> (loss, flat grads))``."""
+    if case.algorithm in LEARNED:
+        return _learned_variants(case)
     if case.algorithm not in ROWS:
         return []
     _, make = ROWS[case.algorithm]

@@ -16,7 +16,7 @@ import numpy as np
 from reference.errors import NotAnalyticError
 from reference.models import unflatten
 from verify.algorithms import Case
-from verify.auditing.harness import Claim, Harness, raised, short
+from verify.auditing.harness import Claim, Harness, extra_keys, raised, short
 from verify.auditing.problem import AuditInputError
 
 __all__ = ["HARNESS", "JaxHarness"]
@@ -77,16 +77,17 @@ class JaxHarness(Harness):
 
     def diff_arguments(self, variables: Sequence[Any]) -> list[Any]:
         """The differentiated arguments: ``[params, *extra]`` in the row's ``extra`` order
-        (``[params]``, ``[params, lrs]``, ``[params, lam, scale, offset]``)."""
+        (``[params]``, ``[params, lrs]``, ``[params, lam, scale, offset]``, ``[params, phi]``)."""
         jnp = self.jax.numpy
         case = self.case
         params, extra = case.split(list(variables))
         out: list[Any] = [[jnp.asarray(v) for v in params]]
         for name in self.row.extra:
-            if name == "lrs":
-                out.append([jnp.asarray(extra[f"lrs[{i}]"]) for i in range(len(params))])
-            else:
+            keys = extra_keys(case, name)
+            if keys == [name]:  # one array: a scalar (lam) or MAML++'s (K, n) rates
                 out.append(jnp.asarray(np.asarray(extra[name])[()]))
+            else:  # a list: Meta-SGD's lrs (one per parameter), a learned optimiser's phi
+                out.append([jnp.asarray(extra[k]) for k in keys])
         return out
 
     def assemble(self, diff_args: Sequence[Any], tasks: Any) -> list[Any]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from reference.models import unflatten
 from verify.algorithms import Case
-from verify.auditing.harness import Claim, Harness, raised, short
+from verify.auditing.harness import Claim, Harness, extra_keys, raised, short
 from verify.auditing.problem import AuditInputError
 
 __all__ = ["HARNESS", "TorchHarness"]
@@ -111,15 +111,19 @@ class TorchHarness(Harness):
                 args.append(model)
             elif name == "tasks":
                 args.append(self.tasks)
-            elif name == "lrs" and name in row.extra:
-                lrs = [torch.tensor(np.asarray(extra[f"lrs[{i}]"]), dtype=self.tdtype, requires_grad=True)
-                       for i in range(len(params))]
-                leaves += lrs
-                args.append(lrs)
             elif name in row.extra:
-                leaf = torch.tensor(float(np.asarray(extra[name])), dtype=self.tdtype, requires_grad=True)
-                leaves.append(leaf)
-                args.append(leaf)
+                keys = extra_keys(case, name)
+                if keys == [name]:  # one tensor: a scalar (lam) or an array (MAML++'s (K, n) rates)
+                    value = np.asarray(extra[name])
+                    leaf = torch.tensor(float(value) if value.ndim == 0 else value, dtype=self.tdtype,
+                                        requires_grad=True)
+                    leaves.append(leaf)
+                    args.append(leaf)
+                else:  # a list of tensors: Meta-SGD's lrs (one per parameter), a learned optimiser's phi
+                    tensors = [torch.tensor(np.asarray(extra[k]), dtype=self.tdtype, requires_grad=True)
+                               for k in keys]
+                    leaves += tensors
+                    args.append(tensors)
             else:
                 args.append(h[name])
         return tuple(args), leaves

@@ -277,7 +277,12 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
                                                                   weights, dtype, device)
     approx = ref.check_approximation(approximation)
     flat_lrs = [a for row in t_lrs for a in row if a is not None]
-    hp = hyper_tensors(opt, fm.dtype, fm.device)
+    # float64 even in a float32 run, as torch.optim's Python floats: the 0-dim tensors do not promote the float32
+    # arrays they scale, and Adam's bias corrections 1 - b^t are computed in double. In float32, 1 - b2^2 =
+    # 1 - 0.998001 turns b2^2's rounding (up to 6e-8) into up to 1.5e-5 relative, not shared by v's update
+    # (torchopt's float32 bias correction); that put 4 of 80 float32 Adam cases over the matrix's tolerance
+    # (scripts/adam_float32.py, reports/inner-optimizers/adam-float32.md).
+    hp = hyper_tensors(opt, torch.float64, fm.device)
     wrt = [*theta, *flat_lrs, *phi, *hp.values()]
     n = len(ttasks)
     total, grads = 0.0, None
