@@ -116,6 +116,18 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
+def work(n_params: float, tasks: Sequence[Any], *, query: bool = True) -> float:
+    """``map_tasks``'s ``work`` for per-task passes through a model: ``n_params x`` the largest task's rows
+    (support plus query rows when ``query``, the support set alone otherwise)."""
+    rows = max((t[0].shape[0] + (t[2].shape[0] if query else 0) for t in tasks), default=0)
+    return float(n_params) * rows
+
+
+def pool_size(n_items: int) -> int:
+    """Workers :func:`map_tasks` would use for ``n_items`` items (work permitting): 1 under a 1-thread BLAS."""
+    return _workers(blas_threads(), n_items)
+
+
 def _workers(threads: int, n_items: int) -> int:
     """Pool size: the user's BLAS thread count, at most one per item and per core."""
     return min(threads, n_items, os.cpu_count() or 1)
@@ -172,4 +184,4 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
-__all__ = ["PARALLEL_MIN_WORK", "blas_threads", "map_tasks", "single_threaded_blas"]
+__all__ = ["PARALLEL_MIN_WORK", "blas_threads", "map_tasks", "pool_size", "single_threaded_blas", "work"]
