@@ -22,6 +22,16 @@ the callers reduce them in that order, so the meta-gradient is bit-for-bit
 that of a sequential run. Small problems, where Python overhead and the GIL
 dominate, run sequentially, still with one BLAS thread.
 
+Tasks of equal shapes can also run several per NumPy call (the MAML engine's
+batches, R2-D2's stacked blocks), fewer and longer calls, which is what lets
+the pool's threads release the GIL for long stretches; callers cut their work
+into a multiple of :func:`pool_size` pieces of equal size so no worker idles.
+A pool only pays if its threads get cores: each pooled call measures the CPU
+time it got per wall second, and when that is below
+:data:`STARVED_PARALLELISM` (a busy machine; measured on the shared 2-core
+machine at load 3-12: the pool was 1.1-1.2x slower than one thread) the next
+calls run sequentially for a while and the pool is then tried again.
+
 The BLAS limit is process-wide while a reference call runs (``threadpoolctl``;
 reference counted, so concurrent or nested calls restore the user's setting
 only when the last one leaves). Without ``threadpoolctl`` everything runs
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -48,12 +59,22 @@ R = TypeVar("R")
 # second core (benchmarks/bench_speed.py).
 PARALLEL_MIN_WORK = 2e5
 
+# The pool pays only if its workers get cores: CPU seconds per wall second of a pooled call (all threads
+# of the process) below this mean the machine is busy (2 cores, load 3-12: a pooled MAML 1-256-256-1 call
+# ran 1.1-1.2x slower than the sequential one), and the next calls run sequentially for a while
+# (STARVED_HOLD_S, 20 times that call's duration within 1-30 s) before the pool is tried again. A
+# balanced 2-worker call on an idle 2-core machine measures ~1.8; 1.3 is where a pool costing ~1.1x the
+# sequential CPU time starts to win.
+STARVED_PARALLELISM = 1.3
+STARVED_HOLD_S = (1.0, 30.0)
+
 _lock = threading.Lock()
 _local = threading.local()
 _controller: Any = None  # threadpoolctl's controller of the loaded BLAS libraries (False: unavailable)
 _depth = 0  # reference calls currently holding the BLAS at one thread
 _saved: list[tuple[Any, int]] = []
 _pools: dict[int, ThreadPoolExecutor] = {}
+_starved_until = 0.0  # time.monotonic() before which map_tasks runs sequentially (busy machine)
 
 
 def _blas() -> Any:
@@ -142,6 +163,21 @@ def _in_worker(ctx: contextvars.Context, fn: Callable[[T], R], item: T) -> R:
         _local.inside = False
 
 
+def pool_starved() -> bool:
+    """Whether a recent pooled call found the cores busy (then :func:`map_tasks` runs sequentially for a while)."""
+    return time.monotonic() < _starved_until
+
+
+def _record(cpu: float, wall: float) -> None:
+    """Note a pooled call's CPU and wall time; hold the pool back if it got less than ``STARVED_PARALLELISM``."""
+    global _starved_until
+    if wall < 0.005:  # too short to tell
+        return
+    if cpu / wall < STARVED_PARALLELISM:
+        lo, hi = STARVED_HOLD_S
+        _starved_until = time.monotonic() + min(hi, max(lo, 20.0 * wall))
+
+
 def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Iterator[R]:
     """``fn(item) for item in items``, with one BLAS thread, on ``blas_threads()`` workers when worth it.
 
@@ -158,15 +194,21 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
         work: the size of one call's matrix products, ``rows x parameters``;
             below :data:`PARALLEL_MIN_WORK` the calls run in this thread (still
             with one BLAS thread).
+
+    On a busy machine (:func:`pool_starved`: the last pooled call got less
+    than ``STARVED_PARALLELISM`` cores' worth of CPU) the calls run in this
+    thread until the hold expires. Only the speed depends on that choice.
     """
     items = list(items)
     with single_threaded_blas() as threads:
         workers = _workers(threads, len(items))
-        if workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False):
+        if (workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False)
+                or pool_starved()):
             for item in items:
                 yield fn(item)
             return
         pool = _executor(workers)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         ctx = contextvars.copy_context()
         pending: deque[Future[R]] = deque()
         submitted = 0
@@ -176,6 +218,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
                     pending.append(pool.submit(_in_worker, ctx.copy(), fn, items[submitted]))
                     submitted += 1
                 yield pending.popleft().result()
+            _record(time.process_time() - cpu0, time.perf_counter() - wall0)
         finally:
             # After a failure (or a caller that stops early): drop the tasks not started, wait for the
             # running ones (they use the single-threaded BLAS this call holds).
@@ -184,4 +227,5 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
-__all__ = ["PARALLEL_MIN_WORK", "blas_threads", "map_tasks", "pool_size", "single_threaded_blas", "work"]
+__all__ = ["PARALLEL_MIN_WORK", "STARVED_PARALLELISM", "blas_threads", "map_tasks", "pool_size", "pool_starved",
+           "single_threaded_blas", "work"]

@@ -411,7 +411,7 @@ class _MLPEngine:
 #: Bytes of stacked parameters per batch (``B x n_params x itemsize``): the iterates of a batch stay in
 #: the per-core L2 cache region's order of magnitude; 1-256-256-1 (66,561 parameters) runs 7 tasks a batch,
 #: 1-40-40-1 every task at once, an 8-1024-1024-1 task alone (through :class:`_MLPEngine`).
-BATCH_BYTES = 4 * 2**20
+BATCH_BYTES = 3 * 2**19
 
 
 def _t(a: np.ndarray) -> np.ndarray:

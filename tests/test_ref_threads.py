@@ -25,6 +25,14 @@ from reference.tasks import gaussian_classification, sinusoid
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 
+@pytest.fixture(autouse=True)
+def never_starved(monkeypatch):
+    # A busy test machine would send map_tasks down its sequential path (pool_starved); these tests are
+    # about the pooled path, so the CPU measurement never holds the pool back here.
+    monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 0.0)
+    monkeypatch.setattr(_threads, "_starved_until", 0.0)
+
+
 @pytest.fixture
 def two_workers(monkeypatch):
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
@@ -309,3 +317,26 @@ def test_other_algorithms_run_on_the_pool_bitwise_sequential(name, monkeypatch):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_starved_pool_is_held_back_then_tried_again(two_workers, monkeypatch):
+    monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 1.3)
+    _threads._record(cpu=0.19, wall=0.1)  # 1.9 cores' worth: the pool paid
+    assert not _threads.pool_starved()
+    _threads._record(cpu=0.001, wall=0.001)  # too short to judge
+    assert not _threads.pool_starved()
+    _threads._record(cpu=0.1, wall=0.1)  # one core's worth from two workers: the machine is busy
+    assert _threads.pool_starved()
+    monkeypatch.setattr(_threads, "_in_worker", lambda *a: pytest.fail("the pool ran while held back"))
+    assert list(_threads.map_tasks(lambda i: i * i, range(5), work=1e9)) == [0, 1, 4, 9, 16]
+    assert max(_blas_threads()) >= 1 and _threads.pool_starved()
+    monkeypatch.setattr(_threads, "_starved_until", 0.0)  # the hold expired: the pool is tried again
+    monkeypatch.undo()
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
+    monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 0.0)
+    monkeypatch.setattr(_threads, "_starved_until", 0.0)
+    calls = []
+    real = _threads._in_worker
+    monkeypatch.setattr(_threads, "_in_worker", lambda *a: calls.append(1) or real(*a))
+    assert list(_threads.map_tasks(lambda i: i * i, range(5), work=1e9)) == [0, 1, 4, 9, 16]
+    assert len(calls) == 5
