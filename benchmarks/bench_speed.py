@@ -24,8 +24,10 @@ Run from the repository root (``run.py`` runs it with the others)::
   8-256-256, 25 tasks 5-way (LR-D2: 2-way) 5-shot 15-query), Newton-MAML
   (1-10-10-1, 25 sinusoid tasks, K=2), gradient flow (1-10-10-1, 4 tasks,
   T=0.3), Reptile (relu 1-256-256-1, 25 tasks, K=5). Each at default settings,
-  pinned to one thread, and with the thread policy switched off (the code before
-  issue 18: tasks in a loop, BLAS at the user's setting, ``ref no policy``).
+  pinned to one thread, and with reference/_threads.py switched off (``ref policy
+  off``: tasks, or ProtoNets', Matching nets' and LR-D2's stacked blocks of tasks,
+  in a plain loop with BLAS at the user's setting, as before issue 18's policy
+  reached these algorithms; the stacking is new too and runs either way).
 
 Threads: the main table is at the libraries' default settings (what a user
 gets: on the 2-core benchmark machine OpenBLAS and torch use 2 threads, XLA its
@@ -251,7 +253,7 @@ def _other_table(rows: list[dict[str, Any]]) -> str:
             fmt_ratio(r["ratios"]["reference/reference@1"]), fmt_ratio(r["ratios"]["reference/no policy"]),
             "yes" if r["identical"] else "no"] for r in rows]
     return md_table(["algorithm", "problem", "params", "runs", "threads (BLAS / torch)", "reference",
-                     "reference, 1 thread", "ref no policy", "ref / ref 1t", "ref / ref no policy",
+                     "reference, 1 thread", "ref policy off", "ref / ref 1t", "ref / ref policy off",
                      "same numbers"], out)
 
 
@@ -391,9 +393,10 @@ def run(quick: bool = False) -> Result:
         "",
         _other_table(data["other"]),
         "",
-        "`ref no policy`: the same call with reference/_threads.py switched off (tasks in a plain loop, BLAS at "
-        "the user's thread setting: these algorithms before issue 18's policy reached them); `ref / ref no policy` "
-        "< 1: the policy is faster. `same numbers`: the three runs' outputs are bitwise equal.",
+        "`ref policy off`: the same call with reference/_threads.py switched off (tasks, or the stacked blocks of "
+        "tasks of ProtoNets, Matching nets and LR-D2, in a plain loop with BLAS at the user's thread setting: the "
+        "thread handling before issue 18's policy reached these algorithms); `ref / ref policy off` < 1: the policy "
+        "is faster. `same numbers`: the three runs' outputs are bitwise equal.",
         "",
         "The largest size of each table has two timed runs (no warm-up for NumPy/PyTorch: their first call is the "
         "first run; JAX's first call, with compilation, is the separate column)."
@@ -414,7 +417,7 @@ def run(quick: bool = False) -> Result:
     head.append("speed of the other per-task algorithms, reference default / one thread (BLAS "
                 f"{_threads_label(rows[-1])}): " + "; ".join(
                     f"{r['algorithm']} {r['ratios']['reference/reference@1'].median:.2g}" for r in rows)
-                + "; default / no thread policy: " + "; ".join(
+                + "; default / policy off: " + "; ".join(
                     f"{r['algorithm']} {r['ratios']['reference/no policy'].median:.2g}" for r in rows))
     return Result("1-speed", "Reference speed: NumPy reference vs PyTorch autograd vs JAX jit", "\n".join(md), data,
                   plots=[("speed.png", plot(data))], headline=head, seconds=time.perf_counter() - t0)

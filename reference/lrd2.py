@@ -44,6 +44,7 @@ from reference.features import (
     check_backbone,
     check_feature_tasks,
     check_lam,
+    stacked_task_map,
 )
 from reference._threads import map_tasks, work
 from reference.linalg import SPDFactor
@@ -150,6 +151,14 @@ def meta_loss(
     backbone, params, tasks, lam, scale, offset, steps = check_arguments(backbone, params, tasks, lam, scale, offset,
                                                                           newton_steps)
     total = 0.0
+    if isinstance(backbone, MLP):  # stacked blocks of tasks through the shared backbone
+        for values, _ in stacked_task_map(
+                backbone, params, tasks,
+                lambda f, i: _task(f, tasks[i], lam, scale, offset, steps, bias_column, f"tasks[{i}]", False)[0],
+                need_grad=False):
+            for value in values:
+                total = total + value
+        return as_scalar(total / len(tasks))
 
     def per_task(i: int) -> Any:
         feats = TaskFeatures(backbone, params, tasks[i], f"tasks[{i}]")
@@ -200,6 +209,21 @@ def meta_loss_and_grad(
                                                                           newton_steps)
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
+    m = len(tasks)
+    if features is TaskFeatures and isinstance(backbone, MLP):
+        # Stacked blocks of tasks: one forward pass and one VJP per block (reference.features.stacked_task_map).
+        for outs, g in stacked_task_map(
+                backbone, params, tasks,
+                lambda f, i: _task(f, tasks[i], lam, scale, offset, steps, bias_column, f"tasks[{i}]", True),
+                need_grad=True):
+            for value, (_, g_lam, g_scale, g_offset) in outs:
+                total = total + value
+                hyper["lam"] += g_lam
+                hyper["scale"] += g_scale
+                hyper["offset"] += g_offset
+            grads = accumulate(grads, g)
+        return as_scalar(total / m), [g / m for g in grads], {k: as_scalar(v / m) for k, v in hyper.items()}
+    # A custom feature factory (the audit's diagnosis) or a Network backbone: task by task.
 
     def per_task(i: int) -> Any:
         feats = features(backbone, params, tasks[i], f"tasks[{i}]")

@@ -313,7 +313,7 @@ def test_other_algorithms_run_on_the_pool_bitwise_sequential(name, monkeypatch):
     monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0.0)  # small problems here: force the pool
     monkeypatch.setattr(_threads, "_in_worker", lambda *a: calls.append(1) or real(*a))
     got = _flat(fn())
-    assert len(calls) >= 3  # every task went through the pool
+    assert len(calls) >= 2  # the tasks (or blocks of tasks) went through the pool
     assert len(got) == len(want)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
