@@ -30,7 +30,11 @@ A pool only pays if its threads get cores: each pooled call measures the CPU
 time it got per wall second, and when that is below
 :data:`STARVED_PARALLELISM` (a busy machine; measured on the shared 2-core
 machine at load 3-12: the pool was 1.1-1.2x slower than one thread) the next
-calls run sequentially for a while and the pool is then tried again.
+calls of that function at that size run sequentially for a while (longer
+after each further starved try) and the pool is then tried again. The same
+measurement catches tasks that hold the GIL most of the time (iMAML's
+trust-region and CG loops), where two threads take turns instead of running
+at once.
 
 The BLAS limit is process-wide while a reference call runs (``threadpoolctl``;
 reference counted, so concurrent or nested calls restore the user's setting
@@ -41,6 +45,7 @@ sequentially and BLAS is left as it is.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import threading
 import time
@@ -59,14 +64,16 @@ R = TypeVar("R")
 # second core (benchmarks/bench_speed.py).
 PARALLEL_MIN_WORK = 2e5
 
-# The pool pays only if its workers get cores: CPU seconds per wall second of a pooled call (all threads
-# of the process) below this mean the machine is busy (2 cores, load 3-12: a pooled MAML 1-256-256-1 call
-# ran 1.1-1.2x slower than the sequential one), and the next calls run sequentially for a while
-# (STARVED_HOLD_S, 20 times that call's duration within 1-30 s) before the pool is tried again. A
-# balanced 2-worker call on an idle 2-core machine measures ~1.8; 1.3 is where a pool costing ~1.1x the
-# sequential CPU time starts to win.
+# The pool pays only if its workers run at once: CPU seconds per wall second of a pooled call (all threads
+# of the process) below this mean they did not -- the cores were busy (2 cores, load 3-12: a pooled MAML
+# 1-256-256-1 call ran 1.1-1.2x slower than the sequential one) or the tasks hold the GIL most of the time
+# (iMAML's trust-region and CG loops: 1.3x slower on a quiet machine, 2.6x at load 5). The next calls of
+# the same function at the same size then run sequentially for a while (STARVED_HOLD_S: 20 times that
+# call's duration within the bounds, doubled at each further starved try, reset by a good one) before the
+# pool is tried again. A balanced 2-worker call on a free 2-core machine measures ~1.8; 1.3 is where a
+# pool costing ~1.1x the sequential CPU time starts to win.
 STARVED_PARALLELISM = 1.3
-STARVED_HOLD_S = (1.0, 30.0)
+STARVED_HOLD_S = (2.0, 600.0)
 
 _lock = threading.Lock()
 _local = threading.local()
@@ -74,7 +81,8 @@ _controller: Any = None  # threadpoolctl's controller of the loaded BLAS librari
 _depth = 0  # reference calls currently holding the BLAS at one thread
 _saved: list[tuple[Any, int]] = []
 _pools: dict[int, ThreadPoolExecutor] = {}
-_starved_until = 0.0  # time.monotonic() before which map_tasks runs sequentially (busy machine)
+# Per (function, size) key: (time.monotonic() before which map_tasks runs it sequentially, starved tries in a row).
+_starved: dict[tuple[str, int], tuple[float, int]] = {}
 
 
 def _blas() -> Any:
@@ -163,19 +171,33 @@ def _in_worker(ctx: contextvars.Context, fn: Callable[[T], R], item: T) -> R:
         _local.inside = False
 
 
-def pool_starved() -> bool:
-    """Whether a recent pooled call found the cores busy (then :func:`map_tasks` runs sequentially for a while)."""
-    return time.monotonic() < _starved_until
+def _key(fn: Callable[..., Any], work: float) -> tuple[str, int]:
+    # The per-task function (e.g. MAML's per_batch, iMAML's per_task) and the work's power of two.
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return name, int(math.log2(work)) if work >= 1 else 0
 
 
-def _record(cpu: float, wall: float) -> None:
+def pool_starved(fn: Callable[..., Any], work: float) -> bool:
+    """Whether recent pooled calls of ``fn`` at this ``work`` did not run in parallel (then
+    :func:`map_tasks` runs them sequentially until the hold expires)."""
+    with _lock:
+        until, _ = _starved.get(_key(fn, work), (0.0, 0))
+    return time.monotonic() < until
+
+
+def _record(fn: Callable[..., Any], work: float, cpu: float, wall: float) -> None:
     """Note a pooled call's CPU and wall time; hold the pool back if it got less than ``STARVED_PARALLELISM``."""
-    global _starved_until
     if wall < 0.005:  # too short to tell
         return
-    if cpu / wall < STARVED_PARALLELISM:
+    key = _key(fn, work)
+    with _lock:
+        if cpu / wall >= STARVED_PARALLELISM:
+            _starved.pop(key, None)
+            return
+        _, strikes = _starved.get(key, (0.0, 0))
         lo, hi = STARVED_HOLD_S
-        _starved_until = time.monotonic() + min(hi, max(lo, 20.0 * wall))
+        hold = min(hi, max(lo, 20.0 * wall) * 2.0 ** min(strikes, 20))
+        _starved[key] = (time.monotonic() + hold, strikes + 1)
 
 
 def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Iterator[R]:
@@ -195,15 +217,16 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             below :data:`PARALLEL_MIN_WORK` the calls run in this thread (still
             with one BLAS thread).
 
-    On a busy machine (:func:`pool_starved`: the last pooled call got less
-    than ``STARVED_PARALLELISM`` cores' worth of CPU) the calls run in this
-    thread until the hold expires. Only the speed depends on that choice.
+    When the last pooled call of ``fn`` at this ``work`` got less than
+    ``STARVED_PARALLELISM`` cores' worth of CPU (:func:`pool_starved`: busy
+    cores, or GIL-bound tasks) the calls run in this thread until the hold
+    expires. Only the speed depends on that choice.
     """
     items = list(items)
     with single_threaded_blas() as threads:
         workers = _workers(threads, len(items))
         if (workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False)
-                or pool_starved()):
+                or pool_starved(fn, work)):
             for item in items:
                 yield fn(item)
             return
@@ -218,7 +241,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
                     pending.append(pool.submit(_in_worker, ctx.copy(), fn, items[submitted]))
                     submitted += 1
                 yield pending.popleft().result()
-            _record(time.process_time() - cpu0, time.perf_counter() - wall0)
+            _record(fn, work, time.process_time() - cpu0, time.perf_counter() - wall0)
         finally:
             # After a failure (or a caller that stops early): drop the tasks not started, wait for the
             # running ones (they use the single-threaded BLAS this call holds).

@@ -30,7 +30,7 @@ def never_starved(monkeypatch):
     # A busy test machine would send map_tasks down its sequential path (pool_starved); these tests are
     # about the pooled path, so the CPU measurement never holds the pool back here.
     monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 0.0)
-    monkeypatch.setattr(_threads, "_starved_until", 0.0)
+    monkeypatch.setattr(_threads, "_starved", {})
 
 
 @pytest.fixture
@@ -74,7 +74,12 @@ def test_imaml_parallel_is_bitwise_sequential(monkeypatch):
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: 1)
     loss1, g1 = imaml.meta_loss_and_grad(model, params, tasks, 2.0)
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
+    monkeypatch.setattr(imaml, "POOL_MIN_WORK", 0.0)  # (iMAML pools only products of 1e7 and more)
+    calls = []
+    real = _threads._in_worker
+    monkeypatch.setattr(_threads, "_in_worker", lambda *a: calls.append(1) or real(*a))
     loss2, g2 = imaml.meta_loss_and_grad(model, params, tasks, 2.0)
+    assert len(calls) == len(tasks)
     assert loss1 == loss2
     for a, b in zip(g1, g2):
         np.testing.assert_array_equal(a, b)
@@ -321,22 +326,33 @@ def test_other_algorithms_run_on_the_pool_bitwise_sequential(name, monkeypatch):
 
 def test_a_starved_pool_is_held_back_then_tried_again(two_workers, monkeypatch):
     monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 1.3)
-    _threads._record(cpu=0.19, wall=0.1)  # 1.9 cores' worth: the pool paid
-    assert not _threads.pool_starved()
-    _threads._record(cpu=0.001, wall=0.001)  # too short to judge
-    assert not _threads.pool_starved()
-    _threads._record(cpu=0.1, wall=0.1)  # one core's worth from two workers: the machine is busy
-    assert _threads.pool_starved()
-    monkeypatch.setattr(_threads, "_in_worker", lambda *a: pytest.fail("the pool ran while held back"))
-    assert list(_threads.map_tasks(lambda i: i * i, range(5), work=1e9)) == [0, 1, 4, 9, 16]
-    assert max(_blas_threads()) >= 1 and _threads.pool_starved()
-    monkeypatch.setattr(_threads, "_starved_until", 0.0)  # the hold expired: the pool is tried again
-    monkeypatch.undo()
-    monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
-    monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 0.0)
-    monkeypatch.setattr(_threads, "_starved_until", 0.0)
+
+    def square(i):
+        return i * i
+
+    def other(i):
+        return i
+
+    _threads._record(square, 1e9, cpu=0.19, wall=0.1)  # 1.9 cores' worth: the pool paid
+    assert not _threads.pool_starved(square, 1e9)
+    _threads._record(square, 1e9, cpu=0.001, wall=0.001)  # too short to judge
+    assert not _threads.pool_starved(square, 1e9)
+    _threads._record(square, 1e9, cpu=0.1, wall=0.1)  # one core's worth from two workers
+    assert _threads.pool_starved(square, 1e9)
+    until1 = _threads._starved[_threads._key(square, 1e9)][0]
+    _threads._record(square, 1e9, cpu=0.1, wall=0.1)  # starved again: a longer hold
+    assert _threads._starved[_threads._key(square, 1e9)][0] > until1 + 1.0
+    # Other functions, and the same function at another size, keep the pool.
+    assert not _threads.pool_starved(other, 1e9) and not _threads.pool_starved(square, 1e5)
     calls = []
     real = _threads._in_worker
     monkeypatch.setattr(_threads, "_in_worker", lambda *a: calls.append(1) or real(*a))
-    assert list(_threads.map_tasks(lambda i: i * i, range(5), work=1e9)) == [0, 1, 4, 9, 16]
+    assert list(_threads.map_tasks(square, range(5), work=1e9)) == [0, 1, 4, 9, 16]
+    assert calls == []  # held back: sequential
+    assert list(_threads.map_tasks(other, range(5), work=1e9)) == list(range(5))
+    assert len(calls) == 5  # not held back
+    _threads._record(square, 1e9, cpu=0.19, wall=0.1)  # a good try clears the hold
+    assert not _threads.pool_starved(square, 1e9)
+    calls.clear()
+    assert list(_threads.map_tasks(square, range(5), work=1e9)) == [0, 1, 4, 9, 16]
     assert len(calls) == 5
