@@ -58,11 +58,12 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Size of a task's matrix products (rows x parameters) below which tasks run sequentially: a
-# 1-40-40-1 MAML task (10 rows x 1,761 parameters, ~2e4) is made of microsecond-sized operations,
-# Python-bound, and the GIL would serialise the threads; a 1-256-256-1 task (~7e5) gains from a
-# second core (benchmarks/bench_speed.py).
-PARALLEL_MIN_WORK = 2e5
+# Size of one call's matrix products (rows x parameters: a task's, or a whole batch's or block's when
+# the caller stacks tasks) below which the calls run sequentially. Measured on 2 cores (benchmark 1):
+# MAML 1-40-40-1 in two batches of 13 tasks (2.3e5) is made of microsecond-sized operations and took
+# 1.36x its sequential time on the pool; MAML 1-256-256-1 (2 tasks a batch, 1.3e6), R2-D2 8-40-40 (blocks
+# of ~420 rows x 2,000, 8e5) and larger gained from a second core (0.53-0.73x).
+PARALLEL_MIN_WORK = 5e5
 
 # The pool pays only if its workers run at once: CPU seconds per wall second of a pooled call (all threads
 # of the process) below this mean they did not -- the cores were busy (2 cores, load 3-12: a pooled MAML

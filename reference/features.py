@@ -344,8 +344,10 @@ def stacked_task_map(backbone: MLP, params: Params, tasks: Sequence[Task], per_t
             return outs, None
         return outs, feats.vjp({i: v.cotangents for i, v in zip(indices, views) if v.cotangents is not None})
 
-    rows = max(t.x_support.shape[0] + t.x_query.shape[0] for t in tasks)
-    return map_tasks(block, task_blocks(tasks), work=rows * backbone.n_params)
+    blocks = task_blocks(tasks)
+    # One call's products are a whole block's rows against the backbone's weights.
+    rows = max(sum(tasks[i].x_support.shape[0] + tasks[i].x_query.shape[0] for i in b) for b in blocks)
+    return map_tasks(block, blocks, work=rows * backbone.n_params)
 
 
 def feature_blocks(backbone: MLP, params: Params, tasks: Sequence[Task], name: str = "tasks",
