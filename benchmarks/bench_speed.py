@@ -19,6 +19,16 @@ Run from the repository root (``run.py`` runs it with the others)::
   8-256-256, 8-1024-1024 (1.06M parameters), 25 tasks, 5-way 5-shot 15-query
   Gaussian classification, lam = 1, scale = 1, offset = 0.
 
+* The other per-task algorithms of the reference (issue 18: on the same thread
+  policy), reference only: ProtoNets, Matching networks and LR-D2 (backbone
+  8-256-256, 25 tasks 5-way (LR-D2: 2-way) 5-shot 15-query), Newton-MAML
+  (1-10-10-1, 25 sinusoid tasks, K=2), gradient flow (1-10-10-1, 4 tasks,
+  T=0.3), Reptile (relu 1-256-256-1, 25 tasks, K=5). Each at default settings,
+  pinned to one thread, and with reference/_threads.py switched off (``ref policy
+  off``: tasks, or ProtoNets', Matching nets' and LR-D2's stacked blocks of tasks,
+  in a plain loop with BLAS at the user's setting, as before issue 18's policy
+  reached these algorithms; the stacking is new too and runs either way).
+
 Threads: the main table is at the libraries' default settings (what a user
 gets: on the 2-core benchmark machine OpenBLAS and torch use 2 threads, XLA its
 own pool), unless ``run.py --threads`` pinned them; in the same rounds the
@@ -165,6 +175,92 @@ def r2d2_case(label: str, quick: bool) -> tuple[int, dict[str, Callable[[], Any]
 CASES = {"maml": (maml_case, _maml_sizes), "imaml": (imaml_case, _imaml_sizes), "r2d2": (r2d2_case, _r2d2_sizes)}
 
 
+def other_cases(quick: bool) -> dict[str, tuple[str, int, Callable[[], Any]]]:
+    """``name -> (problem, params, zero-argument reference call)`` of the other per-task algorithms."""
+    from reference import flow, lrd2, matchingnet, newton, protonet, reptile
+    from reference.tasks import gaussian_classification, sinusoid
+
+    n = 2 if quick else 25
+    bb = MLP([8, 16, 16] if quick else [8, 256, 256], "tanh", "mse")
+    bp = bb.init(0)
+    cls = gaussian_classification(5, 5, 15, 8, n_tasks=n, seed=1)
+    binary = gaussian_classification(2, 5, 15, 8, n_tasks=n, seed=1)
+    small = MLP([1, 10, 10, 1], "tanh", "mse")
+    sp = small.init(0)
+    reg = MLP([1, 16, 16, 1] if quick else [1, 256, 256, 1], "relu", "mse")
+    rp = reg.init(0)
+    sin = sinusoid(n, 10, 10, seed=0)
+    feat = f"{'-'.join(map(str, bb.sizes))}, {n} tasks"
+    return {
+        "ProtoNets": (feat + " 5-way 5-shot 15-query", bb.n_params, lambda: protonet.loss_and_grad(bb, bp, cls, 5)),
+        "Matching nets": (feat + " 5-way 5-shot 15-query", bb.n_params,
+                          lambda: matchingnet.loss_and_grad(bb, bp, cls, 5)),
+        "LR-D2": (feat + " 2-way 5-shot 15-query, 3 Newton steps", bb.n_params,
+                  lambda: lrd2.meta_loss_and_grad(bb, bp, binary, 1.0, 1.0, 0.0, 3)),
+        "Newton-MAML": (f"1-10-10-1, {n} tasks, K=2", small.n_params,
+                        lambda: newton.meta_loss_and_grad(small, sp, sin, 0.1, 2, 0.1)),
+        "gradient flow": ("1-10-10-1, 2 tasks, T=0.1" if quick else "1-10-10-1, 4 tasks, T=0.3", small.n_params,
+                          lambda: flow.meta_loss_and_grad(small, sp, sin[:2] if quick else sin[:4],
+                                                          0.1 if quick else 0.3)),
+        "Reptile": (f"{'-'.join(map(str, reg.sizes))} relu, {n} tasks, K=5", reg.n_params,
+                    lambda: reptile.direction(reg, rp, sin, 0.01, 5)),
+    }
+
+
+def without_policy(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with reference/_threads.py switched off: tasks in a plain loop, BLAS at the user's setting."""
+    from reference import _threads
+
+    def off() -> Any:
+        saved = _threads._controller
+        _threads._controller = False  # what the module does without threadpoolctl
+        try:
+            return fn()
+        finally:
+            _threads._controller = saved
+
+    return off
+
+
+def bench_other(quick: bool) -> list[dict[str, Any]]:
+    """Every other algorithm at default settings, pinned to one thread, and without the thread policy."""
+    rows = []
+    for name, (problem, n_params, fn) in other_cases(quick).items():
+        fns = {"reference": fn, "reference@1": at_threads(fn, 1), "no policy": without_policy(fn)}
+        repeats = 1 if quick else (ROUNDS or 5)
+        times, outs, _ = alternate(fns, repeats, warmup=0 if quick else 1)
+        flat = {k: flatten([np.asarray(x, dtype=complex) for x in _leaves(v)]) for k, v in outs.items()}
+        rows.append({"algorithm": name, "problem": problem, "params": n_params, "times": times, "repeats": repeats,
+                     "threads": default_threads(),
+                     "ratios": {"reference/reference@1": pairwise(times, "reference", "reference@1"),
+                                "reference/no policy": pairwise(times, "reference", "no policy")},
+                     # Under the policy the thread count changes nothing (one BLAS thread, fixed blocks, task
+                     # order); with it off, multithreaded BLAS rounds large products differently.
+                     "identical": bool(np.array_equal(flat["reference@1"], flat["reference"])),
+                     "policy_off_rel_diff": float(np.max(np.abs(flat["no policy"] - flat["reference"]))
+                                                  / max(float(np.max(np.abs(flat["reference"]))), 1e-300))})
+        log(f"  speed {name}: " + ", ".join(f"{k} {times[k].median:.3g} s" for k in fns))
+    return rows
+
+
+def _leaves(out: Any) -> list[Any]:
+    if isinstance(out, dict):
+        return [y for k in sorted(out) for y in _leaves(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [y for x in out for y in _leaves(x)]
+    return [out]
+
+
+def _other_table(rows: list[dict[str, Any]]) -> str:
+    out = [[r["algorithm"], r["problem"], f"{r['params']:,}", r["repeats"], _threads_label(r),
+            r["times"]["reference"].fmt(), r["times"]["reference@1"].fmt(), r["times"]["no policy"].fmt(),
+            fmt_ratio(r["ratios"]["reference/reference@1"]), fmt_ratio(r["ratios"]["reference/no policy"]),
+            "yes" if r["identical"] else "no", f"{r['policy_off_rel_diff']:.1e}"] for r in rows]
+    return md_table(["algorithm", "problem", "params", "runs", "threads (BLAS / torch)", "reference",
+                     "reference, 1 thread", "ref policy off", "ref / ref 1t", "ref / ref policy off",
+                     "default = 1 thread, bitwise", "policy off: max rel diff"], out)
+
+
 def probe(algo: str, label: str, impl: str, quick: bool) -> Callable[[], Any]:
     """The zero-argument call of one implementation (the memory probe's factory)."""
     return CASES[algo][0](label, quick)[1][impl]
@@ -250,7 +346,8 @@ def _mb(row: dict[str, Any], impl: str) -> str:
 
 def run(quick: bool = False) -> Result:
     t0 = time.perf_counter()
-    data = {algo: bench(algo, quick) for algo in CASES}
+    data: dict[str, Any] = {algo: bench(algo, quick) for algo in CASES}
+    data["other"] = bench_other(quick)
     md = [
         "Times: median (min-max) over the timed rounds; ratios: per-round time / reference time, median (min-max). "
         "Memory (MB): `ref tracemalloc`, the reference's peak traced allocation during one call (NumPy buffers); "
@@ -296,6 +393,17 @@ def run(quick: bool = False) -> Result:
         "",
         _pinned_table(data["r2d2"]),
         "",
+        "### The other per-task algorithms (reference only: its default threads against one thread)",
+        "",
+        _other_table(data["other"]),
+        "",
+        "`ref policy off`: the same call with reference/_threads.py switched off (tasks, or the stacked blocks of "
+        "tasks of ProtoNets, Matching nets and LR-D2, in a plain loop with BLAS at the user's thread setting: the "
+        "thread handling before issue 18's policy reached these algorithms); `ref / ref policy off` < 1: the policy "
+        "is faster. `default = 1 thread, bitwise`: the outputs at default threads and pinned to one thread are "
+        "bitwise equal; `policy off: max rel diff`: max |policy off - default| / max |default| (multithreaded BLAS "
+        "rounds large products differently).",
+        "",
         "The largest size of each table has two timed runs (no warm-up for NumPy/PyTorch: their first call is the "
         "first run; JAX's first call, with compilation, is the separate column)."
         + (" Quick mode: no JAX (each compilation costs seconds of CPU; the full run has it)." if quick else ""),
@@ -311,6 +419,12 @@ def run(quick: bool = False) -> Result:
         pinned = "; ".join(f"{r['model']} {r['ratios']['torch@1'].median:.2g}x" for r in rows)
         head.append(f"speed {algo}, torch/reference at default threads (BLAS/torch {th}): {sizes}. "
                     f"Pinned to one thread: {pinned}")
+    rows = data["other"]
+    head.append("speed of the other per-task algorithms, reference default / one thread (BLAS "
+                f"{_threads_label(rows[-1])}): " + "; ".join(
+                    f"{r['algorithm']} {r['ratios']['reference/reference@1'].median:.2g}" for r in rows)
+                + "; default / policy off: " + "; ".join(
+                    f"{r['algorithm']} {r['ratios']['reference/no policy'].median:.2g}" for r in rows))
     return Result("1-speed", "Reference speed: NumPy reference vs PyTorch autograd vs JAX jit", "\n".join(md), data,
                   plots=[("speed.png", plot(data))], headline=head, seconds=time.perf_counter() - t0)
 

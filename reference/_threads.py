@@ -22,6 +22,20 @@ the callers reduce them in that order, so the meta-gradient is bit-for-bit
 that of a sequential run. Small problems, where Python overhead and the GIL
 dominate, run sequentially, still with one BLAS thread.
 
+Tasks of equal shapes can also run several per NumPy call (the MAML engine's
+batches, R2-D2's stacked blocks), fewer and longer calls, which is what lets
+the pool's threads release the GIL for long stretches; callers cut their work
+into a multiple of :func:`pool_size` pieces of equal size so no worker idles.
+A pool only pays if its threads get cores: each pooled call measures the CPU
+time it got per wall second, and when that is below
+:data:`STARVED_PARALLELISM` (a busy machine; measured on the shared 2-core
+machine at load 3-12: the pool was 1.1-1.2x slower than one thread) the next
+calls of that function at that size run sequentially for a while (longer
+after each further starved try) and the pool is then tried again. The same
+measurement catches tasks that hold the GIL most of the time (iMAML's
+trust-region and CG loops), where two threads take turns instead of running
+at once.
+
 The BLAS limit is process-wide while a reference call runs (``threadpoolctl``;
 reference counted, so concurrent or nested calls restore the user's setting
 only when the last one leaves). Without ``threadpoolctl`` everything runs
@@ -31,8 +45,10 @@ sequentially and BLAS is left as it is.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -42,11 +58,23 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Size of a task's matrix products (rows x parameters) below which tasks run sequentially: a
-# 1-40-40-1 MAML task (10 rows x 1,761 parameters, ~2e4) is made of microsecond-sized operations,
-# Python-bound, and the GIL would serialise the threads; a 1-256-256-1 task (~7e5) gains from a
-# second core (benchmarks/bench_speed.py).
-PARALLEL_MIN_WORK = 2e5
+# Size of one call's matrix products (rows x parameters: a task's, or a whole batch's or block's when
+# the caller stacks tasks) below which the calls run sequentially. Measured on 2 cores (benchmark 1):
+# MAML 1-40-40-1 in two batches of 13 tasks (2.3e5) is made of microsecond-sized operations and took
+# 1.36x its sequential time on the pool; MAML 1-256-256-1 (2 tasks a batch, 1.3e6), R2-D2 8-40-40 (blocks
+# of ~420 rows x 2,000, 8e5) and larger gained from a second core (0.53-0.73x).
+PARALLEL_MIN_WORK = 5e5
+
+# The pool pays only if its workers run at once: CPU seconds per wall second of a pooled call (all threads
+# of the process) below this mean they did not -- the cores were busy (2 cores, load 3-12: a pooled MAML
+# 1-256-256-1 call ran 1.1-1.2x slower than the sequential one) or the tasks hold the GIL most of the time
+# (iMAML's trust-region and CG loops: 1.3x slower on a quiet machine, 2.6x at load 5). The next calls of
+# the same function at the same size then run sequentially for a while (STARVED_HOLD_S: 20 times that
+# call's duration within the bounds, doubled at each further starved try, reset by a good one) before the
+# pool is tried again. A balanced 2-worker call on a free 2-core machine measures ~1.8; 1.3 is where a
+# pool costing ~1.1x the sequential CPU time starts to win.
+STARVED_PARALLELISM = 1.3
+STARVED_HOLD_S = (2.0, 600.0)
 
 _lock = threading.Lock()
 _local = threading.local()
@@ -54,6 +82,8 @@ _controller: Any = None  # threadpoolctl's controller of the loaded BLAS librari
 _depth = 0  # reference calls currently holding the BLAS at one thread
 _saved: list[tuple[Any, int]] = []
 _pools: dict[int, ThreadPoolExecutor] = {}
+# Per (function, size) key: (time.monotonic() before which map_tasks runs it sequentially, starved tries in a row).
+_starved: dict[tuple[str, int], tuple[float, int]] = {}
 
 
 def _blas() -> Any:
@@ -116,6 +146,18 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
+def work(n_params: float, tasks: Sequence[Any], *, query: bool = True) -> float:
+    """``map_tasks``'s ``work`` for per-task passes through a model: ``n_params x`` the largest task's rows
+    (support plus query rows when ``query``, the support set alone otherwise)."""
+    rows = max((t[0].shape[0] + (t[2].shape[0] if query else 0) for t in tasks), default=0)
+    return float(n_params) * rows
+
+
+def pool_size(n_items: int) -> int:
+    """Workers :func:`map_tasks` would use for ``n_items`` items (work permitting): 1 under a 1-thread BLAS."""
+    return _workers(blas_threads(), n_items)
+
+
 def _workers(threads: int, n_items: int) -> int:
     """Pool size: the user's BLAS thread count, at most one per item and per core."""
     return min(threads, n_items, os.cpu_count() or 1)
@@ -128,6 +170,35 @@ def _in_worker(ctx: contextvars.Context, fn: Callable[[T], R], item: T) -> R:
         return ctx.run(fn, item)
     finally:
         _local.inside = False
+
+
+def _key(fn: Callable[..., Any], work: float) -> tuple[str, int]:
+    # The per-task function (e.g. MAML's per_batch, iMAML's per_task) and the work's power of two.
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return name, int(math.log2(work)) if work >= 1 else 0
+
+
+def pool_starved(fn: Callable[..., Any], work: float) -> bool:
+    """Whether recent pooled calls of ``fn`` at this ``work`` did not run in parallel (then
+    :func:`map_tasks` runs them sequentially until the hold expires)."""
+    with _lock:
+        until, _ = _starved.get(_key(fn, work), (0.0, 0))
+    return time.monotonic() < until
+
+
+def _record(fn: Callable[..., Any], work: float, cpu: float, wall: float) -> None:
+    """Note a pooled call's CPU and wall time; hold the pool back if it got less than ``STARVED_PARALLELISM``."""
+    if wall < 0.005:  # too short to tell
+        return
+    key = _key(fn, work)
+    with _lock:
+        if cpu / wall >= STARVED_PARALLELISM:
+            _starved.pop(key, None)
+            return
+        _, strikes = _starved.get(key, (0.0, 0))
+        lo, hi = STARVED_HOLD_S
+        hold = min(hi, max(lo, 20.0 * wall) * 2.0 ** min(strikes, 20))
+        _starved[key] = (time.monotonic() + hold, strikes + 1)
 
 
 def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Iterator[R]:
@@ -146,15 +217,22 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
         work: the size of one call's matrix products, ``rows x parameters``;
             below :data:`PARALLEL_MIN_WORK` the calls run in this thread (still
             with one BLAS thread).
+
+    When the last pooled call of ``fn`` at this ``work`` got less than
+    ``STARVED_PARALLELISM`` cores' worth of CPU (:func:`pool_starved`: busy
+    cores, or GIL-bound tasks) the calls run in this thread until the hold
+    expires. Only the speed depends on that choice.
     """
     items = list(items)
     with single_threaded_blas() as threads:
         workers = _workers(threads, len(items))
-        if workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False):
+        if (workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False)
+                or pool_starved(fn, work)):
             for item in items:
                 yield fn(item)
             return
         pool = _executor(workers)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         ctx = contextvars.copy_context()
         pending: deque[Future[R]] = deque()
         submitted = 0
@@ -164,6 +242,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
                     pending.append(pool.submit(_in_worker, ctx.copy(), fn, items[submitted]))
                     submitted += 1
                 yield pending.popleft().result()
+            _record(fn, work, time.process_time() - cpu0, time.perf_counter() - wall0)
         finally:
             # After a failure (or a caller that stops early): drop the tasks not started, wait for the
             # running ones (they use the single-threaded BLAS this call holds).
@@ -172,4 +251,5 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
-__all__ = ["PARALLEL_MIN_WORK", "blas_threads", "map_tasks", "single_threaded_blas"]
+__all__ = ["PARALLEL_MIN_WORK", "STARVED_PARALLELISM", "blas_threads", "map_tasks", "pool_size", "pool_starved",
+           "single_threaded_blas", "work"]

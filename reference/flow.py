@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from reference._threads import map_tasks, work
 from reference.validation import check_finite_scalar
 from reference.errors import ConvergenceError, InvalidInputError
 from reference.models import flatten, unflatten
@@ -177,7 +178,8 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], T: float
     params = model.check_params(params)
     tasks = check_tasks(model, tasks)
     T, rtol, atol, method = _check_options(T, rtol, atol, method)
-    total = sum(_task_flow(model, params, t, T, rtol, atol, method, False).loss for t in tasks)
+    total = sum(map_tasks(lambda t: _task_flow(model, params, t, T, rtol, atol, method, False).loss, tasks,
+                          work=work(getattr(model, "n_params", 0), tasks, query=False)))
     value = np.asarray(total / len(tasks))[()]
     return complex(value) if np.iscomplexobj(value) else float(value)
 
@@ -198,8 +200,9 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     tasks = check_tasks(model, tasks)
     T, rtol, atol, method = _check_options(T, rtol, atol, method)
     total, grad = 0.0, None
-    for t in tasks:
-        sol = _task_flow(model, params, t, T, rtol, atol, method, True)
+    # Tasks on reference/_threads.py's pool, one BLAS thread each, reduced in task order (the sequential sums).
+    for sol in map_tasks(lambda t: _task_flow(model, params, t, T, rtol, atol, method, True), tasks,
+                         work=work(getattr(model, "n_params", 0), tasks, query=False)):
         total = total + sol.loss
         grad = sol.grad if grad is None else [a + b for a, b in zip(grad, sol.grad)]
     n = len(tasks)

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 
-from reference._threads import map_tasks
+from reference._threads import map_tasks, pool_size
 from reference.validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, activation_derivatives
 from reference.tasks import Task, check_tasks
@@ -157,11 +157,18 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
     An ``MLP`` goes through the fused engine (:class:`_MLPEngine`) unless
     ``fused=False``; other models through :func:`task_loss_and_grad`.
     """
+    n = len(tasks)
     if fused and isinstance(model, MLP):
-        engine = _MLPEngine(model)
+        # Batches of equal-shaped tasks through the stacked engine; per-task results, reduced in task order.
+        batched = _BatchedMLPEngine(model)
+        batches = task_batches(model, tasks, pool_size(n))
 
-        def per_task(task: Task) -> tuple[Any, Params, Params | None]:
-            return engine.task(params, task, lrs, steps, first_order=first_order, lr_grad=lr_grad)
+        def per_batch(batch: list[int]) -> list[tuple[Any, Params, Params | None]]:
+            return batched.tasks(params, [tasks[i] for i in batch], lrs, steps, first_order=first_order,
+                                 lr_grad=lr_grad)
+
+        work = _work(model, tasks) * max(len(b) for b in batches)
+        results: Any = (r for rs in map_tasks(per_batch, batches, work=work) for r in rs)
     elif fused and hasattr(model, "_maml_task"):
         # reference.nets.Network: the same recursion, reusing each inner step's forward pass.
 
@@ -172,10 +179,11 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
         def per_task(task: Task) -> tuple[Any, Params, Params | None]:
             return task_loss_and_grad(model, params, task, lrs, steps, first_order=first_order, lr_grad=lr_grad)
 
-    n = len(tasks)
+    if not (fused and isinstance(model, MLP)):
+        results = map_tasks(per_task, tasks, work=_work(model, tasks))
     total, grad, grad_lrs = 0.0, None, None
-    # Tasks in parallel, one BLAS thread each (reference/_threads.py); reduced in task order.
-    for loss, g, gl in map_tasks(per_task, tasks, work=_work(model, tasks)):
+    # Tasks (or batches) in parallel, one BLAS thread each (reference/_threads.py); reduced in task order.
+    for loss, g, gl in results:
         total = total + loss
         grad = g if grad is None else [a + b for a, b in zip(grad, g)]
         if gl is not None:
@@ -383,3 +391,244 @@ class _MLPEngine:
                             for acc, gk, vk, a in zip(grad_lrs, self.grads(state), v, lrs)]
             v = self.reverse(state, v, lrs)
         return loss, v, grad_lrs
+
+
+# ---------------------------------------------------------------------------
+# The same engine over a batch of tasks
+# ---------------------------------------------------------------------------
+#
+# A task's inner loop at 1-256-256-1 is ~300 NumPy calls on 10-row arrays, a quarter of them Python
+# overhead, and 25 tasks on a 2-thread pool contend for the GIL once per call (issue 18). Tasks of the
+# same shapes are independent and do the same operations, so a batch of ``B`` of them runs as one
+# NumPy call per operation on stacked arrays: activations ``(B, n, width)``, adapted weights
+# ``(B, out, in)`` (``theta`` itself, unstacked, until the first step). Every operation is the
+# per-task one applied slice by slice -- ``np.matmul`` over a stack calls the same BLAS GEMM per slice
+# as on one matrix, elementwise operations and the row reductions see the same elements in the same
+# order, and the fused ``c + alpha a^T b`` is still one scipy GEMM per task -- so each task's results are
+# bit-for-bit those of :class:`_MLPEngine` (tests/test_ref_threads.py checks it), and the caller reduces
+# them in task order as before.
+
+#: Bytes of stacked parameters per batch (``B x n_params x itemsize``): the iterates of a batch stay in
+#: the per-core L2 cache region's order of magnitude; 1-256-256-1 (66,561 parameters) runs 7 tasks a batch,
+#: 1-40-40-1 every task at once, an 8-1024-1024-1 task alone (through :class:`_MLPEngine`).
+BATCH_BYTES = 3 * 2**19
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2)
+
+
+def _row_bias(b: np.ndarray) -> np.ndarray:
+    """A bias ``(out,)`` (shared) or ``(B, out)`` (per task) broadcastable against ``(B, n, out)``."""
+    return b if b.ndim == 1 else b[:, None, :]
+
+
+class _BatchedLoss:
+    """:class:`reference.models._Loss` of ``B`` tasks at once: the rows stacked into one ``(B n, d)`` loss whose
+    per-row formulas are the per-task ones (``scale`` is the per-task ``1/(n d)`` or ``1/n``)."""
+
+    def __init__(self, name: str, o: np.ndarray, y: np.ndarray):
+        B, n, d = o.shape
+        self.shape, self.name = o.shape, name
+        self.o, self.y = o, y
+        self.flat = _Loss(name, o.reshape(B * n, d), y.reshape((B * n,) + y.shape[2:]))
+        self.flat.scale = _Loss(name, o[0], y[0]).scale
+
+    def values(self) -> list[Any]:
+        return [_Loss(self.name, self.o[b], self.y[b]).value()[()] for b in range(self.shape[0])]
+
+    def grad(self) -> np.ndarray:
+        return self.flat.grad().reshape(self.shape)
+
+    def hvp(self, do: np.ndarray) -> np.ndarray:
+        return self.flat.hvp(np.broadcast_to(do, self.shape).reshape(self.flat.o.shape)).reshape(self.shape)
+
+
+def _addmm_t_batch(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace: bool) -> np.ndarray:
+    """``c[t] + alpha * a[t]^T @ b[t]`` for every task ``t``: :func:`_addmm_t` slice by slice (one GEMM each).
+
+    ``c`` is ``(B, p, q)``, or ``(p, q)`` shared by the tasks (then copied, never written).
+    """
+    dtype = np.result_type(c, a, b, alpha)
+    if c.ndim == 2 or not inplace or c.dtype != dtype or not c.flags.c_contiguous:
+        out = np.empty((a.shape[0],) + c.shape[-2:], dtype=dtype)
+        out[...] = c
+    else:
+        out = c
+    for t in range(a.shape[0]):
+        r = _addmm_t(out[t], a[t], b[t], alpha, inplace=True)
+        if not np.may_share_memory(r, out[t]):  # pragma: no cover - gemm wrote a copy
+            out[t] = r
+    return out
+
+
+class _BatchedMLPEngine(_MLPEngine):
+    """:class:`_MLPEngine` over a batch of tasks of equal shapes (notes above); per-task results."""
+
+    def run(self, params: Params, x: np.ndarray, y: np.ndarray, order: int) -> _Pass:
+        m = self.model
+        Ws, bs = self._split(params)
+        h, hs, derivs = x, [x], []
+        for l in range(self.n_layers):
+            z = h @ _t(Ws[l])
+            if bs[l] is not None:
+                z = z + _row_bias(bs[l])
+            if l == self.n_layers - 1:
+                break
+            ds = activation_derivatives(m.activation, z, order)
+            derivs.append(ds)
+            h = ds[0]
+            hs.append(h)
+        loss = _BatchedLoss(m.loss_name, z, y)
+        g = loss.grad()
+        deltas: list[np.ndarray] = [None] * self.n_layers  # type: ignore[list-item]
+        back: list[np.ndarray | None] = [None] * self.n_layers
+        for l in reversed(range(self.n_layers)):
+            deltas[l] = g
+            if l > 0:
+                back[l] = g @ Ws[l]
+                g = back[l] * derivs[l - 1][1]
+        return _Pass(list(params), hs, derivs, deltas, back, loss)
+
+    def grads(self, state: _Pass) -> Params:
+        out: Params = []
+        for l in range(self.n_layers):
+            out.append(_t(state.deltas[l]) @ state.hs[l])
+            if self.k == 2:
+                out.append(np.sum(state.deltas[l], axis=1))
+        return out
+
+    def step(self, state: _Pass, lrs: LearningRates) -> Params:
+        new: Params = []
+        k = self.k
+        for i, (p, a) in enumerate(zip(state.params, lrs)):
+            l, is_bias = divmod(i, k)
+            if a is None:
+                new.append(p)
+            elif is_bias:
+                new.append(p - a * np.sum(state.deltas[l], axis=1))
+            elif np.ndim(a) == 0:
+                new.append(_addmm_t_batch(p, state.deltas[l], state.hs[l], -a, inplace=False))
+            else:
+                new.append(p - a * (_t(state.deltas[l]) @ state.hs[l]))
+        return new
+
+    def reverse(self, state: _Pass, v: Params, lrs: LearningRates) -> Params:
+        Ws, _ = self._split(state.params)
+        active = [a for a in lrs if a is not None]
+        if not active:
+            return v
+        if all(np.ndim(a) == 0 for a in active) and all(a is active[0] for a in active):
+            scale = active[0]
+            direction = [None if a is None else vi for vi, a in zip(v, lrs)]
+        else:
+            scale = 1.0
+            direction = [None if a is None else a * vi for vi, a in zip(v, lrs)]
+        DW, Db = self._split(direction)
+        hs, derivs = state.hs, state.derivs
+        r_h: np.ndarray | None = None
+        r_hs: list[np.ndarray | None] = [None]
+        r_zs: list[np.ndarray | None] = []
+        for l in range(self.n_layers):
+            r_z = None
+            if DW[l] is not None:
+                r_z = hs[l] @ _t(DW[l])
+            if Db[l] is not None:
+                r_z = _row_bias(Db[l]) if r_z is None else r_z + _row_bias(Db[l])
+            if r_h is not None:
+                r_z = r_h @ _t(Ws[l]) if r_z is None else r_z + r_h @ _t(Ws[l])
+            r_zs.append(r_z)
+            if l < self.n_layers - 1:
+                r_h = None if r_z is None else derivs[l][1] * r_z
+                r_hs.append(r_h)
+        r_out = r_zs[-1]
+        if r_out is None:
+            return v
+        r_g = state.loss.hvp(r_out)
+        v = list(v)
+        for l in reversed(range(self.n_layers)):
+            g = state.deltas[l]
+            left, right = [r_g], [hs[l]]
+            if r_hs[l] is not None:
+                left.append(g)
+                right.append(r_hs[l])
+            r_g_below = None
+            if l > 0:
+                r_back = r_g @ Ws[l]
+                if DW[l] is not None:
+                    r_back = r_back + g @ DW[l]
+                d = derivs[l - 1]
+                r_g_below = r_back * d[1]
+                if r_zs[l - 1] is not None:
+                    r_g_below = r_g_below + state.back[l] * d[2] * r_zs[l - 1]
+            i = self.k * l
+            left_s = left[0] if len(left) == 1 else np.concatenate(left, axis=1)
+            right_s = right[0] if len(right) == 1 else np.concatenate(right, axis=1)
+            v[i] = _addmm_t_batch(v[i], left_s, right_s, -scale, inplace=True)
+            if self.k == 2:
+                v[i + 1] = v[i + 1] - scale * np.sum(r_g, axis=1)
+            r_g = r_g_below
+        return v
+
+    def tasks(self, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int, *,
+              first_order: bool, lr_grad: bool) -> list[tuple[Any, Params, Params | None]]:
+        """Per task of ``tasks`` (equal shapes): what :meth:`_MLPEngine.task` returns."""
+        if len(tasks) == 1:  # one task: the unbatched engine (the same numbers, less stacking)
+            return [_MLPEngine(self.model).task(params, tasks[0], lrs, steps, first_order=first_order,
+                                                lr_grad=lr_grad)]
+        xs, ys = np.stack([t.x_support for t in tasks]), np.stack([t.y_support for t in tasks])
+        order = 1 if first_order else 2
+        states = []
+        p = params
+        for _ in range(steps):
+            state = self.run(p, xs, ys, order)
+            if not first_order:
+                states.append(state)
+            p = self.step(state, lrs)
+        query = self.run(p, np.stack([t.x_query for t in tasks]), np.stack([t.y_query for t in tasks]), 1)
+        losses, v = query.loss.values(), self.grads(query)
+        grad_lrs = None
+        if not first_order:
+            grad_lrs = [None if a is None else 0.0 for a in lrs] if lr_grad else None
+            for state in reversed(states):
+                if grad_lrs is not None:
+                    grad_lrs = [None if a is None else acc - gk * vk
+                                for acc, gk, vk, a in zip(grad_lrs, self.grads(state), v, lrs)]
+                v = self.reverse(state, v, lrs)
+        return [(losses[t], [vi[t] for vi in v],
+                 None if grad_lrs is None else [None if g is None else _task_slice(g, t) for g in grad_lrs])
+                for t in range(len(tasks))]
+
+
+def _task_slice(g: Any, t: int) -> Any:
+    # A learning-rate adjoint is a stacked array, or the 0.0 it started from (K = 0 never happens; kept safe).
+    return g[t] if np.ndim(g) else g
+
+
+def task_batches(model: Any, tasks: Sequence[Task], workers: int) -> list[list[int]]:
+    """Consecutive groups of tasks of equal array shapes, at most ``BATCH_BYTES`` of stacked parameters each,
+    as many as a multiple of ``workers`` where the tasks allow (equal work per pool worker)."""
+    itemsize = 16 if any(np.iscomplexobj(t.x_support) for t in tasks) else 8
+    cap = max(1, int(BATCH_BYTES // max(1, getattr(model, "n_params", 1) * itemsize)))
+
+    def key(t: Task) -> tuple:
+        return tuple((a.shape, a.dtype) for a in t)
+
+    runs: list[list[int]] = []
+    for i, t in enumerate(tasks):
+        if runs and key(tasks[runs[-1][0]]) == key(t):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    out: list[list[int]] = []
+    for run in runs:
+        count = -(-len(run) // cap)
+        if len(runs) == 1 and workers > 1:
+            count = min(-(-count // workers) * workers, len(run))
+        size, extra = divmod(len(run), count)
+        start = 0
+        for j in range(count):
+            n = size + (j < extra)
+            out.append(run[start:start + n])
+            start += n
+    return out

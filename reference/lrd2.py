@@ -44,7 +44,9 @@ from reference.features import (
     check_backbone,
     check_feature_tasks,
     check_lam,
+    stacked_task_map,
 )
+from reference._threads import map_tasks, work
 from reference.linalg import SPDFactor
 from reference.validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, _sigmoid
@@ -149,9 +151,21 @@ def meta_loss(
     backbone, params, tasks, lam, scale, offset, steps = check_arguments(backbone, params, tasks, lam, scale, offset,
                                                                           newton_steps)
     total = 0.0
-    for i, task in enumerate(tasks):
-        feats = TaskFeatures(backbone, params, task, f"tasks[{i}]")
-        total = total + _task(feats, task, lam, scale, offset, steps, bias_column, f"tasks[{i}]", False)[0]
+    if isinstance(backbone, MLP):  # stacked blocks of tasks through the shared backbone
+        for values, _ in stacked_task_map(
+                backbone, params, tasks,
+                lambda f, i: _task(f, tasks[i], lam, scale, offset, steps, bias_column, f"tasks[{i}]", False)[0],
+                need_grad=False):
+            for value in values:
+                total = total + value
+        return as_scalar(total / len(tasks))
+
+    def per_task(i: int) -> Any:
+        feats = TaskFeatures(backbone, params, tasks[i], f"tasks[{i}]")
+        return _task(feats, tasks[i], lam, scale, offset, steps, bias_column, f"tasks[{i}]", False)[0]
+
+    for value in map_tasks(per_task, range(len(tasks)), work=work(backbone.n_params, tasks)):
+        total = total + value
     return as_scalar(total / len(tasks))
 
 
@@ -195,10 +209,29 @@ def meta_loss_and_grad(
                                                                           newton_steps)
     total, grads = 0.0, None
     hyper = {"lam": 0.0, "scale": 0.0, "offset": 0.0}
-    for i, task in enumerate(tasks):
-        feats = features(backbone, params, task, f"tasks[{i}]")
-        value, (g, g_lam, g_scale, g_offset) = _task(feats, task, lam, scale, offset, steps, bias_column,
-                                                     f"tasks[{i}]", True)
+    m = len(tasks)
+    if features is TaskFeatures and isinstance(backbone, MLP):
+        # Stacked blocks of tasks: one forward pass and one VJP per block (reference.features.stacked_task_map).
+        for outs, g in stacked_task_map(
+                backbone, params, tasks,
+                lambda f, i: _task(f, tasks[i], lam, scale, offset, steps, bias_column, f"tasks[{i}]", True),
+                need_grad=True):
+            for value, (_, g_lam, g_scale, g_offset) in outs:
+                total = total + value
+                hyper["lam"] += g_lam
+                hyper["scale"] += g_scale
+                hyper["offset"] += g_offset
+            grads = accumulate(grads, g)
+        return as_scalar(total / m), [g / m for g in grads], {k: as_scalar(v / m) for k, v in hyper.items()}
+    # A custom feature factory (the audit's diagnosis) or a Network backbone: task by task.
+
+    def per_task(i: int) -> Any:
+        feats = features(backbone, params, tasks[i], f"tasks[{i}]")
+        return _task(feats, tasks[i], lam, scale, offset, steps, bias_column, f"tasks[{i}]", True)
+
+    # Tasks on reference/_threads.py's pool, one BLAS thread each, reduced in task order (the sequential sums).
+    for value, (g, g_lam, g_scale, g_offset) in map_tasks(per_task, range(len(tasks)),
+                                                          work=work(backbone.n_params, tasks)):
         total = total + value
         grads = accumulate(grads, g)
         hyper["lam"] += g_lam

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.linalg
 
 from reference import inner_loop
+from reference._threads import map_tasks
 from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, flatten, unflatten
@@ -118,10 +119,21 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
     """
     params, tasks, steps, alpha, delta = check_arguments(model, params, tasks, inner_lr, inner_steps, damping)
     total = 0.0
-    for i, t in enumerate(tasks):
+
+    def per_task(i: int) -> Any:
+        t = tasks[i]
         p_k, _ = _adapt(model, params, t.x_support, t.y_support, alpha, delta, steps, keep=False, label=f"task {i}")
-        total = total + model._loss_and_grad(p_k, t.x_query, t.y_query)[0]
+        return model._loss_and_grad(p_k, t.x_query, t.y_query)[0]
+
+    for loss in map_tasks(per_task, range(len(tasks)), work=_work(model)):
+        total = total + loss
     return inner_loop.as_scalar(total / len(tasks))
+
+
+def _work(model: Any) -> float:
+    # Each step forms and factors an n x n Hessian (n <= MAX_PARAMS): dense O(n^2)-memory work per task.
+    n = sum(int(np.prod(s)) for s in model.shapes)
+    return float(n) * n
 
 
 def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr: float, inner_steps: int,
@@ -151,7 +163,9 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
     params, tasks, steps, alpha, delta = check_arguments(model, params, tasks, inner_lr, inner_steps, damping)
     shapes = model.shapes
     total, grad = 0.0, 0.0
-    for i, t in enumerate(tasks):
+
+    def per_task(i: int) -> tuple[Any, np.ndarray]:
+        t = tasks[i]
         p_k, record = _adapt(model, params, t.x_support, t.y_support, alpha, delta, steps, keep=True,
                              label=f"task {i}")
         loss, g_q = model._loss_and_grad(p_k, t.x_query, t.y_query)
@@ -160,6 +174,10 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
             u = factor.solve(v)
             t_u = flatten(model._third(p, t.x_support, t.y_support, unflatten(u, shapes), unflatten(s, shapes)))
             v = v - alpha * ((v - delta * u) - t_u)
+        return loss, v
+
+    # Tasks on reference/_threads.py's pool, one BLAS thread each, reduced in task order (the sequential sums).
+    for loss, v in map_tasks(per_task, range(len(tasks)), work=_work(model)):
         total = total + loss
         grad = grad + v
     return inner_loop.as_scalar(total / len(tasks)), unflatten(grad / len(tasks), shapes)

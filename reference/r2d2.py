@@ -192,8 +192,10 @@ def _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column,
                 heads.append(head)
         return values, ((feats.vjp(cotangents), heads) if need_grad else None)
 
-    rows = max(t.x_support.shape[0] + t.x_query.shape[0] for t in tasks)
-    return map_tasks(block, task_blocks(tasks), work=rows * backbone.n_params)
+    blocks = task_blocks(tasks)
+    # One call's products are a whole block's rows against the backbone's weights.
+    rows = max(sum(tasks[i].x_support.shape[0] + tasks[i].x_query.shape[0] for i in b) for b in blocks)
+    return map_tasks(block, blocks, work=rows * backbone.n_params)
 
 
 def meta_loss(

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from reference import inner_loop, inner_optim
+from reference._threads import map_tasks, work
 from reference.maml import check_arguments  # Reptile takes MAML's arguments
 from reference.optimizers import Optimizer
 from reference.tasks import Task
@@ -34,12 +35,15 @@ def direction(
     params, tasks, alpha, steps, opt = check_arguments(model, params, tasks, inner_lr, inner_steps, inner_optimizer)
     lrs = [alpha] * len(params)
     total = [np.zeros_like(p) for p in params]
-    for task in tasks:
+
+    def per_task(task: Task) -> list[np.ndarray]:
         if opt is not None:
             sched, active = inner_optim.check_lrs(model, [lrs] * steps, steps)
-            p_k = inner_optim.unroll(model, params, task, opt, sched, active, steps, np.zeros(steps), keep=False)[2]
-        else:
-            p_k = inner_loop.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
+            return inner_optim.unroll(model, params, task, opt, sched, active, steps, np.zeros(steps), keep=False)[2]
+        return inner_loop.adapt(model, params, task.x_support, task.y_support, lrs, steps, keep_iterates=False)[0][0]
+
+    # Tasks on reference/_threads.py's pool, one BLAS thread each, reduced in task order (the sequential sums).
+    for p_k in map_tasks(per_task, tasks, work=work(getattr(model, "n_params", 0), tasks, query=False)):
         total = [acc + (p - q) for acc, p, q in zip(total, params, p_k)]
     return [acc / len(tasks) for acc in total]
 

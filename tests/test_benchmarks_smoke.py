@@ -76,6 +76,13 @@ def test_timed_implementations_agree_with_the_reference(quick_run: tuple[str, di
                 # Same mathematics, different operation order (and an iterative solve for iMAML, which
                 # each side runs to near machine precision): far below 1e-10, far above a wrong formula.
                 assert diff < 1e-10, f"{algo} {row['model']} {impl} differs from the reference by {diff:.1e}"
+    # The other per-task algorithms: the reference at default threads and pinned to one thread gives the same
+    # numbers bit for bit (tasks reduced in order, blocks fixed); with its thread policy off, round-off only.
+    assert {r["algorithm"] for r in speed["other"]} == {"ProtoNets", "Matching nets", "LR-D2", "Newton-MAML",
+                                                        "gradient flow", "Reptile"}
+    for row in speed["other"]:
+        assert row["identical"], f"{row['algorithm']}: the thread settings changed the numbers"
+        assert row["policy_off_rel_diff"] < 1e-12, row
 
 
 def test_every_tool_passes_the_correct_implementations(quick_run: tuple[str, dict]) -> None:
