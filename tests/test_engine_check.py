@@ -210,6 +210,9 @@ def test_float32_uses_float32_row() -> None:
     assert check_gradient(case.f, g32, x32, rtol=tolerance(np.float64, "gradient")).status == FAIL
     # a float32 gradient alone (float64 x) also selects the float32 row
     assert check_gradient(case.f, g32, x32.astype(np.float64)).dtype == "float32"
+    # and so does a float32 x alone: the float32-rounded gradient handed over in float64 still passes
+    alone = check_gradient(case.f, g32.astype(np.float64), x32)
+    assert alone.dtype == "float32" and alone.status == PASS, alone.reason
     # and float32 still catches a 1e-3 error
     assert check_gradient(case.f, g32 * np.float32(1 + 1e-3), x32).status == FAIL
 
