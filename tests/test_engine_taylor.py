@@ -20,6 +20,7 @@ from test_engine_cases import unit
 
 from reference.errors import InvalidInputError
 from verify import FAIL, INCONCLUSIVE, PASS, TaylorResult, taylor_test
+from verify.tolerance import tolerance
 
 
 def _problem(seed: int, n: int):
@@ -475,3 +476,56 @@ def test_one_sided_domain_leaves_that_step_out() -> None:
     assert result.steps[0] == 0.5 and math.isnan(result.remainders[0])
     assert all(math.isfinite(r) for r in result.remainders[1:])
     assert result.status == PASS and abs(result.slope - 2.0) < 0.1, result.reason
+
+
+@pytest.mark.parametrize(("ratio", "status"), [(1.25, FAIL), (0.75, PASS)])
+def test_hvp_error_at_the_roundoff_floor_edge(ratio: float, status: str) -> None:
+    # f = a z^2 at x = 0 with grad 0 and the claimed hvp 2 (i.e. a = 1): the second-order remainder is
+    # (a - 1) h^2 exactly (powers of two), rate 2. The documented floor is 64 eps M(h) with M(h) =
+    # |f(x)| + |f(x + hv)| + h^2/2 |<v, Hv>| = (a + 1) h^2 (nu = 0: the probes do not move x = 0). An
+    # error 1.25x the floor is resolved -- a wrong hvp fails -- and one 0.75x the floor is not: a pass.
+    ro = tolerance(np.float64, "roundoff")
+    a = 1.0 + ratio * 2.0 * ro  # (a - 1) h^2 = ratio * ro * 2 h^2 ~ ratio * floor
+    result = taylor_test(lambda z: a * z[0] ** 2, np.zeros(1), np.ones(1), grad=np.zeros(1), hvp=np.array([2.0]))
+    assert result.status == status, result.reason
+    for h, r in zip(result.steps, result.remainders):
+        assert r == (a - 1.0) * h * h  # exact, so the edge is where it is meant to be
+
+
+def test_exact_model_after_a_fall_compares_with_the_floor_where_it_lands() -> None:
+    # f = 1 + 64 z + R(|z|) with its gradient 64: the floors grow with h (they include |f(x + hv)| and
+    # h |<g, v>|), here 36 vs 20 x 2^-46 at the last step above and the first at the floor. R falls to 0
+    # from 2^(2 + 4.5) times the floor where it lands (faster than rate 2 + 4): an exact model for small
+    # steps, although R is below 2^(2 + 4) times its own, higher floor.
+    steps = [2.0**-k for k in range(1, 7)]
+    landing = 20 * 2.0**-46  # 64 eps (|f(x)| + |f(x + hv)| + h |g v| + nu / eps) at h = 1/8, R = 0
+    fall = {steps[1]: 2.0 ** (2 + 4.5) * landing}
+
+    def f(z):
+        return 1.0 + 64.0 * z[0] + fall.get(abs(float(z[0])), 0.0)
+
+    result = taylor_test(f, np.zeros(1), np.ones(1), grad=np.array([64.0]), steps=steps)
+    assert result.floors[2] == landing and result.floors[1] > 1.5 * landing
+    assert result.status == PASS and "falls from" in result.reason, result.reason
+
+
+@pytest.mark.parametrize(
+    ("exps", "used", "status"),
+    [
+        # small-end slope = median of the last three local rates (2, 2, 2.5) = 2: 2.5 at the large end
+        # is outside the window (0.5 away); the median of two or four rates would be 2.25 and take it in
+        ([-2, -7, -11, -15, -20], (False, True, True, True, True), PASS),
+        # one outlier in the last local rate (3 among 2, 2, 3): the median ignores it and the window
+        # keeps the smallest step: all steps used
+        ([-2, -6, -10, -14, -20], (True, True, True, True, True), PASS),
+        # an outlier in the middle of the last three (2, 3, 2): the rates before the last one do not
+        # agree with the small-end slope, the window has two steps: no rate
+        ([-2, -6, -10, -16, -20], (False, False, False, True, True), INCONCLUSIVE),
+    ],
+)
+def test_slope_window_from_the_median_of_the_last_three_rates(exps, used, status) -> None:
+    # Steps 4^-k and exact power-of-two remainders: local rates are exact (exponent differences / 2).
+    steps = [4.0**-k for k in range(5)]
+    result = _run({h: 2.0**e for h, e in zip(steps, exps)}, steps)
+    assert result.status == status, result.reason
+    assert result.used == used
