@@ -651,6 +651,8 @@ def test_missing_estimate_is_no_kink() -> None:
 
     verdict = check_gradient(f, np.cos(x0), x0, directions=2, method="central")
     assert verdict.status == INCONCLUSIVE and not any(d["kink"] for d in verdict.details), verdict.reason
+    # the reason is the direction's own (the "no finite error" rewording is for a would-be pass only)
+    assert verdict.reason.startswith("the central estimate could not be formed"), verdict.reason
 
 
 @pytest.mark.parametrize(("fscale", "gscale"), [(1e200, 1.0), (1.0, 1e308)])
@@ -685,3 +687,11 @@ def test_reason_wording_for_one_direction_and_a_floor_equal_to_the_gradient_norm
     assert "rounding floor" not in verdict.reason, verdict.reason
     fast = check_gradient(f, g, x, budget="fast", directions=1)
     assert re.search(r"\b1 direction\b", fast.reason), fast.reason
+
+
+@pytest.mark.parametrize("offset", [1e3, 2.0**64])
+def test_values_up_to_2_to_the_64_are_not_scaled(offset: float) -> None:
+    # Documented: values *above* 2^64 are divided by a power of two; |f(x)| = 1e3 or exactly 2^64 is not.
+    x = np.array([0.3, -0.2])
+    verdict = check_gradient(lambda z: offset + np.sum(np.sin(z)), np.cos(x), x)
+    assert "divided by" not in verdict.reason, verdict.reason
