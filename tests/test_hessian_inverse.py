@@ -259,3 +259,68 @@ def test_imaml_checks_accept_float32_claims_at_float32_tolerance(imaml_case):
     # judged as float64, the rounding to float32 is far too large
     v64 = check_imaml(model, params, tasks[0], lam, [p.astype(np.float64) for p in phi32], info.grad)
     assert v64.status == "fail"
+
+
+# ---------------------------------------------------------------------------
+# verify/hessian_inverse.py mutation survivors (issue 19): norms, condition numbers and relative
+# errors against independent computations and scaling invariances
+# ---------------------------------------------------------------------------
+
+
+def test_symmetric_operator_norm_is_the_spectral_norm():
+    # ||A||_2 of a symmetric operator (dense branch, n <= 400) equals numpy's SVD-based 2-norm.
+    from verify.hessian_inverse import _sym_extreme_norm
+
+    rng = np.random.default_rng(5)
+    M = rng.normal(size=(7, 7))
+    A = M + M.T - 3.0 * np.eye(7)  # symmetric, indefinite: the largest |eigenvalue| may be negative
+    assert _sym_extreme_norm(lambda v: A @ v, 7) == pytest.approx(np.linalg.norm(A, 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("c", [1e-6, 1.0, 1e6])
+def test_spd_verdict_error_and_cond_do_not_depend_on_scale(c):
+    # c A has the same definiteness, relative smallest eigenvalue and condition number as A (cond from
+    # numpy's SVD), and a round-off band scaled by c.
+    rng = np.random.default_rng(6)
+    A = spd_matrix(rng, 5, 100.0)
+    ok = check_spd(c * A)
+    assert ok.status == "pass" and ok.details[0]["cond"] == pytest.approx(np.linalg.cond(A), rel=1e-8)
+    B = A - (np.linalg.eigvalsh(A)[0] + 1e-6) * np.eye(5)  # smallest eigenvalue -1e-6 (||B|| ~ 1)
+    bad = check_spd(c * B)
+    lam = np.linalg.eigvalsh(B)
+    assert bad.status == "fail" and "indefinite" in bad.reason, bad.reason
+    assert bad.error == pytest.approx(-lam[0] / max(abs(lam)), rel=1e-6)
+    band = bad.details[0]["band"]
+    assert band == pytest.approx(c * max(abs(lam)) * bad.tolerance, rel=1e-9)
+    assert f"-{band:.2e}" in bad.reason
+
+
+@pytest.mark.parametrize("c", [2.0**-20, 2.0**20])
+def test_backward_error_is_invariant_under_scaling_x_and_b(c):
+    # eta = ||b - A x|| / (||A|| ||x|| + ||b||) is homogeneous of degree 0 in (x, b) (Rigal & Gaches).
+    rng = np.random.default_rng(7)
+    A = spd_matrix(rng, 6, 10.0)
+    b = rng.normal(size=6)
+    x = np.linalg.solve(A, b) + 1e-6 * rng.normal(size=6)
+    assert check_solve(A, c * x, c * b).error == pytest.approx(check_solve(A, x, b).error, rel=1e-12)
+
+
+def test_woodbury_with_a_claimed_primal_only_and_its_kappa():
+    # The dual form is computed here when only the primal is claimed. The claimed primal comes from an
+    # independent algorithm (least squares on [Z; sqrt(lam) I] W = [Y; 0]); kappa is the larger 2-norm
+    # condition number of Z^T Z + lam I and Z Z^T + lam I (numpy's cond).
+    rng = np.random.default_rng(8)
+    for n, p in ((5, 3), (3, 5)):
+        Z, Y, lam = rng.normal(size=(n, p)), rng.normal(size=(n, 2)), 0.3
+        W = np.linalg.lstsq(np.vstack([Z, np.sqrt(lam) * np.eye(p)]), np.vstack([Y, np.zeros((p, 2))]),
+                            rcond=None)[0]
+        v = check_woodbury(Z, Y, lam, primal=W)
+        assert v.status == "pass", v.reason
+        kappa = max(np.linalg.cond(Z.T @ Z + lam * np.eye(p)), np.linalg.cond(Z @ Z.T + lam * np.eye(n)))
+        assert v.details[0]["kappa"] == pytest.approx(kappa, rel=1e-8)
+        wrong = W.copy()
+        wrong[1, 1] += 1e-3
+        bad = check_woodbury(Z, Y, lam, primal=wrong)
+        assert bad.status == "fail" and "W[1, 1]" in bad.reason, bad.reason
+        # the relative difference does not depend on the scale of Y (both forms are linear in Y)
+        assert check_woodbury(Z, 1e3 * Y, lam, primal=1e3 * wrong).error == pytest.approx(bad.error, rel=1e-9)
