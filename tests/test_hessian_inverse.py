@@ -8,6 +8,8 @@ inconclusive, not pass or fail.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -293,6 +295,11 @@ def test_spd_verdict_error_and_cond_do_not_depend_on_scale(c):
     band = bad.details[0]["band"]
     assert band == pytest.approx(c * max(abs(lam)) * bad.tolerance, rel=1e-9)
     assert f"-{band:.2e}" in bad.reason
+    Z = rng.normal(size=(2, 5))
+    singular = check_spd(c * (Z.T @ Z))  # rank 2 of 5: zero eigenvalues up to round-off
+    band = singular.details[0]["band"]
+    assert singular.status == "inconclusive" and f"+-{band:.2e}" in singular.reason, singular.reason
+    assert band == pytest.approx(c * np.linalg.norm(Z.T @ Z, 2) * singular.tolerance, rel=1e-9)
 
 
 @pytest.mark.parametrize("c", [2.0**-20, 2.0**20])
@@ -310,8 +317,8 @@ def test_woodbury_with_a_claimed_primal_only_and_its_kappa():
     # independent algorithm (least squares on [Z; sqrt(lam) I] W = [Y; 0]); kappa is the larger 2-norm
     # condition number of Z^T Z + lam I and Z Z^T + lam I (numpy's cond).
     rng = np.random.default_rng(8)
-    for n, p in ((5, 3), (3, 5)):
-        Z, Y, lam = rng.normal(size=(n, p)), rng.normal(size=(n, 2)), 0.3
+    for n, p, c in ((5, 3, 1.0), (3, 5, 1.0), (4, 4, 10.0)):  # square Z: (s_max^2 + lam) / (s_min^2 + lam), s_min > 2
+        Z, Y, lam = c * rng.normal(size=(n, p)), rng.normal(size=(n, 2)), 0.3
         W = np.linalg.lstsq(np.vstack([Z, np.sqrt(lam) * np.eye(p)]), np.vstack([Y, np.zeros((p, 2))]),
                             rcond=None)[0]
         v = check_woodbury(Z, Y, lam, primal=W)
@@ -322,5 +329,7 @@ def test_woodbury_with_a_claimed_primal_only_and_its_kappa():
         wrong[1, 1] += 1e-3
         bad = check_woodbury(Z, Y, lam, primal=wrong)
         assert bad.status == "fail" and "W[1, 1]" in bad.reason, bad.reason
+        shown = re.search(r"primal=(\S+) dual=(\S+) ", bad.reason)
+        assert float(shown.group(1)) == pytest.approx(wrong[1, 1], rel=1e-4), bad.reason
         # the relative difference does not depend on the scale of Y (both forms are linear in Y)
         assert check_woodbury(Z, 1e3 * Y, lam, primal=1e3 * wrong).error == pytest.approx(bad.error, rel=1e-9)
