@@ -695,3 +695,32 @@ def test_values_up_to_2_to_the_64_are_not_scaled(offset: float) -> None:
     x = np.array([0.3, -0.2])
     verdict = check_gradient(lambda z: offset + np.sum(np.sin(z)), np.cos(x), x)
     assert "divided by" not in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("n", [5, 1 << 16])
+def test_claimed_directional_derivative_is_the_exact_sum(n: int) -> None:
+    # <g, v> is summed exactly (correctly rounded: math.fsum) up to 2^16 entries, so the claim is not
+    # blurred by the summation order. g is built on the seeded direction v so that the products g_i v_i
+    # are ~(1e16, 1, -1e16, 0.5, 0, ...): a running or pairwise sum loses the 1; the reference is the
+    # rational sum of the same float products, rounded once.
+    from fractions import Fraction
+
+    v = np.random.default_rng(4).standard_normal((1, n))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    g = np.zeros(n)
+    g[:4] = np.array([1e16, 1.0, -1e16, 0.5]) / v[0, :4]
+    verdict = check_gradient(lambda z: z @ g, g, np.zeros(n), directions=1, seed=4)
+    exact = float(sum(Fraction(float(p)) for p in g * v[0]))
+    assert abs(exact - 1.5) < 0.1  # the 1 survives in the exact sum
+    assert verdict.details[0]["claimed"] == exact
+
+
+def test_verdict_reports_the_worst_direction() -> None:
+    # "worst |<g,v> - D_v f| / (||g|| ||v||)": the verdict's error and tolerance are those of the
+    # direction with the largest error relative to its own tolerance.
+    case = make_case("expsin", 6, 1)
+    verdict = check_gradient(case.f, case.grad(case.x), case.x, method="richardson")
+    assert verdict.status == PASS, verdict.reason
+    ratios = [d["error"] / d["tolerance"] for d in verdict.details]
+    assert len(set(ratios)) > 1
+    assert verdict.error / verdict.tolerance == max(ratios)
