@@ -8,6 +8,7 @@ inconclusive, not pass or fail.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -333,3 +334,19 @@ def test_woodbury_with_a_claimed_primal_only_and_its_kappa():
         assert float(shown.group(1)) == pytest.approx(wrong[1, 1], rel=1e-4), bad.reason
         # the relative difference does not depend on the scale of Y (both forms are linear in Y)
         assert check_woodbury(Z, 1e3 * Y, lam, primal=1e3 * wrong).error == pytest.approx(bad.error, rel=1e-9)
+
+
+def test_zero_right_hand_sides_and_an_exactly_singular_matrix():
+    # b = 0 with x = 0 is an exact solve (backward error 0, not 0/0); Y = 0 gives W = 0 in both ridge
+    # forms (difference 0); diag(1, 0) has the eigenvalue 0 exactly: singular, cond infinite, inconclusive.
+    rng = np.random.default_rng(10)
+    A = spd_matrix(rng, 4, 10.0)
+    v = check_solve(A, np.zeros(4), np.zeros(4))
+    assert v.status == "pass" and v.error == 0.0, v.reason
+    Z = rng.normal(size=(5, 3))
+    w = check_woodbury(Z, np.zeros((5, 2)), 0.5)
+    assert w.status == "pass" and w.error == 0.0, w.reason
+    c = check_cg_vs_direct(A, np.zeros(4), np.zeros(4))
+    assert c.status == "pass" and c.error == 0.0, c.reason
+    s = check_spd(np.diag([1.0, 0.0]))
+    assert s.status == "inconclusive" and s.details[0]["cond"] == math.inf, s.reason
