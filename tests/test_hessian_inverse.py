@@ -288,10 +288,14 @@ def test_spd_verdict_error_and_cond_do_not_depend_on_scale(c):
     A = spd_matrix(rng, 5, 100.0)
     ok = check_spd(c * A)
     assert ok.status == "pass" and ok.details[0]["cond"] == pytest.approx(np.linalg.cond(A), rel=1e-8)
+    lam_A = np.linalg.eigvalsh(c * A)
+    assert ok.details[0]["lambda_min"] == pytest.approx(lam_A[0], rel=1e-8)
+    assert ok.details[0]["lambda_max"] == pytest.approx(lam_A[-1], rel=1e-8)
     B = A - (np.linalg.eigvalsh(A)[0] + 1e-6) * np.eye(5)  # smallest eigenvalue -1e-6 (||B|| ~ 1)
     bad = check_spd(c * B)
     lam = np.linalg.eigvalsh(B)
     assert bad.status == "fail" and "indefinite" in bad.reason, bad.reason
+    assert bad.details[0]["cond"] == math.inf  # no finite condition number for an indefinite matrix
     assert bad.error == pytest.approx(-lam[0] / max(abs(lam)), rel=1e-6)
     band = bad.details[0]["band"]
     assert band == pytest.approx(c * max(abs(lam)) * bad.tolerance, rel=1e-9)
@@ -300,6 +304,7 @@ def test_spd_verdict_error_and_cond_do_not_depend_on_scale(c):
     singular = check_spd(c * (Z.T @ Z))  # rank 2 of 5: zero eigenvalues up to round-off
     band = singular.details[0]["band"]
     assert singular.status == "inconclusive" and f"+-{band:.2e}" in singular.reason, singular.reason
+    assert 0.0 <= singular.error <= singular.tolerance  # |lambda_min| / ||A|| lies inside the band
     assert band == pytest.approx(c * np.linalg.norm(Z.T @ Z, 2) * singular.tolerance, rel=1e-9)
 
 
@@ -350,3 +355,10 @@ def test_zero_right_hand_sides_and_an_exactly_singular_matrix():
     assert c.status == "pass" and c.error == 0.0, c.reason
     s = check_spd(np.diag([1.0, 0.0]))
     assert s.status == "inconclusive" and s.details[0]["cond"] == math.inf, s.reason
+
+
+def test_empty_and_zero_matrices():
+    with pytest.raises(InvalidInputError, match="square non-empty"):
+        check_spd(np.zeros((0, 0)))
+    v = check_spd(np.zeros((3, 3)))
+    assert v.status == "inconclusive" and "zero matrix" in v.reason, v.reason
