@@ -724,3 +724,11 @@ def test_verdict_reports_the_worst_direction() -> None:
     ratios = [d["error"] / d["tolerance"] for d in verdict.details]
     assert len(set(ratios)) > 1
     assert verdict.error / verdict.tolerance == max(ratios)
+
+
+def test_zero_gradient_at_a_stationary_point_passes_with_error_zero() -> None:
+    # f = |z|^2 at 0: g = 0 and D_v f = 0 exactly, so S = max(||g||, |D|) = 0; the relative error is 0
+    # (no difference at all), within any tolerance.
+    verdict = check_gradient(lambda z: z @ z, np.zeros(3), np.zeros(3))
+    assert verdict.status == PASS and verdict.error == 0.0 <= verdict.tolerance, verdict
+    assert all(d["error"] == 0.0 for d in verdict.details)
