@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import warnings
 
@@ -210,6 +211,9 @@ def test_float32_uses_float32_row() -> None:
     assert check_gradient(case.f, g32, x32, rtol=tolerance(np.float64, "gradient")).status == FAIL
     # a float32 gradient alone (float64 x) also selects the float32 row
     assert check_gradient(case.f, g32, x32.astype(np.float64)).dtype == "float32"
+    # and so does a float32 x alone: the float32-rounded gradient handed over in float64 still passes
+    alone = check_gradient(case.f, g32.astype(np.float64), x32)
+    assert alone.dtype == "float32" and alone.status == PASS, alone.reason
     # and float32 still catches a 1e-3 error
     assert check_gradient(case.f, g32 * np.float32(1 + 1e-3), x32).status == FAIL
 
@@ -554,3 +558,177 @@ def test_verdict_passed_and_json_of_infinities():
     assert jsonable(float("inf")) == "inf" and jsonable(-float("inf")) == "-inf"
     assert jsonable(np.float64(-np.inf)) == "-inf" and jsonable(float("nan")) == "nan"
     assert bad.to_dict()["error"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# verify/_check.py mutation survivors (issue 19): argument checks, the kink probe's slopes and jump,
+# overflow scaling, the wording of the reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rtol": 0.0}, r"rtol=0\.0 must be a float in \(0, 1\)"),
+        ({"rtol": 1.0}, r"rtol=1\.0 must be a float in \(0, 1\)"),
+        ({"rtol": "1e-3"}, r"rtol='1e-3' must be a float"),
+        ({"scale_floor": "1.0"}, r"scale_floor='1\.0' must be a finite float"),
+    ],
+)
+def test_rtol_and_scale_floor_bounds(kwargs, match) -> None:
+    # rtol is a relative tolerance strictly between 0 (nothing passes) and 1 (everything does); numbers
+    # given as strings are not numbers.
+    with pytest.raises(InvalidInputError, match=match):
+        check_gradient(lambda x: float(np.sum(x**2)), np.array([2.0, 4.0]), np.array([1.0, 2.0]), **kwargs)
+
+
+@pytest.mark.parametrize("grad", [np.array([1 + 0j, 2 + 0j]), np.array(["1", "2"])])
+def test_complex_or_text_gradient_is_rejected(grad) -> None:
+    with pytest.raises(InvalidInputError, match=r"grad must be a real numeric array"):
+        check_gradient(lambda x: float(np.sum(x**2)), grad, np.array([0.5, 1.0]))
+
+
+def _abs_plus_smooth(z):
+    # |z_0| (a kink at z_0 = 0) plus a smooth part with curvature; complex input gives a real |.|, so the
+    # engine uses Richardson; one-sided slopes along v at x = (0, 0.3): +-|v_0| + cos(0.3) v_1 (+ O(t)).
+    return np.abs(z[0]) + np.sin(z[1]) + 0.5 * z[1] ** 2
+
+
+def test_kink_probe_reports_the_one_sided_slopes_and_the_jump() -> None:
+    # At a kink the probe reports the forward and backward slopes and their jump 2 |v_0| (closed form:
+    # d/dt |t v_0| = +-|v_0|); the smooth part's O(t_b) curvature is removed from the jump.
+    x = np.array([0.0, 0.3])
+    g = np.array([0.0, math.cos(0.3) + 0.3])
+    verdict = check_gradient(_abs_plus_smooth, g, x, directions=1, seed=3)
+    d = verdict.details[0]
+    assert verdict.status == INCONCLUSIVE and d["kink"], verdict.reason
+    v = np.random.default_rng(3).standard_normal(2)
+    v /= np.linalg.norm(v)
+    smooth = float((math.cos(0.3) + 0.3) * v[1])
+    assert d["forward"] == pytest.approx(smooth + abs(v[0]), abs=1e-4)
+    assert d["backward"] == pytest.approx(smooth - abs(v[0]), abs=1e-4)
+    jump = float(re.search(r"jump (\S+?)\)", verdict.reason).group(1))
+    assert jump == pytest.approx(2 * abs(v[0]), rel=1e-5), verdict.reason  # printed to 6 digits
+
+
+def test_gradient_outside_the_one_sided_slopes_at_a_kink_fails() -> None:
+    # <g,v> one |v_0| beyond the forward slope: no subgradient explains it -- a fail, not "inconclusive".
+    x = np.array([0.0, 0.3])
+    v = np.random.default_rng(3).standard_normal(2)
+    v /= np.linalg.norm(v)
+    g = np.array([0.0, math.cos(0.3) + 0.3]) + 2.0 * abs(v[0]) * v  # <g,v> = smooth + 2 |v_0|
+    verdict = check_gradient(_abs_plus_smooth, g, x, directions=1, seed=3)
+    assert verdict.details[0]["kink"]
+    assert verdict.status == FAIL and "no choice of (sub)gradient" in verdict.reason, verdict.reason
+
+
+def test_no_kink_probe_when_asked_and_none_invented_near_a_domain_boundary() -> None:
+    # probe_kinks=False (the audit's economy, verify._check._check_gradient): a kink goes unreported
+    # (documented), a smooth f passes; and with the probe on, f = log z at x = 4 t_b (f is NaN beyond
+    # x - 4 t_b, where the probe's larger steps land) has no kink.
+    from verify._check import _check_gradient
+
+    x = np.array([0.0, 0.3])
+    off = _check_gradient(_abs_plus_smooth, np.array([0.0, math.cos(0.3) + 0.3]), x, probe_kinks=False)
+    assert not any(d["kink"] for d in off.details), off.reason
+    smooth = _check_gradient(lambda z: np.sum(np.sin(z)), np.cos(x), x, probe_kinks=False)
+    assert smooth.status == PASS, smooth.reason
+    tb = 2.0 ** round(math.log2(float(np.finfo(np.float64).eps) ** 0.4))  # t_b = eps^(1/2.5) s, s = 1 here
+
+    def f(z):
+        return np.log(z[0]) if np.real(z[0]) > 0 else math.nan
+
+    verdict = check_gradient(f, np.array([1 / (4 * tb)]), np.array([4 * tb]), directions=1)
+    assert not verdict.details[0]["kink"], verdict.reason
+    assert verdict.status == PASS, verdict.reason
+
+
+def test_missing_estimate_is_no_kink() -> None:
+    # f is NaN away from x: no estimate, no probe -- and no kink claimed.
+    x0 = np.array([0.5, -0.25])
+
+    def f(z):
+        return float(np.sum(np.sin(np.real(z)))) * (1.0 if np.array_equal(z, x0) else math.nan)
+
+    verdict = check_gradient(f, np.cos(x0), x0, directions=2, method="central")
+    assert verdict.status == INCONCLUSIVE and not any(d["kink"] for d in verdict.details), verdict.reason
+    # the reason is the direction's own (the "no finite error" rewording is for a would-be pass only)
+    assert verdict.reason.startswith("the central estimate could not be formed"), verdict.reason
+
+
+@pytest.mark.parametrize(("fscale", "gscale"), [(1e200, 1.0), (1.0, 1e308)])
+def test_huge_values_are_scaled_by_the_power_of_two_the_reason_names(fscale: float, gscale: float) -> None:
+    # |f(x)| or |g| above 2^64: f and g are divided by 2^k (exact) so that norms and differences stay
+    # finite; the reason names 2^k, and max(|f(x)|, |g|) / 2^k lies in [2^63, 2^64). With |g_i| ~ 1e308,
+    # ||g|| of four entries overflows unscaled; with |f| ~ 1e200 only the note tells.
+    x = np.full(4, 1e-310 if gscale > 1 else 0.3)
+
+    def f(z):
+        return fscale + gscale * np.sum(np.sin(z))
+
+    g = gscale * np.cos(x)
+    verdict = check_gradient(f, g, x)
+    assert verdict.status == PASS, verdict.reason
+    k = int(re.search(r"divided by 2\^(-?\d+) \(exact\)", verdict.reason).group(1))
+    big = max(abs(f(x)), float(np.max(np.abs(g))))
+    assert 2.0**63 <= big / 2.0**k < 2.0**64, (k, verdict.reason)
+
+
+def test_reason_wording_for_one_direction_and_a_floor_equal_to_the_gradient_norm() -> None:
+    # "1 random direction" (singular); scale_floor equal to ||g|| = 5 (exact) is not "> ||g||".
+    x = np.array([1.5, 2.0])
+
+    def f(z):
+        return 0.5 * (z @ z)
+
+    g = x.copy()  # ||(1.5, 2.0)|| = 2.5 exactly
+    verdict = check_gradient(f, g, x, directions=1, scale_floor=2.5)
+    assert verdict.status == PASS, verdict.reason
+    assert re.search(r"\b1 random direction\b", verdict.reason), verdict.reason
+    assert "rounding floor" not in verdict.reason, verdict.reason
+    fast = check_gradient(f, g, x, budget="fast", directions=1)
+    assert re.search(r"\b1 direction\b", fast.reason), fast.reason
+
+
+@pytest.mark.parametrize("offset", [1e3, 2.0**64])
+def test_values_up_to_2_to_the_64_are_not_scaled(offset: float) -> None:
+    # Documented: values *above* 2^64 are divided by a power of two; |f(x)| = 1e3 or exactly 2^64 is not.
+    x = np.array([0.3, -0.2])
+    verdict = check_gradient(lambda z: offset + np.sum(np.sin(z)), np.cos(x), x)
+    assert "divided by" not in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("n", [5, 1 << 16])
+def test_claimed_directional_derivative_is_the_exact_sum(n: int) -> None:
+    # <g, v> is summed exactly (correctly rounded: math.fsum) up to 2^16 entries, so the claim is not
+    # blurred by the summation order. g is built on the seeded direction v so that the products g_i v_i
+    # are ~(1e16, 1, -1e16, 0.5, 0, ...): a running or pairwise sum loses the 1; the reference is the
+    # rational sum of the same float products, rounded once.
+    from fractions import Fraction
+
+    v = np.random.default_rng(4).standard_normal((1, n))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    g = np.zeros(n)
+    g[:4] = np.array([1e16, 1.0, -1e16, 0.5]) / v[0, :4]
+    verdict = check_gradient(lambda z: z @ g, g, np.zeros(n), directions=1, seed=4)
+    exact = float(sum(Fraction(float(p)) for p in g * v[0]))
+    assert abs(exact - 1.5) < 0.1  # the 1 survives in the exact sum
+    assert verdict.details[0]["claimed"] == exact
+
+
+def test_verdict_reports_the_worst_direction() -> None:
+    # "worst |<g,v> - D_v f| / (||g|| ||v||)": the verdict's error and tolerance are those of the
+    # direction with the largest error relative to its own tolerance.
+    case = make_case("expsin", 6, 1)
+    verdict = check_gradient(case.f, case.grad(case.x), case.x, method="richardson")
+    assert verdict.status == PASS, verdict.reason
+    ratios = [d["error"] / d["tolerance"] for d in verdict.details]
+    assert len(set(ratios)) > 1
+    assert verdict.error / verdict.tolerance == max(ratios)
+
+
+def test_zero_gradient_at_a_stationary_point_passes_with_error_zero() -> None:
+    # f = |z|^2 at 0: g = 0 and D_v f = 0 exactly, so S = max(||g||, |D|) = 0; the relative error is 0
+    # (no difference at all), within any tolerance.
+    verdict = check_gradient(lambda z: z @ z, np.zeros(3), np.zeros(3))
+    assert verdict.status == PASS and verdict.error == 0.0 <= verdict.tolerance, verdict
+    assert all(d["error"] == 0.0 for d in verdict.details)

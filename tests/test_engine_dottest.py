@@ -91,9 +91,47 @@ def test_wrong_shapes_and_non_finite_are_fail() -> None:
         ({"in_shape": 3, "out_shape": 2, "dtype": np.int64}, r"dtype="),
         ({"in_shape": 3, "out_shape": 2, "rtol": 5.0}, r"rtol=5.0"),
         ({"in_shape": (-1,), "out_shape": 2}, r"in_shape=\(-1,\)"),
+        ({"in_shape": 3, "out_shape": 2, "seed": 1.5}, r"seed=1.5 must be an integer"),
+        ({"in_shape": 3, "out_shape": 2, "vjp": None}, r"must be callables"),
     ],
 )
 def test_invalid_arguments(kwargs, match) -> None:
     J = np.ones((2, 3))
+    kwargs = {"vjp": lambda w: J.T @ w, **kwargs}
     with pytest.raises(InvalidInputError, match=match):
-        dot_product_test(lambda u: J @ u, lambda w: J.T @ w, **kwargs)
+        dot_product_test(lambda u: J @ u, **kwargs)
+
+
+@pytest.mark.parametrize("rtol", [1e-9, 0.5])
+def test_rtol_inside_0_1_is_accepted_and_used(rtol: float) -> None:
+    J = np.arange(6.0).reshape(2, 3)
+    verdict = dot_product_test(lambda u: J @ u, lambda w: J.T @ w, in_shape=3, out_shape=2, rtol=rtol)
+    assert verdict.status == PASS and verdict.tolerance == rtol, verdict.reason
+
+
+def test_default_is_three_seeded_trials() -> None:
+    J = np.arange(6.0).reshape(2, 3)
+    verdict = dot_product_test(lambda u: J @ u, lambda w: J.T @ w, in_shape=3, out_shape=2)
+    assert len(verdict.details) == 3
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_a_complex_example_array_on_either_side_makes_u_and_w_complex(side: str) -> None:
+    # dtype default: "the example arrays'": one complex example makes the pairs complex (J^H for vdot);
+    # one float32 example (the other side a plain shape) makes them float32.
+    J = np.arange(6.0).reshape(2, 3) + 1j
+    seen = []
+
+    def jvp(u):
+        seen.append(u.dtype)
+        return J @ u
+
+    example = {"in_shape": np.zeros(3, np.complex128), "out_shape": 2} if side == "in" else \
+        {"in_shape": 3, "out_shape": np.zeros(2, np.complex128)}
+    verdict = dot_product_test(jvp, lambda w: J.conj().T @ w, **example)
+    assert verdict.status == PASS and seen and all(np.issubdtype(d, np.complexfloating) for d in seen), verdict.reason
+    J32 = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    example = {"in_shape": np.zeros(3, np.float32), "out_shape": 2} if side == "in" else \
+        {"in_shape": 3, "out_shape": np.zeros(2, np.float32)}
+    v32 = dot_product_test(lambda u: J32 @ u, lambda w: J32.T @ w, **example)
+    assert v32.dtype == "float32", v32

@@ -228,7 +228,10 @@ def test_fast_complex_step_is_homogeneous_in_the_direction() -> None:
         assert est.value == pytest.approx(c * base, rel=1e-13), (k, est)
 
 
-def test_fast_complex_step_counts_its_calls_on_the_non_finite_path() -> None:
+@pytest.mark.parametrize("finite", [True, False])
+def test_fast_complex_step_counts_its_calls(finite: bool) -> None:
+    # Two calls, counted from the problem's own counter (f(x) made up front, and any earlier estimate
+    # on the same problem, are not this estimate's).
     from verify._numdiff import Problem, estimate
 
     calls = []
@@ -236,12 +239,14 @@ def test_fast_complex_step_counts_its_calls_on_the_non_finite_path() -> None:
 
     def f(z):
         calls.append(1)
-        return np.sum(np.sin(z)) * (1.0 if np.array_equal(z, x0) else np.nan)
+        return np.sum(np.sin(z)) * (1.0 if finite or np.array_equal(z, x0) else np.nan)
 
     p = Problem(f, x0)
     est = estimate(p, np.array([1.0, 2.0]), "complex", None, fast=True, terms=1.0)
-    assert not math.isfinite(est.value) and est.error == math.inf
+    assert math.isfinite(est.value) == finite and (est.error == math.inf) != finite
     assert est.evaluations == len(calls) - 1 == 2
+    again = estimate(p, np.array([2.0, 1.0]), "complex", None, fast=True, terms=1.0)
+    assert again.evaluations == 2 and len(calls) == 5
 
 
 @pytest.mark.parametrize("finite", [True, False])
@@ -458,6 +463,7 @@ def test_complex_step_noise_samples_move_x_by_one_ulp(fast: bool) -> None:
     assert len(shifted) == (1 if fast else 2)
     for dz in shifted:
         assert np.all(dz <= EPS64 * np.abs(x0) + np.spacing(np.abs(x0))), dz
+        assert np.all(dz > 0), dz  # "moved by one ulp per component": every component moves
 
 
 def test_messages_name_the_first_bad_index_and_shorten_only_long_values() -> None:
@@ -841,3 +847,119 @@ def test_taylor_discontinuous_function_is_named() -> None:
     # noise: see the report of issue 19, a known limitation).
     result = taylor_test(lambda z: float(z[0] > 0.0) + z[0], np.array([0.0]), np.array([1.0]))
     assert result.status == FAIL and "not continuous" in result.reason, result.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# verify/_numdiff.py: noise probes, reported noise, central step, Romberg holes, float16
+# (mutation survivors, issue 19)
+
+
+def test_noise_probes_move_every_component_by_one_ulp_both_ways() -> None:
+    # nu is "the largest change of f under random perturbations of x by one ulp per component": each
+    # probe moves every component by one ulp, up or down, and across the 8 probes both ways occur.
+    from verify._numdiff import Problem
+
+    x0 = np.array([0.75, -1.5, 3.3, 0.1, 7.0])
+    points = []
+
+    def f(z):
+        points.append(np.array(z, dtype=np.float64))
+        return float(np.sum(np.sin(z)))
+
+    p = Problem(f, x0)
+    p.noise  # noqa: B018 - the property runs the probes
+    moves = [z - x0 for z in points[1:]]
+    assert len(moves) == 8
+    for dz in moves:
+        assert np.all(np.abs(dz) > 0) and np.all(np.abs(dz) <= EPS64 * np.abs(x0) + np.spacing(np.abs(x0))), dz
+    signs = np.sign(np.array(moves))
+    assert np.all(np.any(signs > 0, axis=0)) and np.all(np.any(signs < 0, axis=0))
+
+
+def test_noise_sees_a_jump_on_either_side_of_x() -> None:
+    # f jumps by 1 just below x or just above it: one-ulp probes in both directions see it either way.
+    from verify._numdiff import Problem
+
+    x0 = np.array([0.3, 0.6])
+    below = Problem(lambda z: float(z[0] < 0.3) + float(np.sum(z)), x0).noise
+    above = Problem(lambda z: float(z[0] > 0.3) + float(np.sum(z)), x0).noise
+    assert below >= 1.0 and above >= 1.0
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_complex_step_reports_no_more_noise_than_f_has(fast: bool) -> None:
+    # Estimate.noise is a round-off level of f near x: >= 0 and not above the level nu the real probes
+    # measure (the complex step does not use nu: it reports 0).
+    from verify._numdiff import Problem, estimate
+
+    x0 = np.array([0.5, -0.25, 1.5])
+    nu = Problem(_sum_sin, x0).noise
+    est = estimate(Problem(_sum_sin, x0), np.array([1.0, 2.0, -1.0]), "complex", None, fast=fast, terms=1.0)
+    assert 0.0 <= est.noise <= nu, (est.noise, nu)
+
+
+def _sum_sin(z):
+    return np.sum(np.sin(z))
+
+
+def test_central_difference_at_its_step_reaches_eps_to_the_two_thirds() -> None:
+    # t = eps^(1/3) s balances the truncation c t^2 against the round-off eps / t: the error is
+    # O(eps^(2/3)) ~ 4e-11 for O(1) values and derivatives (another exponent, e.g. eps^(1/4), leaves
+    # O(eps^(1/2))). Exact values: the closed-form derivative of sum(sin) + exp(x0 x1).
+    x0 = np.array([0.4, -0.7, 1.1])
+    v = np.array([1.0, -0.5, 0.25])
+
+    def f(z):
+        return np.sum(np.sin(z)) + np.exp(z[0] * z[1])
+
+    exact = float(np.cos(x0) @ v + np.exp(x0[0] * x0[1]) * (x0[1] * v[0] + x0[0] * v[1]))
+    est = directional_derivative(f, x0, v, method="central")
+    assert abs(est.value - exact) <= 10 * EPS64 ** (2 / 3), (est, exact)
+    assert abs(est.value - exact) <= est.error
+
+
+@pytest.mark.parametrize("hole", [0, 3])
+def test_richardson_works_around_a_point_where_f_is_not_finite(hole: int) -> None:
+    # f is NaN at x +- t_hole v only (a point outside its domain, or a failed evaluation): the Romberg
+    # values that use it are dropped, the others still give an honest estimate -- "the R_k with the
+    # smallest error estimate" among those that exist, whether the hole is at the smallest step
+    # (hole 0) or cuts R_0 off from its neighbours (hole 3: R_0 finite, R_1..R_3 not).
+    x0, v = np.array([0.4, -0.7]), np.array([1.0, 0.5])
+    steps = directional_derivative(_sum_sin, x0, v, method="richardson").steps
+    bad = {float(x0[0] + steps[hole] * v[0]), float(x0[0] - steps[hole] * v[0])}
+
+    def f(z):
+        return math.nan if float(z[0]) in bad else float(np.sum(np.sin(z)))
+
+    exact = float(np.cos(x0) @ v)
+    est = directional_derivative(f, x0, v, method="richardson")
+    assert est.steps == steps
+    assert math.isfinite(est.value) and abs(est.value - exact) <= est.error <= 1e-6, (est, exact)
+
+
+def test_richardson_in_float16_has_the_minimal_table() -> None:
+    # f computes in float16 (eps ~ 1e-3): the first step eps^(1/2.5) s is already at the cap 2^-4 s, yet an
+    # error estimate needs two Romberg values, R_k = (64 D_k - 20 D_k+1 + D_k+2) / 45: four central
+    # quotients (t, 2t, 4t, 8t), no fewer and -- every step beyond the cap moving further from x -- no more.
+    x0, v = np.array([0.3, 0.5]), np.ones(2)
+
+    def f(z):
+        return np.float16(np.sum(np.sin(z)))
+
+    est = directional_derivative(f, x0, v, method="richardson")
+    exact = float(np.cos(x0) @ v)
+    assert len(est.steps) == 4 and math.isfinite(est.value), est
+    assert abs(est.value - exact) <= est.error, (est, exact)
+
+
+def test_central_difference_with_f_not_finite_at_the_second_step_has_no_estimate() -> None:
+    # f = log z at x = 1.5 t: finite at x +- t, NaN at x - 2t < 0. The truncation estimate |D(2t) - D(t)|
+    # cannot be formed, so there is no estimate (NaN, error inf) -- never a value with a NaN error bound.
+    t = directional_derivative(lambda z: float(z[0]), np.array([1.0]), np.array([1.0]), method="central").step
+    x0 = np.array([1.5 * t])
+
+    def f(z):
+        return math.log(z[0]) if z[0] > 0 else math.nan
+
+    est = directional_derivative(f, x0, np.array([1.0]), method="central", step=t)
+    assert math.isnan(est.value) and est.error == math.inf, est

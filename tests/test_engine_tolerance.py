@@ -71,3 +71,11 @@ def test_precision_dtype_picks_the_least_precise() -> None:
 def test_table_is_read_only() -> None:
     with pytest.raises(TypeError):
         TOLERANCES[np.float64]["gradient"] = 1.0  # type: ignore[index]
+
+
+def test_condition_is_keyword_only() -> None:
+    # tolerance(dtype, kind, *, condition=...): a positional third argument is a mistake (it would read as
+    # a condition number silently), so it is refused.
+    with pytest.raises(TypeError):
+        tolerance(np.float64, "gradient", 10.0)  # type: ignore[misc]
+    assert tolerance(np.float64, "gradient", condition=10.0) == 10.0 * tolerance(np.float64, "gradient")

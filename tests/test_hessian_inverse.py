@@ -8,6 +8,9 @@ inconclusive, not pass or fail.
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -259,3 +262,103 @@ def test_imaml_checks_accept_float32_claims_at_float32_tolerance(imaml_case):
     # judged as float64, the rounding to float32 is far too large
     v64 = check_imaml(model, params, tasks[0], lam, [p.astype(np.float64) for p in phi32], info.grad)
     assert v64.status == "fail"
+
+
+# ---------------------------------------------------------------------------
+# verify/hessian_inverse.py mutation survivors (issue 19): norms, condition numbers and relative
+# errors against independent computations and scaling invariances
+# ---------------------------------------------------------------------------
+
+
+def test_symmetric_operator_norm_is_the_spectral_norm():
+    # ||A||_2 of a symmetric operator (dense branch, n <= 400) equals numpy's SVD-based 2-norm.
+    from verify.hessian_inverse import _sym_extreme_norm
+
+    rng = np.random.default_rng(5)
+    M = rng.normal(size=(7, 7))
+    A = M + M.T - 3.0 * np.eye(7)  # symmetric, indefinite: the largest |eigenvalue| may be negative
+    assert _sym_extreme_norm(lambda v: A @ v, 7) == pytest.approx(np.linalg.norm(A, 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("c", [1e-6, 1.0, 1e6])
+def test_spd_verdict_error_and_cond_do_not_depend_on_scale(c):
+    # c A has the same definiteness, relative smallest eigenvalue and condition number as A (cond from
+    # numpy's SVD), and a round-off band scaled by c.
+    rng = np.random.default_rng(6)
+    A = spd_matrix(rng, 5, 100.0)
+    ok = check_spd(c * A)
+    assert ok.status == "pass" and ok.details[0]["cond"] == pytest.approx(np.linalg.cond(A), rel=1e-8)
+    lam_A = np.linalg.eigvalsh(c * A)
+    assert ok.details[0]["lambda_min"] == pytest.approx(lam_A[0], rel=1e-8)
+    assert ok.details[0]["lambda_max"] == pytest.approx(lam_A[-1], rel=1e-8)
+    B = A - (np.linalg.eigvalsh(A)[0] + 1e-6) * np.eye(5)  # smallest eigenvalue -1e-6 (||B|| ~ 1)
+    bad = check_spd(c * B)
+    lam = np.linalg.eigvalsh(B)
+    assert bad.status == "fail" and "indefinite" in bad.reason, bad.reason
+    assert bad.details[0]["cond"] == math.inf  # no finite condition number for an indefinite matrix
+    assert bad.error == pytest.approx(-lam[0] / max(abs(lam)), rel=1e-6)
+    band = bad.details[0]["band"]
+    assert band == pytest.approx(c * max(abs(lam)) * bad.tolerance, rel=1e-9)
+    assert f"-{band:.2e}" in bad.reason
+    Z = rng.normal(size=(2, 5))
+    singular = check_spd(c * (Z.T @ Z))  # rank 2 of 5: zero eigenvalues up to round-off
+    band = singular.details[0]["band"]
+    assert singular.status == "inconclusive" and f"+-{band:.2e}" in singular.reason, singular.reason
+    assert 0.0 <= singular.error <= singular.tolerance  # |lambda_min| / ||A|| lies inside the band
+    assert band == pytest.approx(c * np.linalg.norm(Z.T @ Z, 2) * singular.tolerance, rel=1e-9)
+
+
+@pytest.mark.parametrize("c", [2.0**-20, 2.0**20])
+def test_backward_error_is_invariant_under_scaling_x_and_b(c):
+    # eta = ||b - A x|| / (||A|| ||x|| + ||b||) is homogeneous of degree 0 in (x, b) (Rigal & Gaches).
+    rng = np.random.default_rng(7)
+    A = spd_matrix(rng, 6, 10.0)
+    b = rng.normal(size=6)
+    x = np.linalg.solve(A, b) + 1e-6 * rng.normal(size=6)
+    assert check_solve(A, c * x, c * b).error == pytest.approx(check_solve(A, x, b).error, rel=1e-12)
+
+
+def test_woodbury_with_a_claimed_primal_only_and_its_kappa():
+    # The dual form is computed here when only the primal is claimed. The claimed primal comes from an
+    # independent algorithm (least squares on [Z; sqrt(lam) I] W = [Y; 0]); kappa is the larger 2-norm
+    # condition number of Z^T Z + lam I and Z Z^T + lam I (numpy's cond).
+    rng = np.random.default_rng(8)
+    for n, p, c in ((5, 3, 1.0), (3, 5, 1.0), (4, 4, 10.0)):  # square Z: (s_max^2 + lam) / (s_min^2 + lam), s_min > 2
+        Z, Y, lam = c * rng.normal(size=(n, p)), rng.normal(size=(n, 2)), 0.3
+        W = np.linalg.lstsq(np.vstack([Z, np.sqrt(lam) * np.eye(p)]), np.vstack([Y, np.zeros((p, 2))]),
+                            rcond=None)[0]
+        v = check_woodbury(Z, Y, lam, primal=W)
+        assert v.status == "pass", v.reason
+        kappa = max(np.linalg.cond(Z.T @ Z + lam * np.eye(p)), np.linalg.cond(Z @ Z.T + lam * np.eye(n)))
+        assert v.details[0]["kappa"] == pytest.approx(kappa, rel=1e-8)
+        wrong = W.copy()
+        wrong[1, 1] += 1e-3
+        bad = check_woodbury(Z, Y, lam, primal=wrong)
+        assert bad.status == "fail" and "W[1, 1]" in bad.reason, bad.reason
+        shown = re.search(r"primal=(\S+) dual=(\S+) ", bad.reason)
+        assert float(shown.group(1)) == pytest.approx(wrong[1, 1], rel=1e-4), bad.reason
+        # the relative difference does not depend on the scale of Y (both forms are linear in Y)
+        assert check_woodbury(Z, 1e3 * Y, lam, primal=1e3 * wrong).error == pytest.approx(bad.error, rel=1e-9)
+
+
+def test_zero_right_hand_sides_and_an_exactly_singular_matrix():
+    # b = 0 with x = 0 is an exact solve (backward error 0, not 0/0); Y = 0 gives W = 0 in both ridge
+    # forms (difference 0); diag(1, 0) has the eigenvalue 0 exactly: singular, cond infinite, inconclusive.
+    rng = np.random.default_rng(10)
+    A = spd_matrix(rng, 4, 10.0)
+    v = check_solve(A, np.zeros(4), np.zeros(4))
+    assert v.status == "pass" and v.error == 0.0, v.reason
+    Z = rng.normal(size=(5, 3))
+    w = check_woodbury(Z, np.zeros((5, 2)), 0.5)
+    assert w.status == "pass" and w.error == 0.0, w.reason
+    c = check_cg_vs_direct(A, np.zeros(4), np.zeros(4))
+    assert c.status == "pass" and c.error == 0.0, c.reason
+    s = check_spd(np.diag([1.0, 0.0]))
+    assert s.status == "inconclusive" and s.details[0]["cond"] == math.inf, s.reason
+
+
+def test_empty_and_zero_matrices():
+    with pytest.raises(InvalidInputError, match="square non-empty"):
+        check_spd(np.zeros((0, 0)))
+    v = check_spd(np.zeros((3, 3)))
+    assert v.status == "inconclusive" and "zero matrix" in v.reason, v.reason
