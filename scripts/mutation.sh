@@ -13,5 +13,5 @@ PY="${PYTHON:-${METAVERIFY_VENV:-.venv}/bin/python}"
 case "${1:-}" in
   report|list) exec "$PY" scripts/mutation.py "$@" ;;
 esac
-nice -n "${MUTATION_NICE:-10}" "$PY" scripts/mutation.py run "$@"
+nice -n "${MUTATION_NICE:-5}" "$PY" scripts/mutation.py run "$@"
 exec "$PY" scripts/mutation.py report
