@@ -906,14 +906,15 @@ class Runner:
 
     def __init__(self, modules: list[str], shard: tuple[int, int], timeout_factor: float, max_mutants: int | None,
                  survivors_only: bool, log, force: str | None = None, only: dict[str, set[str]] | None = None,
-                 store: bool = True) -> None:
+                 store: bool = True, budget: float | None = None) -> None:
         self.modules = modules
         self.shard = shard
         self.factor = timeout_factor
         self.max = max_mutants
         self.survivors_only = survivors_only
         self.log = log
-        self.force = force  # "fast" / "fresh": the selftest runs a mutant by one path on purpose
+        self.force = force  # "fast" / "fresh" / "both": the selftest runs a mutant by one path on purpose
+        self.budget = budget
         self.only = only
         self.store = store
         self.recorder = _Recorder()
@@ -1032,7 +1033,7 @@ class Runner:
     def plan(self, module: str, loc: Locator, line: int, map_ok: bool) -> dict:
         """Which tests cover a mutant at ``line`` and how (``fast``: swap in the session)."""
         kind, d = loc.where(line)
-        plan = {"kind": kind, "def": d}
+        plan = {"kind": kind, "def": d, "line": line}
         if not map_ok:
             plan["tests"] = self._mapped_nodes(module)
             plan["why"] = "mapped test files (no usable coverage map for this module)"
@@ -1074,6 +1075,8 @@ class Runner:
     # -- applying a mutant in the session -----------------------------------------------------------
     def fast_apply(self, module: str, loc: Locator, plan: dict, mutated: str):
         """A closure that swaps the mutated function into the live objects, or (None, why not)."""
+        if plan["kind"] == "module" and not plan.get("subprocess"):
+            return self.const_apply(module, loc, plan, mutated)
         if plan["kind"] not in ("body", "signature") or plan.get("subprocess"):
             return None, f"{plan['kind']} code"
         node, qualname, ordinal = plan["def"]
@@ -1119,6 +1122,94 @@ class Runner:
                     f.__defaults__, f.__kwdefaults__ = defaults
 
         return apply, f"swap {qualname} ({len(funcs)} object{'s' if len(funcs) > 1 else ''})"
+
+    def _name_index(self) -> None:
+        """Once: names read by module-level code anywhere in the project, and which functions read each name."""
+        self._toplevel_loads: set[str] = set()
+        self._readers: dict[str, list[tuple[str, str, int]]] = {}
+        for p in sorted([*(ROOT / "reference").rglob("*.py"), *(ROOT / "verify").rglob("*.py")]):
+            if "__pycache__" in p.parts:
+                continue
+            rel = str(p.relative_to(ROOT))
+            try:
+                lc = Locator(p.read_text(encoding="utf-8"))
+            except SyntaxError:
+                continue
+
+            def scan(body: list) -> None:
+                for st in body:
+                    if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        parts = [*st.decorator_list, *st.args.defaults, *(e for e in st.args.kw_defaults if e)]
+                    elif isinstance(st, ast.ClassDef):
+                        parts = [*st.decorator_list, *st.bases, *st.keywords]
+                        scan(st.body)
+                    else:
+                        parts = [st]
+                    for part in parts:
+                        for n in ast.walk(part):
+                            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                                self._toplevel_loads.add(n.id)
+                            elif isinstance(n, ast.Attribute):
+                                self._toplevel_loads.add(n.attr)
+
+            scan(lc.tree.body)
+            live = str(self.work / rel)
+            for d, q, _k in lc.defs:
+                first = d.decorator_list[0].lineno if d.decorator_list else d.lineno
+                for n in ast.walk(d):
+                    name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else None
+                    if name is not None:
+                        self._readers.setdefault(name, []).append((live, q, first))
+
+    def const_apply(self, module: str, loc: Locator, plan: dict, mutated: str):
+        """A module-level constant (``NAME = expr``): re-run the mutated statement in the live module.
+
+        Safe only when nothing computed from the name at import or collection time holds the old
+        value: no module-level code of the project reads the name, and no function that reads it
+        ran in the parent. Modules that imported the name (``from m import NAME``, same object) are
+        rebound too.
+        """
+        if not hasattr(self, "_readers"):
+            self._name_index()
+        top = loc.top_statement(plan["line"])
+        if not isinstance(top, (ast.Assign, ast.AnnAssign)) or (isinstance(top, ast.AnnAssign) and top.value is None):
+            return None, f"module-level {type(top).__name__ if top else 'code'}"
+        names = _bound_names(top)
+        if not names or names & self._toplevel_loads:
+            return None, "module-level name read by other module-level code (a table, a default, a class body)"
+        for name in names:
+            for key in self._readers.get(name, ()):
+                if key in self.driver.called:
+                    return None, f"{key[1]} reads {name} and ran at import/collection time"
+        mod = sys.modules.get(module.removesuffix(".py").replace("/", "."))
+        if mod is None:
+            return None, "module not imported by the session"
+        index = loc.tree.body.index(top)
+        mtree = ast.parse(mutated)
+        if len(mtree.body) != len(loc.tree.body):
+            return None, "mutated module has another statement count"
+        try:
+            code = compile(ast.Module(body=[mtree.body[index]], type_ignores=[]), mod.__file__, "exec")
+        except SyntaxError as e:
+            return None, f"does not compile: {e}"
+        dotted = mod.__name__
+
+        def apply() -> None:
+            old = {n: mod.__dict__.get(n) for n in names}
+            exec(code, mod.__dict__)  # noqa: S102 - the mutated statement, in its own module
+            plain = (int, float, bool, str, complex, type(None))
+            for other in list(sys.modules.values()):
+                d = getattr(other, "__dict__", None)
+                if other is mod or not isinstance(d, dict):
+                    continue
+                for n in names:
+                    if n in d and d[n] is old[n]:
+                        src = getattr(other, "__file__", "") or ""
+                        if not isinstance(old[n], plain) or (src.endswith(".py") and dotted in Path(src).read_text(
+                                encoding="utf-8", errors="replace")):
+                            d[n] = mod.__dict__[n]
+
+        return apply, f"re-run the constant {', '.join(sorted(names))}"
 
     # -- one mutant -------------------------------------------------------------------------------
     def timeout_for(self, nodes: list[str], fresh: bool) -> float:
@@ -1205,6 +1296,16 @@ class Runner:
             if not nodes:
                 rec.update(outcome="survived", path="none", no_covering_test=True, n_tests=0)
                 return rec
+            covering = len(nodes)
+            if self.budget is not None:  # fastest first, up to the budget of baseline seconds (at least one test)
+                acc, keep = 0.0, []
+                for n in nodes:
+                    if keep and acc + self._sec.get(n, 1.0) > self.budget:
+                        break
+                    keep.append(n)
+                    acc += self._sec.get(n, 1.0)
+                nodes = keep
+            rec.update(n_covering=covering, partial=len(nodes) < covering)
             tainted = self._tainted if apply is not None else set()
             inside = [n for n in nodes if n in self.driver.items and n.split("::")[0] not in tainted]
             outside = [n for n in nodes if n not in inside]
@@ -1272,6 +1373,14 @@ class Runner:
                 t0 = time.monotonic()
                 if mutated is None:
                     record.update(outcome="no-mutation")
+                elif self.force == "both":  # the selftest: each path on its own, side by side
+                    for force in ("fast", "fresh"):
+                        self.outcomes.append({"module": module, "key": mm["key"], "force": force,
+                                              **self.run_mutant(module, loc, mm, mutated, map_ok, force)})
+                        o = self.outcomes[-1]
+                        self.log(f"  {mm['key']:50s} line {mm['line']:4d} [{force}]: {o['outcome']} via {o.get('path')} "
+                                 f"{o.get('n_tests')} tests {o.get('seconds')} s ({o.get('how')})")
+                    continue
                 else:
                     record.update(self.run_mutant(module, loc, mm, mutated, map_ok, self.force))
                     if record["outcome"] in ("survived", "timeout-inconclusive", "error"):
@@ -1284,7 +1393,8 @@ class Runner:
                 self._count(record)
                 self.log(f"  {mm['key']:50s} line {mm['line']:4d}: {record['outcome']:9s} "
                          f"{record.get('path', '-'):5s} {record.get('n_tests', 0):4d} tests {record['wall']:6.1f} s"
-                         f"{'  (no covering test)' if record.get('no_covering_test') else ''}")
+                         f"{'  (no covering test)' if record.get('no_covering_test') else ''}"
+                         f"{'  (partial: %s of %s covering tests)' % (record['n_tests'], record['n_covering']) if record.get('partial') and record['outcome'] == 'survived' else ''}")
                 if self.store and done % 25 == 0:
                     self.save_run()
         if self.store:
@@ -1338,7 +1448,7 @@ def _check_paths(paths: list[str]) -> list[str]:
 
 
 def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None,
-        survivors_only: bool = False) -> int:
+        survivors_only: bool = False, budget: float | None = None) -> int:
     sh = _parse_shard(shard)
     modules = _check_paths(paths) if paths else default_modules()
     modules = [m for m in modules if m not in RUN_LAST] + [m for m in RUN_LAST if m in modules]
@@ -1350,7 +1460,7 @@ def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants:
         out.write(time.strftime("%H:%M:%S ", time.gmtime()) + msg + "\n")
         out.flush()
 
-    return Runner(modules, sh, timeout_factor, max_mutants, survivors_only, log).start()
+    return Runner(modules, sh, timeout_factor, max_mutants, survivors_only, log, budget=budget).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1483,6 +1593,8 @@ SELFTEST: tuple[tuple[str, str, str, str], ...] = (
     ("reference/models.py", "return (self.s - self.onehot) * self.scale", "core/ReplaceBinaryOperator_Sub_Add",
      "killed"),
     ("reference/r2d2.py", "G_Zq = scale * (G_O @ W.T)", "core/ReplaceBinaryOperator_Mul_Div", "killed"),
+    # a module-level constant: the fast path re-runs the mutated assignment in the live module
+    ("verify/_numdiff.py", "_ROMBERG_W = np.array([64.0, -20.0, 1.0]) / 45.0", "core/NumberReplacer", "killed"),
 )
 
 
@@ -1507,25 +1619,13 @@ def selftest(mutator: bool) -> int:
             raise SystemExit(f"selftest: no {operator} mutant on line {hits[0]} of {module}")
         only.setdefault(module, set()).add(keys[0])
         expect[(module, keys[0])] = outcome
-    modules = list(only)
-    got: dict[str, dict] = {}
-    for force in ("fast", "fresh"):
-        out = os.fdopen(os.dup(1), "w", buffering=1)
-        runner = Runner(modules, (1, 1), 4.0, None, False, lambda msg: out.write(msg + "\n"), force=force, only=only,
-                        store=False)
-        pid = os.fork()  # each path in its own process: a session is collected once per process
-        if pid == 0:
-            code = 1
-            try:
-                runner.start()
-                (SCRATCH / f"selftest-{force}.json").write_text(json.dumps(runner.outcomes))
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if status != 0:
-            raise SystemExit(f"selftest: the {force} run failed (status {status})")
-        got[force] = {(o["module"], o["key"]): o for o in json.loads((SCRATCH / f"selftest-{force}.json").read_text())}
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    runner = Runner(list(only), (1, 1), 4.0, None, False, lambda msg: out.write(msg + "\n"), force="both", only=only,
+                    store=False)
+    runner.start()
+    got: dict[str, dict] = {"fast": {}, "fresh": {}}
+    for o in runner.outcomes:
+        got[o["force"]][(o["module"], o["key"])] = o
     bad = 0
     for key, want in expect.items():
         fast, fresh = got["fast"].get(key, {}), got["fresh"].get(key, {})
@@ -1547,6 +1647,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--shard", help="I/N: run the I-th of N interleaved shards")
     r.add_argument("--timeout-factor", type=float, default=4.0, help="timeout = factor x baseline (>= 30 s)")
     r.add_argument("--max", type=int, default=None, help="stop after this many mutants (a time-boxed run)")
+    r.add_argument("--budget", type=float, default=20.0,
+                   help="per mutant, run covering tests (fastest first) up to this many seconds of their baseline "
+                        "duration from the coverage run; a survivor that did not run them all is marked partial. "
+                        "0: all covering tests")
     r.add_argument("--survivors-only", action="store_true",
                    help="only re-run survivors (not those listed as equivalent) whose module's tests changed since")
     cov = sub.add_parser("coverage", help="collect the per-test coverage map (.mutation/coverage-map.json)")
@@ -1559,7 +1663,8 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("paths", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only)
+        return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only,
+                   None if args.budget <= 0 else args.budget)
     if args.command == "report":
         return report()
     if args.command == "coverage":
