@@ -924,6 +924,8 @@ class Runner:
         self.map = load_map()
         self.tree = tree_hash()
         self.broken: set[str] = set()
+        self.kills: dict[str, dict[str, int]] = {}  # "module::function" and "module" -> killer test -> kills
+        self._scope = ""
         self.baseline_ok: dict[str, bool] = {}
         self.baseline_timeout: dict[tuple, bool] = {}
         self.outcomes: list[dict] = []
@@ -1026,9 +1028,16 @@ class Runner:
         sec = self._sec
         return sum(sec.get(n, 1.0) for n in nodes)
 
-    def _order(self, nodes: list[str]) -> list[str]:
+    def _order(self, nodes: list[str], scope: str = "") -> list[str]:
+        """Tests that already killed mutants of the same function first, then of the module, then fastest.
+
+        Only the order changes (a kill stays a kill whatever test finds it); with a budget, the tests
+        most likely to kill are the ones run.
+        """
         sec = self._sec if self.map is not None else {}
-        return sorted(set(nodes), key=lambda n: (sec.get(n, 1.0), n))
+        here = self.kills.get(scope, {})
+        module = self.kills.get(scope.split("::")[0], {})
+        return sorted(set(nodes), key=lambda n: (-here.get(n, 0), -module.get(n, 0), sec.get(n, 1.0), n))
 
     def plan(self, module: str, loc: Locator, line: int, map_ok: bool) -> dict:
         """Which tests cover a mutant at ``line`` and how (``fast``: swap in the session)."""
@@ -1259,6 +1268,9 @@ class Runner:
             killer = res.get("failed") or {"node": "", "why": f"pytest exit {res.get('code')}"}
             if killer.get("node") and not self._killer_ok(killer, path, module):
                 return "retry"  # the test is broken in this environment: re-run without it
+            for sc in (self._scope, self._scope.split("::")[0]):
+                self.kills.setdefault(sc, {})[killer.get("node", "")] = self.kills.get(sc, {}).get(
+                    killer.get("node", ""), 0) + 1
             rec.update(outcome="killed", killed_by=f"{killer.get('node')} [{killer.get('when', '')}] "
                                                    f"{killer.get('why', '')}"[:700])
             return "killed"
@@ -1292,7 +1304,9 @@ class Runner:
             raise SystemExit(f"selftest: {module} line {m['line']} cannot take the fast path: {how}")
         rec["how"] = how
         for _attempt in range(6):
-            nodes = self._order([n for n in plan["tests"] if n not in self.broken])
+            scope = f"{module}::{plan['def'][1] if plan.get('def') else ''}"
+            self._scope = scope
+            nodes = self._order([n for n in plan["tests"] if n not in self.broken], scope)
             if not nodes:
                 rec.update(outcome="survived", path="none", no_covering_test=True, n_tests=0)
                 return rec
@@ -1409,6 +1423,11 @@ class Runner:
     def save_run(self) -> None:
         """reports/mutation/runs.json: this run's wall time, throughput and paths (the report quotes it)."""
         path = OUT / "runs.json"
+        with open(OUT / "runs.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self._save_run_locked(path)
+
+    def _save_run_locked(self, path: Path) -> None:
         runs = json.loads(path.read_text()) if path.exists() else []
         runs = [r for r in runs if r.get("id") != self.tag]
         n = sum(1 for o in self.outcomes if o["outcome"] != "no-mutation")
@@ -1647,7 +1666,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--shard", help="I/N: run the I-th of N interleaved shards")
     r.add_argument("--timeout-factor", type=float, default=4.0, help="timeout = factor x baseline (>= 30 s)")
     r.add_argument("--max", type=int, default=None, help="stop after this many mutants (a time-boxed run)")
-    r.add_argument("--budget", type=float, default=20.0,
+    r.add_argument("--budget", type=float, default=10.0,
                    help="per mutant, run covering tests (fastest first) up to this many seconds of their baseline "
                         "duration from the coverage run; a survivor that did not run them all is marked partial. "
                         "0: all covering tests")
