@@ -2,18 +2,77 @@
 
 Usage (through ``bash scripts/mutation.sh``)::
 
-    python scripts/mutation.py run [PATHS ...] [--shard I/N] [--timeout-factor F] [--max N]
+    python scripts/mutation.py coverage [-n 2]      # once: which test runs which line (.mutation/)
+    python scripts/mutation.py run [PATHS ...] [--shard I/N] [--budget S] [--timeout-factor F] [--max N]
     python scripts/mutation.py report
     python scripts/mutation.py list [PATHS ...]
+    python scripts/mutation.py selftest [--mutator]
 
 Each mutant is one small syntactic change of one module (``+`` -> ``-``, ``<`` ->
 ``<=``, a number ``c`` -> ``c +- 1``, a negated condition, a loop run zero times,
-...). For each mutant only the tests that exercise that module run (the
-:data:`TESTS` map, fastest files first, ``pytest -x``): a failing test *kills* the
-mutant, a passing run lets it *survive*. A survivor is either a gap in the tests
-or an *equivalent* mutant (same behaviour, e.g. a changed tie-break that no input
-reaches); equivalents are listed with a one-line argument in
-``reports/mutation/equivalent.toml`` and excluded from the kill rate.
+...). A failing test *kills* the mutant, a passing run lets it *survive*. A
+survivor is either a gap in the tests or an *equivalent* mutant (same behaviour,
+e.g. a changed tie-break that no input reaches); equivalents are listed with a
+one-line argument in ``reports/mutation/equivalent.toml`` and excluded from the
+kill rate.
+
+Which tests (``coverage``, then ``Runner.plan``). The not-slow suite runs once
+under coverage with per-test contexts (pytest-cov ``--cov-context=test``; xdist
+allowed for that one run); ``.mutation/coverage-map.json`` maps every line of
+``reference/`` and ``verify/`` to the node ids that executed it, with each test's
+duration and outcome (junit), keyed by a hash of the tree: a stale map is said
+so, and a module whose source changed since falls back to its mapped test files
+(:data:`TESTS`). A mutant runs the tests covering its statement; a default
+argument, the tests covering the function's body; a module-level statement, the
+tests covering the lines that read the names it binds (plus the mapped test
+files when a name is public). Threads are traced (coverage's default thread
+concurrency: the reference's task thread pool is attributed to the test that
+started it). Subprocesses are measured without a test context: a line run only
+there (or only at import) runs the module's mapped test files. A line no test
+executes is recorded as *survived, no covering test* without running anything:
+a gap, never a kill. Tests that failed or were skipped in the coverage run are
+never selected. Order: tests that already killed mutants of the same function,
+then of the module, then the fastest; ``pytest -x`` semantics (stop at the first
+failure). ``--budget S`` (default 10) runs covering tests until their baseline
+durations add up to S seconds (at least one); a survivor that did not run them
+all is marked ``partial`` in its record and in the report (it survived the tests
+that ran; more may kill it).
+
+How a mutant is applied. The parent imports numpy/scipy/sympy/torch/jax, forks
+a *fresh-import server* (nothing of the project imported), then starts one
+pytest session on a scratch copy of the project (``.mutation/work-*``), collects
+every not-slow test once and, instead of running them, forks a child per mutant:
+
+* *fast* path: the child swaps the mutated function's code into the live
+  function objects (``func.__code__``; staticmethod/classmethod/property/
+  ``__wrapped__`` unwrapped; ``__defaults__``/``__kwdefaults__`` re-evaluated for
+  a mutant in a signature), so every reference to the function sees the mutant,
+  and runs the selected items through ``pytest_runtest_protocol`` (fixtures,
+  warnings as errors, hypothesis as in a normal run). A module-level constant
+  (``NAME = expr``) is re-run in the live module (and rebound where it was
+  imported), when no module-level code reads the name and no function reading it
+  ran in the parent.
+* *fresh* path: the mutant is written into a second scratch copy and a child of
+  the fresh-import server runs pytest there, importing the project anew. Used for
+  whatever the swap cannot reach honestly: other module-level code, class bodies,
+  decorators; functions that ran while the parent imported the project or
+  collected the tests (a profiler records them: results computed then, e.g. a
+  parametrisation built from the reference, would hold the unmutated value); for
+  a function only some test files ran at collection, those files' tests; test
+  files the session does not collect (:data:`SESSION_IGNORE`).
+
+``selftest`` checks the fast path is as real as a fresh import: known mutants
+(the Richardson ``(16 r1 - r1') / 15`` constant, a no-op counter start, a module
+constant, ...) run by both paths with the expected, identical outcomes;
+``--mutator`` also checks the one-parse mutator reproduces Cosmic Ray's text.
+
+Kills and timeouts are checked. The first failing test is recorded; the first
+time a test kills, it runs once unmutated in the same path: if it fails there
+too, it is excluded everywhere and the mutant re-run without it. Timeout per
+mutant = max(30 s, factor x the selected tests' baseline durations) (+30 s on the
+fresh path: it imports and collects); a timeout counts as killed (``timeout``)
+only when the same tests pass unmutated well inside it (under half), else it is
+``timeout-inconclusive`` (not counted either way).
 
 Tool: the mutation operators and the source rewriting are Cosmic Ray's
 (``cosmic-ray`` 8.x on PyPI, maintained, parso-based so formatting and comments
@@ -51,12 +110,15 @@ comparisons at the boundary and negated (``< <-> <=``, ``> <-> >=``, ``== <-> !=
 Sharding and resuming: ``--shard I/N`` runs the mutants whose index (in Cosmic
 Ray's deterministic enumeration, per module) is ``I - 1`` modulo ``N``; results
 go to ``reports/mutation/results/<module>.json`` (one file per module, written
-after every mutant under a lock, so shards may run in parallel and an
-interrupted run resumes where it stopped).
+atomically after every mutant under a lock, so shards may run in parallel and an
+interrupted run resumes where it stopped). Modules others often change run last
+(:data:`RUN_LAST`). Each run's wall time, throughput and paths go to
+``reports/mutation/runs.json``.
 
 ``report`` writes ``reports/mutation/README.md``: per module the mutants run,
-killed, survived, equivalent, the kill rate of the non-equivalent ones, and
-every survivor with its diff.
+killed, timeouts, survived (no covering test, partial), equivalent, undecided,
+paths, the kill rate of the non-equivalent ones, the runs, and every survivor
+with its diff.
 """
 
 from __future__ import annotations
@@ -1498,7 +1560,7 @@ def report() -> int:
     equivalent = load_equivalent()
     rows, survivors, other = [], [], []
     scope = default_modules()
-    totals = dict.fromkeys(("mutants", "run", "killed", "timeout", "gaps", "nocov", "eq", "other", "fast", "fresh"), 0)
+    totals = dict.fromkeys(("mutants", "run", "killed", "timeout", "gaps", "nocov", "partial", "eq", "other", "fast", "fresh"), 0)
     for module in scope:
         path = _results_path(module)
         if not path.exists():
@@ -1515,12 +1577,13 @@ def report() -> int:
         eq = [k for k in surv if k in equivalent.get(module, {})]
         gaps = [k for k in surv if k not in eq]
         nocov = [k for k in gaps if run_[k].get("no_covering_test")]
+        partial = [k for k in gaps if run_[k].get("partial")]
         denom = len(run_) - len(eq) - len(undecided)
         rate = 100.0 * len(killed) / denom if denom else float("nan")
         fast = sum(1 for r in run_.values() if r.get("path") == "fast")
         fresh = sum(1 for r in run_.values() if r.get("path") == "fresh")
         row = dict(mutants=len(keys), run=len(run_), killed=len(killed), timeout=len(timeouts), gaps=len(gaps),
-                   nocov=len(nocov), eq=len(eq), other=len(undecided), fast=fast, fresh=fresh)
+                   nocov=len(nocov), partial=len(partial), eq=len(eq), other=len(undecided), fast=fast, fresh=fresh)
         rows.append((module, row, rate, stale))
         if not stale:
             for k, v in row.items():
@@ -1537,24 +1600,25 @@ def report() -> int:
         "(run - equivalent - undecided); a timeout counts as killed only when the same tests pass",
         "unmutated well inside the limit (column `timeouts`, included in `killed`); `undecided` are",
         "timeouts whose unmutated tests are slow too, and runs that errored. `no test` = survivors on a line",
-        "that no test executes (counted as gaps, never run). `run < mutants` means the module was only",
+        "that no test executes (counted as gaps, never run); `partial` = survivors of the fastest / most",
+        "often killing covering tests within the per-mutant budget (`--budget`), not of all of them. `run < mutants` means the module was only",
         "partly run; modules absent from the table were not run at all. Paths: `fast` = the mutated",
         "function's code swapped into a forked, pre-collected pytest session; `fresh` = the project",
         "imported anew with the mutant on disk (module-level code, functions run at import time).",
         "",
-        "| module | mutants | run | killed | timeouts | survived (gaps) | of which no test | equivalent | undecided "
-        "| fast / fresh | kill rate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| module | mutants | run | killed | timeouts | survived (gaps) | of which no test | of which partial "
+        "| equivalent | undecided | fast / fresh | kill rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for module, row, rate, stale in rows:
         flag = " (stale: the module changed since)" if stale else ""
         lines.append(f"| `{module}`{flag} | {row['mutants']} | {row['run']} | {row['killed']} | {row['timeout']} | "
-                     f"{row['gaps']} | {row['nocov']} | {row['eq']} | {row['other']} | {row['fast']} / {row['fresh']} "
+                     f"{row['gaps']} | {row['nocov']} | {row['partial']} | {row['eq']} | {row['other']} | {row['fast']} / {row['fresh']} "
                      f"| {rate:.1f} % |")
     denom = totals["run"] - totals["eq"] - totals["other"]
     overall = 100.0 * totals["killed"] / denom if denom else float("nan")
     lines.append(f"| **all (not stale)** | {totals['mutants']} | {totals['run']} | {totals['killed']} | "
-                 f"{totals['timeout']} | {totals['gaps']} | {totals['nocov']} | {totals['eq']} | {totals['other']} | "
+                 f"{totals['timeout']} | {totals['gaps']} | {totals['nocov']} | {totals['partial']} | {totals['eq']} | {totals['other']} | "
                  f"{totals['fast']} / {totals['fresh']} | {overall:.1f} % |")
     n_table = len(lines)
     not_run = [m for m in scope if not _results_path(m).exists()]
@@ -1580,7 +1644,9 @@ def report() -> int:
         elif rec.get("no_covering_test"):
             label = "**not killed: no test executes this line**"
         else:
-            label = f"**not killed: a gap in the tests** ({rec.get('n_tests', '?')} covering tests ran)"
+            ran = (f"{rec.get('n_tests')} of {rec.get('n_covering')} covering tests ran (the budget's share: more "
+                   "may kill it)" if rec.get("partial") else f"all {rec.get('n_tests', '?')} covering tests ran")
+            label = f"**not killed: a gap in the tests** ({ran})"
         lines += [f"### `{module}` {key} (line {rec['line']}) -- {label}", "", "```diff",
                   rec.get("diff", "").rstrip(), "```", ""]
     if other:
