@@ -128,6 +128,7 @@ import ast
 import difflib
 import fcntl
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -914,6 +915,10 @@ class Driver:
         if _jax_initialised():
             self.r.log("WARNING: a JAX backend was initialised in the parent; forked JAX tests may hang "
                        "(a hang is a timeout, checked against an unmutated run, never a silent kill)")
+        # Every child would otherwise walk (and so copy-on-write) the parent's whole heap at its first
+        # full garbage collection: freeze what the parent holds, children only collect their own objects.
+        gc.collect()
+        gc.freeze()
         self.r.loop(self)
         return True
 
