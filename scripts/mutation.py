@@ -1107,7 +1107,21 @@ class Runner:
         return sorted(set(nodes), key=lambda n: (-here.get(n, 0), -module.get(n, 0), sec.get(n, 1.0), n))
 
     def plan(self, module: str, loc: Locator, line: int, map_ok: bool) -> dict:
-        """Which tests cover a mutant at ``line`` and how (``fast``: swap in the session)."""
+        """Which tests cover a mutant at ``line``; with a stale map, plus the tests the map does not know."""
+        plan = self._plan(module, loc, line, map_ok)
+        if map_ok and self.map["tree"] != self.tree:
+            # tests added since the map was built (e.g. to kill survivors): unknown coverage, so every new test
+            # of the module's mapped files and of the files the selection already uses runs too
+            known = self._known if hasattr(self, "_known") else set(self.map["tests"])
+            self._known = known
+            files = set(tests_for(module)) | {n.split("::")[0] for n in plan["tests"]}
+            new = [n for n in self.driver.items if n not in known and n.split("::")[0] in files]
+            if new:
+                plan["tests"] = sorted(set(plan["tests"]) | set(new))
+                plan["why"] += f" + {len(new)} tests newer than the coverage map"
+        return plan
+
+    def _plan(self, module: str, loc: Locator, line: int, map_ok: bool) -> dict:
         kind, d = loc.where(line)
         plan = {"kind": kind, "def": d, "line": line}
         if not map_ok:
