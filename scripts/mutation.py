@@ -1466,8 +1466,16 @@ class Runner:
                 record = {"index": indexed[mm["key"]], "operator": mm["operator"], "occurrence": mm["occurrence"],
                           "line": mm["line"], "tests": tests_fp, "map": self.map["tree"] if self.map else None}
                 t0 = time.monotonic()
+                invalid = None
+                if mutated is not None:
+                    try:
+                        compile(mutated, module, "exec", dont_inherit=True)
+                    except SyntaxError as e:  # Cosmic Ray's rewrite is not Python (e.g. {**d} -> {*d}): no mutant
+                        invalid = f"the rewrite does not compile: {e.msg} (line {e.lineno})"
                 if mutated is None:
                     record.update(outcome="no-mutation")
+                elif invalid is not None:
+                    record.update(outcome="invalid", why=invalid, diff=diff_of(module, mutated))
                 elif self.force == "both":  # the selftest: each path on its own, side by side
                     for force in ("fast", "fresh"):
                         self.outcomes.append({"module": module, "key": mm["key"], "force": force,
@@ -1588,7 +1596,9 @@ def report() -> int:
         stale = data.get("fingerprint") != _fingerprint(module)
         keys = {m["key"] for m in enumerate_mutants(module)}
         recs = {k: r for k, r in data["mutants"].items() if k in keys}
-        run_ = {k: r for k, r in recs.items() if r["outcome"] != "no-mutation"}
+        # not mutants: no occurrence, or a rewrite that is not Python (recorded as an error by earlier runs)
+        run_ = {k: r for k, r in recs.items() if r["outcome"] not in ("no-mutation", "invalid")
+                and not str(r.get("how", "")).startswith("does not compile")}
         killed = [k for k, r in run_.items() if r["outcome"] in ("killed", "timeout")]
         timeouts = [k for k, r in run_.items() if r["outcome"] == "timeout"]
         surv = [k for k, r in run_.items() if r["outcome"] == "survived"]
