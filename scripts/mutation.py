@@ -973,7 +973,7 @@ class Runner:
 
     def __init__(self, modules: list[str], shard: tuple[int, int], timeout_factor: float, max_mutants: int | None,
                  survivors_only: bool, log, force: str | None = None, only: dict[str, set[str]] | None = None,
-                 store: bool = True, budget: float | None = None) -> None:
+                 store: bool = True, budget: float | None = None, complete_partial: bool = False) -> None:
         self.modules = modules
         self.shard = shard
         self.factor = timeout_factor
@@ -982,6 +982,7 @@ class Runner:
         self.log = log
         self.force = force  # "fast" / "fresh" / "both": the selftest runs a mutant by one path on purpose
         self.budget = budget
+        self.complete_partial = complete_partial
         self.only = only
         self.store = store
         self.recorder = _Recorder()
@@ -1445,6 +1446,10 @@ class Runner:
             tests_fp = _tests_fingerprint(module)
             if self.only is not None:
                 todo = mutants
+            elif self.complete_partial:  # survivors of a budgeted run: now every covering test
+                todo = [mm for mm in mutants if data["mutants"].get(mm["key"], {}).get("outcome") == "survived"
+                        and data["mutants"][mm["key"]].get("partial")
+                        and mm["key"] not in equivalent.get(module, {})]
             else:
                 todo = [mm for mm in mutants if (mm["key"] not in data["mutants"] and not self.survivors_only)
                         or (mm["key"] in data["mutants"] and data["mutants"][mm["key"]]["outcome"] == "survived"
@@ -1556,7 +1561,7 @@ def _check_paths(paths: list[str]) -> list[str]:
 
 
 def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None,
-        survivors_only: bool = False, budget: float | None = None) -> int:
+        survivors_only: bool = False, budget: float | None = None, complete_partial: bool = False) -> int:
     sh = _parse_shard(shard)
     modules = _check_paths(paths) if paths else default_modules()
     modules = [m for m in modules if m not in RUN_LAST] + [m for m in RUN_LAST if m in modules]
@@ -1568,7 +1573,10 @@ def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants:
         out.write(time.strftime("%H:%M:%S ", time.gmtime()) + msg + "\n")
         out.flush()
 
-    return Runner(modules, sh, timeout_factor, max_mutants, survivors_only, log, budget=budget).start()
+    if complete_partial:
+        budget = None
+    return Runner(modules, sh, timeout_factor, max_mutants, survivors_only, log, budget=budget,
+                  complete_partial=complete_partial).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1772,13 +1780,15 @@ def main(argv: list[str] | None = None) -> int:
     cov.add_argument("--build-only", action="store_true", help="rebuild the map from the last collection's data")
     st = sub.add_parser("selftest", help="known mutants through both paths (fast swap, fresh import): same outcomes")
     st.add_argument("--mutator", action="store_true", help="also compare every mutant's text with Cosmic Ray's")
+    r.add_argument("--complete-partial", action="store_true",
+                   help="re-run only the partial survivors (budgeted runs), with every covering test")
     sub.add_parser("report", help="write reports/mutation/README.md from the results")
     lst = sub.add_parser("list", help="count the mutants per module")
     lst.add_argument("paths", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only,
-                   None if args.budget <= 0 else args.budget)
+                   None if args.budget <= 0 else args.budget, args.complete_partial)
     if args.command == "report":
         return report()
     if args.command == "coverage":
