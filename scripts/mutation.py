@@ -2,18 +2,77 @@
 
 Usage (through ``bash scripts/mutation.sh``)::
 
-    python scripts/mutation.py run [PATHS ...] [--shard I/N] [--timeout-factor F] [--max N]
+    python scripts/mutation.py coverage [-n 2]      # once: which test runs which line (.mutation/)
+    python scripts/mutation.py run [PATHS ...] [--shard I/N] [--budget S] [--timeout-factor F] [--max N]
     python scripts/mutation.py report
     python scripts/mutation.py list [PATHS ...]
+    python scripts/mutation.py selftest [--mutator]
 
 Each mutant is one small syntactic change of one module (``+`` -> ``-``, ``<`` ->
 ``<=``, a number ``c`` -> ``c +- 1``, a negated condition, a loop run zero times,
-...). For each mutant only the tests that exercise that module run (the
-:data:`TESTS` map, fastest files first, ``pytest -x``): a failing test *kills* the
-mutant, a passing run lets it *survive*. A survivor is either a gap in the tests
-or an *equivalent* mutant (same behaviour, e.g. a changed tie-break that no input
-reaches); equivalents are listed with a one-line argument in
-``reports/mutation/equivalent.toml`` and excluded from the kill rate.
+...). A failing test *kills* the mutant, a passing run lets it *survive*. A
+survivor is either a gap in the tests or an *equivalent* mutant (same behaviour,
+e.g. a changed tie-break that no input reaches); equivalents are listed with a
+one-line argument in ``reports/mutation/equivalent.toml`` and excluded from the
+kill rate.
+
+Which tests (``coverage``, then ``Runner.plan``). The not-slow suite runs once
+under coverage with per-test contexts (pytest-cov ``--cov-context=test``; xdist
+allowed for that one run); ``.mutation/coverage-map.json`` maps every line of
+``reference/`` and ``verify/`` to the node ids that executed it, with each test's
+duration and outcome (junit), keyed by a hash of the tree: a stale map is said
+so, and a module whose source changed since falls back to its mapped test files
+(:data:`TESTS`). A mutant runs the tests covering its statement; a default
+argument, the tests covering the function's body; a module-level statement, the
+tests covering the lines that read the names it binds (plus the mapped test
+files when a name is public). Threads are traced (coverage's default thread
+concurrency: the reference's task thread pool is attributed to the test that
+started it). Subprocesses are measured without a test context: a line run only
+there (or only at import) runs the module's mapped test files. A line no test
+executes is recorded as *survived, no covering test* without running anything:
+a gap, never a kill. Tests that failed or were skipped in the coverage run are
+never selected. Order: tests that already killed mutants of the same function,
+then of the module, then the fastest; ``pytest -x`` semantics (stop at the first
+failure). ``--budget S`` (default 10) runs covering tests until their baseline
+durations add up to S seconds (at least one); a survivor that did not run them
+all is marked ``partial`` in its record and in the report (it survived the tests
+that ran; more may kill it).
+
+How a mutant is applied. The parent imports numpy/scipy/sympy/torch/jax, forks
+a *fresh-import server* (nothing of the project imported), then starts one
+pytest session on a scratch copy of the project (``.mutation/work-*``), collects
+every not-slow test once and, instead of running them, forks a child per mutant:
+
+* *fast* path: the child swaps the mutated function's code into the live
+  function objects (``func.__code__``; staticmethod/classmethod/property/
+  ``__wrapped__`` unwrapped; ``__defaults__``/``__kwdefaults__`` re-evaluated for
+  a mutant in a signature), so every reference to the function sees the mutant,
+  and runs the selected items through ``pytest_runtest_protocol`` (fixtures,
+  warnings as errors, hypothesis as in a normal run). A module-level constant
+  (``NAME = expr``) is re-run in the live module (and rebound where it was
+  imported), when no module-level code reads the name and no function reading it
+  ran in the parent.
+* *fresh* path: the mutant is written into a second scratch copy and a child of
+  the fresh-import server runs pytest there, importing the project anew. Used for
+  whatever the swap cannot reach honestly: other module-level code, class bodies,
+  decorators; functions that ran while the parent imported the project or
+  collected the tests (a profiler records them: results computed then, e.g. a
+  parametrisation built from the reference, would hold the unmutated value); for
+  a function only some test files ran at collection, those files' tests; test
+  files the session does not collect (:data:`SESSION_IGNORE`).
+
+``selftest`` checks the fast path is as real as a fresh import: known mutants
+(the Richardson ``(16 r1 - r1') / 15`` constant, a no-op counter start, a module
+constant, ...) run by both paths with the expected, identical outcomes;
+``--mutator`` also checks the one-parse mutator reproduces Cosmic Ray's text.
+
+Kills and timeouts are checked. The first failing test is recorded; the first
+time a test kills, it runs once unmutated in the same path: if it fails there
+too, it is excluded everywhere and the mutant re-run without it. Timeout per
+mutant = max(30 s, factor x the selected tests' baseline durations) (+30 s on the
+fresh path: it imports and collects); a timeout counts as killed (``timeout``)
+only when the same tests pass unmutated well inside it (under half), else it is
+``timeout-inconclusive`` (not counted either way).
 
 Tool: the mutation operators and the source rewriting are Cosmic Ray's
 (``cosmic-ray`` 8.x on PyPI, maintained, parso-based so formatting and comments
@@ -51,28 +110,37 @@ comparisons at the boundary and negated (``< <-> <=``, ``> <-> >=``, ``== <-> !=
 Sharding and resuming: ``--shard I/N`` runs the mutants whose index (in Cosmic
 Ray's deterministic enumeration, per module) is ``I - 1`` modulo ``N``; results
 go to ``reports/mutation/results/<module>.json`` (one file per module, written
-after every mutant under a lock, so shards may run in parallel and an
-interrupted run resumes where it stopped).
+atomically after every mutant under a lock, so shards may run in parallel and an
+interrupted run resumes where it stopped). Modules others often change run last
+(:data:`RUN_LAST`). Each run's wall time, throughput and paths go to
+``reports/mutation/runs.json``.
 
 ``report`` writes ``reports/mutation/README.md``: per module the mutants run,
-killed, survived, equivalent, the kill rate of the non-equivalent ones, and
-every survivor with its diff.
+killed, timeouts, survived (no covering test, partial), equivalent, undecided,
+paths, the kill rate of the non-equivalent ones, the runs, and every survivor
+with its diff.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import fcntl
+import functools
+import gc
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,31 +344,348 @@ def _store(module: str, key: str, record: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# running
+# mutants from one parse per module (Cosmic Ray's mutate_code re-parses the module for every mutant)
 
 
-def _scratch(tag: str) -> Path:
-    """A fresh copy of the project for one shard (mutants are written there, never in the tree)."""
-    work = SCRATCH / f"work-{tag}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=ignore)
-        elif src.exists():
-            shutil.copy2(src, work / name)
-    return work
+class Mutator:
+    """Every mutant of one module from a single parso parse, text-identical to Cosmic Ray's ``mutate_code``.
+
+    Cosmic Ray's operators edit the parse tree in place; here the edited node's code (prefix
+    included) is spliced into the source between the node's original prefix start and end, and the
+    node's subtree is restored afterwards. ``check()`` compares with ``mutate_code`` (the selftest).
+    """
+
+    def __init__(self, module: str, source: str | None = None) -> None:
+        from cosmic_ray.ast import ast_nodes, get_ast
+
+        self.module = module
+        self.source = source if source is not None else (ROOT / module).read_text(encoding="utf-8")
+        self.nodes = list(ast_nodes(get_ast(self.source)))
+        self._positions: dict[str, list] = {}
+        self._starts = [0]
+        for line in self.source.splitlines(keepends=True):
+            self._starts.append(self._starts[-1] + len(line))
+
+    def _offset(self, pos: tuple[int, int]) -> int:
+        row, col = pos
+        return self._starts[row - 1] + col if row - 1 < len(self._starts) else len(self.source)
+
+    def _op(self, name: str):
+        from cosmic_ray.plugins import get_operator
+
+        return get_operator(name)()
+
+    def positions(self, name: str) -> list:
+        if name not in self._positions:
+            op = self._op(name)
+            self._positions[name] = [(node, k) for node in self.nodes
+                                     for k, _ in enumerate(op.mutation_positions(node))]
+        return self._positions[name]
+
+    @staticmethod
+    def _save(node) -> list:
+        saved = []
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if hasattr(n, "children"):
+                saved.append((n, "children", list(n.children)))
+                stack.extend(n.children)
+            else:
+                saved.append((n, "value", n.value))
+        return saved
+
+    def mutate(self, operator: str, occurrence: int) -> str | None:
+        pos = self.positions(operator)
+        if occurrence >= len(pos):
+            return None
+        node, index = pos[occurrence]
+        start = self._offset(node.get_start_pos_of_prefix())
+        end = self._offset(node.end_pos)
+        saved = self._save(node)
+        try:
+            text = self._op(operator).mutate(node, index).get_code()
+        finally:
+            for n, attr, value in saved:
+                setattr(n, attr, value)
+        return self.source[:start] + text + self.source[end:]
 
 
-#: Third-party modules the runner imports once; each mutant's test run is a fork of it (saves ~1 s of
-#: CPU per mutant on this machine). verify/ and reference/ are never imported by the parent: the
-#: forked child imports them fresh from the scratch copy, mutant included. Not hypothesis: a pytest
-#: plugin imported before pytest starts cannot be assertion-rewritten (a warning, an error here).
-PRELOAD = ("numpy", "scipy", "scipy.linalg", "scipy.optimize", "mpmath", "pytest", "numdifftools",
-           "sympy")
+# ---------------------------------------------------------------------------------------------
+# coverage map: which tests execute which line (built once by `mutation.py coverage`)
+
+COV = SCRATCH / "cov"
+MAP = SCRATCH / "coverage-map.json"
+#: Context id of code run outside any test: at import / collection time, or in a subprocess.
+IMPORT_CTX = -1
+
+
+def tree_hash() -> str:
+    """SHA-256 of the sources and tests the map was collected from (stale map detection)."""
+    h = hashlib.sha256()
+    files = sorted(p for d in ("reference", "verify", "tests") for p in (ROOT / d).rglob("*.py")
+                   if "__pycache__" not in p.parts and p.name != "test_mutation_sample.py")
+    for p in [*files, ROOT / "pyproject.toml"]:
+        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _junit_key(nodeid: str) -> tuple[str, str]:
+    """``(classname, name)`` of a node id in pytest's junitxml (``mangle_test_address``)."""
+    path, bracket, params = nodeid.partition("[")
+    names = [n for n in path.split("::") if n != "()"]
+    names[0] = re.sub(r"\.py$", "", names[0].replace("/", "."))
+    names[-1] += bracket + params
+    return ".".join(names[:-1]), names[-1]
+
+
+def collect_coverage(jobs: int, build_only: bool) -> int:
+    """Run the not-slow suite once under coverage with per-test contexts, then build the map.
+
+    Every test's context is its node id (pytest-cov's ``--cov-context=test``, which also works
+    under xdist). Threads are traced (coverage's default ``thread`` concurrency: the reference's
+    task thread pool is attributed to the test that started it). Subprocesses are measured too
+    (``patch = subprocess``) but have no test context: their lines land in the import/subprocess
+    context, and a mutant there runs the module's mapped test files (see ``Planner``).
+    """
+    tree = tree_hash()
+    if not build_only:
+        COV.mkdir(parents=True, exist_ok=True)
+        for f in COV.glob(".coverage*"):
+            f.unlink()
+        rc = COV / "covrc"
+        rc.write_text(f"[run]\nsource = reference,verify\ndata_file = {COV / '.coverage'}\n"
+                      "patch = subprocess\nbranch = False\n")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+               *(["-n", str(jobs)] if jobs > 1 else []), "--cov", f"--cov-config={rc}",
+               "--cov-context=test", "--cov-report=", f"--junitxml={COV / 'junit.xml'}",
+               "--ignore=tests/test_mutation_sample.py", "tests"]
+        print(" ".join(cmd), flush=True)
+        # failing tests are fine here: they are excluded from the map (never counted as killers)
+        subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HYPOTHESIS_PROFILE="ci"), check=False)
+        if tree_hash() != tree:
+            raise SystemExit("the sources or tests changed during the collection; run it again")
+        (COV / "tree").write_text(tree)
+    elif (COV / "tree").exists():
+        tree = (COV / "tree").read_text().strip()
+    return build_map(tree)
+
+
+def build_map(tree: str) -> int:
+    import xml.etree.ElementTree as ET
+
+    from coverage import CoverageData
+
+    data = CoverageData(basename=str(COV / ".coverage"))
+    data.read()
+    index: dict[str, int] = {}
+    lines: dict[str, dict[str, list[int]]] = {}
+    for f in sorted(data.measured_files()):
+        try:
+            rel = str(Path(f).resolve().relative_to(ROOT))
+        except ValueError:
+            continue
+        out = {}
+        for ln, ctxs in sorted(data.contexts_by_lineno(f).items()):
+            ids = set()
+            for c in ctxs:
+                node = c.rsplit("|", 1)[0] if c.endswith(("|run", "|setup", "|teardown")) else c
+                ids.add(index.setdefault(node, len(index)) if node else IMPORT_CTX)
+            out[str(ln)] = sorted(ids)
+        lines[rel] = out
+    junit: dict[tuple[str, str], tuple[float, str]] = {}
+    rank = {"passed": 0, "skipped": 1, "failed": 2}
+    for tc in ET.parse(COV / "junit.xml").iter("testcase"):
+        key = (tc.get("classname") or "", tc.get("name") or "")
+        status = ("failed" if tc.find("failure") is not None or tc.find("error") is not None
+                  else "skipped" if tc.find("skipped") is not None else "passed")
+        t = float(tc.get("time") or 0.0)
+        old = junit.get(key)
+        if old is None or rank[status] > rank[old[1]]:
+            junit[key] = (max(t, old[0]) if old else t, status)
+    tests = sorted(index, key=index.get)
+    seconds, outcome = [], []
+    for node in tests:
+        t, status = junit.get(_junit_key(node), (1.0, "unknown"))
+        seconds.append(round(t, 4))
+        outcome.append(status)
+    doc = {"tree": tree, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "modules": {m: _fingerprint(m) for m in default_modules()},
+           "tests": tests, "seconds": seconds, "outcome": outcome, "lines": lines}
+    tmp = MAP.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(MAP)
+    unknown = outcome.count("unknown")
+    print(f"coverage map: {len(tests)} tests ({outcome.count('failed')} failed, {outcome.count('skipped')} skipped, "
+          f"{unknown} without a junit duration), {sum(len(v) for v in lines.values())} lines in {len(lines)} "
+          f"files -> {MAP}", flush=True)
+    return 0
+
+
+def load_map() -> dict | None:
+    if not MAP.exists():
+        return None
+    return json.loads(MAP.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# where a mutant is: which live function it changes, which lines decide the tests
+
+
+class Locator:
+    """The outermost function/method of each line of a module, from its (unmutated) AST."""
+
+    def __init__(self, source: str) -> None:
+        self.tree = ast.parse(source)
+        self.defs: list[tuple[ast.AST, str, int]] = []  # (def node, qualname, ordinal among same qualname)
+        seen: dict[str, int] = {}
+
+        def walk(body: list, prefix: str) -> None:
+            for n in body:
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    q = prefix + n.name
+                    self.defs.append((n, q, seen.get(q, 0)))
+                    seen[q] = seen.get(q, 0) + 1
+                elif isinstance(n, ast.ClassDef):
+                    walk(n.body, prefix + n.name + ".")
+
+        walk(self.tree.body, "")
+        self.stmts = [n for n in ast.walk(self.tree) if isinstance(n, ast.stmt)]
+
+    def where(self, line: int) -> tuple[str, tuple | None]:
+        """``("body" | "signature" | "decorator", def)`` or ``("module", None)``."""
+        for d in self.defs:
+            n = d[0]
+            first = n.decorator_list[0].lineno if n.decorator_list else n.lineno
+            if not first <= line <= n.end_lineno:
+                continue
+            if line < n.lineno:
+                return "decorator", d
+            if line < n.body[0].lineno or (line == n.lineno and line == n.body[0].lineno):
+                return "signature", d
+            return "body", d
+        return "module", None
+
+    def statement_lines(self, line: int) -> range:
+        """The lines of the innermost statement holding ``line`` (a compound one: its header up to it)."""
+        held = [s for s in self.stmts if s.lineno <= line <= (s.end_lineno or s.lineno)]
+        best = min(held, key=lambda s: ((s.end_lineno or s.lineno) - s.lineno, -s.lineno)) if held else None
+        if best is None:
+            return range(line, line + 1)
+        if hasattr(best, "body"):
+            return range(best.lineno, line + 1)
+        return range(best.lineno, (best.end_lineno or best.lineno) + 1)
+
+    def top_statement(self, line: int) -> ast.stmt | None:
+        for s in self.tree.body:
+            if s.lineno <= line <= (s.end_lineno or s.lineno):
+                return s
+        return None
+
+    def name_load_lines(self, names: set[str]) -> set[int]:
+        """Lines inside function bodies that read one of ``names`` (as a name or an attribute)."""
+        out: set[int] = set()
+        for d, _q, _k in self.defs:
+            for n in ast.walk(d):
+                if (isinstance(n, ast.Name) and n.id in names) or (isinstance(n, ast.Attribute) and n.attr in names):
+                    out.add(n.lineno)
+        return out
+
+
+def _bound_names(stmt: ast.stmt) -> set[str]:
+    names: set[str] = set()
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        names.add(stmt.name)
+    for n in ast.walk(stmt):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            names.add(n.id)
+    return names
+
+
+def _code_objects(code, qualname: str) -> list:
+    """Code objects named ``qualname`` under ``code``, in source order."""
+    out = []
+    stack = [code]
+    while stack:
+        c = stack.pop(0)
+        for const in c.co_consts:
+            if hasattr(const, "co_qualname"):
+                if const.co_qualname == qualname:
+                    out.append(const)
+                stack.append(const)
+    out.sort(key=lambda c: c.co_firstlineno)
+    return out
+
+
+def _live_functions(mod, qualname: str, firstlineno: int) -> list:
+    """The live function objects of ``mod`` whose code is ``qualname`` defined at ``firstlineno``.
+
+    Looks through module and class attributes, unwrapping staticmethod/classmethod/property and
+    ``functools.wraps`` chains (``__wrapped__``).
+    """
+    found, seen = [], set()
+    parts = qualname.split(".")
+    owner_chain = [mod]
+    obj = mod
+    for p in parts[:-1]:  # the class the method lives in (nested classes included)
+        obj = getattr(obj, p, None)
+        if obj is None:
+            return []
+        owner_chain.append(obj)
+    owner = owner_chain[-1]
+    cands = [owner.__dict__.get(parts[-1])] if isinstance(owner, type) else [getattr(owner, parts[-1], None)]
+    # a property's setter/deleter share the name; the registry is the owner's attribute either way
+    while cands:
+        c = cands.pop()
+        if c is None or id(c) in seen:
+            continue
+        seen.add(id(c))
+        if isinstance(c, (staticmethod, classmethod)):
+            cands.append(c.__func__)
+        elif isinstance(c, property):
+            cands += [c.fget, c.fset, c.fdel]
+        elif isinstance(c, functools.partial):
+            cands.append(c.func)
+        else:
+            code = getattr(c, "__code__", None)
+            if code is not None and code.co_qualname == qualname and code.co_firstlineno == firstlineno:
+                found.append(c)
+            wrapped = getattr(c, "__wrapped__", None)
+            if wrapped is not None:
+                cands.append(wrapped)
+            func = getattr(c, "__func__", None)
+            if func is not None:
+                cands.append(func)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# running: one pytest session collects once, each mutant is a fork of it
+
+
+class _Recorder:
+    """pytest plugin: the first failure of a run (test, phase, the assertion's first lines)."""
+
+    def __init__(self) -> None:
+        self.failed: dict | None = None
+        self.ran = 0
+
+    @staticmethod
+    def _why(report) -> str:
+        text = getattr(report, "longreprtext", "") or ""
+        elines = [ln for ln in text.splitlines() if ln.startswith("E ")]
+        return ("\n".join(elines[:4]) if elines else text[-400:])[:600]
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call":
+            self.ran += 1
+        if report.failed and self.failed is None:
+            self.failed = {"node": report.nodeid, "when": report.when, "why": self._why(report)}
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed and self.failed is None:
+            self.failed = {"node": report.nodeid, "when": "collect", "why": self._why(report)}
 
 
 _CHILDREN: set[int] = set()
@@ -308,6 +693,12 @@ _CHILDREN: set[int] = set()
 
 def _terminate(*_: object) -> None:
     """SIGTERM: stop the running test child, then exit (the scratch copy is removed on the way out)."""
+    for pid in list(_CHILDREN):  # SIGTERM first: the fresh-import server then stops its own child
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    time.sleep(0.3)
     for pid in list(_CHILDREN):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -317,27 +708,53 @@ def _terminate(*_: object) -> None:
     sys.exit(143)
 
 
-def _preload() -> None:
-    import importlib
-
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-    assert not any(m == "verify" or m.startswith(("verify.", "reference")) for m in sys.modules), \
-        "the runner must not import the project (the forked test runs import the mutated copy)"
-
-
-def _pytest(work: Path, module: str, timeout: float) -> tuple[str, float, str]:
-    """Run the module's tests in ``work`` in a forked child: ("killed" | "survived" | "timeout", seconds, why)."""
-    args = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *PYTEST_EXTRA.get(module, []),
-            *tests_for(module)]
+def _wait_child(pid: int, rfd: int, timeout: float) -> tuple[dict | None, float]:
+    """Wait for a forked child (SIGKILL after ``timeout``); its JSON result, or None on a timeout."""
     t0 = time.monotonic()
+    _CHILDREN.add(pid)
+    chunks = []
+    try:
+        os.set_blocking(rfd, False)
+        while True:
+            try:
+                b = os.read(rfd, 65536)
+                if b:
+                    chunks.append(b)
+            except BlockingIOError:
+                pass
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() - t0 > timeout:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None, time.monotonic() - t0
+            time.sleep(0.01)
+        while True:
+            try:
+                b = os.read(rfd, 65536)
+            except BlockingIOError:
+                break
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(rfd)
+        _CHILDREN.discard(pid)
+    raw = b"".join(chunks).decode() or '{"crash": "no result from the child"}'
+    return json.loads(raw), time.monotonic() - t0
+
+
+def _fresh_pytest(work: Path, args: list[str], timeout: float) -> dict:
+    """The fresh-import path: pytest.main in a forked child of a process that never imported the project.
+
+    The child imports the project (the mutant included, written into ``work`` by the caller) from
+    ``work`` and collects only the test files named in ``args``.
+    """
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: run pytest on the scratch copy, report the exit code through the pipe
-        code = 97
+    if pid == 0:
+        res: dict = {}
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.close(rfd)
@@ -349,49 +766,773 @@ def _pytest(work: Path, module: str, timeout: float) -> tuple[str, float, str]:
 
             spec = importlib.util.find_spec("verify")
             if spec is None or not str(spec.origin).startswith(str(work)):
-                code = 98  # would test the installed tree, not the mutant
+                res = {"code": 98}
             else:
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, 1)
                 os.dup2(null, 2)
                 import pytest
 
-                code = int(pytest.main(args))
-        except BaseException:  # noqa: BLE001 - any crash of the child is reported as its code
+                rec = _Recorder()
+                code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:cov", "-m", "not slow",
+                                        f"--basetemp={work}/.tmp", *args], plugins=[rec]))
+                res = {"code": code, "failed": rec.failed, "ran": rec.ran}
+        except BaseException:  # noqa: BLE001 - any crash of the child is reported
             import traceback
 
-            (work / ".runner-crash.txt").write_text(traceback.format_exc())
-            code = 96
+            res = {"code": 96, "crash": traceback.format_exc()[-600:]}
         finally:
-            os.write(wfd, str(code).encode())
+            os.write(wfd, json.dumps(res).encode())
             os._exit(0)
     os.close(wfd)
-    _CHILDREN.add(pid)
-    try:
-        while True:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() - t0 > timeout:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return "timeout", time.monotonic() - t0, ""
-            time.sleep(0.05)
-        raw = os.read(rfd, 16).decode() or "95"
-    finally:
-        os.close(rfd)
-        _CHILDREN.discard(pid)
-    dt = time.monotonic() - t0
-    code = int(raw)
+    res, dt = _wait_child(pid, rfd, timeout)
+    if res is None:
+        return {"status": "timeout", "seconds": dt}
+    code = res.get("code", 96)
     if code == 98:
         raise SystemExit(f"the scratch copy {work} does not shadow the installed verify package; aborting")
     if code == 0:
-        return "survived", dt, "pytest exit 0"
-    if code in (1, 2, 3):  # tests failed / interrupted / internal error (an import of the mutant failed)
-        return "killed", dt, f"pytest exit {code}"
-    crash = work / ".runner-crash.txt"
-    why = crash.read_text()[-500:] if crash.exists() else ""
-    return "killed", dt, f"pytest exit {code} (crash) {why}"
+        status = "survived"
+    elif code in (1, 2, 3):  # tests failed / collection error (the mutant does not import) / internal error
+        status = "killed"
+    elif code == 5:
+        status = "no-tests"
+    else:
+        status = "error"
+    return {**res, "status": status, "seconds": dt}
+
+
+def _zygote(req: int, resp: int) -> None:
+    """The fresh path's server: forked before the project is imported; runs one pytest child per request."""
+    signal.signal(signal.SIGTERM, _terminate)
+    with os.fdopen(req, "r") as fh:
+        for line in fh:
+            r = json.loads(line)
+            try:
+                out = _fresh_pytest(Path(r["work"]), r["args"], r["timeout"])
+            except SystemExit as e:
+                out = {"status": "error", "why": str(e)}
+            os.write(resp, (json.dumps(out) + "\n").encode())
+    os._exit(0)
+
+
+#: Third-party modules the runner imports once, before forking anything (saves seconds per mutant).
+#: Not hypothesis: a pytest plugin imported before pytest starts cannot be assertion-rewritten (a
+#: warning, an error here); pytest loads it. JAX is imported, never initialised (no backend: a forked
+#: child of an initialised XLA client can hang).
+PRELOAD = ("numpy", "scipy", "scipy.linalg", "scipy.optimize", "scipy.special", "mpmath", "pytest", "numdifftools",
+           "sympy", "torch", "jax", "jax.numpy", "threadpoolctl")
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    assert not any(m == "verify" or m.startswith(("verify.", "reference")) for m in sys.modules), \
+        "the runner must not import the project before forking the fresh-import server"
+
+
+def _jax_initialised() -> bool:
+    xb = sys.modules.get("jax._src.xla_bridge")
+    return bool(getattr(xb, "_backends", None))
+
+
+#: Test files the parent session does not collect: they initialise a JAX backend at import (XLA's
+#: threads do not survive a fork). Their tests still run, on the fresh path (a pytest process of their own).
+SESSION_IGNORE: tuple[str, ...] = ("tests/jax/test_jax_errors.py",)
+
+#: Modules others are likely to change during a session: run last (their results may go stale).
+RUN_LAST: tuple[str, ...] = (
+    "reference/_threads.py", "reference/maml.py", "reference/imaml.py", "reference/r2d2.py",
+    "reference/protonet.py", "reference/matchingnet.py", "reference/lrd2.py", "reference/newton.py",
+    "reference/flow.py", "reference/reptile.py", "reference/inner_loop.py", "reference/learned_optimizers.py",
+    "reference/inner_optim.py", "reference/optimizers.py", "verify/_taylor.py",
+)
+
+
+class Driver:
+    """pytest plugin that replaces the test loop by the mutation loop (see the module docstring).
+
+    The parent session (project imported from the scratch copy, every test collected once, nothing
+    run) forks one child per mutant. The *fast* path swaps the mutated function's ``__code__`` in
+    the child and runs the covering test items there through ``pytest_runtest_protocol`` (so
+    fixtures, warnings-as-errors, hypothesis... behave as in a normal run). Everything the swap
+    cannot reach honestly goes to the *fresh* path: the mutant is written into a second scratch
+    copy and a child of the fresh-import server (forked before the project was imported) runs pytest
+    there, importing the project, mutant included.
+    """
+
+    def __init__(self, runner: "Runner") -> None:
+        self.r = runner
+        #: project function (file, qualname, first line) -> the test files whose import/collection ran it
+        #: ("*": the project's own import, conftest or a helper: any test may hold its results)
+        self.called: dict[tuple[str, str, int], set[str]] = {}
+        self._project = (str(runner.work / "reference") + os.sep, str(runner.work / "verify") + os.sep)
+        self._tests = str(runner.work / "tests") + os.sep
+
+    # -- the profiler: project functions run by the parent (import, collection), and for which test file
+    def _profile(self, frame, event, arg) -> None:  # noqa: ARG002
+        if event != "call":
+            return
+        co = frame.f_code
+        if not co.co_filename.startswith(self._project):
+            return
+        src = "*"
+        f = frame.f_back
+        while f is not None:
+            fn = f.f_code.co_filename
+            if fn.startswith(self._tests):
+                if os.path.basename(fn).startswith("test_"):
+                    src = fn[len(self._tests) - len("tests/"):]
+                break
+            f = f.f_back
+        self.called.setdefault((co.co_filename, co.co_qualname, co.co_firstlineno), set()).add(src)
+
+    def start_profile(self) -> None:
+        sys.setprofile(self._profile)
+        threading.setprofile(self._profile)
+
+    def pytest_collection_finish(self, session) -> None:
+        import importlib
+
+        for module in self.r.modules:  # modules no test imports are imported (and profiled) too
+            try:
+                importlib.import_module(module.removesuffix(".py").replace("/", "."))
+            except Exception as e:  # noqa: BLE001
+                self.r.log(f"cannot import {module}: {e!r}")
+        sys.setprofile(None)
+        threading.setprofile(None)
+
+    def pytest_runtestloop(self, session) -> bool:
+        self.session = session
+        self.items = {it.nodeid: it for it in session.items}
+        self.r.log(f"parent: {len(self.items)} test items collected; {len(self.called)} project functions ran "
+                   f"at import/collection (their mutants take the fresh path); JAX initialised: {_jax_initialised()}")
+        if _jax_initialised():
+            self.r.log("WARNING: a JAX backend was initialised in the parent; forked JAX tests may hang "
+                       "(a hang is a timeout, checked against an unmutated run, never a silent kill)")
+        # Every child would otherwise walk (and so copy-on-write) the parent's whole heap at its first
+        # full garbage collection: freeze what the parent holds, children only collect their own objects.
+        gc.collect()
+        gc.freeze()
+        self.r.loop(self)
+        return True
+
+    # -- one forked run of test items -------------------------------------------------------------
+    def run_items(self, nodes: list[str], apply, timeout: float) -> dict:
+        items = [self.items[n] for n in nodes]
+        rfd, wfd = os.pipe()
+        with warnings.catch_warnings():  # JAX warns on any fork once initialised (see SESSION_IGNORE)
+            warnings.simplefilter("ignore")
+            pid = os.fork()
+        if pid == 0:
+            res: dict = {}
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.close(rfd)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                tr = self.session.config.pluginmanager.get_plugin("terminalreporter")
+                if tr is not None:
+                    from _pytest.config import create_terminal_writer
+
+                    tr._tw = create_terminal_writer(self.session.config, open(os.devnull, "w"))  # noqa: SIM115
+                if apply is not None:
+                    apply()
+                rec = self.r.recorder
+                rec.failed, rec.ran = None, 0  # the parent's collection reports are not this run's
+                for k, item in enumerate(items):
+                    nxt = items[k + 1] if k + 1 < len(items) else None
+                    item.ihook.pytest_runtest_protocol(item=item, nextitem=nxt)
+                    if rec.failed is not None or self.session.shouldstop:
+                        break
+                res = {"failed": rec.failed, "ran": rec.ran}
+            except BaseException:  # noqa: BLE001
+                import traceback
+
+                res = {"crash": traceback.format_exc()[-600:]}
+            finally:
+                os.write(wfd, json.dumps(res).encode()[:60000])
+                os._exit(0)
+        os.close(wfd)
+        res, dt = _wait_child(pid, rfd, timeout)
+        if res is None:
+            return {"status": "timeout", "seconds": dt}
+        if "crash" in res:
+            return {**res, "status": "error", "seconds": dt}
+        return {**res, "status": "killed" if res.get("failed") else "survived", "seconds": dt}
+
+
+class Runner:
+    """The mutation loop: plans each mutant (path, tests, timeout), runs it, checks kills and timeouts."""
+
+    def __init__(self, modules: list[str], shard: tuple[int, int], timeout_factor: float, max_mutants: int | None,
+                 survivors_only: bool, log, force: str | None = None, only: dict[str, set[str]] | None = None,
+                 store: bool = True, budget: float | None = None, complete_partial: bool = False) -> None:
+        self.modules = modules
+        self.shard = shard
+        self.factor = timeout_factor
+        self.max = max_mutants
+        self.survivors_only = survivors_only
+        self.log = log
+        self.force = force  # "fast" / "fresh" / "both": the selftest runs a mutant by one path on purpose
+        self.budget = budget
+        self.complete_partial = complete_partial
+        self.only = only
+        self.store = store
+        self.recorder = _Recorder()
+        self.tag = f"{shard[0]}of{shard[1]}-{os.getpid()}"
+        self.work = SCRATCH / f"work-{self.tag}"
+        self.fresh = SCRATCH / f"fresh-{self.tag}"
+        self.map = load_map()
+        self.tree = tree_hash()
+        self.broken: set[str] = set()
+        self.kills: dict[str, dict[str, int]] = {}  # "module::function" and "module" -> killer test -> kills
+        self._scope = ""
+        self.baseline_ok: dict[str, bool] = {}
+        self.baseline_timeout: dict[tuple, bool] = {}
+        self.outcomes: list[dict] = []
+        self.stats = {"fast": 0, "fresh": 0, "none": 0, "killed": 0, "survived": 0, "timeout": 0,
+                      "timeout-inconclusive": 0, "no-coverage": 0}
+        self.t0 = time.time()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _copy(self, dest: Path) -> None:
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+        for name in COPY:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, dest / name, ignore=ignore)
+            elif src.exists():
+                shutil.copy2(src, dest / name)
+
+    def start(self) -> int:
+        self._copy(self.work)
+        self._copy(self.fresh)
+        if self.map is None:
+            self.log("no coverage map (.mutation/coverage-map.json): every mutant runs its module's mapped test "
+                     "files; build one with `python scripts/mutation.py coverage`")
+        elif self.map["tree"] != self.tree:
+            self.log(f"WARNING: the coverage map is stale (collected from tree {self.map['tree']}, the tree is now "
+                     f"{self.tree}); modules whose source changed run their mapped test files, and tests added "
+                     "since are not selected: rebuild with `python scripts/mutation.py coverage`")
+        _preload()
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        zpid = os.fork()
+        if zpid == 0:
+            os.close(req_w)
+            os.close(resp_r)
+            _zygote(req_r, resp_w)
+        os.close(req_r)
+        os.close(resp_w)
+        self.zygote = (zpid, os.fdopen(req_w, "w"), os.fdopen(resp_r, "r"))
+        _CHILDREN.add(zpid)
+        import pytest
+
+        driver = Driver(self)
+        os.chdir(self.work)
+        sys.path.insert(0, str(self.work))
+        os.environ.update(HYPOTHESIS_PROFILE="ci", PYTHONDONTWRITEBYTECODE="1")
+        sys.dont_write_bytecode = True
+        driver.start_profile()
+        try:
+            code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:cov", "-p", "no:xdist", "-m", "not slow",
+                                f"--basetemp={self.work}/.tmp", "--ignore=tests/test_mutation_sample.py",
+                                *(f"--ignore={f}" for f in SESSION_IGNORE), "tests"],
+                               plugins=[driver, self.recorder])
+        finally:
+            sys.setprofile(None)
+            os.chdir(ROOT)
+            self.zygote[1].close()
+            try:
+                os.waitpid(zpid, 0)
+            except OSError:
+                pass
+            _CHILDREN.discard(zpid)
+            shutil.rmtree(self.work, ignore_errors=True)
+            shutil.rmtree(self.fresh, ignore_errors=True)
+        return 0 if int(code) in (0, 5) else int(code)
+
+    def fresh_run(self, args: list[str], timeout: float) -> dict:
+        _pid, w, r = self.zygote
+        w.write(json.dumps({"work": str(self.fresh), "args": args, "timeout": timeout}) + "\n")
+        w.flush()
+        line = r.readline()
+        if not line:
+            raise SystemExit("the fresh-import server died")
+        return json.loads(line)
+
+    # -- test selection ---------------------------------------------------------------------------
+    def _mapped_nodes(self, module: str) -> list[str]:
+        files = set(tests_for(module))
+        extra = PYTEST_EXTRA.get(module, [])
+        excl = extra[1].removeprefix("not ").strip() if len(extra) == 2 and extra[0] == "-k" else None
+        return [n for n in self.driver.items if n.split("::")[0] in files and not (excl and excl in n)]
+
+    def _ids(self, module: str, lines) -> set[int]:
+        table = self.map["lines"].get(module, {})
+        out: set[int] = set()
+        for ln in lines:
+            out.update(table.get(str(ln), ()))
+        return out
+
+    def _usable(self, ids: set[int]) -> list[str]:
+        tests, outcome = self.map["tests"], self.map["outcome"]
+        return [tests[i] for i in ids if i != IMPORT_CTX and outcome[i] in ("passed", "unknown")
+                and tests[i] not in self.broken]
+
+    def _seconds(self, nodes: list[str]) -> float:
+        if self.map is None:
+            return 1.0 * len(nodes)
+        sec = self._sec
+        return sum(sec.get(n, 1.0) for n in nodes)
+
+    def _order(self, nodes: list[str], scope: str = "") -> list[str]:
+        """Tests that already killed mutants of the same function first, then of the module, then fastest.
+
+        Only the order changes (a kill stays a kill whatever test finds it); with a budget, the tests
+        most likely to kill are the ones run.
+        """
+        sec = self._sec if self.map is not None else {}
+        here = self.kills.get(scope, {})
+        module = self.kills.get(scope.split("::")[0], {})
+        return sorted(set(nodes), key=lambda n: (-here.get(n, 0), -module.get(n, 0), sec.get(n, 1.0), n))
+
+    def plan(self, module: str, loc: Locator, line: int, map_ok: bool) -> dict:
+        """Which tests cover a mutant at ``line``; with a stale map, plus the tests the map does not know."""
+        plan = self._plan(module, loc, line, map_ok)
+        if map_ok and self.map["tree"] != self.tree:
+            # tests added since the map was built (e.g. to kill survivors): unknown coverage, so every new test
+            # of the module's mapped files and of the files the selection already uses runs too
+            known = self._known if hasattr(self, "_known") else set(self.map["tests"])
+            self._known = known
+            files = set(tests_for(module)) | {n.split("::")[0] for n in plan["tests"]}
+            new = [n for n in self.driver.items if n not in known and n.split("::")[0] in files]
+            if new:
+                plan["tests"] = sorted(set(plan["tests"]) | set(new))
+                plan["why"] += f" + {len(new)} tests newer than the coverage map"
+        return plan
+
+    def _plan(self, module: str, loc: Locator, line: int, map_ok: bool) -> dict:
+        kind, d = loc.where(line)
+        plan = {"kind": kind, "def": d, "line": line}
+        if not map_ok:
+            plan["tests"] = self._mapped_nodes(module)
+            plan["why"] = "mapped test files (no usable coverage map for this module)"
+            return plan
+        if kind == "body":
+            ids = self._ids(module, loc.statement_lines(line))
+        elif kind == "signature":  # a default is read by any call: the tests that run the body
+            ids = self._ids(module, range(d[0].body[0].lineno, d[0].end_lineno + 1))
+        else:  # module level, class body, decorator: the tests that read the names the statement binds
+            top = loc.top_statement(line)
+            names = _bound_names(top) if top is not None else set()
+            if kind == "decorator":
+                names.add(d[0].name)
+            ids = self._ids(module, loc.name_load_lines(names)) if names else set()
+            if isinstance(top, ast.ClassDef):  # class body: everything that runs the class's methods
+                ids |= self._ids(module, range(top.lineno, top.end_lineno + 1))
+            ids.discard(IMPORT_CTX)
+            nodes = self._usable(ids)
+            if not nodes or any(not n.startswith("_") for n in names):  # public: importers elsewhere too
+                nodes = sorted(set(nodes) | set(self._mapped_nodes(module)))
+                plan["why"] = "module-level: readers of its names + mapped test files"
+            else:
+                plan["why"] = "module-level: tests that read its names"
+            plan["tests"] = nodes
+            return plan
+        nodes = self._usable(ids)
+        if not nodes and IMPORT_CTX in ids:
+            plan["tests"] = self._mapped_nodes(module)
+            plan["why"] = "run only outside a test context (import time or a subprocess): mapped test files"
+            plan["subprocess"] = True
+        elif not nodes and ids:
+            plan["tests"] = []
+            plan["why"] = "covered only by tests that failed or were skipped in the baseline"
+        else:
+            plan["tests"] = nodes
+            plan["why"] = "covering tests"
+        return plan
+
+    # -- applying a mutant in the session -----------------------------------------------------------
+    def fast_apply(self, module: str, loc: Locator, plan: dict, mutated: str):
+        """A closure that swaps the mutated function into the live objects, or (None, why not)."""
+        if plan["kind"] == "module" and not plan.get("subprocess"):
+            return self.const_apply(module, loc, plan, mutated)
+        if plan["kind"] not in ("body", "signature") or plan.get("subprocess"):
+            return None, f"{plan['kind']} code"
+        node, qualname, ordinal = plan["def"]
+        first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        mod = sys.modules.get(module.removesuffix(".py").replace("/", "."))
+        if mod is None:
+            return None, "module not imported by the session"
+        tainted = self.driver.called.get((mod.__file__, qualname, first), set())
+        if "*" in tainted:
+            return None, "function ran at the project's import or in conftest (its results may be held anywhere)"
+        funcs = _live_functions(mod, qualname, first)
+        if not funcs:
+            return None, "no live function object"
+        try:
+            code = compile(mutated, mod.__file__, "exec", dont_inherit=True)
+        except SyntaxError as e:
+            return None, f"does not compile: {e}"
+        cands = _code_objects(code, qualname)
+        same = [q for (_n, q, _k) in loc.defs if q == qualname]
+        if len(cands) != len(same):
+            return None, "mutated code objects do not match the definitions"
+        new = cands[ordinal]
+        if any(len(new.co_freevars) != len(f.__code__.co_freevars) for f in funcs):
+            return None, "closure mismatch"
+        defaults = None
+        if plan["kind"] == "signature":
+            mnode = [n for (n, q, _k) in Locator(mutated).defs if q == qualname][ordinal]
+            try:
+                g = vars(mod)
+                pos = tuple(eval(compile(ast.Expression(e), mod.__file__, "eval"), g) for e in mnode.args.defaults)
+                kw = {a.arg: eval(compile(ast.Expression(e), mod.__file__, "eval"), g)
+                      for a, e in zip(mnode.args.kwonlyargs, mnode.args.kw_defaults) if e is not None}
+            except Exception as e:  # noqa: BLE001 - a default naming a class-scope name, ...
+                return None, f"defaults not evaluable at module scope: {e!r}"
+            defaults = (pos or None, kw or None)
+
+        self._tainted = tainted  # test files whose collection ran it: those tests take the fresh path
+
+        def apply() -> None:
+            for f in funcs:
+                f.__code__ = new
+                if defaults is not None:
+                    f.__defaults__, f.__kwdefaults__ = defaults
+
+        return apply, f"swap {qualname} ({len(funcs)} object{'s' if len(funcs) > 1 else ''})"
+
+    def _name_index(self) -> None:
+        """Once: names read by module-level code anywhere in the project, and which functions read each name."""
+        self._toplevel_loads: set[str] = set()
+        self._readers: dict[str, list[tuple[str, str, int]]] = {}
+        for p in sorted([*(ROOT / "reference").rglob("*.py"), *(ROOT / "verify").rglob("*.py")]):
+            if "__pycache__" in p.parts:
+                continue
+            rel = str(p.relative_to(ROOT))
+            try:
+                lc = Locator(p.read_text(encoding="utf-8"))
+            except SyntaxError:
+                continue
+
+            def scan(body: list) -> None:
+                for st in body:
+                    if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        parts = [*st.decorator_list, *st.args.defaults, *(e for e in st.args.kw_defaults if e)]
+                    elif isinstance(st, ast.ClassDef):
+                        parts = [*st.decorator_list, *st.bases, *st.keywords]
+                        scan(st.body)
+                    else:
+                        parts = [st]
+                    for part in parts:
+                        for n in ast.walk(part):
+                            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                                self._toplevel_loads.add(n.id)
+                            elif isinstance(n, ast.Attribute):
+                                self._toplevel_loads.add(n.attr)
+
+            scan(lc.tree.body)
+            live = str(self.work / rel)
+            for d, q, _k in lc.defs:
+                first = d.decorator_list[0].lineno if d.decorator_list else d.lineno
+                for n in ast.walk(d):
+                    name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else None
+                    if name is not None:
+                        self._readers.setdefault(name, []).append((live, q, first))
+
+    def const_apply(self, module: str, loc: Locator, plan: dict, mutated: str):
+        """A module-level constant (``NAME = expr``): re-run the mutated statement in the live module.
+
+        Safe only when nothing computed from the name at import or collection time holds the old
+        value: no module-level code of the project reads the name, and no function that reads it
+        ran in the parent. Modules that imported the name (``from m import NAME``, same object) are
+        rebound too.
+        """
+        if not hasattr(self, "_readers"):
+            self._name_index()
+        top = loc.top_statement(plan["line"])
+        if not isinstance(top, (ast.Assign, ast.AnnAssign)) or (isinstance(top, ast.AnnAssign) and top.value is None):
+            return None, f"module-level {type(top).__name__ if top else 'code'}"
+        names = _bound_names(top)
+        if not names or names & self._toplevel_loads:
+            return None, "module-level name read by other module-level code (a table, a default, a class body)"
+        for name in names:
+            for key in self._readers.get(name, ()):
+                if key in self.driver.called:
+                    return None, f"{key[1]} reads {name} and ran at import/collection time"
+        mod = sys.modules.get(module.removesuffix(".py").replace("/", "."))
+        if mod is None:
+            return None, "module not imported by the session"
+        index = loc.tree.body.index(top)
+        mtree = ast.parse(mutated)
+        if len(mtree.body) != len(loc.tree.body):
+            return None, "mutated module has another statement count"
+        try:
+            code = compile(ast.Module(body=[mtree.body[index]], type_ignores=[]), mod.__file__, "exec")
+        except SyntaxError as e:
+            return None, f"does not compile: {e}"
+        dotted = mod.__name__
+
+        def apply() -> None:
+            old = {n: mod.__dict__.get(n) for n in names}
+            exec(code, mod.__dict__)  # noqa: S102 - the mutated statement, in its own module
+            plain = (int, float, bool, str, complex, type(None))
+            for other in list(sys.modules.values()):
+                d = getattr(other, "__dict__", None)
+                if other is mod or not isinstance(d, dict):
+                    continue
+                for n in names:
+                    if n in d and d[n] is old[n]:
+                        src = getattr(other, "__file__", "") or ""
+                        if not isinstance(old[n], plain) or (src.endswith(".py") and dotted in Path(src).read_text(
+                                encoding="utf-8", errors="replace")):
+                            d[n] = mod.__dict__[n]
+
+        return apply, f"re-run the constant {', '.join(sorted(names))}"
+
+    # -- one mutant -------------------------------------------------------------------------------
+    def timeout_for(self, nodes: list[str], fresh: bool) -> float:
+        t = max(30.0, self.factor * self._seconds(nodes))
+        return t + 30.0 if fresh else t  # the fresh path also imports the project and collects its files
+
+    def _fresh_args(self, nodes: list[str]) -> list[str]:
+        return nodes
+
+    def run_fast(self, nodes, apply, timeout) -> dict:
+        return self.driver.run_items(nodes, apply, timeout)
+
+    def run_fresh(self, module: str, mutated: str | None, nodes: list[str], timeout: float) -> dict:
+        target = self.fresh / module
+        original = target.read_text(encoding="utf-8")
+        if mutated is not None:
+            target.write_text(mutated, encoding="utf-8")
+        try:
+            return self.fresh_run(self._fresh_args(nodes), timeout)
+        finally:
+            target.write_text(original, encoding="utf-8")
+
+    def _killer_ok(self, killer: dict, path: str, module: str) -> bool:
+        """An unmutated run of the killing test passes (else the kill is the environment's, not the mutant's)."""
+        node = killer.get("node", "")
+        if node not in self.baseline_ok:
+            if path == "fast" and node in self.driver.items:
+                res = self.driver.run_items([node], None, 300)
+            else:
+                args = [node] if "::" in node else [node, "--co"]
+                res = self.run_fresh(module, None, args, 300)
+            self.baseline_ok[node] = res["status"] == "survived"
+            if not self.baseline_ok[node]:
+                self.broken.add(node)
+                self.log(f"  test {node} fails UNMUTATED in the {path} path ({res.get('failed') or res.get('status')}); "
+                         "excluded from all selections")
+        return self.baseline_ok[node]
+
+    def _one(self, module: str, path: str, nodes: list[str], apply, mutated: str, rec: dict) -> str:
+        """Run ``nodes`` on the mutant by ``path``; "killed" / "survived" / "retry" (a broken killer) / "error"."""
+        timeout = self.timeout_for(nodes, path == "fresh")
+        res = self.run_fast(nodes, apply, timeout) if path == "fast" else self.run_fresh(module, mutated, nodes, timeout)
+        rec["runs"] = rec.get("runs", []) + [f"{path}: {len(nodes)} tests, {res['seconds']:.1f} s of {timeout:.0f} s"]
+        rec["seconds"] = round(rec.get("seconds", 0.0) + res["seconds"], 2)
+        status = res["status"]
+        if status == "killed":
+            killer = res.get("failed") or {"node": "", "why": f"pytest exit {res.get('code')}"}
+            if killer.get("node") and not self._killer_ok(killer, path, module):
+                return "retry"  # the test is broken in this environment: re-run without it
+            for sc in (self._scope, self._scope.split("::")[0]):
+                self.kills.setdefault(sc, {})[killer.get("node", "")] = self.kills.get(sc, {}).get(
+                    killer.get("node", ""), 0) + 1
+            rec.update(outcome="killed", killed_by=f"{killer.get('node')} [{killer.get('when', '')}] "
+                                                   f"{killer.get('why', '')}"[:700])
+            return "killed"
+        if status == "survived":
+            return "survived"
+        if status == "timeout":
+            key = (path, tuple(nodes))
+            if key not in self.baseline_timeout:
+                base = self.run_fast(nodes, None, timeout) if path == "fast" else self.run_fresh(
+                    module, None, nodes, timeout)
+                self.baseline_timeout[key] = base["status"] == "survived" and base["seconds"] < timeout / 2
+                rec["baseline_seconds"] = round(base["seconds"], 2)
+            if self.baseline_timeout[key]:
+                rec.update(outcome="timeout", killed_by=f"no result within {timeout:.0f} s; the unmutated tests "
+                                                        "pass well inside it (an infinite loop or a slowdown)")
+                return "killed"
+            rec.update(outcome="timeout-inconclusive", killed_by="the unmutated tests do not pass well inside the "
+                                                                 "limit either")
+            return "error"
+        rec.setdefault("errors", []).append(f"{path}: {status} {res.get('crash') or res.get('why', '')}"[:400])
+        return "error"
+
+    def run_mutant(self, module: str, loc: Locator, m: dict, mutated: str, map_ok: bool, force: str | None) -> dict:
+        """Plan, then run: the fast path on the session's items; tests the session lacks (and every test of
+        a mutant the swap cannot reach) on the fresh path. Killed at the first failing test."""
+        plan = self.plan(module, loc, m["line"], map_ok)
+        rec: dict = {"why_tests": plan["why"]}
+        self._tainted = set()
+        apply, how = (None, "forced fresh") if force == "fresh" else self.fast_apply(module, loc, plan, mutated)
+        if force == "fast" and apply is None:
+            raise SystemExit(f"selftest: {module} line {m['line']} cannot take the fast path: {how}")
+        rec["how"] = how
+        for _attempt in range(6):
+            scope = f"{module}::{plan['def'][1] if plan.get('def') else ''}"
+            self._scope = scope
+            nodes = self._order([n for n in plan["tests"] if n not in self.broken], scope)
+            if not nodes:
+                rec.update(outcome="survived", path="none", no_covering_test=True, n_tests=0)
+                return rec
+            covering = len(nodes)
+            if self.budget is not None:  # fastest first, up to the budget of baseline seconds (at least one test)
+                acc, keep = 0.0, []
+                for n in nodes:
+                    if keep and acc + self._sec.get(n, 1.0) > self.budget:
+                        break
+                    keep.append(n)
+                    acc += self._sec.get(n, 1.0)
+                nodes = keep
+            rec.update(n_covering=covering, partial=len(nodes) < covering)
+            tainted = self._tainted if apply is not None else set()
+            inside = [n for n in nodes if n in self.driver.items and n.split("::")[0] not in tainted]
+            outside = [n for n in nodes if n not in inside]
+            stages = [("fast", inside), ("fresh", outside)] if apply is not None and inside else [("fresh", nodes)]
+            rec.update(path=stages[0][0], n_tests=len(nodes))
+            result = "survived"
+            for path, group in stages:
+                if not group:
+                    continue
+                result = self._one(module, path, group, apply if path == "fast" else None, mutated, rec)
+                if result != "survived":
+                    break
+            if result == "retry":
+                continue
+            if result == "survived":
+                rec["outcome"] = "survived"
+            elif result == "error":
+                if apply is not None and force is None and rec.get("outcome") != "timeout-inconclusive":
+                    apply, rec["how"] = None, f"{how}; the fast run errored, so the fresh path"
+                    continue
+                rec.setdefault("outcome", "error")
+            return rec
+        rec.update(outcome="error", errors=rec.get("errors", []) + ["too many broken killers"])
+        return rec
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def loop(self, driver: Driver) -> None:
+        self.driver = driver
+        self._sec = dict(zip(self.map["tests"], self.map["seconds"])) if self.map else {}
+        i, n = self.shard
+        done = 0
+        equivalent = load_equivalent()
+        for module in self.modules:
+            every = enumerate_mutants(module)
+            mutants = [mm for k, mm in enumerate(every) if k % n == i - 1]
+            if self.only is not None:
+                mutants = [mm for mm in mutants if mm["key"] in self.only.get(module, set())]
+            indexed = {mm["key"]: k for k, mm in enumerate(every)}
+            data = load_results(module)
+            if data.get("fingerprint") != _fingerprint(module):
+                data = {"mutants": {}}
+            tests_fp = _tests_fingerprint(module)
+            if self.only is not None:
+                todo = mutants
+            elif self.complete_partial:  # survivors of a budgeted run: now every covering test
+                todo = [mm for mm in mutants if data["mutants"].get(mm["key"], {}).get("outcome") == "survived"
+                        and data["mutants"][mm["key"]].get("partial")
+                        and mm["key"] not in equivalent.get(module, {})]
+            else:
+                todo = [mm for mm in mutants if (mm["key"] not in data["mutants"] and not self.survivors_only)
+                        or (mm["key"] in data["mutants"] and data["mutants"][mm["key"]]["outcome"] == "survived"
+                            and data["mutants"][mm["key"]].get("tests") != tests_fp
+                            and not (self.survivors_only and mm["key"] in equivalent.get(module, {})))]
+            self.log(f"{module}: {len(mutants)} mutants in shard {i}/{n}, {len(todo)} to run")
+            if not todo:
+                continue
+            map_ok = self.map is not None and self.map["modules"].get(module) == _fingerprint(module) \
+                and module in self.map["lines"]
+            if self.map is not None and not map_ok:
+                self.log(f"  {module}: not in the coverage map or changed since it was built: mapped test files")
+            loc = Locator((ROOT / module).read_text(encoding="utf-8"))
+            mutator = Mutator(module)
+            for mm in todo:
+                if self.max is not None and done >= self.max:
+                    return
+                mutated = mutator.mutate(mm["operator"], mm["occurrence"])
+                record = {"index": indexed[mm["key"]], "operator": mm["operator"], "occurrence": mm["occurrence"],
+                          "line": mm["line"], "tests": tests_fp, "map": self.map["tree"] if self.map else None}
+                t0 = time.monotonic()
+                invalid = None
+                if mutated is not None:
+                    try:
+                        compile(mutated, module, "exec", dont_inherit=True)
+                    except SyntaxError as e:  # Cosmic Ray's rewrite is not Python (e.g. {**d} -> {*d}): no mutant
+                        invalid = f"the rewrite does not compile: {e.msg} (line {e.lineno})"
+                if mutated is None:
+                    record.update(outcome="no-mutation")
+                elif invalid is not None:
+                    record.update(outcome="invalid", why=invalid, diff=diff_of(module, mutated))
+                elif self.force == "both":  # the selftest: each path on its own, side by side
+                    for force in ("fast", "fresh"):
+                        self.outcomes.append({"module": module, "key": mm["key"], "force": force,
+                                              **self.run_mutant(module, loc, mm, mutated, map_ok, force)})
+                        o = self.outcomes[-1]
+                        self.log(f"  {mm['key']:50s} line {mm['line']:4d} [{force}]: {o['outcome']} via {o.get('path')} "
+                                 f"{o.get('n_tests')} tests {o.get('seconds')} s ({o.get('how')})")
+                    continue
+                else:
+                    record.update(self.run_mutant(module, loc, mm, mutated, map_ok, self.force))
+                    if record["outcome"] in ("survived", "timeout-inconclusive", "error"):
+                        record["diff"] = diff_of(module, mutated)
+                record["wall"] = round(time.monotonic() - t0, 2)
+                self.outcomes.append({"module": module, **record, "key": mm["key"]})
+                if self.store:
+                    _store(module, mm["key"], record)
+                done += 1
+                self._count(record)
+                self.log(f"  {mm['key']:50s} line {mm['line']:4d}: {record['outcome']:9s} "
+                         f"{record.get('path', '-'):5s} {record.get('n_tests', 0):4d} tests {record['wall']:6.1f} s"
+                         f"{'  (no covering test)' if record.get('no_covering_test') else ''}"
+                         f"{'  (partial: %s of %s covering tests)' % (record['n_tests'], record['n_covering']) if record.get('partial') and record['outcome'] == 'survived' else ''}")
+                if self.store and done % 25 == 0:
+                    self.save_run()
+        if self.store:
+            self.save_run()
+
+    def _count(self, record: dict) -> None:
+        self.stats[record.get("path", "none")] = self.stats.get(record.get("path", "none"), 0) + 1
+        if record.get("no_covering_test"):
+            self.stats["no-coverage"] += 1
+        self.stats[record["outcome"]] = self.stats.get(record["outcome"], 0) + 1
+
+    def save_run(self) -> None:
+        """reports/mutation/runs.json: this run's wall time, throughput and paths (the report quotes it)."""
+        path = OUT / "runs.json"
+        with open(OUT / "runs.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self._save_run_locked(path)
+
+    def _save_run_locked(self, path: Path) -> None:
+        runs = json.loads(path.read_text()) if path.exists() else []
+        runs = [r for r in runs if r.get("id") != self.tag]
+        n = sum(1 for o in self.outcomes if o["outcome"] != "no-mutation")
+        wall = time.time() - self.t0
+        runs.append({"id": self.tag, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
+                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(wall),
+                     "mutants": n, "per_minute": round(60.0 * n / wall, 1) if wall > 0 else None,
+                     "load": os.getloadavg()[0], "map": self.map["tree"] if self.map else None, **self.stats})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs, indent=1) + "\n")
+        tmp.replace(path)
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -420,68 +1561,22 @@ def _check_paths(paths: list[str]) -> list[str]:
 
 
 def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None,
-        survivors_only: bool = False) -> int:
-    i, n = _parse_shard(shard)
+        survivors_only: bool = False, budget: float | None = None, complete_partial: bool = False) -> int:
+    sh = _parse_shard(shard)
     modules = _check_paths(paths) if paths else default_modules()
-    # SIGTERM (kill PID) ends the run cleanly: the scratch copy is removed, finished results are kept.
+    modules = [m for m in modules if m not in RUN_LAST] + [m for m in RUN_LAST if m in modules]
+    # SIGTERM (kill PID) ends the run cleanly: the scratch copies are removed, finished results are kept.
     signal.signal(signal.SIGTERM, _terminate)
-    _preload()
-    tag = f"{i}of{n}-{os.getpid()}"
-    work = _scratch(tag)
-    done_here = 0
-    try:
-        for module in modules:
-            if not tests_for(module):
-                print(f"{module}: no test imports it and it has no entry in TESTS; skipped (add one)", flush=True)
-                continue
-            every = enumerate_mutants(module)
-            mutants = [m for k, m in enumerate(every) if k % n == i - 1]
-            indexed = {m["key"]: k for k, m in enumerate(every)}
-            data = load_results(module)
-            if data.get("fingerprint") != _fingerprint(module):
-                data = {"mutants": {}}
-            tests_fp = _tests_fingerprint(module)
-            todo = [m for m in mutants if (m["key"] not in data["mutants"] and not survivors_only)
-                    or (m["key"] in data["mutants"] and data["mutants"][m["key"]]["outcome"] == "survived"
-                        and data["mutants"][m["key"]].get("tests") != tests_fp
-                        and not (survivors_only and m["key"] in load_equivalent().get(module, {})))]
-            print(f"{module}: {len(mutants)} mutants in shard {i}/{n}, {len(todo)} to run", flush=True)
-            if not todo:
-                continue
-            # baseline: the unmutated copy must pass (else every mutant would look killed)
-            target = work / module
-            original = target.read_text(encoding="utf-8")
-            status, base_dt, tail = _pytest(work, module, timeout=1800)
-            if status != "survived":
-                print(f"  baseline FAILED for {module}; not mutating it:\n{tail}", flush=True)
-                continue
-            timeout = max(30.0, timeout_factor * base_dt)
-            print(f"  baseline {base_dt:.1f} s, timeout {timeout:.0f} s", flush=True)
-            for m in todo:
-                if max_mutants is not None and done_here >= max_mutants:
-                    return 0
-                mutated = mutate(module, m["operator"], m["occurrence"])
-                record = {"index": indexed[m["key"]], "operator": m["operator"], "occurrence": m["occurrence"],
-                          "line": m["line"], "tests": tests_fp}
-                if mutated is None:
-                    record.update(outcome="no-mutation")
-                else:
-                    target.write_text(mutated, encoding="utf-8")
-                    try:
-                        outcome, dt, tail = _pytest(work, module, timeout)
-                    finally:
-                        target.write_text(original, encoding="utf-8")
-                    record.update(outcome=outcome, seconds=round(dt, 1))
-                    if outcome == "survived":
-                        record["diff"] = diff_of(module, mutated)
-                    else:
-                        record["killed_by"] = tail
-                _store(module, m["key"], record)
-                done_here += 1
-                print(f"  {m['key']:55s} line {m['line']:4d}: {record['outcome']}", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    out = os.fdopen(os.dup(1), "w", buffering=1)  # pytest captures fd 1 in the session; the log keeps it
+
+    def log(msg: str) -> None:
+        out.write(time.strftime("%H:%M:%S ", time.gmtime()) + msg + "\n")
+        out.flush()
+
+    if complete_partial:
+        budget = None
+    return Runner(modules, sh, timeout_factor, max_mutants, survivors_only, log, budget=budget,
+                  complete_partial=complete_partial).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,8 +1593,9 @@ def load_equivalent() -> dict[str, dict[str, str]]:
 
 def report() -> int:
     equivalent = load_equivalent()
-    rows, survivors = [], []
+    rows, survivors, other = [], [], []
     scope = default_modules()
+    totals = dict.fromkeys(("mutants", "run", "killed", "timeout", "gaps", "nocov", "partial", "eq", "other", "fast", "fresh"), 0)
     for module in scope:
         path = _results_path(module)
         if not path.exists():
@@ -507,45 +1603,97 @@ def report() -> int:
         data = json.loads(path.read_text())
         stale = data.get("fingerprint") != _fingerprint(module)
         keys = {m["key"] for m in enumerate_mutants(module)}
-        total = len(keys)
         recs = {k: r for k, r in data["mutants"].items() if k in keys}
-        run_ = {k: r for k, r in recs.items() if r["outcome"] != "no-mutation"}
+        # not mutants: no occurrence, or a rewrite that is not Python (recorded as an error by earlier runs)
+        run_ = {k: r for k, r in recs.items() if r["outcome"] not in ("no-mutation", "invalid")
+                and not str(r.get("how", "")).startswith("does not compile")}
         killed = [k for k, r in run_.items() if r["outcome"] in ("killed", "timeout")]
+        timeouts = [k for k, r in run_.items() if r["outcome"] == "timeout"]
         surv = [k for k, r in run_.items() if r["outcome"] == "survived"]
+        undecided = [k for k, r in run_.items() if r["outcome"] not in ("killed", "timeout", "survived")]
         eq = [k for k in surv if k in equivalent.get(module, {})]
         gaps = [k for k in surv if k not in eq]
-        denom = len(run_) - len(eq)
+        nocov = [k for k in gaps if run_[k].get("no_covering_test")]
+        partial = [k for k in gaps if run_[k].get("partial")]
+        denom = len(run_) - len(eq) - len(undecided)
         rate = 100.0 * len(killed) / denom if denom else float("nan")
-        rows.append((module, total, len(run_), len(killed), len(gaps), len(eq), rate, stale))
+        fast = sum(1 for r in run_.values() if r.get("path") == "fast")
+        fresh = sum(1 for r in run_.values() if r.get("path") == "fresh")
+        row = dict(mutants=len(keys), run=len(run_), killed=len(killed), timeout=len(timeouts), gaps=len(gaps),
+                   nocov=len(nocov), partial=len(partial), eq=len(eq), other=len(undecided), fast=fast, fresh=fresh)
+        rows.append((module, row, rate, stale))
+        if not stale:
+            for k, v in row.items():
+                totals[k] += v
         for k in surv:
             survivors.append((module, k, run_[k], equivalent.get(module, {}).get(k)))
+        for k in undecided:
+            other.append((module, k, run_[k]))
     lines = [
         "# Mutation testing of the reference and the engine",
         "",
         "Generated by `bash scripts/mutation.sh report` from `reports/mutation/results/*.json`",
         "(method, operators and tool choice: `scripts/mutation.py`'s docstring). Kill rate = killed /",
-        "(run - equivalent); a timeout counts as killed. `run < mutants` means the module was only",
-        "partly run (shards or `--max`); modules absent from the table were not run at all.",
+        "(run - equivalent - undecided); a timeout counts as killed only when the same tests pass",
+        "unmutated well inside the limit (column `timeouts`, included in `killed`); `undecided` are",
+        "timeouts whose unmutated tests are slow too, and runs that errored. `no test` = survivors on a line",
+        "that no test executes (counted as gaps, never run); `partial` = survivors of the fastest / most",
+        "often killing covering tests within the per-mutant budget (`--budget`), not of all of them. `run < mutants` means the module was only",
+        "partly run; modules absent from the table were not run at all. Paths: `fast` = the mutated",
+        "function's code swapped into a forked, pre-collected pytest session; `fresh` = the project",
+        "imported anew with the mutant on disk (module-level code, functions run at import time).",
         "",
-        "| module | mutants | run | killed | survived (gaps) | equivalent | kill rate |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| module | mutants | run | killed | timeouts | survived (gaps) | of which no test | of which partial "
+        "| equivalent | undecided | fast / fresh | kill rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for module, total, ran, killed, gaps, eq, rate, stale in rows:
+    for module, row, rate, stale in rows:
         flag = " (stale: the module changed since)" if stale else ""
-        lines.append(f"| `{module}`{flag} | {total} | {ran} | {killed} | {gaps} | {eq} | {rate:.1f} % |")
+        lines.append(f"| `{module}`{flag} | {row['mutants']} | {row['run']} | {row['killed']} | {row['timeout']} | "
+                     f"{row['gaps']} | {row['nocov']} | {row['partial']} | {row['eq']} | {row['other']} | {row['fast']} / {row['fresh']} "
+                     f"| {rate:.1f} % |")
+    denom = totals["run"] - totals["eq"] - totals["other"]
+    overall = 100.0 * totals["killed"] / denom if denom else float("nan")
+    lines.append(f"| **all (not stale)** | {totals['mutants']} | {totals['run']} | {totals['killed']} | "
+                 f"{totals['timeout']} | {totals['gaps']} | {totals['nocov']} | {totals['partial']} | {totals['eq']} | {totals['other']} | "
+                 f"{totals['fast']} / {totals['fresh']} | {overall:.1f} % |")
+    n_table = len(lines)
     not_run = [m for m in scope if not _results_path(m).exists()]
     if not_run:
         lines += ["", "Not run: " + ", ".join(f"`{m}`" for m in not_run) + "."]
+    runs_path = OUT / "runs.json"
+    if runs_path.exists():
+        runs = json.loads(runs_path.read_text())
+        lines += ["", "## Runs", "", "Wall time and throughput of each `run` (one process; `load` = 1-min load "
+                  "average at the last update, of a shared 2-core machine).", "",
+                  "| run | started (UTC) | last update | wall | mutants | per minute | fast | fresh | no test run "
+                  "| load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in runs:
+            lines.append(f"| {r['id']} | {r['started']} | {r['updated']} | {r['wall_s'] / 60:.1f} min | {r['mutants']} "
+                         f"| {r['per_minute']} | {r.get('fast', 0)} | {r.get('fresh', 0)} | {r.get('none', 0)} "
+                         f"| {r.get('load', 0):.1f} |")
     lines += ["", "## Survivors", ""]
     if not survivors:
         lines.append("None.")
     for module, key, rec, why in survivors:
-        label = f"equivalent: {why}" if why else "**not killed: a gap in the tests**"
+        if why:
+            label = f"equivalent: {why}"
+        elif rec.get("no_covering_test"):
+            label = "**not killed: no test executes this line**"
+        else:
+            ran = (f"{rec.get('n_tests')} of {rec.get('n_covering')} covering tests ran (the budget's share: more "
+                   "may kill it)" if rec.get("partial") else f"all {rec.get('n_tests', '?')} covering tests ran")
+            label = f"**not killed: a gap in the tests** ({ran})"
         lines += [f"### `{module}` {key} (line {rec['line']}) -- {label}", "", "```diff",
                   rec.get("diff", "").rstrip(), "```", ""]
+    if other:
+        lines += ["## Undecided (timeouts with slow baselines, errors)", ""]
+        for module, key, rec in other:
+            lines += [f"- `{module}` {key} (line {rec['line']}): {rec['outcome']}: "
+                      f"{(rec.get('killed_by') or '; '.join(rec.get('errors', [])))[:300]}"]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:9 + len(rows)]))
+    print("\n".join(lines[:n_table]))
     return 0
 
 
@@ -556,6 +1704,63 @@ def list_mutants(paths: list[str]) -> int:
     return 0
 
 
+#: The selftest's mutants: (module, the source text of the line, operator, the outcome it must have).
+#: Each runs through BOTH paths (fast: ``__code__`` swapped in the forked session; fresh: the project
+#: imported anew with the mutant on disk); the outcomes must agree with each other and with this table.
+SELFTEST: tuple[tuple[str, str, str, str], ...] = (
+    ("verify/_numdiff.py", "r2 = (16.0 * r1[:-1] - r1[1:]) / 15.0", "core/NumberReplacer", "killed"),
+    ("verify/_numdiff.py", "self.evaluations = 0", "core/NumberReplacer", "survived"),
+    ("verify/_dottest.py", "diff = abs(a - b)", "core/ReplaceBinaryOperator_Sub_Add", "killed"),
+    ("verify/hessian_inverse.py", "r = np.linalg.norm(b64 - Ax)", "core/ReplaceBinaryOperator_Sub_Add", "killed"),
+    ("reference/models.py", "return (self.s - self.onehot) * self.scale", "core/ReplaceBinaryOperator_Sub_Add",
+     "killed"),
+    ("reference/r2d2.py", "G_Zq = scale * (G_O @ W.T)", "core/ReplaceBinaryOperator_Mul_Div", "killed"),
+    # a module-level constant: the fast path re-runs the mutated assignment in the live module
+    ("verify/_numdiff.py", "_ROMBERG_W = np.array([64.0, -20.0, 1.0]) / 45.0", "core/NumberReplacer", "killed"),
+)
+
+
+def selftest(mutator: bool) -> int:
+    """Known mutants through both paths: the fast swap must be as real as a fresh import."""
+    if mutator:  # the one-parse mutator reproduces Cosmic Ray's text exactly
+        for module in default_modules():
+            mt = Mutator(module)
+            for m in enumerate_mutants(module):
+                if mt.mutate(m["operator"], m["occurrence"]) != mutate(module, m["operator"], m["occurrence"]):
+                    raise SystemExit(f"Mutator differs from Cosmic Ray: {module} {m['key']}")
+            print(f"mutator ok: {module}", flush=True)
+    only: dict[str, set[str]] = {}
+    expect: dict[tuple[str, str], str] = {}
+    for module, text, operator, outcome in SELFTEST:
+        lines = (ROOT / module).read_text(encoding="utf-8").splitlines()
+        hits = [k + 1 for k, ln in enumerate(lines) if ln.strip().startswith(text)]
+        if len(hits) != 1:
+            raise SystemExit(f"selftest: {text!r} is on {len(hits)} lines of {module}; update SELFTEST")
+        keys = [m["key"] for m in enumerate_mutants(module) if m["line"] == hits[0] and m["operator"] == operator]
+        if not keys:
+            raise SystemExit(f"selftest: no {operator} mutant on line {hits[0]} of {module}")
+        only.setdefault(module, set()).add(keys[0])
+        expect[(module, keys[0])] = outcome
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    runner = Runner(list(only), (1, 1), 4.0, None, False, lambda msg: out.write(msg + "\n"), force="both", only=only,
+                    store=False)
+    runner.start()
+    got: dict[str, dict] = {"fast": {}, "fresh": {}}
+    for o in runner.outcomes:
+        got[o["force"]][(o["module"], o["key"])] = o
+    bad = 0
+    for key, want in expect.items():
+        fast, fresh = got["fast"].get(key, {}), got["fresh"].get(key, {})
+        ok = fast.get("outcome") == fresh.get("outcome") == want and fast.get("path") == "fast" \
+            and fresh.get("path") == "fresh"
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} {key[0]} {key[1]}: expected {want}; fast {fast.get('outcome')} "
+              f"({fast.get('seconds')} s, {fast.get('n_tests')} tests), fresh {fresh.get('outcome')} "
+              f"({fresh.get('seconds')} s)", flush=True)
+    return 1 if bad else 0
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -564,16 +1769,32 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--shard", help="I/N: run the I-th of N interleaved shards")
     r.add_argument("--timeout-factor", type=float, default=4.0, help="timeout = factor x baseline (>= 30 s)")
     r.add_argument("--max", type=int, default=None, help="stop after this many mutants (a time-boxed run)")
+    r.add_argument("--budget", type=float, default=10.0,
+                   help="per mutant, run covering tests (fastest first) up to this many seconds of their baseline "
+                        "duration from the coverage run; a survivor that did not run them all is marked partial. "
+                        "0: all covering tests")
     r.add_argument("--survivors-only", action="store_true",
                    help="only re-run survivors (not those listed as equivalent) whose module's tests changed since")
+    cov = sub.add_parser("coverage", help="collect the per-test coverage map (.mutation/coverage-map.json)")
+    cov.add_argument("-n", type=int, default=1, help="pytest-xdist workers for this one collection run")
+    cov.add_argument("--build-only", action="store_true", help="rebuild the map from the last collection's data")
+    st = sub.add_parser("selftest", help="known mutants through both paths (fast swap, fresh import): same outcomes")
+    st.add_argument("--mutator", action="store_true", help="also compare every mutant's text with Cosmic Ray's")
+    r.add_argument("--complete-partial", action="store_true",
+                   help="re-run only the partial survivors (budgeted runs), with every covering test")
     sub.add_parser("report", help="write reports/mutation/README.md from the results")
     lst = sub.add_parser("list", help="count the mutants per module")
     lst.add_argument("paths", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only)
+        return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only,
+                   None if args.budget <= 0 else args.budget, args.complete_partial)
     if args.command == "report":
         return report()
+    if args.command == "coverage":
+        return collect_coverage(args.n, args.build_only)
+    if args.command == "selftest":
+        return selftest(args.mutator)
     return list_mutants(args.paths)
 
 
