@@ -112,7 +112,7 @@ Ray's deterministic enumeration, per module) is ``I - 1`` modulo ``N``; results
 go to ``reports/mutation/results/<module>.json`` (one file per module, written
 atomically after every mutant under a lock, so shards may run in parallel and an
 interrupted run resumes where it stopped). Modules others often change run last
-(:data:`RUN_LAST`). Each run's wall time, throughput and paths go to
+(:data:`RUN_LAST`; modules named on the command line run in the order given). Each run's wall time, throughput and paths go to
 ``reports/mutation/runs.json``.
 
 ``report`` writes ``reports/mutation/README.md``: per module the mutants run,
@@ -1563,8 +1563,11 @@ def _check_paths(paths: list[str]) -> list[str]:
 def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None,
         survivors_only: bool = False, budget: float | None = None, complete_partial: bool = False) -> int:
     sh = _parse_shard(shard)
-    modules = _check_paths(paths) if paths else default_modules()
-    modules = [m for m in modules if m not in RUN_LAST] + [m for m in RUN_LAST if m in modules]
+    if paths:  # the order given (folders expanded in place): the caller prioritises
+        modules = _check_paths(paths)
+    else:
+        modules = default_modules()
+        modules = [m for m in modules if m not in RUN_LAST] + [m for m in RUN_LAST if m in modules]
     # SIGTERM (kill PID) ends the run cleanly: the scratch copies are removed, finished results are kept.
     signal.signal(signal.SIGTERM, _terminate)
     out = os.fdopen(os.dup(1), "w", buffering=1)  # pytest captures fd 1 in the session; the log keeps it
