@@ -9,7 +9,7 @@ mutation and not to a broken copy. The full, sharded run is
 
 The rewrites are exact strings: when the code they target changes, the entry
 fails with "not found" and must be updated (never deleted to make CI green).
-Cost: 1 + len(MUTANTS) pytest processes, ~30-40 s on one core.
+Cost: 1 + len(MUTANTS) pytest processes, ~40-50 s on one core.
 """
 
 from __future__ import annotations
@@ -51,6 +51,18 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("cross-entropy-gradient-unscaled", "reference/models.py",
      "return (self.s - self.onehot) * self.scale", "return self.s - self.onehot",
      ["tests/test_models.py::test_grad_matches_complex_step"]),
+    # the families added by issues 14-17 (backbones, meta-RL, inner optimisers)
+    ("batchnorm-train-backward-without-projection", "reference/nets/layers/norm.py",
+     "gx = inv * (ghat - ghat.mean(axis=axes) - xhat * (ghat * xhat).mean(axis=axes))",
+     "gx = inv * (ghat - ghat.mean(axis=axes))",
+     ["tests/test_nets_layers.py::test_grad_and_hvp_match_complex_step[conv-bn-pools-tanh]"]),
+    ("adam-vjp-second-moment-factor", "reference/optimizers.py",
+     "bar_gp = (1.0 - self.b1) * bar_m + 2.0 * (1.0 - self.b2) * gp * bar_v",
+     "bar_gp = (1.0 - self.b1) * bar_m + (1.0 - self.b2) * gp * bar_v",
+     ["tests/test_ref_inner_optim.py::test_theta_and_lr_gradients_match_complex_step[3-adam]"]),
+    ("dice-hessian-without-causal-sum", "reference/rl/estimators.py",
+     "cum = np.cumsum(st, axis=-2)  # S_{<=t}", "cum = st  # S_{<=t}",
+     ["tests/test_rl_estimators.py::test_bias_orders_in_alpha"]),
 ]
 
 _COPY = ["verify", "reference", "tests", "pyproject.toml"]
