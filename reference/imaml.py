@@ -177,8 +177,24 @@ class _Problem:
             return flatten(model._hvp(self.unflat(z), x, y, self.unflat(v)))
         if self._point_z is None or self._point_z.dtype != z.dtype or not np.array_equal(self._point_z, z):
             self._point_z = z.copy()
-            self._point = model._hvp_point(self.unflat(self._point_z), x, y)
+            point = model._hvp_flat_point if hasattr(model, "_hvp_flat") else model._hvp_point
+            self._point = point(self.unflat(self._point_z), x, y)
+        if hasattr(model, "_hvp_flat"):  # an MLP: the product written straight into one flat array
+            return model._hvp_flat(self._point, v)
         return flatten(model._hvp_at(self._point, self.unflat(v)))
+
+    def shifted_hvp(self, z, v, shift):
+        """``H_s(z) v + shift * v`` (a fresh array; ``H_s v`` is updated in place, the same numbers)."""
+        hv = self.hvp_s(z, v)
+        return _axpy_into(hv, shift, v)
+
+
+def _axpy_into(hv: np.ndarray, a: Any, v: np.ndarray) -> np.ndarray:
+    """``hv + a * v``, in ``hv``'s array when the dtypes allow (``hv`` is a fresh product)."""
+    if hv.dtype != np.result_type(hv, a, v):
+        return hv + a * v
+    av = np.multiply(v, a)
+    return np.add(hv, av, out=hv)
 
 
 def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
@@ -187,7 +203,7 @@ def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
         H = prob.model.hessian(prob.unflat(z), prob.task.x_support, prob.task.y_support)
         factor = SPDFactor(H + prob.lam * np.eye(H.shape[0]), what=what, hint=_SADDLE_HINT)
         return factor.solve(rhs)
-    dz, _ = conjugate_gradient(lambda v: prob.hvp_s(z, v) + prob.lam * v, rhs, rtol=cg_tol, maxiter=cg_maxiter,
+    dz, _ = conjugate_gradient(lambda v: prob.shifted_hvp(z, v, prob.lam), rhs, rtol=cg_tol, maxiter=cg_maxiter,
                                what=what, hint=_SADDLE_HINT)
     return dz
 
@@ -256,7 +272,7 @@ def inner_solve(
         d = z - theta_r
         return float(loss) + 0.5 * lam_r * float(d @ d), flatten(g) + lam_r * d
 
-    hessp = lambda z, v: real_prob.hvp_s(z, v) + lam_r * v  # noqa: E731
+    hessp = lambda z, v: real_prob.shifted_hvp(z, v, lam_r)  # noqa: E731
 
     def newton_polish(z, res):
         # Full Newton steps on the stationarity equation, kept while they lower the residual:
@@ -363,7 +379,12 @@ def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_m
     what = f"I + H_s(phi*)/lam of {where}"
 
     def matvec(v):
-        return v + prob.hvp_s(z, v) / lam
+        # v + H v / lam, with the quotient and the sum formed in H v's fresh array (the same numbers).
+        hv = prob.hvp_s(z, v)
+        if hv.dtype != np.result_type(hv, v, lam):
+            return v + hv / lam
+        np.divide(hv, lam, out=hv)
+        return np.add(v, hv, out=hv)
 
     if solver == "direct":
         H = model.hessian(phi, task.x_support, task.y_support)

@@ -21,6 +21,7 @@ than an error.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +113,14 @@ def _vdot(a: np.ndarray, b: np.ndarray):
     return np.dot(a, b)
 
 
+def _update(y: np.ndarray, alpha: Any, d: np.ndarray, sign: float) -> np.ndarray:
+    """``y + alpha d`` (``sign = 1``) or ``y - alpha d`` (``sign = -1``), in ``y``'s array when the dtypes allow."""
+    if y.dtype != np.result_type(y, alpha, d):
+        return y + alpha * d if sign > 0 else y - alpha * d
+    ad = np.multiply(d, alpha)
+    return np.add(y, ad, out=y) if sign > 0 else np.subtract(y, ad, out=y)
+
+
 def conjugate_gradient(
     matvec: Callable[[np.ndarray], np.ndarray],
     b: np.ndarray,
@@ -167,8 +176,9 @@ def conjugate_gradient(
                     f"{what} is not positive definite: conjugate gradient found a direction with "
                     f"p^T A p = {np.real(pAp):.3g} <= 0 at iteration {iterations}", hint))
             alpha = rr / pAp
-            x = x + alpha * p
-            r = r - alpha * Ap
+            # In place where the dtypes allow (the same numbers: x + alpha p, r - alpha Ap, r + beta p).
+            x = _update(x, alpha, p, 1.0)
+            r = _update(r, alpha, Ap, -1.0)
             iterations += 1
             if first_cycle:
                 # Lanczos tridiagonal from the CG coefficients (Golub & Van Loan, sec. 11.3.5).
@@ -182,7 +192,11 @@ def conjugate_gradient(
                 break
             rr_new = _vdot(r, r)
             beta = rr_new / rr
-            p = r + beta * p
+            if p.dtype == np.result_type(p, beta, r):
+                np.multiply(p, beta, out=p)
+                np.add(r, p, out=p)
+            else:
+                p = r + beta * p
             rr = rr_new
             alpha_prev, beta_prev = alpha, beta
         r = b - matvec(x)
