@@ -172,16 +172,23 @@ class _Problem:
 
     def hvp_s(self, z, v):
         """``H_s(z) v`` (support loss only, no proximal term)."""
+        return self.hvp_at(z)(v)
+
+    def hvp_at(self, z):
+        """``v -> H_s(z) v`` with the forward pass at ``z`` computed once (or reused from the last point):
+        for a CG solve, whose point does not change, no per-product comparison of ``z``."""
         model, x, y = self.model, self.task.x_support, self.task.y_support
         if not hasattr(model, "_hvp_point"):
-            return flatten(model._hvp(self.unflat(z), x, y, self.unflat(v)))
+            z = z.copy()
+            return lambda v: flatten(model._hvp(self.unflat(z), x, y, self.unflat(v)))
         if self._point_z is None or self._point_z.dtype != z.dtype or not np.array_equal(self._point_z, z):
             self._point_z = z.copy()
             point = model._hvp_flat_point if hasattr(model, "_hvp_flat") else model._hvp_point
             self._point = point(self.unflat(self._point_z), x, y)
+        at = self._point
         if hasattr(model, "_hvp_flat"):  # an MLP: the product written straight into one flat array
-            return model._hvp_flat(self._point, v)
-        return flatten(model._hvp_at(self._point, self.unflat(v)))
+            return lambda v: model._hvp_flat(at, v)
+        return lambda v: flatten(model._hvp_at(at, self.unflat(v)))
 
     def shifted_hvp(self, z, v, shift):
         """``H_s(z) v + shift * v`` (a fresh array; ``H_s v`` is updated in place, the same numbers)."""
@@ -203,7 +210,8 @@ def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
         H = prob.model.hessian(prob.unflat(z), prob.task.x_support, prob.task.y_support)
         factor = SPDFactor(H + prob.lam * np.eye(H.shape[0]), what=what, hint=_SADDLE_HINT)
         return factor.solve(rhs)
-    dz, _ = conjugate_gradient(lambda v: prob.shifted_hvp(z, v, prob.lam), rhs, rtol=cg_tol, maxiter=cg_maxiter,
+    hvp = prob.hvp_at(z)
+    dz, _ = conjugate_gradient(lambda v: _axpy_into(hvp(v), prob.lam, v), rhs, rtol=cg_tol, maxiter=cg_maxiter,
                                what=what, hint=_SADDLE_HINT)
     return dz
 
@@ -378,9 +386,11 @@ def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_m
     n = b.size
     what = f"I + H_s(phi*)/lam of {where}"
 
+    hvp = prob.hvp_at(z)
+
     def matvec(v):
         # v + H v / lam, with the quotient and the sum formed in H v's fresh array (the same numbers).
-        hv = prob.hvp_s(z, v)
+        hv = hvp(v)
         if hv.dtype != np.result_type(hv, v, lam):
             return v + hv / lam
         np.divide(hv, lam, out=hv)
