@@ -547,9 +547,7 @@ class MLP:
     def _hvp_flat_point(self, params, x, y):
         """:meth:`_hvp_point` plus the transposed weights (contiguous), for :meth:`_hvp_flat`."""
         Ws, _ = self._split(params)
-        point = self._hvp_point(params, x, y)
-        return (*point, [None] + [np.ascontiguousarray(W.T) for W in Ws[1:]],
-                [np.ascontiguousarray(h.T) for h in point[1]])
+        return (*self._hvp_point(params, x, y), [None] + [np.ascontiguousarray(W.T) for W in Ws[1:]])
 
     def _hvp_flat(self, point, v: np.ndarray) -> np.ndarray:
         """``flatten(_hvp_at(point, unflatten(v)))`` for a flat ``v`` at a :meth:`_hvp_flat_point`, written
@@ -564,18 +562,17 @@ class MLP:
         arithmetic. Equal to the flattened :meth:`_hvp_at` up to round-off (the GEMM kernels may sum
         in another order).
         """
-        params, hs, derivs, loss, gs, ghs, Wts, hTs = point
+        params, hs, derivs, loss, gs, ghs, Wts = point
         bounds = self._bounds()
         views = [v[bounds[i]:bounds[i + 1]].reshape(s) for i, s in enumerate(self.shapes)]
         Ws, _ = self._split(params)
         Us, cs = self._split(views)
-        # R-forward (as _r_forward), with W_l^T and h_l^T stored contiguously at the point: BLAS's
-        # product of few rows by a transposed operand is ~1.7x slower than by a contiguous one, so
-        # h_l U_l^T is formed as (U_l h_l^T)^T.
+        # R-forward (as _r_forward), with W_l^T stored contiguously at the point: BLAS's product of
+        # few rows by a transposed operand is ~1.7x slower than by a contiguous one.
         r_h = None
         r_hs: list[Any] = [None]
         for l in range(self.n_layers):
-            r_z = (Us[l] @ hTs[l]).T
+            r_z = hs[l] @ Us[l].T
             if cs[l] is not None:
                 r_z = r_z + cs[l]
             if r_h is not None:
