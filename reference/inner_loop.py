@@ -233,6 +233,18 @@ def _addmm_t(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace
     return out.T
 
 
+def _times_t(h: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``h @ W^T`` (``h``: ``(..., n, in)``, ``W``: ``(..., out, in)``), formed as ``(W @ h^T)^T``.
+
+    For few rows ``n`` against a wide ``W`` BLAS reads a C-ordered ``W`` ~1.7x faster as the left
+    operand than transposed on the right. ``h^T`` and the result are small copies (``n`` rows), kept
+    C-ordered so that every later operation sees the layouts it saw before (and the batched engine
+    the per-task engine's, slice by slice).
+    """
+    hT = np.ascontiguousarray(np.swapaxes(h, -1, -2))
+    return np.ascontiguousarray(np.swapaxes(W @ hT, -1, -2))
+
+
 def _stack(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
@@ -266,7 +278,7 @@ class _MLPEngine:
         Ws, bs = self._split(params)
         h, hs, derivs = x, [x], []
         for l in range(self.n_layers):
-            z = h @ Ws[l].T
+            z = _times_t(h, Ws[l])
             if bs[l] is not None:
                 z = z + bs[l]
             if l == self.n_layers - 1:
@@ -332,11 +344,11 @@ class _MLPEngine:
         for l in range(self.n_layers):
             r_z = None
             if DW[l] is not None:
-                r_z = hs[l] @ DW[l].T
+                r_z = _times_t(hs[l], DW[l])
             if Db[l] is not None:
                 r_z = Db[l] if r_z is None else r_z + Db[l]
             if r_h is not None:
-                r_z = r_h @ Ws[l].T if r_z is None else r_z + r_h @ Ws[l].T
+                r_z = _times_t(r_h, Ws[l]) if r_z is None else r_z + _times_t(r_h, Ws[l])
             r_zs.append(r_z)
             if l < self.n_layers - 1:
                 r_h = None if r_z is None else derivs[l][1] * r_z
@@ -470,7 +482,7 @@ class _BatchedMLPEngine(_MLPEngine):
         Ws, bs = self._split(params)
         h, hs, derivs = x, [x], []
         for l in range(self.n_layers):
-            z = h @ _t(Ws[l])
+            z = _times_t(h, Ws[l])
             if bs[l] is not None:
                 z = z + _row_bias(bs[l])
             if l == self.n_layers - 1:
@@ -532,11 +544,11 @@ class _BatchedMLPEngine(_MLPEngine):
         for l in range(self.n_layers):
             r_z = None
             if DW[l] is not None:
-                r_z = hs[l] @ _t(DW[l])
+                r_z = _times_t(hs[l], DW[l])
             if Db[l] is not None:
                 r_z = _row_bias(Db[l]) if r_z is None else r_z + _row_bias(Db[l])
             if r_h is not None:
-                r_z = r_h @ _t(Ws[l]) if r_z is None else r_z + r_h @ _t(Ws[l])
+                r_z = _times_t(r_h, Ws[l]) if r_z is None else r_z + _times_t(r_h, Ws[l])
             r_zs.append(r_z)
             if l < self.n_layers - 1:
                 r_h = None if r_z is None else derivs[l][1] * r_z
