@@ -218,7 +218,7 @@ def test_batched_engine_is_bitwise_the_per_task_engine(act, loss, bias, kind):
     # and complex parameters (the complex step's path).
     model, params, tasks = _engine_problem(act, loss, bias)
     rng = np.random.default_rng(3)
-    single, batched = inner_loop._MLPEngine(model), inner_loop._BatchedMLPEngine(model)
+    single = batched = inner_loop._MLPEngine(model)  # one engine: task() (2-D arrays) against tasks() (stacked)
     complex_too = act != "relu"
     for cplx in (False, True) if complex_too else (False,):
         p = [x + 1e-20j * rng.standard_normal(x.shape) for x in params] if cplx else params
