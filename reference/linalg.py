@@ -21,8 +21,8 @@ than an error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
