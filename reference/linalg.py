@@ -196,9 +196,16 @@ def conjugate_gradient(
                     d += float(np.real(beta_prev)) / float(np.real(alpha_prev))
                     off.append(np.sqrt(max(float(np.real(beta_prev)), 0.0)) / float(np.real(alpha_prev)))
                 diag.append(d)
-            if converged(r):
-                break
-            rr_new = _vdot(r, r)
+            if np.iscomplexobj(r):
+                if converged(r):
+                    break
+                rr_new = _vdot(r, r)
+            else:
+                # converged(r) for a real r, from r.r computed once: ||r|| is np.sqrt(r.dot(r)) in NumPy's
+                # norm, the same dot product (the same decision, NaN included).
+                rr_new = _vdot(r, r)
+                if not np.sqrt(rr_new) > rtol * bre:
+                    break
             beta = rr_new / rr
             if p.dtype == np.result_type(p, beta, r):
                 np.multiply(p, beta, out=p)
