@@ -125,7 +125,7 @@ def _update(y: np.ndarray, alpha: Any, d: np.ndarray, sign: float) -> np.ndarray
     """``y + alpha d`` (``sign = 1``) or ``y - alpha d`` (``sign = -1``), in ``y``'s array when the dtypes allow."""
     if y.dtype != np.result_type(y, alpha, d):
         return y + alpha * d if sign > 0 else y - alpha * d
-    ad = np.multiply(d, alpha)
+    ad = np.multiply(alpha, d)  # alpha * d, operands in the expression's order (complex products round by it)
     return np.add(y, ad, out=y) if sign > 0 else np.subtract(y, ad, out=y)
 
 
@@ -208,7 +208,7 @@ def conjugate_gradient(
                     break
             beta = rr_new / rr
             if p.dtype == np.result_type(p, beta, r):
-                np.multiply(p, beta, out=p)
+                np.multiply(beta, p, out=p)
                 np.add(r, p, out=p)
             else:
                 p = r + beta * p
