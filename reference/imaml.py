@@ -52,7 +52,7 @@ import scipy.optimize
 
 from reference._threads import map_tasks
 from reference.features import as_scalar
-from reference.linalg import SPDFactor, conjugate_gradient
+from reference.linalg import IN_PLACE_MIN_SIZE, SPDFactor, conjugate_gradient
 from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, MLP, flatten
@@ -210,8 +210,8 @@ def _use_flat_hvp(model: Any) -> bool:
 
 
 def _axpy_into(hv: np.ndarray, a: Any, v: np.ndarray) -> np.ndarray:
-    """``hv + a * v``, in ``hv``'s array when the dtypes allow (``hv`` is a fresh product)."""
-    if hv.dtype != np.result_type(hv, a, v):
+    """``hv + a * v``, in ``hv``'s array for long vectors when the dtypes allow (``hv`` is a fresh product)."""
+    if hv.size < IN_PLACE_MIN_SIZE or hv.dtype != np.result_type(hv, a, v):
         return hv + a * v
     av = np.multiply(a, v)
     return np.add(hv, av, out=hv)
@@ -404,7 +404,7 @@ def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_m
     def matvec(v):
         # v + H v / lam, with the quotient and the sum formed in H v's fresh array (the same numbers).
         hv = hvp(v)
-        if hv.dtype != np.result_type(hv, v, lam):
+        if hv.size < IN_PLACE_MIN_SIZE or hv.dtype != np.result_type(hv, v, lam):
             return v + hv / lam
         np.divide(hv, lam, out=hv)
         return np.add(v, hv, out=hv)

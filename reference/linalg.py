@@ -121,9 +121,15 @@ def _vdot(a: np.ndarray, b: np.ndarray):
     return np.dot(a, b)
 
 
+# Vectors at least this long are updated in place in CG (fewer passes over memory); shorter ones by the plain
+# expressions, whose Python cost is lower (the same numbers either way).
+IN_PLACE_MIN_SIZE = 2**14
+
+
 def _update(y: np.ndarray, alpha: Any, d: np.ndarray, sign: float) -> np.ndarray:
-    """``y + alpha d`` (``sign = 1``) or ``y - alpha d`` (``sign = -1``), in ``y``'s array when the dtypes allow."""
-    if y.dtype != np.result_type(y, alpha, d):
+    """``y + alpha d`` (``sign = 1``) or ``y - alpha d`` (``sign = -1``), in ``y``'s array for long vectors
+    when the dtypes allow."""
+    if y.size < IN_PLACE_MIN_SIZE or y.dtype != np.result_type(y, alpha, d):
         return y + alpha * d if sign > 0 else y - alpha * d
     ad = np.multiply(alpha, d)  # alpha * d, operands in the expression's order (complex products round by it)
     return np.add(y, ad, out=y) if sign > 0 else np.subtract(y, ad, out=y)
@@ -207,7 +213,7 @@ def conjugate_gradient(
                 if not np.sqrt(rr_new) > rtol * bre:
                     break
             beta = rr_new / rr
-            if p.dtype == np.result_type(p, beta, r):
+            if p.size >= IN_PLACE_MIN_SIZE and p.dtype == np.result_type(p, beta, r):
                 np.multiply(beta, p, out=p)
                 np.add(r, p, out=p)
             else:
