@@ -159,6 +159,7 @@ class _Problem:
         # trust-region subproblem take many H v at one point (models with ``_hvp_point`` only).
         self._point_z: np.ndarray | None = None
         self._point: Any = None
+        self._flat = _use_flat_hvp(model)  # decided once (hvp_at runs once per trust-region product)
 
     def unflat(self, z):
         # unflatten() without its checks and size computations (called for every product).
@@ -181,7 +182,7 @@ class _Problem:
         if not hasattr(model, "_hvp_point"):
             z = z.copy()
             return lambda v: flatten(model._hvp(self.unflat(z), x, y, self.unflat(v)))
-        flat = _use_flat_hvp(model)
+        flat = self._flat
         if self._point_z is None or self._point_z.dtype != z.dtype or not np.array_equal(self._point_z, z):
             self._point_z = z.copy()
             point = model._hvp_flat_point if flat else model._hvp_point
