@@ -189,21 +189,27 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def alternate(fns: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 0,
-              memory: bool = False) -> tuple[dict[str, Span], dict[str, Any], dict[str, float]]:
+              memory: bool = False, rotate: bool = False) -> tuple[dict[str, Span], dict[str, Any], dict[str, float]]:
     """Run ``fns`` in alternating rounds; return per-name time spans, last outputs, RSS peak deltas.
 
     ``warmup`` untimed rounds come first (compilation, caches, page faults).
     With ``memory=True`` the peak-RSS increase of each function is read on
     the first timed round (bytes; NaN where ``/proc`` is unavailable).
+    With ``rotate=True`` round ``r`` starts at the ``r``-th function (cyclically),
+    so no function always runs first, or always right after the same one (a
+    thread pool left spinning, caches filled by the previous call).
     """
     outs: dict[str, Any] = {}
+    names = list(fns)
     for _ in range(warmup):
         for name, fn in fns.items():
             outs[name] = fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     rss: dict[str, float] = {}
     for r in range(repeats):
-        for name, fn in fns.items():
+        k = r % len(names) if rotate and names else 0
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             if memory and r == 0:
                 (t, outs[name]), rss[name] = measure_rss(lambda fn=fn: timed(fn))
             else:

@@ -37,10 +37,13 @@ BLAS libraries, ``torch.set_num_threads``), the second table. ``ref / ref 1t``
 is the reference's default-settings time over its one-thread time (goal <= 1:
 extra cores must not slow it down; issue 18).
 
-Per size the implementations run in alternating rounds after one warm-up
-round (the JAX warm-up is its compilation, reported separately); the largest
-size runs two timed rounds and no warm-up for NumPy/PyTorch (their first call
-is the first timed one). Ratios are per-round ``t_impl / t_reference``.
+Per size every timed configuration (each implementation at default threads,
+the reference and PyTorch pinned to one thread) gets one untimed warm-up call
+first (JAX's first call, its compilation, is timed separately before that),
+then they run in alternating rounds whose order rotates from round to round,
+so no row is a cold first call and none always runs first; the largest size
+runs three timed rounds by default (``run.py --rounds N``: N - 1). Ratios are
+per-round ``t_impl / t_reference``.
 Memory: the reference's peak traced allocation (``tracemalloc``) at every
 size, and at the largest size of each table the peak-RSS increase of one call
 of each implementation, measured in a fresh process (``_common.rss_probe``;
@@ -228,7 +231,7 @@ def bench_other(quick: bool) -> list[dict[str, Any]]:
     for name, (problem, n_params, fn) in other_cases(quick).items():
         fns = {"reference": fn, "reference@1": at_threads(fn, 1), "no policy": without_policy(fn)}
         repeats = 1 if quick else (ROUNDS or 5)
-        times, outs, _ = alternate(fns, repeats, warmup=0 if quick else 1)
+        times, outs, _ = alternate(fns, repeats, warmup=0 if quick else 1, rotate=True)
         flat = {k: flatten([np.asarray(x, dtype=complex) for x in _leaves(v)]) for k, v in outs.items()}
         rows.append({"algorithm": name, "problem": problem, "params": n_params, "times": times, "repeats": repeats,
                      "threads": default_threads(),
@@ -282,7 +285,9 @@ def bench(algo: str, quick: bool) -> list[dict[str, Any]]:
         # Default settings and, in the same rounds, the reference and torch pinned to one thread.
         timed_fns = {**fns, **{f"{k}@1": at_threads(fns[k], 1) for k in ("reference", "torch")}}
         threads = default_threads()
-        times, outs, _ = alternate(timed_fns, repeats, warmup=0 if (largest or quick) else 1)
+        # One untimed call of every configuration first (imports, first-touch allocations, BLAS and torch
+        # thread pools, the reference's thread policy), at every size; rounds rotate their order.
+        times, outs, _ = alternate(timed_fns, repeats, warmup=0 if quick else 1, rotate=True)
         _, tm_peak = tracemalloc_peak(fns["reference"])
         rss: dict[str, float] = {}
         if largest and not quick:  # (benchmark 5 exercises the probe in the quick run)
@@ -404,8 +409,9 @@ def run(quick: bool = False) -> Result:
         "bitwise equal; `policy off: max rel diff`: max |policy off - default| / max |default| (multithreaded BLAS "
         "rounds large products differently).",
         "",
-        "The largest size of each table has two timed runs (no warm-up for NumPy/PyTorch: their first call is the "
-        "first run; JAX's first call, with compilation, is the separate column)."
+        "Every configuration (implementation and thread setting) has one untimed warm-up call before its timed "
+        "runs, at every size, and the rounds rotate the order of the configurations; the largest size of each table "
+        "has one timed run fewer than the others (JAX's first call, with compilation, is the separate column)."
         + (" Quick mode: no JAX (each compilation costs seconds of CPU; the full run has it)." if quick else ""),
     ]
     head = []

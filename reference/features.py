@@ -262,14 +262,16 @@ class StackedFeatures:
 
         ``cotangents[i] = (G_s, G_q)``; a missing task or a ``None`` part counts as zero.
         """
-        g = np.zeros(self.out.shape, dtype=np.result_type(self.out, *[c for pair in cotangents.values()
+        g = np.empty(self.out.shape, dtype=np.result_type(self.out, *[c for pair in cotangents.values()
                                                                        for c in pair if c is not None]))
-        for i, (gs, gq) in cotangents.items():
-            a, b, c = self._rows[i]
-            if gs is not None:
-                g[a:b] = gs
-            if gq is not None:
-                g[b:c] = gq
+        for i in cotangents:
+            if i not in self._rows:
+                raise KeyError(i)  # not a task of this stack
+        # Every row is written once: the cotangent where given, zero elsewhere (no zero-filled pass first).
+        for i, (a, b, c) in self._rows.items():
+            gs, gq = cotangents.get(i, (None, None))
+            g[a:b] = 0.0 if gs is None else gs
+            g[b:c] = 0.0 if gq is None else gq
         return self.backbone._backward(self.params, self._hs, self._derivs, g)
 
 

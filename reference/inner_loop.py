@@ -160,7 +160,7 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
     n = len(tasks)
     if fused and isinstance(model, MLP):
         # Batches of equal-shaped tasks through the stacked engine; per-task results, reduced in task order.
-        batched = _BatchedMLPEngine(model)
+        batched = _MLPEngine(model)
         batches = task_batches(model, tasks, pool_size(n))
 
         def per_batch(batch: list[int]) -> list[tuple[Any, Params, Params | None]]:
@@ -233,8 +233,34 @@ def _addmm_t(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace
     return out.T
 
 
+# Where _times_t reorders its product: few rows against a weight matrix of 128 x 128 to 512 x 512 entries.
+# Measured single-threaded (issue 18): 10 x 256 rows by a 256 x 256 weight, 60 us as h @ W^T against 31 us as
+# (W @ h^T)^T; at 40 x 40 the two copies cost more than they save (2.5 vs 3.6 us), at 1024 x 1024 the
+# product is bound by reading W either way (1.2-1.4 ms both), and at 100 rows h @ W^T is faster.
+_TT_MAX_ROWS = 16
+_TT_SIZES = (2**14, 2**18)
+
+
+def _times_t(h: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``h @ W^T`` (``h``: ``(..., n, in)``, ``W``: ``(..., out, in)``).
+
+    For few rows ``n`` against a mid-sized ``W`` it is formed as ``(W @ h^T)^T``: BLAS reads a C-ordered
+    ``W`` ~2x faster as the left operand than transposed on the right (``_TT_*`` above). ``h^T`` and the
+    result are small copies, kept C-ordered so that every later operation sees the layouts it saw
+    before, and the decision depends only on the last two axes' shapes, so a batch's slices take the
+    same path as one task (the engine's bitwise batch = one task). Either way the same sums; the
+    reordered product may round differently (last bits).
+    """
+    n, size = h.shape[-2], W.shape[-1] * W.shape[-2]
+    if n > _TT_MAX_ROWS or not _TT_SIZES[0] <= size <= _TT_SIZES[1]:
+        return h @ _t(W)
+    hT = np.ascontiguousarray(np.swapaxes(h, -1, -2))
+    return np.ascontiguousarray(np.swapaxes(W @ hT, -1, -2))
+
+
 def _stack(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    # Rows stacked: axis 0 of one task's (n, w), axis 1 of a batch's (B, n, w).
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
 
 
 class _Pass(NamedTuple):
@@ -248,169 +274,22 @@ class _Pass(NamedTuple):
     loss: Any                     # the _Loss object at the output
 
 
-class _MLPEngine:
-    """Inner loop and reverse accumulation for ``reference.models.MLP`` (see the notes above)."""
-
-    def __init__(self, model: MLP):
-        self.model = model
-        self.k = 2 if model.bias else 1
-        self.n_layers = model.n_layers
-
-    def _split(self, params: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        if self.k == 2:
-            return list(params[0::2]), list(params[1::2])
-        return list(params), [None] * self.n_layers
-
-    def run(self, params: Params, x: np.ndarray, y: np.ndarray, order: int) -> _Pass:
-        m = self.model
-        Ws, bs = self._split(params)
-        h, hs, derivs = x, [x], []
-        for l in range(self.n_layers):
-            z = h @ Ws[l].T
-            if bs[l] is not None:
-                z = z + bs[l]
-            if l == self.n_layers - 1:
-                break
-            ds = activation_derivatives(m.activation, z, order)
-            derivs.append(ds)
-            h = ds[0]
-            hs.append(h)
-        loss = _Loss(m.loss_name, z, y)
-        g = loss.grad()
-        deltas: list[np.ndarray] = [None] * self.n_layers  # type: ignore[list-item]
-        back: list[np.ndarray | None] = [None] * self.n_layers
-        for l in reversed(range(self.n_layers)):
-            deltas[l] = g
-            if l > 0:
-                back[l] = g @ Ws[l]
-                g = back[l] * derivs[l - 1][1]
-        return _Pass(list(params), hs, derivs, deltas, back, loss)
-
-    def grads(self, state: _Pass) -> Params:
-        out: Params = []
-        for l in range(self.n_layers):
-            out.append(state.deltas[l].T @ state.hs[l])
-            if self.k == 2:
-                out.append(np.sum(state.deltas[l], axis=0))
-        return out
-
-    def step(self, state: _Pass, lrs: LearningRates) -> Params:
-        """``p - a * grad L(p)``; a scalar ``a`` on a weight matrix is folded into one GEMM."""
-        new: Params = []
-        k = self.k
-        for i, (p, a) in enumerate(zip(state.params, lrs)):
-            l, is_bias = divmod(i, k)
-            if a is None:
-                new.append(p)
-            elif is_bias:
-                new.append(p - a * np.sum(state.deltas[l], axis=0))
-            elif np.ndim(a) == 0:
-                new.append(_addmm_t(p, state.deltas[l], state.hs[l], -a, inplace=False))
-            else:
-                new.append(p - a * (state.deltas[l].T @ state.hs[l]))
-        return new
-
-    def reverse(self, state: _Pass, v: Params, lrs: LearningRates) -> Params:
-        """``v - H(p) (a * v)`` at the cached pass, updating ``v``'s arrays in place where possible."""
-        Ws, _ = self._split(state.params)
-        active = [a for a in lrs if a is not None]
-        if not active:
-            return v
-        if all(np.ndim(a) == 0 for a in active) and all(a is active[0] for a in active):
-            # One shared scalar: H (a P v) = a H (P v); direction = P v, scale applied at accumulation.
-            scale = active[0]
-            direction = [None if a is None else vi for vi, a in zip(v, lrs)]
-        else:
-            scale = 1.0
-            direction = [None if a is None else a * vi for vi, a in zip(v, lrs)]
-        DW, Db = self._split(direction)
-        hs, derivs = state.hs, state.derivs
-        # R-forward: r_z[l] = h_l DW_l^T + Db_l + R{h_l} W_l^T, R{h_{l+1}} = act'(z_l) r_z[l].
-        r_h: np.ndarray | None = None
-        r_hs: list[np.ndarray | None] = [None]
-        r_zs: list[np.ndarray | None] = []
-        for l in range(self.n_layers):
-            r_z = None
-            if DW[l] is not None:
-                r_z = hs[l] @ DW[l].T
-            if Db[l] is not None:
-                r_z = Db[l] if r_z is None else r_z + Db[l]
-            if r_h is not None:
-                r_z = r_h @ Ws[l].T if r_z is None else r_z + r_h @ Ws[l].T
-            r_zs.append(r_z)
-            if l < self.n_layers - 1:
-                r_h = None if r_z is None else derivs[l][1] * r_z
-                r_hs.append(r_h)
-        r_out = r_zs[-1]
-        if r_out is None:
-            return v
-        r_g = state.loss.hvp(np.broadcast_to(r_out, state.deltas[-1].shape))
-        v = list(v)
-        for l in reversed(range(self.n_layers)):
-            g = state.deltas[l]
-            # R{dL/dW_l} = R{g}^T h_l + g^T R{h_l}: one GEMM over stacked rows.
-            left, right = [r_g], [hs[l]]
-            if r_hs[l] is not None:
-                left.append(g)
-                right.append(r_hs[l])
-            r_g_below = None
-            if l > 0:
-                # Needs DW_l before v (which may be the same array) is updated below.
-                r_back = r_g @ Ws[l]
-                if DW[l] is not None:
-                    r_back = r_back + g @ DW[l]
-                d = derivs[l - 1]
-                r_g_below = r_back * d[1]
-                if r_zs[l - 1] is not None:
-                    r_g_below = r_g_below + state.back[l] * d[2] * r_zs[l - 1]
-            i = self.k * l
-            v[i] = _addmm_t(v[i], _stack(left), _stack(right), -scale, inplace=True)
-            if self.k == 2:
-                v[i + 1] = v[i + 1] - scale * np.sum(r_g, axis=0)
-            r_g = r_g_below
-        return v
-
-    def task(self, params: Params, task: Task, lrs: LearningRates, steps: int, *,
-             first_order: bool, lr_grad: bool) -> tuple[Any, Params, Params | None]:
-        order = 1 if first_order else 2
-        states = []
-        p = params
-        for _ in range(steps):
-            state = self.run(p, task.x_support, task.y_support, order)
-            if not first_order:
-                states.append(state)
-            p = self.step(state, lrs)
-        query = self.run(p, task.x_query, task.y_query, 1)
-        loss, v = query.loss.value()[()], self.grads(query)
-        if first_order:
-            return loss, v, None
-        grad_lrs = [None if a is None else 0.0 for a in lrs] if lr_grad else None
-        for state in reversed(states):
-            if grad_lrs is not None:
-                grad_lrs = [None if a is None else acc - gk * vk
-                            for acc, gk, vk, a in zip(grad_lrs, self.grads(state), v, lrs)]
-            v = self.reverse(state, v, lrs)
-        return loss, v, grad_lrs
-
-
-# ---------------------------------------------------------------------------
-# The same engine over a batch of tasks
-# ---------------------------------------------------------------------------
-#
-# A task's inner loop at 1-256-256-1 is ~300 NumPy calls on 10-row arrays, a quarter of them Python
-# overhead, and 25 tasks on a 2-thread pool contend for the GIL once per call (issue 18). Tasks of the
-# same shapes are independent and do the same operations, so a batch of ``B`` of them runs as one
-# NumPy call per operation on stacked arrays: activations ``(B, n, width)``, adapted weights
-# ``(B, out, in)`` (``theta`` itself, unstacked, until the first step). Every operation is the
-# per-task one applied slice by slice -- ``np.matmul`` over a stack calls the same BLAS GEMM per slice
-# as on one matrix, elementwise operations and the row reductions see the same elements in the same
-# order, and the fused ``c + alpha a^T b`` is still one scipy GEMM per task -- so each task's results are
-# bit-for-bit those of :class:`_MLPEngine` (tests/test_ref_threads.py checks it), and the caller reduces
-# them in task order as before.
+# The engine runs one task (arrays ``(n, width)``, weights ``(out, in)``) or a batch of ``B`` tasks of
+# equal shapes at once (issue 18). A task's inner loop at 1-256-256-1 is ~300 NumPy calls on 10-row
+# arrays, a quarter of them Python overhead, and 25 tasks on a 2-thread pool contend for the GIL once
+# per call. Tasks of the same shapes are independent and do the same operations, so a batch runs as
+# one NumPy call per operation on stacked arrays: a leading task axis on the activations
+# ``(B, n, width)`` and on the adapted weights ``(B, out, in)`` (``theta`` itself, unstacked, until the
+# first step). The code is the same for both: products and reductions act on the last two axes, and
+# only the fused ``c + alpha a^T b`` (one scipy GEMM per task) and the loss dispatch on the task axis.
+# Every operation on a batch is the one-task operation applied slice by slice -- ``np.matmul`` over a
+# stack calls the same BLAS GEMM per slice as on one matrix, elementwise operations and the row
+# reductions see the same elements in the same order -- so each task's results are bit-for-bit those
+# of a one-task run (tests/test_ref_threads.py checks it), and the caller reduces them in task order.
 
 #: Bytes of stacked parameters per batch (``B x n_params x itemsize``): the iterates of a batch stay in
-#: the per-core L2 cache region's order of magnitude; 1-256-256-1 (66,561 parameters) runs 7 tasks a batch,
-#: 1-40-40-1 every task at once, an 8-1024-1024-1 task alone (through :class:`_MLPEngine`).
+#: the per-core L2 cache region's order of magnitude; 1-40-40-1 runs every task at once, 1-256-256-1
+#: (66,561 parameters) 2 tasks a batch, an 8-1024-1024-1 task alone.
 BATCH_BYTES = 3 * 2**19
 
 
@@ -419,7 +298,8 @@ def _t(a: np.ndarray) -> np.ndarray:
 
 
 def _row_bias(b: np.ndarray) -> np.ndarray:
-    """A bias ``(out,)`` (shared) or ``(B, out)`` (per task) broadcastable against ``(B, n, out)``."""
+    """A bias ``(out,)`` (shared, or one task's) or ``(B, out)`` (per task) broadcastable against the
+    pre-activations ``(n, out)`` / ``(B, n, out)``."""
     return b if b.ndim == 1 else b[:, None, :]
 
 
@@ -462,15 +342,34 @@ def _addmm_t_batch(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, i
     return out
 
 
-class _BatchedMLPEngine(_MLPEngine):
-    """:class:`_MLPEngine` over a batch of tasks of equal shapes (notes above); per-task results."""
+def _addmm(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace: bool) -> np.ndarray:
+    """``c + alpha a^T b`` for one task (``a`` 2-D) or per task of a batch (``a`` 3-D)."""
+    if a.ndim == 2:
+        return _addmm_t(c, a, b, alpha, inplace=inplace)
+    return _addmm_t_batch(c, a, b, alpha, inplace=inplace)
+
+
+class _MLPEngine:
+    """Inner loop and reverse accumulation for ``reference.models.MLP`` (see the notes above), for one
+    task (:meth:`task`) or a batch of tasks of equal shapes (:meth:`tasks`)."""
+
+    def __init__(self, model: MLP):
+        self.model = model
+        self.k = 2 if model.bias else 1
+        self.n_layers = model.n_layers
+
+    def _split(self, params: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        if self.k == 2:
+            return list(params[0::2]), list(params[1::2])
+        return list(params), [None] * self.n_layers
 
     def run(self, params: Params, x: np.ndarray, y: np.ndarray, order: int) -> _Pass:
+        """Forward and backward pass at ``params`` on ``x`` (``(n, d)``, or ``(B, n, d)`` for a batch)."""
         m = self.model
         Ws, bs = self._split(params)
         h, hs, derivs = x, [x], []
         for l in range(self.n_layers):
-            z = h @ _t(Ws[l])
+            z = _times_t(h, Ws[l])
             if bs[l] is not None:
                 z = z + _row_bias(bs[l])
             if l == self.n_layers - 1:
@@ -479,7 +378,7 @@ class _BatchedMLPEngine(_MLPEngine):
             derivs.append(ds)
             h = ds[0]
             hs.append(h)
-        loss = _BatchedLoss(m.loss_name, z, y)
+        loss = _Loss(m.loss_name, z, y) if z.ndim == 2 else _BatchedLoss(m.loss_name, z, y)
         g = loss.grad()
         deltas: list[np.ndarray] = [None] * self.n_layers  # type: ignore[list-item]
         back: list[np.ndarray | None] = [None] * self.n_layers
@@ -495,10 +394,11 @@ class _BatchedMLPEngine(_MLPEngine):
         for l in range(self.n_layers):
             out.append(_t(state.deltas[l]) @ state.hs[l])
             if self.k == 2:
-                out.append(np.sum(state.deltas[l], axis=1))
+                out.append(np.sum(state.deltas[l], axis=-2))
         return out
 
     def step(self, state: _Pass, lrs: LearningRates) -> Params:
+        """``p - a * grad L(p)``; a scalar ``a`` on a weight matrix is folded into one GEMM (per task)."""
         new: Params = []
         k = self.k
         for i, (p, a) in enumerate(zip(state.params, lrs)):
@@ -506,19 +406,21 @@ class _BatchedMLPEngine(_MLPEngine):
             if a is None:
                 new.append(p)
             elif is_bias:
-                new.append(p - a * np.sum(state.deltas[l], axis=1))
+                new.append(p - a * np.sum(state.deltas[l], axis=-2))
             elif np.ndim(a) == 0:
-                new.append(_addmm_t_batch(p, state.deltas[l], state.hs[l], -a, inplace=False))
+                new.append(_addmm(p, state.deltas[l], state.hs[l], -a, inplace=False))
             else:
                 new.append(p - a * (_t(state.deltas[l]) @ state.hs[l]))
         return new
 
     def reverse(self, state: _Pass, v: Params, lrs: LearningRates) -> Params:
+        """``v - H(p) (a * v)`` at the cached pass, updating ``v``'s arrays in place where possible."""
         Ws, _ = self._split(state.params)
         active = [a for a in lrs if a is not None]
         if not active:
             return v
         if all(np.ndim(a) == 0 for a in active) and all(a is active[0] for a in active):
+            # One shared scalar: H (a P v) = a H (P v); direction = P v, scale applied at accumulation.
             scale = active[0]
             direction = [None if a is None else vi for vi, a in zip(v, lrs)]
         else:
@@ -526,17 +428,18 @@ class _BatchedMLPEngine(_MLPEngine):
             direction = [None if a is None else a * vi for vi, a in zip(v, lrs)]
         DW, Db = self._split(direction)
         hs, derivs = state.hs, state.derivs
+        # R-forward: r_z[l] = h_l DW_l^T + Db_l + R{h_l} W_l^T, R{h_{l+1}} = act'(z_l) r_z[l].
         r_h: np.ndarray | None = None
         r_hs: list[np.ndarray | None] = [None]
         r_zs: list[np.ndarray | None] = []
         for l in range(self.n_layers):
             r_z = None
             if DW[l] is not None:
-                r_z = hs[l] @ _t(DW[l])
+                r_z = _times_t(hs[l], DW[l])
             if Db[l] is not None:
                 r_z = _row_bias(Db[l]) if r_z is None else r_z + _row_bias(Db[l])
             if r_h is not None:
-                r_z = r_h @ _t(Ws[l]) if r_z is None else r_z + r_h @ _t(Ws[l])
+                r_z = _times_t(r_h, Ws[l]) if r_z is None else r_z + _times_t(r_h, Ws[l])
             r_zs.append(r_z)
             if l < self.n_layers - 1:
                 r_h = None if r_z is None else derivs[l][1] * r_z
@@ -544,16 +447,18 @@ class _BatchedMLPEngine(_MLPEngine):
         r_out = r_zs[-1]
         if r_out is None:
             return v
-        r_g = state.loss.hvp(r_out)
+        r_g = state.loss.hvp(np.broadcast_to(r_out, state.deltas[-1].shape))
         v = list(v)
         for l in reversed(range(self.n_layers)):
             g = state.deltas[l]
+            # R{dL/dW_l} = R{g}^T h_l + g^T R{h_l}: one GEMM over stacked rows.
             left, right = [r_g], [hs[l]]
             if r_hs[l] is not None:
                 left.append(g)
                 right.append(r_hs[l])
             r_g_below = None
             if l > 0:
+                # Needs DW_l before v (which may be the same array) is updated below.
                 r_back = r_g @ Ws[l]
                 if DW[l] is not None:
                     r_back = r_back + g @ DW[l]
@@ -562,21 +467,15 @@ class _BatchedMLPEngine(_MLPEngine):
                 if r_zs[l - 1] is not None:
                     r_g_below = r_g_below + state.back[l] * d[2] * r_zs[l - 1]
             i = self.k * l
-            left_s = left[0] if len(left) == 1 else np.concatenate(left, axis=1)
-            right_s = right[0] if len(right) == 1 else np.concatenate(right, axis=1)
-            v[i] = _addmm_t_batch(v[i], left_s, right_s, -scale, inplace=True)
+            v[i] = _addmm(v[i], _stack(left), _stack(right), -scale, inplace=True)
             if self.k == 2:
-                v[i + 1] = v[i + 1] - scale * np.sum(r_g, axis=1)
+                v[i + 1] = v[i + 1] - scale * np.sum(r_g, axis=-2)
             r_g = r_g_below
         return v
 
-    def tasks(self, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int, *,
-              first_order: bool, lr_grad: bool) -> list[tuple[Any, Params, Params | None]]:
-        """Per task of ``tasks`` (equal shapes): what :meth:`_MLPEngine.task` returns."""
-        if len(tasks) == 1:  # one task: the unbatched engine (the same numbers, less stacking)
-            return [_MLPEngine(self.model).task(params, tasks[0], lrs, steps, first_order=first_order,
-                                                lr_grad=lr_grad)]
-        xs, ys = np.stack([t.x_support for t in tasks]), np.stack([t.y_support for t in tasks])
+    def _loop(self, params: Params, xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, yq: np.ndarray,
+              lrs: LearningRates, steps: int, first_order: bool, lr_grad: bool) -> tuple[_Pass, Params, Any]:
+        """The inner loop and the reverse pass: ``(query pass, v_0, learning-rate adjoint or None)``."""
         order = 1 if first_order else 2
         states = []
         p = params
@@ -585,19 +484,43 @@ class _BatchedMLPEngine(_MLPEngine):
             if not first_order:
                 states.append(state)
             p = self.step(state, lrs)
-        query = self.run(p, np.stack([t.x_query for t in tasks]), np.stack([t.y_query for t in tasks]), 1)
-        losses, v = query.loss.values(), self.grads(query)
+        query = self.run(p, xq, yq, 1)
+        v = self.grads(query)
         grad_lrs = None
         if not first_order:
             grad_lrs = [None if a is None else 0.0 for a in lrs] if lr_grad else None
             for state in reversed(states):
                 if grad_lrs is not None:
+                    # d p_{k+1} / d a = -grad L_s(p_k) (elementwise), contracted with v_{k+1}.
                     grad_lrs = [None if a is None else acc - gk * vk
                                 for acc, gk, vk, a in zip(grad_lrs, self.grads(state), v, lrs)]
                 v = self.reverse(state, v, lrs)
+        return query, v, grad_lrs
+
+    def task(self, params: Params, task: Task, lrs: LearningRates, steps: int, *,
+             first_order: bool, lr_grad: bool) -> tuple[Any, Params, Params | None]:
+        """One task: ``(L_q(p_K), dL/dtheta, dL/da or None)``."""
+        query, v, grad_lrs = self._loop(params, task.x_support, task.y_support, task.x_query, task.y_query, lrs,
+                                        steps, first_order, lr_grad)
+        return query.loss.value()[()], v, grad_lrs
+
+    def tasks(self, params: Params, tasks: Sequence[Task], lrs: LearningRates, steps: int, *,
+              first_order: bool, lr_grad: bool) -> list[tuple[Any, Params, Params | None]]:
+        """Per task of ``tasks`` (equal shapes, run as one batch): what :meth:`task` returns, bit for bit."""
+        if len(tasks) == 1:  # one task: no stacking (the same numbers)
+            return [self.task(params, tasks[0], lrs, steps, first_order=first_order, lr_grad=lr_grad)]
+        query, v, grad_lrs = self._loop(
+            params, np.stack([t.x_support for t in tasks]), np.stack([t.y_support for t in tasks]),
+            np.stack([t.x_query for t in tasks]), np.stack([t.y_query for t in tasks]), lrs, steps, first_order,
+            lr_grad)
+        losses = query.loss.values()
         return [(losses[t], [vi[t] for vi in v],
                  None if grad_lrs is None else [None if g is None else _task_slice(g, t) for g in grad_lrs])
                 for t in range(len(tasks))]
+
+
+#: The former name of the batched engine (one engine serves both now).
+_BatchedMLPEngine = _MLPEngine
 
 
 def _task_slice(g: Any, t: int) -> Any:

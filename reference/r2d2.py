@@ -287,7 +287,9 @@ def meta_loss_and_grad(
                 hyper["lam"] += g_lam
                 hyper["scale"] += g_scale
                 hyper["offset"] += g_offset
-            grads = accumulate(grads, g)
+            # The blocks' summed gradients are fresh arrays: add in place (the same numbers).
+            grads = list(g) if grads is None else [np.add(a, b, out=a) if a.dtype == np.result_type(a, b) else a + b
+                                                   for a, b in zip(grads, g)]
     else:  # a custom feature factory (the audit's diagnosis) or a Network backbone (batch norm couples the
         # rows of a batch, so tasks are not stacked): task by task
         for i, task in enumerate(tasks):

@@ -61,6 +61,29 @@ def test_hvp_matches_complex_step_of_grad(problem, seed):
     assert np.max(np.abs(hv - expected)) <= 1e-12 * max(np.max(np.abs(expected)), 1e-14)
 
 
+@given(analytic_problems, st.integers(0, 2**16))
+def test_flat_hvp_matches_complex_step_of_grad_and_the_list_hvp(problem, seed):
+    # MLP._hvp_flat (iMAML's product on flat vectors: in-place GEMMs, transposed weights stored at the
+    # point) against complex step of the gradient, and against the list-form _hvp_at to round-off;
+    # a complex v (iMAML under complex step) too.
+    m, p = problem.model, problem.params
+    rng = np.random.default_rng(seed)
+    v = unit_directions(rng, list(m.shapes))
+    point = m._hvp_flat_point(p, problem.x, problem.y)
+    hv = m._hvp_flat(point, flatten(v))
+    expected = flatten(cs_directional(lambda q: np.asarray(flatten(m.grad(q, problem.x, problem.y))), p, v))
+    assert hv.shape == (m.n_params,) and hv.dtype == np.float64
+    assert np.max(np.abs(hv - expected)) <= 1e-12 * max(np.max(np.abs(expected)), 1e-14)
+    listed = flatten(m._hvp_at(m._hvp_point(p, problem.x, problem.y), v))
+    assert np.max(np.abs(hv - listed)) <= 1e-14 * max(np.max(np.abs(listed)), 1e-14)
+    w = unit_directions(rng, list(m.shapes))
+    hz = m._hvp_flat(point, flatten(v) + 1j * flatten(w))
+    assert hz.dtype == np.complex128
+    assert np.max(np.abs(hz.real - hv)) <= 1e-14 * max(np.max(np.abs(hv)), 1e-14)
+    hw = m._hvp_flat(point, flatten(w))
+    assert np.max(np.abs(hz.imag - hw)) <= 1e-14 * max(np.max(np.abs(hw)), 1e-14)
+
+
 @given(analytic_problems)
 def test_hessian_symmetric_and_matches_stacked_hvps_and_complex_step(problem):
     m, p, x, y = problem.model, problem.params, problem.x, problem.y

@@ -114,6 +114,32 @@ def test_stacked_features_equal_per_task(max_rows):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15 * np.max(np.abs(b)))
 
 
+def test_stacked_vjp_counts_missing_and_none_cotangents_as_zero():
+    # StackedFeatures.vjp writes every row once (no zero-filled pass): a task left out of the dict, or
+    # a None part, must still count as zero -- against TaskFeatures.vjp with explicit zeros.
+    model = MLP([4, 12, 6], "tanh", "mse")
+    params = model.init(1)
+    tasks = gaussian_classification(3, 2, 3, 4, n_tasks=4, seed=5)
+    rng = np.random.default_rng(2)
+    shapes = [(t.x_support.shape[0], 6) for t in tasks], [(t.x_query.shape[0], 6) for t in tasks]
+    cots = {0: (rng.standard_normal(shapes[0][0]), rng.standard_normal(shapes[1][0])),
+            2: (None, rng.standard_normal(shapes[1][2])), 3: (rng.standard_normal(shapes[0][3]), None)}
+    got = None
+    for block in feature_blocks(model, params, tasks, max_rows=10_000):
+        g = block.vjp({i: c for i, c in cots.items() if i in block.indices})
+        got = g if got is None else [a + b for a, b in zip(got, g)]
+    expected = None
+    for i, t in enumerate(tasks):
+        gs, gq = cots.get(i, (None, None))
+        g = TaskFeatures(model, params, t, f"tasks[{i}]").vjp(
+            np.zeros(shapes[0][i]) if gs is None else gs, np.zeros(shapes[1][i]) if gq is None else gq)
+        expected = g if expected is None else [a + b for a, b in zip(expected, g)]
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15 * np.max(np.abs(b)))
+    with pytest.raises(KeyError):
+        block.vjp({7: (None, None)})  # not a task of this stack
+
+
 def test_r2d2_stacked_matches_blocks_of_one(monkeypatch, two_workers):
     from reference import features as _features
 
@@ -218,7 +244,7 @@ def test_batched_engine_is_bitwise_the_per_task_engine(act, loss, bias, kind):
     # and complex parameters (the complex step's path).
     model, params, tasks = _engine_problem(act, loss, bias)
     rng = np.random.default_rng(3)
-    single, batched = inner_loop._MLPEngine(model), inner_loop._BatchedMLPEngine(model)
+    single = batched = inner_loop._MLPEngine(model)  # one engine: task() (2-D arrays) against tasks() (stacked)
     complex_too = act != "relu"
     for cplx in (False, True) if complex_too else (False,):
         p = [x + 1e-20j * rng.standard_normal(x.shape) for x in params] if cplx else params
