@@ -512,6 +512,8 @@ def build_map(tree: str) -> int:
         outcome.append(status)
     doc = {"tree": tree, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "modules": {m: _fingerprint(m) for m in default_modules()},
+           # the sources themselves, so that a module edited later can carry the map through a diff (remap_lines)
+           "sources": {m: (ROOT / m).read_text(encoding="utf-8") for m in default_modules()},
            "tests": tests, "seconds": seconds, "outcome": outcome, "lines": lines}
     tmp = MAP.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))
@@ -527,6 +529,66 @@ def load_map() -> dict | None:
     if not MAP.exists():
         return None
     return json.loads(MAP.read_text())
+
+
+def remap_lines(old_src: str, new_src: str, table: dict[str, list[int]]) -> tuple[dict[str, list[int]], set[int]]:
+    """Carry a module's line -> tests table from the source it was collected on to the edited source.
+
+    A map is expensive (the whole suite under coverage); an edit between two runs should not send every
+    mutant of the module back to its whole test files. Lines of functions the edit did not touch keep
+    their tests (matched through ``difflib``); every line of a function the edit touched gets the union
+    of the tests that ran any line of that function before (a superset: more tests run, so no kill is
+    lost and no line is wrongly left uncovered); lines outside any old function that changed (new
+    functions, changed module-level code) are returned as *unknown*: their mutants run the mapped test
+    files, as for a module without a map.
+    """
+    import difflib
+
+    old_lines, new_lines = old_src.splitlines(), new_src.splitlines()
+    sm = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
+    carried: dict[int, int] = {}  # new line -> old line (1-based), for text-identical lines
+    changed_new: set[int] = set()
+    changed_old: set[int] = set()
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            carried.update({j1 + k + 1: i1 + k + 1 for k in range(i2 - i1)})
+        else:
+            changed_new.update(range(j1 + 1, j2 + 1))
+            changed_old.update(range(i1 + 1, i2 + 1))
+    old_loc, new_loc = Locator(old_src), Locator(new_src)
+
+    def span(d) -> range:
+        n = d[0]
+        first = n.decorator_list[0].lineno if n.decorator_list else n.lineno
+        return range(first, n.end_lineno + 1)
+
+    old_defs = {(q, k): d for d in old_loc.defs for (q, k) in [(d[1], d[2])]}
+    out: dict[str, list[int]] = {}
+    unknown: set[int] = set()
+    for d in new_loc.defs:
+        lines = span(d)
+        od = old_defs.get((d[1], d[2]))
+        touched = od is None or any(ln in changed_new for ln in lines) or any(ln in changed_old for ln in span(od))
+        if not touched:
+            for ln in lines:
+                if ln in carried and str(carried[ln]) in table:
+                    out[str(ln)] = table[str(carried[ln])]
+            continue
+        if od is None:  # a new function: no history
+            unknown.update(lines)
+            continue
+        ids = sorted({i for ln in span(od) for i in table.get(str(ln), ())})
+        for ln in lines:
+            out[str(ln)] = ids
+    in_def = {ln for d in new_loc.defs for ln in span(d)}
+    for ln in range(1, len(new_lines) + 1):  # module level and class bodies
+        if ln in in_def:
+            continue
+        if ln in changed_new:
+            unknown.add(ln)
+        elif ln in carried and str(carried[ln]) in table:
+            out[str(ln)] = table[str(carried[ln])]
+    return out, unknown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -990,6 +1052,7 @@ class Runner:
         self.work = SCRATCH / f"work-{self.tag}"
         self.fresh = SCRATCH / f"fresh-{self.tag}"
         self.map = load_map()
+        self.unknown_lines: dict[str, set[int]] = {}  # module -> new lines a remapped map knows nothing of
         self.tree = tree_hash()
         self.broken: set[str] = set()
         self.kills: dict[str, dict[str, int]] = {}  # "module::function" and "module" -> killer test -> kills
@@ -1128,6 +1191,10 @@ class Runner:
         if not map_ok:
             plan["tests"] = self._mapped_nodes(module)
             plan["why"] = "mapped test files (no usable coverage map for this module)"
+            return plan
+        if self.unknown_lines.get(module) and set(loc.statement_lines(line)) & self.unknown_lines[module]:
+            plan["tests"] = self._mapped_nodes(module)
+            plan["why"] = "code written after the coverage map: mapped test files"
             return plan
         if kind == "body":
             ids = self._ids(module, loc.statement_lines(line))
@@ -1460,9 +1527,21 @@ class Runner:
                 continue
             map_ok = self.map is not None and self.map["modules"].get(module) == _fingerprint(module) \
                 and module in self.map["lines"]
-            if self.map is not None and not map_ok:
+            source = (ROOT / module).read_text(encoding="utf-8")
+            if (self.map is not None and not map_ok and module in self.map["lines"]
+                    and module in self.map.get("sources", {})):
+                table, unknown = remap_lines(self.map["sources"][module], source, self.map["lines"][module])
+                self.map["lines"][module] = table
+                self.map["modules"][module] = _fingerprint(module)
+                self.map.setdefault("sources", {})[module] = source
+                self.unknown_lines[module] = unknown
+                map_ok = True
+                self.log(f"  {module}: changed since the coverage map: {len(table)} lines carried through the diff "
+                         f"(a touched function's lines get every test that ran it), {len(unknown)} lines of new code "
+                         "run the mapped test files")
+            elif self.map is not None and not map_ok:
                 self.log(f"  {module}: not in the coverage map or changed since it was built: mapped test files")
-            loc = Locator((ROOT / module).read_text(encoding="utf-8"))
+            loc = Locator(source)
             mutator = Mutator(module)
             for mm in todo:
                 if self.max is not None and done >= self.max:

@@ -1,0 +1,82 @@
+"""The mutation runner's coverage map survives edits (scripts/mutation.py ``remap_lines``, issue 19).
+
+The map (the whole suite under coverage) is expensive; a module edited after it was built keeps
+line-level test selection for the functions the edit did not touch, a superset for the ones it did,
+and sends only genuinely new code to the module's whole test files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cosmic_ray")
+
+_PATH = Path(__file__).resolve().parent.parent / "scripts" / "mutation.py"
+
+
+@pytest.fixture(scope="module")
+def mutation():
+    spec = importlib.util.spec_from_file_location("_mutation_runner", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+OLD = """\
+X = 1
+
+
+def f(a):
+    b = a + 1
+    return b
+
+
+def g(a):
+    c = a * 2
+    return c
+"""
+
+NEW = """\
+X = 1
+Y = 2
+
+
+def f(a):
+    b = a + 1
+    return b
+
+
+def g(a):
+    c = a * 2
+    c = c - 1
+    return c
+
+
+def h(a):
+    return a
+"""
+
+
+def test_untouched_function_keeps_its_lines_touched_gets_the_union_new_code_is_unknown(mutation) -> None:
+    # old lines: X=1 (1), f (4-6), g (9-11); per-line test ids chosen so that every rule is visible
+    table = {"1": [0], "4": [1], "5": [1, 2], "6": [2], "9": [3], "10": [4], "11": [5]}
+    out, unknown = mutation.remap_lines(OLD, NEW, table)
+    # f moved down one line and is untouched: line-level ids carried unchanged
+    assert (out["5"], out["6"], out["7"]) == ([1], [1, 2], [2])
+    # g was edited: every line of it gets every test that ran any line of old g
+    assert all(out[str(ln)] == [3, 4, 5] for ln in range(10, 14))
+    # X = 1 carried; Y = 2 and the new function h are unknown (their mutants run the mapped test files)
+    assert out["1"] == [0]
+    assert {2, 16, 17} <= unknown and not unknown & {1, 5, 6, 7, 10, 11, 12, 13}
+
+
+def test_identical_source_is_the_identity(mutation) -> None:
+    table = {"1": [0], "4": [1], "5": [1, 2], "6": [2], "9": [3], "10": [4], "11": [5]}
+    out, unknown = mutation.remap_lines(OLD, OLD, table)
+    assert out == table and not unknown
