@@ -1085,8 +1085,9 @@ class Runner:
                      "files; build one with `python scripts/mutation.py coverage`")
         elif self.map["tree"] != self.tree:
             self.log(f"WARNING: the coverage map is stale (collected from tree {self.map['tree']}, the tree is now "
-                     f"{self.tree}); modules whose source changed run their mapped test files, and tests added "
-                     "since are not selected: rebuild with `python scripts/mutation.py coverage`")
+                     f"{self.tree}); a module whose source changed is carried through a diff (remap_lines) or "
+                     "runs its mapped test files, and tests added since run for every mutant of the modules whose "
+                     "test files hold them: rebuild with `python scripts/mutation.py coverage` for exact selection")
         _preload()
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
