@@ -186,7 +186,7 @@ def test_error_bound_is_positive_when_every_other_term_vanishes(method: str) -> 
     h = est.steps[0]
     probes = [s / h for s in seen if not any(math.isclose(s / h, k) for k in (1.0, 3.0, 5.0))]
     assert len(probes) == 1, seen
-    assert est.error == pytest.approx(8 * EPS64 * (4.0 + 4.0 * abs(probes[0])), rel=1e-12), (est, probes)
+    assert est.error == pytest.approx(8 * EPS64 * (4.0 + 4.0 * abs(probes[0])), rel=1e-12, abs=0.0), (est, probes)
     assert est.error > 8 * EPS64 * 4.0
 
 
