@@ -843,3 +843,20 @@ def test_verdict_error_and_tolerance_are_those_of_the_worst_ratio() -> None:
         assert (v.error, v.tolerance) == (worst["error"], worst["tolerance"]), (family, v.details)
         by_product = max(deciding, key=lambda r: r["error"] * r["tolerance"])
         assert worst["direction"] not in (deciding[0]["direction"], by_product["direction"])
+
+
+def test_private_check_has_the_public_defaults() -> None:
+    # _check_gradient is check_gradient plus two economies; called without seed / scale_floor (as the
+    # audit does for scale_floor) it must be check_gradient. A small gradient (||g|| ~ 1e-3) with a 1e-8
+    # relative error fails against ||g||; a floor of 1 would hide it.
+    from verify._check import _check_gradient
+
+    rng = np.random.default_rng(41)
+    a = 1e-3 * rng.standard_normal(5)
+    x = rng.standard_normal(5)
+    wrong = a * (1 + 1e-8)
+    for budget in ("thorough", "fast"):
+        public = check_gradient(lambda z: np.sum(a * z), wrong, x, budget=budget)
+        private = _check_gradient(lambda z: np.sum(a * z), wrong, x, budget=budget)
+        assert public.status == FAIL, public.reason
+        assert private.to_dict() == public.to_dict()
