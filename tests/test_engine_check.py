@@ -860,3 +860,19 @@ def test_private_check_has_the_public_defaults() -> None:
         private = _check_gradient(lambda z: np.sum(a * z), wrong, x, budget=budget)
         assert public.status == FAIL, public.reason
         assert private.to_dict() == public.to_dict()
+
+
+def test_a_passing_direction_has_its_error_within_its_tolerance() -> None:
+    # A record's tolerance is the relative one, rtol + err(D) / S: a direction that passes because the
+    # estimate's own error covers the difference must report error <= tolerance, also when S < 1.
+    # f has a large offset (round-off noise 1e4 eps in every Richardson quotient) and a small gradient
+    # (||g|| ~ 0.03), and the claim is off by 1e-7 relative: far above rtol, inside err(D).
+    case = make_case("expsin", 4, 1, scale=0.3)
+    g = 0.01 * case.grad(case.x)
+    v = check_gradient(lambda z: 0.01 * case.f(z) + 1e4, g * (1 + 1e-7), case.x, method="richardson")
+    assert v.status == PASS, v.reason
+    rtol = tolerance(np.float64, "gradient")
+    assert max(r["error"] for r in v.details) > 100 * rtol
+    for r in v.details:
+        assert r["error"] <= r["tolerance"], r
+    assert v.error <= v.tolerance
