@@ -876,3 +876,20 @@ def test_a_passing_direction_has_its_error_within_its_tolerance() -> None:
     for r in v.details:
         assert r["error"] <= r["tolerance"], r
     assert v.error <= v.tolerance
+
+
+def test_messages_name_why_the_complex_step_is_unavailable_and_the_first_bad_entries() -> None:
+    # The fallback note quotes the first clause of the NotAnalyticError (what f did with a complex
+    # input), not its advice; a non-finite claimed gradient is reported with its first five bad entries.
+    v = check_gradient(lambda x: float(np.sum(x**2)), 2 * np.ones(3), np.ones(3))
+    assert "complex step unavailable: f does not accept a complex input (ComplexWarning" in v.reason, v.reason
+    g = np.full(8, np.nan)
+    v = check_gradient(lambda x: float(np.sum(x**2)), g, np.ones(8))
+    assert v.status == FAIL and v.reason.endswith("at [(0,), (1,), (2,), (3,), (4,)]"), v.reason
+
+
+def test_reason_counts_directions_in_the_plural_from_two_on() -> None:
+    f, g, x = (lambda z: float(np.sum(z**2))), 2 * np.ones(3), np.ones(3)
+    assert "in 2 directions (budget='fast'" in check_gradient(f, g, x, budget="fast", directions=2).reason
+    assert "in 2 random directions" in check_gradient(f, g, x, directions=2).reason
+    assert "in 1 random direction:" in check_gradient(f, g, x, directions=1).reason
