@@ -732,3 +732,164 @@ def test_zero_gradient_at_a_stationary_point_passes_with_error_zero() -> None:
     verdict = check_gradient(lambda z: z @ z, np.zeros(3), np.zeros(3))
     assert verdict.status == PASS and verdict.error == 0.0 <= verdict.tolerance, verdict
     assert all(d["error"] == 0.0 for d in verdict.details)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify/_check.py survivors (issue 19, session 3, k19a)
+
+
+def test_kink_probe_step_is_the_smallest_richardson_step() -> None:
+    # _kink_probe's t_b is "the smallest Richardson step". For f = x^2 / 2 (1-D, v = +-1) the one-sided
+    # slopes are f'(x) +- t_b / 2 exactly, so forward - backward = t_b; Richardson's smallest step comes
+    # from directional_derivative, an independent call. |x| = 100 makes the nominal step
+    # log(e + |x|) ~ 4.6, far from 1.
+    from verify import directional_derivative
+
+    for x0 in (100.0, -3.0):
+        v = check_gradient(lambda z: 0.5 * np.sum(z**2), np.array([x0]), np.array([x0]), method="richardson")
+        rec = v.details[0]
+        t0 = directional_derivative(lambda z: 0.5 * np.sum(z**2), np.array([x0]), np.array([1.0]),
+                                    method="richardson").steps[0]
+        assert rec["forward"] - rec["backward"] == pytest.approx(t0, rel=1e-6, abs=0.0), (rec, t0)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_fast_complex_floor_uses_the_claimed_gradient_times_the_direction(n: int) -> None:
+    # budget="fast": err = 10 |D' - D| + 8 eps (|D| + ||g * v||) with g the claimed gradient. For
+    # f = sum(x) (g = ones) the shifted-point sample equals D (Im f does not depend on x) and
+    # ||g * v|| = ||v|| = 1 for the unit direction v, whatever v is: err = 8 eps (|D| + 1) exactly.
+    eps = np.finfo(np.float64).eps
+    v = check_gradient(lambda z: np.sum(z), np.ones(n), np.linspace(0.3, 0.9, n), budget="fast",
+                       method="complex")
+    rec = v.details[0]
+    assert v.status == "pass" and rec["method"] == "complex"
+    assert rec["estimate_error"] == pytest.approx(8 * eps * (abs(rec["estimate"]) + 1.0), rel=1e-9, abs=0.0), rec
+
+
+@pytest.mark.parametrize("gscale", [1.0, 0.5, 1e-200])
+def test_fast_first_direction_follows_the_claimed_gradient(gscale: float) -> None:
+    # budget="fast": v_0 = (g/||g|| + r) / ||g/||g|| + r|| with <r, g> >= 0, so <g, v_0> / ||g|| =
+    # sqrt((1 + <r, g/||g||>) / 2) >= 1/sqrt(2), for any seed, any number of directions and any size of
+    # g (1e-200: its squares underflow, its norm must not). f is linear, so <g, v> is read off as the
+    # claimed directional derivative of each direction record.
+    rng = np.random.default_rng(31)
+    g = gscale * rng.standard_normal(20) / np.sqrt(20)
+    gnorm = math.fsum(np.abs(g / gscale) ** 2) ** 0.5 * gscale
+    for seed in range(6):
+        v = check_gradient(lambda z: np.sum(g * z), g, np.zeros(20), budget="fast", directions=3, seed=seed)
+        assert v.details[0]["claimed"] / gnorm >= 1 / math.sqrt(2) - 1e-12, (seed, v.details[0])
+
+
+def test_rtol_must_be_a_number_and_outputs_must_be_scalars() -> None:
+    f = lambda z: float(np.sum(z**2))  # noqa: E731
+    with pytest.raises(InvalidInputError, match="rtol="):
+        check_gradient(f, np.ones(2), np.ones(2), rtol="0.1")
+    for out in ([1.0, 2.0], "1.0"):
+        with pytest.raises(InvalidInputError, match="f must return a real scalar"):
+            check_gradient(lambda z, out=out: out, np.ones(2), np.ones(2))
+
+
+def test_values_just_above_2_to_the_64_are_scaled() -> None:
+    # |f| above 2^64 is divided by a power of two (exact) before any difference is formed; the
+    # verdict is that of the unscaled problem and the reason says so.
+    c = 1.5 * 2.0**64
+    x = np.array([0.3, -0.7])
+    v = check_gradient(lambda z: c + np.sum(np.sin(z)), np.cos(x), x)
+    assert v.status == "pass" and "were divided by 2^" in v.reason, v.reason
+
+
+@pytest.mark.parametrize("xmax", [1.0, 4.0])
+def test_too_uncertain_rule_at_a_stationary_claim(xmax: float) -> None:
+    # "inconclusive when err(D) > sqrt(rtol) max(S, fscale)" with S = max(||g||, |D|) and the derivative
+    # scale fscale = |f(x)| / max(1, ||x||_inf) used at a stationary point (claimed g = 0). f = 1 plus a
+    # sinusoid of amplitude A and period 6e-12, invisible to the central differences' steps except as
+    # noise of size A / t: sweeping A puts err(D) on both sides of the threshold; each direction's
+    # verdict (kink probe off, so only this rule can make it inconclusive) must follow the rule,
+    # evaluated here from its own recorded estimate and error.
+    from verify._check import _check_gradient
+
+    rtol = tolerance(np.float64, "gradient")
+    w = np.random.default_rng(5).standard_normal(3)
+    x = np.array([xmax, -0.5, 0.25])
+    ratios = []
+    for A in np.logspace(-14, -9, 30):
+        def f(z, A=A):
+            return 1.0 + A * np.sin(1e12 * np.sum(z * w))
+
+        v = _check_gradient(f, np.zeros(3), x, method="central", probe_kinks=False)
+        for r in v.details:
+            if r["status"] == FAIL:
+                continue
+            ratio = r["estimate_error"] / (math.sqrt(rtol) * max(abs(r["estimate"]), abs(f(x)) / max(1.0, xmax)))
+            assert (r["status"] == INCONCLUSIVE) == (ratio > 1.0), (A, ratio, r)
+            ratios.append(ratio)
+    # the sweep probes the threshold closely on both sides (within 2x; 16x = xmax^2 at xmax = 4)
+    ratios = np.array(ratios)
+    band = 2.0 if xmax == 1.0 else xmax**2
+    assert np.any((ratios > 1 / band) & (ratios < 1)) and np.any((ratios > 1) & (ratios < band))
+
+
+def test_verdict_error_and_tolerance_are_those_of_the_worst_ratio() -> None:
+    # "error and tolerance are those of the deciding direction (worst ratio)": the record with the
+    # largest error / tolerance among those with the verdict's status. The per-direction tolerances
+    # differ (rtol + err(D)/S), so the largest error, or error x tolerance, can be another direction.
+    # (cases where the worst ratio is neither the first direction nor the largest product: measured)
+    for family, seed, method, scale in (("quad", 0, "complex", 1.0), ("expsin", 3, "richardson", 1 + 1e-6)):
+        case = make_case(family, 6, seed)
+        v = check_gradient(case.f, case.grad(case.x) * scale, case.x, method=method)
+        assert v.status == (PASS if scale == 1.0 else FAIL), v.reason
+        deciding = [r for r in v.details if r["status"] == v.status]
+        worst = max(deciding, key=lambda r: r["error"] / r["tolerance"])
+        assert (v.error, v.tolerance) == (worst["error"], worst["tolerance"]), (family, v.details)
+        by_product = max(deciding, key=lambda r: r["error"] * r["tolerance"])
+        assert worst["direction"] not in (deciding[0]["direction"], by_product["direction"])
+
+
+def test_private_check_has_the_public_defaults() -> None:
+    # _check_gradient is check_gradient plus two economies; called without seed / scale_floor (as the
+    # audit does for scale_floor) it must be check_gradient. A small gradient (||g|| ~ 1e-3) with a 1e-8
+    # relative error fails against ||g||; a floor of 1 would hide it.
+    from verify._check import _check_gradient
+
+    rng = np.random.default_rng(41)
+    a = 1e-3 * rng.standard_normal(5)
+    x = rng.standard_normal(5)
+    wrong = a * (1 + 1e-8)
+    for budget in ("thorough", "fast"):
+        public = check_gradient(lambda z: np.sum(a * z), wrong, x, budget=budget)
+        private = _check_gradient(lambda z: np.sum(a * z), wrong, x, budget=budget)
+        assert public.status == FAIL, public.reason
+        assert private.to_dict() == public.to_dict()
+
+
+def test_a_passing_direction_has_its_error_within_its_tolerance() -> None:
+    # A record's tolerance is the relative one, rtol + err(D) / S: a direction that passes because the
+    # estimate's own error covers the difference must report error <= tolerance, also when S < 1.
+    # f has a large offset (round-off noise 1e4 eps in every Richardson quotient) and a small gradient
+    # (||g|| ~ 0.03), and the claim is off by 1e-7 relative: far above rtol, inside err(D).
+    case = make_case("expsin", 4, 1, scale=0.3)
+    g = 0.01 * case.grad(case.x)
+    v = check_gradient(lambda z: 0.01 * case.f(z) + 1e4, g * (1 + 1e-7), case.x, method="richardson")
+    assert v.status == PASS, v.reason
+    rtol = tolerance(np.float64, "gradient")
+    assert max(r["error"] for r in v.details) > 100 * rtol
+    for r in v.details:
+        assert r["error"] <= r["tolerance"], r
+    assert v.error <= v.tolerance
+
+
+def test_messages_name_why_the_complex_step_is_unavailable_and_the_first_bad_entries() -> None:
+    # The fallback note quotes the first clause of the NotAnalyticError (what f did with a complex
+    # input), not its advice; a non-finite claimed gradient is reported with its first five bad entries.
+    v = check_gradient(lambda x: float(np.sum(x**2)), 2 * np.ones(3), np.ones(3))
+    assert "complex step unavailable: f does not accept a complex input (ComplexWarning" in v.reason, v.reason
+    g = np.full(8, np.nan)
+    v = check_gradient(lambda x: float(np.sum(x**2)), g, np.ones(8))
+    assert v.status == FAIL and v.reason.endswith("at [(0,), (1,), (2,), (3,), (4,)]"), v.reason
+
+
+def test_reason_counts_directions_in_the_plural_from_two_on() -> None:
+    f, g, x = (lambda z: float(np.sum(z**2))), 2 * np.ones(3), np.ones(3)
+    assert "in 2 directions (budget='fast'" in check_gradient(f, g, x, budget="fast", directions=2).reason
+    assert "in 2 random directions" in check_gradient(f, g, x, directions=2).reason
+    assert "in 1 random direction:" in check_gradient(f, g, x, directions=1).reason

@@ -139,15 +139,16 @@ def check_spd(A: ArrayLike, *, name: str = "A") -> Verdict:
     dtype = precision_dtype(A_in.dtype)
     A64 = A_in.astype(np.float64)
     fro = float(np.linalg.norm(A64))
+    band_rel = tolerance(dtype, "solve_backward_error")
     if fro == 0:
-        return Verdict(INCONCLUSIVE, "spd", 0.0, 0.0, f"{name} is the zero matrix: singular, not positive definite",
-                       dtype.name)
+        # the limit c -> 0 of c B for a singular B: lambda_min = 0 lies in the band, as for any singular A
+        return Verdict(INCONCLUSIVE, "spd", 0.0, band_rel, f"{name} is the zero matrix: singular, not positive "
+                       "definite", dtype.name)
     asym = float(np.linalg.norm(A64 - A64.T)) / fro
     tol_sym = tolerance(dtype, "reference_match")
     eig = np.linalg.eigvalsh(0.5 * (A64 + A64.T))
     lo, hi = float(eig[0]), float(eig[-1])
     norm = max(abs(lo), abs(hi))
-    band_rel = tolerance(dtype, "solve_backward_error")
     cond = hi / lo if lo > 0 else math.inf
     details = ({"asymmetry": asym, "lambda_min": lo, "lambda_max": hi, "cond": cond, "band": band_rel * norm},)
     if asym > tol_sym:
