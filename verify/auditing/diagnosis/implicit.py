@@ -163,7 +163,7 @@ def fitted(case: Case, g: np.ndarray, reference_loss: Any,
         loss = float(reference_loss) if reference_loss is not None else math.nan
         fixed += [c for c in _imaml_cg(case, pieces, loss) if not same_as_correct(c)]
         fit = safe(lambda: _fit_imaml(case, g, pieces, loss))
-        if fit is not None:
+        if fit is not None and not same_as_correct(fit):  # (c, lam') fitted to (1, lam): the correct system
             fits.append(fit)
         # The named special cases of the linear system as fixed candidates too.
         lam = float(case.hyper["lam"])
