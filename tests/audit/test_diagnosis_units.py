@@ -91,11 +91,11 @@ def _krylov_solution(A: np.ndarray, b: np.ndarray, m: int) -> np.ndarray:
     return V @ np.linalg.solve(V.T @ A @ V, V.T @ b)
 
 
-def _maml_grad(case: Case, rate: float, steps: int, *, order: str = "exact", swap: bool = False) -> np.ndarray:
-    """MAML on the quadratic: ``mean_t J^T grad L_q(p_K)`` with ``J = (I - rate H_s)^K`` (``order="exact"``)
-    or ``J = I`` (``"first"``), ``p_{k+1} = p_k - rate (H_s p_k - c_s)``."""
+def _maml(case: Case, rate: float, steps: int, *, order: str = "exact", swap: bool = False) -> tuple[float, np.ndarray]:
+    """MAML on the quadratic: meta-loss ``mean_t L_q(p_K)`` and meta-gradient ``mean_t J^T grad L_q(p_K)`` with
+    ``J = (I - rate H_s)^K`` (``order="exact"``) or ``J = I`` (``"first"``), ``p_{k+1} = p_k - rate (H_s p_k - c_s)``."""
     theta = flatten(case.params)
-    total = np.zeros_like(theta)
+    total, loss = np.zeros_like(theta), 0.0
     for t in case.tasks:
         xs, ys, xq, yq = (t.x_query, t.y_query, t.x_support, t.y_support) if swap else \
             (t.x_support, t.y_support, t.x_query, t.y_query)
@@ -104,11 +104,12 @@ def _maml_grad(case: Case, rate: float, steps: int, *, order: str = "exact", swa
         p = theta.copy()
         for _ in range(steps):
             p = p - rate * (Hs @ p - cs)
+        loss += float(np.mean((_design(xq) @ p - yq[:, 0]) ** 2))
         v = Hq @ p - cq
         if order == "exact":
             v = np.linalg.matrix_power(np.eye(theta.size) - rate * Hs, steps) @ v
         total += v
-    return total / len(case.tasks)
+    return loss / len(case.tasks), total / len(case.tasks)
 
 
 def _diagnose(case: Case, g: np.ndarray, loss: float | None = None, *, missing=None, zero=(),
@@ -316,3 +317,400 @@ def test_every_entry_applies_to_some_algorithm():
         assert entry.algorithms, key
     assert "imaml" in CATALOGUE["imaml_truncated_cg"].algorithms
     assert "maml" not in CATALOGUE["imaml_truncated_cg"].algorithms
+
+
+# ---------------------------------------------------------------------------
+# MAML (verify.auditing.diagnosis.gradient) and the layers (core)
+# ---------------------------------------------------------------------------
+
+ALPHA, K = 0.1, 2
+
+
+@pytest.fixture(scope="module")
+def maml_case() -> Case:
+    case = _linear_case("maml", seed=2, inner_lr=ALPHA, inner_steps=K)
+    loss, g = _maml(case, ALPHA, K)
+    assert match_error(g, _reference(case)) < 1e-12 and loss == pytest.approx(float(evaluate(case)[0]), rel=1e-13)
+    return case
+
+
+def test_maml_correct_gradient_is_not_diagnosed(maml_case):
+    loss, g = _maml(maml_case, ALPHA, K)
+    assert _diagnose(maml_case, g, loss) is None
+
+
+@pytest.mark.parametrize("variant, key, label", [
+    (dict(order="first"), "first_order", "first-order MAML (the reference FOMAML direction)"),
+    (dict(steps=K + 1), "wrong_inner_steps", f"inner_steps={K + 1} instead of {K}"),
+    (dict(steps=K - 1), "wrong_inner_steps", f"inner_steps={K - 1} instead of {K}"),
+    (dict(steps=2 * K), "wrong_inner_steps", f"inner_steps={2 * K} instead of {K}"),
+    (dict(rate=0.0), "no_adaptation", "no adaptation: the query loss at the initial parameters"),
+    (dict(swap=True), "swapped_support_query", "support and query sets swapped"),
+])
+def test_maml_fixed_variants(maml_case, variant, key, label):
+    kw = dict(variant)
+    loss, g = _maml(maml_case, kw.pop("rate", ALPHA), kw.pop("steps", K), **kw)
+    d = _diagnose(maml_case, g, loss)
+    assert d is not None and d.key == key, d
+    assert f"matches this variant ({label}) to rel" in d.detail
+    assert d.fitted == {}
+
+
+@pytest.mark.parametrize("rate, scale, text", [
+    (0.17, 1.0, "effective inner_lr = 0.17 instead of 0.1"),
+    (0.17, 2.0, "effective inner_lr = 0.17 instead of 0.1, scaled by 2"),
+    (-ALPHA, 1.0, "effective inner_lr = -0.1 instead of 0.1 (the inner update's sign is flipped: p + alpha grad L_s)"),
+    (4 * ALPHA, 1.0, "effective inner_lr = 0.4 instead of 0.1 (= alpha x 4: the support loss is summed over its 4 "
+                     "elements, reduction='sum')"),
+])
+def test_maml_wrong_inner_rate_is_fitted(maml_case, rate, scale, text):
+    loss, g = _maml(maml_case, rate, K)
+    d = _diagnose(maml_case, scale * g, scale * loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9)
+    assert d.fitted["scale"] == pytest.approx(scale, rel=1e-9)
+    assert f"({text}) to rel" in d.detail
+
+
+@pytest.mark.parametrize("c, text", [
+    (2.0, "summed over the 2 tasks instead of averaged (factor 2)"),
+    (-1.0, "sign flipped (factor -1)"),
+    (-2.0, "summed over the 2 tasks and sign flipped (factor -2)"),
+    (3.0, "per-task query loss summed over its 3 elements (reduction='sum') instead of averaged (factor 3)"),
+    (6.0, "summed over the 2 tasks and over the 3 query elements (reduction='sum') (factor 6)"),
+    (0.5, "scaled by a constant factor 0.5"),
+    (-0.5, "scaled by a constant factor -0.5"),
+])
+def test_scale_layer_names_the_factor(maml_case, c, text):
+    ref_loss = float(evaluate(maml_case)[0])
+    d = _diagnose(maml_case, c * _reference(maml_case), c * ref_loss)
+    assert d is not None and d.key == "scale", d
+    assert d.fitted == {"scale": pytest.approx(c, rel=1e-12)}
+    assert f"({text}) to rel" in d.detail
+    if c > 0:
+        assert f"Its direction is right: it is exactly {c:.6g} times the correct meta-gradient" in d.detail
+    else:
+        assert f"Its direction is reversed: it is {c:.6g} times the correct meta-gradient" in d.detail
+    assert d.also == ()
+
+
+def _one_model_case(sizes, loss, n_tasks, queries, act="identity", algorithm="maml") -> Case:
+    rng = np.random.default_rng(7)
+    model = MLP(sizes, act, loss)
+    tasks = []
+    for i in range(n_tasks):
+        q = queries[i % len(queries)]
+        xs, xq = rng.normal(size=(4, sizes[0])), rng.normal(size=(q, sizes[0]))
+        if loss == "ce":
+            ys, yq = np.arange(4) % sizes[-1], rng.integers(0, sizes[-1], size=q)
+        else:
+            ys, yq = rng.normal(size=(4, sizes[-1])), rng.normal(size=(q, sizes[-1]))
+        tasks.append(Task(xs, ys, xq, yq))
+    return Case(algorithm, model, model.init(3), tasks, {"inner_lr": 0.1, "inner_steps": 1}, 0)
+
+
+@pytest.mark.parametrize("sizes, loss, n_tasks, queries, c, text", [
+    # one task: -1 is the sign, never "summed over the 1 tasks"
+    ([2, 1], "mse", 1, [3], -1.0, "sign flipped (factor -1)"),
+    ([2, 1], "mse", 1, [3], 3.0, "per-task query loss summed over its 3 elements (reduction='sum') instead of averaged"),
+    # query sets of different sizes: no per-task reduction='sum' factor
+    ([2, 1], "mse", 2, [3, 4], 3.0, "scaled by a constant factor 3"),
+    ([2, 1], "mse", 2, [3, 4], 2.0, "summed over the 2 tasks instead of averaged"),
+    # mse sums over the query rows times the outputs; cross-entropy over the rows only
+    ([1, 3, 2], "mse", 2, [3], 6.0, "per-task query loss summed over its 6 elements"),
+    ([1, 3, 2], "mse", 2, [3], 12.0, "summed over the 2 tasks and over the 6 query elements"),
+    ([2, 3], "ce", 2, [3], 3.0, "per-task query loss summed over its 3 elements"),
+    ([2, 3], "ce", 2, [3], 6.0, "summed over the 2 tasks and over the 3 query elements"),
+])
+def test_scale_labels_follow_the_problem(sizes, loss, n_tasks, queries, c, text):
+    case = _one_model_case(sizes, loss, n_tasks, queries)
+    d = _diagnose(case, c * _reference(case), c * float(evaluate(case)[0]))
+    assert d is not None and d.key == "scale" and f"({text}" in d.detail, d
+
+
+def test_disconnected_tensors(maml_case):
+    ref = _reference(maml_case)
+    n_w = maml_case.params[0].size
+    d = _diagnose(maml_case, ref, zero=(0,))
+    assert d is not None and d.key == "disconnected", d
+    assert "(no gradient reached W1 (None or exactly zero)) to rel" in d.detail and d.fitted == {}
+    d = _diagnose(maml_case, ref, zero=(1,), missing=[False, True])  # None for b1 (given as zeros)
+    assert d is not None and d.key == "disconnected" and "no gradient reached b1 (None" in d.detail, d
+    d = _diagnose(maml_case, np.zeros_like(ref), zero=(0, 1))
+    assert d is not None and d.key == "disconnected", d
+    assert "no gradient reached any tensor (all None or exactly zero)" in d.detail
+    # a tensor reported as missing but with a nonzero claimed gradient is still zeroed in the candidate
+    g = ref.copy()
+    d = _diagnose(maml_case, g, missing=[True, False])
+    assert d is None
+    # on top of a variant: first-order MAML whose bias got no gradient
+    loss, fo = _maml(maml_case, ALPHA, K, order="first")
+    d = _diagnose(maml_case, fo, loss, zero=(1,))
+    assert d is not None and d.key == "disconnected", d
+    assert ("(first-order MAML (the reference FOMAML direction), and no gradient reached b1 (None or exactly zero))"
+            in d.detail)
+    assert d.error <= TOL and np.any(fo[n_w:])  # the variant's own bias gradient was nonzero
+
+
+def test_scale_on_a_variant(maml_case):
+    loss, fo = _maml(maml_case, ALPHA, K, order="first")
+    d = _diagnose(maml_case, 2.0 * fo, 2.0 * loss)
+    assert d is not None and d.key == "first_order", d
+    assert d.fitted == {"scale": pytest.approx(2.0, rel=1e-12)}
+    assert ("(first-order MAML (the reference FOMAML direction), summed over the 2 tasks instead of averaged "
+            "(factor 2)) to rel") in d.detail
+    assert "Its direction is right" not in d.detail  # the consequence is for a scaled correct gradient only
+
+
+def test_unexplained_mismatch_is_none(maml_case):
+    rng = np.random.default_rng(1)
+    ref = _reference(maml_case)
+    assert _diagnose(maml_case, ref + 0.05 * rng.normal(size=ref.size)) is None
+    assert _diagnose(maml_case, ref, loss=1.5 * float(evaluate(maml_case)[0])) is None  # the loss must match too
+
+
+# ---------------------------------------------------------------------------
+# the backbone family (verify.auditing.diagnosis.backbone): R2-D2, LR-D2, ProtoNet
+# ---------------------------------------------------------------------------
+# The wrong variant is the reference run with the mistaken option (the bug's definition: R2-D2 without the
+# normalisation, LR-D2 with another number of Newton steps, ...), not the diagnosis' own candidates.
+
+
+def _with(case: Case, model=None, **hyper) -> tuple[float, np.ndarray]:
+    other = Case(case.algorithm, model or case.model, case.params, case.tasks, {**case.hyper, **hyper}, case.seed,
+                 dict(case.extra))
+    loss, grads = evaluate(other)
+    return float(loss), flatten([np.asarray(g) for g in grads])
+
+
+@pytest.fixture(scope="module")
+def r2d2_case() -> Case:
+    from verify.algorithms import build_case
+
+    return build_case("r2d2", seed=1, normalize=True, bias_column=True)
+
+
+@pytest.mark.parametrize("change, key, label", [
+    (dict(normalize=False), "normalize_mismatch", "normalize=False instead of True"),
+    (dict(bias_column=False), "bias_column_mismatch", "bias_column=False instead of True"),
+    (dict(normalize=False, bias_column=False), "bias_column_mismatch",
+     "normalize=False and bias_column=False (both options mismatched)"),
+])
+def test_r2d2_option_mismatch(r2d2_case, change, key, label):
+    loss, g = _with(r2d2_case, **change)
+    d = _diagnose(r2d2_case, g, loss)
+    assert d is not None and d.key == key, d
+    assert f"({label}) to rel" in d.detail
+
+
+def test_r2d2_options_the_other_way():
+    from verify.algorithms import build_case
+
+    case = build_case("r2d2", seed=1, normalize=False, bias_column=False)
+    for change, label in ((dict(normalize=True), "normalize=True instead of False"),
+                          (dict(bias_column=True), "bias_column=True instead of False"),
+                          (dict(normalize=True, bias_column=True), "normalize=True and bias_column=True")):
+        loss, g = _with(case, **change)
+        d = _diagnose(case, g, loss)
+        assert d is not None and f"({label}" in d.detail, (change, d)
+
+
+def test_r2d2_correct_and_hyper_detached(r2d2_case):
+    loss, g = _with(r2d2_case)
+    assert _diagnose(r2d2_case, g, loss) is None
+    n = len(r2d2_case.params)
+    d = _diagnose(r2d2_case, g, loss, zero=(n, n + 1, n + 2), missing=[False] * n + [True] * 3)
+    # the offset's correct gradient is exactly 0 (cross-entropy ignores a constant added to every logit): only the
+    # tensors whose correct gradient is nonzero are named
+    assert g[-1] == 0.0
+    assert d is not None and d.key == "hyper_detached" and "(lam, scale detached (no gradient))" in d.detail, d
+    d = _diagnose(r2d2_case, g, loss, zero=(0, n))  # a backbone tensor too: not only the hyper-parameters
+    assert d is not None and d.key == "disconnected" and "no gradient reached W1, lam (None or exactly zero)" in d.detail
+
+
+@pytest.fixture(scope="module")
+def lrd2_case() -> Case:
+    from verify.algorithms import build_case
+
+    # a small ridge: Newton's iterates are still far apart after a few steps, so each step count is its own variant
+    return build_case("lrd2", seed=2, newton_steps=2, bias_column=True, lam=0.01, shots=3)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_lrd2_wrong_newton_steps(lrd2_case, steps):
+    loss, g = _with(lrd2_case, newton_steps=steps)
+    d = _diagnose(lrd2_case, g, loss)
+    assert d is not None and d.key == "wrong_inner_steps", d
+    assert f"(newton_steps={steps} instead of 2) to rel" in d.detail
+
+
+def test_lrd2_bias_column(lrd2_case):
+    loss, g = _with(lrd2_case, bias_column=False)
+    d = _diagnose(lrd2_case, g, loss)
+    assert d is not None and d.key == "bias_column_mismatch" and "(bias_column=False instead of True) to rel" in d.detail
+
+
+def test_batch_norm_joint_batch_label():
+    """A train-mode batch-norm backbone: support and query normalised as one batch where two were meant."""
+    from verify.algorithms import build_case
+
+    case = build_case("protonet", seed=0, backbone="conv4:1x8x8")
+    assert case.model.batch_coupled and not case.model.joint
+    loss, g = _with(case, model=case.model.joint_batch(True))
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "bn_joint_batch", d
+    assert "(support and query normalised together (one batch) where two batches were meant) to rel" in d.detail
+
+
+# ---------------------------------------------------------------------------
+# the inner-loop family on a tanh network: variants by complex-step differentiation of our own inner loop
+# ---------------------------------------------------------------------------
+# An independent forward pass (a hand-written gradient of the mse loss of ``W2 tanh(W1 x + b1) + b2``) run on
+# complex parameters: the meta-gradient is ``Im L(theta + i h e_j) / h`` (Squire & Trapp 1998, exact to
+# round-off for h = 1e-20), and a detached tensor (``.detach()``, ``stop_gradient``) is its real part, which
+# drops the derivative flowing through it. Each bug is written as the inner loop it describes.
+
+H_CS = 1e-20
+
+
+def _mlp_grad(p: list, x: np.ndarray, y: np.ndarray) -> list:
+    """Gradient of ``mean((W2 tanh(W1 x + b1) + b2 - y)^2)`` (complex-safe)."""
+    W1, b1, W2, b2 = p
+    a = np.tanh(x @ W1.T + b1)
+    r = 2.0 * (a @ W2.T + b2 - y) / y.size
+    dz = (r @ W2) * (1 - a ** 2)
+    return [dz.T @ x, dz.sum(0), r.T @ a, r.sum(0)]
+
+
+def _mlp_loss(p: list, x: np.ndarray, y: np.ndarray):
+    W1, b1, W2, b2 = p
+    return np.mean((np.tanh(x @ W1.T + b1) @ W2.T + b2 - y) ** 2)
+
+
+def _inner(case: Case, theta: list, task: Task, rates: list, steps: int, keep=lambda k: True, swap=False,
+           head_only=False):
+    xs, ys = (task.x_query, task.y_query) if swap else (task.x_support, task.y_support)
+    xq, yq = (task.x_support, task.y_support) if swap else (task.x_query, task.y_query)
+    p = list(theta)
+    for k in range(steps):
+        g = _mlp_grad(p, xs, ys)
+        step = [a * gi for a, gi in zip(rates, g)]
+        if not keep(k):
+            step = [np.real(s) for s in step]  # the step's dependence on p_k detached (the rate's is kept below)
+            step = [a * np.real(gi) for a, gi in zip(rates, g)]
+        p = [pi if (head_only and i < 2) else pi - s for i, (pi, s) in enumerate(zip(p, step))]
+    return p, xq, yq
+
+
+def _meta_loss(case: Case, variables: list, rate, steps: int, **kw):
+    theta = variables[:4]
+    lrs = variables[4:] if case.algorithm == "metasgd" else None
+    total = 0.0
+    for t in case.tasks:
+        rates = [rate * a for a in lrs] if lrs is not None else [rate] * 4
+        p, xq, yq = _inner(case, theta, t, rates, steps, **kw)
+        total = total + _mlp_loss(p, xq, yq)
+    return total / len(case.tasks)
+
+
+def _complex_step(case: Case, rate, steps: int, **kw) -> tuple[float, np.ndarray]:
+    """``(meta-loss, meta-gradient)`` of the inner loop described by ``kw``, by complex steps in every variable."""
+    flat = flatten(case.variables)
+    out = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        out[j] = np.imag(_meta_loss(case, unflatten(z, case.shapes), rate, steps, **kw)) / H_CS
+    return float(np.real(_meta_loss(case, unflatten(flat, case.shapes), rate, steps, **kw))), out
+
+
+def _tanh_case(algorithm: str, steps: int = 3, rate: float = 0.3, seed: int = 4) -> Case:
+    rng = np.random.default_rng(seed)
+    model = MLP([1, 3, 1], "tanh", "mse")
+    params = model.init(seed)
+    tasks = [Task(rng.normal(size=(4, 1)), rng.normal(size=(4, 1)), rng.normal(size=(3, 1)), rng.normal(size=(3, 1)))
+             for _ in range(2)]
+    hyper = {"inner_steps": steps}
+    extra = {}
+    if algorithm == "metasgd":
+        extra = {f"lrs[{i}]": rate * rng.uniform(0.5, 1.5, size=p.shape) for i, p in enumerate(params)}
+    else:
+        hyper["inner_lr"] = rate
+    return Case(algorithm, model, params, tasks, hyper, seed, extra)
+
+
+@pytest.fixture(scope="module")
+def tanh_maml() -> Case:
+    case = _tanh_case("maml")
+    loss, g = _complex_step(case, 0.3, 3)
+    assert match_error(g, _reference(case)) < 1e-12 and loss == pytest.approx(float(evaluate(case)[0]), rel=1e-13)
+    return case
+
+
+@pytest.mark.parametrize("kw, key, label", [
+    (dict(keep=lambda k: False), "first_order", "first-order MAML (the reference FOMAML direction)"),
+    (dict(keep=lambda k: k == 2), "last_step_only", "only the last of the 3 inner steps differentiated"),
+    (dict(keep=lambda k: k == 0), "first_step_only", "only the first of the 3 inner steps differentiated"),
+    (dict(head_only=True), "anil_instead_of_maml", "ANIL (head-only inner loop) instead of MAML"),
+    (dict(swap=True), "swapped_support_query", "support and query sets swapped"),
+    (dict(steps=6), "wrong_inner_steps", "inner_steps=6 instead of 3"),
+    (dict(steps=1), "wrong_inner_steps", "inner_steps=1 instead of 3"),
+    (dict(rate=0.0), "no_adaptation", "no adaptation: the query loss at the initial parameters"),
+])
+def test_tanh_maml_variants(tanh_maml, kw, key, label):
+    kw = dict(kw)
+    loss, g = _complex_step(tanh_maml, kw.pop("rate", 0.3), kw.pop("steps", 3), **kw)
+    d = _diagnose(tanh_maml, g, loss)
+    assert d is not None and d.key == key, d
+    assert f"({label}) to rel" in d.detail
+
+
+def test_tanh_maml_correct_and_rate(tanh_maml):
+    loss, g = _complex_step(tanh_maml, 0.3, 3)
+    assert _diagnose(tanh_maml, g, loss) is None
+    loss, g = _complex_step(tanh_maml, 0.45, 3)
+    d = _diagnose(tanh_maml, -g, -loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(0.45, rel=1e-9) and d.fitted["scale"] == pytest.approx(-1, rel=1e-9)
+
+
+def test_tanh_anil_variants():
+    case = _tanh_case("anil")
+    loss, g = _complex_step(case, 0.3, 3, head_only=True)
+    assert match_error(g, _reference(case)) < 1e-12
+    assert _diagnose(case, g, loss) is None
+    for kw, key, label in ((dict(), "maml_instead_of_anil", "MAML (all layers adapted) instead of ANIL"),
+                           (dict(head_only=True, keep=lambda k: False), "first_order",
+                            "first-order anil (inner gradients treated as constants)"),
+                           (dict(head_only=True, keep=lambda k: k == 2), "last_step_only",
+                            "only the last of the 3 inner steps differentiated"),
+                           (dict(head_only=True, keep=lambda k: k == 0), "first_step_only",
+                            "only the first of the 3 inner steps differentiated")):
+        loss, g = _complex_step(case, 0.3, 3, **kw)
+        d = _diagnose(case, g, loss)
+        assert d is not None and d.key == key and f"({label}) to rel" in d.detail, (key, d)
+
+
+def test_tanh_metasgd_variants():
+    case = _tanh_case("metasgd")
+    loss, g = _complex_step(case, 1.0, 3)
+    assert match_error(g, _reference(case)) < 1e-12
+    assert _diagnose(case, g, loss) is None
+    for kw, key, label in ((dict(keep=lambda k: False), "first_order",
+                            "first-order metasgd (inner gradients treated as constants)"),
+                           (dict(keep=lambda k: k == 2), "last_step_only",
+                            "only the last of the 3 inner steps differentiated"),
+                           (dict(steps=4), "wrong_inner_steps", "inner_steps=4 instead of 3")):
+        loss, g = _complex_step(case, 1.0, 3 if "steps" not in kw else kw.pop("steps"), **kw)
+        d = _diagnose(case, g, loss)
+        assert d is not None and d.key == key and f"({label}) to rel" in d.detail, (key, d)
+    loss, g = _complex_step(case, 1.7, 3)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["lrs_multiplier"] == pytest.approx(1.7, rel=1e-9)
+    assert "(Meta-SGD learning rates multiplied by 1.7) to rel" in d.detail
+    n = len(case.params)
+    loss, g = _complex_step(case, 1.0, 3)
+    d = _diagnose(case, g, loss, zero=tuple(range(n, 2 * n)), missing=[False] * n + [True] * n)
+    assert d is not None and d.key == "metasgd_lrs_no_grad", d
+    assert "(the Meta-SGD learning rates receive no gradient (lrs[0], lrs[1], lrs[2], lrs[3])) to rel" in d.detail

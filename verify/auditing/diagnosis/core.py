@@ -58,11 +58,10 @@ def _scale_label(case: Case, c: float) -> str:
     T = len(case.tasks)
     nq = {t.x_query.shape[0] for t in case.tasks}
     d_out = case.model.sizes[-1] if (case.model.loss_name == "mse" and ALGORITHMS[case.algorithm].family != "backbone") else 1
-    named: list[tuple[float, str]] = [
-        (-1.0, "sign flipped"),
-        (float(T), f"summed over the {T} tasks instead of averaged"),
-        (-float(T), f"summed over the {T} tasks and sign flipped"),
-    ]
+    named: list[tuple[float, str]] = [(-1.0, "sign flipped")]
+    if T > 1:  # with one task, a sum over tasks is the mean (and "summed and sign flipped" is the sign flip)
+        named += [(float(T), f"summed over the {T} tasks instead of averaged"),
+                  (-float(T), f"summed over the {T} tasks and sign flipped")]
     if len(nq) == 1:
         q = nq.pop() * d_out
         named += [(float(q), f"per-task query loss summed over its {q} elements (reduction='sum') instead of averaged"),
@@ -72,9 +71,8 @@ def _scale_label(case: Case, c: float) -> str:
         named += [(1.0 / lam, "iMAML solving (lam I + H) x = grad L_q: a factor 1/lam missing"),
                   (lam, "scaled by lam")]
     for value, text in named:
-        if T > 1 or abs(value) != T:
-            if close(c, value, 1e-8):
-                return f"{text} (factor {c:.6g})"
+        if close(c, value, 1e-8):
+            return f"{text} (factor {c:.6g})"
     return f"scaled by a constant factor {c:.6g}"
 
 
