@@ -714,3 +714,156 @@ def test_tanh_metasgd_variants():
     d = _diagnose(case, g, loss, zero=tuple(range(n, 2 * n)), missing=[False] * n + [True] * n)
     assert d is not None and d.key == "metasgd_lrs_no_grad", d
     assert "(the Meta-SGD learning rates receive no gradient (lrs[0], lrs[1], lrs[2], lrs[3])) to rel" in d.detail
+
+
+def _newton_or_reptile(case: Case, rate: float, steps: int, *, swap: bool = False, damping: float = 0.0,
+                       newton: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
+    """On the quadratic: ``(meta-loss, Newton-MAML meta-gradient, Reptile direction)`` with
+    ``p_{k+1} = p_k - rate P (H_s p_k - c_s)``, ``P = (H_s + damping I)^{-1}`` (Newton) or ``I`` (SGD); the
+    step Jacobian is the constant ``I - rate P H_s``."""
+    theta = flatten(case.params)
+    n = theta.size
+    loss, grad, direction = 0.0, np.zeros(n), np.zeros(n)
+    for t in case.tasks:
+        xs, ys, xq, yq = (t.x_query, t.y_query, t.x_support, t.y_support) if swap else \
+            (t.x_support, t.y_support, t.x_query, t.y_query)
+        Hs, cs = _quad(xs, ys)
+        Hq, cq = _quad(xq, yq)
+        P = np.linalg.inv(Hs + damping * np.eye(n)) if newton else np.eye(n)
+        p = theta.copy()
+        for _ in range(steps):
+            p = p - rate * P @ (Hs @ p - cs)
+        loss += float(np.mean((_design(xq) @ p - yq[:, 0]) ** 2))
+        grad += np.linalg.matrix_power(np.eye(n) - rate * P @ Hs, steps).T @ (Hq @ p - cq)
+        direction += theta - p
+    T = len(case.tasks)
+    return loss / T, grad / T, direction / T
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_wrong_step_counts_searched(steps):
+    """MAML's step-count variants run from 1 to max(2K, K + 3) (K=2: 5 = K + 3; K=4: 8 = 2K)."""
+    case = _linear_case("maml", seed=3, inner_lr=ALPHA, inner_steps=steps)
+    for k2 in (1, max(2 * steps, steps + 3)):
+        loss, g = _maml(case, ALPHA, k2)
+        d = _diagnose(case, g, loss)
+        assert d is not None and d.key == "wrong_inner_steps", (k2, d)
+        assert f"(inner_steps={k2} instead of {steps}) to rel" in d.detail
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_reptile_variants(steps):
+    case = _linear_case("reptile", seed=5, inner_lr=ALPHA, inner_steps=steps)
+    _, _, direction = _newton_or_reptile(case, ALPHA, steps)
+    assert match_error(direction, _reference(case)) < 1e-12
+    assert _diagnose(case, direction, None) is None  # Reptile returns no meta-loss
+    for k2 in (1, max(2 * steps, steps + 3)):
+        d = _diagnose(case, _newton_or_reptile(case, ALPHA, k2)[2], None)
+        assert d is not None and d.key == "wrong_inner_steps" and f"(inner_steps={k2} instead of {steps})" in d.detail
+    d = _diagnose(case, _newton_or_reptile(case, ALPHA, steps, swap=True)[2], None)
+    assert d is not None and d.key == "swapped_support_query" and "(inner loop run on the query set)" in d.detail, d
+    d = _diagnose(case, _newton_or_reptile(case, 1.6 * ALPHA, steps)[2], None)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(1.6 * ALPHA, rel=1e-9)
+    assert d.fitted["scale"] == pytest.approx(1.0, rel=1e-9) and "scaled by" not in d.detail
+    d = _diagnose(case, 2.0 * direction, None)
+    assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(2.0, rel=1e-12)
+
+
+def test_reptile_head_only():
+    case = _tanh_case("reptile", steps=2)
+    p = list(case.params)
+    direction = []
+    for t in case.tasks:
+        q, _, _ = _inner(case, p, t, [0.3] * 4, 2, head_only=True)
+        direction.append(flatten([a - b for a, b in zip(p, q)]))
+    d = _diagnose(case, sum(direction) / len(direction), None)
+    assert d is not None and d.key == "reptile_head_only" and "(only the head adapted) to rel" in d.detail, d
+
+
+NEWTON = dict(rate=0.3, damping=1.5)
+
+
+def _newton_case(steps: int) -> Case:
+    return _linear_case("newton", seed=6, inner_lr=NEWTON["rate"], inner_steps=steps, damping=NEWTON["damping"])
+
+
+def _newton_first_order(case: Case, rate: float, steps: int) -> np.ndarray:
+    """``mean_t grad L_q(p_K)``: the Newton steps not differentiated."""
+    theta = flatten(case.params)
+    fo = np.zeros_like(theta)
+    for t in case.tasks:
+        Hs, cs = _quad(t.x_support, t.y_support)
+        Hq, cq = _quad(t.x_query, t.y_query)
+        p = theta.copy()
+        for _ in range(steps):
+            p = p - rate * np.linalg.solve(Hs + NEWTON["damping"] * np.eye(theta.size), Hs @ p - cs)
+        fo += (Hq @ p - cq) / len(case.tasks)
+    return fo
+
+
+@pytest.mark.parametrize("steps, kw, key, label", [
+    (1, dict(), None, ""),
+    (1, dict(steps=4), "wrong_inner_steps", "inner_steps=4 instead of 1"),
+    (3, dict(steps=6), "wrong_inner_steps", "inner_steps=6 instead of 3"),
+    (3, dict(steps=1), "wrong_inner_steps", "inner_steps=1 instead of 3"),
+    (1, dict(swap=True), "swapped_support_query", "support and query sets swapped"),
+    (1, dict(rate=0.0), "no_adaptation", "no adaptation: the query loss at the initial parameters"),
+    (2, dict(first_order=True), "first_order",
+     "first-order Newton-MAML (grad L_q(p_K), the inner steps not differentiated)"),
+    (2, dict(rate=0.21), "wrong_inner_lr", "effective inner_lr = 0.21 instead of 0.3"),
+])
+def test_newton_variants(steps, kw, key, label):
+    case = _newton_case(steps)
+    kw = dict(kw)
+    rate, k2 = kw.pop("rate", NEWTON["rate"]), kw.pop("steps", steps)
+    loss, g, _ = _newton_or_reptile(case, rate, k2, damping=NEWTON["damping"], newton=True, swap=kw.get("swap", False))
+    if key is None:
+        assert match_error(g, _reference(case)) < 1e-12
+    if kw.get("first_order"):
+        g = _newton_first_order(case, rate, k2)
+    d = _diagnose(case, g, loss)
+    if key is None:
+        assert d is None
+        return
+    assert d is not None and d.key == key and f"({label}) to rel" in d.detail, d
+    if key == "wrong_inner_lr":
+        assert d.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9)
+
+
+def test_imaml_fit_jacobian_is_the_derivative(imaml_case):
+    """The Levenberg-Marquardt Jacobian of the iMAML fit against complex steps of the solution in ``c`` and ``beta``."""
+    pieces = implicit._imaml_pieces(imaml_case)
+    for c, beta in ((1.0, 1.0 / LAM), (0.3, 2.0), (2.0, 0.1)):
+        J = implicit._imaml_jacobian(pieces, c, beta)
+        dc = np.imag(implicit._imaml_solution(pieces, complex(c, H_CS), beta)) / H_CS
+        db = np.imag(implicit._imaml_solution(pieces, c, complex(beta, H_CS))) / H_CS
+        assert J.shape == (dc.size, 2)
+        assert match_error(J[:, 0], dc) < 1e-13 and match_error(J[:, 1], db) < 1e-13
+        # and the solution itself against dense solves
+        H = [p.H for p in pieces]
+        dense = sum(np.linalg.solve(c * np.eye(len(p.b)) + beta * h, p.b) for p, h in zip(pieces, H)) / len(pieces)
+        assert match_error(implicit._imaml_solution(pieces, c, beta), dense) < 1e-13
+
+
+def _imaml_tanh_claim(seed: int, c: float, beta: float) -> tuple[Case, np.ndarray]:
+    """A tanh network (indefinite ``H_s(phi*)``) and ``(c I + beta H) x = grad L_q(phi*)`` by a dense solve."""
+    from reference import imaml
+    from verify.algorithms import build_case
+
+    case = build_case("imaml", seed=seed, sizes=[1, 3, 1], activation="tanh", loss="mse", n_tasks=1, lam=2.5)
+    t = case.tasks[0]
+    phi = imaml.meta_loss_and_grad_info(case.model, case.params, case.tasks, 2.5).tasks[0].phi
+    H = case.model.hessian(phi, t.x_support, t.y_support)
+    b = flatten(case.model.loss_and_grad_unchecked(phi, t.x_query, t.y_query)[1])
+    assert np.min(np.linalg.eigvalsh(0.5 * (H + H.T))) < -0.1  # nonconvex: c + beta w changes sign across H's spectrum
+    return case, np.linalg.solve(c * np.eye(b.size) + beta * H, b)
+
+
+@pytest.mark.parametrize("seed, c, beta", [(2, 0.1, 0.4), (2, 0.2, 1.0), (4, -0.3, 0.4)])
+def test_imaml_fit_across_an_indefinite_spectrum(seed, c, beta):
+    """Systems whose ``c + beta w`` has another sign pattern over ``H``'s eigenvalues than ``(1, 1/lam)``: the
+    fit's residual has poles between the asked system and these, and the fit still recovers ``(c, lam')``."""
+    case, g = _imaml_tanh_claim(seed, c, beta)
+    d = _diagnose(case, g)
+    assert d is not None and d.key == "imaml_system", d
+    assert d.fitted["c"] == pytest.approx(c, rel=1e-7) and d.fitted["lam_prime"] == pytest.approx(1 / beta, rel=1e-7)
