@@ -113,12 +113,17 @@ def _maml(case: Case, rate: float, steps: int, *, order: str = "exact", swap: bo
 
 
 def _diagnose(case: Case, g: np.ndarray, loss: float | None = None, *, missing=None, zero=(),
-              tol: float = TOL) -> Diagnosis | None:
+              tol: float = TOL, no_loss: bool = False) -> Diagnosis | None:
+    """Diagnose the claim ``g`` (flat) with meta-loss ``loss`` (None: the reference's; ``no_loss``: none claimed)."""
     ref_loss, ref_grads = evaluate(case)
+    if no_loss:
+        loss = None
+    elif loss is None:
+        loss = ref_loss
     shapes = case.shapes
     claimed = unflatten(np.asarray(g, dtype=float), shapes)
     claimed = [np.zeros(s) if i in zero else c for i, (c, s) in enumerate(zip(claimed, shapes))]
-    return diagnose(case, ref_loss if loss is None else loss, claimed,
+    return diagnose(case, loss, claimed,
                     missing=[False] * len(shapes) if missing is None else missing,
                     reference_loss=ref_loss, reference_grads=ref_grads, tol=tol)
 
@@ -867,3 +872,42 @@ def test_imaml_fit_across_an_indefinite_spectrum(seed, c, beta):
     d = _diagnose(case, g)
     assert d is not None and d.key == "imaml_system", d
     assert d.fitted["c"] == pytest.approx(c, rel=1e-7) and d.fitted["lam_prime"] == pytest.approx(1 / beta, rel=1e-7)
+
+
+def test_the_simplest_closest_variant_is_named():
+    """Several variants within a loose tolerance: fixed variants before layered ones, then the smallest error; the
+    others listed by (rank, error). A claim ``1.001 x`` the no-adaptation gradient matches "no adaptation" (fixed,
+    error 1e-3), first-order MAML (fixed, error ~1.7e-2) and the factor 1.001 on no-adaptation (layered, error 0)."""
+    a, tol = 1e-2, 2e-2
+    case = _linear_case("maml", seed=2, inner_lr=a, inner_steps=1)
+    _, noad = _maml(case, 0.0, 1)
+    _, fo = _maml(case, a, 1, order="first")
+    claim = 1.001 * noad
+    e_noad, e_fo = match_error(claim, noad), match_error(claim, fo)
+    assert 5e-4 < e_noad < 2e-3 < 1e-2 < e_fo < tol  # both fixed variants match, no-adaptation is closer
+    d = _diagnose(case, claim, no_loss=True, tol=tol)
+    assert d is not None and d.key == "no_adaptation", d
+    assert "(no adaptation: the query loss at the initial parameters) to rel" in d.detail
+    assert d.error == pytest.approx(e_noad, rel=1e-6) and d.fitted == {}
+    assert d.also[0] == "first-order MAML (the reference FOMAML direction)"
+    assert "no adaptation: the query loss at the initial parameters, scaled by a constant factor 1.001" in d.also
+    # the same claim scaled onto first-order MAML: first-order is the closest fixed variant, no-adaptation next
+    d = _diagnose(case, 1.001 * fo, no_loss=True, tol=tol)
+    assert d is not None and d.key == "first_order" and "(first-order MAML (the reference FOMAML direction)) to" in d.detail
+    assert d.also[0] == "no adaptation: the query loss at the initial parameters"
+
+
+def test_an_undefined_variant_is_skipped_not_fatal():
+    """Newton-MAML without damping on one-example query sets: the swapped variant's Newton system (on the query
+    set) is singular, so that variant is skipped; the variants after it are still tried."""
+    model = MLP([2, 1], "identity", "mse")
+    case = Case("newton", model, model.init(1), _tasks(8, queries=1),
+                {"inner_lr": 0.3, "inner_steps": 1, "damping": 0.0}, 0)
+    from reference.errors import SingularMatrixError
+
+    with pytest.raises(SingularMatrixError):
+        evaluate(Case("newton", model, case.params, [Task(t.x_query, t.y_query, t.x_support, t.y_support)
+                                                      for t in case.tasks], case.hyper, 0))
+    loss, g, _ = _newton_or_reptile(case, 0.0, 1, newton=True)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "no_adaptation", d
