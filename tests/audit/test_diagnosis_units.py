@@ -911,3 +911,114 @@ def test_an_undefined_variant_is_skipped_not_fatal():
     loss, g, _ = _newton_or_reptile(case, 0.0, 1, newton=True)
     d = _diagnose(case, g, loss)
     assert d is not None and d.key == "no_adaptation", d
+
+
+# ---------------------------------------------------------------------------
+# inner loops driven by an optimiser (verify.auditing.diagnosis.optimizer): momentum and Adam, complex steps
+# ---------------------------------------------------------------------------
+
+
+def _opt_meta(case: Case, theta, steps: int, kind: str, *, first_order=False, detach_state=False, adam="torch",
+              truncate: int | None = None):
+    """Meta-loss of the optimiser-driven inner loop on the quadratic (complex-safe; ``.real`` = detached).
+
+    Momentum (torch SGD, dampening 0): ``b <- 0.9 b + g``, ``p <- p - alpha b``. Adam (torch, Kingma & Ba 2015):
+    ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``, ``p <- p - alpha (m / bc1) / (sqrt(v / bc2) + eps)``;
+    ``adam="eps_root"``: optax's ``sqrt(v / bc2 + eps)`` with no outer eps; ``"eps_hat"``: ``eps`` added to
+    ``sqrt(v)`` before the bias correction. ``truncate=T``: the steps before the last ``T`` are applied as
+    ``p - stop_gradient(alpha d)`` with their state detached (truncated backpropagation through time)."""
+    alpha = case.hyper["inner_lr"]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    total = 0.0
+    for t in case.tasks:
+        Hs, cs = _quad(t.x_support, t.y_support)
+        p, m, v = theta, 0.0, 0.0
+        for k in range(steps):
+            g = Hs @ p - cs
+            if first_order:
+                g = np.real(g)
+            if detach_state:
+                m, v = np.real(m), np.real(v)
+            if kind == "momentum":
+                m = 0.9 * m + g
+                early = truncate is not None and k < steps - truncate
+                p = p - (np.real(alpha * m) if early else alpha * m)
+                if early:
+                    m = np.real(m)
+                continue
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            bc1, bc2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
+            if adam == "torch":
+                d = (m / bc1) / (np.sqrt(v / bc2) + eps)
+            elif adam == "eps_root":
+                d = (m / bc1) / np.sqrt(v / bc2 + eps)
+            else:
+                d = np.sqrt(bc2) / bc1 * m / (np.sqrt(v) + eps)
+            if truncate is not None and k < steps - truncate:
+                p, m, v = p - np.real(alpha * d), np.real(m), np.real(v)
+            else:
+                p = p - alpha * d
+        total = total + np.mean((_design(t.x_query) @ p - t.y_query[:, 0]) ** 2)
+    return total / len(case.tasks)
+
+
+def _opt_claim(case: Case, steps: int, kind: str, **kw) -> tuple[float, np.ndarray]:
+    flat = flatten(case.params)
+    g = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        g[j] = np.imag(_opt_meta(case, z, steps, kind, **kw)) / H_CS
+    return float(np.real(_opt_meta(case, flat, steps, kind, **kw))), g
+
+
+def _opt_case(algorithm: str, steps: int = 3) -> Case:
+    """Targets within ~1e-3 of the initial model's predictions: small gradients, where Adam's ``eps`` matters."""
+    rng = np.random.default_rng(11)
+    model = MLP([2, 1], "identity", "mse")
+    params = model.init(12)
+    w = flatten(params)
+    tasks = []
+    for _ in range(2):
+        xs, xq = rng.normal(size=(4, 2)), rng.normal(size=(3, 2))
+        ys = (_design(xs) @ w + 1e-3 * rng.normal(size=4))[:, None]
+        yq = (_design(xq) @ w + 1e-2 * rng.normal(size=3))[:, None]
+        tasks.append(Task(xs, ys, xq, yq))
+    return Case(algorithm, model, params, tasks, {"inner_lr": 0.01 if "adam" in algorithm else 0.1,
+                                                  "inner_steps": steps}, 0)
+
+
+@pytest.mark.parametrize("algorithm, kind", [("maml-momentum", "momentum"), ("maml-adam", "adam")])
+@pytest.mark.parametrize("kw, key, label", [
+    (dict(), None, ""),
+    (dict(first_order=True), "first_order", "the optimiser's gradient inputs treated as constants"),
+    (dict(detach_state=True), "optimizer_state_detached",
+     "the optimiser state (momentum buffer / Adam moments) detached between steps"),
+    (dict(steps=1), "wrong_inner_steps", "inner_steps=1 instead of 3"),
+    (dict(steps=5), "wrong_inner_steps", "inner_steps=5 instead of 3"),
+    (dict(truncate=1), "bptt_truncated", "backpropagation through the last 1 of 3 inner steps only"),
+    (dict(truncate=2), "bptt_truncated", "backpropagation through the last 2 of 3 inner steps only"),
+])
+def test_optimizer_loop_variants(algorithm, kind, kw, key, label):
+    case = _opt_case(algorithm)
+    kw = dict(kw)
+    loss, g = _opt_claim(case, kw.pop("steps", 3), kind, **kw)
+    d = _diagnose(case, g, loss)
+    if key is None:
+        assert match_error(g, _reference(case)) < 1e-10
+        assert d is None
+        return
+    assert d is not None and d.key == key and f"({label}) to rel" in d.detail, d
+
+
+@pytest.mark.parametrize("adam, label", [
+    ("eps_hat", "eps added to sqrt(v) before bias correction (eps-hat: higher, TensorFlow)"),
+    ("eps_root", "eps inside the square root (sqrt(v_hat + eps), optax eps_root)"),
+])
+def test_adam_eps_placement(adam, label):
+    case = _opt_case("maml-adam")
+    loss, g = _opt_claim(case, 3, "adam", adam=adam)
+    assert match_error(g, _reference(case)) > 1e-6  # eps matters at these gradient sizes
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "adam_eps_placement" and f"({label}) to rel" in d.detail, d
