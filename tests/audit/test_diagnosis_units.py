@@ -593,16 +593,17 @@ def _mlp_loss(p: list, x: np.ndarray, y: np.ndarray):
 
 
 def _inner(case: Case, theta: list, task: Task, rates: list, steps: int, keep=lambda k: True, swap=False,
-           head_only=False):
+           head_only=False, truncate: int | None = None):
     xs, ys = (task.x_query, task.y_query) if swap else (task.x_support, task.y_support)
     xq, yq = (task.x_support, task.y_support) if swap else (task.x_query, task.y_query)
     p = list(theta)
     for k in range(steps):
         g = _mlp_grad(p, xs, ys)
         step = [a * gi for a, gi in zip(rates, g)]
-        if not keep(k):
-            step = [np.real(s) for s in step]  # the step's dependence on p_k detached (the rate's is kept below)
+        if not keep(k):  # the inner gradient detached (the rate still multiplies it)
             step = [a * np.real(gi) for a, gi in zip(rates, g)]
+        if truncate is not None and k < steps - truncate:  # the whole increment detached, rates included
+            step = [np.real(si) for si in step]
         p = [pi if (head_only and i < 2) else pi - s for i, (pi, s) in enumerate(zip(p, step))]
     return p, xq, yq
 
@@ -1022,3 +1023,62 @@ def test_adam_eps_placement(adam, label):
     assert match_error(g, _reference(case)) > 1e-6  # eps matters at these gradient sizes
     d = _diagnose(case, g, loss)
     assert d is not None and d.key == "adam_eps_placement" and f"({label}) to rel" in d.detail, d
+
+
+def test_fomaml_variants():
+    case = _tanh_case("fomaml")
+    first = lambda k: False  # noqa: E731  (FOMAML: every inner gradient a constant)
+    loss, g = _complex_step(case, 0.3, 3, keep=first)
+    assert match_error(g, _reference(case)) < 1e-12
+    assert _diagnose(case, g, loss) is None
+    for kw, key, label in ((dict(keep=lambda k: True), "second_order_instead", "the exact second-order MAML meta-gradient"),
+                           (dict(keep=first, steps=2), "wrong_inner_steps", "inner_steps=2 instead of 3"),
+                           (dict(keep=first, rate=0.0), "no_adaptation",
+                            "no adaptation: the query loss at the initial parameters")):
+        kw = dict(kw)
+        loss, g = _complex_step(case, kw.pop("rate", 0.3), kw.pop("steps", 3), **kw)
+        d = _diagnose(case, g, loss)
+        assert d is not None and d.key == key and f"({label}) to rel" in d.detail, (key, d)
+
+
+def _hessian_cs(p: list, x: np.ndarray, y: np.ndarray, shapes) -> np.ndarray:
+    """The support-loss Hessian by complex steps of our gradient."""
+    flat = flatten(p)
+    cols = []
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        cols.append(np.imag(flatten(_mlp_grad(unflatten(z, shapes), x, y))) / H_CS)
+    return np.stack(cols, axis=1)
+
+
+def test_metasgd_transposed_and_truncated():
+    """Meta-SGD's backward pass with the step Jacobian transposed (``v - a * (H v)`` for ``v - H (a * v)``),
+    written out with explicit Hessians; and backpropagation through the last ``t`` steps by complex steps."""
+    case = _tanh_case("metasgd")
+    shapes = [p.shape for p in case.params]
+    a = flatten([case.extra[f"lrs[{i}]"] for i in range(4)])
+    gtheta, glr = 0.0, 0.0
+    for t in case.tasks:
+        p, grads, Hs = flatten(case.params), [], []
+        for _ in range(3):
+            g = flatten(_mlp_grad(unflatten(p, shapes), t.x_support, t.y_support))
+            grads.append(g)
+            Hs.append(_hessian_cs(unflatten(p, shapes), t.x_support, t.y_support, shapes))
+            p = p - a * g
+        v = flatten(_mlp_grad(unflatten(p, shapes), t.x_query, t.y_query))
+        lr = np.zeros_like(a)
+        for k in reversed(range(3)):
+            lr = lr - grads[k] * v
+            v = v - a * (Hs[k] @ v)  # transposed: the correct adjoint is v - Hs[k] @ (a * v)
+        gtheta, glr = gtheta + v / 2, glr + lr / 2
+    loss = float(evaluate(case)[0])
+    d = _diagnose(case, np.concatenate([gtheta, glr]), loss)
+    assert d is not None and d.key == "metasgd_transposed", d
+    assert "(Meta-SGD with the step Jacobian transposed (a * (H v) instead of H (a * v))) to rel" in d.detail
+    for t in (1, 2):
+        loss, g = _complex_step(case, 1.0, 3, truncate=t)
+        d = _diagnose(case, g, loss)
+        assert d is not None and d.key == "bptt_truncated", (t, d)
+        assert f"(backpropagation through the last {t} of 3 inner steps only (earlier increments lrs * grad detached))" \
+            in d.detail
