@@ -1082,3 +1082,19 @@ def test_metasgd_transposed_and_truncated():
         assert d is not None and d.key == "bptt_truncated", (t, d)
         assert f"(backpropagation through the last {t} of 3 inner steps only (earlier increments lrs * grad detached))" \
             in d.detail
+
+
+def test_a_diverging_variant_is_skipped_not_fatal():
+    """A huge inner learning rate: the wrong-step-count variants overflow (non-finite, skipped) while the asked
+    problem and the other variants stay finite; the variants after them are still tried, and the scale layer's
+    projection does not overflow on gradients ~1e200."""
+    case = _linear_case("maml", seed=2, inner_lr=1e100, inner_steps=1)
+    ref = _reference(case)
+    assert np.all(np.isfinite(ref)) and np.max(np.abs(ref)) > 1e150
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.all(np.isfinite(_maml(case, 1e100, 2)[1]))
+    loss, g = _maml(case, 0.0, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "no_adaptation", d
+    d = _diagnose(case, -ref, -float(evaluate(case)[0]))
+    assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(-1.0, rel=1e-12), d

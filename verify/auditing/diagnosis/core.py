@@ -96,10 +96,11 @@ def scale_consequence(c: float) -> str:
 
 def _with_scale(case: Case, base: Candidate, g: np.ndarray, ref_scale: float) -> Candidate | None:
     G = base.grads
-    gg = float(G @ G)
-    if gg == 0.0:
+    s = float(np.max(np.abs(G), initial=0.0))
+    if s == 0.0:
         return None
-    c = float(G @ g) / gg
+    Gs = G / s  # the projection on unit-scale vectors: |G|^2 overflows for gradients above ~1e154
+    c = float(Gs @ (g / s)) / float(Gs @ Gs)
     if c == 0.0 or close(c, 1.0, 1e-10):
         return None
     label = _scale_label(case, c)
