@@ -1098,3 +1098,14 @@ def test_a_diverging_variant_is_skipped_not_fatal():
     assert d is not None and d.key == "no_adaptation", d
     d = _diagnose(case, -ref, -float(evaluate(case)[0]))
     assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(-1.0, rel=1e-12), d
+
+
+def test_zero_correct_gradient_has_no_scale_layer(maml_case):
+    """At a stationary point (a correct meta-gradient of exactly zero) no factor relates a claim to it."""
+    loss, fo = _maml(maml_case, ALPHA, K, order="first")
+    zeros = [np.zeros(s) for s in maml_case.shapes]
+    d = diagnose(maml_case, loss, unflatten(fo, maml_case.shapes), missing=[False, False], reference_loss=loss,
+                 reference_grads=zeros, tol=TOL)
+    assert d is not None and d.key == "first_order", d
+    assert "differs from the correct meta-gradient by rel 1.0e+00" in d.detail
+    assert not any("scaled by" in a or "factor" in a for a in d.also)

@@ -58,10 +58,13 @@ def _scale_label(case: Case, c: float) -> str:
     T = len(case.tasks)
     nq = {t.x_query.shape[0] for t in case.tasks}
     d_out = case.model.sizes[-1] if (case.model.loss_name == "mse" and ALGORITHMS[case.algorithm].family != "backbone") else 1
-    named: list[tuple[float, str]] = [(-1.0, "sign flipped")]
-    if T > 1:  # with one task, a sum over tasks is the mean (and "summed and sign flipped" is the sign flip)
-        named += [(float(T), f"summed over the {T} tasks instead of averaged"),
-                  (-float(T), f"summed over the {T} tasks and sign flipped")]
+    # first match wins: with one task, -1 is named as the sign flip before "summed over the 1 tasks and sign
+    # flipped", and a factor 1 never reaches here (it is the correct gradient)
+    named: list[tuple[float, str]] = [
+        (-1.0, "sign flipped"),
+        (float(T), f"summed over the {T} tasks instead of averaged"),
+        (-float(T), f"summed over the {T} tasks and sign flipped"),
+    ]
     if len(nq) == 1:
         q = nq.pop() * d_out
         named += [(float(q), f"per-task query loss summed over its {q} elements (reduction='sum') instead of averaged"),
