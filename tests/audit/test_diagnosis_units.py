@@ -1109,3 +1109,14 @@ def test_zero_correct_gradient_has_no_scale_layer(maml_case):
     assert d is not None and d.key == "first_order", d
     assert "differs from the correct meta-gradient by rel 1.0e+00" in d.detail
     assert not any("scaled by" in a or "factor" in a for a in d.also)
+
+
+def test_scale_layer_with_a_unit_largest_entry(maml_case):
+    """A correct gradient whose largest entry is exactly 1: the factor is still found (no special value of the scale)."""
+    ref = _reference(maml_case)
+    unit = ref / np.max(np.abs(ref))
+    assert np.max(np.abs(unit)) == 1.0
+    loss = float(evaluate(maml_case)[0])
+    d = diagnose(maml_case, 2.0 * loss, unflatten(2.0 * unit, maml_case.shapes), missing=[False, False],
+                 reference_loss=loss, reference_grads=unflatten(unit, maml_case.shapes), tol=TOL)
+    assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(2.0, rel=1e-12), d
