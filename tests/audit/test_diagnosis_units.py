@@ -866,7 +866,7 @@ def _imaml_tanh_claim(seed: int, c: float, beta: float) -> tuple[Case, np.ndarra
 
 
 @pytest.mark.parametrize("seed, c, beta", [(2, 0.1, 0.4), (2, 0.2, 1.0), (4, -0.3, 0.4), (1, -0.1, 1.0), (5, 0.1, 1.0),
-                                             (3, -0.1, 0.2)])
+                                             (3, -0.1, 0.2), (1, -0.5, 1.0)])
 def test_imaml_fit_across_an_indefinite_spectrum(seed, c, beta):
     """Systems whose ``c + beta w`` has another sign pattern over ``H``'s eigenvalues than ``(1, 1/lam)``: the
     fit's residual has poles between the asked system and these, and the fit still recovers ``(c, lam')``."""
