@@ -162,6 +162,8 @@ def test_imaml_named_systems(imaml_case, c, beta, key, fitted_c, fitted_lam, lab
     assert d.fitted["c"] == pytest.approx(fitted_c, abs=1e-9)
     assert d.fitted["lam_prime"] == pytest.approx(fitted_lam, rel=1e-9)
     assert f"({label})" in d.detail
+    # the fitted system lands on the same (c, lam') and is named alike: nothing else is listed
+    assert d.also == (), d.also
     assert d.error <= TOL and d.tolerance == TOL
     assert d.title == CATALOGUE[key].title and d.cause == CATALOGUE[key].cause
     # and the distance to the correct gradient is reported
@@ -169,7 +171,8 @@ def test_imaml_named_systems(imaml_case, c, beta, key, fitted_c, fitted_lam, lab
     assert f"differs from the correct meta-gradient by rel {gap:.1e}" in d.detail
 
 
-@pytest.mark.parametrize("c, lam_prime", [(0.7, 2.5 * LAM), (1.3, 0.4 * LAM), (1.0, 2.0 * LAM), (0.5, LAM)])
+@pytest.mark.parametrize("c, lam_prime", [(0.7, 2.5 * LAM), (1.3, 0.4 * LAM), (1.0, 2.0 * LAM), (0.5, LAM),
+                                           (2.0, 1.0 / LAM), (1e-3, LAM)])
 def test_imaml_fitted_system(imaml_case, c, lam_prime):
     """A linear system ``(c I + H/lam') x = grad L_q`` with other ``(c, lam')``: both fitted to round-off."""
     d = _diagnose(imaml_case, _imaml_system(imaml_case, c, 1.0 / lam_prime))
