@@ -1124,3 +1124,25 @@ def test_scale_layer_with_a_unit_largest_entry(maml_case):
     d = diagnose(maml_case, 2.0 * loss, unflatten(2.0 * unit, maml_case.shapes), missing=[False, False],
                  reference_loss=loss, reference_grads=unflatten(unit, maml_case.shapes), tol=TOL)
     assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(2.0, rel=1e-12), d
+
+
+def test_a_fixed_variant_is_preferred_to_a_factor():
+    """``1.0059 x`` the correct gradient is exactly a factor on it (a layer, error 0) and, within a loose tolerance,
+    the no-adaptation variant (fixed, error ~1.8e-2): the fixed variant is named, the factor listed."""
+    a, tol = 1e-2, 2e-2
+    case = _linear_case("maml", seed=2, inner_lr=a, inner_steps=1)
+    _, correct = _maml(case, a, 1)
+    _, noad = _maml(case, 0.0, 1)
+    claim = 1.0059 * correct
+    assert match_error(noad, correct) > tol > match_error(claim, noad) > 1e-2
+    d = _diagnose(case, claim, no_loss=True, tol=tol)
+    assert d is not None and d.key == "no_adaptation", d
+    assert d.also[0] == "scaled by a constant factor 1.0059"
+
+
+def test_imaml_fitted_first_order_like_system_keeps_its_factor(imaml_case):
+    """``(0.5 I + 0 H) x = grad L_q``: twice first-order iMAML; fitted with c = 0.5, not named first-order."""
+    d = _diagnose(imaml_case, _imaml_system(imaml_case, 0.5, 0.0))
+    assert d is not None and d.key == "imaml_system", d
+    assert d.fitted["c"] == pytest.approx(0.5, rel=1e-9) and abs(1.0 / d.fitted["lam_prime"]) < 1e-12
+    assert "(iMAML solving (c I + H/lam') x = grad L_q with c=0.5, lam'=" in d.detail
