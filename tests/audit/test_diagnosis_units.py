@@ -1146,3 +1146,11 @@ def test_imaml_fitted_first_order_like_system_keeps_its_factor(imaml_case):
     assert d is not None and d.key == "imaml_system", d
     assert d.fitted["c"] == pytest.approx(0.5, rel=1e-9) and abs(1.0 / d.fitted["lam_prime"]) < 1e-12
     assert "(iMAML solving (c I + H/lam') x = grad L_q with c=0.5, lam'=" in d.detail
+
+
+def test_imaml_fitted_system_without_identity_but_other_lam(imaml_case):
+    """``H x = (lam/2) grad L_q`` (no identity term, another lam'): fitted, not named "without the identity term"."""
+    d = _diagnose(imaml_case, _imaml_system(imaml_case, 0.0, 2.0 / LAM))
+    assert d is not None and d.key == "imaml_system", d
+    assert abs(d.fitted["c"]) < 1e-12 and d.fitted["lam_prime"] == pytest.approx(LAM / 2, rel=1e-9)
+    assert "(iMAML solving (c I + H/lam') x = grad L_q with c=" in d.detail and f"lam'={LAM / 2:.6g} (asked" in d.detail
