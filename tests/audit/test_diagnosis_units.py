@@ -172,7 +172,7 @@ def test_imaml_named_systems(imaml_case, c, beta, key, fitted_c, fitted_lam, lab
 
 
 @pytest.mark.parametrize("c, lam_prime", [(0.7, 2.5 * LAM), (1.3, 0.4 * LAM), (1.0, 2.0 * LAM), (0.5, LAM),
-                                           (2.0, 1.0 / LAM), (1e-3, LAM)])
+                                           (2.0, 1.0 / LAM), (1e-3, LAM), (LAM, 0.5)])
 def test_imaml_fitted_system(imaml_case, c, lam_prime):
     """A linear system ``(c I + H/lam') x = grad L_q`` with other ``(c, lam')``: both fitted to round-off."""
     d = _diagnose(imaml_case, _imaml_system(imaml_case, c, 1.0 / lam_prime))
