@@ -1154,3 +1154,17 @@ def test_imaml_fitted_system_without_identity_but_other_lam(imaml_case):
     assert d is not None and d.key == "imaml_system", d
     assert abs(d.fitted["c"]) < 1e-12 and d.fitted["lam_prime"] == pytest.approx(LAM / 2, rel=1e-9)
     assert "(iMAML solving (c I + H/lam') x = grad L_q with c=" in d.detail and f"lam'={LAM / 2:.6g} (asked" in d.detail
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("c, beta, label", [
+    (0.0, 0.4, "iMAML without the identity term: H x = lam grad L_q"),
+    (1.0, 2.5, "iMAML with lam where 1/lam belongs: (I + lam H) x = grad L_q"),
+])
+def test_imaml_named_systems_on_indefinite_hessians(seed, c, beta, label):
+    """The named systems are named on nonconvex inner problems too, where the least-squares fit alone may not reach
+    them (poles of ``(c I + beta H)^{-1}`` between its starts and the system)."""
+    case, g = _imaml_tanh_claim(seed, c, beta)
+    d = _diagnose(case, g)
+    assert d is not None and d.key == "imaml_system" and f"({label}) to rel" in d.detail, d
+    assert d.fitted["c"] == pytest.approx(c, abs=1e-9) and d.fitted["lam_prime"] == pytest.approx(1 / beta, rel=1e-9)
