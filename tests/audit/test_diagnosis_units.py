@@ -815,6 +815,7 @@ def _newton_first_order(case: Case, rate: float, steps: int) -> np.ndarray:
     (1, dict(steps=4), "wrong_inner_steps", "inner_steps=4 instead of 1"),
     (3, dict(steps=6), "wrong_inner_steps", "inner_steps=6 instead of 3"),
     (3, dict(steps=1), "wrong_inner_steps", "inner_steps=1 instead of 3"),
+    (4, dict(steps=8), "wrong_inner_steps", "inner_steps=8 instead of 4"),  # the search reaches 2K
     (1, dict(swap=True), "swapped_support_query", "support and query sets swapped"),
     (1, dict(rate=0.0), "no_adaptation", "no adaptation: the query loss at the initial parameters"),
     (2, dict(first_order=True), "first_order",
@@ -1168,3 +1169,13 @@ def test_imaml_named_systems_on_indefinite_hessians(seed, c, beta, label):
     d = _diagnose(case, g)
     assert d is not None and d.key == "imaml_system" and f"({label}) to rel" in d.detail, d
     assert d.fitted["c"] == pytest.approx(c, abs=1e-9) and d.fitted["lam_prime"] == pytest.approx(1 / beta, rel=1e-9)
+
+
+def test_two_step_maml_last_step_only():
+    """With K = 2 steps the last- and first-step variants exist (and differ on a tanh network)."""
+    case = _tanh_case("maml", steps=2)
+    for keep, key, label in ((lambda k: k == 1, "last_step_only", "only the last of the 2 inner steps differentiated"),
+                             (lambda k: k == 0, "first_step_only", "only the first of the 2 inner steps differentiated")):
+        loss, g = _complex_step(case, 0.3, 2, keep=keep)
+        d = _diagnose(case, g, loss)
+        assert d is not None and d.key == key and f"({label}) to rel" in d.detail, d
