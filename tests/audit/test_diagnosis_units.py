@@ -1179,3 +1179,18 @@ def test_two_step_maml_last_step_only():
         loss, g = _complex_step(case, 0.3, 2, keep=keep)
         d = _diagnose(case, g, loss)
         assert d is not None and d.key == key and f"({label}) to rel" in d.detail, d
+
+
+def test_rate_fit_reduction_sum_with_two_outputs():
+    """mse over 2 outputs and 4 support rows: reduction='sum' is an effective rate of alpha x 8 (rows x outputs)."""
+    rng = np.random.default_rng(9)
+    model = MLP([1, 3, 2], "tanh", "mse")
+    tasks = [Task(rng.normal(size=(4, 1)), rng.normal(size=(4, 2)), rng.normal(size=(3, 1)), rng.normal(size=(3, 2)))
+             for _ in range(2)]
+    case = Case("maml", model, model.init(9), tasks, {"inner_lr": 0.02, "inner_steps": 1}, 9)
+    loss, g = _complex_step(case, 0.02, 1)
+    assert match_error(g, _reference(case)) < 1e-12
+    loss, g = _complex_step(case, 0.16, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.16, rel=1e-9), d
+    assert "(= alpha x 8: the support loss is summed over its 8 elements, reduction='sum')" in d.detail
