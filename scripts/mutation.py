@@ -162,7 +162,8 @@ TESTS: dict[str, list[str]] = {
     "verify/_verdict.py": ["tests/test_engine_properties.py", "tests/test_engine_check.py",
                            "tests/test_engine_dottest.py", "tests/test_report.py"],
     "verify/hessian_inverse.py": ["tests/test_engine_properties.py", "tests/test_hessian_inverse.py"],
-    **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_audit_api.py", "tests/audit/test_audit_corpus.py"]
+    **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
+                                             "tests/audit/test_audit_corpus.py"]
        for m in ("catalogue", "core", "gradient", "implicit", "backbone", "optimizer")},
     "reference/r2d2.py": ["tests/test_ref_r2d2_independent.py", "tests/test_symbolic.py",
                           "tests/test_check_matrix.py"],

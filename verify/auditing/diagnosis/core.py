@@ -58,6 +58,8 @@ def _scale_label(case: Case, c: float) -> str:
     T = len(case.tasks)
     nq = {t.x_query.shape[0] for t in case.tasks}
     d_out = case.model.sizes[-1] if (case.model.loss_name == "mse" and ALGORITHMS[case.algorithm].family != "backbone") else 1
+    # first match wins: with one task, -1 is named as the sign flip before "summed over the 1 tasks and sign
+    # flipped", and a factor 1 never reaches here (it is the correct gradient)
     named: list[tuple[float, str]] = [
         (-1.0, "sign flipped"),
         (float(T), f"summed over the {T} tasks instead of averaged"),
@@ -72,9 +74,8 @@ def _scale_label(case: Case, c: float) -> str:
         named += [(1.0 / lam, "iMAML solving (lam I + H) x = grad L_q: a factor 1/lam missing"),
                   (lam, "scaled by lam")]
     for value, text in named:
-        if T > 1 or abs(value) != T:
-            if close(c, value, 1e-8):
-                return f"{text} (factor {c:.6g})"
+        if close(c, value, 1e-8):
+            return f"{text} (factor {c:.6g})"
     return f"scaled by a constant factor {c:.6g}"
 
 
@@ -98,10 +99,11 @@ def scale_consequence(c: float) -> str:
 
 def _with_scale(case: Case, base: Candidate, g: np.ndarray, ref_scale: float) -> Candidate | None:
     G = base.grads
-    gg = float(G @ G)
-    if gg == 0.0:
+    s = float(np.max(np.abs(G), initial=0.0))
+    if s == 0.0:
         return None
-    c = float(G @ g) / gg
+    Gs = G / s  # the projection on unit-scale vectors: |G|^2 overflows for gradients above ~1e154
+    c = float(Gs @ (g / s)) / float(Gs @ Gs)
     if c == 0.0 or close(c, 1.0, 1e-10):
         return None
     label = _scale_label(case, c)

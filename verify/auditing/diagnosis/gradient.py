@@ -195,6 +195,15 @@ def _rate_function(case: Case) -> Callable[[Any], tuple[Any, np.ndarray]] | None
     if a in GRADIENT_BASED:
         kind = _gradient_kind(a)
         keep = (lambda k: False) if a == "fomaml" else (lambda k: True)
+        if a == "metasgd":
+            # rates r * lrs: the chain rule multiplies the gradient with respect to lrs by r
+            n = sum(int(np.size(p)) for p in case.params)
+
+            def scaled(r: Any) -> tuple[Any, np.ndarray]:
+                loss, G = _unrolled(case, kind, r, keep=keep)
+                return loss, np.concatenate([G[:n], r * G[n:]])
+
+            return scaled
         return lambda r: _unrolled(case, kind, r, keep=keep)
     if a == "reptile":
         return lambda r: _reptile(case, "maml", r)

@@ -59,6 +59,15 @@ def _imaml_solution(pieces: list[_ImamlTask], c: float, beta: float) -> np.ndarr
         return sum(p.Q @ (p.y / (c + beta * p.w)) for p in pieces) / len(pieces)
 
 
+def _imaml_jacobian(pieces: list[_ImamlTask], c: float, beta: float) -> np.ndarray:
+    """``d/d(c, beta)`` of :func:`_imaml_solution`: columns ``-mean_t (c I + beta H_t)^{-2} (I, H_t) b_t``."""
+    cols = []
+    for weight in (lambda p: 1.0, lambda p: p.w):
+        col = sum(p.Q @ (-weight(p) * p.y / (c + beta * p.w) ** 2) for p in pieces) / len(pieces)
+        cols.append(col)
+    return np.stack(cols, axis=1)
+
+
 def _cg_iterates(A: np.ndarray, b: np.ndarray, m_max: int) -> list[tuple[np.ndarray, float]]:
     """Conjugate-gradient iterates ``x_1 .. x_m`` from ``x_0 = 0`` with their relative residuals."""
     x = np.zeros_like(b)
@@ -91,12 +100,7 @@ def _fit_imaml(case: Case, g: np.ndarray, pieces: list[_ImamlTask], loss: float)
         return _imaml_solution(pieces, z[0], z[1]) - g
 
     def jac(z: np.ndarray) -> np.ndarray:
-        c, beta = z
-        cols = []
-        for weight in (lambda p: 1.0, lambda p: p.w):
-            col = sum(p.Q @ (-weight(p) * p.y / (c + beta * p.w) ** 2) for p in pieces) / len(pieces)
-            cols.append(col)
-        return np.stack(cols, axis=1)
+        return _imaml_jacobian(pieces, z[0], z[1])
 
     best = None
     for start in ((1.0, 1.0 / lam), (0.0, 1.0 / lam), (1.0, lam), (lam, 1.0), (1.0, 0.0), (1.0, 2.0 / lam),
@@ -163,7 +167,7 @@ def fitted(case: Case, g: np.ndarray, reference_loss: Any,
         loss = float(reference_loss) if reference_loss is not None else math.nan
         fixed += [c for c in _imaml_cg(case, pieces, loss) if not same_as_correct(c)]
         fit = safe(lambda: _fit_imaml(case, g, pieces, loss))
-        if fit is not None:
+        if fit is not None and not same_as_correct(fit):  # (c, lam') fitted to (1, lam): the correct system
             fits.append(fit)
         # The named special cases of the linear system as fixed candidates too.
         lam = float(case.hyper["lam"])
