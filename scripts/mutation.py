@@ -515,6 +515,7 @@ def build_map(tree: str) -> int:
            "modules": {m: _fingerprint(m) for m in default_modules()},
            # the sources themselves, so that a module edited later can carry the map through a diff (remap_lines)
            "sources": {m: (ROOT / m).read_text(encoding="utf-8") for m in default_modules()},
+           "test_files": _test_file_hashes(),
            "tests": tests, "seconds": seconds, "outcome": outcome, "lines": lines}
     tmp = MAP.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))
@@ -523,6 +524,104 @@ def build_map(tree: str) -> int:
     print(f"coverage map: {len(tests)} tests ({outcome.count('failed')} failed, {outcome.count('skipped')} skipped, "
           f"{unknown} without a junit duration), {sum(len(v) for v in lines.values())} lines in {len(lines)} "
           f"files -> {MAP}", flush=True)
+    return 0
+
+
+def _test_file_hashes() -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): _sha(p) for p in sorted((ROOT / "tests").rglob("test_*.py"))
+            if "__pycache__" not in p.parts}
+
+
+def update_map(paths: list[str]) -> int:
+    """Bring the map up to date for test files added or changed since it was built, without the whole suite.
+
+    Only those files run under coverage (one process); their old node ids are retired (outcome
+    ``removed``, never selected), their new ones added with this run's durations and outcomes. Modules
+    whose source changed since are first carried through the diff (:func:`remap_lines`); lines of new
+    code stay *unknown* (their mutants run the mapped test files) unless an updated test ran them, in
+    which case those tests are known to cover them but others may too. Tests of unchanged files keep
+    the coverage of the full run; a changed module may have changed which lines they reach, so a full
+    ``coverage`` run stays the exact selection.
+    """
+    m = load_map()
+    if m is None:
+        raise SystemExit("no coverage map to update: build one with `python scripts/mutation.py coverage`")
+    known = m.get("test_files", {})
+    now = _test_file_hashes()
+    if not paths:
+        paths = [f for f, h in now.items() if known.get(f) != h and f != "tests/test_mutation_sample.py"]
+    if not paths:
+        print("coverage map: no test file changed since it was built", flush=True)
+        return 0
+    COV.mkdir(parents=True, exist_ok=True)
+    data_file = COV / ".coverage-update"
+    for f in COV.glob(".coverage-update*"):
+        f.unlink()
+    rc = COV / "covrc-update"
+    rc.write_text(f"[run]\nsource = reference,verify\ndata_file = {data_file}\npatch = subprocess\nbranch = False\n")
+    junit = COV / "junit-update.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "--cov",
+           f"--cov-config={rc}", "--cov-context=test", "--cov-report=", f"--junitxml={junit}", *paths]
+    print(f"updating the coverage map for {len(paths)} test files: " + " ".join(paths), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HYPOTHESIS_PROFILE="ci"), check=False)
+
+    import xml.etree.ElementTree as ET
+
+    from coverage import CoverageData
+
+    retired = set(paths)
+    index = {t: i for i, t in enumerate(m["tests"])}
+    for i, t in enumerate(m["tests"]):
+        if t.split("::")[0] in retired:
+            m["outcome"][i] = "removed"
+    durations: dict[tuple[str, str], tuple[float, str]] = {}
+    for tc in ET.parse(junit).iter("testcase"):
+        st = ("failed" if tc.find("failure") is not None or tc.find("error") is not None
+              else "skipped" if tc.find("skipped") is not None else "passed")
+        durations[(tc.get("classname") or "", tc.get("name") or "")] = (float(tc.get("time") or 0.0), st)
+    unknown_all = m.setdefault("unknown", {})
+    cov = CoverageData(basename=str(data_file))
+    cov.read()
+    for f in sorted(cov.measured_files()):
+        try:
+            rel = str(Path(f).resolve().relative_to(ROOT))
+        except ValueError:
+            continue
+        source = (ROOT / rel).read_text(encoding="utf-8")
+        table = m["lines"].setdefault(rel, {})
+        if rel in m.get("sources", {}) and m["sources"][rel] != source:
+            table, unknown = remap_lines(m["sources"][rel], source, table)
+            m["lines"][rel] = table
+            unknown_all[rel] = sorted(unknown)
+            m["sources"][rel] = source
+            if rel in m["modules"]:
+                m["modules"][rel] = _fingerprint(rel)
+        for ln, ctxs in cov.contexts_by_lineno(f).items():
+            for c in ctxs:
+                node = c.rsplit("|", 1)[0] if c.endswith(("|run", "|setup", "|teardown")) else c
+                if not node:
+                    continue
+                i = index.get(node)
+                if i is None:  # a new test; a re-run one keeps its id (its old lines stay: a superset)
+                    i = index[node] = len(m["tests"])
+                    m["tests"].append(node)
+                    m["seconds"].append(1.0)
+                    m["outcome"].append("unknown")
+                t, st = durations.get(_junit_key(node), (1.0, "unknown"))
+                m["seconds"][i], m["outcome"][i] = round(t, 4), st
+                ids = table.setdefault(str(ln), [])
+                if i not in ids:
+                    ids.append(i)
+    for f in paths:
+        m.setdefault("test_files", {})[f] = now.get(f, "")
+    if all(m.get("test_files", {}).get(f) == h for f, h in now.items() if f != "tests/test_mutation_sample.py"):
+        m["tree"] = tree_hash()  # every test file is now known: newer-test padding no longer needed
+    m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tmp = MAP.with_suffix(".tmp")
+    tmp.write_text(json.dumps(m))
+    tmp.replace(MAP)
+    print(f"coverage map updated: {len(paths)} test files, {len(m['tests'])} node ids "
+          f"({m['outcome'].count('removed')} retired) -> {MAP}", flush=True)
     return 0
 
 
@@ -1053,7 +1152,8 @@ class Runner:
         self.work = SCRATCH / f"work-{self.tag}"
         self.fresh = SCRATCH / f"fresh-{self.tag}"
         self.map = load_map()
-        self.unknown_lines: dict[str, set[int]] = {}  # module -> new lines a remapped map knows nothing of
+        # module -> new lines a remapped map knows nothing of (from `coverage --update`, and remaps in this run)
+        self.unknown_lines: dict[str, set[int]] = {k: set(v) for k, v in (self.map or {}).get("unknown", {}).items()}
         self.tree = tree_hash()
         self.broken: set[str] = set()
         self.kills: dict[str, dict[str, int]] = {}  # "module::function" and "module" -> killer test -> kills
@@ -1862,6 +1962,9 @@ def main(argv: list[str] | None = None) -> int:
     cov = sub.add_parser("coverage", help="collect the per-test coverage map (.mutation/coverage-map.json)")
     cov.add_argument("-n", type=int, default=1, help="pytest-xdist workers for this one collection run")
     cov.add_argument("--build-only", action="store_true", help="rebuild the map from the last collection's data")
+    cov.add_argument("--update", nargs="*", metavar="TEST_FILE", default=None,
+                     help="run only these test files (default: those added or changed since the map) under "
+                          "coverage and merge them into the existing map")
     st = sub.add_parser("selftest", help="known mutants through both paths (fast swap, fresh import): same outcomes")
     st.add_argument("--mutator", action="store_true", help="also compare every mutant's text with Cosmic Ray's")
     r.add_argument("--complete-partial", action="store_true",
@@ -1876,6 +1979,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report()
     if args.command == "coverage":
+        if args.update is not None:
+            return update_map(args.update)
         return collect_coverage(args.n, args.build_only)
     if args.command == "selftest":
         return selftest(args.mutator)
