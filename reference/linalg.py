@@ -199,7 +199,9 @@ def conjugate_gradient(
                 f"conjugate gradient on {what} did not converge: relative residual {rel:.3g} > rtol={rtol:g} "
                 f"after {iterations} iterations (maxiter={maxiter})", hint))
         restarts += 1
-    if len(diag) == 1:
+    if len(diag) <= 1:
+        # No Ritz pair to compare (x = 0 already met rtol >= 1 with maxiter = 0, or one iteration):
+        # the trivial lower bound cond(A) >= 1.
         cond_est = 1.0
     else:
         ritz = scipy.linalg.eigvalsh_tridiagonal(np.array(diag), np.array(off[: len(diag) - 1]))

@@ -176,6 +176,17 @@ def test_cg_zero_rhs_costs_nothing():
         assert info == CGInfo(iterations=0, residual=0.0, cond_estimate=1.0, restarts=0)
 
 
+def test_cg_zero_iterations_when_x0_already_meets_a_loose_tolerance():
+    # rtol >= 1 and maxiter = 0: x = 0 has relative residual exactly 1 <= rtol; no CG step, no Ritz value.
+    mv = _Counted(np.diag([1.0, 2.0, 3.0]))
+    x, info = conjugate_gradient(mv, np.ones(3), rtol=1.0, maxiter=0, what="A")
+    np.testing.assert_array_equal(x, np.zeros(3))
+    assert info == CGInfo(iterations=0, residual=1.0, cond_estimate=1.0, restarts=0)
+    assert mv.calls == 1  # the true residual only
+    with pytest.raises(ConvergenceError, match=r"relative residual 1 > rtol=0.5 after 0 iterations \(maxiter=0\)"):
+        conjugate_gradient(mv, np.ones(3), rtol=0.5, maxiter=0, what="A")
+
+
 def test_cg_complex_step_imaginary_part_converges_separately():
     # b = u + i h v with u an eigenvector: the real part converges in one step, the imaginary part
     # (the derivative, A^{-1} v) needs the whole Krylov space; CG must not stop on the real part alone.
