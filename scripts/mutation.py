@@ -181,6 +181,7 @@ TESTS: dict[str, list[str]] = {
                                "tests/test_ref_closed_form.py"],
     "reference/linalg.py": ["tests/test_ref_linalg.py", "tests/test_ref_closed_form.py", "tests/test_ref_imaml.py"],
     "reference/flow.py": ["tests/test_flow.py"],
+    "reference/imaml_solver.py": ["tests/test_ref_imaml_solver.py", "tests/test_inner_audit.py"],
     "reference/validation.py": ["tests/test_ref_gradient_family.py", "tests/test_models.py",
                                  "tests/test_ref_metric.py"],
     "reference/tasks.py": ["tests/test_models.py", "tests/test_ref_gradient_family.py", "tests/test_flow.py"],
