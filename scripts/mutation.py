@@ -177,7 +177,7 @@ TESTS: dict[str, list[str]] = {
     "reference/protonet.py": ["tests/test_ref_metric.py"],
     "reference/matchingnet.py": ["tests/test_ref_metric.py"],
     "reference/lrd2.py": ["tests/test_ref_closed_form.py", "tests/test_check_matrix.py"],
-    "reference/models.py": ["tests/test_models.py", "tests/test_ref_gradient_family.py"],
+    "reference/models.py": ["tests/test_ref_models_contract.py", "tests/test_models.py", "tests/test_ref_gradient_family.py"],
     "reference/inner_loop.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/features.py": ["tests/test_ref_features.py", "tests/test_ref_r2d2_independent.py", "tests/test_ref_metric.py",
                                "tests/test_ref_closed_form.py"],
