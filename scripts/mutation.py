@@ -186,7 +186,7 @@ TESTS: dict[str, list[str]] = {
     "reference/imaml_solver.py": ["tests/test_ref_imaml_solver.py", "tests/test_inner_audit.py"],
     "reference/mamlpp.py": ["tests/test_ref_mamlpp.py", "tests/test_ref_inner_optim.py", "tests/test_inner_audit.py",
                             "tests/test_check_matrix.py"],
-    "reference/validation.py": ["tests/test_ref_gradient_family.py", "tests/test_models.py",
+    "reference/validation.py": ["tests/test_ref_validation.py", "tests/test_ref_gradient_family.py", "tests/test_models.py",
                                  "tests/test_ref_metric.py"],
     "reference/tasks.py": ["tests/test_models.py", "tests/test_ref_gradient_family.py", "tests/test_flow.py"],
 }
