@@ -188,7 +188,7 @@ TESTS: dict[str, list[str]] = {
                             "tests/test_check_matrix.py"],
     "reference/validation.py": ["tests/test_ref_validation.py", "tests/test_ref_gradient_family.py", "tests/test_models.py",
                                  "tests/test_ref_metric.py"],
-    "reference/tasks.py": ["tests/test_models.py", "tests/test_ref_gradient_family.py", "tests/test_flow.py"],
+    "reference/tasks.py": ["tests/test_ref_tasks.py", "tests/test_models.py", "tests/test_ref_gradient_family.py", "tests/test_flow.py"],
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {
