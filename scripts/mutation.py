@@ -166,7 +166,7 @@ TESTS: dict[str, list[str]] = {
        for m in ("catalogue", "core", "gradient", "implicit", "backbone", "optimizer")},
     "reference/r2d2.py": ["tests/test_ref_r2d2_independent.py", "tests/test_symbolic.py",
                           "tests/test_check_matrix.py"],
-    "reference/maml.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
+    "reference/maml.py": ["tests/test_ref_maml_adapt.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/anil.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/metasgd.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py",
                              "tests/test_ref_inner_optim.py"],
