@@ -171,7 +171,7 @@ TESTS: dict[str, list[str]] = {
     "reference/metasgd.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py",
                              "tests/test_ref_inner_optim.py"],
     "reference/formatting.py": ["tests/test_ref_formatting.py", "tests/test_models.py"],
-    "reference/reptile.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
+    "reference/reptile.py": ["tests/test_ref_reptile.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/newton.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/imaml.py": ["tests/test_ref_imaml.py", "tests/test_hessian_inverse.py"],
     "reference/protonet.py": ["tests/test_ref_metric.py"],
