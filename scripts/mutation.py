@@ -174,7 +174,7 @@ TESTS: dict[str, list[str]] = {
     "reference/reptile.py": ["tests/test_ref_reptile.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/newton.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/imaml.py": ["tests/test_ref_imaml.py", "tests/test_hessian_inverse.py"],
-    "reference/protonet.py": ["tests/test_ref_metric.py"],
+    "reference/protonet.py": ["tests/test_ref_protonet_paths.py", "tests/test_ref_metric.py"],
     "reference/matchingnet.py": ["tests/test_ref_metric.py"],
     "reference/lrd2.py": ["tests/test_ref_closed_form.py", "tests/test_check_matrix.py"],
     "reference/models.py": ["tests/test_ref_models_contract.py", "tests/test_models.py", "tests/test_ref_gradient_family.py"],
