@@ -164,6 +164,11 @@ def conjugate_gradient(
     bre, bim = np.linalg.norm(b.real), np.linalg.norm(b.imag)
     if bre == 0 and bim == 0:
         return x, CGInfo(0, 0.0, 1.0, 0)
+    if bre == 0:
+        # b = i c (the complex step of a zero right-hand side): COCG's p^T A p = -c^T A c < 0 would be
+        # refused as "not positive definite". The operator is linear: solve A y = c, return x = i y.
+        y, info = conjugate_gradient(matvec, -1j * b, rtol=rtol, maxiter=maxiter, what=what, hint=hint)
+        return 1j * y, info
 
     def converged(r: np.ndarray) -> bool:
         if np.linalg.norm(r.real) > rtol * bre:
@@ -229,7 +234,9 @@ def conjugate_gradient(
                 f"conjugate gradient on {what} did not converge: relative residual {rel:.3g} > rtol={rtol:g} "
                 f"after {iterations} iterations (maxiter={maxiter})", hint))
         restarts += 1
-    if len(diag) == 1:
+    if len(diag) <= 1:
+        # No Ritz pair to compare (x = 0 already met rtol >= 1 with maxiter = 0, or one iteration):
+        # the trivial lower bound cond(A) >= 1.
         cond_est = 1.0
     else:
         ritz = scipy.linalg.eigvalsh_tridiagonal(np.array(diag), np.array(off[: len(diag) - 1]))
