@@ -346,7 +346,8 @@ def test_from_torch_leaf_translations_match_torch_forward(check):
 
 def test_from_torch_rejects_unsupported_options():
     bad = [nn.AvgPool2d(2, count_include_pad=False), nn.AvgPool2d(2, ceil_mode=True),
-           nn.AvgPool2d(2, divisor_override=3), nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(2, return_indices=True), nn.Flatten(start_dim=2),
+           nn.AvgPool2d(2, divisor_override=3), nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(2, return_indices=True),
+           nn.Flatten(start_dim=2),
            nn.Flatten(end_dim=2), nn.Conv2d(2, 2, 3, padding="same"), nn.Dropout(0.1),
            nn.AdaptiveAvgPool2d((1, 2)), nn.AdaptiveAvgPool2d((2, 1)), nn.Conv2d(2, 2, 1, dilation=(1, 2)),
            nn.Conv2d(2, 2, 1, dilation=(2, 1))]
