@@ -423,3 +423,21 @@ def test_from_torch_errors_give_the_dotted_path_and_reject_own_parameters():
         reference.from_torch(nn.GroupNorm(1, 2), (2, 6, 6))
     with pytest.raises(InvalidInputError, match=r"^<root>: nn\._OwnParam is not supported"):
         reference.from_torch(_OwnParam(), (3,))
+
+
+class _Block(nn.Module):
+    """A ResNet basic block (conv1, bn1, relu, conv2, bn2) with one extra child named ``extra``."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.relu = nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        setattr(self, extra, nn.Conv2d(2, 2, 1) if extra.startswith("conv") else nn.BatchNorm2d(2))
+
+
+@pytest.mark.parametrize("extra", ["conv0", "conv3", "bn0", "bn3"])
+def test_from_torch_basic_block_rejects_an_unrecognised_child(extra):
+    """conv3 without bn3 (or the reverse) is not a 3-conv block; conv0/bn0 are nothing; each is named."""
+    with pytest.raises(InvalidInputError, match=rf"unrecognised children \['{extra}'\]"):
+        reference.from_torch(nn.Sequential(_Block(extra)), (2, 5, 5))
