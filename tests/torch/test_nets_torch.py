@@ -441,3 +441,11 @@ def test_from_torch_basic_block_rejects_an_unrecognised_child(extra):
     """conv3 without bn3 (or the reverse) is not a 3-conv block; conv0/bn0 are nothing; each is named."""
     with pytest.raises(InvalidInputError, match=rf"unrecognised children \['{extra}'\]"):
         reference.from_torch(nn.Sequential(_Block(extra)), (2, 5, 5))
+
+
+def test_from_torch_rejects_tied_parameters():
+    """A weight shared by two layers appears once in named_parameters but twice in the translation."""
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(InvalidInputError, match="one to one"):
+        reference.from_torch(nn.Sequential(a, nn.Tanh(), b), (3,))
