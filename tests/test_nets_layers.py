@@ -355,3 +355,241 @@ def test_fused_maml_task_equals_the_generic_loop():
     assert abs(a[0] - b[0]) <= 1e-15 * abs(b[0])
     assert _rel(flatten(a[1]), flatten(b[1])) <= 1e-13
     assert all((x is None and y is None) or _rel(x, y) <= 1e-13 for x, y in zip(a[2], b[2]))
+
+
+# -- Conv2d as a layer: its four passes against a direct loop, the complex step of its own forward/backward,
+#    the memory rules of its column cache and chunks (small sizes forced with monkeypatch). --
+
+# (C, O, kernel, stride, padding, H, W, bias, N): asymmetric kernel/stride/padding and H != W so that an index
+# swapped between the two spatial axes shows.
+CONV_GEOMS = [
+    (2, 3, (3, 2), (2, 1), (1, 0), 7, 5, True, 3),
+    (3, 2, (2, 3), (1, 2), (0, 1), 5, 8, False, 3),
+]
+
+
+def _conv_loop(W, b, x, stride, padding):
+    """``nn.Conv2d``'s definition as loops over NCHW arrays (independent of im2col)."""
+    (sh, sw), (ph, pw) = stride, padding
+    O, _, kh, kw = W.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    Ho, Wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = np.zeros((x.shape[0], O, Ho, Wo), dtype=np.result_type(W, x))
+    for n in range(x.shape[0]):
+        for o in range(O):
+            for h in range(Ho):
+                for w in range(Wo):
+                    out[n, o, h, w] = np.sum(W[o] * xp[n, :, sh * h : sh * h + kh, sw * w : sw * w + kw])
+    return out if b is None else out + b[None, :, None, None]
+
+
+def _force_chunks(monkeypatch, conv, x_nhwc, per_chunk):
+    """No column cache and chunks of ``per_chunk`` examples, from the measured bytes of one example's columns."""
+    import reference.nets.layers.conv as conv_mod
+
+    _, Ho, Wo = conv.out_shape((conv.in_channels, *x_nhwc.shape[1:3]))
+    one = conv._cols(conv._pad(x_nhwc[:1]), Ho, Wo).nbytes
+    monkeypatch.setattr(conv_mod, "COLS_CACHE_BYTES", 0)
+    monkeypatch.setattr(conv_mod, "COLS_CHUNK_BYTES", per_chunk * one)
+    return one
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("geom", CONV_GEOMS)
+def test_conv_layer_passes_against_loop_and_complex_step(geom, chunked, monkeypatch):
+    C, O, k, s, pad, H, Wd, bias, N = geom
+    conv = Conv2d(C, O, k, stride=s, padding=pad, bias=bias)
+    rng = np.random.default_rng(5)
+    P = [rng.normal(size=sh) for sh in conv.param_shapes]
+    dP = [rng.normal(size=sh) for sh in conv.param_shapes]
+    x = rng.normal(size=(N, C, H, Wd))
+    dx = rng.normal(size=x.shape)
+    t = lambda a: a.transpose(0, 2, 3, 1)  # NCHW -> NHWC  # noqa: E731
+    if chunked:
+        _force_chunks(monkeypatch, conv, t(x), 2)  # N = 3: chunks (0, 2), (2, 3)
+    y, cache = conv.fwd(P, t(x))
+    assert (cache[1] is None) == chunked
+    want = _conv_loop(P[0], P[1] if bias else None, x, conv.stride, conv.padding)
+    assert y.shape == t(want).shape and _rel(y, t(want)) <= 1e-14
+
+    def cs_fwd(i):  # complex step of the forward along argument i alone (the others stay real)
+        Q = [p + 1j * H_CS * d if j == i else p for j, (p, d) in enumerate(zip(P, dP))]
+        xx = t(x) + 1j * H_CS * t(dx) if i == len(P) else t(x)
+        return np.imag(conv.fwd(Q, xx)[0]) / H_CS
+
+    gy, rgy = rng.normal(size=y.shape), rng.normal(size=y.shape)
+    gP, gx = conv.bwd(P, cache, gy)  # need_gx defaults to True
+    assert gx is not None and gx.shape == t(x).shape
+    parts = [np.sum(g * d) for g, d in zip(gP, dP)] + [np.sum(gx * t(dx))]
+    for i, part in enumerate(parts):  # adjoint identity per argument: <gy, J_i d_i> = <J_i^T gy, d_i>
+        d = np.sum(gy * cs_fwd(i))
+        assert abs(part - d) <= EXACT * max(abs(d), 1.0)
+    # JVP along the parameters alone and along parameters and input.
+    dyP, dcP = conv.jvp(P, cache, dP, None)
+    assert dcP is None
+    assert _rel(dyP, sum(cs_fwd(i) for i in range(len(P)))) <= EXACT
+    dy, dcache = conv.jvp(P, cache, dP, t(dx))
+    assert (dcache[1] is None) == chunked
+    assert _rel(dy, sum(cs_fwd(i) for i in range(len(P) + 1))) <= EXACT
+    # The JVP is complex-linear: a complex direction in one argument (the others real) splits into parts.
+    for i in range(len(P) + 1):
+        re = [d if j == i else 0 * d for j, d in enumerate(dP)] + [t(dx) if i == len(P) else None]
+        im = [rng.normal(size=d.shape) if j == i else 0 * d for j, d in enumerate(dP)]
+        imx = rng.normal(size=t(dx).shape) if i == len(P) else None
+        cdP = [a + 1j * b if j == i else a for j, (a, b) in enumerate(zip(re[:-1], im))]  # others stay real
+        cdx = None if imx is None else re[-1] + 1j * imx
+        got = conv.jvp(P, cache, cdP, cdx)[0]
+        a = conv.jvp(P, cache, re[:-1], re[-1])[0]
+        b = conv.jvp(P, cache, im, imx)[0]
+        assert _rel(got, a + 1j * b) <= EXACT
+    # R-operator: the complex step of the backward pass at (P + ih dP, x + ih dx) with cotangent gy + ih rgy.
+    Pc = [p + 1j * H_CS * d for p, d in zip(P, dP)]
+    _, cc = conv.fwd(Pc, t(x) + 1j * H_CS * t(dx))
+    gPc, gxc = conv.bwd(Pc, cc, gy + 1j * H_CS * rgy)
+    g2, gx2, rgP, rgx = conv.rbwd(P, cache, dcache, gy, rgy, dP, t(dx))  # need_gx defaults to True
+    assert all(_rel(a, b) <= EXACT for a, b in zip(g2, gP)) and _rel(gx2, gx) <= EXACT
+    assert all(_rel(a, np.imag(b) / H_CS) <= EXACT for a, b in zip(rgP, gPc))
+    assert _rel(rgx, np.imag(gxc) / H_CS) <= EXACT
+    # Without an input direction (dcache None): R{gW} loses the gy^T im2col(dx) term.
+    _, cc0 = conv.fwd(Pc, t(x))
+    gPc0, _ = conv.bwd(Pc, cc0, gy + 1j * H_CS * rgy, need_gx=False)
+    _, _, rgP0, _ = conv.rbwd(P, cache, dcP, gy, rgy, dP, None, need_gx=False)
+    assert all(_rel(a, np.imag(b) / H_CS) <= EXACT for a, b in zip(rgP0, gPc0))
+
+
+def test_conv_chunks_partition_the_batch_within_the_byte_budget(monkeypatch):
+    """Chunks cover 0..N once, in order; each holds at most COLS_CHUNK_BYTES of columns and is the largest that
+    does (one example at least), the bytes measured on the columns themselves."""
+    import reference.nets.layers.conv as conv_mod
+
+    conv = Conv2d(3, 2, (3, 2), stride=(1, 2), padding=(1, 0))
+    x = np.zeros((1, 6, 7, 3))
+    _, Ho, Wo = conv.out_shape((3, 6, 7))
+    one = conv._cols(conv._pad(x), Ho, Wo).nbytes
+    for budget, N in [(1, 3), (one, 4), (2 * one, 5), (2 * one + one // 2, 7), (3 * one - 1, 7), (100 * one, 6)]:
+        monkeypatch.setattr(conv_mod, "COLS_CHUNK_BYTES", budget)
+        chunks = conv._chunks(N, Ho, Wo, x.itemsize)
+        assert [lo for lo, _ in chunks] == [0] + [hi for _, hi in chunks[:-1]] and chunks[-1][1] == N
+        step = max(1, budget // one)
+        assert all(hi - lo == min(step, N - lo) for lo, hi in chunks)
+
+
+def test_conv_caches_its_columns_exactly_when_they_fit(monkeypatch):
+    """``cache[1]`` (forward) and ``dcache[1]`` (JVP) hold the columns iff their bytes <= COLS_CACHE_BYTES."""
+    import reference.nets.layers.conv as conv_mod
+
+    conv = Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(0, 1))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 7, 5, 2))
+    P = [rng.normal(size=s) for s in conv.param_shapes]
+    _, full = conv.fwd(P, x)
+    nbytes = full[1].nbytes  # the columns, measured
+    for cap, kept in [(nbytes, True), (nbytes - 1, False)]:
+        monkeypatch.setattr(conv_mod, "COLS_CACHE_BYTES", cap)
+        _, cache = conv.fwd(P, x)
+        assert (cache[1] is not None) == kept
+        _, dcache = conv.jvp(P, cache, P, x)
+        assert (dcache[1] is not None) == kept
+
+
+def test_conv_init_and_geometry_checks():
+    """PyTorch's init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C kh kw, for weight and bias; bad geometry."""
+    conv = Conv2d(3, 400, (3, 2))
+    bound = 1 / np.sqrt(3 * 3 * 2)
+    W, b = conv.init(np.random.default_rng(0))
+    for a in (W, b):
+        assert np.max(np.abs(a)) <= bound and a.min() < -0.9 * bound and a.max() > 0.9 * bound
+    for kw in [dict(kernel_size=0), dict(kernel_size=(2, 0)), dict(kernel_size=2, stride=0),
+               dict(kernel_size=2, padding=-1), dict(kernel_size=2, padding=(0, -1))]:
+        with pytest.raises(InvalidInputError):
+            Conv2d(1, 1, **kw)
+    c = Conv2d(2, 1, 3)
+    assert c.out_shape((2, 3, 3)) == (1, 1, 1)
+    for shape in [(3, 5, 5), (2, 5), (2, 2, 5), (2, 5, 2)]:  # wrong channels, rank, one side too small
+        with pytest.raises(InvalidInputError):
+            c.out_shape(shape)
+
+
+def test_activation_defaults_and_pieces_match_pytorch_closed_forms():
+    """PyTorch's documented defaults (negative_slope 0.01, alpha 1, beta 1, threshold 20) and formulas, each
+    derivative checked by complex step or its closed form, on both sides of every kink and threshold."""
+    x = np.array([-2.0, -0.5, 0.7, 3.0])
+    assert np.array_equal(Activation("leaky_relu").fwd([], x)[0], np.where(x > 0, x, 0.01 * x))
+    assert _rel(Activation("elu").fwd([], x)[0], np.where(x > 0, x, np.expm1(x))) <= 1e-15
+    assert _rel(Activation("softplus").fwd([], x)[0], np.log1p(np.exp(x))) <= 1e-15
+    sp2 = Activation("softplus", beta=2.0)
+    f, d1, d2 = sp2.derivs(x, 2)
+    assert _rel(f, np.log1p(np.exp(2 * x)) / 2) <= 1e-15
+    assert _rel(d1, np.imag(sp2.derivs(x + 1j * H_CS, 0)[0]) / H_CS) <= 1e-14
+    assert _rel(d2, np.imag(sp2.derivs(x + 1j * H_CS, 1)[1]) / H_CS) <= 1e-14
+    # Threshold 20 (beta x > 20 strictly): log1p(exp(t)) - t = exp(-t) ~ 2e-9 is far above round-off at t ~ 20.
+    t = np.array([19.5, 20.0, 20.5])
+    got = Activation("softplus").fwd([], t)[0]
+    assert got[2] == 20.5 and got[0] != 19.5 and got[1] != 20.0
+    assert _rel(got[:2], np.log1p(np.exp(t[:2]))) <= 1e-15
+    # Past the threshold softplus is x itself: f' = 1, f'' = 0 (also with beta != 1: beta x > 20).
+    assert [list(a) for a in sp2.derivs(np.array([10.5]), 2)] == [[10.5], [1.0], [0.0]]
+    # relu / leaky_relu derivatives, incl. the kink (PyTorch: relu'(0) = 0, leaky'(0) = slope).
+    z = np.array([-1.5, 0.0, 2.0])
+    assert [list(a) for a in Activation("relu").derivs(z, 2)] == [[0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [0.0] * 3]
+    f, d1 = Activation("leaky_relu", slope=0.25).derivs(z, 1)  # slope a power of 2: exact products
+    assert list(f) == [-0.375, 0.0, 2.0] and list(d1) == [0.25, 0.25, 1.0]
+
+
+@pytest.mark.parametrize("name", ["tanh", "elu", "softplus", "sigmoid"])
+def test_activation_rbwd_without_input_direction(name):
+    """R{gx} = R{gy} f'(x) when dx is None (no second-order term), = R{gy} f' + gy f'' dx otherwise."""
+    act = Activation(name)
+    rng = np.random.default_rng(1)
+    x, gy, rgy, dx = (rng.normal(size=5) for _ in range(4))
+    _, cache = act.fwd([], x)
+    _, d1, d2 = act.derivs(x, 2)
+    _, gx, _, rgx = act.rbwd([], cache, None, gy, rgy, [], None)
+    assert _rel(gx, gy * d1) <= 1e-15 and _rel(rgx, rgy * d1) <= 1e-15
+    _, _, _, rgx = act.rbwd([], cache, None, gy, rgy, [], dx)
+    # Complex step of the backward pass: gx(x + ih dx, gy + ih rgy).
+    _, cc = act.fwd([], x + 1j * H_CS * dx)
+    want = np.imag(act.bwd([], cc, gy + 1j * H_CS * rgy)[1]) / H_CS
+    assert _rel(rgx, want) <= 1e-14
+
+
+def test_layer_argument_checks_and_analytic_flags():
+    """Sizes are integers >= 1 (bools, floats, 0 rejected); a network is analytic iff no layer has a kink."""
+    for bad in [0, -1, True, 2.0, "3"]:
+        with pytest.raises(InvalidInputError):
+            Linear(bad, 2)
+        with pytest.raises(InvalidInputError):
+            Conv2d(1, bad, 3)
+    with pytest.raises(InvalidInputError):
+        Sequential(Linear(2, 2), "tanh")
+    smooth = [Conv2d(1, 2, 3), AvgPool2d(2), Flatten(), Linear(8, 2), Activation("tanh"), Linear(2, 2)]
+    assert Network(smooth, (1, 6, 6)).is_analytic
+    assert not Network(smooth[:4] + [Activation("relu"), Linear(2, 2)], (1, 6, 6)).is_analytic
+    assert Residual(Sequential(Linear(3, 3), Activation("tanh"))).analytic
+    assert not Residual(Sequential(Linear(3, 3), Activation("tanh")), Sequential(Linear(3, 3), Activation("relu"))
+                        ).analytic
+    assert not Residual(Sequential(Linear(3, 3), Activation("elu")), Linear(3, 3)).analytic
+
+
+def test_sequential_and_residual_need_gx_and_repr():
+    """need_gx defaults to True; need_gx=False returns no input gradient (but the same parameter gradients)."""
+    act = Activation("tanh")
+    seq = Sequential(Linear(3, 4), Activation("tanh"), Linear(4, 2))
+    assert repr(seq) == f"Sequential({Linear(3, 4)!r}, {act!r}, {Linear(4, 2)!r})"
+    res = Residual(Sequential(Linear(3, 3), Activation("tanh")), Linear(3, 3))
+    rng = np.random.default_rng(2)
+    x, dx = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    for layer in (seq, res):
+        P = [rng.normal(size=s) for s in layer.param_shapes]
+        dP = [rng.normal(size=s) for s in layer.param_shapes]
+        y, cache = layer.fwd(P, x)
+        gy, rgy = rng.normal(size=y.shape), rng.normal(size=y.shape)
+        _, rcache = layer.jvp(P, cache, dP, dx)
+        gP, gx = layer.bwd(P, cache, gy)
+        assert gx is not None and gx.shape == x.shape
+        gP0, gx0 = layer.bwd(P, cache, gy, need_gx=False)
+        assert gx0 is None and all(np.array_equal(a, b) for a, b in zip(gP, gP0))
+        out = layer.rbwd(P, cache, rcache, gy, rgy, dP, dx)
+        assert out[1] is not None and out[3] is not None and _rel(out[1], gx) <= 1e-15
+        out0 = layer.rbwd(P, cache, rcache, gy, rgy, dP, dx, need_gx=False)
+        assert out0[1] is None and out0[3] is None

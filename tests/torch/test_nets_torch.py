@@ -300,3 +300,152 @@ def test_import_reference_does_not_import_torch():
     code = "import sys, reference, reference.nets; reference.nets.conv4((1, 28, 28), 5); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _zoo():
+    """Small float64 modules covering every translated leaf type and option (asymmetric conv geometry)."""
+    acts = [nn.ReLU(), nn.LeakyReLU(0.2), nn.ELU(alpha=0.7), nn.Tanh(), nn.Sigmoid(), nn.Softplus(beta=2.0,
+                                                                                                  threshold=5.0)]
+    mods = [nn.Sequential(nn.Linear(3, 4), a, nn.Linear(4, 2)) for a in acts]
+    mods.append(nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), nn.BatchNorm2d(3), nn.ELU(),
+                              nn.Conv2d(3, 2, (2, 3), padding="valid"), nn.AvgPool2d(2, stride=1),
+                              nn.Flatten(), nn.Linear(2 * 2 * 2, 5), nn.BatchNorm1d(5), nn.Tanh(),
+                              nn.Dropout(0.0), nn.Linear(5, 2)))
+    mods.append(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Identity(), nn.Linear(2, 2)))
+    return mods
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_from_torch_leaf_translations_match_torch_forward(check):
+    """Every leaf type and option through from_torch: the network's forward equals torch's in float64."""
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    for i, m in enumerate(_zoo()):
+        m = m.double().train(i % 2 == 0)
+        in_shape = (3,) if isinstance(m[0], nn.Linear) else (2, 7, 6)
+        if i % 2 == 1:  # eval mode with non-trivial running statistics
+            for b in m.modules():
+                if isinstance(b, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    b.running_mean.normal_()
+                    b.running_var.uniform_(0.5, 2.0)
+        net, p = reference.from_torch(m, in_shape, check_forward=check)
+        x = rng.normal(size=(5, *in_shape)) * 3
+        with torch.no_grad():
+            want = m(torch.from_numpy(x)).numpy()
+        assert _rel(net.forward(p, x), want) <= 1e-12, (i, m)
+        assert list(net.param_names) == [n for n, _ in m.named_parameters()]
+    # A bare leaf as the root module (no parent name), inside a nested Sequential (dotted names).
+    for m in (nn.Linear(3, 2), nn.Sequential(nn.Sequential(nn.Linear(3, 2), nn.Tanh()), nn.Linear(2, 2))):
+        net, p = reference.from_torch(m.double(), (3,), check_forward=check)
+        assert list(net.param_names) == [n for n, _ in m.named_parameters()]
+        x = rng.normal(size=(4, 3))
+        with torch.no_grad():
+            assert _rel(net.forward(p, x), m(torch.from_numpy(x)).numpy()) <= 1e-12
+
+
+def test_from_torch_rejects_unsupported_options():
+    bad = [nn.AvgPool2d(2, count_include_pad=False), nn.AvgPool2d(2, ceil_mode=True),
+           nn.AvgPool2d(2, divisor_override=3), nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(2, return_indices=True),
+           nn.Flatten(start_dim=2),
+           nn.Flatten(end_dim=2), nn.Conv2d(2, 2, 3, padding="same"), nn.Dropout(0.1),
+           nn.AdaptiveAvgPool2d((1, 2)), nn.AdaptiveAvgPool2d((2, 1)), nn.Conv2d(2, 2, 1, dilation=(1, 2)),
+           nn.Conv2d(2, 2, 1, dilation=(2, 1))]
+    for m in bad:
+        with pytest.raises(InvalidInputError, match="not supported"):
+            reference.from_torch(nn.Sequential(nn.Conv2d(2, 2, 1), m), (2, 6, 6), check_forward=False)
+
+
+class _Scaled(nn.Sequential):
+    """A Sequential whose forward is not the composition of its children: the output times (1 + 1e-8)."""
+
+    def forward(self, x):
+        return super().forward(x) * (1 + 1e-8)
+
+
+def test_from_torch_forward_check_is_relative_and_on_by_default():
+    """The forward check (on by default) compares relatively at 1e-9: a 1e-8 relative deviation of a small
+    (~1e-3) output is caught, an all-zero output (0 / 0) is not a false alarm, check_forward=False skips it."""
+    lin = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        lin.weight.mul_(1e-3)
+        lin.bias.mul_(1e-3)
+    with pytest.raises(InvalidInputError, match="differs from the module's"):
+        reference.from_torch(_Scaled(lin), (3,))
+    net, p = reference.from_torch(_Scaled(lin), (3,), check_forward=False)
+    assert net.n_params == 8
+    zero = nn.Sequential(nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        zero[0].weight.zero_()
+        zero[0].bias.zero_()
+    reference.from_torch(zero, (3,))
+
+
+class _Container(nn.Module):
+    """A parameterless custom container (not a basic block) whose forward is its children in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.act = nn.Tanh()
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_from_torch_custom_container_with_an_activation_is_not_a_basic_block():
+    m = _Container().double()
+    net, p = reference.from_torch(m, (3,))
+    assert list(net.param_names) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    with torch.no_grad():
+        assert _rel(net.forward(p, x), m(torch.from_numpy(x)).numpy()) <= 1e-12
+
+
+class _OwnParam(nn.Module):
+    """A module with a parameter of its own and a child: not a container, so not supported."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_from_torch_errors_give_the_dotted_path_and_reject_own_parameters():
+    nested = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Sequential(nn.Conv2d(2, 2, 1), nn.GroupNorm(1, 2)))
+    with pytest.raises(InvalidInputError, match=r"^1\.1: nn\.GroupNorm is not supported"):
+        reference.from_torch(nested, (2, 6, 6))
+    with pytest.raises(InvalidInputError, match=r"^<root>: nn\.GroupNorm is not supported"):
+        reference.from_torch(nn.GroupNorm(1, 2), (2, 6, 6))
+    with pytest.raises(InvalidInputError, match=r"^<root>: nn\._OwnParam is not supported"):
+        reference.from_torch(_OwnParam(), (3,))
+
+
+class _Block(nn.Module):
+    """A ResNet basic block (conv1, bn1, relu, conv2, bn2) with one extra child named ``extra``."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.relu = nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        setattr(self, extra, nn.Conv2d(2, 2, 1) if extra.startswith("conv") else nn.BatchNorm2d(2))
+
+
+@pytest.mark.parametrize("extra", ["conv0", "conv3", "bn0", "bn3"])
+def test_from_torch_basic_block_rejects_an_unrecognised_child(extra):
+    """conv3 without bn3 (or the reverse) is not a 3-conv block; conv0/bn0 are nothing; each is named."""
+    with pytest.raises(InvalidInputError, match=rf"unrecognised children \['{extra}'\]"):
+        reference.from_torch(nn.Sequential(_Block(extra)), (2, 5, 5))
+
+
+def test_from_torch_rejects_tied_parameters():
+    """A weight shared by two layers appears once in named_parameters but twice in the translation."""
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(InvalidInputError, match="one to one"):
+        reference.from_torch(nn.Sequential(a, nn.Tanh(), b), (3,))

@@ -143,7 +143,7 @@ class Conv2d(Layer):
             for lo, hi in self._chunks(N, Ho, Wo, np.dtype(dtype).itemsize):
                 y[lo * Ho * Wo : hi * Ho * Wo] = self._cols(xp, Ho, Wo, lo, hi) @ Wm.T
         if self.bias:
-            y += P[1]
+            y = y + P[1]  # not +=: a complex bias with real weights and input (complex step along b alone)
         return y.reshape(N, Ho, Wo, self.out_channels), (xp, cols, (N, Ho, Wo))
 
     def _grads(self, P, cache, gy, need_gx):
@@ -175,7 +175,7 @@ class Conv2d(Layer):
         for lo, hi, c in self._col_blocks(cache, dy.itemsize):
             dy[lo * Ho * Wo : hi * Ho * Wo] = c @ dWm.T
         if self.bias:
-            dy += dP[1]
+            dy = dy + dP[1]  # not +=: a complex bias direction with a real weight direction
         dcache = None
         if dx is not None:
             Wm = self._wmat(P[0])
