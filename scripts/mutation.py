@@ -1625,10 +1625,16 @@ class Runner:
                         and data["mutants"][mm["key"]].get("partial")
                         and mm["key"] not in equivalent.get(module, {})]
             else:
+                cur_map = self.map["tree"] if self.map else None
+
+                def rerun(rec: dict, key: str) -> bool:
+                    """A survivor is re-run when its tests changed, or when it was partial under a staler map."""
+                    if rec["outcome"] != "survived" or (self.survivors_only and key in equivalent.get(module, {})):
+                        return False
+                    return rec.get("tests") != tests_fp or bool(rec.get("partial") and rec.get("map") != cur_map)
+
                 todo = [mm for mm in mutants if (mm["key"] not in data["mutants"] and not self.survivors_only)
-                        or (mm["key"] in data["mutants"] and data["mutants"][mm["key"]]["outcome"] == "survived"
-                            and data["mutants"][mm["key"]].get("tests") != tests_fp
-                            and not (self.survivors_only and mm["key"] in equivalent.get(module, {})))]
+                        or (mm["key"] in data["mutants"] and rerun(data["mutants"][mm["key"]], mm["key"]))]
             self.log(f"{module}: {len(mutants)} mutants in shard {i}/{n}, {len(todo)} to run")
             if not todo:
                 continue
