@@ -38,6 +38,7 @@ from reference.nets import (
     conv4,
     resnet12,
 )
+from reference.nets.layers.norm import BatchNorm
 from reference.tasks import Task
 from verify import FAIL, PASS, check_gradient, dot_product_test, taylor_test
 
@@ -593,3 +594,113 @@ def test_sequential_and_residual_need_gx_and_repr():
         assert out[1] is not None and out[3] is not None and _rel(out[1], gx) <= 1e-15
         out0 = layer.rbwd(P, cache, rcache, gy, rgy, dP, dx, need_gx=False)
         assert out0[1] is None and out0[3] is None
+
+
+# -- BatchNorm, pooling, Flatten and Linear as layers: direct loops, complex step of their own forward and
+#    backward, PyTorch's update of the running statistics and the argument checks. --
+
+def _bn_loop(x, gamma, beta, eps, mean=None, var=None):
+    """Batch norm per channel with explicit sums (x channel-last); batch statistics unless given."""
+    y = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        v = x[..., c]
+        m = v.sum() / v.size if mean is None else mean[c]
+        s2 = ((v - m) ** 2).sum() / v.size if var is None else var[c]
+        y[..., c] = (v - m) / np.sqrt(s2 + eps) * gamma[c] + beta[c]
+    return y
+
+
+BN_CASES = [  # (dims, affine, training, track_running_stats, x shape channel-last)
+    (2, True, True, True, (2, 3, 4, 2)),
+    (2, False, True, True, (2, 3, 4, 2)),
+    (1, True, False, True, (5, 3)),
+    (1, False, False, True, (5, 3)),
+    (1, True, False, False, (2, 3)),  # eval mode without running statistics: batch statistics, N = 2
+]
+
+
+@pytest.mark.parametrize("case", BN_CASES)
+def test_batchnorm_passes_against_loop_and_complex_step(case):
+    dims, affine, training, track, shape = case
+    C = shape[-1]
+    rng = np.random.default_rng(7)
+    rm, rv = rng.normal(size=C), rng.uniform(0.5, 2.0, size=C)
+    bn = BatchNorm1d(C, eps=1e-3, affine=affine, training=training, track_running_stats=track,
+                     running_mean=rm if track else None, running_var=rv if track else None) if dims == 1 else \
+        BatchNorm2d(C, eps=1e-3, affine=affine, training=training, track_running_stats=track,
+                    running_mean=rm, running_var=rv)
+    P = [rng.normal(size=s) for s in bn.param_shapes]
+    dP = [rng.normal(size=s) for s in bn.param_shapes]
+    x, dx = 3.0 + rng.normal(size=shape), rng.normal(size=shape)
+    y, cache = bn.fwd(P, x)
+    g, b = (P[0], P[1]) if affine else (np.ones(C), np.zeros(C))
+    batch = training or not track
+    want = _bn_loop(x, g, b, 1e-3) if batch else _bn_loop(x, g, b, 1e-3, rm, rv)
+    assert _rel(y, want) <= 1e-13
+    if batch:  # invariant to a per-channel shift of the input
+        assert _rel(bn.fwd(P, x + rng.normal(size=C))[0], y) <= 1e-12
+
+    def cs(Q, xx, gy=None):  # imaginary part / h of the forward (gy None) or of the backward
+        _, cc = bn.fwd(Q, xx)
+        return bn.fwd(Q, xx)[0] if gy is None else bn.bwd(Q, cc, gy)
+
+    gy, rgy = rng.normal(size=y.shape), rng.normal(size=y.shape)
+    gP, gx = bn.bwd(P, cache, gy)  # need_gx defaults to True
+    assert gx is not None
+    Pc = [p + 1j * H_CS * d for p, d in zip(P, dP)]
+    for Q, xx, d in [(Pc, x, dP), (P, x + 1j * H_CS * dx, None)]:  # adjoint identity per argument
+        lhs = np.sum(gy * np.imag(cs(Q, xx)) / H_CS)
+        rhs = sum(np.sum(a * b) for a, b in zip(gP, d)) if d is not None else np.sum(gx * dx)
+        assert abs(lhs - rhs) <= EXACT * max(abs(lhs), 1.0)
+    dy, rcache = bn.jvp(P, cache, dP, dx)
+    assert _rel(dy, np.imag(cs(Pc, x + 1j * H_CS * dx)) / H_CS) <= EXACT
+    # R-operator with and without an input direction: complex step of the backward pass.
+    for xdir in (dx, None):
+        _, rc = bn.jvp(P, cache, dP, xdir)
+        xx = x if xdir is None else x + 1j * H_CS * xdir
+        gPc, gxc = cs(Pc, xx, gy + 1j * H_CS * rgy)
+        out = bn.rbwd(P, cache, rc, gy, rgy, dP, xdir)  # need_gx defaults to True
+        assert all(_rel(a, b) <= EXACT for a, b in zip(out[0], gP)) and _rel(out[1], gx) <= EXACT
+        assert all(_rel(a, np.imag(b) / H_CS) <= EXACT for a, b in zip(out[2], gPc))
+        assert _rel(out[3], np.imag(gxc) / H_CS) <= EXACT
+
+
+def test_batchnorm_running_stats_update_and_modes():
+    """PyTorch: r <- (1 - m) r + m stat, unbiased variance, m = 1/num_batches_tracked when momentum is None;
+    no update in eval mode or without running statistics."""
+    rng = np.random.default_rng(3)
+    rm, rv = rng.normal(size=2), rng.uniform(0.5, 2.0, size=2)
+    x = rng.normal(size=(3, 2, 4, 2))
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2), ddof=1)
+    for momentum, m in [(0.25, 0.25), (None, 1 / 3)]:
+        bn = BatchNorm2d(2, momentum=momentum, running_mean=rm, running_var=rv, num_batches_tracked=2)
+        new_m, new_v, n = bn.updated_stats(bn.fwd([np.ones(2), np.zeros(2)], x)[1], x.shape)
+        assert n == 3
+        assert _rel(new_m, (1 - m) * rm + m * mean) <= 1e-14 and _rel(new_v, (1 - m) * rv + m * var) <= 1e-14
+    for kw in [dict(training=False), dict(track_running_stats=False)]:
+        bn = BatchNorm2d(2, **kw)
+        assert bn.updated_stats(bn.fwd([np.ones(2), np.zeros(2)], x)[1], x.shape) is None
+
+
+def test_batchnorm_argument_checks():
+    """PyTorch's domains: eps > 0, momentum in [0, 1] or None, running_var >= 0 of shape (C,); train mode
+    needs more than one value per channel; dims 2 by default."""
+    assert BatchNorm1d(2).dims == 1 and repr(BatchNorm(2)).startswith("BatchNorm2d(2,")
+    assert "mode='train'" in repr(BatchNorm1d(2)) and "mode='eval'" in repr(BatchNorm1d(2, training=False))
+    for kw in [dict(eps=0), dict(eps=-0.5), dict(eps="1e-5"), dict(momentum=-0.5), dict(momentum=1.5),
+               dict(momentum=-1.5), dict(momentum=2.5), dict(momentum="0.1"), dict(running_var=[1.0, -0.5]),
+               dict(running_var=[1.0, -2.0]), dict(running_var=[1.0]), dict(running_mean=[0.0])]:
+        with pytest.raises(InvalidInputError):
+            BatchNorm1d(2, **kw)
+    for kw in [dict(momentum=0), dict(momentum=1), dict(running_var=[0.0, 0.5])]:  # boundaries accepted
+        BatchNorm1d(2, **kw)
+    with pytest.raises(InvalidInputError, match=r"expects \(C,\) with C=2"):
+        BatchNorm1d(2).out_shape((2, 3))  # right channels, wrong rank
+    with pytest.raises(InvalidInputError, match=r"expects \(C, H, W\) with C=2"):
+        BatchNorm2d(2).out_shape((2, 3))
+    assert BatchNorm2d(2).out_shape((2, 3, 1)) == (2, 3, 1)
+    # M = values per channel = N H W: 3 values in one example pass, 1 value (with 2 channels) fails.
+    BatchNorm2d(1).fwd([np.ones(1), np.zeros(1)], np.arange(3.0).reshape(1, 3, 1, 1))
+    BatchNorm1d(3).fwd([np.ones(3), np.zeros(3)], np.arange(6.0).reshape(2, 3))  # N = 2 is enough
+    with pytest.raises(InvalidInputError, match="more than 1 value per channel"):
+        BatchNorm2d(2).fwd([np.ones(2), np.zeros(2)], np.ones((1, 1, 1, 2)))
