@@ -704,3 +704,87 @@ def test_batchnorm_argument_checks():
     BatchNorm1d(3).fwd([np.ones(3), np.zeros(3)], np.arange(6.0).reshape(2, 3))  # N = 2 is enough
     with pytest.raises(InvalidInputError, match="more than 1 value per channel"):
         BatchNorm2d(2).fwd([np.ones(2), np.zeros(2)], np.ones((1, 1, 1, 2)))
+
+
+def _pool_loop(x, k, s, p, ceil, op):
+    """PyTorch's pooling by its documented windows over NCHW: window i starts at i s - p (padded coordinates
+    i s); floor mode keeps the windows inside the padded input, ceil mode also the partial last one unless it
+    starts in the right padding. max ignores padding; avg divides by kh kw (count_include_pad=True)."""
+    def starts(n, kk, ss, pp):
+        out, i = [], 0
+        while True:
+            fits = i * ss + kk <= n + 2 * pp
+            partial = ceil and i * ss - pp < n and (i - 1) * ss + kk < n + 2 * pp
+            if not (fits or partial):
+                return out
+            out.append(i * ss - pp)
+            i += 1
+    rows, cols = starts(x.shape[2], k[0], s[0], p[0]), starts(x.shape[3], k[1], s[1], p[1])
+    y = np.zeros((x.shape[0], x.shape[1], len(rows), len(cols)))
+    for a, r in enumerate(rows):
+        for b, c in enumerate(cols):
+            win = x[:, :, max(r, 0) : r + k[0], max(c, 0) : c + k[1]]
+            y[:, :, a, b] = win.max(axis=(2, 3)) if op == "max" else win.sum(axis=(2, 3)) / (k[0] * k[1])
+    return y
+
+
+POOL_GEOMS = [  # (kernel, stride, padding, ceil, H, W): asymmetric, ceil windows in/out of the right padding
+    ((2, 2), (2, 2), (1, 0), True, 5, 4),
+    ((2, 2), (2, 2), (1, 1), True, 4, 5),
+    ((2, 2), (2, 2), (1, 1), True, 5, 5),
+    ((3, 2), (2, 1), (1, 0), False, 6, 5),
+    ((2, 3), (1, 2), (0, 1), True, 4, 6),
+    ((3, 3), (2, 2), (0, 0), True, 6, 7),
+    ((3, 3), (2, 2), (1, 1), True, 6, 5),  # ceil extra row only
+    ((3, 3), (2, 2), (1, 1), True, 6, 6),  # ceil extra row and column
+]
+
+
+@pytest.mark.parametrize("geom", POOL_GEOMS)
+def test_pools_against_loop_and_adjoint(geom):
+    k, s, p, ceil, H, W = geom
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 3, H, W))
+    t = lambda a: a.transpose(0, 2, 3, 1)  # NCHW -> NHWC  # noqa: E731
+    layers = [(MaxPool2d(k, s, p, ceil_mode=ceil), "max")]
+    if not ceil:
+        layers.append((AvgPool2d(k, s, p), "avg"))
+    for layer, op in layers:
+        want = _pool_loop(x, k, s, p, ceil, op)
+        assert layer.out_shape((3, H, W)) == want.shape[1:]
+        y, cache = layer.fwd([], t(x))
+        assert _rel(y, t(want)) <= 1e-15
+        dx, gy = rng.normal(size=t(x).shape), rng.normal(size=y.shape)
+        dy = layer.jvp([], cache, [], dx)[0]
+        assert _rel(dy, np.imag(layer.fwd([], t(x) + 1j * H_CS * dx)[0]) / H_CS) <= 1e-15
+        gx = layer.bwd([], cache, gy)[1]
+        assert abs(np.sum(gy * dy) - np.sum(gx * dx)) <= EXACT * abs(np.sum(gy * dy))
+
+
+def test_pool_padding_flatten_and_linear_checks():
+    """Padding at most half the kernel on each axis (PyTorch); Flatten of (N, F); Linear's PyTorch init
+    U(-1/sqrt(in), 1/sqrt(in)) and need_gx=True by default."""
+    for kw in [dict(padding=(2, 0)), dict(padding=(0, 2))]:
+        with pytest.raises(InvalidInputError, match="at most half"):
+            MaxPool2d(3, **kw)
+    MaxPool2d(3, padding=(1, 1))
+    x = np.arange(12.0).reshape(3, 4)
+    f = Flatten()
+    y, cache = f.fwd([], x)
+    assert np.array_equal(y, x) and np.array_equal(f.jvp([], cache, [], x)[0], x)
+    lin = Linear(400, 300)
+    bound = 1 / np.sqrt(400)
+    for a in lin.init(np.random.default_rng(0)):
+        assert np.max(np.abs(a)) <= bound and a.min() < -0.9 * bound and a.max() > 0.9 * bound
+    rng = np.random.default_rng(4)
+    lin = Linear(3, 2)
+    P, dP = lin.init(rng), lin.init(rng)
+    x, dx, gy, rgy = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    _, cache = lin.fwd(P, x)
+    gx = lin.bwd(P, cache, gy)[1]
+    assert gx is not None and _rel(gx, gy @ P[0]) <= 1e-15
+    out = lin.rbwd(P, cache, None, gy, rgy, dP, dx)
+    assert out[1] is not None and out[3] is not None
+    Pc = [a + 1j * H_CS * b for a, b in zip(P, dP)]
+    _, cc = lin.fwd(Pc, x + 1j * H_CS * dx)
+    assert _rel(out[3], np.imag(lin.bwd(Pc, cc, gy + 1j * H_CS * rgy)[1]) / H_CS) <= EXACT
