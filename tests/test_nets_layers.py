@@ -788,3 +788,72 @@ def test_pool_padding_flatten_and_linear_checks():
     Pc = [a + 1j * H_CS * b for a, b in zip(P, dP)]
     _, cc = lin.fwd(Pc, x + 1j * H_CS * dx)
     assert _rel(out[3], np.imag(lin.bwd(Pc, cc, gy + 1j * H_CS * rgy)[1]) / H_CS) <= EXACT
+
+
+def test_network_running_stats_through_a_residual_and_mode():
+    """Residual branches get their own paths; 1x1-conv outputs written out: z = w x + b per channel."""
+    def branch():
+        return Sequential(Conv2d(1, 2, 1), BatchNorm2d(2, momentum=0.5))
+    net = Network([Residual(branch(), branch()), Flatten(), Linear(18, 2)], (1, 3, 3))
+    p = net.init(0)
+    x = np.random.default_rng(0).normal(size=(4, 1, 3, 3))
+    state = net.running_stats(p, x)
+    assert sorted(state) == ["0.body.1", "0.shortcut.1"]
+    for key, (w, b) in [("0.body.1", (p[0], p[1])), ("0.shortcut.1", (p[4], p[5]))]:
+        z = np.stack([w[o, 0, 0, 0] * x[:, 0] + b[o] for o in range(2)])  # (C, N, H, W)
+        rm, rv, count = state[key]
+        assert count == 1 and _rel(rm, 0.5 * z.mean(axis=(1, 2, 3))) <= 1e-14
+        assert _rel(rv, 0.5 + 0.5 * z.reshape(2, -1).var(axis=1, ddof=1)) <= 1e-14
+    assert net.mode == "train" and net.eval().mode == "eval"
+    mixed = Network([Linear(2, 3), BatchNorm1d(3), BatchNorm1d(3, training=False), Linear(3, 2)], (2,))
+    assert mixed.mode == "mixed" and Network([Linear(2, 2)], (2,)).mode == "train"
+    assert "2xBatchNorm" in net.summary() and "batch norm train" in net.summary()
+    assert repr(net).startswith("Network(Sequential(Residual(") and "loss='ce'" in repr(net)
+    with pytest.raises(InvalidInputError, match="state has statistics for 'nope'"):
+        net.with_state({"nope": (np.zeros(2), np.ones(2), 1)})
+
+
+def test_network_checks_and_unchecked_entry_points():
+    """Every argument check raises a clear InvalidInputError; the unchecked entry points equal the checked ones."""
+    lin = [Linear(3, 4), Activation("tanh"), Linear(4, 2)]
+    bad_nets = [(lambda: Network(lin, (3, 3)), "must be"), (lambda: Network([Conv2d(1, 2, 3)], (1, 4, 4)), "vector"),
+                (lambda: Network(lin, (3,), loss="huber"), "unknown"),
+                (lambda: Network([Linear(3, 1)], (3,)), "at least 2 outputs"),
+                (lambda: Network(lin, (3,), param_order=[0, 1, 2, 2]), "permutation"),
+                (lambda: resnet12((3, 32), 5), "must be"), (lambda: resnet12((3, 8, 32), 5), "too small"),
+                (lambda: resnet12((3, 32, 32), 5, widths=(2, 2, 2)), "4 entries")]
+    for make, msg in bad_nets:
+        with pytest.raises(InvalidInputError, match=msg):
+            make()
+    assert Network(lin, 3).in_shape == (3,)
+    net = Network(lin, (3,))
+    p = net.init(0)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(5, 3)), np.array([0, 1, 1, 0, 1])
+    v = [rng.normal(size=s) for s in net.shapes]
+    for bad, msg in [(flatten(p), "list of"), (p[:3], "has 3 arrays")]:
+        with pytest.raises(InvalidInputError, match=msg):
+            net.loss(bad, x, y)
+    for xx, msg in [(np.zeros((0, 3)), "empty")]:
+        with pytest.raises(InvalidInputError, match=msg):
+            net.loss(p, xx, np.zeros(0, dtype=int))
+    for yy, msg in [(y[:4], "shape"), (y + 0.5, "non-integer"), (np.array(["a"] * 5), "dtype"),
+                    (np.array([0, 1, 2, 0, 1]), r"labels must lie in \[0, 1\]"), (y - 1, "labels")]:
+        with pytest.raises(InvalidInputError, match=msg):
+            net.loss(p, x, yy)
+    assert net.loss(p, x, y.astype(float)) == net.loss(p, x, y)
+    with pytest.raises(InvalidInputError, match="cotangent has shape"):
+        net.vjp(p, x, np.zeros((5, 3)))
+    loss, g = net.loss_and_grad_unchecked(p, x, y)
+    assert loss == net.loss(p, x, y) and all(np.array_equal(a, b) for a, b in zip(g, net.grad(p, x, y)))
+    assert all(np.array_equal(a, b) for a, b in zip(net.hvp_unchecked(p, x, y, v), net.hvp(p, x, y, v)))
+    # Regression losses take (n, d) targets, or (n,) when d = 1.
+    mse = Network([Linear(3, 1)], (3,), loss="mse")
+    q = mse.init(0)
+    t = rng.normal(size=5)
+    assert mse.loss(q, x, t) == mse.loss(q, x, t[:, None])
+    with pytest.raises(InvalidInputError, match=r"expected \(5, 1\)"):
+        mse.loss(q, x, np.zeros((5, 2)))
+    big = Network([Linear(70, 60)], (70,))  # 4260 parameters > MAX_DENSE_HESSIAN = 4000
+    with pytest.raises(InvalidInputError, match="dense Hessian"):
+        big.hessian(big.init(0), rng.normal(size=(2, 70)), [0, 1])
