@@ -790,24 +790,46 @@ def test_pool_padding_flatten_and_linear_checks():
     assert _rel(out[3], np.imag(lin.bwd(Pc, cc, gy + 1j * H_CS * rgy)[1]) / H_CS) <= EXACT
 
 
-def test_network_running_stats_through_a_residual_and_mode():
-    """Residual branches get their own paths; 1x1-conv outputs written out: z = w x + b per channel."""
+# (Sequential names, Residual names, expected paths of the body BN, the shortcut BN, the BN after the sum).
+RES_NAMES = [(None, ("body", "shortcut"), "0.body.1", "0.shortcut.1", "1"),
+             (None, ("", "sc"), "0.1", "0.sc.1", "1"),  # an unnamed body: its layers sit at the residual's path
+             (["", "n", "f", "h"], ("a", "b"), "a.1", "b.1", "n")]  # an unnamed residual at the top
+
+
+@pytest.mark.parametrize("names", RES_NAMES)
+def test_network_running_stats_through_a_residual_and_mode(names):
+    """Residual branches get their own paths (the paths of the batch-norm weights); 1x1-conv outputs written
+    out, z = w x + b per channel; the batch norm after the sum sees body + shortcut (each normalised)."""
+    seq_names, res_names, key_a, key_b, key_n = names
+
     def branch():
         return Sequential(Conv2d(1, 2, 1), BatchNorm2d(2, momentum=0.5))
-    net = Network([Residual(branch(), branch()), Flatten(), Linear(18, 2)], (1, 3, 3))
+    net = Network(Sequential(Residual(branch(), branch(), names=res_names), BatchNorm2d(2, momentum=0.5),
+                             Flatten(), Linear(18, 2), names=seq_names), (1, 3, 3))
+    assert {f"{k}.weight" for k in (key_a, key_b, key_n)} <= set(net.param_names)
     p = net.init(0)
     x = np.random.default_rng(0).normal(size=(4, 1, 3, 3))
     state = net.running_stats(p, x)
-    assert sorted(state) == ["0.body.1", "0.shortcut.1"]
-    for key, (w, b) in [("0.body.1", (p[0], p[1])), ("0.shortcut.1", (p[4], p[5]))]:
-        z = np.stack([w[o, 0, 0, 0] * x[:, 0] + b[o] for o in range(2)])  # (C, N, H, W)
+    assert sorted(state) == sorted([key_a, key_b, key_n])
+    total = 0.0
+    for key, (w, b) in [(key_a, (p[0], p[1])), (key_b, (p[4], p[5]))]:
+        z = np.stack([w[o, 0, 0, 0] * x[:, 0] + b[o] for o in range(2)], axis=-1)  # (N, H, W, C)
         rm, rv, count = state[key]
-        assert count == 1 and _rel(rm, 0.5 * z.mean(axis=(1, 2, 3))) <= 1e-14
-        assert _rel(rv, 0.5 + 0.5 * z.reshape(2, -1).var(axis=1, ddof=1)) <= 1e-14
+        assert count == 1 and _rel(rm, 0.5 * z.mean(axis=(0, 1, 2))) <= 1e-14
+        assert _rel(rv, 0.5 + 0.5 * z.reshape(-1, 2).var(axis=0, ddof=1)) <= 1e-14
+        total = total + _bn_loop(z, np.ones(2), np.zeros(2), 1e-5)
+    assert _rel(state[key_n][1], 0.5 + 0.5 * total.reshape(-1, 2).var(axis=0, ddof=1)) <= 1e-13
+
+
+def test_network_mode_summary_and_state_checks():
+    def branch():
+        return Sequential(Conv2d(1, 2, 1), BatchNorm2d(2))
+    net = Network([Residual(branch(), branch()), Flatten(), Linear(18, 2)], (1, 3, 3))
     assert net.mode == "train" and net.eval().mode == "eval"
     mixed = Network([Linear(2, 3), BatchNorm1d(3), BatchNorm1d(3, training=False), Linear(3, 2)], (2,))
     assert mixed.mode == "mixed" and Network([Linear(2, 2)], (2,)).mode == "train"
-    assert "2xBatchNorm" in net.summary() and "batch norm train" in net.summary()
+    assert net.summary() == ("Network(in_shape=(1, 3, 3), n_out=2, 54 parameters, batch norm train; "
+                             "2xConv2d, 2xBatchNorm, 1xFlatten, 1xLinear)")  # 2 x (conv 2 + 2, bn 2 + 2) + 36 + 2
     assert repr(net).startswith("Network(Sequential(Residual(") and "loss='ce'" in repr(net)
     with pytest.raises(InvalidInputError, match="state has statistics for 'nope'"):
         net.with_state({"nope": (np.zeros(2), np.ones(2), 1)})
@@ -826,6 +848,7 @@ def test_network_checks_and_unchecked_entry_points():
         with pytest.raises(InvalidInputError, match=msg):
             make()
     assert Network(lin, 3).in_shape == (3,)
+    assert resnet12((3, 16, 16), 5, widths=(2, 2, 2, 3), avg_pool=True).shapes[-2:] == ((5, 3), (5,))
     net = Network(lin, (3,))
     p = net.init(0)
     rng = np.random.default_rng(1)
