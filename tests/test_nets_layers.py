@@ -880,3 +880,37 @@ def test_network_checks_and_unchecked_entry_points():
     big = Network([Linear(70, 60)], (70,))  # 4260 parameters > MAX_DENSE_HESSIAN = 4000
     with pytest.raises(InvalidInputError, match="dense Hessian"):
         big.hessian(big.init(0), rng.normal(size=(2, 70)), [0, 1])
+
+
+def test_network_param_order_state_and_defaults():
+    """A permuted public order is the same function of the permuted parameters (grads permuted alike); the
+    head is the last Linear; with_state takes real statistics only; defaults: init(0), joint off."""
+    base = Network(Sequential(Linear(3, 4), Activation("tanh"), Linear(4, 2)), (3,), loss="mse")
+    order = [3, 0, 1, 2]  # public i <- tree order[i] (not an involution)
+    perm = Network(Sequential(Linear(3, 4), Activation("tanh"), Linear(4, 2)), (3,), loss="mse", param_order=order)
+    rng = np.random.default_rng(6)
+    p = [rng.normal(size=s) for s in base.shapes]
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    pp = [p[j] for j in order]
+    assert perm.loss(pp, x, y) == base.loss(p, x, y)
+    assert all(np.array_equal(a, b) for a, b in zip(perm.grad(pp, x, y), [base.grad(p, x, y)[j] for j in order]))
+    assert base.head_indices == (2, 3) and perm.head_indices == (0, 3)
+    with pytest.raises(InvalidInputError, match="expected \\(5, 2\\)"):
+        base.loss(p, x, y.T)
+    one = Network([Linear(3, 1)], (3,), loss="mse")
+    with pytest.raises(InvalidInputError, match="expected \\(5, 1\\)"):
+        one.loss(one.init(0), x, np.zeros((1, 5)))  # a row, not a column of targets
+    with pytest.raises(InvalidInputError, match="list of"):
+        base.loss(5, x, y)
+    with pytest.raises(InvalidInputError, match=r"expected \(n, 3\)$"):
+        base.loss(p, x[:, :2], y)
+    img = conv4((1, 8, 8), 2, hidden=2, ceil_mode=True)
+    with pytest.raises(InvalidInputError, match=r"expected \(n, 1, 8, 8\) \(NCHW\)"):
+        img.forward(img.init(0), np.zeros((2, 8, 8, 1)))
+    bn = Network([Linear(2, 3), BatchNorm1d(3), Linear(3, 2)], (2,))
+    with pytest.raises(InvalidInputError):
+        bn.with_state({"1": (np.zeros(3) + 1j, np.ones(3), 1)})
+    with pytest.raises(InvalidInputError):
+        bn.with_state({"1": (np.zeros(3), np.ones(3) + 1j, 1)})
+    assert all(np.array_equal(a, b) for a, b in zip(bn.init(), bn.init(0)))
+    assert not bn.joint and bn.joint_batch().joint and not bn.joint_batch(False).joint
