@@ -38,6 +38,7 @@ from reference.nets import (
     conv4,
     resnet12,
 )
+from reference.nets.layers.norm import BatchNorm
 from reference.tasks import Task
 from verify import FAIL, PASS, check_gradient, dot_product_test, taylor_test
 
@@ -593,3 +594,323 @@ def test_sequential_and_residual_need_gx_and_repr():
         assert out[1] is not None and out[3] is not None and _rel(out[1], gx) <= 1e-15
         out0 = layer.rbwd(P, cache, rcache, gy, rgy, dP, dx, need_gx=False)
         assert out0[1] is None and out0[3] is None
+
+
+# -- BatchNorm, pooling, Flatten and Linear as layers: direct loops, complex step of their own forward and
+#    backward, PyTorch's update of the running statistics and the argument checks. --
+
+def _bn_loop(x, gamma, beta, eps, mean=None, var=None):
+    """Batch norm per channel with explicit sums (x channel-last); batch statistics unless given."""
+    y = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        v = x[..., c]
+        m = v.sum() / v.size if mean is None else mean[c]
+        s2 = ((v - m) ** 2).sum() / v.size if var is None else var[c]
+        y[..., c] = (v - m) / np.sqrt(s2 + eps) * gamma[c] + beta[c]
+    return y
+
+
+BN_CASES = [  # (dims, affine, training, track_running_stats, x shape channel-last)
+    (2, True, True, True, (2, 3, 4, 2)),
+    (2, False, True, True, (2, 3, 4, 2)),
+    (1, True, False, True, (5, 3)),
+    (1, False, False, True, (5, 3)),
+    (1, True, False, False, (2, 3)),  # eval mode without running statistics: batch statistics, N = 2
+]
+
+
+@pytest.mark.parametrize("case", BN_CASES)
+def test_batchnorm_passes_against_loop_and_complex_step(case):
+    dims, affine, training, track, shape = case
+    C = shape[-1]
+    rng = np.random.default_rng(7)
+    rm, rv = rng.normal(size=C), rng.uniform(0.5, 2.0, size=C)
+    bn = BatchNorm1d(C, eps=1e-3, affine=affine, training=training, track_running_stats=track,
+                     running_mean=rm if track else None, running_var=rv if track else None) if dims == 1 else \
+        BatchNorm2d(C, eps=1e-3, affine=affine, training=training, track_running_stats=track,
+                    running_mean=rm, running_var=rv)
+    P = [rng.normal(size=s) for s in bn.param_shapes]
+    dP = [rng.normal(size=s) for s in bn.param_shapes]
+    x, dx = 3.0 + rng.normal(size=shape), rng.normal(size=shape)
+    y, cache = bn.fwd(P, x)
+    g, b = (P[0], P[1]) if affine else (np.ones(C), np.zeros(C))
+    batch = training or not track
+    want = _bn_loop(x, g, b, 1e-3) if batch else _bn_loop(x, g, b, 1e-3, rm, rv)
+    assert _rel(y, want) <= 1e-13
+    if batch:  # invariant to a per-channel shift of the input
+        assert _rel(bn.fwd(P, x + rng.normal(size=C))[0], y) <= 1e-12
+
+    def cs(Q, xx, gy=None):  # imaginary part / h of the forward (gy None) or of the backward
+        _, cc = bn.fwd(Q, xx)
+        return bn.fwd(Q, xx)[0] if gy is None else bn.bwd(Q, cc, gy)
+
+    gy, rgy = rng.normal(size=y.shape), rng.normal(size=y.shape)
+    gP, gx = bn.bwd(P, cache, gy)  # need_gx defaults to True
+    assert gx is not None
+    Pc = [p + 1j * H_CS * d for p, d in zip(P, dP)]
+    for Q, xx, d in [(Pc, x, dP), (P, x + 1j * H_CS * dx, None)]:  # adjoint identity per argument
+        lhs = np.sum(gy * np.imag(cs(Q, xx)) / H_CS)
+        rhs = sum(np.sum(a * b) for a, b in zip(gP, d)) if d is not None else np.sum(gx * dx)
+        assert abs(lhs - rhs) <= EXACT * max(abs(lhs), 1.0)
+    dy, rcache = bn.jvp(P, cache, dP, dx)
+    assert _rel(dy, np.imag(cs(Pc, x + 1j * H_CS * dx)) / H_CS) <= EXACT
+    # R-operator with and without an input direction: complex step of the backward pass.
+    for xdir in (dx, None):
+        _, rc = bn.jvp(P, cache, dP, xdir)
+        xx = x if xdir is None else x + 1j * H_CS * xdir
+        gPc, gxc = cs(Pc, xx, gy + 1j * H_CS * rgy)
+        out = bn.rbwd(P, cache, rc, gy, rgy, dP, xdir)  # need_gx defaults to True
+        assert all(_rel(a, b) <= EXACT for a, b in zip(out[0], gP)) and _rel(out[1], gx) <= EXACT
+        assert all(_rel(a, np.imag(b) / H_CS) <= EXACT for a, b in zip(out[2], gPc))
+        assert _rel(out[3], np.imag(gxc) / H_CS) <= EXACT
+
+
+def test_batchnorm_running_stats_update_and_modes():
+    """PyTorch: r <- (1 - m) r + m stat, unbiased variance, m = 1/num_batches_tracked when momentum is None;
+    no update in eval mode or without running statistics."""
+    rng = np.random.default_rng(3)
+    rm, rv = rng.normal(size=2), rng.uniform(0.5, 2.0, size=2)
+    x = rng.normal(size=(3, 2, 4, 2))
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2), ddof=1)
+    for momentum, m in [(0.25, 0.25), (None, 1 / 3)]:
+        bn = BatchNorm2d(2, momentum=momentum, running_mean=rm, running_var=rv, num_batches_tracked=2)
+        new_m, new_v, n = bn.updated_stats(bn.fwd([np.ones(2), np.zeros(2)], x)[1], x.shape)
+        assert n == 3
+        assert _rel(new_m, (1 - m) * rm + m * mean) <= 1e-14 and _rel(new_v, (1 - m) * rv + m * var) <= 1e-14
+    for kw in [dict(training=False), dict(track_running_stats=False)]:
+        bn = BatchNorm2d(2, **kw)
+        assert bn.updated_stats(bn.fwd([np.ones(2), np.zeros(2)], x)[1], x.shape) is None
+
+
+def test_batchnorm_argument_checks():
+    """PyTorch's domains: eps > 0, momentum in [0, 1] or None, running_var >= 0 of shape (C,); train mode
+    needs more than one value per channel; dims 2 by default."""
+    assert BatchNorm1d(2).dims == 1 and repr(BatchNorm(2)).startswith("BatchNorm2d(2,")
+    assert "mode='train'" in repr(BatchNorm1d(2)) and "mode='eval'" in repr(BatchNorm1d(2, training=False))
+    for kw in [dict(eps=0), dict(eps=-0.5), dict(eps="1e-5"), dict(momentum=-0.5), dict(momentum=1.5),
+               dict(momentum=-1.5), dict(momentum=2.5), dict(momentum="0.1"), dict(running_var=[1.0, -0.5]),
+               dict(running_var=[1.0, -2.0]), dict(running_var=[1.0]), dict(running_mean=[0.0])]:
+        with pytest.raises(InvalidInputError):
+            BatchNorm1d(2, **kw)
+    for kw in [dict(momentum=0), dict(momentum=1), dict(running_var=[0.0, 0.5])]:  # boundaries accepted
+        BatchNorm1d(2, **kw)
+    with pytest.raises(InvalidInputError, match=r"expects \(C,\) with C=2"):
+        BatchNorm1d(2).out_shape((2, 3))  # right channels, wrong rank
+    with pytest.raises(InvalidInputError, match=r"expects \(C, H, W\) with C=2"):
+        BatchNorm2d(2).out_shape((2, 3))
+    assert BatchNorm2d(2).out_shape((2, 3, 1)) == (2, 3, 1)
+    # M = values per channel = N H W: 3 values in one example pass, 1 value (with 2 channels) fails.
+    BatchNorm2d(1).fwd([np.ones(1), np.zeros(1)], np.arange(3.0).reshape(1, 3, 1, 1))
+    BatchNorm1d(3).fwd([np.ones(3), np.zeros(3)], np.arange(6.0).reshape(2, 3))  # N = 2 is enough
+    with pytest.raises(InvalidInputError, match="more than 1 value per channel"):
+        BatchNorm2d(2).fwd([np.ones(2), np.zeros(2)], np.ones((1, 1, 1, 2)))
+
+
+def _pool_loop(x, k, s, p, ceil, op):
+    """PyTorch's pooling by its documented windows over NCHW: window i starts at i s - p (padded coordinates
+    i s); floor mode keeps the windows inside the padded input, ceil mode also the partial last one unless it
+    starts in the right padding. max ignores padding; avg divides by kh kw (count_include_pad=True)."""
+    def starts(n, kk, ss, pp):
+        out, i = [], 0
+        while True:
+            fits = i * ss + kk <= n + 2 * pp
+            partial = ceil and i * ss - pp < n and (i - 1) * ss + kk < n + 2 * pp
+            if not (fits or partial):
+                return out
+            out.append(i * ss - pp)
+            i += 1
+    rows, cols = starts(x.shape[2], k[0], s[0], p[0]), starts(x.shape[3], k[1], s[1], p[1])
+    y = np.zeros((x.shape[0], x.shape[1], len(rows), len(cols)))
+    for a, r in enumerate(rows):
+        for b, c in enumerate(cols):
+            win = x[:, :, max(r, 0) : r + k[0], max(c, 0) : c + k[1]]
+            y[:, :, a, b] = win.max(axis=(2, 3)) if op == "max" else win.sum(axis=(2, 3)) / (k[0] * k[1])
+    return y
+
+
+POOL_GEOMS = [  # (kernel, stride, padding, ceil, H, W): asymmetric, ceil windows in/out of the right padding
+    ((2, 2), (2, 2), (1, 0), True, 5, 4),
+    ((2, 2), (2, 2), (1, 1), True, 4, 5),
+    ((2, 2), (2, 2), (1, 1), True, 5, 5),
+    ((3, 2), (2, 1), (1, 0), False, 6, 5),
+    ((2, 3), (1, 2), (0, 1), True, 4, 6),
+    ((3, 3), (2, 2), (0, 0), True, 6, 7),
+    ((3, 3), (2, 2), (1, 1), True, 6, 5),  # ceil extra row only
+    ((3, 3), (2, 2), (1, 1), True, 6, 6),  # ceil extra row and column
+]
+
+
+@pytest.mark.parametrize("geom", POOL_GEOMS)
+def test_pools_against_loop_and_adjoint(geom):
+    k, s, p, ceil, H, W = geom
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 3, H, W))
+    t = lambda a: a.transpose(0, 2, 3, 1)  # NCHW -> NHWC  # noqa: E731
+    layers = [(MaxPool2d(k, s, p, ceil_mode=ceil), "max")]
+    if not ceil:
+        layers.append((AvgPool2d(k, s, p), "avg"))
+    for layer, op in layers:
+        want = _pool_loop(x, k, s, p, ceil, op)
+        assert layer.out_shape((3, H, W)) == want.shape[1:]
+        y, cache = layer.fwd([], t(x))
+        assert _rel(y, t(want)) <= 1e-15
+        dx, gy = rng.normal(size=t(x).shape), rng.normal(size=y.shape)
+        dy = layer.jvp([], cache, [], dx)[0]
+        assert _rel(dy, np.imag(layer.fwd([], t(x) + 1j * H_CS * dx)[0]) / H_CS) <= 1e-15
+        gx = layer.bwd([], cache, gy)[1]
+        assert abs(np.sum(gy * dy) - np.sum(gx * dx)) <= EXACT * abs(np.sum(gy * dy))
+
+
+def test_pool_padding_flatten_and_linear_checks():
+    """Padding at most half the kernel on each axis (PyTorch); Flatten of (N, F); Linear's PyTorch init
+    U(-1/sqrt(in), 1/sqrt(in)) and need_gx=True by default."""
+    for kw in [dict(padding=(2, 0)), dict(padding=(0, 2))]:
+        with pytest.raises(InvalidInputError, match="at most half"):
+            MaxPool2d(3, **kw)
+    MaxPool2d(3, padding=(1, 1))
+    x = np.arange(12.0).reshape(3, 4)
+    f = Flatten()
+    y, cache = f.fwd([], x)
+    assert np.array_equal(y, x) and np.array_equal(f.jvp([], cache, [], x)[0], x)
+    lin = Linear(400, 300)
+    bound = 1 / np.sqrt(400)
+    for a in lin.init(np.random.default_rng(0)):
+        assert np.max(np.abs(a)) <= bound and a.min() < -0.9 * bound and a.max() > 0.9 * bound
+    rng = np.random.default_rng(4)
+    lin = Linear(3, 2)
+    P, dP = lin.init(rng), lin.init(rng)
+    x, dx, gy, rgy = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    _, cache = lin.fwd(P, x)
+    gx = lin.bwd(P, cache, gy)[1]
+    assert gx is not None and _rel(gx, gy @ P[0]) <= 1e-15
+    out = lin.rbwd(P, cache, None, gy, rgy, dP, dx)
+    assert out[1] is not None and out[3] is not None
+    Pc = [a + 1j * H_CS * b for a, b in zip(P, dP)]
+    _, cc = lin.fwd(Pc, x + 1j * H_CS * dx)
+    assert _rel(out[3], np.imag(lin.bwd(Pc, cc, gy + 1j * H_CS * rgy)[1]) / H_CS) <= EXACT
+
+
+# (Sequential names, Residual names, expected paths of the body BN, the shortcut BN, the BN after the sum).
+RES_NAMES = [(None, ("body", "shortcut"), "0.body.1", "0.shortcut.1", "1"),
+             (None, ("", "sc"), "0.1", "0.sc.1", "1"),  # an unnamed body: its layers sit at the residual's path
+             (["", "n", "f", "h"], ("a", "b"), "a.1", "b.1", "n")]  # an unnamed residual at the top
+
+
+@pytest.mark.parametrize("names", RES_NAMES)
+def test_network_running_stats_through_a_residual_and_mode(names):
+    """Residual branches get their own paths (the paths of the batch-norm weights); 1x1-conv outputs written
+    out, z = w x + b per channel; the batch norm after the sum sees body + shortcut (each normalised)."""
+    seq_names, res_names, key_a, key_b, key_n = names
+
+    def branch():
+        return Sequential(Conv2d(1, 2, 1), BatchNorm2d(2, momentum=0.5))
+    net = Network(Sequential(Residual(branch(), branch(), names=res_names), BatchNorm2d(2, momentum=0.5),
+                             Flatten(), Linear(18, 2), names=seq_names), (1, 3, 3))
+    assert {f"{k}.weight" for k in (key_a, key_b, key_n)} <= set(net.param_names)
+    p = net.init(0)
+    x = np.random.default_rng(0).normal(size=(4, 1, 3, 3))
+    state = net.running_stats(p, x)
+    assert sorted(state) == sorted([key_a, key_b, key_n])
+    total = 0.0
+    for key, (w, b) in [(key_a, (p[0], p[1])), (key_b, (p[4], p[5]))]:
+        z = np.stack([w[o, 0, 0, 0] * x[:, 0] + b[o] for o in range(2)], axis=-1)  # (N, H, W, C)
+        rm, rv, count = state[key]
+        assert count == 1 and _rel(rm, 0.5 * z.mean(axis=(0, 1, 2))) <= 1e-14
+        assert _rel(rv, 0.5 + 0.5 * z.reshape(-1, 2).var(axis=0, ddof=1)) <= 1e-14
+        total = total + _bn_loop(z, np.ones(2), np.zeros(2), 1e-5)
+    assert _rel(state[key_n][1], 0.5 + 0.5 * total.reshape(-1, 2).var(axis=0, ddof=1)) <= 1e-13
+
+
+def test_network_mode_summary_and_state_checks():
+    def branch():
+        return Sequential(Conv2d(1, 2, 1), BatchNorm2d(2))
+    net = Network([Residual(branch(), branch()), Flatten(), Linear(18, 2)], (1, 3, 3))
+    assert net.mode == "train" and net.eval().mode == "eval"
+    mixed = Network([Linear(2, 3), BatchNorm1d(3), BatchNorm1d(3, training=False), Linear(3, 2)], (2,))
+    assert mixed.mode == "mixed" and Network([Linear(2, 2)], (2,)).mode == "train"
+    assert net.summary() == ("Network(in_shape=(1, 3, 3), n_out=2, 54 parameters, batch norm train; "
+                             "2xConv2d, 2xBatchNorm, 1xFlatten, 1xLinear)")  # 2 x (conv 2 + 2, bn 2 + 2) + 36 + 2
+    assert repr(net).startswith("Network(Sequential(Residual(") and "loss='ce'" in repr(net)
+    with pytest.raises(InvalidInputError, match="state has statistics for 'nope'"):
+        net.with_state({"nope": (np.zeros(2), np.ones(2), 1)})
+
+
+def test_network_checks_and_unchecked_entry_points():
+    """Every argument check raises a clear InvalidInputError; the unchecked entry points equal the checked ones."""
+    lin = [Linear(3, 4), Activation("tanh"), Linear(4, 2)]
+    bad_nets = [(lambda: Network(lin, (3, 3)), "must be"), (lambda: Network([Conv2d(1, 2, 3)], (1, 4, 4)), "vector"),
+                (lambda: Network(lin, (3,), loss="huber"), "unknown"),
+                (lambda: Network([Linear(3, 1)], (3,)), "at least 2 outputs"),
+                (lambda: Network(lin, (3,), param_order=[0, 1, 2, 2]), "permutation"),
+                (lambda: resnet12((3, 32), 5), "must be"), (lambda: resnet12((3, 8, 32), 5), "too small"),
+                (lambda: resnet12((3, 32, 32), 5, widths=(2, 2, 2)), "4 entries")]
+    for make, msg in bad_nets:
+        with pytest.raises(InvalidInputError, match=msg):
+            make()
+    assert Network(lin, 3).in_shape == (3,)
+    assert resnet12((3, 16, 16), 5, widths=(2, 2, 2, 3), avg_pool=True).shapes[-2:] == ((5, 3), (5,))
+    net = Network(lin, (3,))
+    p = net.init(0)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(5, 3)), np.array([0, 1, 1, 0, 1])
+    v = [rng.normal(size=s) for s in net.shapes]
+    for bad, msg in [(flatten(p), "list of"), (p[:3], "has 3 arrays")]:
+        with pytest.raises(InvalidInputError, match=msg):
+            net.loss(bad, x, y)
+    for xx, msg in [(np.zeros((0, 3)), "empty")]:
+        with pytest.raises(InvalidInputError, match=msg):
+            net.loss(p, xx, np.zeros(0, dtype=int))
+    for yy, msg in [(y[:4], "shape"), (y + 0.5, "non-integer"), (np.array(["a"] * 5), "dtype"),
+                    (np.array([0, 1, 2, 0, 1]), r"labels must lie in \[0, 1\]"), (y - 1, "labels")]:
+        with pytest.raises(InvalidInputError, match=msg):
+            net.loss(p, x, yy)
+    assert net.loss(p, x, y.astype(float)) == net.loss(p, x, y)
+    with pytest.raises(InvalidInputError, match="cotangent has shape"):
+        net.vjp(p, x, np.zeros((5, 3)))
+    loss, g = net.loss_and_grad_unchecked(p, x, y)
+    assert loss == net.loss(p, x, y) and all(np.array_equal(a, b) for a, b in zip(g, net.grad(p, x, y)))
+    assert all(np.array_equal(a, b) for a, b in zip(net.hvp_unchecked(p, x, y, v), net.hvp(p, x, y, v)))
+    # Regression losses take (n, d) targets, or (n,) when d = 1.
+    mse = Network([Linear(3, 1)], (3,), loss="mse")
+    q = mse.init(0)
+    t = rng.normal(size=5)
+    assert mse.loss(q, x, t) == mse.loss(q, x, t[:, None])
+    with pytest.raises(InvalidInputError, match=r"expected \(5, 1\)"):
+        mse.loss(q, x, np.zeros((5, 2)))
+    big = Network([Linear(70, 60)], (70,))  # 4260 parameters > MAX_DENSE_HESSIAN = 4000
+    with pytest.raises(InvalidInputError, match="dense Hessian"):
+        big.hessian(big.init(0), rng.normal(size=(2, 70)), [0, 1])
+
+
+def test_network_param_order_state_and_defaults():
+    """A permuted public order is the same function of the permuted parameters (grads permuted alike); the
+    head is the last Linear; with_state takes real statistics only; defaults: init(0), joint off."""
+    base = Network(Sequential(Linear(3, 4), Activation("tanh"), Linear(4, 2)), (3,), loss="mse")
+    order = [3, 0, 1, 2]  # public i <- tree order[i] (not an involution)
+    perm = Network(Sequential(Linear(3, 4), Activation("tanh"), Linear(4, 2)), (3,), loss="mse", param_order=order)
+    rng = np.random.default_rng(6)
+    p = [rng.normal(size=s) for s in base.shapes]
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    pp = [p[j] for j in order]
+    assert perm.loss(pp, x, y) == base.loss(p, x, y)
+    assert all(np.array_equal(a, b) for a, b in zip(perm.grad(pp, x, y), [base.grad(p, x, y)[j] for j in order]))
+    assert base.head_indices == (2, 3) and perm.head_indices == (0, 3)
+    with pytest.raises(InvalidInputError, match="expected \\(5, 2\\)"):
+        base.loss(p, x, y.T)
+    one = Network([Linear(3, 1)], (3,), loss="mse")
+    with pytest.raises(InvalidInputError, match="expected \\(5, 1\\)"):
+        one.loss(one.init(0), x, np.zeros((1, 5)))  # a row, not a column of targets
+    with pytest.raises(InvalidInputError, match="list of"):
+        base.loss(5, x, y)
+    with pytest.raises(InvalidInputError, match=r"expected \(n, 3\)$"):
+        base.loss(p, x[:, :2], y)
+    img = conv4((1, 8, 8), 2, hidden=2, ceil_mode=True)
+    with pytest.raises(InvalidInputError, match=r"expected \(n, 1, 8, 8\) \(NCHW\)"):
+        img.forward(img.init(0), np.zeros((2, 8, 8, 1)))
+    bn = Network([Linear(2, 3), BatchNorm1d(3), Linear(3, 2)], (2,))
+    with pytest.raises(InvalidInputError):
+        bn.with_state({"1": (np.zeros(3) + 1j, np.ones(3), 1)})
+    with pytest.raises(InvalidInputError):
+        bn.with_state({"1": (np.zeros(3), np.ones(3) + 1j, 1)})
+    assert all(np.array_equal(a, b) for a, b in zip(bn.init(), bn.init(0)))
+    assert not bn.joint and bn.joint_batch().joint and not bn.joint_batch(False).joint
