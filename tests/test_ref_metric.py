@@ -150,3 +150,68 @@ def test_bad_labels_nan_inputs_and_arguments(name):
         mod.loss_and_grad(None, params, tasks, 3)
     with pytest.raises(InvalidInputError, match="tasks"):
         mod.loss_and_grad(backbone, params, [], 3)
+
+
+def _scipy_matching_loss(tasks, W, n_way):
+    # Direct computation (Vinyals et al. 2016, no FCE) on features x W^T with scipy's cosine distance.
+    out = []
+    for t in tasks:
+        cos = 1.0 - scipy.spatial.distance.cdist(t.x_query @ W.T, t.x_support @ W.T, "cosine")
+        probs = scipy.special.softmax(cos, axis=1) @ np.eye(n_way)[t.y_support]
+        out.append(-np.mean(np.log(probs[np.arange(len(t.y_query)), t.y_query])))
+    return np.mean(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matchingnet_task_by_task_paths_match_scipy_and_the_stacked_path(seed):
+    # The task-by-task paths (a custom feature factory, a reference.nets.Network backbone) must give the
+    # scipy loss (mean over 3 tasks) and the stacked MLP path's gradient (same weights: both use x W^T).
+    from reference.features import TaskFeatures
+    from reference.nets.layers.linear import Linear
+    from reference.nets.network import Network
+
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(4, 4)) + 2.0 * np.eye(4)
+    tasks = gaussian_classification(3, 2, 3, 4, n_tasks=3, seed=seed)
+    expected = _scipy_matching_loss(tasks, W, 3)
+    mlp = MLP([4, 4], activation="identity", bias=False)
+    net = Network([Linear(4, 4, bias=False)], (4,))
+    value, grads = matchingnet.loss_and_grad(mlp, [W], tasks, 3)
+    assert value == pytest.approx(expected, rel=1e-13)
+    calls = []
+
+    def factory(*args):  # a custom feature factory must be the one used, once per task
+        calls.append(args[3])
+        return TaskFeatures(*args)
+
+    custom = matchingnet.loss_and_grad(mlp, [W], tasks, 3, features=factory)
+    assert sorted(calls) == ["tasks[0]", "tasks[1]", "tasks[2]"]
+    for got_value, got_grads in [custom, matchingnet.loss_and_grad(net, [W], tasks, 3)]:
+        assert got_value == pytest.approx(expected, rel=1e-13)
+        np.testing.assert_allclose(got_grads[0], grads[0], rtol=1e-12, atol=1e-15)
+    assert matchingnet.loss(net, [W], tasks, 3) == pytest.approx(expected, rel=1e-13)
+    assert matchingnet.loss(mlp, [W], tasks, 3) == pytest.approx(expected, rel=1e-13)
+
+
+def test_matchingnet_tiny_feature_norm_threshold():
+    # Features with norm^2 at or below sqrt(tiny) = 2^-511 (documented threshold) are refused:
+    # 2 * (2^-256)^2 = 2^-511 exactly (the boundary), and 1e-200; 1e-120 is accepted.
+    backbone, params, tasks = _identity_problem()
+    for row, bad in [(np.array([2.0**-256, 2.0**-256, 0.0, 0.0]), True), (np.array([1e-100, 0, 0, 0]), True),
+                     (np.array([1e-60, 0, 0, 0]), False)]:
+        t = tasks[0]._asdict()
+        t["x_query"] = t["x_query"].copy()
+        t["x_query"][1] = row
+        if bad:
+            with pytest.raises(InvalidInputError, match=r"x_query\[1\] is the zero vector"):
+                matchingnet.loss_and_grad(backbone, params, [Task(**t)], 3)
+        else:
+            assert np.isfinite(matchingnet.loss_and_grad(backbone, params, [Task(**t)], 3)[0])
+
+
+def test_matchingnet_missing_class_message_names_the_first():
+    backbone, params, tasks = _identity_problem()
+    t = tasks[0]
+    with pytest.raises(InvalidInputError, match=r"class 1, which has no example"):
+        matchingnet.loss_and_grad(backbone, params, [Task(t.x_support, np.zeros_like(t.y_support), t.x_query,
+                                                          t.y_query)], 3)
