@@ -451,6 +451,32 @@ def _junit_key(nodeid: str) -> tuple[str, str]:
     return ".".join(names[:-1]), names[-1]
 
 
+def _write_covrc(rc: Path, data_file: Path) -> None:
+    rc.write_text(f"[run]\nsource = reference,verify\ndata_file = {data_file}\npatch = subprocess\nbranch = False\n")
+
+
+def _context_node(context: str) -> str:
+    """The node id of a pytest-cov test context ("" for the import/subprocess context)."""
+    return context.rsplit("|", 1)[0] if context.endswith(("|run", "|setup", "|teardown")) else context
+
+
+def _read_junit(path: Path) -> dict[tuple[str, str], tuple[float, str]]:
+    """(classname, name) -> (seconds, passed/skipped/failed); a test reported twice keeps its worst outcome."""
+    import xml.etree.ElementTree as ET
+
+    junit: dict[tuple[str, str], tuple[float, str]] = {}
+    rank = {"passed": 0, "skipped": 1, "failed": 2}
+    for tc in ET.parse(path).iter("testcase"):
+        key = (tc.get("classname") or "", tc.get("name") or "")
+        status = ("failed" if tc.find("failure") is not None or tc.find("error") is not None
+                  else "skipped" if tc.find("skipped") is not None else "passed")
+        t = float(tc.get("time") or 0.0)
+        old = junit.get(key)
+        if old is None or rank[status] > rank[old[1]]:
+            junit[key] = (max(t, old[0]) if old else t, status)
+    return junit
+
+
 def collect_coverage(jobs: int, build_only: bool) -> int:
     """Run the not-slow suite once under coverage with per-test contexts, then build the map.
 
@@ -466,8 +492,7 @@ def collect_coverage(jobs: int, build_only: bool) -> int:
         for f in COV.glob(".coverage*"):
             f.unlink()
         rc = COV / "covrc"
-        rc.write_text(f"[run]\nsource = reference,verify\ndata_file = {COV / '.coverage'}\n"
-                      "patch = subprocess\nbranch = False\n")
+        _write_covrc(rc, COV / ".coverage")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
                *(["-n", str(jobs)] if jobs > 1 else []), "--cov", f"--cov-config={rc}",
                "--cov-context=test", "--cov-report=", f"--junitxml={COV / 'junit.xml'}",
@@ -484,8 +509,6 @@ def collect_coverage(jobs: int, build_only: bool) -> int:
 
 
 def build_map(tree: str) -> int:
-    import xml.etree.ElementTree as ET
-
     from coverage import CoverageData
 
     data = CoverageData(basename=str(COV / ".coverage"))
@@ -501,20 +524,11 @@ def build_map(tree: str) -> int:
         for ln, ctxs in sorted(data.contexts_by_lineno(f).items()):
             ids = set()
             for c in ctxs:
-                node = c.rsplit("|", 1)[0] if c.endswith(("|run", "|setup", "|teardown")) else c
+                node = _context_node(c)
                 ids.add(index.setdefault(node, len(index)) if node else IMPORT_CTX)
             out[str(ln)] = sorted(ids)
         lines[rel] = out
-    junit: dict[tuple[str, str], tuple[float, str]] = {}
-    rank = {"passed": 0, "skipped": 1, "failed": 2}
-    for tc in ET.parse(COV / "junit.xml").iter("testcase"):
-        key = (tc.get("classname") or "", tc.get("name") or "")
-        status = ("failed" if tc.find("failure") is not None or tc.find("error") is not None
-                  else "skipped" if tc.find("skipped") is not None else "passed")
-        t = float(tc.get("time") or 0.0)
-        old = junit.get(key)
-        if old is None or rank[status] > rank[old[1]]:
-            junit[key] = (max(t, old[0]) if old else t, status)
+    junit = _read_junit(COV / "junit.xml")
     tests = sorted(index, key=index.get)
     seconds, outcome = [], []
     for node in tests:
@@ -568,14 +582,12 @@ def update_map(paths: list[str]) -> int:
     for f in COV.glob(".coverage-update*"):
         f.unlink()
     rc = COV / "covrc-update"
-    rc.write_text(f"[run]\nsource = reference,verify\ndata_file = {data_file}\npatch = subprocess\nbranch = False\n")
+    _write_covrc(rc, data_file)
     junit = COV / "junit-update.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "--cov",
            f"--cov-config={rc}", "--cov-context=test", "--cov-report=", f"--junitxml={junit}", *paths]
     print(f"updating the coverage map for {len(paths)} test files: " + " ".join(paths), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HYPOTHESIS_PROFILE="ci"), check=False)
-
-    import xml.etree.ElementTree as ET
 
     from coverage import CoverageData
 
@@ -584,11 +596,8 @@ def update_map(paths: list[str]) -> int:
     for i, t in enumerate(m["tests"]):
         if t.split("::")[0] in retired:
             m["outcome"][i] = "removed"
-    durations: dict[tuple[str, str], tuple[float, str]] = {}
-    for tc in ET.parse(junit).iter("testcase"):
-        st = ("failed" if tc.find("failure") is not None or tc.find("error") is not None
-              else "skipped" if tc.find("skipped") is not None else "passed")
-        durations[(tc.get("classname") or "", tc.get("name") or "")] = (float(tc.get("time") or 0.0), st)
+    durations = _read_junit(junit)
+    ran: set[int] = set()
     unknown_all = m.setdefault("unknown", {})
     cov = CoverageData(basename=str(data_file))
     cov.read()
@@ -608,7 +617,7 @@ def update_map(paths: list[str]) -> int:
                 m["modules"][rel] = _fingerprint(rel)
         for ln, ctxs in cov.contexts_by_lineno(f).items():
             for c in ctxs:
-                node = c.rsplit("|", 1)[0] if c.endswith(("|run", "|setup", "|teardown")) else c
+                node = _context_node(c)
                 if not node:
                     continue
                 i = index.get(node)
@@ -617,11 +626,13 @@ def update_map(paths: list[str]) -> int:
                     m["tests"].append(node)
                     m["seconds"].append(1.0)
                     m["outcome"].append("unknown")
-                t, st = durations.get(_junit_key(node), (1.0, "unknown"))
-                m["seconds"][i], m["outcome"][i] = round(t, 4), st
+                ran.add(i)
                 ids = table.setdefault(str(ln), [])
                 if i not in ids:
                     ids.append(i)
+    for i in ran:  # this run's duration and outcome, once per test
+        t, st = durations.get(_junit_key(m["tests"][i]), (1.0, "unknown"))
+        m["seconds"][i], m["outcome"][i] = round(t, 4), st
     for f in paths:
         m.setdefault("test_files", {})[f] = now.get(f, "")
     if all(m.get("test_files", {}).get(f) == h for f, h in now.items() if f != "tests/test_mutation_sample.py"):
