@@ -36,7 +36,8 @@ then of the module, then the fastest; ``pytest -x`` semantics (stop at the first
 failure). ``--budget S`` (default 10) runs covering tests until their baseline
 durations add up to S seconds (at least one); a survivor that did not run them
 all is marked ``partial`` in its record and in the report (it survived the tests
-that ran; more may kill it).
+that ran; more may kill it). ``--complete-partial`` re-runs only those, with
+every covering test, or in stages with a larger explicit ``--budget``.
 
 How a mutant is applied. The parent imports numpy/scipy/sympy/torch/jax, forks
 a *fresh-import server* (nothing of the project imported), then starts one
@@ -1768,6 +1769,19 @@ def _check_paths(paths: list[str]) -> list[str]:
     return out
 
 
+def _budget(given: float | None, complete_partial: bool) -> float | None:
+    """The per-mutant test budget in seconds (``None``: every covering test).
+
+    A plain run defaults to 10 s; ``--complete-partial`` defaults to every covering test, and takes an
+    explicit ``--budget`` (larger than the first run's) to re-run its partial survivors in stages.
+    """
+    if given is None:
+        return None if complete_partial else 10.0
+    if given < 0:
+        raise SystemExit(f"mutation.py run: --budget={given!r} must be >= 0 (0: every covering test)")
+    return None if given == 0 else given
+
+
 def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants: int | None,
         survivors_only: bool = False, budget: float | None = None, complete_partial: bool = False) -> int:
     sh = _parse_shard(shard)
@@ -1784,8 +1798,8 @@ def run(paths: list[str], shard: str | None, timeout_factor: float, max_mutants:
         out.write(time.strftime("%H:%M:%S ", time.gmtime()) + msg + "\n")
         out.flush()
 
-    if complete_partial:
-        budget = None
+    # --complete-partial re-runs budgeted survivors with every covering test, or, with an explicit larger
+    # --budget, with that many seconds of them (a survivor of the larger budget stays partial if some remain).
     return Runner(modules, sh, timeout_factor, max_mutants, survivors_only, log, budget=budget,
                   complete_partial=complete_partial).start()
 
@@ -1980,10 +1994,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--shard", help="I/N: run the I-th of N interleaved shards")
     r.add_argument("--timeout-factor", type=float, default=4.0, help="timeout = factor x baseline (>= 30 s)")
     r.add_argument("--max", type=int, default=None, help="stop after this many mutants (a time-boxed run)")
-    r.add_argument("--budget", type=float, default=10.0,
+    r.add_argument("--budget", type=float, default=None,
                    help="per mutant, run covering tests (fastest first) up to this many seconds of their baseline "
                         "duration from the coverage run; a survivor that did not run them all is marked partial. "
-                        "0: all covering tests")
+                        "0: all covering tests. Default 10, and all covering tests with --complete-partial")
     r.add_argument("--survivors-only", action="store_true",
                    help="only re-run survivors (not those listed as equivalent) whose module's tests changed since")
     cov = sub.add_parser("coverage", help="collect the per-test coverage map (.mutation/coverage-map.json)")
@@ -2002,7 +2016,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.paths, args.shard, args.timeout_factor, args.max, args.survivors_only,
-                   None if args.budget <= 0 else args.budget, args.complete_partial)
+                   _budget(args.budget, args.complete_partial), args.complete_partial)
     if args.command == "report":
         return report()
     if args.command == "coverage":

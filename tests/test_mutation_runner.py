@@ -80,3 +80,20 @@ def test_identical_source_is_the_identity(mutation) -> None:
     table = {"1": [0], "4": [1], "5": [1, 2], "6": [2], "9": [3], "10": [4], "11": [5]}
     out, unknown = mutation.remap_lines(OLD, OLD, table)
     assert out == table and not unknown
+
+
+@pytest.mark.parametrize(("given", "complete", "expected"), [
+    (None, False, 10.0),   # a plain run: the documented default
+    (None, True, None),    # --complete-partial: every covering test
+    (30.0, True, 30.0),    # --complete-partial in stages: the explicit larger budget is kept
+    (5.0, False, 5.0),
+    (0.0, False, None),    # 0: every covering test
+    (0.0, True, None),
+])
+def test_budget_defaults_and_explicit_values(mutation, given, complete, expected):
+    assert mutation._budget(given, complete) == expected
+
+
+def test_negative_budget_is_refused_with_the_value(mutation):
+    with pytest.raises(SystemExit, match=r"--budget=-1\.0 must be >= 0"):
+        mutation._budget(-1.0, False)
