@@ -72,6 +72,7 @@ class SPDFactor:
             raise SingularMatrixError(_with_hint(
                 f"{what} is singular in floating point: cond ~ {self.cond:.3g} > {MAX_COND:.3g} "
                 "(fewer than 4 correct digits would survive the solve)", hint))
+        self.what = what
         if self.complex:
             # LU is analytic in the entries (pivots are chosen on magnitudes, which
             # the O(h) imaginary part does not change): complex-step safe.
@@ -80,15 +81,22 @@ class SPDFactor:
             self._chol = chol
 
     def solve(self, B: np.ndarray) -> np.ndarray:
-        """``A^{-1} B`` for ``B`` of shape ``(m,)`` or ``(m, k)``."""
+        """``A^{-1} B`` for ``B`` of shape ``(m,)`` or ``(m, k)``.
+
+        Raises:
+            ValueError: ``B`` of another shape (real factor; a complex one leaves the check to ``lu_solve``).
+        """
         if self.complex:
             return scipy.linalg.lu_solve(self._lu, B, check_finite=False)
         if np.iscomplexobj(B):
             return self.solve(B.real) + 1j * self.solve(B.imag)
-        B = np.asarray(B)
-        if B.dtype != np.float64 or B.size == 0 or B.ndim not in (1, 2) or B.shape[0] != self._chol.shape[0]:
-            return scipy.linalg.cho_solve((self._chol, False), B, check_finite=False)
-        # LAPACK's potrs directly: what cho_solve calls, without its per-call wrapper (~0.1 ms, which
+        # Integer, boolean or float32 right-hand sides are solved in float64 (exact conversions).
+        B = np.asarray(B, dtype=np.float64)
+        m = self._chol.shape[0]
+        if B.ndim not in (1, 2) or B.shape[0] != m:
+            raise ValueError(f"B.shape={B.shape!r} does not fit the {m} x {m} system {self.what}; "
+                             f"pass B of shape ({m},) or ({m}, k)")
+        # LAPACK's potrs directly: what scipy's cho_solve calls, without its per-call wrapper (~0.1 ms, which
         # dominated R2-D2's per-task solves); the same numbers.
         x, info = lapack.dpotrs(self._chol, B, lower=0)
         if info != 0:  # pragma: no cover - only for an illegal argument

@@ -95,6 +95,14 @@ def test_task_features_name_the_first_overflowing_row():
     xq[1] = xq[3] = 1e308
     with pytest.raises(InvalidInputError, match=r"of T\.x_query\[1\] are not finite"):
         TaskFeatures(net, params, Task(x, None, xq, None), "T")
+    # The rows next to the support/query seam: the last support row and the first query row.
+    xs, xq = x.copy(), x.copy()
+    xs[4] = 1e308
+    with pytest.raises(InvalidInputError, match=r"of T\.x_support\[4\] are not finite"):
+        TaskFeatures(net, params, Task(xs, None, x, None), "T")
+    xq[0] = 1e308
+    with pytest.raises(InvalidInputError, match=r"of T\.x_query\[0\] are not finite"):
+        TaskFeatures(net, params, Task(x, None, xq, None), "T")
 
 
 def test_stacked_features_name_task_part_and_row():
@@ -164,3 +172,51 @@ def test_task_blocks_invariants():
         _check_blocks(blocks, rows, max_rows)
         greedy = task_blocks(_tasks_of(rows), max_rows=max_rows, parts=1)
         assert len(blocks) >= len(greedy)
+
+
+def test_task_blocks_even_split_worked_examples():
+    # Each example worked by hand: the greedy count g, the groups count = g rounded up to a multiple of
+    # parts (at most one per task), the task middles m_i against the boundaries k T / count, and the fallback
+    # to the greedy split when the even one overfills a group of several tasks.
+    examples = [
+        # g = 1, count 2, T = 249, boundary 124.5: m = 50, 125, 199.5.
+        ([100, 50, 99], 512, 2, [[0], [1, 2]]),
+        # g = 1, count 2, T = 251, boundary 125.5: m = 50, 125, 200.5.
+        ([100, 50, 101], 512, 2, [[0, 1], [2]]),
+        # g = 1, count 2, T = 12, boundary 6: m = 3, 7.5, 10.5 (7 rows fit in 50).
+        ([6, 3, 3], 50, 2, [[0], [1, 2]]),
+        # g = 2 ([21], [8, 11]), count 3, T = 40, boundaries 13.3, 26.7: m = 10.5, 25, 34.5; a single task
+        # above max_rows is a group of its own, not a reason to fall back.
+        ([21, 8, 11], 20, 3, [[0], [1], [2]]),
+        # g = 2 ([34, 4], [33, 7]), count 3, T = 78, boundaries 26, 52: m = 17, 36, 55.5, 74.5; the last
+        # group holds exactly max_rows = 40 rows, which fits.
+        ([34, 4, 33, 7], 40, 3, [[0], [1], [2, 3]]),
+        # g = 3, count 3, T = 70, boundaries 23.3, 46.7: m = 14.5, 48, 68.5 put 38 + 3 = 41 > 40 rows in one
+        # group: the greedy split is kept.
+        ([29, 38, 3], 40, 3, [[0], [1], [2]]),
+        # g = 2 (8 + 33 = 41 > 40), count 2, T = 41, boundary 20.5: m = 4, 24.5.
+        ([8, 33], 40, 1, [[0], [1]]),
+        # g = 2 ([20, 7], [14]), count 2 (parts = 1: no rounding), T = 41, boundary 20.5: m = 10, 23.5, 34.
+        ([20, 7, 14], 40, 1, [[0], [1, 2]]),
+        # g = 1, parts = 1: one group, not one per task.
+        ([3, 3], 40, 1, [[0, 1]]),
+        # parts below 1 count as 1.
+        ([3, 3], 40, 0, [[0, 1]]),
+        ([20, 7, 14], 40, -2, [[0], [1, 2]]),
+    ]
+    for rows, max_rows, parts, expect in examples:
+        blocks = task_blocks(_tasks_of(rows), max_rows=max_rows, parts=parts)
+        assert blocks == expect, (rows, max_rows, parts)
+        _check_blocks(blocks, rows, max_rows)
+
+
+def test_task_blocks_defaults_balance_an_even_number_of_groups():
+    # The defaults (512 rows, groups in multiples of 2 for a 2-worker pool). 11 tasks of 100 rows: the greedy
+    # split needs 3 groups (5, 5, 1 tasks); 4 balanced groups instead. 16 tasks: greedy 4 groups of 500, 500,
+    # 500 and 100 rows (1000 rows' time on 2 workers) -- already a multiple of 2, but the rows are still
+    # shared evenly: 4 groups of 4 tasks (800 rows' time).
+    for n, count in ((11, 4), (16, 4), (25, 6), (3, 2), (1, 1)):
+        blocks = task_blocks(_tasks_of([100] * n))
+        assert len(blocks) == count, (n, blocks)
+        _check_blocks(blocks, [100] * n, 512)
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1, blocks

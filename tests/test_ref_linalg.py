@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from reference.errors import ConvergenceError, SingularMatrixError
-from reference.linalg import EPS, MAX_COND, CGInfo, SPDFactor, conjugate_gradient
+from reference.linalg import EPS, IN_PLACE_MIN_SIZE, MAX_COND, CGInfo, SPDFactor, conjugate_gradient
 
 
 def _spd(n: int, eigs, seed: int = 0) -> np.ndarray:
@@ -61,6 +61,26 @@ def test_spd_factor_solves_like_numpy_real_complex_matrix_and_complex_rhs():
     np.testing.assert_allclose(fc.solve(bc), np.linalg.solve(Ac, bc), rtol=1e-13, atol=1e-14)
     # Its condition number is the real part's (same as the real factor's).
     assert fc.cond == f.cond
+
+
+def test_spd_factor_solve_real_dtypes_in_float64_and_refuses_other_shapes():
+    # Integer, boolean, float32 and list right-hand sides are solved as their (exact) float64 values; an
+    # empty block of right-hand sides gives an empty solution; any shape but (m,) or (m, k) is a ValueError
+    # naming the shape and the system (not a silent LAPACK solve along another axis).
+    A = _spd(4, [1.0, 2.0, 3.0, 6.0], seed=20)
+    f = SPDFactor(A, what="A of task 3")
+    rng = np.random.default_rng(21)
+    for B in (np.array([1, -2, 3, 4]), rng.integers(-5, 5, (4, 3)), np.array([[True, False], [False, True],
+              [True, True], [False, False]]), rng.standard_normal((4, 2)).astype(np.float32), [0.5, 1.0, -1.0, 2.0],
+              rng.standard_normal((4, 4)), rng.standard_normal((4, 1))):
+        x = f.solve(B)
+        assert x.dtype == np.float64 and x.shape == np.shape(B)
+        np.testing.assert_allclose(x, np.linalg.solve(A, np.asarray(B, dtype=np.float64)), rtol=1e-13, atol=1e-14)
+    assert f.solve(np.zeros((4, 0))).shape == (4, 0)
+    for bad in (np.ones(5), np.ones(3), np.ones((3, 4)), np.ones((4, 2, 2)), np.ones((2, 4, 1)), np.array(1.0)):
+        with pytest.raises(ValueError, match=rf"^B.shape={re.escape(repr(bad.shape))} does not fit the 4 x 4 "
+                                              r"system A of task 3; pass B of shape \(4,\) or \(4, k\)$"):
+            f.solve(bad)
 
 
 def test_spd_factor_complex_step_derivative_of_the_solve():
@@ -310,6 +330,39 @@ def test_cg_cond_estimate_of_a_numerically_singular_matrix_is_infinite():
     x, info = conjugate_gradient(lambda v: A @ v, np.array([1.0, 1.0]), rtol=1e-14, maxiter=50, what="A")
     assert info.cond_estimate == np.inf
     np.testing.assert_allclose(A @ x, [1.0, 1.0], rtol=1e-14)
+
+
+def test_cg_long_vectors_real_complex_and_integer_right_hand_sides():
+    # Vectors of IN_PLACE_MIN_SIZE entries and more are updated in place: the solution is still A^{-1} b
+    # (closed form for a diagonal A with 3 distinct eigenvalues: 3 iterations in exact arithmetic), for a
+    # real, a complex (complex-step) and an integer right-hand side (solved in float64, as np.linalg.solve
+    # does; its integer iterates must not be updated in place).
+    n = IN_PLACE_MIN_SIZE + 5
+    d = np.array([1.0, 2.0, 5.0])[np.arange(n) % 3]
+    rng = np.random.default_rng(22)
+    b = rng.standard_normal(n)
+    for rhs in (b, b + 1e-20j * rng.standard_normal(n), rng.integers(-3, 4, n)):
+        calls = []
+        x, info = conjugate_gradient(lambda v: (calls.append(1), d * v)[1], rhs, rtol=1e-12, maxiter=30, what="D")
+        exact = rhs.astype(np.complex128 if np.iscomplexobj(rhs) else np.float64) / d
+        assert x.dtype == exact.dtype
+        for got, want in ((x.real, exact.real), (x.imag, exact.imag)):  # CG's rtol is on norms (1e-12 here)
+            assert np.linalg.norm(got - want) <= 1e-11 * np.linalg.norm(want)
+        assert 3 <= info.iterations <= 5 and len(calls) == info.iterations + info.restarts + 1
+        assert info.cond_estimate == pytest.approx(5.0, rel=1e-6)
+
+
+def test_cg_one_step_cond_estimate_is_a_lower_bound_even_for_a_negative_step():
+    # Unconjugated CG on b = e1 + 2i e2, A = diag(10, 1): b.b = -3, b.Ab = 6 > 0, so alpha = -1/2 (closed
+    # form) and r = b - alpha A b = 6 e1 + 3i e2, which meets rtol = 10 (||Re r|| = 6 <= 10 ||Re b||,
+    # ||Im r|| = 3 <= 10 (||Im b|| + ||Im A x||)): one step. A single Ritz value 1/alpha < 0 is no estimate;
+    # cond_estimate must stay a lower bound on cond(A) = 10 (the trivial 1), not +inf.
+    A = np.diag([10.0, 1.0])
+    b = np.array([1.0, 2.0j])
+    x, info = conjugate_gradient(lambda v: A @ v, b, rtol=10.0, maxiter=5, what="A")
+    np.testing.assert_allclose(x, -0.5 * b, rtol=1e-15)
+    assert info.iterations == 1
+    assert 1.0 <= info.cond_estimate <= np.linalg.cond(A)
 
 
 def test_cg_info_is_immutable():

@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from reference import r2d2
+from reference import features, r2d2
+from reference.errors import InvalidInputError
 from reference.models import MLP
 from reference.tasks import Task
 
@@ -175,3 +176,44 @@ def test_the_variants_differ() -> None:
                                                                                                    [True, False])}
     vs = sorted(values.values())
     assert min(b - a for a, b in zip(vs, vs[1:])) > 1e-3, values
+
+
+def test_check_arguments_classes_and_targets() -> None:
+    # Classification (the default) needs n_classes >= 2 classes and integer labels; regression takes
+    # n_classes >= 1 target columns (one target is the common case, e.g. a sinusoid's y).
+    model, params, tasks, _ = _problem(False, 4, seed=11)
+    out = r2d2.check_arguments(model, params, tasks, 3, LAM, SCALE, OFFSET, "dual")
+    assert out[3] == 3 and out[2][0].y_support.dtype == np.int64
+    one_class = [Task(t.x_support, 0 * t.y_support, t.x_query, 0 * t.y_query) for t in tasks]
+    with pytest.raises(InvalidInputError, match="n_classes"):
+        r2d2.check_arguments(model, params, one_class, 1, LAM, SCALE, OFFSET, "dual")
+    rng = np.random.default_rng(12)
+    reg = [Task(t.x_support, rng.standard_normal((4, 1)), t.x_query, rng.standard_normal((4, 1))) for t in tasks]
+    out = r2d2.check_arguments(model, params, reg, 1, LAM, SCALE, OFFSET, "primal", True)
+    assert out[3] == 1 and out[2][0].y_support.shape == (4, 1)
+    with pytest.raises(InvalidInputError, match="n_classes"):
+        r2d2.check_arguments(model, params, reg, 0, LAM, SCALE, OFFSET, "primal", True)
+    # One regression target, end to end: the loss of the independent lstsq head.
+    for form in ("primal", "dual"):
+        ours = r2d2.meta_loss(model, params, reg, 1, LAM, SCALE, OFFSET, form=form, regression=True)
+        assert ours == pytest.approx(loss_lstsq(params, reg, 1, LAM, SCALE, OFFSET, True, True, True), rel=1e-12)
+
+
+def test_meta_loss_runs_no_backward_pass(monkeypatch) -> None:
+    # meta_loss is the value alone (finite differences call it many times): no VJP through the backbone. With
+    # the backward passes made to fail it still returns meta_loss_and_grad's value, for an MLP backbone (tasks
+    # stacked) and a reference.nets.Network one (task by task).
+    from reference.nets import Activation, Linear, Network
+
+    model, params, tasks, n_classes = _problem(False, 8, seed=13)
+    net = Network([Linear(SIZES[0], 5), Activation("tanh"), Linear(5, SIZES[2])], (SIZES[0],))
+    cases = [(model, params), (net, net.init(0))]
+    want = [r2d2.meta_loss_and_grad(m, p, tasks, n_classes, LAM, SCALE, OFFSET)[0] for m, p in cases]
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("meta_loss ran a backward pass")
+
+    monkeypatch.setattr(features.StackedFeatures, "vjp", no_backward)
+    monkeypatch.setattr(features.TaskFeatures, "vjp", no_backward)
+    for (m, p), value in zip(cases, want):
+        assert r2d2.meta_loss(m, p, tasks, n_classes, LAM, SCALE, OFFSET) == pytest.approx(value, rel=1e-14)
