@@ -474,7 +474,10 @@ def meta_loss(
 # half of its time in Python holding the GIL: two tasks on two threads take turns more than they overlap.
 # Measured at 1-256-256-1 (10 rows x 66,561 parameters, 2 tasks): pooled 1.33x the sequential time on a
 # quiet 2-core machine, 2.6x at load 5. So tasks run sequentially unless one product is large enough
-# (>= 1e7 rows x parameters, ~1 ms of BLAS) for the GIL-free part to dominate.
+# (>= 1e7 rows x parameters, ~1 ms of BLAS) for the GIL-free part to dominate. Not re-measured since the
+# flat product's weight-block GEMMs release the GIL (np.matmul, issue 18 fourth pass; before, scipy's
+# gemm wrapper held it through the largest products): ``python benchmarks/pool_ab.py imaml 1-256-256-1 7``
+# on an idle machine says whether 1-256-256-1 should now go to the pool.
 POOL_MIN_WORK = 1e7
 
 
