@@ -52,7 +52,7 @@ import scipy.optimize
 
 from reference._threads import map_tasks
 from reference.features import as_scalar
-from reference.linalg import IN_PLACE_MIN_SIZE, SPDFactor, conjugate_gradient
+from reference.linalg import EPS, IN_PLACE_MIN_SIZE, SPDFactor, conjugate_gradient
 from reference.validation import check_finite_scalar, check_positive_int
 from reference.errors import ConvergenceError, InvalidInputError, SingularMatrixError
 from reference.models import MAX_DENSE_HESSIAN, MLP, flatten
@@ -62,6 +62,28 @@ Params = list[np.ndarray]
 SOLVERS = ("cg", "direct")
 # Newton polishing steps tried after the trust-region solve and for the complex (complex-step) continuation.
 _NEWTON_STEPS = 8
+# Inexact Newton in the polish (Dembo, Eisenstat & Steihaug 1982): a step's CG only has to leave a
+# linearised residual ||(H_s + lam I) dz + F|| below POLISH_FORCING * eps * lam * ||z||, a quarter of
+# the rounding of the proximal term lam * z alone (each entry of z is stored to within eps/2 of itself,
+# so no representable z has a residual much below eps * lam * ||z|| / 4 when H_s is positive
+# semidefinite), and at most _MAX_FORCING of the residual, never tighter than the former fixed
+# min(cg_tol, 1e-12). Then F(z + dz) is the quadratic term plus round-off, as with the tight solve,
+# and the loop below still runs until a step stops halving the residual. Measured at 1-256-256-1
+# (2 tasks, lam = 1): the polish's CG went from 580 to ~175 Hessian-vector products (the first step's
+# CG to ~1e-8 instead of 1e-12, the two steps at the round-off floor to 0.02-0.5), the whole meta-gradient
+# from 1,006 to 601; the result moved by 1.8e-13 relative (a 1-ulp perturbation of theta moves the old
+# one by 1.6e-13 to 2.5e-12; cond(I + H/lam) ~ 3.7e3). Where lam * ||z|| is tiny (small lam) the
+# forcing term is below 1e-12 and nothing changes.
+POLISH_FORCING = 0.25
+_MAX_FORCING = 0.5
+
+
+def _polish_rtol(z: np.ndarray, res: float, lam: float, cg_tol: float) -> float:
+    """CG tolerance of a polishing Newton step from ``z`` with stationarity residual ``res`` (see above)."""
+    rtol = min(cg_tol, 1e-12)
+    if res > 0:
+        rtol = max(rtol, min(_MAX_FORCING, POLISH_FORCING * EPS * lam * float(np.linalg.norm(z)) / res))
+    return rtol
 
 
 @dataclass(frozen=True)
@@ -304,7 +326,9 @@ def inner_solve(
         # method stalls before that floor, once round-off in F hides the predicted decrease.
         for k in range(_NEWTON_STEPS):
             try:
-                step = _newton_solve(real_prob, z, -real_prob.grad(z), solver, min(cg_tol, 1e-12), newton_maxiter,
+                # Inexact Newton: the step's CG only as tight as the round-off floor needs (_polish_rtol).
+                step = _newton_solve(real_prob, z, -real_prob.grad(z), solver, _polish_rtol(z, res, lam_r, cg_tol),
+                                     newton_maxiter,
                                      f"the inner Newton matrix H_s + lam I of {where}")
             except (SingularMatrixError, ConvergenceError):
                 # Not (yet) in a convex neighbourhood of a minimum: no Newton step from here.
@@ -450,7 +474,10 @@ def meta_loss(
 # half of its time in Python holding the GIL: two tasks on two threads take turns more than they overlap.
 # Measured at 1-256-256-1 (10 rows x 66,561 parameters, 2 tasks): pooled 1.33x the sequential time on a
 # quiet 2-core machine, 2.6x at load 5. So tasks run sequentially unless one product is large enough
-# (>= 1e7 rows x parameters, ~1 ms of BLAS) for the GIL-free part to dominate.
+# (>= 1e7 rows x parameters, ~1 ms of BLAS) for the GIL-free part to dominate. Not re-measured since the
+# flat product's weight-block GEMMs release the GIL (np.matmul, issue 18 fourth pass; before, scipy's
+# gemm wrapper held it through the largest products): ``python benchmarks/pool_ab.py imaml 1-256-256-1 7``
+# on an idle machine says whether 1-256-256-1 should now go to the pool.
 POOL_MIN_WORK = 1e7
 
 

@@ -263,25 +263,6 @@ def _times(a: np.ndarray, d: np.ndarray) -> np.ndarray:
     return a * d
 
 
-def _gemm(dtype: Any) -> Any:
-    from scipy.linalg.blas import get_blas_funcs
-
-    return get_blas_funcs("gemm", dtype=dtype)
-
-
-def _gemm_tn_into(gemm: Any, c: np.ndarray, a: np.ndarray, b: np.ndarray, beta: float) -> None:
-    """``c <- a^T @ b + beta * c`` in place, for a C-contiguous ``c`` (p, q), ``a`` (m, p), ``b`` (m, q).
-
-    BLAS sees the C-ordered ``c`` as the Fortran-ordered ``c^T`` and computes ``c^T <- b^T a + beta c^T``
-    (``beta = 0``: ``c``'s contents are not read).
-    """
-    dtype = c.dtype
-    r = gemm(1.0, b.T.astype(dtype, copy=False), a.T.astype(dtype, copy=False), beta=beta, c=c.T, trans_b=1,
-             overwrite_c=True)
-    if not np.may_share_memory(r, c):  # pragma: no cover - f2py copied c (not expected for contiguous c)
-        c[...] = r.T
-
-
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
@@ -555,9 +536,9 @@ class MLP:
 
         The same R-forward/R-backward passes as :meth:`_hvp_at` (Pearlmutter 1994), for the loops
         that take hundreds of products at one point on flat vectors (iMAML's CG and trust region).
-        The weight block of layer ``l``, ``R{g}^T h_l + g^T R{h_l}``, is formed by two BLAS GEMMs
-        written into its slice of the output (the second with ``beta = 1``, accumulating in place)
-        instead of two weight-sized temporaries, their sum and the final concatenation: for few
+        The weight block of layer ``l``, ``R{g}^T h_l + g^T R{h_l}``, is formed by one BLAS GEMM
+        over the two terms' stacked rows, written into its slice of the output, instead of two
+        weight-sized temporaries, their sum and the final concatenation: for few
         rows against wide layers those passes over weight-sized memory cost more than the products'
         arithmetic. Equal to the flattened :meth:`_hvp_at` up to round-off (the GEMM kernels may sum
         in another order).
@@ -586,14 +567,19 @@ class MLP:
         r_g = loss.hvp(r_out)
         dtype = np.result_type(v, r_g, *hs, *gs)
         out = np.empty(self.n_params, dtype=dtype)
-        gemm = _gemm(dtype)
         for l in reversed(range(self.n_layers)):
             g = gs[l]
             block = out[bounds[k * l]:bounds[k * l + 1]].reshape(self.shapes[k * l])
-            # block^T (Fortran order, the same memory) = h_l^T R{g} (+ R{h_l}^T g): BLAS writes in place.
-            _gemm_tn_into(gemm, block, r_g, hs[l], 0.0)
+            # block = R{g}^T h_l + g^T R{h_l} = [R{g}; g]^T [h_l; R{h_l}]: one GEMM over the stacked rows
+            # (2m rows: small copies), written by BLAS straight into the block. np.matmul releases the GIL
+            # inside BLAS (scipy's f2py gemm wrapper, used here before, holds it), so the tasks of iMAML's
+            # pool overlap their products.
             if l > 0:
-                _gemm_tn_into(gemm, block, g, r_hs[l][0], 1.0)
+                a = np.concatenate((r_g, g), axis=-2).astype(dtype, copy=False)
+                b = np.concatenate((hs[l], r_hs[l][0]), axis=-2).astype(dtype, copy=False)
+            else:
+                a, b = r_g.astype(dtype, copy=False), hs[l].astype(dtype, copy=False)
+            np.matmul(a.T, b, out=block)
             if self.bias:
                 np.sum(r_g, axis=-2, out=out[bounds[k * l + 1]:bounds[k * l + 2]])
             if l > 0:

@@ -63,9 +63,9 @@ def test_hvp_matches_complex_step_of_grad(problem, seed):
 
 @given(analytic_problems, st.integers(0, 2**16))
 def test_flat_hvp_matches_complex_step_of_grad_and_the_list_hvp(problem, seed):
-    # MLP._hvp_flat (iMAML's product on flat vectors: in-place GEMMs, transposed weights stored at the
-    # point) against complex step of the gradient, and against the list-form _hvp_at to round-off;
-    # a complex v (iMAML under complex step) too.
+    # MLP._hvp_flat (iMAML's product on flat vectors: one stacked GEMM per weight block written in
+    # place, transposed weights stored at the point) against complex step of the gradient, and against
+    # the list-form _hvp_at to round-off; a complex v (iMAML under complex step) too.
     m, p = problem.model, problem.params
     rng = np.random.default_rng(seed)
     v = unit_directions(rng, list(m.shapes))
