@@ -298,6 +298,126 @@ def enumerate_mutants(module: str) -> list[dict]:
     return out
 
 
+def _mutants_of_source(source: str) -> list[dict]:
+    """:func:`enumerate_mutants` of a source text (another revision of a module)."""
+    from cosmic_ray.ast import ast_nodes, get_ast
+    from cosmic_ray.plugins import get_operator
+
+    nodes = list(ast_nodes(get_ast(source)))
+    out = []
+    for name in OPERATORS:
+        op = get_operator(name)()
+        positions = [(node, pos) for node in nodes for pos in op.mutation_positions(node)]
+        for occurrence, (node, (start, _end)) in enumerate(positions):
+            if not _signature_marker(node):
+                out.append({"key": f"{name}#{occurrence}", "operator": name, "occurrence": occurrence,
+                            "line": start[0]})
+    return out
+
+
+def _mutant_signature(source: str, operator: str, occurrence: int) -> tuple | None:
+    """What a mutant does, independent of where its module's other code moved: the operator, the
+    enclosing ``def``/``class`` names, and the removed and added lines (stripped)."""
+    from cosmic_ray.mutating import mutate_code
+    from cosmic_ray.plugins import get_operator
+
+    mutated = mutate_code(source, get_operator(operator)(), occurrence)
+    if mutated is None:
+        return None
+    a, b = source.splitlines(), mutated.splitlines()
+    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    removed, added, first = [], [], None
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag != "equal":
+            first = i1 if first is None else first
+            removed += [x.strip() for x in a[i1:i2]]
+            added += [x.strip() for x in b[j1:j2]]
+    scope = []
+    for line in reversed(a[:(first or 0) + 1]):  # the enclosing definitions, innermost first
+        m = re.match(r"(\s*)(?:async\s+)?(?:def|class)\s+(\w+)", line)
+        if m and (not scope or len(m.group(1)) < scope[-1][0]):
+            scope.append((len(m.group(1)), m.group(2)))
+    return operator, tuple(n for _, n in scope), tuple(removed), tuple(added)
+
+
+def rekey(module: str, rev: str, dry_run: bool = False) -> int:
+    """Carry ``module``'s equivalent-mutant keys from revision ``rev`` to the working tree.
+
+    A key is Cosmic Ray's occurrence index, which shifts when the module is edited. Each listed key is
+    matched to the mutant of the current source that does the same thing (:func:`_mutant_signature`); among
+    identical signatures the k-th old one maps to the k-th new one. Keys with no match are reported and
+    removed (the mutant no longer exists, or its line changed: argue it again).
+    """
+    module = _check_paths([module])[0]
+    old_src = subprocess.run(["git", "show", f"{rev}:{module}"], cwd=ROOT, capture_output=True, text=True)
+    if old_src.returncode != 0:
+        raise SystemExit(f"mutation.py rekey: cannot read {module} at rev={rev!r}: {old_src.stderr.strip()}")
+    new_src = (ROOT / module).read_text(encoding="utf-8")
+    keys = list(load_equivalent().get(module, {}))
+    if not keys:
+        print(f"{module}: no equivalent mutants listed")
+        return 0
+    mapping = _rekey_map(old_src.stdout, new_src, keys)
+    moved = {k: v for k, v in mapping.items() if v is not None and v != k}
+    lost = [k for k, v in mapping.items() if v is None]
+    for k, v in sorted(moved.items()):
+        print(f"{module}: {k} -> {v}")
+    for k in lost:
+        print(f"{module}: {k} has no counterpart in the current source: removed (argue it again if it survives)")
+    if dry_run or (not moved and not lost):
+        print(f"{module}: {len(keys)} keys, {len(moved)} moved, {len(lost)} lost" + (" (dry run)" if dry_run else ""))
+        return 0
+    _rewrite_equivalent_section(module, mapping)
+    print(f"{module}: {len(keys)} keys, {len(moved)} moved, {len(lost)} lost -> {EQUIVALENT.relative_to(ROOT)}")
+    return 0
+
+
+def _rekey_map(old_src: str, new_src: str, keys: list[str]) -> dict[str, str | None]:
+    """``{old key: new key or None}``: each mutant of ``old_src`` named in ``keys`` to the mutant of
+    ``new_src`` with the same :func:`_mutant_signature` (the k-th of equal signatures to the k-th)."""
+    ops = {k.split("#")[0] for k in keys}
+
+    def sigs(src: str) -> tuple[dict[str, tuple], dict[tuple, list[str]]]:
+        by_key, by_sig = {}, {}
+        for m in _mutants_of_source(src):
+            if m["operator"] in ops:
+                sig = _mutant_signature(src, m["operator"], m["occurrence"])
+                by_key[m["key"]] = sig
+                by_sig.setdefault(sig, []).append(m["key"])
+        return by_key, by_sig
+
+    old_key, old_sig = sigs(old_src)
+    _, new_sig = sigs(new_src)
+    mapping: dict[str, str | None] = {}
+    for k in keys:
+        sig = old_key.get(k)
+        cand = new_sig.get(sig, []) if sig is not None else []
+        rank = old_sig[sig].index(k) if sig is not None else -1
+        mapping[k] = cand[rank] if 0 <= rank < len(cand) else None
+    return mapping
+
+
+def _rewrite_equivalent_section(module: str, mapping: dict[str, str | None]) -> None:
+    """Rename (or drop, for ``None``) the keys of ``module``'s section of equivalent.toml, in place, keeping
+    every other line (comments, other sections) as written."""
+    lines = EQUIVALENT.read_text(encoding="utf-8").splitlines(keepends=True)
+    out, inside = [], False
+    for line in lines:
+        head = re.match(r'\s*\[\s*"?([^"\]]+)"?\s*\]\s*$', line)
+        if head:
+            inside = head.group(1) == module
+        m = re.match(r'(\s*)"([^"]+)"(\s*=.*)', line, re.S) if inside else None
+        if m and m.group(2) in mapping:
+            new = mapping[m.group(2)]
+            if new is None:
+                continue
+            line = f'{m.group(1)}"{new}"{m.group(3)}'
+        out.append(line)
+    text = "".join(out)
+    tomllib.loads(text)  # never write a file the runner cannot read (e.g. two keys mapped onto one)
+    EQUIVALENT.write_text(text, encoding="utf-8")
+
+
 def mutate(module: str, operator: str, occurrence: int) -> str | None:
     """The mutated source of ``module`` (None when the operator has no such occurrence)."""
     from cosmic_ray.mutating import mutate_code
@@ -2011,6 +2131,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--complete-partial", action="store_true",
                    help="re-run only the partial survivors (budgeted runs), with every covering test")
     sub.add_parser("report", help="write reports/mutation/README.md from the results")
+    rk = sub.add_parser("rekey", help="carry a module's equivalent-mutant keys from an older revision to the "
+                                      "current source (keys are occurrence indices, which shift on edits)")
+    rk.add_argument("module")
+    rk.add_argument("--from", dest="rev", required=True, help="the git revision the keys were written against")
+    rk.add_argument("--dry-run", action="store_true")
     lst = sub.add_parser("list", help="count the mutants per module")
     lst.add_argument("paths", nargs="*")
     args = parser.parse_args(argv)
@@ -2019,6 +2144,8 @@ def main(argv: list[str] | None = None) -> int:
                    _budget(args.budget, args.complete_partial), args.complete_partial)
     if args.command == "report":
         return report()
+    if args.command == "rekey":
+        return rekey(args.module, args.rev, args.dry_run)
     if args.command == "coverage":
         if args.update is not None:
             return update_map(args.update)

@@ -97,3 +97,42 @@ def test_budget_defaults_and_explicit_values(mutation, given, complete, expected
 def test_negative_budget_is_refused_with_the_value(mutation):
     with pytest.raises(SystemExit, match=r"--budget=-1\.0 must be >= 0"):
         mutation._budget(-1.0, False)
+
+
+REKEY_OLD = """\
+def f(a):
+    return a + 1
+
+
+def g(a):
+    return a * 2 + 3
+"""
+
+# a new function above both, a changed line in f: g's mutants move, f's "+ 1" mutants are gone
+REKEY_NEW = """\
+def h(a):
+    return a - 5
+
+
+def f(a):
+    return a + 7
+
+
+def g(a):
+    return a * 2 + 3
+"""
+
+
+def test_rekey_follows_a_mutant_to_its_new_occurrence(mutation):
+    old = {m["key"]: m for m in mutation._mutants_of_source(REKEY_OLD)}
+    new = {m["key"]: m for m in mutation._mutants_of_source(REKEY_NEW)}
+    g_old = [k for k, m in old.items() if m["line"] == 6 and k.startswith("core/NumberReplacer")]
+    f_old = [k for k, m in old.items() if m["line"] == 2 and k.startswith("core/NumberReplacer")]
+    assert g_old and f_old
+    mapping = mutation._rekey_map(REKEY_OLD, REKEY_NEW, g_old + f_old)
+    for k in g_old:  # same operator, same def, same removed/added lines: found in g, at its new line 10
+        assert mapping[k] is not None and mapping[k] != k and new[mapping[k]]["line"] == 10
+        assert (mutation._mutant_signature(REKEY_OLD, old[k]["operator"], old[k]["occurrence"])
+                == mutation._mutant_signature(REKEY_NEW, new[mapping[k]]["operator"], new[mapping[k]]["occurrence"]))
+    assert all(mapping[k] is None for k in f_old)  # its line changed: the argument must be made again
+    assert len({mapping[k] for k in g_old}) == len(g_old)  # never two keys onto one
