@@ -939,3 +939,24 @@ def test_a_glitch_at_the_smallest_step_alone_is_no_kink() -> None:
     rec = verdict.details[0]
     assert abs(rec["forward"] - rec["backward"]) > 1.0  # J(t_b) ~ 2e-3 / t_b: the glitch is seen ...
     assert rec["kink"] is False, rec  # ... and not called a kink
+
+
+@pytest.mark.parametrize("ratio, kink", [(4.5, True), (3.5, False)])
+def test_kink_detection_noise_edge(ratio: float, kink: bool) -> None:
+    # The probe reports a kink only when |J(t_b)| and the jump stand above 4 NOISE_FACTOR nu / t_b (nu: the
+    # measured noise of f, here 2 eps |f(x)| = 2 eps at x = 0, where one-ulp moves of x are 0). f = 1 + c |z_0|
+    # has J(t) = 2c exactly up to f's rounding (<= eps / t_b, an eighth of NOISE_FACTOR nu / t_b), so a jump of
+    # 4.5 units is reported and 3.5 units is not.
+    from verify import directional_derivative
+    from verify._numdiff import NOISE_FACTOR, Problem
+
+    x = np.array([0.0])
+    tb = directional_derivative(lambda z: np.abs(z[0]), x, np.array([1.0]), method="richardson").steps[0]
+    nu = Problem(lambda z: 1.0 + np.abs(z[0]), x).noise
+    assert nu == 2 * np.finfo(float).eps
+    unit = NOISE_FACTOR * nu / tb
+    c = ratio * unit / 2.0
+    verdict = check_gradient(lambda z: 1.0 + c * np.abs(z[0]), np.array([0.0]), x, directions=1, method="richardson")
+    rec = verdict.details[0]
+    assert rec["forward"] - rec["backward"] == pytest.approx(2 * c, rel=0.2 / ratio)
+    assert rec["kink"] is kink, (ratio, rec)
