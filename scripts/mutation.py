@@ -165,7 +165,11 @@ TESTS: dict[str, list[str]] = {
     "verify/hessian_inverse.py": ["tests/test_engine_properties.py", "tests/test_hessian_inverse.py"],
     **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
                                              "tests/audit/test_audit_corpus.py"]
-       for m in ("catalogue", "core", "gradient", "implicit", "backbone", "optimizer")},
+       for m in ("catalogue", "gradient", "backbone", "optimizer")},
+    **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units_implicit.py",
+                                             "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
+                                             "tests/audit/test_audit_corpus.py"]
+       for m in ("core", "implicit")},
     "reference/r2d2.py": ["tests/test_ref_r2d2_independent.py", "tests/test_symbolic.py",
                           "tests/test_check_matrix.py"],
     "reference/maml.py": ["tests/test_ref_maml_adapt.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],

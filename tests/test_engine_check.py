@@ -893,3 +893,70 @@ def test_reason_counts_directions_in_the_plural_from_two_on() -> None:
     assert "in 2 directions (budget='fast'" in check_gradient(f, g, x, budget="fast", directions=2).reason
     assert "in 2 random directions" in check_gradient(f, g, x, directions=2).reason
     assert "in 1 random direction:" in check_gradient(f, g, x, directions=1).reason
+
+
+def _kink_with_quartic(a: float):
+    # |z_0| + a z_0^4: at z = 0 the probe's J(t) = (f(t) - 2 f(0) + f(-t)) / t = 2 + 2 a t^3 exactly, so its
+    # jump estimates are jump = 2 - 144 a t_b^3 and, one scale up, jump_next = 2 - 73728 a t_b^3.
+    return lambda z: np.abs(z[0]) + a * z[0] ** 4
+
+
+@pytest.mark.parametrize("growth, kink", [(7.5, True), (8.5, False)])
+def test_kink_confirmation_growth_edge(growth: float, kink: bool) -> None:
+    # The confirmation one scale up calls a suspected kink smooth f's t^3 remainder when the jump estimate
+    # grows more than 8x from (t_b, 8 t_b) to (8 t_b, 64 t_b). With a = -s / (72 t_b^3), jump = 2 (1 + s) and
+    # jump_next = 2 (1 + 512 s): s is chosen for a growth of 7.5 (a kink, reported) or 8.5 (not reported).
+    # t_b is Richardson's smallest step, read from an independent directional_derivative call.
+    from verify import directional_derivative
+
+    x = np.array([0.0])
+    tb = directional_derivative(lambda z: np.abs(z[0]), x, np.array([1.0]), method="richardson").steps[0]
+    s = (growth - 1.0) / (512.0 - growth)
+    f = _kink_with_quartic(-s / (72.0 * tb**3))
+    verdict = check_gradient(f, np.array([0.0]), x, directions=1, method="richardson")
+    rec = verdict.details[0]
+    assert rec["kink"] is kink, (growth, rec)
+    if kink:
+        assert verdict.status == INCONCLUSIVE and "kink" in verdict.reason, verdict.reason
+        assert rec["forward"] - rec["backward"] == pytest.approx(2.0 * (1.0 - s / 72.0), rel=1e-9)
+
+
+def test_a_glitch_at_the_smallest_step_alone_is_no_kink() -> None:
+    # f = z^2 / 2 with one value off by 1e-3 at x + t_b only: the probe's J(t_b) stands far above the noise and
+    # the gradient threshold, but J(8 t_b) (exact for the quadratic: 8 t_b) is not half of it -- a kink's jump
+    # persists at the larger step, a one-point glitch does not.
+    from verify import directional_derivative
+
+    x = np.array([0.25])
+    tb = directional_derivative(lambda z: 0.5 * z[0] ** 2, x, np.array([1.0]), method="richardson").steps[0]
+    spots = {float(x[0] + tb), float(x[0] - tb)}
+
+    def f(z):
+        z0 = float(np.real(z[0]))
+        return 0.5 * z[0] ** 2 + (1e-3 if z0 in spots else 0.0)
+
+    verdict = check_gradient(f, np.array([0.25]), x, directions=1, method="richardson")
+    rec = verdict.details[0]
+    assert abs(rec["forward"] - rec["backward"]) > 1.0  # J(t_b) ~ 2e-3 / t_b: the glitch is seen ...
+    assert rec["kink"] is False, rec  # ... and not called a kink
+
+
+@pytest.mark.parametrize("ratio, kink", [(4.5, True), (3.5, False)])
+def test_kink_detection_noise_edge(ratio: float, kink: bool) -> None:
+    # The probe reports a kink only when |J(t_b)| and the jump stand above 4 NOISE_FACTOR nu / t_b (nu: the
+    # measured noise of f, here 2 eps |f(x)| = 2 eps at x = 0, where one-ulp moves of x are 0). f = 1 + c |z_0|
+    # has J(t) = 2c exactly up to f's rounding (<= eps / t_b, an eighth of NOISE_FACTOR nu / t_b), so a jump of
+    # 4.5 units is reported and 3.5 units is not.
+    from verify import directional_derivative
+    from verify._numdiff import NOISE_FACTOR, Problem
+
+    x = np.array([0.0])
+    tb = directional_derivative(lambda z: np.abs(z[0]), x, np.array([1.0]), method="richardson").steps[0]
+    nu = Problem(lambda z: 1.0 + np.abs(z[0]), x).noise
+    assert nu == 2 * np.finfo(float).eps
+    unit = NOISE_FACTOR * nu / tb
+    c = ratio * unit / 2.0
+    verdict = check_gradient(lambda z: 1.0 + c * np.abs(z[0]), np.array([0.0]), x, directions=1, method="richardson")
+    rec = verdict.details[0]
+    assert rec["forward"] - rec["backward"] == pytest.approx(2 * c, rel=0.2 / ratio)
+    assert rec["kink"] is kink, (ratio, rec)

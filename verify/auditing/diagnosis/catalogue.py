@@ -173,8 +173,9 @@ class Candidate:
 
     ``grads`` is flat, aligned with ``case.variables``; ``losses`` the meta-loss
     values consistent with it (empty: the variant says nothing about the loss).
-    ``rank``: 1 fixed, 2 fitted or a layer on the correct gradient, 3 a layer on
-    another variant (simpler explanations are preferred).
+    ``rank``: 1 fixed, 2 a layer on the correct gradient (a factor, zeroed
+    tensors), 3 fitted, 4 a layer on another variant (simpler explanations are
+    preferred; within a rank, the smaller match error).
     """
 
     key: str
