@@ -198,3 +198,55 @@ def test_quadratic_contract():
     V = rng.normal(size=(4, 3))
     np.testing.assert_allclose(q._hvp([np.zeros(3)], A, np.zeros(3), [V])[0], np.stack([A @ v for v in V]),
                                rtol=1e-13)
+
+
+def test_activation_derivatives_to_third_order_against_sympy():
+    """act, act', act'', act''' of every activation against SymPy's derivatives of the closed forms, at real
+    points of both signs (large |z| too: the stable branches) and at complex points (complex-step safety)."""
+    sympy = pytest.importorskip("sympy")
+    t = sympy.Symbol("z")
+    forms = {"tanh": sympy.tanh(t), "sigmoid": 1 / (1 + sympy.exp(-t)), "softplus": sympy.log(1 + sympy.exp(t)),
+             "identity": t}
+    real = np.array([-30.0, -3.0, -0.7, -1e-3, 0.0, 0.4, 2.5, 30.0])
+    for name, f in forms.items():
+        derivs = sympy.lambdify(t, [sympy.diff(f, t, k) for k in range(4)], "numpy")
+        for z in (real, np.array([-2.0 + 0.3j, 0.5 - 1e-3j, 1.5 + 1e-20j])):
+            got = activation_derivatives(name, z, 3)
+            assert len(got) == 4
+            for k, want in enumerate(derivs(z)):
+                want = np.broadcast_to(np.asarray(want, dtype=z.dtype), z.shape)
+                np.testing.assert_allclose(got[k], want, rtol=1e-12, atol=1e-15, err_msg=f"{name} order {k}")
+            for order in range(3):  # lower orders: the same leading entries
+                low = activation_derivatives(name, z, order)
+                assert len(low) == order + 1 and all(np.allclose(a, b, rtol=1e-15, atol=0) for a, b in zip(low, got))
+
+
+def test_mixed_real_and_complex_parameters():
+    """Complex step along the biases alone (real weights, complex biases: z = x W^T real, z + b complex) and
+    along the input alone (real parameters and cotangent, complex activations): the results equal the
+    complex-analytic extension, checked against the gradient (bias direction) and the JVP (input direction)."""
+    rng = np.random.default_rng(7)
+    for act in ("tanh", "softplus", "sigmoid"):
+        net = MLP([3, 4, 2], act, loss="mse")
+        p = net.init(1)
+        x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+        db = [np.zeros_like(a) if a.ndim == 2 else rng.normal(size=a.shape) for a in p]
+        pc = [a if a.ndim == 2 else a + 1j * H * d for a, d in zip(p, db)]
+        assert pc[0].dtype == np.float64 and pc[1].dtype == np.complex128
+        value, g = net.loss_and_grad(p, x, y)
+        lc = net.loss(pc, x, y)
+        assert lc.real == pytest.approx(value, rel=1e-14)
+        assert lc.imag / H == pytest.approx(sum(np.sum(a * d) for a, d in zip(g, db)), rel=1e-12)
+        np.testing.assert_allclose(net.forward(pc, x).real, net.forward(p, x), rtol=1e-14, atol=1e-15)
+        # Input direction: <vjp(x + i h dx, c), u> = <c, jvp(x + i h dx, u)> as complex numbers (the same
+        # bilinear form c^T J(x) u of the complex-analytic Jacobian), with real params and cotangent.
+        xc = x + 1j * H * rng.normal(size=x.shape)
+        c = rng.normal(size=(5, 2))
+        u = [rng.normal(size=a.shape) for a in p]
+        grads, gx = net.vjp(p, xc, c, wrt_input=True)
+        lhs = sum(np.sum(a * b) for a, b in zip(grads, u))
+        rhs = np.sum(c * net.jvp(p, xc, u))
+        assert abs(lhs.real - rhs.real) <= 1e-13 * abs(rhs.real)
+        assert abs(lhs.imag - rhs.imag) <= 1e-10 * abs(rhs.imag)
+        dxx = rng.normal(size=x.shape)
+        assert np.sum(gx * dxx).real == pytest.approx(np.sum(c * net.forward(p, x + 1j * H * dxx).imag / H), rel=1e-12)
