@@ -200,6 +200,9 @@ TESTS: dict[str, list[str]] = {
     "reference/validation.py": ["tests/test_ref_validation.py", "tests/test_ref_gradient_family.py", "tests/test_models.py",
                                  "tests/test_ref_metric.py"],
     "reference/tasks.py": ["tests/test_ref_tasks.py", "tests/test_models.py", "tests/test_ref_gradient_family.py", "tests/test_flow.py"],
+    "reference/nets/layers/pool.py": ["tests/test_nets_pool_layers.py", "tests/test_nets_layers.py"],
+    "reference/nets/network.py": ["tests/test_nets_network_contract.py", "tests/test_nets_layers.py",
+                                  "tests/test_nets_algorithms.py", "tests/test_ref_metric.py"],
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {

@@ -3,10 +3,13 @@
 Independent sources: SciPy's ``logsumexp``/``softmax`` on batched (3-D) logits,
 complex step on the reference's own forward pass / Hessian-vector product (a
 different code path from the analytic VJP and third-order product), PyTorch's
-``nn.Linear`` initialisation bounds, and the documented validation rules.
+``nn.Linear`` initialisation bounds, the documented validation rules, Cauchy-integral
+derivatives of the textbook activations, and the quadratic's closed form.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -198,3 +201,116 @@ def test_quadratic_contract():
     V = rng.normal(size=(4, 3))
     np.testing.assert_allclose(q._hvp([np.zeros(3)], A, np.zeros(3), [V])[0], np.stack([A @ v for v in V]),
                                rtol=1e-13)
+
+
+def _cauchy_derivatives(f, z, kmax, r=0.5, n=64):
+    """f^(k)(z), k = 0..kmax, by Cauchy's integral formula on the circle |w - z| = r: the trapezoidal rule
+    k!/(n r^k) sum_j f(z + r e^(i t_j)) e^(-i k t_j) is spectrally accurate for f analytic on a larger disc
+    (the singularities of tanh, the logistic function and softplus nearest the test points are >= 1.2 away)."""
+    t = 2 * np.pi * np.arange(n) / n
+    vals = f(z[..., None] + r * np.exp(1j * t))
+    return [math.factorial(k) / r**k * np.mean(vals * np.exp(-1j * k * t), axis=-1) for k in range(kmax + 1)]
+
+
+def test_activation_derivatives_to_third_order_against_cauchy_integrals():
+    """act, act', act'', act''' of every activation against Cauchy-integral derivatives of the textbook
+    definitions (tanh, 1 / (1 + e^-z), log(1 + e^z), z), at real points of both signs (large |z| too: the
+    stable branches) and at complex points (complex-step safety); lower orders return the leading entries."""
+    forms = {"tanh": np.tanh, "sigmoid": lambda w: 1 / (1 + np.exp(-w)), "softplus": lambda w: np.log(1 + np.exp(w)),
+             "identity": lambda w: w}
+    real = np.array([-30.0, -3.0, -0.7, -1e-3, 0.0, 0.4, 2.5, 30.0])
+    for name, f in forms.items():
+        for z in (real, np.array([-2.0 + 0.3j, 0.5 - 1e-3j, 1.5 + 1e-20j])):
+            got = activation_derivatives(name, z, 3)
+            assert len(got) == 4
+            for k, want in enumerate(_cauchy_derivatives(f, z, 3)):
+                want = want if np.iscomplexobj(z) else want.real
+                np.testing.assert_allclose(got[k], want, rtol=1e-10, atol=1e-12, err_msg=f"{name} order {k}")
+            for order in range(3):  # lower orders: the same leading entries
+                low = activation_derivatives(name, z, order)
+                assert len(low) == order + 1 and all(np.allclose(a, b, rtol=1e-15, atol=0) for a, b in zip(low, got))
+
+
+def test_mixed_real_and_complex_parameters():
+    """Complex step along the biases alone (real weights, complex biases: z = x W^T real, z + b complex) and
+    along the input alone (real parameters and cotangent, complex activations): the results equal the
+    complex-analytic extension, checked against the gradient (bias direction) and the JVP (input direction)."""
+    rng = np.random.default_rng(7)
+    for act in ("tanh", "softplus", "sigmoid"):
+        net = MLP([3, 4, 2], act, loss="mse")
+        p = net.init(1)
+        x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+        db = [np.zeros_like(a) if a.ndim == 2 else rng.normal(size=a.shape) for a in p]
+        pc = [a if a.ndim == 2 else a + 1j * H * d for a, d in zip(p, db)]
+        assert pc[0].dtype == np.float64 and pc[1].dtype == np.complex128
+        value, g = net.loss_and_grad(p, x, y)
+        lc = net.loss(pc, x, y)
+        assert lc.real == pytest.approx(value, rel=1e-14)
+        assert lc.imag / H == pytest.approx(sum(np.sum(a * d) for a, d in zip(g, db)), rel=1e-12)
+        np.testing.assert_allclose(net.forward(pc, x).real, net.forward(p, x), rtol=1e-14, atol=1e-15)
+        # Input direction: <vjp(x + i h dx, c), u> = <c, jvp(x + i h dx, u)> as complex numbers (the same
+        # bilinear form c^T J(x) u of the complex-analytic Jacobian), with real params and cotangent.
+        xc = x + 1j * H * rng.normal(size=x.shape)
+        c = rng.normal(size=(5, 2))
+        u = [rng.normal(size=a.shape) for a in p]
+        grads, gx = net.vjp(p, xc, c, wrt_input=True)
+        lhs = sum(np.sum(a * b) for a, b in zip(grads, u))
+        rhs = np.sum(c * net.jvp(p, xc, u))
+        assert abs(lhs.real - rhs.real) <= 1e-13 * abs(rhs.real)
+        assert abs(lhs.imag - rhs.imag) <= 1e-10 * abs(rhs.imag)
+        dxx = rng.normal(size=x.shape)
+        assert np.sum(gx * dxx).real == pytest.approx(np.sum(c * net.forward(p, x + 1j * H * dxx).imag / H), rel=1e-12)
+
+
+def test_quadratic_public_api_against_its_closed_form():
+    """L = 1/2 (theta - c)^T A (theta - c): value, gradient A (theta - c), H v = A v, a vanishing third
+    derivative and the Hessian A, each from its public entry point (written out here, not by the model)."""
+    rng = np.random.default_rng(8)
+    q = Quadratic(4)
+    B = rng.normal(size=(4, 4))
+    A, c, theta, v = B @ B.T + np.eye(4), rng.normal(size=4), rng.normal(size=4), rng.normal(size=4)
+    r = theta - c
+    value = 0.5 * float(r @ A @ r)
+    assert q.loss([theta], A, c) == pytest.approx(value, rel=1e-14)
+    loss, (g,) = q.loss_and_grad([theta], A, c)
+    assert loss == pytest.approx(value, rel=1e-14)
+    np.testing.assert_allclose(g, A @ r, rtol=1e-13)
+    (g2,) = q.grad([theta], A, c)
+    np.testing.assert_allclose(g2, A @ r, rtol=1e-13)
+    # Complex step of the loss along v: <grad, v>.
+    assert np.imag(q.loss([theta + 1j * H * v], A, c)) / H == pytest.approx(float(A @ r @ v), rel=1e-12)
+    np.testing.assert_allclose(q.hvp([theta], A, c, [v])[0], A @ v, rtol=1e-13)
+    assert np.array_equal(q.third_order([theta], A, c, [v], [r])[0], np.zeros(4))
+    np.testing.assert_array_equal(q.hessian([theta], A, c), A)
+
+
+def test_quadratic_symmetry_tolerance_is_absolute_1e_12_of_the_largest_entry_at_least_1():
+    """check_x accepts |A - A^T| <= 1e-12 max(1, max|A|) entrywise and refuses more (rtol 0): at max|A| = 1e-3
+    (the floor 1 applies), at 1, and at 1e6 (the scale applies); a large relative asymmetry is refused."""
+    q = Quadratic(2)
+    for scale in (1e-3, 1.0, 1e6):
+        tol = 1e-12 * max(1.0, scale)
+        for off, ok in [(0.6 * tol, True), (1.5 * tol, False)]:
+            A = scale * np.array([[1.0, 0.5], [0.5, 1.0]])
+            A[1, 0] += off
+            if ok:
+                q.check_x(A)
+            else:
+                with pytest.raises(InvalidInputError, match="symmetric"):
+                    q.check_x(A)
+    with pytest.raises(InvalidInputError, match="symmetric"):
+        q.check_x(np.array([[1.0, 1.0], [1.5, 1.0]]))  # within a relative 100 %: still refused
+
+
+def test_flat_hessian_vector_product_with_biases_matches_complex_step():
+    """MLP._hvp_flat (iMAML's flat products) on a biased 3-layer MLP against the complex step of the gradient:
+    every parameter block, weights and biases, at its offset in the flat vector."""
+    rng = np.random.default_rng(9)
+    for bias in (True, False):
+        net = MLP([3, 5, 4, 2], "tanh", loss="ce", bias=bias)
+        p = [a + 0.3 * rng.normal(size=a.shape) for a in net.init(2)]
+        x, y = rng.normal(size=(6, 3)), rng.integers(0, 2, size=6)
+        v = rng.normal(size=net.n_params)
+        got = net._hvp_flat(net._hvp_flat_point(p, x, y), v)
+        want = flatten(net.grad(unflatten(flatten(p) + 1j * H * v, net.shapes), x, y)).imag / H
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.max(np.abs(want)))
