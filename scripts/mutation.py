@@ -195,6 +195,11 @@ TESTS: dict[str, list[str]] = {
     "reference/validation.py": ["tests/test_ref_validation.py", "tests/test_ref_gradient_family.py", "tests/test_models.py",
                                  "tests/test_ref_metric.py"],
     "reference/tasks.py": ["tests/test_ref_tasks.py", "tests/test_models.py", "tests/test_ref_gradient_family.py", "tests/test_flow.py"],
+    "reference/rl/_checks.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py"],
+    "reference/rl/estimators.py": ["tests/test_rl_properties.py", "tests/test_rl_estimators.py", "tests/test_rl_audit_core.py"],
+    **{f"reference/rl/{m}.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py",
+                                "tests/test_rl_audit_core.py", "tests/test_rl_symbolic.py"]
+       for m in ("maml_rl", "mdp", "trajectories")},
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {
