@@ -200,6 +200,11 @@ TESTS: dict[str, list[str]] = {
     **{f"reference/rl/{m}.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py",
                                 "tests/test_rl_audit_core.py", "tests/test_rl_symbolic.py"]
        for m in ("maml_rl", "mdp", "trajectories")},
+    **{f"reference/symbolic/{m}.py": ["tests/test_symbolic_properties.py", "tests/test_rl_symbolic.py",
+                                      "tests/test_cli_derive.py", "tests/test_symbolic_nichol.py", "tests/test_flow.py",
+                                      "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
+                                      "tests/test_symbolic.py"]
+       for m in ("_registry", "_common")},
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {

@@ -311,9 +311,15 @@ def test_chain_values_by_hand():
     assert value(c5, _deterministic(c5, [1] * 5)) == pytest.approx(0.9**4, rel=1e-13)
     assert value(c5, _deterministic(c5, [0] * 5)) == pytest.approx(0.1 * sum(0.9**t for t in range(5)), rel=1e-13)
     assert value(c5, _deterministic(c5, [1, 1, 0, 1, 1])) == pytest.approx(0.0, abs=1e-15)  # 0 1 2 1 2: no reward
-    for bad in (dict(n_states=1), dict(slip=-0.1), dict(slip=1.5)):
-        with pytest.raises(InvalidInputError):
+    for bad, match in ((dict(n_states=1), "n_states=1 must be >= 2"), (dict(slip=-0.1), "slip=-0.1 must be >= 0"),
+                       (dict(slip=1.5), "slip=1.5 must be <= 1")):
+        with pytest.raises(InvalidInputError, match=match):
             chain_mdp(**bad)
+    # the transitions of chain_mdp() written out from the docstring (S = 3, slip 0.1): rows s, a = left, right
+    expected = [[[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]],
+                [[0.9, 0.0, 0.1], [0.1, 0.0, 0.9]],
+                [[0.0, 0.9, 0.1], [0.0, 0.1, 0.9]]]
+    assert np.allclose(c.P, expected, rtol=0, atol=1e-15)
 
 
 def test_grid_is_the_2x2_grid_of_its_docstring():
@@ -340,7 +346,7 @@ def test_grid_is_the_2x2_grid_of_its_docstring():
     # right, then down from 1 / right from 2: P(s_2 = 3) = 0.9 * 0.9 + 0.1 * 0.9
     assert value(grid, _deterministic(grid, [0, 1, 0, 0])) == pytest.approx(0.9 * 0.9**2, rel=1e-13)
     for bad in (-0.1, 1.5):
-        with pytest.raises(InvalidInputError):
+        with pytest.raises(InvalidInputError, match=f"slip={bad} must be"):
             grid_mdp(slip=bad)
 
 
@@ -351,7 +357,7 @@ def test_bandit_defaults_and_policy_extremes():
     assert b.gamma == 1.0 and b.horizon == 1
     assert value(b, np.zeros(2)) == pytest.approx(0.5, rel=1e-15)
     assert value(b, np.array([np.log(3.0), 0.0])) == pytest.approx(0.75, rel=1e-15)
-    with pytest.raises(InvalidInputError, match="must be real"):
+    with pytest.raises(InvalidInputError, match="rewards must be real"):
         two_armed_bandit([1.0 + 1j, 0.0])
     # log-softmax shifted by the row maximum: no overflow or underflow at large |theta|
     pi = policy(np.array([[800.0, 0.0], [-800.0, -801.0]]))
