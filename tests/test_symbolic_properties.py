@@ -83,3 +83,80 @@ def test_size_limits_are_the_documented_ones():
     for row in re.findall(r"^\| `([a-z0-9-]+)` \|.*\| (`.*`) \|$", doc, flags=re.M):
         table[row[0]] = {k: int(v) for k, v in re.findall(r"`([a-z]+) <= (\d+)`", row[1])}
     assert table == LIMITS
+
+
+# --------------------------------------------------------------------------------------------
+# the Derivation object's conversions and evaluators, on a small hand-built derivation
+
+
+def test_to_exact_parses_strings_and_complex_numbers_exactly():
+    from reference.symbolic import to_exact
+
+    assert to_exact("3/8") == sp.Rational(3, 8)
+    assert to_exact("0.1") == sp.Rational(1, 10)  # parsed as the decimal, not the nearest double
+    assert to_exact(1.5 - 0.25j) == sp.Rational(3, 2) - sp.I / 4
+    with pytest.raises(InvalidInputError, match="is not a number SymPy can parse"):
+        to_exact("3/")
+
+
+def _small_derivation():
+    from reference.symbolic._derivation import Derivation
+
+    t = SymbolTable()
+    th = t.vector("theta", 2, r"\theta")
+    a, b = t.scalar("a", "a"), t.scalar("b", "b")
+    s = t.scalar("s", "s")
+    arrays = dict(t.arrays, N=sp.Matrix([[a, b, 5]]), S=sp.Matrix([[s]]))  # N has a constant entry
+    loss = a * th[0] ** 2 + b * th[1] + s * th[0] * th[1]
+    grad = sp.Matrix([sp.diff(loss, v) for v in (th[0], th[1], a, b)])
+    return Derivation(name="small", params={}, title="t", summary="s", symbols=t.symbols, arrays=arrays,
+                      wrt=[("theta", (2,)), ("ab", (1, 2))], wrt_symbols=[th[0], th[1], a, b], meta_loss=loss,
+                      meta_gradient=grad, steps=[])
+
+
+def test_binding_and_float_evaluation_by_array_name():
+    d = _small_derivation()
+    values = dict(theta=[0.5, -2.0], N=[[3.0, 0.25, 5.0]], S=0.75)  # S is a 1x1 array given as a scalar
+    subs = d.bind(values)
+    assert subs == {d.symbols["theta_0"]: sp.Rational(1, 2), d.symbols["theta_1"]: -2, d.symbols["a"]: 3,
+                    d.symbols["b"]: sp.Rational(1, 4), d.symbols["s"]: sp.Rational(3, 4)}
+    loss, grad = d.numeric()(**values)
+    th0, th1, a, b, s = 0.5, -2.0, 3.0, 0.25, 0.75
+    assert loss == pytest.approx(a * th0**2 + b * th1 + s * th0 * th1, rel=1e-15)
+    assert grad == pytest.approx([2 * a * th0 + s * th1, b + s * th0, th0**2, th1], rel=1e-15)
+    parts = d.split_gradient(grad)
+    assert [p.shape for p in parts] == [(2,), (1, 2)] and parts[0].dtype == float
+    assert parts[0].tolist() == list(grad[:2]) and parts[1].tolist() == [list(grad[2:])]
+
+
+def test_sympy_code_rebuilds_the_expressions_even_with_one_symbol():
+    from reference.symbolic._derivation import Derivation
+
+    for names in (["x"], ["x", "y"]):
+        syms = [sp.Symbol(n, real=True) for n in names]
+        loss = sum(v**2 for v in syms) + 3 * syms[0]
+        d = Derivation(name="tiny", params={}, title="t", summary="s", symbols=dict(zip(names, syms)), arrays={},
+                       wrt=[("x", (len(names),))], wrt_symbols=syms, meta_loss=loss,
+                       meta_gradient=sp.Matrix([sp.diff(loss, v) for v in syms]), steps=[])
+        scope: dict = {}
+        exec(d.sympy_code(), scope)
+        assert sp.simplify(scope["meta_loss"] - loss) == 0 and scope["meta_gradient"] == d.meta_gradient
+
+
+def test_chain_gradient_skips_unused_definitions():
+    """Reverse mode through definitions, one of them unused: equals differentiating the substituted expression."""
+    from reference.symbolic import chain_gradient
+
+    x, y, u, v = sp.symbols("x y u v", real=True)
+    defs = [(v, x * y), (u, x**2)]  # u is defined last and never used
+    grad, _ = chain_gradient(v**2 + y, defs, [x, y])
+    direct = [sp.diff((x * y) ** 2 + y, w) for w in (x, y)]
+    assert all(sp.expand(g - dg) == 0 for g, dg in zip(_substituted(grad, _), direct))
+
+
+def _substituted(grad, adjoint_defs):
+    out = list(grad)
+    for sym, expr in reversed(adjoint_defs):
+        out = [e.subs(sym, expr) for e in out]
+    return [sp.expand(e.subs({sp.Symbol("v", real=True): sp.Symbol("x", real=True) * sp.Symbol("y", real=True)}))
+            for e in out]
