@@ -160,3 +160,21 @@ def _substituted(grad, adjoint_defs):
         out = [e.subs(sym, expr) for e in out]
     return [sp.expand(e.subs({sp.Symbol("v", real=True): sp.Symbol("x", real=True) * sp.Symbol("y", real=True)}))
             for e in out]
+
+
+def test_derivation_checks_its_definitions_and_evaluates_extras():
+    from reference.symbolic._derivation import Derivation
+
+    x, z, u = sp.symbols("x z u", real=True)
+    common = dict(name="tiny", params={}, title="t", summary="s", symbols={"x": x}, arrays={}, wrt=[("x", (1,))],
+                  wrt_symbols=[x], steps=[])
+    with pytest.raises(AssertionError, match=r"definition of u uses undefined \{z\}"):
+        Derivation(**common, meta_loss=u, meta_gradient=sp.Matrix([0]), definitions=[(u, x * z)])
+    d = Derivation(**common, meta_loss=x**2, meta_gradient=sp.Matrix([2 * x]),
+                   extras={"scalar": sp.pi * x, "matrix": sp.Matrix([[sp.pi * x, x]])})
+    s = d.evaluate_extra("scalar", x=0.5, digits=30)
+    half_pi = sp.N(sp.pi / 2, 40)
+    assert isinstance(s, sp.Float) and abs(s - half_pi) < 1e-28
+    m = d.evaluate_extra("matrix", x=0.5, digits=30)
+    assert m.shape == (1, 2) and isinstance(m[0, 0], sp.Float) and abs(m[0, 0] - half_pi) < 1e-28
+    assert abs(m[0, 1] - sp.Rational(1, 2)) < 1e-28
