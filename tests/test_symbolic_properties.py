@@ -106,7 +106,7 @@ def _small_derivation():
     th = t.vector("theta", 2, r"\theta")
     a, b = t.scalar("a", "a"), t.scalar("b", "b")
     s = t.scalar("s", "s")
-    arrays = dict(t.arrays, N=sp.Matrix([[a, b, 5]]), S=sp.Matrix([[s]]))  # N has a constant entry
+    arrays = dict(t.arrays, N=sp.Matrix([[a, 5, b]]), S=sp.Matrix([[s]]))  # N has a constant entry, then b
     loss = a * th[0] ** 2 + b * th[1] + s * th[0] * th[1]
     grad = sp.Matrix([sp.diff(loss, v) for v in (th[0], th[1], a, b)])
     return Derivation(name="small", params={}, title="t", summary="s", symbols=t.symbols, arrays=arrays,
@@ -116,7 +116,7 @@ def _small_derivation():
 
 def test_binding_and_float_evaluation_by_array_name():
     d = _small_derivation()
-    values = dict(theta=[0.5, -2.0], N=[[3.0, 0.25, 5.0]], S=0.75)  # S is a 1x1 array given as a scalar
+    values = dict(theta=[0.5, -2.0], N=[[3.0, 5.0, 0.25]], S=0.75)  # S is a 1x1 array given as a scalar
     subs = d.bind(values)
     assert subs == {d.symbols["theta_0"]: sp.Rational(1, 2), d.symbols["theta_1"]: -2, d.symbols["a"]: 3,
                     d.symbols["b"]: sp.Rational(1, 4), d.symbols["s"]: sp.Rational(3, 4)}
