@@ -204,7 +204,7 @@ TESTS: dict[str, list[str]] = {
                                       "tests/test_cli_derive.py", "tests/test_symbolic_nichol.py", "tests/test_flow.py",
                                       "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
                                       "tests/test_symbolic.py"]
-       for m in ("_registry", "_common")},
+       for m in ("_registry", "_common", "_derivation")},
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {
