@@ -203,6 +203,16 @@ TESTS: dict[str, list[str]] = {
     "reference/nets/layers/pool.py": ["tests/test_nets_pool_layers.py", "tests/test_nets_layers.py"],
     "reference/nets/network.py": ["tests/test_nets_network_contract.py", "tests/test_nets_layers.py",
                                   "tests/test_nets_algorithms.py", "tests/test_ref_metric.py"],
+    "reference/rl/_checks.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py"],
+    "reference/rl/estimators.py": ["tests/test_rl_properties.py", "tests/test_rl_estimators.py", "tests/test_rl_audit_core.py"],
+    **{f"reference/rl/{m}.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py",
+                                "tests/test_rl_audit_core.py", "tests/test_rl_symbolic.py"]
+       for m in ("maml_rl", "mdp", "trajectories")},
+    **{f"reference/symbolic/{m}.py": ["tests/test_symbolic_properties.py", "tests/test_rl_symbolic.py",
+                                      "tests/test_cli_derive.py", "tests/test_symbolic_nichol.py", "tests/test_flow.py",
+                                      "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
+                                      "tests/test_symbolic.py"]
+       for m in ("_registry", "_common", "_derivation")},
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {

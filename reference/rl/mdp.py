@@ -139,7 +139,8 @@ def random_mdp(n_states: int, n_actions: int, horizon: int, *, gamma: float = 0.
 
 
 def two_armed_bandit(rewards: ArrayLike = (1.0, 0.0)) -> FiniteMDP:
-    """The 2-armed bandit with deterministic rewards ``r = (r_0, r_1)``: ``S = 1``, ``A = 2``, ``H = 1``."""
+    """The 2-armed bandit with deterministic rewards ``r = (r_0, r_1)``: ``S = 1``, ``A = 2``, ``H = 1``,
+    ``gamma = 1`` (undiscounted)."""
     r = check_array("rewards", rewards, (2,), allow_complex=False)
     return FiniteMDP(np.ones((1, 2, 1)), r.reshape(1, 2), np.ones(1), 1, 1.0, name="two-armed-bandit")
 

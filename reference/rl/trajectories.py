@@ -212,9 +212,11 @@ def sample_trajectories(mdp: FiniteMDP, theta: ArrayLike, count: int, rng: np.ra
     cdf_0 = np.cumsum(mdp.rho0)
 
     def draw(cdf: np.ndarray) -> np.ndarray:
-        u = rng.random(cdf.shape[:-1])
-        # min(.., last) guards u > cdf[-1] = 1 - round-off
-        return np.minimum((u[..., None] > cdf).sum(-1), cdf.shape[-1] - 1)
+        u = rng.random(cdf.shape[:-1])  # in [0, 1)
+        # outcome k for u in [cdf[k-1], cdf[k]): an outcome of probability 0 has an empty interval (with
+        # "u > cdf" instead, u = 0.0 would pick a leading outcome of probability 0); min(.., last)
+        # guards u >= cdf[-1] = 1 - round-off
+        return np.minimum((u[..., None] >= cdf).sum(-1), cdf.shape[-1] - 1)
 
     states = np.zeros(lead + (H,), dtype=np.int64)
     actions = np.zeros(lead + (H,), dtype=np.int64)

@@ -262,7 +262,8 @@ class Derivation:
         names = list(self.symbols)
         lines = [
             "from sympy import *",
-            f"{', '.join(names)}{',' if len(names) == 1 else ''} = symbols({' '.join(names)!r}, real=True)",
+            # seq=True: symbols() returns a tuple for one name too, so "x, = symbols('x', ...)" unpacks
+            f"{', '.join(names)}{',' if len(names) == 1 else ''} = symbols({' '.join(names)!r}, real=True, seq=True)",
         ]
         lines += [f"{sym.name} = {sp.sstr(expr)}" for sym, expr in self.definitions]
         lines += [
