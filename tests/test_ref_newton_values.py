@@ -83,11 +83,15 @@ def test_newton_real_factor_solves_a_complex_right_hand_side():
     np.testing.assert_allclose(newton._Factor(A, 0.0, "test").solve(b), np.linalg.solve(A, b), rtol=1e-12)
 
 
-def test_newton_condition_limit_is_inclusive():
-    """``MAX_CONDITION`` is the largest condition number accepted (diagonal matrices: exact eigenvalues)."""
-    newton._Factor(np.diag([1.0, newton.MAX_CONDITION]), 0.0, "test")
-    with pytest.raises(SingularMatrixError, match="ill-conditioned"):
-        newton._Factor(np.diag([1.0, newton.MAX_CONDITION + 1.0]), 0.0, "test")  # 1e12 + 1 is exact in float64
+def test_newton_condition_limit_is_the_documented_1e12_inclusive():
+    """The documented limit (12 of float64's ~16 digits lost) is the largest condition number accepted;
+    diagonal matrices have exact eigenvalues, and ``1e12 + 1`` is exact in float64."""
+    assert newton.MAX_CONDITION == 1e12
+    newton._Factor(np.diag([1.0, 1e12]), 0.0, "test")
+    newton._Factor(np.diag([2.0, 2e12]), 0.0, "test")
+    for big in (1e12 + 1.0, 1e12 + 2.0):
+        with pytest.raises(SingularMatrixError, match="ill-conditioned"):
+            newton._Factor(np.diag([1.0, big]), 0.0, "test")
 
 
 def test_newton_parameter_limit_is_inclusive():
