@@ -184,7 +184,7 @@ TESTS: dict[str, list[str]] = {
                                 "tests/torch/test_torch_inner_optim.py"],
     "reference/lrd2.py": ["tests/test_ref_lrd2_values.py", "tests/test_ref_closed_form.py", "tests/test_check_matrix.py"],
     "reference/models.py": ["tests/test_ref_models_contract.py", "tests/test_models.py", "tests/test_ref_gradient_family.py"],
-    "reference/inner_loop.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
+    "reference/inner_loop.py": ["tests/test_ref_inner_loop_engine.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/features.py": ["tests/test_ref_features.py", "tests/test_ref_r2d2_independent.py", "tests/test_ref_metric.py",
                                "tests/test_ref_closed_form.py"],
     "reference/linalg.py": ["tests/test_ref_linalg.py", "tests/test_ref_closed_form.py", "tests/test_ref_imaml.py"],
