@@ -127,6 +127,17 @@ def test_times_t_is_h_times_w_transposed(shape_h, shape_w):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * np.max(np.abs(expected)))
 
 
+@pytest.mark.parametrize("n, out, d_in", [(5, 128, 64), (5, 200, 81), (16, 128, 128), (17, 128, 128), (3, 30, 40)])
+def test_times_t_on_a_batch_is_bitwise_each_slice(n, out, d_in):
+    """The reordering depends only on the last two axes, so a stacked batch's slices take one task's path
+    (the engine's batch = one task, bit for bit)."""
+    rng = np.random.default_rng(1)
+    h, W = rng.normal(size=(3, n, d_in)), rng.normal(size=(3, out, d_in))
+    got = inner_loop._times_t(h, W)
+    for t in range(3):
+        assert np.array_equal(got[t], inner_loop._times_t(h[t], W[t])), t
+
+
 def test_defaults_return_nothing_unasked():
     """``adapt`` keeps no support gradients and the meta-gradients carry no learning-rate adjoint unless
     asked (memory: O(K x params) only when the learning-rate gradient needs them)."""
