@@ -174,7 +174,7 @@ TESTS: dict[str, list[str]] = {
     "reference/formatting.py": ["tests/test_ref_formatting.py", "tests/test_models.py"],
     "reference/reptile.py": ["tests/test_ref_reptile.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/newton.py": ["tests/test_ref_newton_values.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
-    "reference/imaml.py": ["tests/test_ref_imaml.py", "tests/test_hessian_inverse.py"],
+    "reference/imaml.py": ["tests/test_ref_imaml_fast.py", "tests/test_ref_imaml.py", "tests/test_hessian_inverse.py"],
     "reference/protonet.py": ["tests/test_ref_protonet_paths.py", "tests/test_ref_metric.py"],
     "reference/matchingnet.py": ["tests/test_ref_metric.py"],
     "reference/optimizers.py": ["tests/test_ref_optimizer_steps.py", "tests/test_ref_reptile.py",
