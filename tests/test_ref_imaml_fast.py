@@ -151,3 +151,45 @@ def test_cg_runs_beyond_the_dense_hessian_limit():
     g = flatten(result.grad)
     hg = flatten(model.hvp(info.phi, task.x_support, task.y_support, result.grad))
     assert np.linalg.norm(g + hg / lam - b) <= 1e-10 * np.linalg.norm(b)
+
+
+def test_default_cg_budget_solves_a_system_with_many_distinct_eigenvalues():
+    """CG needs up to n iterations on n distinct eigenvalues (more with round-off): the default budget
+    (2 n + 100) must cover a 130-dimensional system whose spectrum spreads over [1, 1e3]."""
+    dim, lam = 130, 1.0
+    rng = np.random.default_rng(4)
+    Q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    A_s = (Q * np.geomspace(1.0, 1e3, dim)) @ Q.T
+    A_s = (A_s + A_s.T) / 2
+    task = Task(A_s, rng.normal(size=dim), np.eye(dim), rng.normal(size=dim))
+    theta = rng.normal(size=dim)
+    _, expected = _closed_form(task, theta, lam)
+    result = imaml.meta_loss_and_grad_info(Quadratic(dim), [theta], [task], lam, solver="cg")
+    assert result.tasks[0].linear_iterations > 100
+    np.testing.assert_allclose(result.grad[0], expected, rtol=1e-7, atol=1e-9 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_inner_iterations_count_trust_region_iterations_and_newton_steps(seed, monkeypatch):
+    """``inner_iterations`` is documented as the trust-region iterations plus the Newton polishing steps
+    tried: count both from outside (scipy's ``nit`` and the calls of the Newton solve)."""
+    nits, newton_calls = [], []
+    minimize, newton_solve = imaml.scipy.optimize.minimize, imaml._newton_solve
+
+    def counting_minimize(*args, **kwargs):
+        result = minimize(*args, **kwargs)
+        nits.append(int(result.nit))
+        return result
+
+    def counting_newton_solve(*args, **kwargs):
+        newton_calls.append(1)
+        return newton_solve(*args, **kwargs)
+
+    monkeypatch.setattr(imaml.scipy.optimize, "minimize", counting_minimize)
+    monkeypatch.setattr(imaml, "_newton_solve", counting_newton_solve)
+    model = MLP([1, 6, 1], activation="tanh")
+    rng = np.random.default_rng(seed)
+    task = Task(rng.uniform(-2, 2, size=(5, 1)), rng.normal(size=(5, 1)), rng.uniform(-2, 2, size=(3, 1)),
+                rng.normal(size=(3, 1)))
+    info = imaml.meta_loss_and_grad_info(model, model.init(seed), [task], 0.5 + seed, inner_tol=1e-10).tasks[0]
+    assert info.inner_iterations == sum(nits) + len(newton_calls)
