@@ -193,3 +193,8 @@ def test_inner_iterations_count_trust_region_iterations_and_newton_steps(seed, m
                 rng.normal(size=(3, 1)))
     info = imaml.meta_loss_and_grad_info(model, model.init(seed), [task], 0.5 + seed, inner_tol=1e-10).tasks[0]
     assert info.inner_iterations == sum(nits) + len(newton_calls)
+    # a quadratic inner problem: the trust region lands on the round-off floor, where Newton steps stop helping
+    nits.clear(), newton_calls.clear()
+    task, theta = _quadratic_task(3, seed=seed)
+    info = imaml.meta_loss_and_grad_info(Quadratic(3), [theta], [task], 1.0 + seed).tasks[0]
+    assert info.inner_iterations == sum(nits) + len(newton_calls)
