@@ -54,6 +54,8 @@ def _lrs(kind: str, model: MLP, rng: np.random.Generator) -> list[Any]:
         return [rng.uniform(0.05, 0.3, size=s) for s in shapes]
     if kind == "head only":  # ANIL-like: the body is not adapted
         return [None] * (len(shapes) - 2) + [0.2, 0.2]
+    if kind == "one bias, per entry":  # a single adapted tensor with a vector of rates
+        return [None, rng.uniform(0.05, 0.3, size=shapes[1])] + [None] * (len(shapes) - 2)
     raise AssertionError(kind)
 
 
@@ -61,7 +63,7 @@ def _vdot(a: list[Any], b: list[Any]) -> Any:
     return sum(np.sum(x * y) for x, y in zip(a, b) if x is not None)
 
 
-@pytest.mark.parametrize("kind", ["shared scalar", "per-tensor scalars", "arrays", "head only"])
+@pytest.mark.parametrize("kind", ["shared scalar", "per-tensor scalars", "arrays", "head only", "one bias, per entry"])
 def test_fused_engine_on_a_batch_of_tasks_matches_an_independent_inner_loop(kind):
     rng = np.random.default_rng(11)
     model = MLP([2, 5, 4, 2], activation="tanh")
