@@ -94,17 +94,18 @@ W1 = np.array([[1.0, 2.0], [2.0, 1.0], [1.0, -1.0]])
 EPS = 2.0**-40  # exact in float64, and 1 + EPS, -1 + EPS too
 
 
-def _net(activation: str, b1_last: float, layer2_kink: bool = False):
+def _net(activation: str, b1_last: float, layer2_kink: bool = False, b2_kink: float = 0.0, scale: float = 1.0,
+         output: float = 1.0):
     model = MLP([2, 3, 3, 1], activation=activation)
     b1 = np.array([0.5, 1.0, b1_last])
-    # Hidden layer 2 from h = relu(z1): all pre-activations >= 1 unless layer2_kink, which zeroes
-    # unit 1's pre-activation at example 0 (h = [1.5, 3, 1 + b1_last] there).
+    # Hidden layer 2 from h = relu(z1): all pre-activations >= 1 unless layer2_kink, which makes
+    # unit 1's pre-activation b2_kink at example 0 (h = [1.5, 3, 1 + b1_last] there).
     W2 = np.eye(3) + 1.0
     b2 = np.array([1.0, 1.0, 1.0])
     if layer2_kink:
         W2[1] = [2.0, -1.0, 0.0]  # 2 * 1.5 - 3 = 0 at example 0
-        b2[1] = 0.0
-    return model, [W1, b1, W2, b2, np.ones((1, 3)), np.zeros(1)]
+        b2[1] = b2_kink
+    return model, [scale * W1, scale * b1, W2, b2, output * np.ones((1, 3)), np.zeros(1)]
 
 
 def test_relu_kink_locates_the_pre_activation_on_the_kink():
@@ -122,6 +123,24 @@ def test_relu_kink_in_the_second_hidden_layer():
 @pytest.mark.parametrize("activation, b1_last", [("tanh", EPS), ("softplus", 0.0), ("relu", 0.5)])
 def test_no_kink_for_smooth_networks_or_away_from_zero(activation, b1_last):
     model, params = _net(activation, b1_last)
+    assert imaml._relu_kink(model, params, X) is None
+
+
+def test_relu_kink_keeps_the_smaller_ratio_of_two_layers():
+    """Layer 1 at EPS / 4 of its largest, layer 2 at 8 EPS / (12 + EPS) (between EPS / 4 and EPS): layer 1."""
+    model, params = _net("relu", EPS, layer2_kink=True, b2_kink=8 * EPS)
+    assert imaml._relu_kink(model, params, X) == (1, 2, 2, EPS, EPS / 4.0)
+
+
+def test_relu_kink_ratio_is_scale_invariant():
+    """Layer 1's weights and biases times 1/8 (exact): the pre-activations shrink, their ratio does not."""
+    model, params = _net("relu", EPS, scale=0.125)
+    assert imaml._relu_kink(model, params, X) == (1, 2, 2, EPS / 8.0, EPS / 4.0)
+
+
+def test_the_output_layer_is_not_a_kink():
+    """Zero output weights put every output pre-activation at 0, but the output layer has no relu."""
+    model, params = _net("relu", 0.5, output=0.0)
     assert imaml._relu_kink(model, params, X) is None
 
 
