@@ -98,3 +98,37 @@ def test_meta_learner_lstm_refuses_bad_scales():
     for scales in ((1.0, 1.0, 1.0), (1.0, np.nan, 1.0, 1.0)):
         with pytest.raises(InvalidInputError, match="input_scales"):
             MetaLearnerLSTM(phi, input_scales=scales)
+
+
+def test_lstm_optimizer_random_params_follow_their_documented_distribution():
+    """``N(0, scale^2 / fan_in)`` entries (fan_in = the input width of a weight, the hidden size for a
+    bias), the forget-gate bias shifted by +1; the constructor's defaults accept the defaults' output."""
+    from reference.learned_optimizers import LSTMOptimizer
+
+    LSTMOptimizer(LSTMOptimizer.random_params())  # default hidden sizes agree
+    hidden, scale = 16, 0.5
+    draws = [LSTMOptimizer.random_params(hidden, 2, seed=s) for s in range(20)]
+    shapes = LSTMOptimizer.shapes(hidden, 2)
+    for j, shape in enumerate(shapes):
+        arr = np.stack([d[j] for d in draws])
+        assert arr.shape[1:] == shape
+        fan = shape[1] if len(shape) == 2 else hidden
+        if len(shape) == 1 and shape[0] == 4 * hidden:  # an LSTM bias: gates i, f, g, o
+            forget = arr[:, hidden:2 * hidden] - 1.0
+            others = np.concatenate([arr[:, :hidden], arr[:, 2 * hidden:]], axis=1)
+            for part in (forget, others):
+                assert abs(np.mean(part)) < 0.1
+                assert 0.7 < np.std(part) / (scale / np.sqrt(fan)) < 1.4, j
+        else:
+            assert abs(np.mean(arr)) < 4 * scale / np.sqrt(fan * arr.size)
+            assert 0.7 < np.std(arr) / (scale / np.sqrt(fan)) < 1.4, j
+
+
+def test_meta_learner_lstm_random_params_are_the_documented_ones():
+    """Small weights (N(0, 0.3^2)), b_I = -3 (small steps), b_F = 3 (keep the parameters)."""
+    draws = [MetaLearnerLSTM.random_params(seed=s) for s in range(50)]
+    for d in draws:
+        assert float(d[1]) == -3.0 and float(d[3]) == 3.0
+    for j in (0, 2):
+        w = np.concatenate([d[j] for d in draws])
+        assert 0.8 < np.std(w) / 0.3 < 1.25 and abs(np.mean(w)) < 0.1
