@@ -152,3 +152,16 @@ def test_defaults_return_nothing_unasked():
     assert inner_loop.task_loss_and_grad(model, params, t, lrs, 2)[2] is None
     assert inner_loop.meta_loss_and_grad(model, params, [t, t], lrs, 2)[2] is None
     assert inner_loop.meta_loss_and_grad(model, params, [t, t], lrs, 2, fused=False)[2] is None
+
+
+def test_a_model_above_the_batch_cap_runs_one_task_per_batch():
+    """Over BATCH_BYTES / 8 = 196,608 parameters a batch holds a single task (cap 1, never 0)."""
+    model = MLP([1, 450, 450, 1], activation="tanh")
+    assert model.n_params * 8 > inner_loop.BATCH_BYTES
+    params = model.init(0)
+    tasks = _tasks(1, 1, 2, seed=5, n_support=2, n_query=2)
+    assert inner_loop.task_batches(model, tasks, 2) == [[0], [1]]
+    lrs = [0.01] * len(params)
+    loss, _, _ = inner_loop.meta_loss_and_grad(model, params, tasks, lrs, 1)
+    expected = _independent(model, params, tasks, lrs, 1)
+    assert abs(loss - expected) <= 1e-12 * abs(expected)
