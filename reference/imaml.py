@@ -280,9 +280,10 @@ def _relu_kink(model: Any, phi: Params, x: np.ndarray,
         if bs[layer] is not None:
             z = z + bs[layer]
         top = float(np.max(np.abs(z), initial=0.0))
-        if top > 0:
+        if z.size:
             i, j = np.unravel_index(int(np.argmin(np.abs(z))), z.shape)
-            rel = abs(float(z[i, j])) / top
+            # A layer whose pre-activations are all exactly zero sits wholly on the kink (ratio 0).
+            rel = abs(float(z[i, j])) / top if top > 0 else 0.0
             if rel <= rel_tol and (worst is None or rel < worst[4]):
                 worst = (layer + 1, int(j), int(i), float(z[i, j]), rel)
         h = np.maximum(z, 0.0)

@@ -66,6 +66,13 @@ class _Factor:
 
     def __init__(self, hessian: np.ndarray, delta: Any, where: str):
         a = hessian + delta * np.eye(hessian.shape[0])
+        if not np.all(np.isfinite(a)):
+            # Overflow in the model's second derivatives. Checked first: LAPACK's eigvalsh may fail to
+            # converge on it, or return finite eigenvalues for a NaN on the diagonal (the step would be NaN).
+            raise SingularMatrixError(
+                f"Newton-MAML: the damped support Hessian H + delta*I at {where} is not finite (overflow in the "
+                f"support loss's second derivatives); rescale the inputs or the parameters"
+            )
         # The condition number is judged on the real part (the Hessian at the real point; under
         # complex step the imaginary part is an O(h) perturbation). A is symmetric, so its
         # singular values are the moduli of its eigenvalues.
@@ -115,7 +122,7 @@ def meta_loss(model: Any, params: Sequence[Any], tasks: Sequence[Task], inner_lr
 
     ``p_{k+1} = p_k - alpha (H_s(p_k) + delta I)^{-1} grad L_s(p_k)``, ``p_0 = theta``.
     Raises :class:`~reference.errors.SingularMatrixError` when a damped Hessian
-    has condition number above ``MAX_CONDITION``.
+    is not finite or has condition number above ``MAX_CONDITION``.
     """
     params, tasks, steps, alpha, delta = check_arguments(model, params, tasks, inner_lr, inner_steps, damping)
     total = 0.0
@@ -157,7 +164,7 @@ def meta_loss_and_grad(model: Any, params: Sequence[Any], tasks: Sequence[Task],
         damping: ``delta >= 0`` added to the Hessian's diagonal.
 
     Raises:
-        SingularMatrixError: a damped Hessian's condition number exceeds ``MAX_CONDITION``.
+        SingularMatrixError: a damped Hessian is not finite or its condition number exceeds ``MAX_CONDITION``.
         InvalidInputError: bad arguments, or more than ``MAX_PARAMS`` parameters.
     """
     params, tasks, steps, alpha, delta = check_arguments(model, params, tasks, inner_lr, inner_steps, damping)
