@@ -1623,3 +1623,66 @@ def test_relu_rate_fit_across_the_pieces(relu_maml, rate):
     d = _diagnose(relu_maml, g, loss)
     assert d is not None and d.key == "wrong_inner_lr", d
     assert d.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9) and d.fitted["scale"] == pytest.approx(1.0, rel=1e-9)
+
+
+def _bce_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
+    """MAML on a linear multi-label classifier (``logits = W x + b``, binary cross-entropy of logits averaged over
+    every row and output), by complex steps in theta."""
+
+    def bce(p, x, y):
+        o = x @ p[0].T + p[1]
+        return np.mean(np.log(1.0 + np.exp(o)) - y * o)  # softplus(o) - y o (moderate logits: no overflow)
+
+    def grad(p, x, y):
+        o = x @ p[0].T + p[1]
+        r = (1.0 / (1.0 + np.exp(-o)) - y) / y.size
+        return [r.T @ x, r.sum(0)]
+
+    def meta_loss(theta):
+        total = 0.0
+        for t in case.tasks:
+            p = list(theta)
+            for _ in range(steps):
+                p = [pi - rate * gi for pi, gi in zip(p, grad(p, t.x_support, t.y_support))]
+            total = total + bce(p, t.x_query, t.y_query)
+        return total / len(case.tasks)
+
+    flat = flatten(case.params)
+    g = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
+    return float(np.real(meta_loss(case.params))), g
+
+
+def test_reduction_sum_rate_for_binary_cross_entropy():
+    """Binary cross-entropy averages over every row and output (like mse): with 4 support rows and 2 outputs,
+    reduction='sum' is alpha x 8, not alpha x 4 (the fix of a label that counted the rows only)."""
+    rng = np.random.default_rng(17)
+    model = MLP([2, 2], "identity", "bce")
+    tasks = [Task(rng.normal(size=(4, 2)), rng.integers(0, 2, size=(4, 2)).astype(float), rng.normal(size=(3, 2)),
+                  rng.integers(0, 2, size=(3, 2)).astype(float)) for _ in range(2)]
+    case = Case("maml", model, model.init(17), tasks, {"inner_lr": 0.05, "inner_steps": 1}, 17)
+    loss, g = _bce_maml(case, 0.05, 1)
+    assert match_error(g, _reference(case)) < 1e-12 and loss == pytest.approx(float(evaluate(case)[0]), rel=1e-13)
+    loss, g = _bce_maml(case, 0.4, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.4, rel=1e-9), d
+    assert "(= alpha x 8: the support loss is summed over its 8 elements, reduction='sum')" in d.detail
+
+
+def test_no_reduction_sum_label_for_support_sets_of_different_sizes():
+    """Support sets of 4 and 6 rows: reduction='sum' would give the tasks rates 4 alpha and 6 alpha, not one rate, so a
+    claim at a uniform 4 alpha is fitted but not called reduction='sum' (the fix of a label read off the first task)."""
+    rng = np.random.default_rng(19)
+    model = MLP([2, 1], "identity", "mse")
+    tasks = [Task(rng.normal(size=(n, 2)), rng.normal(size=(n, 1)), rng.normal(size=(3, 2)), rng.normal(size=(3, 1)))
+             for n in (4, 6)]
+    case = Case("maml", model, model.init(19), tasks, {"inner_lr": 0.02, "inner_steps": 1}, 19)
+    loss, g = _maml(case, 0.02, 1)
+    assert match_error(g, _reference(case)) < 1e-12
+    loss, g = _maml(case, 0.08, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.08, rel=1e-9), d
+    assert "reduction='sum'" not in d.detail, d.detail
