@@ -1194,3 +1194,495 @@ def test_rate_fit_reduction_sum_with_two_outputs():
     d = _diagnose(case, g, loss)
     assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.16, rel=1e-9), d
     assert "(= alpha x 8: the support loss is summed over its 8 elements, reduction='sum')" in d.detail
+
+
+# ---------------------------------------------------------------------------
+# what each family searches: only the bugs its row declares, and the documented step counts
+# ---------------------------------------------------------------------------
+
+#: keys named by the layers or the fitted variant (not by a fixed variant of the family's module)
+_LAYER_KEYS = {"scale", "disconnected", "wrong_inner_lr", "metasgd_lrs_no_grad", "hyper_detached"}
+
+
+def _counts(variants, pattern: str) -> list[int]:
+    import re
+
+    return [int(m.group(1)) for _, label, _ in variants for m in [re.match(pattern, label)] if m]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd", "reptile", "newton"])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_gradient_family_searches_what_its_row_declares(algorithm, steps):
+    """The fixed variants of the inner-loop family are bugs the algorithm's row declares (``Algorithm.diagnoses``:
+    e.g. FOMAML has no "only the last step differentiated"), every declared fixed variant is searched when it
+    exists (``K >= 2`` for the one-step variants), and the wrong step counts tried are ``K'`` in
+    ``1 .. max(2K, K + 3)`` except ``K`` (off-by-ones both ways, a doubled loop; short loops up to ``K + 3``),
+    Meta-SGD's truncations ``t`` in ``1 .. K - 1``."""
+    from verify.algorithms import ALGORITHMS, build_case
+    from verify.auditing.diagnosis import gradient
+
+    case = build_case(algorithm, seed=0, inner_steps=steps)
+    vs = gradient.variants(case)
+    keys = {k for k, _, _ in vs}
+    row = ALGORITHMS[algorithm]
+    declared = {k for k in row.diagnoses if k not in _LAYER_KEYS and not k.startswith("bn_")}
+    one_step = {"last_step_only", "first_step_only", "bptt_truncated"}
+    assert keys <= declared, keys - declared
+    assert keys == (declared if steps >= 2 else declared - one_step), declared - keys
+    assert _counts(vs, r"inner_steps=(\d+) instead of") == [k for k in range(1, max(2 * steps, steps + 3) + 1)
+                                                            if k != steps]
+    assert _counts(vs, r"backpropagation through the last (\d+) of") == \
+        (list(range(1, steps)) if algorithm == "metasgd" else [])
+    for key, where in (("last_step_only", f"only the last of the {steps} inner steps"),
+                       ("first_step_only", f"only the first of the {steps} inner steps")):
+        assert [label for k, label, _ in vs if k == key] == ([f"{where} differentiated"] if key in keys else [])
+
+
+@pytest.mark.parametrize("algorithm", ["maml-momentum", "maml-adam", "anil-adam", "mamlpp", "lstm-optimizer",
+                                       "meta-lstm"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_optimizer_family_searches_what_its_row_declares(algorithm, steps):
+    """Optimiser-driven loops: declared bugs only; truncations ``t`` in ``1 .. K - 1``; wrong step counts ``K'`` in
+    ``1 .. K + 2`` except ``K`` (none for MAML++, whose ``(K, n)`` rates fix ``K``); the first-order label says
+    which gradients are constants (a learned optimiser's inputs, Andrychowicz et al. 2016)."""
+    from verify.algorithms import ALGORITHMS, build_case
+    from verify.auditing.diagnosis import optimizer
+
+    case = build_case(algorithm, seed=0, inner_steps=steps)
+    vs = optimizer.variants(case)
+    keys = {k for k, _, _ in vs}
+    assert keys <= set(ALGORITHMS[algorithm].diagnoses), keys - set(ALGORITHMS[algorithm].diagnoses)
+    assert _counts(vs, rf"backpropagation through the last (\d+) of {steps} inner steps") == list(range(1, steps))
+    expected = [] if algorithm == "mamlpp" else [k for k in range(1, steps + 3) if k != steps]
+    assert _counts(vs, rf"inner_steps=(\d+) instead of {steps}$") == expected
+    first = [label for k, label, _ in vs if k == "first_order"]
+    if algorithm == "mamlpp":
+        assert first == ["the inner gradients treated as constants (first-order MAML++)"]
+    elif algorithm in ("lstm-optimizer", "meta-lstm"):
+        assert first == ["the gradients (and losses) fed to the inner update treated as constants (Andrychowicz "
+                         "et al.'s d grad / d phi = 0)"]
+    else:
+        assert first == ["the optimiser's gradient inputs treated as constants"]
+
+
+def test_lrd2_newton_step_counts_searched():
+    """LR-D2's wrong Newton step counts: ``K'`` in ``1 .. K + 3`` except ``K``."""
+    from verify.algorithms import ALGORITHMS, build_case
+    from verify.auditing.diagnosis import backbone
+
+    for K in (1, 3):
+        case = build_case("lrd2", seed=0, newton_steps=K)
+        vs = backbone.variants(case)
+        assert {k for k, _, _ in vs} <= set(ALGORITHMS["lrd2"].diagnoses)
+        assert _counts(vs, rf"newton_steps=(\d+) instead of {K}$") == [k for k in range(1, K + 4) if k != K]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd", "newton", "reptile"])
+def test_one_step_candidates_all_differ_from_the_correct_gradient(algorithm):
+    """With ``K = 1`` no fixed candidate is the correct meta-gradient itself ("only the last of 1 steps
+    differentiated" would be the correct gradient under another name)."""
+    from verify.algorithms import build_case
+    from verify.auditing.diagnosis import candidates
+
+    case = build_case(algorithm, seed=1, inner_steps=1)
+    ref = _reference(case)
+    cands = candidates(case)
+    assert cands and all(match_error(c.grads, ref) > 1e-6 for c in cands), \
+        [(c.key, c.label) for c in cands if match_error(c.grads, ref) <= 1e-6]
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_step_counts_beyond_the_search_are_not_named(steps):
+    """On the quadratic, MAML run for ``max(2K, K + 3) + 1`` steps (one past the search) is an unexplained mismatch,
+    not a wrong step count (the step counts searched are documented, the diagnosis names no unsearched bug)."""
+    case = _linear_case("maml", seed=3, inner_lr=ALPHA, inner_steps=steps)
+    loss, g = _maml(case, ALPHA, max(2 * steps, steps + 3) + 1)
+    assert match_error(g, _reference(case)) > 1e-3
+    assert _diagnose(case, g, loss) is None
+
+
+# ---------------------------------------------------------------------------
+# the rate fit on a relu network (not analytic: dG/da by central differences in the fit)
+# ---------------------------------------------------------------------------
+
+
+def _relu_grad(p: list, x: np.ndarray, y: np.ndarray) -> list:
+    """Gradient of ``mean((W2 relu(W1 x + b1) + b2 - y)^2)``, complex-safe: the activation pattern is taken from the
+    real part, so inside one pattern (no pre-activation at 0) the map is polynomial and complex steps are exact."""
+    W1, b1, W2, b2 = p
+    z = x @ W1.T + b1
+    on = np.real(z) > 0
+    a = z * on
+    r = 2.0 * (a @ W2.T + b2 - y) / y.size
+    dz = (r @ W2) * on
+    return [dz.T @ x, dz.sum(0), r.T @ a, r.sum(0)]
+
+
+def _relu_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
+    """MAML's meta-loss and meta-gradient on the relu network, by complex steps in every entry of theta."""
+
+    def meta_loss(theta: list):
+        total = 0.0
+        for t in case.tasks:
+            p = list(theta)
+            for _ in range(steps):
+                p = [pi - rate * gi for pi, gi in zip(p, _relu_grad(p, t.x_support, t.y_support))]
+            W1, b1, W2, b2 = p
+            z = t.x_query @ W1.T + b1
+            total = total + np.mean(((z * (np.real(z) > 0)) @ W2.T + b2 - t.y_query) ** 2)
+        return total / len(case.tasks)
+
+    flat = flatten(case.params)
+    g = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
+    return float(np.real(meta_loss(case.params))), g
+
+
+RELU_RATE = 0.2
+
+
+@pytest.fixture(scope="module")
+def relu_maml() -> Case:
+    rng = np.random.default_rng(21)
+    model = MLP([1, 4, 1], "relu", "mse")
+    tasks = [Task(rng.normal(size=(5, 1)), rng.normal(size=(5, 1)), rng.normal(size=(3, 1)), rng.normal(size=(3, 1)))
+             for _ in range(2)]
+    case = Case("maml", model, model.init(21), tasks, {"inner_lr": RELU_RATE, "inner_steps": 2}, 21)
+    assert not model.is_analytic
+    loss, g = _relu_maml(case, RELU_RATE, 2)
+    assert match_error(g, _reference(case)) < 1e-12 and loss == pytest.approx(float(evaluate(case)[0]), rel=1e-13)
+    return case
+
+
+@pytest.mark.parametrize("rate, scale", [(1.4 * RELU_RATE, 1.0), (0.55 * RELU_RATE, 1.0), (1.6 * RELU_RATE, -2.0),
+                                         (-RELU_RATE, 1.0)])
+def test_relu_rate_fit(relu_maml, rate, scale):
+    """``c x`` MAML's meta-gradient at another rate ``a`` on a relu network: the fit (Gauss-Newton with a
+    finite-difference ``dG/da``) recovers ``a`` and ``c`` to the claim's round-off, and names the sign flip.
+    (The rates lie inside activation patterns at least 1e-2 wide: a claim in a narrower piece, e.g. ``a = 0.34``
+    between kinks at 0.3341 and 0.3404, is not fitted -- the fit stalls past the kink.)"""
+    loss, g = _relu_maml(relu_maml, rate, 2)
+    assert match_error(g, _reference(relu_maml)) > 1e-3
+    d = _diagnose(relu_maml, scale * g, scale * loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9)
+    assert d.fitted["scale"] == pytest.approx(scale, rel=1e-9)
+    assert d.error <= 1e-12
+    assert (" (the inner update's sign is flipped" in d.detail) == (rate < 0)
+
+
+def test_relu_correct_gradient_is_not_diagnosed(relu_maml):
+    loss, g = _relu_maml(relu_maml, RELU_RATE, 2)
+    assert _diagnose(relu_maml, g, loss) is None
+
+
+# ---------------------------------------------------------------------------
+# the rate fit does not depend on units: bias-free networks with inputs and targets scaled by s
+# ---------------------------------------------------------------------------
+#
+# A bias-free linear or relu network is positively homogeneous: with x -> s x and y -> s y the loss becomes
+# s^2 L(theta), its gradient and Hessian s^2 times theirs, so the inner loop at rate a / s^2 is the original one at
+# rate a, and the meta-gradient is s^2 times the original's. A fit that works at a ~ 0.1 must work at a ~ 1e-13
+# (s = 1e6) and a ~ 1e11 (s = 1e-6), and for claims scaled by 1e-10 or 1e10: its steps, tolerances and
+# derivative increments must be relative. (Known limitation: both at once, e.g. a ~ 1e11 with a claim scaled by
+# 1e-10, is not fitted: the Gauss-Newton least squares is not column-scaled and drops the rate column.)
+
+
+def _nobias_grad(p: list, x: np.ndarray, y: np.ndarray) -> list:
+    """Gradient of ``mean((W2 relu(W1 x) - y)^2)`` (two layers) or ``mean((W1 x - y)^2)`` (one); complex-safe
+    (the relu pattern from the real part)."""
+    if len(p) == 1:
+        r = 2.0 * (x @ p[0].T - y) / y.size
+        return [r.T @ x]
+    W1, W2 = p
+    z = x @ W1.T
+    on = np.real(z) > 0
+    a = z * on
+    r = 2.0 * (a @ W2.T - y) / y.size
+    return [((r @ W2) * on).T @ x, r.T @ a]
+
+
+def _nobias_maml(case: Case, rate, steps: int) -> tuple[float, np.ndarray]:
+    """MAML's meta-loss and meta-gradient of the bias-free network, by complex steps in every entry of theta."""
+
+    def predict(p, x):
+        if len(p) == 1:
+            return x @ p[0].T
+        z = x @ p[0].T
+        return (z * (np.real(z) > 0)) @ p[1].T
+
+    def meta_loss(theta: list):
+        total = 0.0
+        for t in case.tasks:
+            p = list(theta)
+            for _ in range(steps):
+                p = [pi - rate * gi for pi, gi in zip(p, _nobias_grad(p, t.x_support, t.y_support))]
+            total = total + np.mean((predict(p, t.x_query) - t.y_query) ** 2)
+        return total / len(case.tasks)
+
+    flat = flatten(case.params)
+    g = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
+    return float(np.real(meta_loss(case.params))), g
+
+
+def _scaled_case(sizes: list, activation: str, s: float, rate: float) -> Case:
+    rng = np.random.default_rng(31)
+    model = MLP(sizes, activation, "mse", bias=False)
+    tasks = [Task(s * rng.normal(size=(5, sizes[0])), s * rng.normal(size=(5, 1)), s * rng.normal(size=(3, sizes[0])),
+                  s * rng.normal(size=(3, 1))) for _ in range(2)]
+    return Case("maml", model, model.init(31), tasks, {"inner_lr": rate / s ** 2, "inner_steps": 2}, 31)
+
+
+@pytest.mark.parametrize("sizes, activation", [([3, 1], "identity"), ([1, 4, 1], "relu")])
+@pytest.mark.parametrize("s, c", [(1.0, 1.0), (1e6, 1.0), (1e-6, 1.0), (1.0, 1e-10), (1.0, 1e10)])
+def test_rate_fit_is_unit_free(sizes, activation, s, c):
+    """``c x`` the meta-gradient at 1.3 x the asked rate: the fit recovers rate and scale to 1e-9 in every unit."""
+    rate = 0.2
+    case = _scaled_case(sizes, activation, s, rate)
+    base = case.hyper["inner_lr"]
+    loss, g = _nobias_maml(case, base, 2)
+    assert match_error(g, _reference(case)) < 1e-12
+    loss, g = _nobias_maml(case, 1.3 * base, 2)
+    if s == 1.0 and c == 1.0:  # the unscaled claim, against the homogeneity relation at s = 1e3
+        big = _scaled_case(sizes, activation, 1e3, rate)
+        assert match_error(_nobias_maml(big, 1.3 * big.hyper["inner_lr"], 2)[1], 1e6 * g) < 1e-12
+    d = _diagnose(case, c * g, c * loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(1.3 * base, rel=1e-9)
+    assert d.fitted["scale"] == pytest.approx(c, rel=1e-9)
+
+
+def test_fomaml_rate_fit():
+    """FOMAML at another rate: fitted against FOMAML's own direction ``mean_t grad L_q(p_K(a))`` (no step Jacobians)."""
+    case = _linear_case("fomaml", seed=2, inner_lr=ALPHA, inner_steps=K)
+    loss, g = _maml(case, ALPHA, K, order="first")
+    assert match_error(g, _reference(case)) < 1e-12
+    loss, g = _maml(case, 1.6 * ALPHA, K, order="first")
+    d = _diagnose(case, 2.0 * g, 2.0 * loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(1.6 * ALPHA, rel=1e-9) and d.fitted["scale"] == pytest.approx(2.0)
+
+
+def test_rate_fit_of_a_unit_norm_claim(maml_case):
+    """A claim of 2-norm exactly 1 is fitted like any other (no special value of its norm)."""
+    loss, g = _maml(maml_case, 0.17, K)
+    for k in range(50):  # a factor near 1/|g| for which the scaled claim's norm rounds to exactly 1
+        c = (1.0 + k * 2.0 ** -52) / np.linalg.norm(g)
+        if np.linalg.norm(c * g) == 1.0:
+            break
+    assert np.linalg.norm(c * g) == 1.0
+    d = _diagnose(maml_case, c * g, c * loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(0.17, rel=1e-9) and d.fitted["scale"] == pytest.approx(c, rel=1e-9)
+
+
+@pytest.mark.parametrize("shots, n_sum_named", [(1, False), (2, True)])
+def test_reduction_sum_label_needs_more_than_one_element(shots, n_sum_named):
+    """``reduction='sum'`` is named for a rate ``alpha x n`` with ``n = shots x outputs > 1``; with one support
+    element sum and mean coincide, so a rate a hair from ``alpha x 1`` is never called a reduction='sum'."""
+    rng = np.random.default_rng(5)
+    model = MLP([2, 1], "identity", "mse")
+    tasks = [Task(rng.normal(size=(shots, 2)), rng.normal(size=(shots, 1)), rng.normal(size=(3, 2)),
+                  rng.normal(size=(3, 1))) for _ in range(2)]
+    case = Case("maml", model, model.init(5), tasks, {"inner_lr": ALPHA, "inner_steps": K}, 5)
+    rate = ALPHA * shots * (1.0 + 5e-9) if shots == 1 else ALPHA * shots
+    loss, g = _maml(case, rate, K)
+    d = _diagnose(case, g, loss, tol=1e-13)  # tight: 5e-9 off the asked rate is within 1e-9 of a factor on it
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(rate, rel=1e-12 if shots == 1 else 1e-9)
+    assert ("reduction='sum'" in d.detail) == n_sum_named, d.detail
+    if n_sum_named:
+        assert f"(= alpha x {shots}: the support loss is summed over its {shots} elements, reduction='sum')" in d.detail
+
+
+def test_rate_fit_skips_grid_rates_where_the_variant_is_undefined(maml_case, monkeypatch):
+    """Grid rates where the variant raises (negative rates here) or is not finite (above 10 alpha here) are skipped;
+    the fit still recovers the rate from the others (the grid is searched in increasing order, so a stop at the
+    first failure would find nothing)."""
+    from verify.auditing.diagnosis import gradient
+
+    real = gradient._rate_function
+
+    def fragile(case):
+        fn = real(case)
+
+        def wrapped(r):
+            if np.real(r) < 0:
+                raise FloatingPointError("undefined for negative rates")
+            if np.real(r) > 10 * ALPHA:
+                return None, np.full(sum(int(np.size(p)) for p in case.params), np.inf)
+            return fn(r)
+
+        return wrapped
+
+    monkeypatch.setattr(gradient, "_rate_function", fragile)
+    loss, g = _maml(maml_case, 0.17, K)
+    d = _diagnose(maml_case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(0.17, rel=1e-9)
+
+
+def test_rate_fit_with_a_grid_rate_of_exactly_zero_gradient():
+    """One task whose query targets are fitted exactly by the parameters after one step at rate ``2 alpha`` (a grid
+    rate): there the variant's meta-gradient is exactly zero; the fit skips that point and still recovers 1.3
+    alpha."""
+    rng = np.random.default_rng(13)
+    model = MLP([2, 1], "identity", "mse")
+    params = model.init(13)
+    xs, ys, xq = rng.normal(size=(4, 2)), rng.normal(size=(4, 1)), rng.normal(size=(3, 2))
+    gs = model.loss_and_grad_unchecked(params, xs, ys)[1]
+    p_star = [p - (2.0 * ALPHA) * gi for p, gi in zip(params, gs)]  # the iterate at rate 2 alpha, as the inner loop
+    yq = xq @ p_star[0].T + p_star[1]
+    case = Case("maml", model, params, [Task(xs, ys, xq, yq)], {"inner_lr": ALPHA, "inner_steps": 1}, 13)
+    from verify.auditing.diagnosis import gradient
+
+    assert not np.any(gradient._rate_function(case)(2.0 * ALPHA)[1])  # exactly zero at the grid rate
+    loss, g = _maml(case, 1.3 * ALPHA, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(1.3 * ALPHA, rel=1e-9)
+
+
+def _ce_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
+    """MAML on a linear softmax classifier (``logits = W x + b``, mean cross-entropy), by complex steps in theta."""
+
+    def logits(p, x):
+        return x @ p[0].T + p[1]
+
+    def probs(z):
+        e = np.exp(z - np.max(np.real(z), axis=1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def ce(p, x, y):
+        z = logits(p, x)
+        m = np.max(np.real(z), axis=1, keepdims=True)
+        return np.mean(m[:, 0] + np.log(np.exp(z - m).sum(1)) - z[np.arange(len(y)), y])
+
+    def grad(p, x, y):
+        r = probs(logits(p, x))
+        r[np.arange(len(y)), y] -= 1.0
+        r = r / len(y)
+        return [r.T @ x, r.sum(0)]
+
+    def meta_loss(theta):
+        total = 0.0
+        for t in case.tasks:
+            p = list(theta)
+            for _ in range(steps):
+                p = [pi - rate * gi for pi, gi in zip(p, grad(p, t.x_support, t.y_support))]
+            total = total + ce(p, t.x_query, t.y_query)
+        return total / len(case.tasks)
+
+    flat = flatten(case.params)
+    g = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
+    return float(np.real(meta_loss(case.params))), g
+
+
+def test_reduction_sum_rate_for_cross_entropy():
+    """Cross-entropy averages over the support rows only (not the classes): reduction='sum' is alpha x shots."""
+    case = _one_model_case([2, 3], "ce", 2, [3])
+    loss, g = _ce_maml(case, 0.1, 1)
+    assert match_error(g, _reference(case)) < 1e-12 and loss == pytest.approx(float(evaluate(case)[0]), rel=1e-13)
+    loss, g = _ce_maml(case, 0.4, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.4, rel=1e-9), d
+    assert "(= alpha x 4: the support loss is summed over its 4 elements, reduction='sum')" in d.detail
+
+
+def _relu_pattern(case: Case, rate: float, steps: int) -> list:
+    """The relu activation pattern of every support and query row along the inner loop at ``rate``."""
+    out = []
+    for t in case.tasks:
+        p = list(case.params)
+        for _ in range(steps):
+            out.append((t.x_support @ p[0].T + p[1] > 0).tolist())
+            p = [pi - rate * gi for pi, gi in zip(p, _relu_grad(p, t.x_support, t.y_support))]
+        out.append((t.x_query @ p[0].T + p[1] > 0).tolist())
+    return out
+
+
+# rates (in units of alpha = 0.2) inside the activation pieces of the relu problem, both signs, from alpha / 2 to
+# 15 alpha: between and beyond the fit's starting rates. (Known limitation: for this problem the fit misses some
+# pieces above 8 alpha, e.g. 1.7378 and 2.4421, where it settles on a tiny scale of a far rate.)
+@pytest.mark.parametrize("rate", [-2.6932, -0.8464, -0.0912, 0.1424, 0.5599, 0.9661, 1.4309, 2.9054])
+def test_relu_rate_fit_across_the_pieces(relu_maml, rate):
+    """The claim's rate lies inside one activation piece (the pattern is constant within +-1e-3 of it)."""
+    assert all(_relu_pattern(relu_maml, r, 2) == _relu_pattern(relu_maml, rate, 2) for r in (rate - 1e-3, rate + 1e-3))
+    loss, g = _relu_maml(relu_maml, rate, 2)
+    d = _diagnose(relu_maml, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr", d
+    assert d.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9) and d.fitted["scale"] == pytest.approx(1.0, rel=1e-9)
+
+
+def _bce_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
+    """MAML on a linear multi-label classifier (``logits = W x + b``, binary cross-entropy of logits averaged over
+    every row and output), by complex steps in theta."""
+
+    def bce(p, x, y):
+        o = x @ p[0].T + p[1]
+        return np.mean(np.log(1.0 + np.exp(o)) - y * o)  # softplus(o) - y o (moderate logits: no overflow)
+
+    def grad(p, x, y):
+        o = x @ p[0].T + p[1]
+        r = (1.0 / (1.0 + np.exp(-o)) - y) / y.size
+        return [r.T @ x, r.sum(0)]
+
+    def meta_loss(theta):
+        total = 0.0
+        for t in case.tasks:
+            p = list(theta)
+            for _ in range(steps):
+                p = [pi - rate * gi for pi, gi in zip(p, grad(p, t.x_support, t.y_support))]
+            total = total + bce(p, t.x_query, t.y_query)
+        return total / len(case.tasks)
+
+    flat = flatten(case.params)
+    g = np.empty(flat.size)
+    for j in range(flat.size):
+        z = flat.astype(complex)
+        z[j] += 1j * H_CS
+        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
+    return float(np.real(meta_loss(case.params))), g
+
+
+def test_reduction_sum_rate_for_binary_cross_entropy():
+    """Binary cross-entropy averages over every row and output (like mse): with 4 support rows and 2 outputs,
+    reduction='sum' is alpha x 8, not alpha x 4 (the fix of a label that counted the rows only)."""
+    rng = np.random.default_rng(17)
+    model = MLP([2, 2], "identity", "bce")
+    tasks = [Task(rng.normal(size=(4, 2)), rng.integers(0, 2, size=(4, 2)).astype(float), rng.normal(size=(3, 2)),
+                  rng.integers(0, 2, size=(3, 2)).astype(float)) for _ in range(2)]
+    case = Case("maml", model, model.init(17), tasks, {"inner_lr": 0.05, "inner_steps": 1}, 17)
+    loss, g = _bce_maml(case, 0.05, 1)
+    assert match_error(g, _reference(case)) < 1e-12 and loss == pytest.approx(float(evaluate(case)[0]), rel=1e-13)
+    loss, g = _bce_maml(case, 0.4, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.4, rel=1e-9), d
+    assert "(= alpha x 8: the support loss is summed over its 8 elements, reduction='sum')" in d.detail
+
+
+def test_no_reduction_sum_label_for_support_sets_of_different_sizes():
+    """Support sets of 4 and 6 rows: reduction='sum' would give the tasks rates 4 alpha and 6 alpha, not one rate, so a
+    claim at a uniform 4 alpha is fitted but not called reduction='sum' (the fix of a label read off the first task)."""
+    rng = np.random.default_rng(19)
+    model = MLP([2, 1], "identity", "mse")
+    tasks = [Task(rng.normal(size=(n, 2)), rng.normal(size=(n, 1)), rng.normal(size=(3, 2)), rng.normal(size=(3, 1)))
+             for n in (4, 6)]
+    case = Case("maml", model, model.init(19), tasks, {"inner_lr": 0.02, "inner_steps": 1}, 19)
+    loss, g = _maml(case, 0.02, 1)
+    assert match_error(g, _reference(case)) < 1e-12
+    loss, g = _maml(case, 0.08, 1)
+    d = _diagnose(case, g, loss)
+    assert d is not None and d.key == "wrong_inner_lr" and d.fitted["inner_lr"] == pytest.approx(0.08, rel=1e-9), d
+    assert "reduction='sum'" not in d.detail, d.detail

@@ -224,9 +224,13 @@ def _fit_rate(case: Case, g: np.ndarray) -> Candidate | None:
     if fn is None:
         return None
     base = _base_rate(case)
-    shots = case.tasks[0].x_support.shape[0]
-    d_out = case.model.sizes[-1] if case.model.loss_name == "mse" else 1
-    grid = sorted({base * s * f for f in _RATE_GRID for s in (1.0, -1.0)} | {base * shots * d_out})
+    # reduction='sum' scales the rate by the support size n: one effective rate alpha x n only when every task's
+    # support set has the same n (else 0: no such rate, no such label)
+    support_sizes = {t.x_support.shape[0] for t in case.tasks}
+    shots = support_sizes.pop() if len(support_sizes) == 1 else 0
+    # the support loss's mean runs over rows x outputs for mse and bce, over rows only for ce (reference.models.MLP)
+    d_out = case.model.sizes[-1] if case.model.loss_name in ("mse", "bce") else 1
+    grid = sorted({base * s * f for f in _RATE_GRID for s in (1.0, -1.0)} | ({base * shots * d_out} if shots else set()))
     gnorm = float(np.linalg.norm(g))
     if gnorm == 0.0:
         return None
