@@ -3,8 +3,11 @@
 Usage (through ``bash scripts/mutation.sh``)::
 
     python scripts/mutation.py coverage [-n 2]      # once: which test runs which line (.mutation/)
+    python scripts/mutation.py coverage --update     # merge in only the test files changed since
     python scripts/mutation.py run [PATHS ...] [--shard I/N] [--budget S] [--timeout-factor F] [--max N]
+    python scripts/mutation.py run --complete-partial [--budget S] [PATHS ...]   # budgeted survivors again
     python scripts/mutation.py report
+    python scripts/mutation.py rekey MODULE --from REV   # equivalents' keys after MODULE was edited
     python scripts/mutation.py list [PATHS ...]
     python scripts/mutation.py selftest [--mutator]
 
