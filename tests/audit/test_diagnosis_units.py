@@ -411,6 +411,8 @@ def _one_model_case(sizes, loss, n_tasks, queries, act="identity", algorithm="ma
         xs, xq = rng.normal(size=(4, sizes[0])), rng.normal(size=(q, sizes[0]))
         if loss == "ce":
             ys, yq = np.arange(4) % sizes[-1], rng.integers(0, sizes[-1], size=q)
+        elif loss == "bce":  # binary targets, one per output
+            ys, yq = (rng.integers(0, 2, size=(n, sizes[-1])).astype(float) for n in (4, q))
         else:
             ys, yq = rng.normal(size=(4, sizes[-1])), rng.normal(size=(q, sizes[-1]))
         tasks.append(Task(xs, ys, xq, yq))
@@ -429,6 +431,9 @@ def _one_model_case(sizes, loss, n_tasks, queries, act="identity", algorithm="ma
     ([1, 3, 2], "mse", 2, [3], 12.0, "summed over the 2 tasks and over the 6 query elements"),
     ([2, 3], "ce", 2, [3], 3.0, "per-task query loss summed over its 3 elements"),
     ([2, 3], "ce", 2, [3], 6.0, "summed over the 2 tasks and over the 3 query elements"),
+    # binary cross-entropy is the mean over rows times outputs, like mse (CONVENTIONS; reference.models.MLP)
+    ([2, 2], "bce", 2, [3], 6.0, "per-task query loss summed over its 6 elements"),
+    ([2, 2], "bce", 2, [3], 12.0, "summed over the 2 tasks and over the 6 query elements"),
 ])
 def test_scale_labels_follow_the_problem(sizes, loss, n_tasks, queries, c, text):
     case = _one_model_case(sizes, loss, n_tasks, queries)

@@ -57,7 +57,9 @@ def candidates(case: Case) -> list[Candidate]:
 def _scale_label(case: Case, c: float) -> str:
     T = len(case.tasks)
     nq = {t.x_query.shape[0] for t in case.tasks}
-    d_out = case.model.sizes[-1] if (case.model.loss_name == "mse" and ALGORITHMS[case.algorithm].family != "backbone") else 1
+    # the query loss is a mean over rows x outputs for mse and bce, over rows only for ce (reference.models.MLP)
+    d_out = (case.model.sizes[-1] if (case.model.loss_name in ("mse", "bce") and ALGORITHMS[case.algorithm].family != "backbone")
+             else 1)
     # first match wins: with one task, -1 is named as the sign flip before "summed over the 1 tasks and sign
     # flipped", and a factor 1 never reaches here (it is the correct gradient)
     named: list[tuple[float, str]] = [
