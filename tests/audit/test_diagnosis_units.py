@@ -627,15 +627,36 @@ def _meta_loss(case: Case, variables: list, rate, steps: int, **kw):
     return total / len(case.tasks)
 
 
-def _complex_step(case: Case, rate, steps: int, **kw) -> tuple[float, np.ndarray]:
-    """``(meta-loss, meta-gradient)`` of the inner loop described by ``kw``, by complex steps in every variable."""
-    flat = flatten(case.variables)
+def _cs_value_and_grad(fn, flat: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(fn(flat), grad fn(flat))`` of a real-analytic ``fn`` of a flat vector, by a complex step in every entry."""
     out = np.empty(flat.size)
     for j in range(flat.size):
         z = flat.astype(complex)
         z[j] += 1j * H_CS
-        out[j] = np.imag(_meta_loss(case, unflatten(z, case.shapes), rate, steps, **kw)) / H_CS
-    return float(np.real(_meta_loss(case, unflatten(flat, case.shapes), rate, steps, **kw))), out
+        out[j] = np.imag(fn(z)) / H_CS
+    return float(np.real(fn(flat))), out
+
+
+def _complex_step(case: Case, rate, steps: int, **kw) -> tuple[float, np.ndarray]:
+    """``(meta-loss, meta-gradient)`` of the inner loop described by ``kw``, by complex steps in every variable."""
+    return _cs_value_and_grad(lambda z: _meta_loss(case, unflatten(z, case.shapes), rate, steps, **kw),
+                              flatten(case.variables))
+
+
+def _sgd_maml(case: Case, rate: float, steps: int, grad, query_loss) -> tuple[float, np.ndarray]:
+    """MAML with ``steps`` plain SGD steps of the support gradient ``grad(p, x, y)`` and the query loss
+    ``query_loss(p, x, y)``, averaged over the tasks: ``(meta-loss, meta-gradient)`` by complex steps in theta."""
+
+    def meta_loss(theta: list):
+        total = 0.0
+        for t in case.tasks:
+            p = list(theta)
+            for _ in range(steps):
+                p = [pi - rate * gi for pi, gi in zip(p, grad(p, t.x_support, t.y_support))]
+            total = total + query_loss(p, t.x_query, t.y_query)
+        return total / len(case.tasks)
+
+    return _cs_value_and_grad(lambda z: meta_loss(unflatten(z, case.shapes)), flatten(case.params))
 
 
 def _tanh_case(algorithm: str, steps: int = 3, rate: float = 0.3, seed: int = 4) -> Case:
@@ -975,13 +996,7 @@ def _opt_meta(case: Case, theta, steps: int, kind: str, *, first_order=False, de
 
 
 def _opt_claim(case: Case, steps: int, kind: str, **kw) -> tuple[float, np.ndarray]:
-    flat = flatten(case.params)
-    g = np.empty(flat.size)
-    for j in range(flat.size):
-        z = flat.astype(complex)
-        z[j] += 1j * H_CS
-        g[j] = np.imag(_opt_meta(case, z, steps, kind, **kw)) / H_CS
-    return float(np.real(_opt_meta(case, flat, steps, kind, **kw))), g
+    return _cs_value_and_grad(lambda z: _opt_meta(case, z, steps, kind, **kw), flatten(case.params))
 
 
 def _opt_case(algorithm: str, steps: int = 3) -> Case:
@@ -1326,24 +1341,12 @@ def _relu_grad(p: list, x: np.ndarray, y: np.ndarray) -> list:
 def _relu_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
     """MAML's meta-loss and meta-gradient on the relu network, by complex steps in every entry of theta."""
 
-    def meta_loss(theta: list):
-        total = 0.0
-        for t in case.tasks:
-            p = list(theta)
-            for _ in range(steps):
-                p = [pi - rate * gi for pi, gi in zip(p, _relu_grad(p, t.x_support, t.y_support))]
-            W1, b1, W2, b2 = p
-            z = t.x_query @ W1.T + b1
-            total = total + np.mean(((z * (np.real(z) > 0)) @ W2.T + b2 - t.y_query) ** 2)
-        return total / len(case.tasks)
+    def query_loss(p, x, y):
+        W1, b1, W2, b2 = p
+        z = x @ W1.T + b1
+        return np.mean(((z * (np.real(z) > 0)) @ W2.T + b2 - y) ** 2)
 
-    flat = flatten(case.params)
-    g = np.empty(flat.size)
-    for j in range(flat.size):
-        z = flat.astype(complex)
-        z[j] += 1j * H_CS
-        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
-    return float(np.real(meta_loss(case.params))), g
+    return _sgd_maml(case, rate, steps, _relu_grad, query_loss)
 
 
 RELU_RATE = 0.2
@@ -1419,22 +1422,7 @@ def _nobias_maml(case: Case, rate, steps: int) -> tuple[float, np.ndarray]:
         z = x @ p[0].T
         return (z * (np.real(z) > 0)) @ p[1].T
 
-    def meta_loss(theta: list):
-        total = 0.0
-        for t in case.tasks:
-            p = list(theta)
-            for _ in range(steps):
-                p = [pi - rate * gi for pi, gi in zip(p, _nobias_grad(p, t.x_support, t.y_support))]
-            total = total + np.mean((predict(p, t.x_query) - t.y_query) ** 2)
-        return total / len(case.tasks)
-
-    flat = flatten(case.params)
-    g = np.empty(flat.size)
-    for j in range(flat.size):
-        z = flat.astype(complex)
-        z[j] += 1j * H_CS
-        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
-    return float(np.real(meta_loss(case.params))), g
+    return _sgd_maml(case, rate, steps, _nobias_grad, lambda p, x, y: np.mean((predict(p, x) - y) ** 2))
 
 
 def _scaled_case(sizes: list, activation: str, s: float, rate: float) -> Case:
@@ -1576,22 +1564,7 @@ def _ce_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
         r = r / len(y)
         return [r.T @ x, r.sum(0)]
 
-    def meta_loss(theta):
-        total = 0.0
-        for t in case.tasks:
-            p = list(theta)
-            for _ in range(steps):
-                p = [pi - rate * gi for pi, gi in zip(p, grad(p, t.x_support, t.y_support))]
-            total = total + ce(p, t.x_query, t.y_query)
-        return total / len(case.tasks)
-
-    flat = flatten(case.params)
-    g = np.empty(flat.size)
-    for j in range(flat.size):
-        z = flat.astype(complex)
-        z[j] += 1j * H_CS
-        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
-    return float(np.real(meta_loss(case.params))), g
+    return _sgd_maml(case, rate, steps, grad, ce)
 
 
 def test_reduction_sum_rate_for_cross_entropy():
@@ -1643,22 +1616,7 @@ def _bce_maml(case: Case, rate: float, steps: int) -> tuple[float, np.ndarray]:
         r = (1.0 / (1.0 + np.exp(-o)) - y) / y.size
         return [r.T @ x, r.sum(0)]
 
-    def meta_loss(theta):
-        total = 0.0
-        for t in case.tasks:
-            p = list(theta)
-            for _ in range(steps):
-                p = [pi - rate * gi for pi, gi in zip(p, grad(p, t.x_support, t.y_support))]
-            total = total + bce(p, t.x_query, t.y_query)
-        return total / len(case.tasks)
-
-    flat = flatten(case.params)
-    g = np.empty(flat.size)
-    for j in range(flat.size):
-        z = flat.astype(complex)
-        z[j] += 1j * H_CS
-        g[j] = np.imag(meta_loss(unflatten(z, case.shapes))) / H_CS
-    return float(np.real(meta_loss(case.params))), g
+    return _sgd_maml(case, rate, steps, grad, bce)
 
 
 def test_reduction_sum_rate_for_binary_cross_entropy():
