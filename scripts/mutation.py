@@ -307,25 +307,13 @@ def _signature_marker(node) -> bool:
 
 def enumerate_mutants(module: str) -> list[dict]:
     """Cosmic Ray's mutants of ``module``, in its deterministic order: key, operator, occurrence, line."""
-    from cosmic_ray.ast import ast_nodes, get_ast_from_path
-    from cosmic_ray.plugins import get_operator
+    from cosmic_ray.util import read_python_source
 
-    tree = get_ast_from_path(ROOT / module)
-    nodes = list(ast_nodes(tree))
-    out = []
-    for name in OPERATORS:
-        op = get_operator(name)()
-        positions = [(node, pos) for node in nodes for pos in op.mutation_positions(node)]
-        for occurrence, (node, (start, _end)) in enumerate(positions):
-            if _signature_marker(node):
-                continue  # keeps Cosmic Ray's occurrence numbering: the key is its occurrence index
-            out.append({"key": f"{name}#{occurrence}", "operator": name, "occurrence": occurrence,
-                        "line": start[0]})
-    return out
+    return _mutants_of_source(read_python_source(ROOT / module))
 
 
 def _mutants_of_source(source: str) -> list[dict]:
-    """:func:`enumerate_mutants` of a source text (another revision of a module)."""
+    """The mutants of a module's source text (the working tree's, or another revision's for ``rekey``)."""
     from cosmic_ray.ast import ast_nodes, get_ast
     from cosmic_ray.plugins import get_operator
 
@@ -335,9 +323,10 @@ def _mutants_of_source(source: str) -> list[dict]:
         op = get_operator(name)()
         positions = [(node, pos) for node in nodes for pos in op.mutation_positions(node)]
         for occurrence, (node, (start, _end)) in enumerate(positions):
-            if not _signature_marker(node):
-                out.append({"key": f"{name}#{occurrence}", "operator": name, "occurrence": occurrence,
-                            "line": start[0]})
+            if _signature_marker(node):
+                continue  # keeps Cosmic Ray's occurrence numbering: the key is its occurrence index
+            out.append({"key": f"{name}#{occurrence}", "operator": name, "occurrence": occurrence,
+                        "line": start[0]})
     return out
 
 
