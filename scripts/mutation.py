@@ -228,6 +228,10 @@ TESTS: dict[str, list[str]] = {
                                          "tests/test_symbolic_nichol.py", "tests/test_flow.py",
                                          "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
                                          "tests/test_symbolic.py"],
+    "reference/symbolic/_expectation.py": ["tests/test_symbolic_fast_expectation.py", "tests/test_symbolic_expectation.py",
+                                          "tests/test_symbolic.py", "tests/test_symbolic_properties.py"],
+    "reference/symbolic/_bandit_rl.py": ["tests/test_symbolic_fast_expectation.py", "tests/test_rl_symbolic.py",
+                                        "tests/test_symbolic.py", "tests/test_symbolic_properties.py"],
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {

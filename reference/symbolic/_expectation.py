@@ -37,6 +37,9 @@ def gaussian_moment(n: int) -> sp.Expr:
 def gaussian_expectation(expr: sp.Expr, centre: list[sp.Symbol], mu: list[sp.Expr], sigma: sp.Expr) -> sp.Expr:
     """``E[expr]`` for independent ``centre_i ~ N(mu_i, sigma^2)``, ``expr`` polynomial in the centre.
 
+    ``expr`` may have degree up to 8 in each coordinate of the centre; a
+    higher degree raises ``AssertionError`` (never a truncated expectation).
+
     Substitutes ``c_i = mu_i + sigma z_i`` and integrates one variable at a
     time against the standard normal density: the integrand's Taylor
     coefficients in ``z_i`` (SymPy derivatives at 0, exact for a polynomial)
@@ -48,7 +51,9 @@ def gaussian_expectation(expr: sp.Expr, centre: list[sp.Symbol], mu: list[sp.Exp
     for z in zs:
         total = sp.Integer(0)
         deriv = out
-        for m in range(_MAX_DEGREE + 1):
+        # m runs to _MAX_DEGREE + 1 so that a degree-_MAX_DEGREE integrand reaches its zero derivative and
+        # passes; a higher degree never does and is refused after the loop (its term at m = 9 is irrelevant)
+        for m in range(_MAX_DEGREE + 2):
             if m > 0:
                 deriv = sp.diff(deriv, z)
             if deriv == 0:
