@@ -214,9 +214,9 @@ def test_bandit_maml_rl_against_the_numpy_reference():
     """J, grad J, the original estimator's bias (by SymPy) and its closed form against reference.rl at n = 2."""
     d = bandit_maml_rl(2)
     assert d.params == {"batch": 2}
-    point = dict(theta=[0.25, -0.5], r=[1.0, 0.375], alpha=0.75)
-    subs = {d.symbols[k]: sp.Float(v, 30) for k, v in
-            dict(theta_0=0.25, theta_1=-0.5, r_0=1.0, r_1=0.375, alpha=0.75).items()}
+    assert list(d.symbols) == ["theta_0", "theta_1", "r_0", "r_1", "alpha"]  # the docstring's symbols
+    point = dict(theta=[0.25, -0.5], r=[1.5, 0.375], alpha=0.75)  # no reward of +-1: r and 1/r differ
+    subs = {s: sp.Float(v, 30) for s, v in d.bind(point).items()}
     mdp = two_armed_bandit(point["r"])
     J, g = meta_objective_and_gradient(mdp, np.array(point["theta"]), point["alpha"], 2)
     _, _, bias = exact_bias(mdp, np.array(point["theta"]), point["alpha"], 2, "maml-original")
