@@ -42,7 +42,11 @@ def _f(expr) -> np.ndarray:
 
 
 def test_default_sizes_are_the_smallest_problems():
-    """``derive --list`` shows these defaults; two shots and two queries: a line has two parameters (w, b)."""
+    """``derive --list`` shows these defaults; two shots and two queries: a line has two parameters (w, b).
+
+    The constructors' own defaults (what a Python caller gets) are checked where they are built without
+    arguments: ``test_expected_quadratic_maml[1-1]``, ``..._linear_regression_...[1-2-2]`` and the bandit test.
+    """
     assert PROBLEMS["expected-quadratic-maml"].sizes == {"dim": 1, "steps": 1}
     assert PROBLEMS["expected-linear-regression-maml"].sizes == {"steps": 1, "shots": 2, "queries": 2}
     assert PROBLEMS["bandit-maml-rl"].sizes == {"batch": 1}
@@ -86,7 +90,8 @@ def _hand_quadratic(point: dict, dim: int, steps: int):
 
 @pytest.mark.parametrize("dim, steps", [(1, 1), (1, 2), (1, 3), (2, 1)])
 def test_expected_quadratic_maml(dim, steps):
-    d = expected_quadratic_maml(dim=dim, steps=steps)
+    d = expected_quadratic_maml() if (dim, steps) == (1, 1) else expected_quadratic_maml(dim=dim, steps=steps)
+    assert d.params == {"dim": dim, "steps": steps}  # (1, 1): the defaults
     point = QUAD[dim]
     # -- values against the hand closed form
     loss, grad = d.evaluate(point)
@@ -192,8 +197,10 @@ def _reference_linreg(point: dict, steps: int):
 
 @pytest.mark.parametrize("steps, shots, queries", [(1, 2, 2), (2, 3, 1)])
 def test_expected_linear_regression_maml_against_the_numpy_reference(steps, shots, queries):
-    d = expected_linear_regression_maml(steps=steps, shots=shots, queries=queries)
-    assert d.params == {"steps": steps, "shots": shots, "queries": queries}
+    sizes = dict(steps=steps, shots=shots, queries=queries)
+    d = expected_linear_regression_maml() if sizes == dict(steps=1, shots=2, queries=2) else \
+        expected_linear_regression_maml(**sizes)
+    assert d.params == sizes  # (1, 2, 2): the defaults
     point = dict(LINREG, x_s=LINREG["x_s"][:shots], x_q=LINREG["x_q"][:queries])
     ref_loss, ref_grad, ref_cov = _reference_linreg(point, steps)
     loss, grad = d.evaluate(point)
@@ -215,6 +222,7 @@ def test_bandit_maml_rl_against_the_numpy_reference():
     d = bandit_maml_rl(2)
     assert d.params == {"batch": 2}
     assert list(d.symbols) == ["theta_0", "theta_1", "r_0", "r_1", "alpha"]  # the docstring's symbols
+    assert bandit_maml_rl().params == {"batch": 1}  # the default: one inner pull
     point = dict(theta=[0.25, -0.5], r=[1.5, 0.375], alpha=0.75)  # no reward of +-1: r and 1/r differ
     subs = {s: sp.Float(v, 30) for s, v in d.bind(point).items()}
     mdp = two_armed_bandit(point["r"])
