@@ -298,13 +298,13 @@ def test_a_caller_that_stops_early_drops_the_tasks_not_started(machine, monkeypa
     # "drop the tasks not started, wait for the running ones": 2 workers, 4 tasks submitted ahead;
     # tasks 1 and 2 are running when the caller stops after the first result, task 3 is queued.
     machine(4, cores=2)
-    gate, both = threading.Event(), threading.Barrier(3, timeout=10)
+    gate, both = threading.Event(), threading.Barrier(3, timeout=5)
     ran: list[int] = []
 
     def fn(i):
         if i in (1, 2):
             both.wait()
-            assert gate.wait(10)
+            assert gate.wait(5)
         ran.append(i)
         return i
 
