@@ -231,7 +231,7 @@ PYTEST_EXTRA: dict[str, list[str]] = {
        for m in ("catalogue", "core", "gradient", "implicit", "backbone", "optimizer")},
 }
 #: What is copied into a shard's scratch copy of the project.
-COPY = ["verify", "reference", "tests", "benchmarks", "pyproject.toml"]
+COPY = ["verify", "reference", "tests", "benchmarks", "docs", "README.md", "pyproject.toml"]  # docs: tests hold docs to the code
 
 #: Cosmic Ray operators used (see the module docstring for why these).
 OPERATORS: tuple[str, ...] = (
