@@ -224,6 +224,12 @@ TESTS: dict[str, list[str]] = {
                                       "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
                                       "tests/test_symbolic.py"]
        for m in ("_registry", "_common", "_derivation")},
+    "reference/symbolic/_flow.py": ["tests/test_symbolic_fast_flow.py", "tests/test_flow.py", "tests/test_symbolic.py",
+                                    "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
+                                    "tests/test_cli_derive.py", "tests/test_benchmarks_smoke.py"],
+    "reference/symbolic/_r2d2.py": ["tests/test_symbolic_fast_r2d2.py", "tests/test_symbolic.py",
+                                    "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
+                                    "tests/test_cli_derive.py", "tests/test_ref_closed_form.py"],
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {
