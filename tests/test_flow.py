@@ -8,7 +8,6 @@ O(1/K) rate with the leading coefficient SymPy derives.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -20,7 +19,9 @@ from reference.models import MLP, Quadratic
 from reference.symbolic import derive
 from reference.tasks import Task, sinusoid
 
-_derive = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests (SymPy's own cache makes a rebuild cheap): the mutation runner selects tests
+# by per-test coverage, and a derivation built once would be attributed to the first test only.
+_derive = derive
 
 # The adjoint is exact up to solve_ivp's tolerance (rtol 1e-12 by default), not to
 # machine precision: the agreement measured here is ~1e-13; 1e-10 leaves room.
