@@ -316,7 +316,9 @@ def test_loss_type_and_complex_step_on_the_quadratic():
 
 
 @pytest.mark.parametrize("rtol, match", [(0.0, "rtol=0.0 must be > 0"), (-1e-3, "rtol=-0.001 must be > 0"),
-                                         (1.0, r"rtol=1.0 must lie in \[1e-13, 1\)"), (1.5, "rtol=1.5 must lie in")])
+                                         (1.0, r"rtol=1.0 must lie in \[1e-13, 1\): a relative tolerance of 1 or more accepts any"),
+                                         (1.5, "rtol=1.5 must lie in .* accepts any answer; the default is 1e-12"),
+                                         (1e-14, r"rtol=1e-14 must lie in .*: SciPy cannot honour a tighter")])
 def test_rtol_outside_its_range_is_refused(rtol, match):
     with pytest.raises(InvalidInputError, match=match):
         flow.solve_task(Quadratic(1), [np.array(QUAD1["theta"])], _task(QUAD1), 1.0, rtol=rtol)
