@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -25,11 +26,11 @@ from reference.models import MLP, Quadratic, flatten
 from reference.tasks import Task
 
 
-class _Quartic(Quadratic):
-    """``L(z) = 1/2 (z - e)^T A (z - e) + 1/4 sum (z - c)^4`` on one vector; ``x = A``, ``y = [c, e]``.
+class _Separable(Quadratic):
+    """``L(z) = 1/2 (z - e)^T A (z - e) + sum_i G(z_i - c_i)`` on one vector; ``x = A``, ``y = [c, e]``.
 
-    With ``A = -lam I`` and ``theta = e`` the inner objective is ``1/4 sum (z - c)^4`` plus a constant:
-    its stationarity residual is ``(z - c)^3`` (elementwise), a degenerate minimum at ``c``.
+    With ``A = (mu - lam) I`` and ``theta = e`` the inner stationarity residual is
+    ``F(z) = G'(z - c) + mu (z - e)``: ``G`` alone decides how Newton's method converges.
     """
 
     def check_y(self, y, n, name="y"):
@@ -37,19 +38,47 @@ class _Quartic(Quadratic):
         assert arr.shape == (2, self.dim), name
         return arr
 
+    def G(self, r):  # (G(r), G'(r), G''(r)) elementwise
+        raise NotImplementedError
+
     def _loss_and_grad(self, params, A, y):
         c, e = y
-        r, s = params[0] - c, params[0] - e
+        s = params[0] - e
         As = A @ s
-        return 0.5 * (s @ As) + 0.25 * np.sum(r**4), [As + r**3]
+        g0, g1, _ = self.G(params[0] - c)
+        return 0.5 * (s @ As) + np.sum(g0), [As + g1]
 
     def _hvp(self, params, A, y, v):
-        r = params[0] - y[0]
-        return [A @ v[0] + 3 * r**2 * v[0]]
+        return [A @ v[0] + self.G(params[0] - y[0])[2] * v[0]]
 
     def hessian(self, params, A, y):
-        r = params[0] - y[0]
-        return A + np.diag(3 * r**2)
+        return A + np.diag(self.G(params[0] - y[0])[2])
+
+
+class _Quartic(_Separable):
+    """``G(r) = r^4 / 4``: ``F = (z - c)^3`` (mu = 0), a triple root."""
+
+    def G(self, r):
+        r2 = r * r  # products, not powers: exact zeros stay zeros in complex arithmetic
+        return 0.25 * r2 * r2, r2 * r, 3.0 * r2
+
+
+class _NegQuartic(_Separable):
+    """``G(r) = -r^4 / 4``: on the imaginary line ``z = c + i y`` the residual ``i (y^3 + mu y) + ...`` has
+    the Jacobian ``mu + 3 y^2 > 0``."""
+
+    def G(self, r):
+        r2 = r * r
+        return -0.25 * r2 * r2, -(r2 * r), -3.0 * r2
+
+
+class _TwoThirds(_Separable):
+    """``G(r) = 3/5 |r|^(5/3)``: ``F = sign(r) |r|^(2/3)``; a Newton step maps r to -r/2, so the residual
+    shrinks by ``2^(-2/3) = 0.63`` per step: more than half is left (real arguments only)."""
+
+    def G(self, r):
+        a = np.abs(r)
+        return 0.6 * a ** (5 / 3), np.sign(r) * a ** (2 / 3), (2 / 3) * a ** (-1 / 3)
 
 
 def _triple_root_task() -> tuple[Task, np.ndarray, np.ndarray]:
@@ -63,7 +92,7 @@ def _triple_root_task() -> tuple[Task, np.ndarray, np.ndarray]:
     """
     c = np.array([0.3])
     e = c + 2e-3
-    task = Task(-np.eye(1), np.stack([c, e]), np.eye(1), np.stack([c, e]))
+    task = Task(-np.eye(1), np.stack([c, e]), np.eye(1), np.stack([c, e]))  # mu = 0
     return task, e.copy(), c
 
 
@@ -147,6 +176,88 @@ def test_iteration_limit_counts_the_newton_steps(monkeypatch):
     assert info.value.residual == pytest.approx(8e-9 * (8 / 27) ** 8, rel=1e-6)
 
 
+def test_polish_stops_at_the_first_step_below_tol_that_does_not_halve_the_residual(monkeypatch):
+    """``F = sign(r) |r|^(2/3)`` from ``F(theta) = 5e-9`` (below the first pass's 1e-8: no trust-region
+    iteration): Newton leaves ``5e-9 * 2^(-2k/3)`` after k steps. Progress 0.63 > 1/2 stops the polish at
+    the first step at or below ``inner_tol = 1e-9``: step 4 (7.9e-10); steps 5-8 would only creep on."""
+    rec = _Recorder(monkeypatch)
+    r0 = 5e-9**1.5  # |r|^(2/3) = 5e-9
+    c, e = np.zeros(1), np.array([r0])
+    task = Task(-np.eye(1), np.stack([c, e]), np.eye(1), np.stack([c, e]))  # mu = 0, theta = e
+    z, res, tol, iterations = imaml.inner_solve(_TwoThirds(1), [e.copy()], task, 1.0, inner_tol=1e-9)
+    expected = 5e-9 * 2.0 ** (-2 * np.arange(6) / 3)
+    ((nit, newton),) = rec.passes()
+    assert nit == 0 and len(newton) == 4 and iterations == 4
+    np.testing.assert_allclose(newton, expected[:4], rtol=1e-9)
+    assert res == pytest.approx(expected[4], rel=1e-9) and expected[3] > tol >= res
+    np.testing.assert_allclose(z, r0 / 16 * np.ones(1), rtol=1e-9)  # four steps of r -> -r/2
+
+
+def test_trust_region_runs_from_a_start_above_the_loose_gradient(monkeypatch):
+    """A quadratic inner problem started with ``||F(theta)|| = 1.5e-8``: above the first pass's gradient
+    tolerance ``1e-8 max(1, ||grad L_s(theta)||) = 1e-8``, so the trust region takes at least one step;
+    the answer is ``numpy.linalg.solve``'s."""
+    rec = _Recorder(monkeypatch)
+    rng = np.random.default_rng(8)
+    B = rng.normal(size=(3, 3))
+    A = B @ B.T + np.eye(3)
+    c = rng.normal(size=3)
+    d = rng.normal(size=3)
+    theta = c + 1.5e-8 * np.linalg.solve(A, d / np.linalg.norm(d))  # A (theta - c) has norm 1.5e-8
+    task = Task(A, c, np.eye(3), np.zeros(3))
+    z, res, tol, iterations = imaml.inner_solve(Quadratic(3), [theta], task, 1.0)
+    assert np.linalg.norm(A @ (theta - c)) == pytest.approx(1.5e-8, rel=1e-6)
+    assert rec.passes()[0][0] >= 1
+    np.testing.assert_allclose(z, np.linalg.solve(A + np.eye(3), A @ c + theta), rtol=1e-14, atol=1e-16)
+
+
+def _imaginary_line_task(mu: float) -> Task:
+    """``c = e = 0``, ``A = (mu - 1) I``, lam = 1 with ``_NegQuartic``: real ``theta = 0`` is its own inner
+    solution (``F(0) = 0``), and complex ``theta = i h`` keeps Newton's iterates ``z = i y`` on the imaginary
+    line, where ``Re F = 0`` exactly and ``Im F = y^3 + mu y - h``."""
+    return Task((mu - 1.0) * np.eye(1), np.zeros((2, 1)), np.eye(1), np.zeros((2, 1)))
+
+
+def _newton_on_the_line(mu: float, h: float, steps: int) -> np.ndarray:
+    y, out = 0.0, []
+    for _ in range(steps + 1):
+        out.append(abs(y**3 + mu * y - h))
+        y = y - (y**3 + mu * y - h) / (3 * y * y + mu)
+    return np.array(out)
+
+
+def test_complex_continuation_that_does_not_converge_is_refused():
+    """``h = 1e6``: Newton from ``y = 0`` jumps to ``y = 1e6`` and then shrinks y by about 2/3 per step, far
+    from the root ~100 after 8 steps: refused, with the imaginary tolerance ``inner_tol * |Im F(0)|``
+    (``= 1e-12 * h``), although the real part of the residual is exactly 0."""
+    h = 1e6
+    with pytest.raises(ConvergenceError, match="complex-step continuation") as info:
+        imaml.inner_solve(_NegQuartic(1), [np.array([1j * h])], _imaginary_line_task(1.0), 1.0)
+    message = str(info.value)
+    assert "residual real 0 " in message
+    tol = float(re.search(r"imaginary \S+ \(tol (\S+)\)", message).group(1))
+    assert tol == pytest.approx(1e-12 * h, rel=1e-2)
+    assert _newton_on_the_line(1.0, h, 8)[-1] > 1e-12 * h
+
+
+def test_complex_continuation_converging_at_its_last_step_is_accepted():
+    """``h = 10``: the imaginary residual after 8 Newton steps (closed form on the line) is accepted when
+    ``inner_tol`` puts the tolerance ``inner_tol * h`` at twice that residual, and the iterate is the
+    8-step Newton iterate ``i y_8``; with the tolerance at half of it, the continuation is refused."""
+    h, mu = 10.0, 1.0
+    residuals = _newton_on_the_line(mu, h, 8)
+    assert residuals[7] > 2 * residuals[8] > 0  # not converged before the last step
+    inner_tol = 2 * residuals[8] / h
+    z = imaml.inner_solve(_NegQuartic(1), [np.array([1j * h])], _imaginary_line_task(mu), 1.0,
+                          inner_tol=inner_tol)[0]
+    assert z.real[0] == 0.0
+    y = z.imag[0]
+    assert abs(y**3 + mu * y - h) == pytest.approx(residuals[8], rel=1e-6, abs=1e-12 * h)
+    with pytest.raises(ConvergenceError, match="complex-step continuation"):
+        imaml.inner_solve(_NegQuartic(1), [np.array([1j * h])], _imaginary_line_task(mu), 1.0,
+                          inner_tol=residuals[8] / (2 * h))
+
+
 def test_a_converged_first_pass_is_not_followed_by_a_second(monkeypatch):
     """A tanh MLP inner problem: trust region and polish reach the tolerance at once; the second pass is
     only for when they do not (and the returned residual is the point's, recomputed from the model)."""
@@ -163,6 +274,31 @@ def test_a_converged_first_pass_is_not_followed_by_a_second(monkeypatch):
     g0 = np.linalg.norm(flatten(model.grad(params, task.x_support, task.y_support)))
     assert tol == pytest.approx(1e-12 * max(1.0, g0), rel=1e-12)  # the documented default inner_tol
     assert np.linalg.norm(F) == pytest.approx(res, rel=1e-3, abs=1e-16) and res <= tol
+
+
+def test_inner_solution_does_not_depend_on_the_meta_gradient_cg_tolerance(monkeypatch):
+    """The polish's CG is never looser than 1e-12 (whatever ``cg_tol``), so a loose meta-gradient solve
+    (``cg_tol = 0.5``) gets the same inner solution, bit for bit, after the same steps; and with a large
+    support gradient (``||grad L_s(theta)|| ~ 900``) the first trust-region pass stops at its loose
+    gradient (1e-8 relative) and leaves the last digits, below the tolerance, to Newton."""
+    rec = _Recorder(monkeypatch)
+    model = MLP([1, 5, 1], activation="tanh")
+    rng = np.random.default_rng(0)
+    task = Task(rng.uniform(-2, 2, size=(6, 1)), rng.normal(size=(6, 1)), rng.uniform(-2, 2, size=(3, 1)),
+                rng.normal(size=(3, 1)))
+    params = model.init(0)
+    tight, loose = (imaml.meta_loss_and_grad_info(model, params, [task], 2.0, cg_tol=t).tasks[0] for t in (1e-12, 0.5))
+    assert np.array_equal(flatten(tight.phi), flatten(loose.phi))
+    assert tight.inner_iterations == loose.inner_iterations
+    assert loose.stationarity_residual == tight.stationarity_residual <= tight.stationarity_tolerance
+    rec.events.clear()
+    big = Task(task.x_support, 1e3 * task.y_support, task.x_query, task.y_query)
+    info = imaml.meta_loss_and_grad_info(model, params, [big], 2.0).tasks[0]
+    g0 = np.linalg.norm(flatten(model.grad(params, big.x_support, big.y_support)))
+    assert g0 > 100 and info.stationarity_tolerance == pytest.approx(1e-12 * g0, rel=1e-12)
+    (nit, newton), *_ = rec.passes()
+    assert 1e-8 * g0 >= newton[0] > info.stationarity_tolerance  # handed to Newton above the tolerance
+    assert info.stationarity_residual <= info.stationarity_tolerance
 
 
 def _unflat(model, z):
@@ -203,7 +339,9 @@ def test_complex_step_of_the_inner_solution_is_one_newton_step_on_a_quadratic(mo
     np.testing.assert_allclose(z.real, np.linalg.solve(A + lam * np.eye(4), A @ task.y_support + lam * theta),
                                rtol=1e-12)
     complex_steps = [e for e in rec.events if e[0] == "newton" and e[2]]
-    assert 1 <= len(complex_steps) <= 2
+    assert len(complex_steps) == 1
+    # inner iterations: trust-region iterations plus every Newton step, the continuation's included
+    assert iterations == sum(e[1] for e in rec.events if e[0] == "tr") + sum(e[0] == "newton" for e in rec.events)
 
 
 def _quadratic(dim: int, seed: int, query_scale: float = 1.0, near: float | None = None):
