@@ -279,8 +279,10 @@ def test_a_converged_first_pass_is_not_followed_by_a_second(monkeypatch):
 def test_inner_solution_does_not_depend_on_the_meta_gradient_cg_tolerance(monkeypatch):
     """The polish's CG is never looser than 1e-12 (whatever ``cg_tol``), so a loose meta-gradient solve
     (``cg_tol = 0.5``) gets the same inner solution, bit for bit, after the same steps; and with a large
-    support gradient (``||grad L_s(theta)|| ~ 900``) the first trust-region pass stops at its loose
-    gradient (1e-8 relative) and leaves the last digits, below the tolerance, to Newton."""
+    support gradient (``||grad L_s(theta)|| ~ 600``) the first trust-region pass stops at its loose
+    gradient (1e-8 relative) within a few iterations and leaves the last digits, below the tolerance, to
+    Newton (asked for the full tolerance, the trust region stalls above it, round-off in the loss hiding
+    the predicted decrease, until its 1000 iterations are spent)."""
     rec = _Recorder(monkeypatch)
     model = MLP([1, 5, 1], activation="tanh")
     rng = np.random.default_rng(0)
@@ -292,12 +294,14 @@ def test_inner_solution_does_not_depend_on_the_meta_gradient_cg_tolerance(monkey
     assert tight.inner_iterations == loose.inner_iterations
     assert loose.stationarity_residual == tight.stationarity_residual <= tight.stationarity_tolerance
     rec.events.clear()
-    big = Task(task.x_support, 1e3 * task.y_support, task.x_query, task.y_query)
-    info = imaml.meta_loss_and_grad_info(model, params, [big], 2.0).tasks[0]
-    g0 = np.linalg.norm(flatten(model.grad(params, big.x_support, big.y_support)))
+    rng = np.random.default_rng(1)
+    big = Task(rng.uniform(-2, 2, size=(6, 1)), 1e3 * rng.normal(size=(6, 1)), rng.uniform(-2, 2, size=(3, 1)),
+               rng.normal(size=(3, 1)))
+    info = imaml.meta_loss_and_grad_info(model, model.init(1), [big], 2.0).tasks[0]
+    g0 = np.linalg.norm(flatten(model.grad(model.init(1), big.x_support, big.y_support)))
     assert g0 > 100 and info.stationarity_tolerance == pytest.approx(1e-12 * g0, rel=1e-12)
     (nit, newton), *_ = rec.passes()
-    assert 1e-8 * g0 >= newton[0] > info.stationarity_tolerance  # handed to Newton above the tolerance
+    assert nit < 100 and 1e-8 * g0 >= newton[0] > info.stationarity_tolerance  # handed to Newton above tol
     assert info.stationarity_residual <= info.stationarity_tolerance
 
 
