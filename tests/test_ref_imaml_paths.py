@@ -144,16 +144,20 @@ def test_polish_runs_its_eight_newton_steps_on_a_triple_root(monkeypatch):
     z, res, tol, iterations = imaml.inner_solve(_Quartic(1), [theta], task, 1.0, inner_tol=1e-12)
     ((nit, newton),) = rec.passes()
     assert nit == 0 and len(newton) == 8
-    expected = 8e-9 * (8 / 27) ** np.arange(9)  # the closed form of Newton's residuals from theta
-    np.testing.assert_allclose(newton, expected[:8], rtol=1e-6)
-    assert res == pytest.approx(expected[8], rel=1e-6) and res <= tol == 1e-12 < expected[7]
-    assert abs(float((z - c)[0])) ** 3 == pytest.approx(res, rel=1e-6)
+    # The closed form of Newton's residuals from theta. (The computed residual -(z - e) + (z - c)^3 + (z - e)
+    # carries the rounding of z - e ~ 2e-3, ~2e-19 absolute: 1e-6 relative at the last step.)
+    expected = 8e-9 * (8 / 27) ** np.arange(9)
+    np.testing.assert_allclose(newton, expected[:8], rtol=1e-4)
+    assert res == pytest.approx(expected[8], rel=1e-4) and res <= tol == 1e-12 < expected[7]
+    assert abs(float((z - c)[0])) ** 3 == pytest.approx(res, rel=1e-4)
     assert iterations == 8
 
 
 def test_second_trust_region_pass_finishes_what_the_polish_could_not(monkeypatch):
     """``inner_tol = 1e-13``: 8 polishing steps leave 4.75e-13; the second pass, run to the full tolerance
-    with the one iteration left (``inner_maxiter = 9``), and its polish reach it."""
+    with the one iteration left (``inner_maxiter = 9``), and its polish reach it. (Whether scipy's
+    trust-krylov takes or rejects that one step varies from process to process here; either way the
+    polish that follows ends below tol.)"""
     rec = _Recorder(monkeypatch)
     task, theta, c = _triple_root_task()
     z, res, tol, iterations = imaml.inner_solve(_Quartic(1), [theta], task, 1.0, inner_tol=1e-13, inner_maxiter=9)
@@ -161,7 +165,8 @@ def test_second_trust_region_pass_finishes_what_the_polish_could_not(monkeypatch
     assert [(nit, len(newton)) for nit, newton in passes] == [(0, 8), (1, 8)]
     assert passes[0][1][-1] * 8 / 27 > tol == 1e-13  # the first polish stopped above tol
     rec.check_budget(9)
-    assert abs(float((z - c)[0])) ** 3 == pytest.approx(res, rel=1e-6) and res <= tol
+    # |z - c|^3 ~ 1e-17 is the residual itself; the computed one carries ~2e-19 of rounding (see above)
+    assert abs(float((z - c)[0])) ** 3 <= tol and res <= tol
     assert iterations == 17
 
 
@@ -173,7 +178,7 @@ def test_iteration_limit_counts_the_newton_steps(monkeypatch):
     with pytest.raises(ConvergenceError, match="after 8 iterations") as info:
         imaml.inner_solve(_Quartic(1), [theta], task, 1.0, inner_tol=1e-13, inner_maxiter=8)
     assert [(nit, len(newton)) for nit, newton in rec.passes()] == [(0, 8)]
-    assert info.value.residual == pytest.approx(8e-9 * (8 / 27) ** 8, rel=1e-6)
+    assert info.value.residual == pytest.approx(8e-9 * (8 / 27) ** 8, rel=1e-4)
 
 
 def test_polish_stops_at_the_first_step_below_tol_that_does_not_halve_the_residual(monkeypatch):
