@@ -1023,3 +1023,28 @@ def test_tolerance_takes_kind_by_keyword_and_condition_only_by_keyword() -> None
     assert tolerance(np.float64, "gradient", condition=100.0) > tolerance(np.float64, "gradient")
     with pytest.raises(TypeError):
         tolerance(np.float64, "gradient", 100.0)  # type: ignore[misc]
+
+
+def test_complex_step_verdict_stands_when_richardson_agrees_within_both_error_bounds() -> None:
+    """A gradient 1% off, of an f whose complex evaluation carries an extra imaginary ``K (Im z)^2``
+    (not analytic; real evaluations are exactly sin): the complex step is off by ``K h ||v||^2``, far
+    beyond Richardson's error bound, but its own bound (3 x the spread of its 3h and 5h samples, 12 K h)
+    covers the difference. The complex step is distrusted only when the two disagree beyond *both*
+    bounds, so here its verdict (fail) stands, with no fallback note."""
+    K = 1e24
+    x = np.array([0.3, -0.7, 1.1])
+
+    def f(z):
+        out = np.sum(np.sin(z))
+        return out + 1j * K * np.sum(z.imag**2) if np.iscomplexobj(z) else out
+
+    v = np.array([0.6, 0.0, 0.8])
+    cs = directional_derivative(f, x, v, method="complex")
+    rich = directional_derivative(f, x, v, method="richardson")
+    exact = float(np.cos(x) @ v)
+    assert abs(rich.value - exact) <= rich.error < abs(cs.value - exact)  # the premise: only cs is off
+    assert abs(cs.value - rich.value) <= cs.error + rich.error
+    verdict = check_gradient(f, 1.01 * np.cos(x), x)
+    assert verdict.status == FAIL, verdict.reason
+    assert all(d["method"] == "complex" for d in verdict.details)
+    assert "disagreed" not in verdict.reason, verdict.reason
