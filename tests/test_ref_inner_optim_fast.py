@@ -1,14 +1,21 @@
-"""Fast tests of reference.inner_optim's declared approximations (issue 19): the CLI spelling's parser,
-its refusals and the value semantics of :class:`Approximation`."""
+"""Fast tests of reference.inner_optim (issue 19): the declared approximations (the CLI spelling's parser,
+its refusals and the value semantics of :class:`Approximation`), the schedule's refusals, MAML++-style step
+weights against plain SGD written out (complex step for the gradients) and the momentum hyper-gradients
+against central differences."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
+from reference import inner_optim
 from reference.errors import InvalidInputError
 from reference.inner_optim import Approximation
+from reference.models import Quadratic
+from reference.optimizers import SGD, Momentum
+from reference.tasks import Task
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -43,14 +50,6 @@ def test_approximation_is_an_immutable_value():
 # ---------------------------------------------------------------------------
 # check_lrs refusals and MAML++-style step weights (issue 19, session 5)
 # ---------------------------------------------------------------------------
-
-import numpy as np  # noqa: E402
-
-from reference import inner_optim  # noqa: E402
-from reference.models import Quadratic  # noqa: E402
-from reference.optimizers import SGD, Momentum  # noqa: E402
-from reference.tasks import Task  # noqa: E402
-
 
 class _TwoTensors(Quadratic):
     """``Quadratic`` split into two parameter tensors of shapes (2,) and (1,) (one ``L`` on their concatenation)."""

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from reference.learned_optimizers import MetaLearnerLSTM
+from reference.errors import InvalidInputError
+from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
 
 H = 1e-30
 SCALES = (0.7, 1.3, 0.4, 2.1)  # distinct, so that a scale read for the wrong input shows
@@ -137,9 +138,6 @@ def test_meta_learner_lstm_random_params_are_the_documented_ones():
 def test_meta_params_must_be_a_list_and_the_message_names_the_builder():
     """A mapping with the right number of entries is not a list of arrays; the refusal says which class's
     ``random_params`` builds a valid one (the class, not the attribute, of ``Class.meta_params``)."""
-    from reference.errors import InvalidInputError
-    from reference.learned_optimizers import LSTMOptimizer
-
     good = MetaLearnerLSTM.random_params(seed=0)
     cases = [
         (MetaLearnerLSTM, dict(enumerate(good)), r"MetaLearnerLSTM\.meta_params must be a list of 4 arrays"),
