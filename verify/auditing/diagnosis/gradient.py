@@ -20,7 +20,7 @@ from reference import inner_loop
 from reference.models import flatten
 from reference.tasks import Task
 from verify.algorithms import Case
-from verify.auditing.diagnosis.catalogue import Candidate, close, rerun, safe, swapped
+from verify.auditing.diagnosis.catalogue import Candidate, close, loss_elements_per_row, rerun, safe, swapped
 
 __all__ = ["fitted", "variants"]
 
@@ -228,8 +228,7 @@ def _fit_rate(case: Case, g: np.ndarray) -> Candidate | None:
     # support set has the same n (else 0: no such rate, no such label)
     support_sizes = {t.x_support.shape[0] for t in case.tasks}
     shots = support_sizes.pop() if len(support_sizes) == 1 else 0
-    # the support loss's mean runs over rows x outputs for mse and bce, over rows only for ce (reference.models.MLP)
-    d_out = case.model.sizes[-1] if case.model.loss_name in ("mse", "bce") else 1
+    d_out = loss_elements_per_row(case)  # the support loss's mean runs over rows x d_out
     grid = sorted({base * s * f for f in _RATE_GRID for s in (1.0, -1.0)} | ({base * shots * d_out} if shots else set()))
     gnorm = float(np.linalg.norm(g))
     if gnorm == 0.0:
