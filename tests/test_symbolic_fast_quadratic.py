@@ -280,13 +280,41 @@ def _check_display(d, algo: str, dim: int, steps: int, fo: bool) -> None:
         assert lam.is_positive and sp.sqrt(lam**2) == lam
 
 
-def test_defaults_are_the_smallest_problems():
-    """``metaverify derive NAME`` without sizes (and ``derive --list``) gives dimension 1 and one step."""
+@pytest.mark.parametrize("name", ["quadratic-maml", "quadratic-metasgd", "quadratic-reptile", "quadratic-newton-maml",
+                                  "quadratic-imaml"])
+def test_defaults_are_the_smallest_problems(name):
+    """``metaverify derive NAME`` without sizes (and ``derive --list``) gives dimension 1 and one step.
+
+    The constructor is called without arguments (what the CLI does), so the test runs its body."""
     from reference.symbolic import PROBLEMS
 
-    for name in ("quadratic-maml", "quadratic-metasgd", "quadratic-reptile", "quadratic-newton-maml"):
-        assert PROBLEMS[name].sizes == {"dim": 1, "steps": 1}, name
-    assert PROBLEMS["quadratic-imaml"].sizes == {"dim": 1}
+    prob = PROBLEMS[name]
+    want = {"dim": 1} if name == "quadratic-imaml" else {"dim": 1, "steps": 1}
+    assert prob.sizes == want
+    d = prob.constructor()
+    assert {k: d.params[k] for k in want} == want and d.wrt[0] == ("theta", (1,))
+
+
+def test_documented_size_limits_are_enforced_at_the_boundary():
+    """docs/derive.md's table of largest sizes: each documented limit is accepted, one more is refused with the
+    limit stated (the check every constructor runs first), for every problem and size."""
+    from pathlib import Path
+
+    from reference.errors import InvalidInputError
+    from reference.symbolic import PROBLEMS
+    from reference.symbolic._common import check_size
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "derive.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|.*\| (`.*`) \|$", doc, flags=re.M)
+    assert {r[0] for r in rows} == set(PROBLEMS) and len(rows) == len(PROBLEMS)
+    for problem, cell in rows:
+        documented = {k: int(v) for k, v in re.findall(r"`([a-z]+) <= (\d+)`", cell)}
+        assert documented and PROBLEMS[problem].limits == documented, problem
+        for size, limit in documented.items():
+            assert check_size(problem, size, limit) == limit
+            with pytest.raises(InvalidInputError, match=rf"{size}={limit + 1} is too large for {problem}: "
+                                                        rf"the limit is {size} <= {limit},"):
+                check_size(problem, size, limit + 1)
 
 
 def _check_text_line(algo: str, step, v: dict, q: dict, names: dict) -> None:
