@@ -36,8 +36,9 @@ executes is recorded as *survived, no covering test* without running anything:
 a gap, never a kill. Tests that failed or were skipped in the coverage run are
 never selected. Order: tests that already killed mutants of the same function,
 then of the module, then the fastest; ``pytest -x`` semantics (stop at the first
-failure). ``--budget S`` (default 10) runs covering tests until their baseline
-durations add up to S seconds (at least one); a survivor that did not run them
+failure). ``--budget S`` (default 10) runs, in that order, each covering test
+whose baseline duration still fits in S seconds (a slow one is skipped, not the
+end of the list; at least one runs); a survivor that did not run them
 all is marked ``partial`` in its record and in the report (it survived the tests
 that ran; more may kill it). ``--complete-partial`` re-runs only those, with
 every covering test, or in stages with a larger explicit ``--budget``.
@@ -145,6 +146,7 @@ import threading
 import time
 import tomllib
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,6 +199,7 @@ TESTS: dict[str, list[str]] = {
                                "tests/test_ref_closed_form.py"],
     "reference/linalg.py": ["tests/test_ref_linalg.py", "tests/test_ref_closed_form.py", "tests/test_ref_imaml.py"],
     "reference/flow.py": ["tests/test_flow.py"],
+    "reference/_threads.py": ["tests/test_ref_threads_policy.py", "tests/test_ref_threads.py"],
     "reference/inner_optim.py": ["tests/test_ref_inner_optim_fast.py", "tests/test_inner_audit.py",
                                  "tests/jax/test_jax_inner_optim.py", "tests/test_ref_inner_optim.py",
                                  "tests/torch/test_torch_inner_optim.py"],
@@ -222,6 +225,12 @@ TESTS: dict[str, list[str]] = {
                                       "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
                                       "tests/test_symbolic.py"]
        for m in ("_registry", "_common", "_derivation")},
+    "reference/symbolic/_flow.py": ["tests/test_symbolic_fast_flow.py", "tests/test_flow.py", "tests/test_symbolic.py",
+                                    "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
+                                    "tests/test_cli_derive.py", "tests/test_benchmarks_smoke.py"],
+    "reference/symbolic/_r2d2.py": ["tests/test_symbolic_fast_r2d2.py", "tests/test_symbolic.py",
+                                    "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
+                                    "tests/test_cli_derive.py", "tests/test_ref_closed_form.py"],
     # s5a: the fast quadratic-derivation tests first (they override the comprehension's entries above)
     "reference/symbolic/_quadratic.py": ["tests/test_symbolic_fast_quadratic.py", "tests/test_symbolic_properties.py",
                                          "tests/test_symbolic.py", "tests/test_symbolic_reference.py",
@@ -238,7 +247,7 @@ PYTEST_EXTRA: dict[str, list[str]] = {
        for m in ("catalogue", "core", "gradient", "implicit", "backbone", "optimizer")},
 }
 #: What is copied into a shard's scratch copy of the project.
-COPY = ["verify", "reference", "tests", "benchmarks", "pyproject.toml"]
+COPY = ["verify", "reference", "tests", "benchmarks", "docs", "README.md", "pyproject.toml"]  # docs: tests hold docs to the code
 
 #: Cosmic Ray operators used (see the module docstring for why these).
 OPERATORS: tuple[str, ...] = (
@@ -1728,14 +1737,8 @@ class Runner:
                 rec.update(outcome="survived", path="none", no_covering_test=True, n_tests=0)
                 return rec
             covering = len(nodes)
-            if self.budget is not None:  # fastest first, up to the budget of baseline seconds (at least one test)
-                acc, keep = 0.0, []
-                for n in nodes:
-                    if keep and acc + self._sec.get(n, 1.0) > self.budget:
-                        break
-                    keep.append(n)
-                    acc += self._sec.get(n, 1.0)
-                nodes = keep
+            if self.budget is not None:
+                nodes = _within_budget(nodes, self._sec, self.budget)
             rec.update(n_covering=covering, partial=len(nodes) < covering)
             tainted = self._tainted if apply is not None else set()
             inside = [n for n in nodes if n in self.driver.items and n.split("::")[0] not in tainted]
@@ -1911,6 +1914,22 @@ def _check_paths(paths: list[str]) -> list[str]:
                              f"ENGINE and reference/); in scope: {', '.join(scope)}")
         out += [h for h in hits if h not in out]
     return out
+
+
+def _within_budget(nodes: list[str], seconds: Mapping[str, float], budget: float) -> list[str]:
+    """The tests a budgeted mutant runs: in the given order, each one that still fits in ``budget`` seconds.
+
+    A test that does not fit is skipped, not the end of the list: a slow test that killed a neighbour
+    (ordered first) must not crowd out the fast tests behind it. At least one test runs (the first, when
+    none fits). Unknown durations count 1 s.
+    """
+    acc, keep = 0.0, []
+    for n in nodes:
+        t = seconds.get(n, 1.0)
+        if acc + t <= budget:
+            keep.append(n)
+            acc += t
+    return keep or nodes[:1]
 
 
 def _budget(given: float | None, complete_partial: bool) -> float | None:
