@@ -235,6 +235,15 @@ TESTS: dict[str, list[str]] = {
     "reference/symbolic/_r2d2.py": ["tests/test_symbolic_fast_r2d2.py", "tests/test_symbolic.py",
                                     "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
                                     "tests/test_cli_derive.py", "tests/test_ref_closed_form.py"],
+    # s5a: the fast quadratic-derivation tests first (they override the comprehension's entries above)
+    "reference/symbolic/_quadratic.py": ["tests/test_symbolic_fast_quadratic.py", "tests/test_symbolic_properties.py",
+                                         "tests/test_symbolic.py", "tests/test_symbolic_reference.py",
+                                         "tests/test_cli_derive.py"],
+    "reference/symbolic/_common.py": ["tests/test_symbolic_properties.py", "tests/test_symbolic_fast_quadratic.py",
+                                      "tests/test_rl_symbolic.py", "tests/test_cli_derive.py",
+                                      "tests/test_symbolic_nichol.py", "tests/test_flow.py",
+                                      "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
+                                      "tests/test_symbolic.py"],
 }
 #: Extra pytest arguments per module (deselect slow corpus seeds, select the relevant part).
 PYTEST_EXTRA: dict[str, list[str]] = {
