@@ -136,8 +136,9 @@ def test_linear_regression_maml_values_names_and_displayed_derivation(kw):
     c_g, rest = text_coef(step(d, "grad L_s(p)").rhs[1])
     c_g_tex, rest_tex = tex_coef(step(d, "grad L_s(p)").rhs[0])
     assert (rest, rest_tex) == (f"{X}_s^T ({X}_s p - y_s)", rf"{Xt}_{{s}}^{{\top}} \left({Xt}_{{s}} p - y_{{s}}\right)")
-    p0_tex = step(d, "p_{k+1}").rhs[0]
+    p0_tex, p0_txt = step(d, "p_{k+1}").rhs
     assert p0_tex.endswith(r"p_{0} = \left(W, b\right)" if bias else r"p_{0} = W")
+    assert p0_txt.endswith("p_0 = (W, b)" if bias else "p_0 = W")  # no b without a bias (was always "(W, b)")
     c_q, rest = text_coef(step(d, "L").rhs[1])
     c_q_tex, rest_tex = tex_coef(step(d, "L").rhs[0])
     assert (rest, rest_tex) == (f"||{X}_q p_{K} - y_q||^2", rf"\lVert {Xt}_{{q}} p_{{{K}}} - y_{{q}} \rVert^{{2}}")
