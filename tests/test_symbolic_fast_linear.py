@@ -177,12 +177,12 @@ def test_linear_regression_maml_values_names_and_displayed_derivation(kw):
         Ds, Dq = design(task.x_support), design(task.x_query)
         ys_, yq_ = task.y_support[:, 0], task.y_query[:, 0]
         p = np.concatenate([np.ravel(a) for a in params])
-        assert np.isclose(float(c_s) * np.sum((Ds @ p - ys_) ** 2), mlp.loss(params, task.x_support, task.y_support),
-                          rtol=RTOL)
+        support_loss = mlp.loss(params, task.x_support, task.y_support)
+        assert np.isclose(float(c_s) * np.sum((Ds @ p - ys_) ** 2), support_loss, rtol=RTOL, atol=0)
         for _ in range(K):
             p = p - alpha * float(c_g) * Ds.T @ (Ds @ p - ys_)
         np.testing.assert_allclose(p, p_K, rtol=RTOL, atol=1e-15)
-        assert np.isclose(float(c_q) * np.sum((Dq @ p - yq_) ** 2), ref_loss, rtol=RTOL)
+        assert np.isclose(float(c_q) * np.sum((Dq @ p - yq_) ** 2), ref_loss, rtol=RTOL, atol=0)
         H_s = float(c_g) * Ds.T @ Ds  # the Hessian of the displayed support loss (its gradient's Jacobian)
         np.testing.assert_allclose(np.array(d.evaluate_extra("hessian_support", values), dtype=float), H_s, rtol=RTOL)
         shown = np.linalg.matrix_power(np.eye(len(p)) - alpha * H_s, power) @ (float(c_gq) * Dq.T @ (Dq @ p - yq_))

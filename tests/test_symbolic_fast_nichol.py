@@ -111,7 +111,8 @@ class Losses:
     def series(self, algorithm, phi, alpha, order=None):
         """c0 + alpha c1: c1 by a complex step in alpha (the update is a polynomial in alpha)."""
         h = 1e-30
-        return self.update(algorithm, phi, 0.0, order).real + alpha * self.update(algorithm, phi, 1j * h, order).imag / h
+        c0 = self.update(algorithm, phi, 0.0, order).real
+        return c0 + alpha * self.update(algorithm, phi, 1j * h, order).imag / h
 
 
 def point(d, seed: int) -> dict[str, float]:
@@ -169,7 +170,8 @@ def test_nichol_update_loss_series_and_expectation_against_numpy(algorithm, dim,
         taylor = next(s for s in d.steps if s.label.startswith("Taylor expansion"))
         close(sp.Matrix(taylor.rhs).xreplace(subs), series)
         # E over orderings (all k! permutations of the minibatches) = a AvgGrad - b alpha AvgGradInner.
-        mean = sum(losses.series(algorithm, x, al, order) for order in itertools.permutations(range(k))) / math.factorial(k)
+        orders = list(itertools.permutations(range(k)))
+        mean = sum(losses.series(algorithm, x, al, order) for order in orders) / len(orders)
         g = [losses.grad(i, x) for i in range(k)]
         H = [losses.hess(i, x) for i in range(k)]
         avg_grad = sum(g) / k
