@@ -224,6 +224,12 @@ TESTS: dict[str, list[str]] = {
     **{f"reference/rl/{m}.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py",
                                 "tests/test_rl_audit_core.py", "tests/test_rl_symbolic.py"]
        for m in ("maml_rl", "mdp", "trajectories")},
+    "reference/symbolic/_linear.py": ["tests/test_symbolic_fast_linear.py", "tests/test_symbolic.py",
+                                      "tests/test_symbolic_properties.py", "tests/test_cli_derive.py",
+                                      "tests/test_symbolic_reference.py"],
+    "reference/symbolic/_nichol.py": ["tests/test_symbolic_fast_nichol.py", "tests/test_symbolic_nichol.py",
+                                      "tests/test_symbolic.py", "tests/test_symbolic_properties.py",
+                                      "tests/test_cli_derive.py"],
     **{f"reference/symbolic/{m}.py": ["tests/test_symbolic_properties.py", "tests/test_rl_symbolic.py",
                                       "tests/test_cli_derive.py", "tests/test_symbolic_nichol.py", "tests/test_flow.py",
                                       "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
