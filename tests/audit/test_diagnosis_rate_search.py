@@ -222,3 +222,23 @@ def test_the_third_best_start_is_tried(monkeypatch):
         assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0), cand
         assert cand.fitted["scale"] == pytest.approx(3.0, rel=1e-9, abs=0.0)
         defined.reverse()  # the two better starts now end where the variant is undefined: the third is still tried
+
+
+def test_a_factor_is_named_before_a_fitted_rate():
+    """With a single meta-parameter every claim is a multiple of the correct meta-gradient, and also ``c G(a)`` for
+    any rate ``a`` (a 1-D gradient cannot tell rates apart). Without a claimed meta-loss to tell them apart either,
+    both explain it exactly: the diagnosis names the simpler one, the constant factor on the correct gradient
+    (rank 2), before the fitted rate (rank 3)."""
+    from test_diagnosis_units import _diagnose, _reference
+
+    rng = np.random.default_rng(7)
+    model = MLP([1, 1], "identity", "mse", bias=False)
+    tasks = [Task(rng.normal(size=(4, 1)), rng.normal(size=(4, 1)), rng.normal(size=(3, 1)), rng.normal(size=(3, 1)))
+             for _ in range(2)]
+    case = Case("maml", model, model.init(7), tasks, {"inner_lr": 0.1, "inner_steps": 1}, 7)
+    ref = _reference(case)
+    assert ref.shape == (1,) and ref[0] != 0.0
+    c = -2.0
+    assert _fitted(case, c * ref) is not None  # the fit explains it too
+    d = _diagnose(case, c * ref, no_loss=True)
+    assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(c, rel=1e-12), d
