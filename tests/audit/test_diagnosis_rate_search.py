@@ -139,9 +139,10 @@ def test_a_start_next_to_an_undefined_rate_is_dropped(monkeypatch, activation):
     own start."""
     case = _case(activation)
     rate = 2.0 * ALPHA * (1 + 1e-4)
-    for q in (1.5, 3.0, 4.0, 1.0, 0.75):  # neighbouring starts (q alpha), among the best three by projection
+    for q in (1.5, 3.0, 4.0, 1.0, 0.75):  # other starts (q alpha)
         for lo, hi in ((1.0 + 1e-9, 1.0 + 1e-5), (1.0 - 1e-5, 1.0 - 1e-9), (1.0 - 1e-12, 1.0 + 1e-12)):
-            cand = _fit(case, monkeypatch, rate, 1.0, undefined=lambda a, q=q, lo=lo, hi=hi: lo <= a / (q * ALPHA) <= hi)
+            undefined = lambda a, q=q, lo=lo, hi=hi: lo <= a / (q * ALPHA) <= hi  # noqa: E731
+            cand = _fit(case, monkeypatch, rate, 1.0, undefined=undefined)
             assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0), (q, lo, hi)
 
 
