@@ -170,10 +170,11 @@ TESTS: dict[str, list[str]] = {
     "verify/hessian_inverse.py": ["tests/test_engine_properties.py", "tests/test_hessian_inverse.py"],
     **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
                                              "tests/audit/test_audit_corpus.py"]
-       for m in ("catalogue", "backbone", "optimizer")},
-    "verify/auditing/diagnosis/gradient.py": ["tests/audit/test_diagnosis_rate_search.py",
-                                              "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
-                                              "tests/audit/test_audit_corpus.py"],
+       for m in ("backbone", "optimizer")},
+    **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_rate_search.py",
+                                             "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
+                                             "tests/audit/test_audit_corpus.py"]
+       for m in ("catalogue", "gradient")},
     **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units_implicit.py",
                                              "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
                                              "tests/audit/test_audit_corpus.py"]

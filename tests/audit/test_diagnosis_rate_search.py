@@ -104,12 +104,16 @@ def test_every_promised_ratio_is_found(monkeypatch, activation, alpha):
     and 1e30 (the complex step and the difference increments relative to the rate)."""
     case = _case(activation, alpha=alpha)
     assert case.model.is_analytic == (activation == "tanh")
-    for ratio in (*RATIOS, -0.0625, -1.0, -64.0, 5.0):
-        rate, scale = ratio * alpha * (1 + 1e-4), -1.7
+    for ratio, scale in ((r, -1.7) for r in (*RATIOS, -0.0625, -1.0, -64.0, 5.0)):
+        rate = ratio * alpha * (1 + 1e-4)
         cand = _fit(case, monkeypatch, rate, scale)
         assert cand is not None and cand.key == "wrong_inner_lr", ratio
         assert cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0), ratio
         assert cand.fitted["scale"] == pytest.approx(scale, rel=1e-9, abs=0.0), ratio
+    for scale in (1.7, 0.4, 1.0):  # the label names a scale that is not 1
+        cand = _fit(case, monkeypatch, 2.0 * alpha * (1 + 1e-4), scale)
+        assert cand is not None and cand.fitted["scale"] == pytest.approx(scale, rel=1e-9, abs=0.0)
+        assert (f", scaled by {scale:.6g}" in cand.label) == (scale != 1.0), cand.label
 
 
 def test_reduction_sum_start_is_rows_times_outputs(monkeypatch):
@@ -135,9 +139,10 @@ def test_a_start_next_to_an_undefined_rate_is_dropped(monkeypatch, activation):
     own start."""
     case = _case(activation)
     rate = 2.0 * ALPHA * (1 + 1e-4)
-    for q in (1.5, 3.0, 4.0, 1.0, 0.75):  # neighbouring starts (q alpha), among the best three by projection
+    for q in (1.5, 3.0, 4.0, 1.0, 0.75):  # other starts (q alpha)
         for lo, hi in ((1.0 + 1e-9, 1.0 + 1e-5), (1.0 - 1e-5, 1.0 - 1e-9), (1.0 - 1e-12, 1.0 + 1e-12)):
-            cand = _fit(case, monkeypatch, rate, 1.0, undefined=lambda a, q=q, lo=lo, hi=hi: lo <= a / (q * ALPHA) <= hi)
+            undefined = lambda a, q=q, lo=lo, hi=hi: lo <= a / (q * ALPHA) <= hi  # noqa: E731
+            cand = _fit(case, monkeypatch, rate, 1.0, undefined=undefined)
             assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0), (q, lo, hi)
 
 
@@ -159,14 +164,16 @@ def _flat(case: Case, planted: float):
 
 
 @pytest.mark.parametrize("alpha", [ALPHA, 1e-30])
-@pytest.mark.parametrize("activation, ratio, rtol", [("tanh", 3.0 * (1 + 1e-4), 1e-9), ("relu", 1.5, 2e-6)])
+@pytest.mark.parametrize("activation, ratio, rtol", [("tanh", 3.0 * (1 + 1e-4), 1e-9), ("relu", 1.5, 2e-6),
+                                                          ("relu", 0.05, 2e-6)])
 def test_the_fit_runs_until_the_rate_has_converged(monkeypatch, activation, ratio, rtol, alpha):
     """The planted rate ``ratio x alpha`` and one start (the grid replaced by ``3 alpha``): the error shrinks by 2/3
     a step, so the fit needs tens of steps -- from 1e-4 away the analytic fit's 40 leave 1e-4 (2/3)^40 ~ 1e-11.
     A relu fit's derivative is a central difference with increment 1e-6 |a|, which near a triple root is
     ``3 (t - t*)^2 + h^2``: its Newton steps stall within ~2e-7 of the root; from 1.5 alpha (relative error 1 at
     the start) it gets there within its 60 steps (a derivative twice too large, steps leaving 5/6 of the error,
-    would still be 2e-5 away). Rate and scale to ``rtol``: the fit did not stop while the rate was still moving,
+    would still be 2e-5 away), and from 0.05 alpha (relative error 59) too, where the analytic fit's 40 steps would
+    leave 59 (2/3)^40 ~ 5e-6. Rate and scale to ``rtol``: the fit did not stop while the rate was still moving,
     though the scale's steps were zero from the second on, in any units."""
     case = _case(activation, alpha=alpha)
     rate, scale = ratio * alpha, 2.5
@@ -216,3 +223,23 @@ def test_the_third_best_start_is_tried(monkeypatch):
         assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0), cand
         assert cand.fitted["scale"] == pytest.approx(3.0, rel=1e-9, abs=0.0)
         defined.reverse()  # the two better starts now end where the variant is undefined: the third is still tried
+
+
+def test_a_factor_is_named_before_a_fitted_rate():
+    """With a single meta-parameter every claim is a multiple of the correct meta-gradient, and also ``c G(a)`` for
+    any rate ``a`` (a 1-D gradient cannot tell rates apart). Without a claimed meta-loss to tell them apart either,
+    both explain it exactly: the diagnosis names the simpler one, the constant factor on the correct gradient
+    (rank 2), before the fitted rate (rank 3)."""
+    from test_diagnosis_units import _diagnose, _reference
+
+    rng = np.random.default_rng(7)
+    model = MLP([1, 1], "identity", "mse", bias=False)
+    tasks = [Task(rng.normal(size=(4, 1)), rng.normal(size=(4, 1)), rng.normal(size=(3, 1)), rng.normal(size=(3, 1)))
+             for _ in range(2)]
+    case = Case("maml", model, model.init(7), tasks, {"inner_lr": 0.1, "inner_steps": 1}, 7)
+    ref = _reference(case)
+    assert ref.shape == (1,) and ref[0] != 0.0
+    c = -2.0
+    assert _fitted(case, c * ref) is not None  # the fit explains it too
+    d = _diagnose(case, c * ref, no_loss=True)
+    assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(c, rel=1e-12), d

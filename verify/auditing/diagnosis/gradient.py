@@ -284,8 +284,7 @@ def _fit_rate(case: Case, g: np.ndarray) -> Candidate | None:
             # c dG/da ~ c |G| / a and the scale column G differ by c / a, which is 1e-21 for a ~ 1e11 and c ~ 1e-10;
             # unscaled, lstsq's rcond cut-off (eps x the larger dimension, relative to the largest singular value)
             # drops the rate column as if it were zero. (Max-abs, not 2-norms: |J|^2 overflows for entries ~1e154.)
-            norms = np.max(np.abs(J), axis=0)
-            norms[norms == 0.0] = 1.0
+            norms = np.max(np.abs(J), axis=0, initial=np.finfo(float).tiny)  # a zero column stays zero
             step, *_ = np.linalg.lstsq(J / norms, g - c * G, rcond=None)
             step = step / norms
             r, c = r + float(step[0]), c + float(step[1])
