@@ -1791,6 +1791,9 @@ class Runner:
             indexed = {mm["key"]: k for k, mm in enumerate(every)}
             data = load_results(module)
             if data.get("fingerprint") != _fingerprint(module):
+                if self.survivors_only and data.get("mutants"):
+                    self.log(f"{module}: its source changed since its results, so they have no survivors to re-run; "
+                             "run the module without --survivors-only")
                 data = {"mutants": {}}
             tests_fp = _tests_fingerprint(module)
             if self.only is not None:
