@@ -19,7 +19,6 @@ sources that do not share its code:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 
@@ -32,7 +31,9 @@ from reference.models import MLP
 from reference.symbolic import PROBLEMS, anil_linear, derive, linear_regression_maml
 from reference.tasks import Task
 
-_derive = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests: the mutation runner selects tests by per-test coverage, and a derivation built
+# once would be attributed to the first test only.
+_derive = derive
 RTOL = 1e-12  # dyadic inputs: float64 round-off of small sums only
 
 
@@ -271,3 +272,7 @@ def test_default_sizes():
     assert inspect.signature(linear_regression_maml).parameters["bias"].default is True
     assert PROBLEMS["anil-linear"].sizes == dict(dim=2, steps=1, shots=2, queries=1)
     assert PROBLEMS["anil-linear"].constructor is anil_linear
+    # the constructors' own defaults (what a Python caller gets) are the same problems
+    assert linear_regression_maml().text() == linear_regression_maml(dim=1, steps=1, shots=2, queries=2,
+                                                                      bias=True).text()
+    assert anil_linear().text() == anil_linear(dim=2, steps=1, shots=2, queries=1).text()

@@ -239,3 +239,6 @@ def test_default_sizes():
     """``metaverify derive nichol-*`` without sizes: one variable, k = 2 minibatches, cubic losses."""
     for name in ("nichol-maml", "nichol-fomaml", "nichol-reptile"):
         assert PROBLEMS[name].sizes == dict(dim=1, steps=2, degree=3)
+    # the constructors' own defaults (what a Python caller gets) are the same problems
+    for build in (nichol_maml, nichol_fomaml, nichol_reptile):
+        assert build().text() == build(dim=1, steps=2, degree=3).text(), build.__name__
