@@ -80,7 +80,9 @@ def _check_options(T: Any, rtol: Any, atol: Any, method: Any) -> tuple[float, fl
         raise InvalidInputError(f"T={T!r} must be real; complex step applies to the parameters, not the time")
     rtol = check_finite_scalar("rtol", rtol, positive=True)
     if not MIN_RTOL <= rtol < 1:
-        raise InvalidInputError(f"rtol={rtol!r} must lie in [{MIN_RTOL}, 1); SciPy cannot honour a tighter tolerance")
+        why = (f"a relative tolerance of 1 or more accepts any answer; the default is {DEFAULT_RTOL}" if rtol >= 1
+               else "SciPy cannot honour a tighter tolerance")
+        raise InvalidInputError(f"rtol={rtol!r} must lie in [{MIN_RTOL}, 1): {why}")
     atol = check_finite_scalar("atol", atol, positive=True)
     if method not in EXPLICIT_METHODS + IMPLICIT_METHODS:
         raise InvalidInputError(f"method={method!r} is unknown; choose one of {EXPLICIT_METHODS + IMPLICIT_METHODS}")

@@ -36,8 +36,9 @@ executes is recorded as *survived, no covering test* without running anything:
 a gap, never a kill. Tests that failed or were skipped in the coverage run are
 never selected. Order: tests that already killed mutants of the same function,
 then of the module, then the fastest; ``pytest -x`` semantics (stop at the first
-failure). ``--budget S`` (default 10) runs covering tests until their baseline
-durations add up to S seconds (at least one); a survivor that did not run them
+failure). ``--budget S`` (default 10) runs, in that order, each covering test
+whose baseline duration still fits in S seconds (a slow one is skipped, not the
+end of the list; at least one runs); a survivor that did not run them
 all is marked ``partial`` in its record and in the report (it survived the tests
 that ran; more may kill it). ``--complete-partial`` re-runs only those, with
 every covering test, or in stages with a larger explicit ``--budget``.
@@ -145,6 +146,7 @@ import threading
 import time
 import tomllib
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +170,11 @@ TESTS: dict[str, list[str]] = {
     "verify/hessian_inverse.py": ["tests/test_engine_properties.py", "tests/test_hessian_inverse.py"],
     **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
                                              "tests/audit/test_audit_corpus.py"]
-       for m in ("catalogue", "gradient", "backbone", "optimizer")},
+       for m in ("backbone", "optimizer")},
+    **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_rate_search.py",
+                                             "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
+                                             "tests/audit/test_audit_corpus.py"]
+       for m in ("catalogue", "gradient")},
     **{f"verify/auditing/diagnosis/{m}.py": ["tests/audit/test_diagnosis_units_implicit.py",
                                              "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
                                              "tests/audit/test_audit_corpus.py"]
@@ -182,7 +188,8 @@ TESTS: dict[str, list[str]] = {
     "reference/formatting.py": ["tests/test_ref_formatting.py", "tests/test_models.py"],
     "reference/reptile.py": ["tests/test_ref_reptile.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/newton.py": ["tests/test_ref_newton_values.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
-    "reference/imaml.py": ["tests/test_ref_imaml_fast.py", "tests/test_ref_imaml.py", "tests/test_hessian_inverse.py"],
+    "reference/imaml.py": ["tests/test_ref_imaml_paths.py", "tests/test_ref_imaml_fast.py", "tests/test_ref_imaml_polish.py",
+                           "tests/test_ref_imaml.py", "tests/test_hessian_inverse.py"],
     "reference/protonet.py": ["tests/test_ref_protonet_paths.py", "tests/test_ref_metric.py"],
     "reference/matchingnet.py": ["tests/test_ref_metric.py"],
     "reference/optimizers.py": ["tests/test_ref_optimizer_steps.py", "tests/test_ref_reptile.py",
@@ -197,6 +204,7 @@ TESTS: dict[str, list[str]] = {
                                "tests/test_ref_closed_form.py"],
     "reference/linalg.py": ["tests/test_ref_linalg.py", "tests/test_ref_closed_form.py", "tests/test_ref_imaml.py"],
     "reference/flow.py": ["tests/test_flow.py"],
+    "reference/_threads.py": ["tests/test_ref_threads_policy.py", "tests/test_ref_threads.py"],
     "reference/inner_optim.py": ["tests/test_ref_inner_optim_fast.py", "tests/test_inner_audit.py",
                                  "tests/jax/test_jax_inner_optim.py", "tests/test_ref_inner_optim.py",
                                  "tests/torch/test_torch_inner_optim.py"],
@@ -217,11 +225,32 @@ TESTS: dict[str, list[str]] = {
     **{f"reference/rl/{m}.py": ["tests/test_rl_properties.py", "tests/test_rl_reference.py", "tests/test_rl_estimators.py",
                                 "tests/test_rl_audit_core.py", "tests/test_rl_symbolic.py"]
        for m in ("maml_rl", "mdp", "trajectories")},
+    "reference/symbolic/_linear.py": ["tests/test_symbolic_fast_linear.py", "tests/test_symbolic.py",
+                                      "tests/test_symbolic_properties.py", "tests/test_cli_derive.py",
+                                      "tests/test_symbolic_reference.py"],
+    "reference/symbolic/_nichol.py": ["tests/test_symbolic_fast_nichol.py", "tests/test_symbolic_nichol.py",
+                                      "tests/test_symbolic.py", "tests/test_symbolic_properties.py",
+                                      "tests/test_cli_derive.py"],
     **{f"reference/symbolic/{m}.py": ["tests/test_symbolic_properties.py", "tests/test_rl_symbolic.py",
                                       "tests/test_cli_derive.py", "tests/test_symbolic_nichol.py", "tests/test_flow.py",
                                       "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
                                       "tests/test_symbolic.py"]
        for m in ("_registry", "_common", "_derivation")},
+    "reference/symbolic/_flow.py": ["tests/test_symbolic_fast_flow.py", "tests/test_flow.py", "tests/test_symbolic.py",
+                                    "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
+                                    "tests/test_cli_derive.py", "tests/test_benchmarks_smoke.py"],
+    "reference/symbolic/_r2d2.py": ["tests/test_symbolic_fast_r2d2.py", "tests/test_symbolic.py",
+                                    "tests/test_symbolic_reference.py", "tests/test_symbolic_properties.py",
+                                    "tests/test_cli_derive.py", "tests/test_ref_closed_form.py"],
+    # s5a: the fast quadratic-derivation tests first (they override the comprehension's entries above)
+    "reference/symbolic/_quadratic.py": ["tests/test_symbolic_fast_quadratic.py", "tests/test_symbolic_properties.py",
+                                         "tests/test_symbolic.py", "tests/test_symbolic_reference.py",
+                                         "tests/test_cli_derive.py"],
+    "reference/symbolic/_common.py": ["tests/test_symbolic_properties.py", "tests/test_symbolic_fast_quadratic.py",
+                                      "tests/test_rl_symbolic.py", "tests/test_cli_derive.py",
+                                      "tests/test_symbolic_nichol.py", "tests/test_flow.py",
+                                      "tests/test_symbolic_expectation.py", "tests/test_symbolic_reference.py",
+                                      "tests/test_symbolic.py"],
     # s5d: the fast Derivation tests first (after the comprehension, so they override its _derivation entry)
     "reference/symbolic/_derivation.py": ["tests/test_symbolic_fast_derivation.py", "tests/test_symbolic_properties.py",
                                          "tests/test_rl_symbolic.py", "tests/test_cli_derive.py",
@@ -239,7 +268,7 @@ PYTEST_EXTRA: dict[str, list[str]] = {
        for m in ("catalogue", "core", "gradient", "implicit", "backbone", "optimizer")},
 }
 #: What is copied into a shard's scratch copy of the project.
-COPY = ["verify", "reference", "tests", "benchmarks", "pyproject.toml"]
+COPY = ["verify", "reference", "tests", "benchmarks", "docs", "README.md", "pyproject.toml"]  # docs: tests hold docs to the code
 
 #: Cosmic Ray operators used (see the module docstring for why these).
 OPERATORS: tuple[str, ...] = (
@@ -1729,14 +1758,8 @@ class Runner:
                 rec.update(outcome="survived", path="none", no_covering_test=True, n_tests=0)
                 return rec
             covering = len(nodes)
-            if self.budget is not None:  # fastest first, up to the budget of baseline seconds (at least one test)
-                acc, keep = 0.0, []
-                for n in nodes:
-                    if keep and acc + self._sec.get(n, 1.0) > self.budget:
-                        break
-                    keep.append(n)
-                    acc += self._sec.get(n, 1.0)
-                nodes = keep
+            if self.budget is not None:
+                nodes = _within_budget(nodes, self._sec, self.budget)
             rec.update(n_covering=covering, partial=len(nodes) < covering)
             tainted = self._tainted if apply is not None else set()
             inside = [n for n in nodes if n in self.driver.items and n.split("::")[0] not in tainted]
@@ -1778,6 +1801,9 @@ class Runner:
             indexed = {mm["key"]: k for k, mm in enumerate(every)}
             data = load_results(module)
             if data.get("fingerprint") != _fingerprint(module):
+                if self.survivors_only and data.get("mutants"):
+                    self.log(f"{module}: its source changed since its results, so they have no survivors to re-run; "
+                             "run the module without --survivors-only")
                 data = {"mutants": {}}
             tests_fp = _tests_fingerprint(module)
             if self.only is not None:
@@ -1912,6 +1938,22 @@ def _check_paths(paths: list[str]) -> list[str]:
                              f"ENGINE and reference/); in scope: {', '.join(scope)}")
         out += [h for h in hits if h not in out]
     return out
+
+
+def _within_budget(nodes: list[str], seconds: Mapping[str, float], budget: float) -> list[str]:
+    """The tests a budgeted mutant runs: in the given order, each one that still fits in ``budget`` seconds.
+
+    A test that does not fit is skipped, not the end of the list: a slow test that killed a neighbour
+    (ordered first) must not crowd out the fast tests behind it. At least one test runs (the first, when
+    none fits). Unknown durations count 1 s.
+    """
+    acc, keep = 0.0, []
+    for n in nodes:
+        t = seconds.get(n, 1.0)
+        if acc + t <= budget:
+            keep.append(n)
+            acc += t
+    return keep or nodes[:1]
 
 
 def _budget(given: float | None, complete_partial: bool) -> float | None:

@@ -982,3 +982,69 @@ def test_central_difference_with_f_not_finite_at_the_second_step_has_no_estimate
 
     est = directional_derivative(f, x0, np.array([1.0]), method="central", step=t)
     assert math.isnan(est.value) and est.error == math.inf, est
+
+
+def test_overflowing_scale_claim_or_error_bound_is_inconclusive_without_a_kink() -> None:
+    """One direction's verdict when ``||g||``, ``<g,v>`` or the estimate's error bound is not finite (the
+    sums overflow near 1.8e308): no finite tolerance exists, so "inconclusive", and no kink is claimed
+    (none was probed); each input alone triggers it, and finite inputs give an ordinary verdict."""
+    from verify._check import _judge
+    from verify._numdiff import Estimate
+    from verify._verdict import INCONCLUSIVE
+
+    v = np.array([1.0])
+    for claimed, gnorm, err in [(1.0, math.inf, 1e-12), (math.inf, 1.0, 1e-12), (1.0, 1.0, math.inf),
+                                (1.0, 1.0, math.nan)]:
+        est = Estimate(1.0, err, "central", 1e-3, (1e-3,), 0.0, 2)
+        rec = _judge(None, v, 0, claimed, gnorm, est, 1e-6, 1.0, probe_kinks=False)
+        assert rec["status"] == INCONCLUSIVE and rec["kink"] is False, (claimed, gnorm, err, rec)
+        assert "overflow threshold" in rec["why"] and math.isnan(rec["tolerance"])
+    est = Estimate(1.0, 1e-12, "central", 1e-3, (1e-3,), 0.0, 2)
+    assert _judge(None, v, 0, 1.0 + 1e-9, 1.0, est, 1e-6, 1.0, probe_kinks=False)["status"] == PASS
+
+
+def test_claimed_dot_product_is_exact_up_to_two_to_the_16_entries() -> None:
+    """``<g, v>`` is correctly rounded (``math.fsum``) up to and including 2^16 entries: products
+    (1e16, 1, -1e16, 0.5, 0, ...) sum to 1.5, which a pairwise sum loses (1e16 + 1 rounds to 1e16)."""
+    from verify._check import _dot
+
+    for n in (8, 1 << 16):
+        g = np.zeros(n)
+        g[:4] = [1e16, 1.0, -1e16, 0.5]
+        assert float(np.sum(g)) != 1.5  # the pairwise sum loses the 1
+        assert _dot(g, np.ones(n)) == 1.5
+
+
+def test_tolerance_takes_kind_by_keyword_and_condition_only_by_keyword() -> None:
+    """The documented call forms: ``tolerance(dtype, kind=...)`` and ``condition=`` by keyword only (a
+    third positional argument is refused, so a condition number cannot be passed where none is meant)."""
+    assert tolerance(np.float64, kind="dot_product") == tolerance(np.float64, "dot_product")
+    assert tolerance(dtype=np.float32, kind="gradient") == tolerance(np.float32)
+    assert tolerance(np.float64, "gradient", condition=100.0) > tolerance(np.float64, "gradient")
+    with pytest.raises(TypeError):
+        tolerance(np.float64, "gradient", 100.0)  # type: ignore[misc]
+
+
+def test_complex_step_verdict_stands_when_richardson_agrees_within_both_error_bounds() -> None:
+    """A gradient 1% off, of an f whose complex evaluation carries an extra imaginary ``K (Im z)^2``
+    (not analytic; real evaluations are exactly sin): the complex step is off by ``K h ||v||^2``, far
+    beyond Richardson's error bound, but its own bound (3 x the spread of its 3h and 5h samples, 12 K h)
+    covers the difference. The complex step is distrusted only when the two disagree beyond *both*
+    bounds, so here its verdict (fail) stands, with no fallback note."""
+    K = 1e24
+    x = np.array([0.3, -0.7, 1.1])
+
+    def f(z):
+        out = np.sum(np.sin(z))
+        return out + 1j * K * np.sum(z.imag**2) if np.iscomplexobj(z) else out
+
+    v = np.array([0.6, 0.0, 0.8])
+    cs = directional_derivative(f, x, v, method="complex")
+    rich = directional_derivative(f, x, v, method="richardson")
+    exact = float(np.cos(x) @ v)
+    assert abs(rich.value - exact) <= rich.error < abs(cs.value - exact)  # the premise: only cs is off
+    assert abs(cs.value - rich.value) <= cs.error + rich.error
+    verdict = check_gradient(f, 1.01 * np.cos(x), x)
+    assert verdict.status == FAIL, verdict.reason
+    assert all(d["method"] == "complex" for d in verdict.details)
+    assert "disagreed" not in verdict.reason, verdict.reason

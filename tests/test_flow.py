@@ -8,7 +8,6 @@ O(1/K) rate with the leading coefficient SymPy derives.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -20,7 +19,9 @@ from reference.models import MLP, Quadratic
 from reference.symbolic import derive
 from reference.tasks import Task, sinusoid
 
-_derive = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests (SymPy's own cache makes a rebuild cheap): the mutation runner selects tests
+# by per-test coverage, and a derivation built once would be attributed to the first test only.
+_derive = derive
 
 # The adjoint is exact up to solve_ivp's tolerance (rtol 1e-12 by default), not to
 # machine precision: the agreement measured here is ~1e-13; 1e-10 leaves room.
@@ -187,3 +188,159 @@ def test_task_shapes_are_validated():
     model, params, _ = _mlp_problem()
     with pytest.raises(InvalidInputError):
         flow.meta_loss(model, params, [Task(np.zeros((3, 2)), np.zeros((3, 1)), np.zeros((3, 1)), np.zeros((3, 1)))], 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Fast checks of the contract (issue 19): closed forms by scipy.linalg.expm, an
+# independent solve_ivp, counted model evaluations, the error paths
+# ---------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import types  # noqa: E402
+
+from scipy.integrate import solve_ivp  # noqa: E402
+from scipy.linalg import expm  # noqa: E402
+
+from reference.models import flatten, unflatten  # noqa: E402
+
+
+def _expm_solution(p, T):
+    """p(T), L_q(p(T)) and a(0) for the quadratic flow: p(T) = c + e^{-A T} (theta - c) (A symmetric)."""
+    A, c, Aq, cq, theta = (np.array(p[k], dtype=float) for k in ("A_s", "c_s", "A_q", "c_q", "theta"))
+    E = expm(-A * T)
+    p_T = c + E @ (theta - c)
+    r = p_T - cq
+    return p_T, 0.5 * r @ Aq @ r, E.T @ (Aq @ r)
+
+
+class CountingQuadratic(Quadratic):
+    """A Quadratic that counts its gradient (forward right-hand side, query loss) and HVP (adjoint) calls."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.grads = self.hvps = 0
+
+    def _loss_and_grad(self, params, A, c):
+        self.grads += 1
+        return super()._loss_and_grad(params, A, c)
+
+    def _hvp(self, params, A, c, v):
+        self.hvps += 1
+        return super()._hvp(params, A, c, v)
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5])
+def test_quadratic_flow_matches_the_matrix_exponential_fast(T):
+    p_T, loss_T, grad_T = _expm_solution(QUAD2, T)
+    sol = flow.solve_task(Quadratic(2), [np.array(QUAD2["theta"])], _task(QUAD2), T)
+    assert rel(sol.params_T[0], p_T) <= FLOW_RTOL
+    assert rel(sol.grad[0], grad_T) <= FLOW_RTOL
+    assert abs(sol.loss - loss_T) <= FLOW_RTOL * abs(loss_T)
+    # A run at the tightest accepted tolerance (rtol = MIN_RTOL) is accepted and as accurate.
+    sol = flow.solve_task(Quadratic(2), [np.array(QUAD2["theta"])], _task(QUAD2), T, rtol=flow.MIN_RTOL)
+    assert rel(sol.grad[0], grad_T) <= FLOW_RTOL
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a result, not a work space
+        sol.loss = 0.0
+
+
+def test_evaluation_counts_are_the_solves_right_hand_sides():
+    """nfev_forward / nfev_adjoint count the two solves' right-hand sides: the model's gradients (less the one
+    query gradient) and HVPs, and equal what solve_ivp needs for the same systems (forward with dense output,
+    adjoint without); no solve at T = 0, no adjoint without need_grad or in meta_loss / flow."""
+    theta, task = [np.array(QUAD2["theta"])], _task(QUAD2)
+    m = CountingQuadratic(2)
+    sol = flow.solve_task(m, theta, task, 0.0)
+    assert (sol.nfev_forward, sol.nfev_adjoint, m.grads, m.hvps) == (0, 0, 1, 0)
+    sol = flow.solve_task(m, theta, task, 0.0, need_grad=False)
+    assert (sol.nfev_forward, sol.nfev_adjoint, sol.grad) == (0, 0, None)
+    m = CountingQuadratic(2)
+    sol = flow.solve_task(m, theta, task, 1.0, need_grad=False)
+    assert sol.grad is None and sol.nfev_adjoint == 0 and m.hvps == 0
+    assert sol.nfev_forward == m.grads - 1 > 0
+    m = CountingQuadratic(2)
+    sol = flow.solve_task(m, theta, task, 1.0)
+    assert sol.nfev_forward == m.grads - 1 and sol.nfev_adjoint == m.hvps > 0
+    A, c, Aq, cq = (np.array(QUAD2[k]) for k in ("A_s", "c_s", "A_q", "c_q"))
+    fwd = solve_ivp(lambda t, p: -A @ (p - c), (0.0, 1.0), theta[0], method="DOP853", rtol=flow.DEFAULT_RTOL,
+                    atol=flow.DEFAULT_ATOL, dense_output=True)
+    back = solve_ivp(lambda t, a: A @ a, (1.0, 0.0), Aq @ (fwd.y[:, -1] - cq), method="DOP853",
+                     rtol=flow.DEFAULT_RTOL, atol=flow.DEFAULT_ATOL)
+    # Same systems, same solver: the same steps up to round-off in the right-hand sides (one DOP853 step is
+    # 12 evaluations; a dense output would add 3 per step).
+    assert abs(sol.nfev_forward - fwd.nfev) <= 12 and abs(sol.nfev_adjoint - back.nfev) <= 12
+    m = CountingQuadratic(2)
+    flow.meta_loss(m, theta, [task, task], 1.0)  # "forward solves only"
+    assert m.hvps == 0 and m.grads > 0
+    m = CountingQuadratic(2)
+    flow.flow(m, theta, task.x_support, task.y_support, 1.0)  # p(T) only
+    assert m.hvps == 0 and m.grads > 0
+
+
+def test_implicit_methods_get_the_flows_jacobian():
+    # A stiff flow (Hessian eigenvalues 1e3 and 1): with the exact Jacobian -H of dp/dt = -grad L, Radau and
+    # BDF take about as many evaluations as solve_ivp given that Jacobian; a wrong one costs tens of times more.
+    p = dict(QUAD2, A_s=[[1000.0, 0.0], [0.0, 1.0]])
+    A, c = np.array(p["A_s"]), np.array(p["c_s"])
+    p_T, _, _ = _expm_solution(p, 1.0)
+    for method in ("Radau", "BDF"):
+        sol = flow.solve_task(Quadratic(2), [np.array(p["theta"])], _task(p), 1.0, method=method, rtol=1e-6,
+                              atol=1e-8, need_grad=False)
+        ref = solve_ivp(lambda t, y: -A @ (y - c), (0.0, 1.0), np.array(p["theta"]), method=method, rtol=1e-6,
+                        atol=1e-8, jac=-A)
+        assert rel(sol.params_T[0], p_T) <= 1e-4
+        assert sol.nfev_forward <= 1.5 * ref.nfev + 20, (method, sol.nfev_forward, ref.nfev)
+
+
+def test_flow_endpoint_on_an_mlp_against_solve_ivp():
+    # x with 5 rows of 1 feature: y must have x's rows (not its features).
+    model, params, tasks = _mlp_problem()
+    x, y = tasks[0].x_support, tasks[0].y_support
+    assert x.shape[0] != x.shape[1]
+    shapes = [q.shape for q in params]
+    ref = solve_ivp(lambda t, w: -flatten(model.loss_and_grad(unflatten(w, shapes), x, y)[1]), (0.0, 0.5),
+                    flatten(params), method="DOP853", rtol=1e-12, atol=1e-14)
+    got = flow.flow(model, params, x, y, 0.5)
+    assert rel(flatten(got), ref.y[:, -1]) <= 1e-9
+
+
+def test_loss_type_and_complex_step_on_the_quadratic():
+    theta, task = np.array(QUAD1["theta"]), _task(QUAD1)
+    loss, grad = flow.meta_loss_and_grad(Quadratic(1), [theta], [task], 0.75)
+    assert type(loss) is float
+    h = 1e-20
+    loss_c, _ = flow.meta_loss_and_grad(Quadratic(1), [theta + 1j * h], [task], 0.75)
+    assert type(loss_c) is complex
+    assert loss_c.imag / h == pytest.approx(grad[0][0], rel=1e-9)
+    assert loss_c.real == pytest.approx(loss, rel=1e-13)
+    assert type(flow.meta_loss(Quadratic(1), [theta], [task], 0.75)) is float
+
+
+@pytest.mark.parametrize("rtol, match", [(0.0, "rtol=0.0 must be > 0"), (-1e-3, "rtol=-0.001 must be > 0"),
+                                         (1.0, r"rtol=1.0 must lie in \[1e-13, 1\): a relative tolerance of 1 or more accepts any"),
+                                         (1.5, "rtol=1.5 must lie in .* accepts any answer; the default is 1e-12"),
+                                         (1e-14, r"rtol=1e-14 must lie in .*: SciPy cannot honour a tighter")])
+def test_rtol_outside_its_range_is_refused(rtol, match):
+    with pytest.raises(InvalidInputError, match=match):
+        flow.solve_task(Quadratic(1), [np.array(QUAD1["theta"])], _task(QUAD1), 1.0, rtol=rtol)
+
+
+def test_failed_solves_are_errors_that_name_the_end_time():
+    # Overflow (p = 1e300 e^{10 t} passes the largest float at t ~ 0.8) and a finite-time blow-up (y' = y^2
+    # from y(0) = 1 at t = 1, where the step size falls below the spacing of the numbers: status -1 with a
+    # finite state).
+    with pytest.raises(ConvergenceError, match=r"the gradient flow overflowed before t=2\.0"):
+        flow.meta_loss(Quadratic(1), [np.array([1e300])], [Task(np.array([[-10.0]]), np.zeros(1), np.eye(1),
+                                                               np.zeros(1))], 2.0, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ConvergenceError, match=r"the blow-up did not reach t=2\.0 \(DOP853"):
+        flow._solve(lambda t, y: y * y, (0.0, 2.0), np.ones(1), "DOP853", 1e-6, 1e-8, None, False, "blow-up")
+
+
+def test_a_solve_ending_on_a_non_finite_state_is_an_error(monkeypatch):
+    # solve_ivp reporting success (status 0) with a non-finite end state (its last column) is refused too;
+    # the earlier columns are finite here, so only the end state can decide.
+    def fake(fun, t_span, y0, **kwargs):
+        return types.SimpleNamespace(status=0, y=np.array([[1.0, 2.0, 3.0, np.nan]]), message="done", t=None)
+
+    monkeypatch.setattr(flow, "solve_ivp", fake)
+    with pytest.raises(ConvergenceError, match=r"the system did not reach t=1\.0"):
+        flow._solve(None, (0.0, 1.0), np.ones(1), "DOP853", 1e-10, 1e-12, None, False, "system")

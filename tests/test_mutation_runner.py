@@ -94,6 +94,16 @@ def test_budget_defaults_and_explicit_values(mutation, given, complete, expected
     assert mutation._budget(given, complete) == expected
 
 
+def test_budget_skips_a_slow_test_and_keeps_the_fast_ones_behind_it(mutation):
+    sec = {"slow_killer": 8.0, "a": 1.0, "b": 2.0, "c": 3.0, "d": 0.5}
+    # the order is the runner's (killers first): the 8 s killer does not fit 5 s, the rest fill it in order
+    assert mutation._within_budget(["slow_killer", "a", "b", "c", "d"], sec, 5.0) == ["a", "b", "d"]
+    assert mutation._within_budget(["a", "b", "c"], sec, 6.0) == ["a", "b", "c"]      # exactly the budget fits
+    assert mutation._within_budget(["slow_killer", "c"], sec, 2.0) == ["slow_killer"]  # none fits: the first runs
+    assert mutation._within_budget(["unknown", "a"], sec, 1.5) == ["unknown"]         # unknown durations count 1 s
+    assert mutation._within_budget([], sec, 5.0) == []
+
+
 def test_negative_budget_is_refused_with_the_value(mutation):
     with pytest.raises(SystemExit, match=r"--budget=-1\.0 must be >= 0"):
         mutation._budget(-1.0, False)

@@ -217,3 +217,14 @@ def test_inner_iterations_count_trust_region_iterations_and_newton_steps(seed, m
     task, theta = _quadratic_task(3, seed=seed)
     info = imaml.meta_loss_and_grad_info(Quadratic(3), [theta], [task], 1.0 + seed).tasks[0]
     assert info.inner_iterations == sum(nits) + len(newton_calls)
+
+
+def test_relu_kink_in_layer_two_sees_layer_one_through_the_relu():
+    """Layer 2's pre-activation is computed from relu(layer 1): unit 2 of layer 1 is [1.5, -0.5, 0.5]
+    over the examples, so relu gives [1.5, 0, 0.5], and a layer-2 unit reading only it sits exactly on
+    the kink at example 1 (relu's 0, not -0.5, and not a value clipped at another level)."""
+    model, params = _net("relu", 0.5)
+    W2, b2 = params[2].copy(), params[3].copy()
+    W2[1], b2[1] = [0.0, 0.0, 1.0], 0.0
+    params[2], params[3] = W2, b2
+    assert imaml._relu_kink(model, params, X) == (2, 1, 1, 0.0, 0.0)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from reference.learned_optimizers import MetaLearnerLSTM
+from reference.errors import InvalidInputError
+from reference.learned_optimizers import LSTMOptimizer, MetaLearnerLSTM
 
 H = 1e-30
 SCALES = (0.7, 1.3, 0.4, 2.1)  # distinct, so that a scale read for the wrong input shows
@@ -132,3 +133,17 @@ def test_meta_learner_lstm_random_params_are_the_documented_ones():
     for j in (0, 2):
         w = np.concatenate([d[j] for d in draws])
         assert 0.8 < np.std(w) / 0.3 < 1.25 and abs(np.mean(w)) < 0.1
+
+
+def test_meta_params_must_be_a_list_and_the_message_names_the_builder():
+    """A mapping with the right number of entries is not a list of arrays; the refusal says which class's
+    ``random_params`` builds a valid one (the class, not the attribute, of ``Class.meta_params``)."""
+    good = MetaLearnerLSTM.random_params(seed=0)
+    cases = [
+        (MetaLearnerLSTM, dict(enumerate(good)), r"MetaLearnerLSTM\.meta_params must be a list of 4 arrays"),
+        (MetaLearnerLSTM, good[:3], r"build one with MetaLearnerLSTM\.random_params\(seed=0\)$"),
+        (LSTMOptimizer, np.zeros(len(LSTMOptimizer.shapes(8))), r"build one with LSTMOptimizer\.random_params"),
+    ]
+    for cls, meta, match in cases:
+        with pytest.raises(InvalidInputError, match=match):
+            cls(meta)

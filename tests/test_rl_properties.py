@@ -507,3 +507,42 @@ def test_inverse_cdf_sampling_at_the_ends_of_the_unit_interval():
         tr = sample_trajectories(mdp, th, count, _FixedUniform(1 - 2**-53))
         assert tr.states.shape == (count, 3)
         assert np.all(tr.states == 1) and np.all(tr.actions == 1)
+
+
+def test_default_limits_at_two_million_with_the_counts_stubbed(monkeypatch):
+    """The fast counterpart of ``test_default_limits_admit_exactly_two_million`` (slow: it enumerates
+    2,000,000 trajectories): the same inclusive limits, with the trajectory count stubbed on a 2-armed
+    bandit so that only the limit decides. 2,000,000 trajectories (and batches of one) are admitted,
+    2,000,001 refused."""
+    from reference.rl import maml_rl, trajectories
+
+    two_arms = FiniteMDP(np.ones((1, 2, 1)), np.array([[0.0, 1.0]]), np.ones(1), 1, 1.0, name="2-armed")
+    real = trajectories.enumerate_trajectories(two_arms)
+    assert real.count == 2
+
+    monkeypatch.setattr(trajectories, "count_trajectories", lambda mdp: 2_000_000)
+    assert trajectories.enumerate_trajectories(two_arms).count == 2  # past the check: the real enumeration
+    monkeypatch.setattr(trajectories, "count_trajectories", lambda mdp: 2_000_001)
+    with pytest.raises(InvalidInputError, match="2000001 trajectories of positive probability, more than "
+                                                "max_count=2000000"):
+        trajectories.enumerate_trajectories(two_arms)
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    class Counted:  # all _inner_batches reads before the limit check
+        def __init__(self, count: int):
+            self.count = count
+
+    monkeypatch.setattr(maml_rl, "trajectory_terms", stop)  # past the limit check, before the sums
+    for count, admitted in ((2_000_000, True), (2_000_001, False)):
+        monkeypatch.setattr(maml_rl, "enumerate_trajectories", lambda mdp, c=count: Counted(c))
+        if admitted:
+            with pytest.raises(Reached):
+                maml_rl.meta_objective(two_arms, np.zeros((1, 2)), 0.1, 1)
+        else:
+            with pytest.raises(InvalidInputError, match="2000001 inner batches, more than max_batches=2000000"):
+                maml_rl.meta_objective(two_arms, np.zeros((1, 2)), 0.1, 1)

@@ -34,7 +34,9 @@ from reference.symbolic import (
 )
 
 # Derivations are deterministic; build each (name, sizes) once per session.
-_cached = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests (SymPy's own cache makes a rebuild cheap): the mutation runner selects tests
+# by per-test coverage, and a derivation built once would be attributed to the first test only.
+_cached = derive
 
 
 def is_zero(m) -> bool:

@@ -11,7 +11,6 @@ level, and the same test is shown to reject a biased estimator (FOMAML).
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -22,7 +21,9 @@ from reference.models import MLP, Quadratic
 from reference.symbolic import derive, expected_quadratic_maml
 from reference.tasks import Task
 
-_derive = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests (SymPy's own cache makes a rebuild cheap): the mutation runner selects tests
+# by per-test coverage, and a derivation built once would be attributed to the first test only.
+_derive = derive
 
 #: Family-wise false-alarm probability of each z-test (two-sided, Bonferroni over
 #: the gradient's components). A correct reference fails it with probability

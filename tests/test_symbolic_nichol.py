@@ -9,7 +9,6 @@ independently (iterating the SGD steps vs. writing the paper's sums).
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -17,7 +16,9 @@ import sympy as sp
 
 from reference.symbolic import derive
 
-_derive = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests (SymPy's own cache makes a rebuild cheap): the mutation runner selects tests
+# by per-test coverage, and a derivation built once would be attributed to the first test only.
+_derive = derive
 ALGORITHMS = ("maml", "fomaml", "reptile")
 
 

@@ -31,7 +31,9 @@ from reference.tasks import Task
 # ~1e-16; 1e-13 is the exactness requirement.
 EXACT_RTOL = 1e-13
 
-_derive = functools.lru_cache(maxsize=None)(derive)
+# Not cached across tests (SymPy's own cache makes a rebuild cheap): the mutation runner selects tests
+# by per-test coverage, and a derivation built once would be attributed to the first test only.
+_derive = derive
 
 
 def _ref(module: str):

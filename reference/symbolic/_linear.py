@@ -88,7 +88,7 @@ def linear_regression_maml(dim: int = 1, steps: int = 1, shots: int = 2, queries
     xt_txt = "X1" if bias else "X"
     fs, fq, f2s, f2q = _frac(1, shots), _frac(1, queries), _frac(2, shots), _frac(2, queries)
     pw = _power(r"I - \alpha H_{s}", "I - alpha H_s", steps)
-    p_tex = r"\left(W, b\right)" if bias else "W"
+    p_tex, p_txt = (r"\left(W, b\right)", "(W, b)") if bias else ("W", "W")
     sym_steps = [
         Step("model (MLP [d, 1], identity)" + ("; X1 = [X, 1]" if bias else ""), ("f(x)", "f(x)"),
              (r"x W^{\top} + b" if bias else r"x W^{\top}", "x W^T + b" if bias else "x W^T")),
@@ -99,7 +99,7 @@ def linear_regression_maml(dim: int = 1, steps: int = 1, shots: int = 2, queries
               f"{f2s[1]}{xt_txt}_s^T ({xt_txt}_s p - y_s)")),
         Step("constant Hessian", (r"H_{s}", "H_s"), H_s),
         Step("inner steps from the initialisation", (r"p_{k+1}", "p_{k+1}"),
-             (rf"p_{{k}} - \alpha \nabla L_{{s}}(p_{{k}}),\quad p_{{0}} = {p_tex}", "p_k - alpha grad L_s(p_k), p_0 = (W, b)")),
+             (rf"p_{{k}} - \alpha \nabla L_{{s}}(p_{{k}}),\quad p_{{0}} = {p_tex}", f"p_k - alpha grad L_s(p_k), p_0 = {p_txt}")),
         Step("meta-loss", (r"\mathcal{L}", "L"),
              (rf"{fq[0]}\lVert {xt}_{{q}} p_{{{steps}}} - y_{{q}} \rVert^{{2}}",
               f"{fq[1]}||{xt_txt}_q p_{steps} - y_q||^2")),

@@ -54,7 +54,7 @@ from reference.tasks import Task
 from verify._verdict import record
 from verify.algorithms import ALGORITHMS, Case, evaluate
 
-__all__ = ["CATALOGUE", "Candidate", "Diagnosis", "Entry", "match_error"]
+__all__ = ["CATALOGUE", "Candidate", "Diagnosis", "Entry", "loss_elements_per_row", "match_error"]
 
 
 @dataclass(frozen=True)
@@ -261,3 +261,16 @@ def safe(fn: Callable[[], Any]) -> Any:
 
 def close(x: float, y: float, rtol: float = 1e-8) -> bool:
     return abs(x - y) <= rtol * max(abs(x), abs(y))
+
+
+def loss_elements_per_row(case: Case) -> int:
+    """How many loss elements one row of a support or query set contributes to the loss's mean.
+
+    The model's loss (:class:`reference.models.MLP`) is a mean over rows x outputs for ``mse`` and ``bce``
+    and over rows only for ``ce``, so ``reduction='sum'`` instead of the mean multiplies a set's loss by
+    ``rows x loss_elements_per_row(case)``. A backbone family's loss is the head's (a classifier on the
+    features, over rows), not the network output's: 1.
+    """
+    if case.model.loss_name in ("mse", "bce") and ALGORITHMS[case.algorithm].family != "backbone":
+        return int(case.model.sizes[-1])
+    return 1

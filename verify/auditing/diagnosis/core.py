@@ -18,7 +18,8 @@ import numpy as np
 
 from reference.models import flatten
 from verify.algorithms import ALGORITHMS, Case
-from verify.auditing.diagnosis.catalogue import CATALOGUE, Candidate, Diagnosis, close, loss_ok, match_error, safe
+from verify.auditing.diagnosis.catalogue import (CATALOGUE, Candidate, Diagnosis, close, loss_elements_per_row, loss_ok,
+                                                 match_error, safe)
 
 __all__ = ["candidates", "diagnose", "family_module"]
 
@@ -57,9 +58,7 @@ def candidates(case: Case) -> list[Candidate]:
 def _scale_label(case: Case, c: float) -> str:
     T = len(case.tasks)
     nq = {t.x_query.shape[0] for t in case.tasks}
-    # the query loss is a mean over rows x outputs for mse and bce, over rows only for ce (reference.models.MLP)
-    d_out = (case.model.sizes[-1] if (case.model.loss_name in ("mse", "bce") and ALGORITHMS[case.algorithm].family != "backbone")
-             else 1)
+    d_out = loss_elements_per_row(case)  # the query loss's mean runs over rows x d_out
     # first match wins: with one task, -1 is named as the sign flip before "summed over the 1 tasks and sign
     # flipped", and a factor 1 never reaches here (it is the correct gradient)
     named: list[tuple[float, str]] = [

@@ -20,7 +20,7 @@ from reference import inner_loop
 from reference.models import flatten
 from reference.tasks import Task
 from verify.algorithms import Case
-from verify.auditing.diagnosis.catalogue import Candidate, close, rerun, safe, swapped
+from verify.auditing.diagnosis.catalogue import Candidate, close, loss_elements_per_row, rerun, safe, swapped
 
 __all__ = ["fitted", "variants"]
 
@@ -228,8 +228,7 @@ def _fit_rate(case: Case, g: np.ndarray) -> Candidate | None:
     # support set has the same n (else 0: no such rate, no such label)
     support_sizes = {t.x_support.shape[0] for t in case.tasks}
     shots = support_sizes.pop() if len(support_sizes) == 1 else 0
-    # the support loss's mean runs over rows x outputs for mse and bce, over rows only for ce (reference.models.MLP)
-    d_out = case.model.sizes[-1] if case.model.loss_name in ("mse", "bce") else 1
+    d_out = loss_elements_per_row(case)  # the support loss's mean runs over rows x d_out
     grid = sorted({base * s * f for f in _RATE_GRID for s in (1.0, -1.0)} | ({base * shots * d_out} if shots else set()))
     gnorm = float(np.linalg.norm(g))
     if gnorm == 0.0:
@@ -279,7 +278,15 @@ def _fit_rate(case: Case, g: np.ndarray) -> Candidate | None:
                 break
             G, dG = pair
             J = np.stack([c * dG, G], axis=1)
-            step, *_ = np.linalg.lstsq(J, g - c * G, rcond=None)
+            if not np.all(np.isfinite(J)):
+                break  # this start diverged (a relu fit can jump pieces): its non-finite end is dropped below
+            # columns scaled to a unit largest entry (Jacobi scaling of the least squares): the rate column
+            # c dG/da ~ c |G| / a and the scale column G differ by c / a, which is 1e-21 for a ~ 1e11 and c ~ 1e-10;
+            # unscaled, lstsq's rcond cut-off (eps x the larger dimension, relative to the largest singular value)
+            # drops the rate column as if it were zero. (Max-abs, not 2-norms: |J|^2 overflows for entries ~1e154.)
+            norms = np.max(np.abs(J), axis=0, initial=np.finfo(float).tiny)  # a zero column stays zero
+            step, *_ = np.linalg.lstsq(J / norms, g - c * G, rcond=None)
+            step = step / norms
             r, c = r + float(step[0]), c + float(step[1])
             if abs(step[0]) <= 1e-15 * abs(r) and abs(step[1]) <= 1e-15 * abs(c):
                 break
@@ -289,7 +296,7 @@ def _fit_rate(case: Case, g: np.ndarray) -> Candidate | None:
         if res is None:
             continue
         err = float(np.linalg.norm(g - c * np.asarray(res[1], dtype=float))) / gnorm
-        if best is None or err < best[0]:
+        if np.isfinite(err) and (best is None or err < best[0]):  # a diverged start (nan) never wins
             best = (err, r, c)
     if best is None:
         return None
