@@ -742,6 +742,14 @@ def update_map(paths: list[str]) -> int:
     the coverage of the full run; a changed module may have changed which lines they reach, so a full
     ``coverage`` run stays the exact selection.
     """
+    SCRATCH.mkdir(exist_ok=True)
+    with open(SCRATCH / "coverage-update.lock", "w") as lock:
+        # two runs started at once would share the coverage data file and record each other's tests as failed
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _update_map(paths)
+
+
+def _update_map(paths: list[str]) -> int:
     m = load_map()
     if m is None:
         raise SystemExit("no coverage map to update: build one with `python scripts/mutation.py coverage`")
