@@ -190,16 +190,23 @@ def test_bind_names_the_key_the_user_gave():
     ("A", [1.5, 0.25, 0.25, -2.0], (4,), (2, 2)),  # a flat matrix
     ("A", 0.5, (), (2, 2)),
 ])
-def test_bind_refuses_a_misshapen_array_with_both_shapes(key, value, shape, expected):
-    with pytest.raises(InvalidInputError, match=rf"^{key} has shape {re.escape(str(shape))}, expected "
-                                                rf"{re.escape(str(expected))}$"):
+def test_bind_and_numeric_refuse_a_misshapen_array_with_both_shapes(key, value, shape, expected):
+    message = rf"^{key} has shape {re.escape(str(shape))}, expected {re.escape(str(expected))}$"
+    with pytest.raises(InvalidInputError, match=message):
         _toy().bind(VALUES, **{key: value})
+    with pytest.raises(InvalidInputError, match=message):
+        _toy().numeric()(VALUES, **{key: value})
 
 
 def test_numeric_never_evaluates_a_missing_value_as_nan():
     f = _toy().numeric()
-    with pytest.raises((TypeError, InvalidInputError)):
+    with pytest.raises(InvalidInputError, match=r"^theta=None must be a real number"):
         f(VALUES, theta=None)
+    with pytest.raises(InvalidInputError, match=r"^alpha='fast' must be a real number"):
+        f(VALUES, alpha="fast")
+    with pytest.raises(InvalidInputError, match=r"^A=\[\['a', 'b'\], \['c', 'd'\]\] must be an array of real numbers of "
+                                                r"shape \(2, 2\)"):
+        f(VALUES, A=[["a", "b"], ["c", "d"]])
     with pytest.raises(InvalidInputError, match=r"no value given for \['alpha'\]"):
         f({k: v for k, v in VALUES.items() if k != "alpha"})
 

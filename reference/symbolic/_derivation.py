@@ -389,10 +389,25 @@ class Derivation:
         flat: dict[str, float] = {}
         for key, value in values.items():
             if key in self.symbols and not (key in self.arrays and np.ndim(value) > 0):
-                flat[key] = float(value)
+                try:
+                    flat[key] = float(value)
+                except (TypeError, ValueError):
+                    raise InvalidInputError(f"{key}={value!r} must be a real number (a scalar symbol of "
+                                            f"{self.name})") from None
             elif key in self.arrays:
                 mat = self.arrays[key]
-                arr = np.asarray(value, dtype=float).reshape(mat.shape)
+                try:
+                    arr = np.asarray(value, dtype=float)
+                except (TypeError, ValueError):
+                    raise InvalidInputError(f"{key}={value!r} must be an array of real numbers of shape "
+                                            f"{mat.shape}") from None
+                # the shapes bind() accepts: exactly the array's, a 1-D column, a scalar for 1x1
+                if arr.ndim == 1 and mat.shape[1] == 1:
+                    arr = arr.reshape(-1, 1)
+                if arr.ndim == 0 and mat.shape == (1, 1):
+                    arr = arr.reshape(1, 1)
+                if arr.shape != mat.shape:
+                    raise InvalidInputError(f"{key} has shape {arr.shape}, expected {mat.shape}")
                 for i in range(mat.shape[0]):
                     for j in range(mat.shape[1]):
                         if isinstance(mat[i, j], sp.Symbol):
