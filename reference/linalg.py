@@ -104,31 +104,16 @@ class SPDFactor:
         return x
 
 
-# Stacks of systems at most this size are solved by batched NumPy calls (SPDFactors); larger ones matrix by
-# matrix through SPDFactor. NumPy has no batched triangular solve, so the batched path re-factors by LU at
-# each solve (2/3 m^3 flops): free next to the per-call overhead it saves at R2-D2's dual size (m = shots,
-# 25 in the benchmarks: one call of ~10 us for a whole block of tasks instead of ~6 calls of 3-10 us per
-# task), a loss once m^3 outweighs it (m ~ 64 on the 2-core benchmark machine).
-BATCHED_MAX_SIZE = 64
-
-
 class SPDFactors:
-    """A stack of symmetric positive-definite systems ``A[t] X[t] = B[t]``, each checked as :class:`SPDFactor`.
+    """A stack of symmetric positive-definite systems ``A[t] X[t] = B[t]``: one :class:`SPDFactor` each.
 
-    The batched counterpart of :class:`SPDFactor` for many small systems of one size (R2-D2's per-task
-    ridge systems). With ``m <= BATCHED_MAX_SIZE`` every step is one NumPy call for the whole stack:
-    the real parts are Cholesky-factored by ``numpy.linalg.cholesky`` (the positive-definiteness test),
-    each factor's 1-norm condition is estimated by LAPACK's ``xPOCON`` as in :class:`SPDFactor`, and the
-    solves are ``numpy.linalg.solve`` (pivoted LU, ``xGESV``: backward stable on these matrices, with the
-    same ``cond(A) eps`` forward error as the Cholesky solve, and the analytic continuation of the real
-    solve under complex step). NumPy's linear-algebra gufuncs release the GIL, so tasks on the thread
-    pool of ``reference/_threads.py`` run them at once; a loop of small SciPy calls per task holds it.
-
-    The decisions are :class:`SPDFactor`'s, matrix by matrix: a stack whose Cholesky fails, or with a
-    condition estimate above ``MAX_COND / 2`` (a margin far above the round-off by which two
-    factorisations' estimates can differ), is handed to :class:`SPDFactor` matrix by matrix, which
-    raises its error for the first matrix it refuses (or, near the limit, accepts the ones it accepts,
-    which are then solved by their own factors).
+    The interface R2-D2's batched ridge heads use (``reference/r2d2.py``: the heads of a block's tasks as
+    ``(T, ., .)`` stacks). Each matrix is factored, checked and solved by :class:`SPDFactor` -- the same
+    decisions, errors and numbers, bit for bit, as a task-by-task loop; the first matrix refused raises.
+    Batched NumPy calls were measured instead (issue 18, 25 x 25 systems, 4 a stack): one
+    ``numpy.linalg.cholesky`` (10 us) plus a stacked ``numpy.linalg.solve`` (29 us, an LU each time; NumPy
+    has no batched triangular solve) cost more CPU than the per-matrix LAPACK calls they replace (potrf,
+    pocon, potrs: ~3 us each), whose GIL holding is that short; so the stacking stays at this interface.
 
     Args:
         A: ``(T, m, m)`` symmetric matrices, float64 or complex128 (complex step).
@@ -147,29 +132,9 @@ class SPDFactors:
         if A.ndim != 3 or A.shape[1] != A.shape[2] or len(what) != A.shape[0]:
             raise ValueError(f"A.shape={A.shape!r} with {len(what)} names: pass T square matrices (T, m, m) and "
                              "T names")
-        self._A = A
-        self._factors: list[SPDFactor] | None = None
-        T, m = A.shape[0], A.shape[1]
-        cond = None
-        if m <= BATCHED_MAX_SIZE:
-            real = A.real if np.iscomplexobj(A) else A
-            try:
-                lower = np.linalg.cholesky(real)
-            except np.linalg.LinAlgError:  # some matrix is not positive definite: SPDFactor names it below
-                pass
-            else:
-                anorm = np.max(np.sum(np.abs(real), axis=1), axis=1)
-                cond = np.empty(T)
-                for t in range(T):
-                    # lower[t].T is the upper factor U (A = U^T U), Fortran-ordered: no copy for LAPACK.
-                    rcond, _ = lapack.dpocon(lower[t].T, anorm[t], uplo="U")
-                    cond[t] = np.inf if rcond == 0 else 1.0 / rcond
-                if not np.all(cond <= MAX_COND / 2):
-                    cond = None
-        if cond is None:
-            self._factors = [SPDFactor(A[t], what=what[t], hint=hint) for t in range(T)]
-            cond = np.array([f.cond for f in self._factors])
-        self.cond = cond
+        self.shape = A.shape
+        self._factors = [SPDFactor(A[t], what=what[t], hint=hint) for t in range(A.shape[0])]
+        self.cond = np.array([f.cond for f in self._factors])
 
     def solve(self, B: np.ndarray) -> np.ndarray:
         """``A[t]^{-1} B[t]`` for ``B`` of shape ``(T, m, k)``, as a ``(T, m, k)`` array.
@@ -177,18 +142,11 @@ class SPDFactors:
         Raises:
             ValueError: ``B`` of another shape.
         """
-        T, m = self._A.shape[:2]
+        T, m = self.shape[:2]
         if B.ndim != 3 or B.shape[:2] != (T, m):
             raise ValueError(f"B.shape={B.shape!r} does not fit {T} systems of size {m} x {m}; pass B of shape "
                              f"({T}, {m}, k)")
-        if self._factors is not None:
-            return np.stack([f.solve(b) for f, b in zip(self._factors, B)])
-        if np.iscomplexobj(B) and not np.iscomplexobj(self._A):
-            # A real matrix and complex right-hand sides: real and imaginary parts as one real solve.
-            k = B.shape[2]
-            x = np.linalg.solve(self._A, np.concatenate([B.real, B.imag], axis=2))
-            return x[..., :k] + 1j * x[..., k:]
-        return np.linalg.solve(self._A, B)
+        return np.stack([f.solve(b) for f, b in zip(self._factors, B)])
 
 
 @dataclass(frozen=True)
@@ -340,4 +298,4 @@ def conjugate_gradient(
     return x, CGInfo(iterations, rel, cond_est, restarts)
 
 
-__all__ = ["BATCHED_MAX_SIZE", "CGInfo", "EPS", "MAX_COND", "SPDFactor", "SPDFactors", "conjugate_gradient"]
+__all__ = ["CGInfo", "EPS", "MAX_COND", "SPDFactor", "SPDFactors", "conjugate_gradient"]

@@ -110,7 +110,7 @@ def ridge_weights(
 
 def _ridge(Z, Y, lam, form, where):
     """The ridge weights of a stack of ``T`` tasks, ``Z`` ``(T, n, p)``, ``Y`` ``(T, n, c)``: ``(W, (factors,
-    alpha))`` with ``alpha = K^{-1} Y`` in the dual form (``None`` in the primal). One batched call per step."""
+    alpha))`` with ``alpha = K^{-1} Y`` in the dual form (``None`` in the primal)."""
     _, n, p = Z.shape
     hint = "increase lam"
     Zt = Z.transpose(0, 2, 1)
@@ -140,10 +140,13 @@ def _heads(Zs: np.ndarray, Zq: np.ndarray, tasks: list[Task], n_classes, lam, sc
     ``(T, q, d)``: the query losses ``(T,)`` and, with ``need_grad``, the feature cotangents ``(G_Zs, G_Zq)``
     and the heads' gradients ``(g_lam, g_scale, g_offset)``, each ``(T,)``.
 
-    The module docstring's formulas, task by task, as batched NumPy calls on ``(T, ., .)`` stacks: a few
-    dozen calls for the whole stack instead of per task (the heads are small -- 25 x 257 at the benchmark
-    size -- so per-call overhead, spent holding the GIL, was most of their time; NumPy's matrix products
-    and linear-algebra gufuncs release it).
+    The module docstring's formulas, task by task, as NumPy calls on ``(T, ., .)`` stacks: about 40 calls for
+    the whole stack instead of 40 per task (issue 18: small calls hold the GIL for their Python overhead,
+    while the task pool's other worker waits; the stacked products release it for their work), and the
+    small ridge systems solved by :class:`~reference.linalg.SPDFactors`, matrix by matrix. Every
+    operation is the one-task operation slice by slice (stacked ``matmul`` calls the same GEMM per
+    slice; :func:`_task_sums` sums each task in its one-task order), so each task's results are bit for
+    bit those of a one-task head.
     """
     T, n = Zs.shape[:2]
     q = Zq.shape[1]
@@ -167,7 +170,7 @@ def _heads(Zs: np.ndarray, Zq: np.ndarray, tasks: list[Task], n_classes, lam, sc
     if regression:
         r = o - yq
         loss_scale = 1.0 / (q * o.shape[2])
-        values = np.sum(r * r, axis=(1, 2)) * loss_scale
+        values = _task_sums(r * r) * loss_scale
     else:
         loss_scale = 1.0 / q
         m = np.max(np.real(o), axis=2, keepdims=True)
@@ -183,25 +186,34 @@ def _heads(Zs: np.ndarray, Zq: np.ndarray, tasks: list[Task], n_classes, lam, sc
         onehot = np.zeros(o.shape)
         onehot[np.arange(T)[:, None], np.arange(q), yq] = 1.0
         G_O = (e / se - onehot) * loss_scale
-    g_scale = np.sum(G_O * lin, axis=(1, 2))
-    g_offset = np.sum(G_O, axis=(1, 2))
+    g_scale = _task_sums(G_O * lin)
+    g_offset = _task_sums(G_O)
     G_W = scale * (Zq.transpose(0, 2, 1) @ G_O)
     G_Zq = scale * (G_O @ W.transpose(0, 2, 1))
     if form == "primal":
         Gb = factors.solve(G_W)
         Gbt = Gb.transpose(0, 2, 1)
         G_Zs = Y @ Gbt - (Zs @ Gb) @ W.transpose(0, 2, 1) - (Zs @ W) @ Gbt
-        g_lam = -np.sum(Gb * W, axis=(1, 2))
+        g_lam = -_task_sums(Gb * W, "F")
     else:
         Gm = factors.solve(Zs @ G_W)
         G_Zs = (alpha @ G_W.transpose(0, 2, 1) - Gm @ (alpha.transpose(0, 2, 1) @ Zs)
                 - alpha @ (Gm.transpose(0, 2, 1) @ Zs))
-        g_lam = -np.sum(Gm * alpha, axis=(1, 2))
+        g_lam = -_task_sums(Gm * alpha, "F")
     if normalize:
         G_Zs = G_Zs / root
     if bias_column:
         G_Zs, G_Zq = G_Zs[:, :, :-1], G_Zq[:, :, :-1]
     return values, ((G_Zs, G_Zq), g_lam, g_scale, g_offset)
+
+
+def _task_sums(x: np.ndarray, order: str = "C") -> np.ndarray:
+    """``np.sum(x[t])`` for every task ``t`` of a ``(T, ., .)`` stack, each task's entries summed as one contiguous
+    row in ``order`` (NumPy's pairwise summation runs in memory order): ``"C"`` for quantities that are C-ordered
+    per task, ``"F"`` for products of LAPACK solves (Fortran-ordered), so each sum is the one-task sum."""
+    if order == "F":
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    return np.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
 def _runs(tasks: list[Task], indices: list[int]) -> list[list[int]]:

@@ -81,3 +81,27 @@ def test_the_first_singular_task_is_named(form: str) -> None:
     what = re.escape("Z Z^T + lam I" if form == "dual" else "Z^T Z + lam I")
     with pytest.raises(SingularMatrixError, match=rf"^{what} of tasks\[3\] is singular.*; increase lam$"):
         r2d2.meta_loss_and_grad(model, params, bad, n_classes, 1e-30, SCALE, OFFSET, form=form)
+
+
+@pytest.mark.parametrize("form", ["dual", "primal"])
+@pytest.mark.parametrize("regression", [False, True])
+def test_a_stack_of_heads_is_each_head_bit_for_bit(form: str, regression: bool) -> None:
+    # The heads of a run of equal-sized tasks as one (T, ., .) stack give each task's one-task results exactly
+    # (the same GEMM per slice, each task's sums in its own order): stacking changes the speed, not a bit.
+    rng = np.random.default_rng(40 + regression)
+    n, q, d, n_classes = 6, 4, 5, 3
+    tasks = []
+    for _ in range(3):
+        if regression:
+            ys, yq = rng.standard_normal((n, n_classes)), rng.standard_normal((q, n_classes))
+        else:
+            ys, yq = rng.integers(0, n_classes, n), rng.integers(0, n_classes, q)
+        tasks.append(Task(rng.standard_normal((n, 2)), ys, rng.standard_normal((q, 2)), yq))
+    Zs, Zq = rng.standard_normal((3, n, d)), rng.standard_normal((3, q, d))
+    args = (n_classes, LAM, SCALE, OFFSET, True, True, form, regression)
+    values, ((G_Zs, G_Zq), *hyper) = r2d2._heads(Zs, Zq, tasks, *args, ["a", "b", "c"], True)
+    for t in range(3):
+        v, ((gs, gq), *h) = r2d2._heads(Zs[t:t + 1], Zq[t:t + 1], tasks[t:t + 1], *args, ["a"], True)
+        assert v[0] == values[t]
+        assert np.array_equal(gs[0], G_Zs[t]) and np.array_equal(gq[0], G_Zq[t])
+        assert [x[0] for x in h] == [x[t] for x in hyper]
