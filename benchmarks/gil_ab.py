@@ -10,8 +10,9 @@ Python thread increments a counter as fast as it can; it advances only while it 
 rate during the call, as a fraction of its rate while the main thread sleeps, is the share of the time
 the call leaves the GIL free (NumPy's BLAS calls, large ufunc loops and linear-algebra gufuncs release
 it; Python code, small NumPy calls and SciPy's f2py wrappers of the non-threadsafe LAPACK routines
-hold it). ``seq`` (default) runs the call with ``reference/_threads.py``'s pool off (one thread doing
-the work, so the other core is the counter's); ``policy`` the shipped behaviour.
+hold it). ``seq`` (default) runs the call in this thread as a worker of ``reference/_threads.py``'s
+pool runs its share (no pool, worker code paths: one thread doing the work, so the other core is
+the counter's); ``policy`` the shipped behaviour.
 
 Printed per checkout: median wall and CPU time of the call with the counter running, and the median
 counter rate during the call / idle. The counter competes for the GIL, so calls are slower than
@@ -86,7 +87,9 @@ def main(argv: list[str]) -> int:
     for k, root in (("old", old_root), ("new", new_root)):
         fns[k], threads = _load(os.path.abspath(root), algo, label)
         if mode == "seq":
-            threads.PARALLEL_MIN_WORK = float("inf")  # every map_tasks call in the calling thread
+            # This thread runs as one of the pool's workers would: map_tasks calls in it (no nested pool),
+            # and the code paths chosen for workers (the MAML engine's GIL-free GEMM).
+            threads._local.inside = True
     sys.setswitchinterval(1e-4)
     counter = Counter()
     for f in fns.values():
