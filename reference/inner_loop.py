@@ -261,14 +261,19 @@ _cblas: Any = None  # the _CblasGemm, built on first use (False: unavailable)
 
 
 def _cblas_gemm() -> Any:
-    """The :class:`_CblasGemm` of the loaded SciPy OpenBLAS, found once; ``False`` if there is none."""
+    """The :class:`_CblasGemm` of the loaded SciPy OpenBLAS, found once; ``False`` if there is none.
+
+    A library is taken only if its ``cblas_xgemm`` reproduces the f2py wrapper's result bit for bit on
+    a probe (real and complex): then it is the library (and routine) the wrapper calls, so a pool
+    worker's GEMM equals a sequential run's.
+    """
     global _cblas
     if _cblas is None:
         import ctypes
 
         from reference._threads import _blas
 
-        _cblas = False
+        found: Any = False
         blas = _blas()  # threadpoolctl's controller of the loaded BLAS libraries (False without threadpoolctl)
         for lib in blas.lib_controllers if blas else []:
             try:
@@ -276,9 +281,27 @@ def _cblas_gemm() -> Any:
             except OSError:  # pragma: no cover - a library threadpoolctl found but cannot be opened again
                 continue
             if hasattr(handle, "scipy_cblas_dgemm") and hasattr(handle, "scipy_cblas_zgemm"):
-                _cblas = _CblasGemm(handle)
-                break
+                candidate = _CblasGemm(handle)
+                if _same_as_f2py(candidate):
+                    found = candidate
+                    break
+        _cblas = found
     return _cblas
+
+
+def _same_as_f2py(cblas: _CblasGemm) -> bool:
+    """Whether ``cblas`` computes ``c + alpha a^T b`` bit for bit as SciPy's f2py ``xgemm`` on a probe."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.complex128):
+        a, b, c = (rng.standard_normal(s).astype(dtype) for s in ((7, 33), (7, 17), (33, 17)))
+        if dtype == np.complex128:
+            a, c = a + 1j * rng.standard_normal(a.shape), c + 1j * rng.standard_normal(c.shape)
+        alpha = dtype(-0.3) if dtype == np.float64 else -0.3 + 0.1j
+        want = get_blas_funcs("gemm", dtype=dtype)(alpha, b.T, a.T, beta=1.0, c=c.T, trans_b=1).T
+        cblas(c, a, b, alpha)
+        if not np.array_equal(c, want):
+            return False
+    return True
 
 
 def _addmm_t(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace: bool) -> np.ndarray:

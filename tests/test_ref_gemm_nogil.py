@@ -98,3 +98,20 @@ def test_the_ctypes_path_is_found_with_scipys_openblas_and_used_on_workers(monke
         monkeypatch.setattr(_threads._local, "inside", inside, raising=False)
         inner_loop._addmm_t(c, a, b, 0.5, inplace=False)
     assert calls == [(6, 5)]
+
+
+def test_a_library_whose_gemm_differs_from_the_f2py_one_is_not_taken() -> None:
+    # The probe admits a ctypes library only if it reproduces the f2py call bit for bit.
+    pytest.importorskip("threadpoolctl")
+    real = inner_loop._cblas_gemm()
+    if not real:
+        pytest.skip("no SciPy OpenBLAS with scipy_cblas_* symbols loaded")
+    assert inner_loop._same_as_f2py(real)
+
+    class OffByOneUlp:
+        def __call__(self, c, a, b, alpha):
+            real(c, a, b, alpha)
+            c[0, 0] = np.nextafter(c[0, 0].real, np.inf) + 1j * c[0, 0].imag if np.iscomplexobj(c) else \
+                np.nextafter(c[0, 0], np.inf)
+
+    assert not inner_loop._same_as_f2py(OffByOneUlp())
