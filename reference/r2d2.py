@@ -42,7 +42,6 @@ from reference.features import (
     StackedFeatures,
     TaskFeatures,
     accumulate,
-    append_ones,
     as_scalar,
     check_backbone,
     check_feature_tasks,
@@ -56,7 +55,7 @@ from reference._threads import map_tasks
 from reference.linalg import SPDFactors
 from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
-from reference.models import MLP, _Loss
+from reference.models import MLP
 from reference.tasks import Task
 
 Params = list[np.ndarray]
