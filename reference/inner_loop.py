@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.linalg.blas import get_blas_funcs
 
+from reference import _threads
 from reference._threads import map_tasks, pool_size
 from reference.validation import check_finite_scalar, check_positive_int
 from reference.models import MLP, _Loss, activation_derivatives
@@ -218,13 +219,109 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
 # loop and with complex-step derivatives of the meta-loss.
 
 
+class _CblasGemm:
+    """SciPy's own OpenBLAS ``cblas_dgemm`` / ``cblas_zgemm`` called through ``ctypes``, which releases the GIL.
+
+    SciPy's f2py BLAS wrappers (``get_blas_funcs``) hold the GIL for the whole call (its ``_fblas``
+    extension never releases it), so the engine's weight-sized GEMMs -- a quarter of a MAML call's
+    time at 1-256-256-1 and 8-1024-1024-1 -- ran one at a time on the task pool of
+    ``reference/_threads.py`` (issue 18). The same library, the same routine: ``cblas_xgemm`` in
+    row-major order with ``a`` transposed is the column-major ``xgemm('N', 'T', q, p, m, ...)`` the
+    f2py call makes, so the numbers are the same. Found among the BLAS libraries ``threadpoolctl``
+    lists (SciPy's wheel's ``libscipy_openblas``, 32-bit integers, symbols ``scipy_cblas_*``);
+    unavailable (``None``) otherwise, and then the f2py wrapper is used.
+    """
+
+    ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+    def __init__(self, lib: Any):
+        import ctypes
+
+        i, p, d = ctypes.c_int, ctypes.c_void_p, ctypes.c_double
+        self.d = lib.scipy_cblas_dgemm
+        self.d.restype = None
+        self.d.argtypes = [i, i, i, i, i, i, d, p, i, p, i, d, p, i]
+        self.z = lib.scipy_cblas_zgemm
+        self.z.restype = None
+        self.z.argtypes = [i, i, i, i, i, i, p, p, i, p, i, p, p, i]
+
+    def __call__(self, c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any) -> None:
+        """``c <- c + alpha a^T b`` in place: C-ordered ``c`` (p, q), ``a`` (m, p), ``b`` (m, q), one dtype."""
+        (m, p), q = a.shape, b.shape[1]
+        args = (self.ROW_MAJOR, self.TRANS, self.NO_TRANS, p, q, m)
+        if c.dtype == np.float64:
+            self.d(*args, float(alpha), a.ctypes.data, p, b.ctypes.data, q, 1.0, c.ctypes.data, q)
+        else:
+            scalars = np.array([alpha, 1.0], dtype=np.complex128)
+            self.z(*args, scalars.ctypes.data, a.ctypes.data, p, b.ctypes.data, q, scalars[1:].ctypes.data,
+                   c.ctypes.data, q)
+
+
+_cblas: Any = None  # the _CblasGemm, built on first use (False: unavailable)
+
+
+def _cblas_gemm() -> Any:
+    """The :class:`_CblasGemm` of the loaded SciPy OpenBLAS, found once; ``False`` if there is none.
+
+    A library is taken only if its ``cblas_xgemm`` reproduces the f2py wrapper's result bit for bit on
+    a probe (real and complex): then it is the library (and routine) the wrapper calls, so a pool
+    worker's GEMM equals a sequential run's.
+    """
+    global _cblas
+    if _cblas is None:
+        import ctypes
+
+        from reference._threads import _blas
+
+        found: Any = False
+        blas = _blas()  # threadpoolctl's controller of the loaded BLAS libraries (False without threadpoolctl)
+        for lib in blas.lib_controllers if blas else []:
+            try:
+                handle = ctypes.CDLL(lib.filepath)
+            except OSError:  # pragma: no cover - a library threadpoolctl found but cannot be opened again
+                continue
+            if hasattr(handle, "scipy_cblas_dgemm") and hasattr(handle, "scipy_cblas_zgemm"):
+                candidate = _CblasGemm(handle)
+                if _same_as_f2py(candidate):
+                    found = candidate
+                    break
+        _cblas = found
+    return _cblas
+
+
+def _same_as_f2py(cblas: _CblasGemm) -> bool:
+    """Whether ``cblas`` computes ``c + alpha a^T b`` bit for bit as SciPy's f2py ``xgemm`` on a probe."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.complex128):
+        a, b, c = (rng.standard_normal(s).astype(dtype) for s in ((7, 33), (7, 17), (33, 17)))
+        if dtype == np.complex128:
+            a, c = a + 1j * rng.standard_normal(a.shape), c + 1j * rng.standard_normal(c.shape)
+        alpha = dtype(-0.3) if dtype == np.float64 else -0.3 + 0.1j
+        want = get_blas_funcs("gemm", dtype=dtype)(alpha, b.T, a.T, beta=1.0, c=c.T, trans_b=1).T
+        cblas(c, a, b, alpha)
+        if not np.array_equal(c, want):
+            return False
+    return True
+
+
 def _addmm_t(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: Any, *, inplace: bool) -> np.ndarray:
     """``c + alpha * a^T @ b`` for C-ordered ``c`` (p, q), ``a`` (m, p), ``b`` (m, q), by one BLAS gemm.
 
     In place when ``inplace`` and the dtypes allow it. A C-ordered ``c`` is the
-    Fortran-ordered ``c^T``, so BLAS computes ``c^T <- c^T + alpha b^T a``.
+    Fortran-ordered ``c^T``, so BLAS computes ``c^T <- c^T + alpha b^T a``. On a worker of the task
+    pool through :class:`_CblasGemm` (GIL released) where available, else SciPy's f2py wrapper:
+    the same routine of the same library, the same numbers.
     """
     dtype = np.result_type(c, a, b, alpha)
+    # Only on the task pool's workers, where the GIL is contended; elsewhere the f2py call, whose
+    # per-call overhead is lower (~3 vs ~8 us: ctypes' pointer and argument conversions).
+    cblas = getattr(_threads._local, "inside", False) and _cblas_gemm()
+    if cblas and dtype in (np.float64, np.complex128) and min(a.shape + b.shape) > 0 \
+            and max(a.shape + b.shape) < 2**31 and c.shape == (a.shape[1], b.shape[1]):
+        if not (inplace and c.dtype == dtype and c.flags.c_contiguous and c.flags.writeable):
+            c = np.array(c, dtype=dtype, order="C")
+        cblas(c, np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype), alpha)
+        return c
     gemm = get_blas_funcs("gemm", dtype=dtype)
     if c.dtype != dtype:
         c, inplace = c.astype(dtype), True

@@ -42,7 +42,6 @@ from reference.features import (
     StackedFeatures,
     TaskFeatures,
     accumulate,
-    append_ones,
     as_scalar,
     check_backbone,
     check_feature_tasks,
@@ -53,10 +52,10 @@ from reference.features import (
     task_blocks,
 )
 from reference._threads import map_tasks
-from reference.linalg import SPDFactor
+from reference.linalg import SPDFactors
 from reference.validation import check_finite_scalar
 from reference.errors import InvalidInputError
-from reference.models import MLP, _Loss
+from reference.models import MLP
 from reference.tasks import Task
 
 Params = list[np.ndarray]
@@ -103,72 +102,131 @@ def ridge_weights(
     Raises:
         SingularMatrixError: the system matrix is singular in floating point.
     """
-    W, _ = _ridge(Z, Y, lam, form, what)
-    return W
+    Y = np.asarray(Y)
+    W, _ = _ridge(Z[None], (Y[:, None] if Y.ndim == 1 else Y)[None], lam, form, [what])
+    return W[0, :, 0] if Y.ndim == 1 else W[0]
 
 
-def _ridge(Z, Y, lam, form, what):
-    n, p = Z.shape
+def _ridge(Z, Y, lam, form, where):
+    """The ridge weights of a stack of ``T`` tasks, ``Z`` ``(T, n, p)``, ``Y`` ``(T, n, c)``: ``(W, (factors,
+    alpha))`` with ``alpha = K^{-1} Y`` in the dual form (``None`` in the primal)."""
+    _, n, p = Z.shape
     hint = "increase lam"
+    Zt = Z.transpose(0, 2, 1)
     if form == "primal":
-        factor = SPDFactor(Z.T @ Z + lam * np.eye(p), what=f"Z^T Z + lam I of {what}", hint=hint)
-        return factor.solve(Z.T @ Y), (factor, None)
-    factor = SPDFactor(Z @ Z.T + lam * np.eye(n), what=f"Z Z^T + lam I of {what}", hint=hint)
-    alpha = factor.solve(Y)
-    return Z.T @ alpha, (factor, alpha)
+        factors = SPDFactors(Zt @ Z + lam * np.eye(p), what=[f"Z^T Z + lam I of {w}" for w in where], hint=hint)
+        return factors.solve(Zt @ Y), (factors, None)
+    factors = SPDFactors(Z @ Zt + lam * np.eye(n), what=[f"Z Z^T + lam I of {w}" for w in where], hint=hint)
+    alpha = factors.solve(Y)
+    return Zt @ alpha, (factors, alpha)
 
 
 def _task(feats, task: Task, n_classes, lam, scale, offset, bias_column, normalize, form, regression, where,
           need_grad):
     """One task from its :class:`~reference.features.TaskFeatures` (or anything with ``support``,
     ``query`` and ``vjp``): ``(value, (grads, g_lam, g_scale, g_offset))``."""
-    value, out = _head(feats.support, feats.query, task, n_classes, lam, scale, offset, bias_column, normalize,
-                       form, regression, where, need_grad)
+    values, out = _heads(feats.support[None], feats.query[None], [task], n_classes, lam, scale, offset, bias_column,
+                         normalize, form, regression, [where], need_grad)
     if out is None:
-        return value, None
+        return values[0], None
     (G_Zs, G_Zq), *hyper = out
-    return value, (feats.vjp(G_Zs, G_Zq), *hyper)
+    return values[0], (feats.vjp(G_Zs[0], G_Zq[0]), *(h[0] for h in hyper))
 
 
-def _head(Zs: np.ndarray, Zq: np.ndarray, task: Task, n_classes, lam, scale, offset, bias_column, normalize,
-          form, regression, where, need_grad):
-    """The ridge head of one task on its features: the query loss and, with ``need_grad``, the feature
-    cotangents ``(G_Zs, G_Zq)`` and the head's gradients ``(g_lam, g_scale, g_offset)``."""
+def _heads(Zs: np.ndarray, Zq: np.ndarray, tasks: list[Task], n_classes, lam, scale, offset, bias_column, normalize,
+           form, regression, where, need_grad):
+    """The ridge heads of ``T`` tasks of equal shapes on their stacked features ``Zs`` ``(T, n, d)`` and ``Zq``
+    ``(T, q, d)``: the query losses ``(T,)`` and, with ``need_grad``, the feature cotangents ``(G_Zs, G_Zq)``
+    and the heads' gradients ``(g_lam, g_scale, g_offset)``, each ``(T,)``.
+
+    The module docstring's formulas, task by task, as NumPy calls on ``(T, ., .)`` stacks: about 40 calls for
+    the whole stack instead of 40 per task (issue 18: small calls hold the GIL for their Python overhead,
+    while the task pool's other worker waits; the stacked products release it for their work), and the
+    small ridge systems solved by :class:`~reference.linalg.SPDFactors`, matrix by matrix. Every
+    operation is the one-task operation slice by slice (stacked ``matmul`` calls the same GEMM per
+    slice; :func:`_task_sums` sums each task in its one-task order), so each task's results are bit for
+    bit those of a one-task head.
+    """
+    T, n = Zs.shape[:2]
+    q = Zq.shape[1]
     if bias_column:
-        Zs, Zq = append_ones(Zs), append_ones(Zq)
-    n = Zs.shape[0]
+        Zs = np.concatenate([Zs, np.ones((T, n, 1), dtype=Zs.dtype)], axis=2)
+        Zq = np.concatenate([Zq, np.ones((T, q, 1), dtype=Zq.dtype)], axis=2)
     if regression:
-        Y = task.y_support
+        Y = np.stack([t.y_support for t in tasks])
+        yq = np.stack([t.y_query for t in tasks])
     else:
-        Y = np.zeros((n, n_classes))
-        Y[np.arange(n), task.y_support] = 1.0
+        Y = np.zeros((T, n, n_classes))
+        Y[np.arange(T)[:, None], np.arange(n), np.stack([t.y_support for t in tasks])] = 1.0
+        yq = np.stack([t.y_query for t in tasks])
     if normalize:
         root = np.sqrt(n)
         Zs, Y = Zs / root, Y / root
-    W, (factor, alpha) = _ridge(Zs, Y, lam, form, where)
+    W, (factors, alpha) = _ridge(Zs, Y, lam, form, where)
     lin = Zq @ W
-    loss = _Loss("mse" if regression else "ce", scale * lin + offset, task.y_query)
-    value = loss.value()[()]
-    if not need_grad:
-        return value, None
-    G_O = loss.grad()
-    g_scale = np.sum(G_O * lin)
-    g_offset = np.sum(G_O)
-    G_W = scale * (Zq.T @ G_O)
-    G_Zq = scale * (G_O @ W.T)
-    if form == "primal":
-        Gb = factor.solve(G_W)
-        G_Zs = Y @ Gb.T - (Zs @ Gb) @ W.T - (Zs @ W) @ Gb.T
-        g_lam = -np.sum(Gb * W)
+    o = scale * lin + offset
+    # The query loss and its gradient per task, as reference.models._Loss ("mse", or "ce" on the logits o).
+    if regression:
+        r = o - yq
+        loss_scale = 1.0 / (q * o.shape[2])
+        values = _task_sums(r * r) * loss_scale
     else:
-        Gm = factor.solve(Zs @ G_W)
-        G_Zs = alpha @ G_W.T - Gm @ (alpha.T @ Zs) - alpha @ (Gm.T @ Zs)
-        g_lam = -np.sum(Gm * alpha)
+        loss_scale = 1.0 / q
+        m = np.max(np.real(o), axis=2, keepdims=True)
+        e = np.exp(o - m)
+        se = np.sum(e, axis=2, keepdims=True)
+        picked = np.take_along_axis(o, yq[:, :, None], axis=2)[:, :, 0]
+        values = np.sum((m + np.log(se))[:, :, 0] - picked, axis=1) * loss_scale
+    if not need_grad:
+        return values, None
+    if regression:
+        G_O = 2.0 * r * loss_scale
+    else:
+        onehot = np.zeros(o.shape)
+        onehot[np.arange(T)[:, None], np.arange(q), yq] = 1.0
+        G_O = (e / se - onehot) * loss_scale
+    g_scale = _task_sums(G_O * lin)
+    g_offset = _task_sums(G_O)
+    G_W = scale * (Zq.transpose(0, 2, 1) @ G_O)
+    G_Zq = scale * (G_O @ W.transpose(0, 2, 1))
+    if form == "primal":
+        Gb = factors.solve(G_W)
+        Gbt = Gb.transpose(0, 2, 1)
+        G_Zs = Y @ Gbt - (Zs @ Gb) @ W.transpose(0, 2, 1) - (Zs @ W) @ Gbt
+        g_lam = -_task_sums(Gb * W, "F")
+    else:
+        Gm = factors.solve(Zs @ G_W)
+        G_Zs = (alpha @ G_W.transpose(0, 2, 1) - Gm @ (alpha.transpose(0, 2, 1) @ Zs)
+                - alpha @ (Gm.transpose(0, 2, 1) @ Zs))
+        g_lam = -_task_sums(Gm * alpha, "F")
     if normalize:
         G_Zs = G_Zs / root
     if bias_column:
-        G_Zs, G_Zq = G_Zs[:, :-1], G_Zq[:, :-1]
-    return value, ((G_Zs, G_Zq), g_lam, g_scale, g_offset)
+        G_Zs, G_Zq = G_Zs[:, :, :-1], G_Zq[:, :, :-1]
+    return values, ((G_Zs, G_Zq), g_lam, g_scale, g_offset)
+
+
+def _task_sums(x: np.ndarray, order: str = "C") -> np.ndarray:
+    """``np.sum(x[t])`` for every task ``t`` of a ``(T, ., .)`` stack, each task's entries summed as one contiguous
+    row in ``order`` (NumPy's pairwise summation runs in memory order): ``"C"`` for quantities that are C-ordered
+    per task, ``"F"`` for products of LAPACK solves (Fortran-ordered), so each sum is the one-task sum."""
+    if order == "F":
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    return np.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def _runs(tasks: list[Task], indices: list[int]) -> list[list[int]]:
+    """``indices`` cut into runs of consecutive tasks with equal support and query sizes (one batched head
+    each; runs keep the task order, so the first failing task is the one a task-by-task loop would name)."""
+    runs: list[list[int]] = []
+    shape = None
+    for i in indices:
+        s = (tasks[i].x_support.shape[0], tasks[i].x_query.shape[0])
+        if s != shape:
+            runs.append([])
+            shape = s
+        runs[-1].append(i)
+    return runs
 
 
 def _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column, normalize, form, regression, *,
@@ -176,20 +234,31 @@ def _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column,
     """Per block of tasks (``task_blocks``, fixed size): ``(values, (summed backbone grads, heads))``, in order.
 
     MLP backbones only. The backbone is shared by the tasks: one stacked forward pass and one VJP
-    per block (reference/features.py) around the small per-task ridge solves; the blocks run on the thread pool of
-    reference/_threads.py, each with one BLAS thread, and are reduced in order by the caller.
+    per block (reference/features.py) around the ridge heads, batched over each run of equal-sized tasks
+    (:func:`_heads`); the blocks run on the thread pool of reference/_threads.py, each with one BLAS thread,
+    and are reduced in order by the caller.
     """
 
     def block(indices: list[int]) -> tuple[list[Any], Any]:
         feats = StackedFeatures(backbone, params, [tasks[i] for i in indices], indices)
         values, cotangents, heads = [], {}, []
-        for i in indices:
-            value, out = _head(feats.support(i), feats.query(i), tasks[i], n_classes, lam, scale, offset,
-                               bias_column, normalize, form, regression, f"tasks[{i}]", need_grad)
-            values.append(value)
+        for run in _runs(tasks, indices):
+            ns = tasks[run[0]].x_support.shape[0]
+            if len(run) == len(indices):
+                # The block's rows are [x_support_0; x_query_0; x_support_1; ...] of equal sizes: views.
+                rows = feats.out.reshape(len(run), -1, feats.out.shape[1])
+                Zs, Zq = rows[:, :ns], rows[:, ns:]
+            else:
+                Zs = np.stack([feats.support(i) for i in run])
+                Zq = np.stack([feats.query(i) for i in run])
+            vals, out = _heads(Zs, Zq, [tasks[i] for i in run], n_classes, lam, scale, offset, bias_column, normalize,
+                               form, regression, [f"tasks[{i}]" for i in run], need_grad)
+            values.extend(vals)
             if need_grad:
-                cotangents[i], *head = out
-                heads.append(head)
+                (G_Zs, G_Zq), g_lam, g_scale, g_offset = out
+                for k, i in enumerate(run):
+                    cotangents[i] = (G_Zs[k], G_Zq[k])
+                    heads.append((g_lam[k], g_scale[k], g_offset[k]))
         return values, ((feats.vjp(cotangents), heads) if need_grad else None)
 
     blocks = task_blocks(tasks)

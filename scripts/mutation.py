@@ -179,7 +179,7 @@ TESTS: dict[str, list[str]] = {
                                              "tests/audit/test_diagnosis_units.py", "tests/audit/test_audit_api.py",
                                              "tests/audit/test_audit_corpus.py"]
        for m in ("core", "implicit")},
-    "reference/r2d2.py": ["tests/test_ref_r2d2_independent.py", "tests/test_symbolic.py",
+    "reference/r2d2.py": ["tests/test_ref_r2d2_batched.py", "tests/test_ref_r2d2_independent.py", "tests/test_symbolic.py",
                           "tests/test_check_matrix.py"],
     "reference/maml.py": ["tests/test_ref_maml_adapt.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/anil.py": ["tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
@@ -199,10 +199,12 @@ TESTS: dict[str, list[str]] = {
                                 "tests/torch/test_torch_inner_optim.py"],
     "reference/lrd2.py": ["tests/test_ref_lrd2_values.py", "tests/test_ref_closed_form.py", "tests/test_check_matrix.py"],
     "reference/models.py": ["tests/test_ref_models_contract.py", "tests/test_models.py", "tests/test_ref_gradient_family.py"],
-    "reference/inner_loop.py": ["tests/test_ref_inner_loop_engine.py", "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
+    "reference/inner_loop.py": ["tests/test_ref_gemm_nogil.py", "tests/test_ref_inner_loop_engine.py",
+                                "tests/test_ref_gradient_family.py", "tests/test_symbolic_reference.py"],
     "reference/features.py": ["tests/test_ref_features.py", "tests/test_ref_r2d2_independent.py", "tests/test_ref_metric.py",
                                "tests/test_ref_closed_form.py"],
-    "reference/linalg.py": ["tests/test_ref_linalg.py", "tests/test_ref_closed_form.py", "tests/test_ref_imaml.py"],
+    "reference/linalg.py": ["tests/test_ref_linalg_batched.py", "tests/test_ref_linalg.py", "tests/test_ref_closed_form.py",
+                            "tests/test_ref_imaml.py"],
     "reference/flow.py": ["tests/test_flow.py"],
     "reference/_threads.py": ["tests/test_ref_threads_policy.py", "tests/test_ref_threads.py"],
     "reference/inner_optim.py": ["tests/test_ref_inner_optim_fast.py", "tests/test_inner_audit.py",
@@ -2134,7 +2136,7 @@ SELFTEST: tuple[tuple[str, str, str, str], ...] = (
     ("verify/hessian_inverse.py", "r = np.linalg.norm(b64 - Ax)", "core/ReplaceBinaryOperator_Sub_Add", "killed"),
     ("reference/models.py", "return (self.s - self.onehot) * self.scale", "core/ReplaceBinaryOperator_Sub_Add",
      "killed"),
-    ("reference/r2d2.py", "G_Zq = scale * (G_O @ W.T)", "core/ReplaceBinaryOperator_Mul_Div", "killed"),
+    ("reference/r2d2.py", "G_Zq = scale * (G_O @ W.transpose(0, 2, 1))", "core/ReplaceBinaryOperator_Mul_Div", "killed"),
     # a module-level constant: the fast path re-runs the mutated assignment in the live module
     ("verify/_numdiff.py", "_ROMBERG_W = np.array([64.0, -20.0, 1.0]) / 45.0", "core/NumberReplacer", "killed"),
 )

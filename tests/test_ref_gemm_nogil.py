@@ -1,0 +1,117 @@
+"""The MAML engine's fused GEMM ``c + alpha a^T b`` (reference/inner_loop.py ``_addmm_t``), issue 18.
+
+On the task pool's workers it calls SciPy's OpenBLAS ``cblas_xgemm`` through ``ctypes`` (which
+releases the GIL) where that library is loaded, elsewhere SciPy's f2py ``xgemm`` wrapper (which
+holds it, at a lower per-call cost). Both paths are run here (``worker``). Checked: the value
+against NumPy's ``c + alpha * (a.T @ b)`` (another code path, to round-off), and the ctypes call
+against the f2py one bit for bit (the same routine of the same library, so switching changes no
+number of the reference), for real and complex (complex-step) data, in place or not, and inputs
+that are transposed views or of another dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.linalg.blas import get_blas_funcs
+
+from reference import _threads, inner_loop
+
+CASES = [(10, 256, 256), (1, 1, 1), (10, 1, 256), (10, 256, 1), (3, 40, 8), (7, 5, 3)]
+
+
+@pytest.fixture(params=[True, False], ids=["pool-worker", "main-thread"])
+def worker(request, monkeypatch) -> bool:
+    """Run the test as on a worker of reference/_threads.py's pool (the ctypes path) or not (f2py)."""
+    monkeypatch.setattr(_threads._local, "inside", request.param, raising=False)
+    return request.param
+
+
+def _data(m: int, p: int, q: int, complex_step: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    a, b, c = rng.standard_normal((m, p)), rng.standard_normal((m, q)), rng.standard_normal((p, q))
+    if complex_step:
+        a = a + 1e-20j * rng.standard_normal(a.shape)
+        c = c + 1j * rng.standard_normal(c.shape)
+    return a, b, c
+
+
+def _f2py(c, a, b, alpha):
+    dtype = np.result_type(c, a, b, alpha)
+    gemm = get_blas_funcs("gemm", dtype=dtype)
+    return gemm(alpha, b.T.astype(dtype), a.T.astype(dtype), beta=1.0, c=c.T.astype(dtype), trans_b=1).T
+
+
+@pytest.mark.parametrize("complex_step", [False, True])
+@pytest.mark.parametrize("shape", CASES)
+def test_addmm_t_is_the_gemm_and_the_f2py_call_bit_for_bit(shape, complex_step: bool, worker: bool) -> None:
+    a, b, c = _data(*shape, complex_step, seed=sum(shape))
+    for alpha in (-0.3, np.float64(0.7), 0.5 + 1e-20j):
+        want = c + alpha * (a.T @ b)
+        got = inner_loop._addmm_t(c, a, b, alpha, inplace=False)
+        assert got.dtype == np.result_type(c, a, b, alpha) and got.shape == c.shape
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+        assert np.array_equal(got, _f2py(c, a, b, alpha))
+        # In place: c's own array is written when its dtype is the result's.
+        c2 = c.astype(got.dtype)
+        out = inner_loop._addmm_t(c2, a, b, alpha, inplace=True)
+        assert out is c2 or np.shares_memory(out, c2)
+        assert np.array_equal(c2, got)
+    # Not in place: c is left as it was.
+    before = c.copy()
+    inner_loop._addmm_t(c, a, b, -1.0, inplace=False)
+    assert np.array_equal(c, before)
+
+
+def test_addmm_t_on_views_and_other_dtypes_and_without_the_ctypes_path(monkeypatch, worker: bool) -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((12, 10))[::2].T.copy().T  # (6, 10) Fortran-ordered
+    b = rng.standard_normal((6, 9)).astype(np.float32)
+    c = np.asfortranarray(rng.standard_normal((10, 9)))
+    want = c + 0.25 * (a.T @ b.astype(np.float64))
+    got = inner_loop._addmm_t(c, a, b, 0.25, inplace=True)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    monkeypatch.setattr(inner_loop, "_cblas", False)  # no ctypes library: the f2py wrapper, the same numbers
+    assert np.array_equal(inner_loop._addmm_t(np.ascontiguousarray(c), a, b, 0.25, inplace=False), got)
+
+
+def test_the_ctypes_path_is_found_with_scipys_openblas_and_used_on_workers(monkeypatch) -> None:
+    # SciPy's wheels bundle libscipy_openblas (symbols scipy_cblas_*): the GIL-free path must be the one used.
+    import scipy
+
+    info = scipy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    if info.get("name") != "scipy-openblas":
+        pytest.skip(f"SciPy built against {info.get('name')!r}: the f2py wrapper is used")
+    pytest.importorskip("threadpoolctl")
+    real = inner_loop._cblas_gemm()
+    assert real
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    # Used on a pool worker, not elsewhere.
+    monkeypatch.setattr(inner_loop, "_cblas", counted)
+    a, b, c = _data(10, 6, 5, False, seed=0)
+    for inside in (False, True):
+        monkeypatch.setattr(_threads._local, "inside", inside, raising=False)
+        inner_loop._addmm_t(c, a, b, 0.5, inplace=False)
+    assert calls == [(6, 5)]
+
+
+def test_a_library_whose_gemm_differs_from_the_f2py_one_is_not_taken() -> None:
+    # The probe admits a ctypes library only if it reproduces the f2py call bit for bit.
+    pytest.importorskip("threadpoolctl")
+    real = inner_loop._cblas_gemm()
+    if not real:
+        pytest.skip("no SciPy OpenBLAS with scipy_cblas_* symbols loaded")
+    assert inner_loop._same_as_f2py(real)
+
+    class OffByOneUlp:
+        def __call__(self, c, a, b, alpha):
+            real(c, a, b, alpha)
+            c[0, 0] = np.nextafter(c[0, 0].real, np.inf) + 1j * c[0, 0].imag if np.iscomplexobj(c) else \
+                np.nextafter(c[0, 0], np.inf)
+
+    assert not inner_loop._same_as_f2py(OffByOneUlp())
