@@ -146,3 +146,15 @@ def test_rekey_follows_a_mutant_to_its_new_occurrence(mutation):
                 == mutation._mutant_signature(REKEY_NEW, new[mapping[k]]["operator"], new[mapping[k]]["occurrence"]))
     assert all(mapping[k] is None for k in f_old)  # its line changed: the argument must be made again
     assert len({mapping[k] for k in g_old}) == len(g_old)  # never two keys onto one
+
+
+def test_no_test_module_caches_the_code_under_test_across_tests():
+    """A cached build is covered by the first test only, so the runner would never select the others."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    cached = re.compile(r"functools\.(lru_cache|cache)\b|^\s*@(lru_cache|cache)\b", re.M)
+    offenders = [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if cached.search(p.read_text())
+                 and p.name != "test_mutation_runner.py"]
+    assert offenders == [], f"build the object inside each test instead of caching it: {offenders}"
