@@ -115,3 +115,36 @@ def test_a_library_whose_gemm_differs_from_the_f2py_one_is_not_taken() -> None:
                 np.nextafter(c[0, 0], np.inf)
 
     assert not inner_loop._same_as_f2py(OffByOneUlp())
+
+
+def test_the_ctypes_library_search_skips_what_it_cannot_use(monkeypatch) -> None:
+    # The search over threadpoolctl's BLAS list: nothing listed -> False (the f2py wrapper); a path that
+    # cannot be opened and a library without scipy_cblas_* symbols are passed over, and SciPy's OpenBLAS
+    # listed after them is still found.
+    import ctypes.util
+
+    class Listed:
+        def __init__(self, filepath: str):
+            self.filepath = filepath
+
+    class Controller:
+        def __init__(self, libs: list):
+            self.lib_controllers = libs
+
+    def search(libs: list):
+        monkeypatch.setattr(inner_loop, "_cblas", None)
+        monkeypatch.setattr(_threads, "_controller", Controller(libs))
+        return inner_loop._cblas_gemm()
+
+    assert search([]) is False
+    libm = ctypes.util.find_library("m") or "libm.so.6"
+    unusable = [Listed("/nonexistent/libopenblas.so"), Listed(libm)]
+    assert search(unusable) is False
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_threads, "_controller", None)
+    real = _threads._blas()
+    scipy_libs = [Listed(lib.filepath) for lib in (real.lib_controllers if real else [])]
+    if not any(hasattr(ctypes.CDLL(lib.filepath), "scipy_cblas_dgemm") for lib in scipy_libs):
+        pytest.skip("no SciPy OpenBLAS with scipy_cblas_* symbols loaded")
+    found = search(unusable + scipy_libs)
+    assert isinstance(found, inner_loop._CblasGemm) and inner_loop._same_as_f2py(found)
