@@ -105,3 +105,19 @@ def test_a_stack_of_heads_is_each_head_bit_for_bit(form: str, regression: bool) 
         assert v[0] == values[t]
         assert np.array_equal(gs[0], G_Zs[t]) and np.array_equal(gq[0], G_Zq[t])
         assert [x[0] for x in h] == [x[t] for x in hyper]
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+@pytest.mark.parametrize("n, p", [(6, 3), (3, 6)])
+def test_ridge_weights_of_one_target_vector_and_of_a_matrix(form: str, n: int, p: int) -> None:
+    # ridge_weights(Z, y) for a 1-D y is the (p,) vector (Z^T Z + lam I)^{-1} Z^T y (numpy.linalg.solve, the
+    # primal normal equations, for either form), and each column of a 2-D Y is solved on its own.
+    rng = np.random.default_rng(n * 10 + p)
+    Z, Y, lam = rng.standard_normal((n, p)), rng.standard_normal((n, 2)), 0.3
+    exact = np.linalg.solve(Z.T @ Z + lam * np.eye(p), Z.T @ Y)
+    w = r2d2.ridge_weights(Z, Y[:, 1], lam, form=form)
+    assert w.shape == (p,)
+    np.testing.assert_allclose(w, exact[:, 1], rtol=1e-12, atol=1e-13)
+    W = r2d2.ridge_weights(Z, Y, lam, form=form)
+    assert W.shape == (p, 2)
+    np.testing.assert_allclose(W, exact, rtol=1e-12, atol=1e-13)
