@@ -116,6 +116,9 @@ def test_shapes_are_checked() -> None:
         SPDFactors(A[0], what=["A"])
     with pytest.raises(ValueError, match=re.escape("A.shape=(3, 4, 4) with 2 names")):
         SPDFactors(A, what=["A", "B"])
+    for not_square in (np.ones((2, 3, 4)), np.ones((2, 4, 3))):  # refused by the stack's own check
+        with pytest.raises(ValueError, match=re.escape(f"A.shape={not_square.shape!r} with 2 names: pass T square")):
+            SPDFactors(not_square, what=["A", "B"])
     f = SPDFactors(A, what=["A"] * 3)
     for bad in (np.ones((3, 4)), np.ones((2, 4, 1)), np.ones((3, 5, 1))):
         with pytest.raises(ValueError, match=re.escape(f"B.shape={bad.shape!r} does not fit 3 systems of size 4 x 4")):

@@ -121,3 +121,14 @@ def test_ridge_weights_of_one_target_vector_and_of_a_matrix(form: str, n: int, p
     W = r2d2.ridge_weights(Z, Y, lam, form=form)
     assert W.shape == (p, 2)
     np.testing.assert_allclose(W, exact, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_equal_support_sizes_with_different_query_sizes_are_separate_runs(regression: bool) -> None:
+    # Consecutive tasks with the same support size but different query sizes must not share a batched head
+    # (their query blocks cannot be stacked): the value is still the independent lstsq head's.
+    model, params, tasks, n_classes = _problem(regression, seed=31, shapes=[(3, 4), (3, 2)] * 3)
+    kw = dict(bias_column=True, normalize=True, form="dual", regression=regression)
+    theirs = loss_lstsq(params, tasks, n_classes, LAM, SCALE, OFFSET, True, True, regression)
+    assert r2d2.meta_loss(model, params, tasks, n_classes, LAM, SCALE, OFFSET, **kw) == pytest.approx(
+        theirs, rel=1e-12, abs=1e-14)
