@@ -290,13 +290,7 @@ class Derivation:
                 out[self.symbols[key]] = to_exact(value, key)
             elif key in self.arrays:
                 mat = self.arrays[key]
-                arr = np.asarray(value, dtype=object)
-                if arr.ndim == 1 and mat.shape[1] == 1:
-                    arr = arr.reshape(-1, 1)
-                if arr.ndim == 0 and mat.shape == (1, 1):
-                    arr = arr.reshape(1, 1)
-                if arr.shape != mat.shape:
-                    raise InvalidInputError(f"{key} has shape {arr.shape}, expected {mat.shape}")
+                arr = _shaped(key, np.asarray(value, dtype=object), mat)
                 for i in range(mat.shape[0]):
                     for j in range(mat.shape[1]):
                         sym = mat[i, j]
@@ -401,13 +395,7 @@ class Derivation:
                 except (TypeError, ValueError):
                     raise InvalidInputError(f"{key}={value!r} must be an array of real numbers of shape "
                                             f"{mat.shape}") from None
-                # the shapes bind() accepts: exactly the array's, a 1-D column, a scalar for 1x1
-                if arr.ndim == 1 and mat.shape[1] == 1:
-                    arr = arr.reshape(-1, 1)
-                if arr.ndim == 0 and mat.shape == (1, 1):
-                    arr = arr.reshape(1, 1)
-                if arr.shape != mat.shape:
-                    raise InvalidInputError(f"{key} has shape {arr.shape}, expected {mat.shape}")
+                arr = _shaped(key, arr, mat)
                 for i in range(mat.shape[0]):
                     for j in range(mat.shape[1]):
                         if isinstance(mat[i, j], sp.Symbol):
@@ -428,6 +416,18 @@ class Derivation:
             out.append(arr[start : start + size].reshape(shape))
             start += size
         return out
+
+
+def _shaped(key: str, arr: np.ndarray, mat: sp.Matrix) -> np.ndarray:
+    """``arr`` in the shape of the array ``mat``, as ``bind()`` and ``numeric()`` accept it: exactly its
+    shape, a 1-D array for a column, a scalar for a 1x1 array; anything else is refused with both shapes."""
+    if arr.ndim == 1 and mat.shape[1] == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim == 0 and mat.shape == (1, 1):
+        arr = arr.reshape(1, 1)
+    if arr.shape != mat.shape:
+        raise InvalidInputError(f"{key} has shape {arr.shape}, expected {mat.shape}")
+    return arr
 
 
 @dataclass
