@@ -148,3 +148,123 @@ def test_the_ctypes_library_search_skips_what_it_cannot_use(monkeypatch) -> None
         pytest.skip("no SciPy OpenBLAS with scipy_cblas_* symbols loaded")
     found = search(unusable + scipy_libs)
     assert isinstance(found, inner_loop._CblasGemm) and inner_loop._same_as_f2py(found)
+
+
+def test_a_library_with_only_one_of_the_two_gemms_is_passed_over(monkeypatch) -> None:
+    # _CblasGemm needs both scipy_cblas_dgemm (real) and scipy_cblas_zgemm (complex-step): a library
+    # exporting only one of them is skipped, not half-built, and a full library listed after it is found.
+    import ctypes
+
+    class Fn:  # a ctypes foreign function's settable restype/argtypes, never called here
+        pass
+
+    class Half:
+        def __init__(self, name: str):
+            setattr(self, name, Fn())
+
+    class Full:
+        def __init__(self):
+            self.scipy_cblas_dgemm, self.scipy_cblas_zgemm = Fn(), Fn()
+
+    class Listed:
+        def __init__(self, filepath: str):
+            self.filepath = filepath
+
+    class Controller:
+        def __init__(self, libs: list):
+            self.lib_controllers = libs
+
+    handles = {"/fake/only-d.so": Half("scipy_cblas_dgemm"), "/fake/only-z.so": Half("scipy_cblas_zgemm"),
+               "/fake/full.so": Full()}
+    opened: list[str] = []
+
+    def cdll(path, *args, **kwargs):
+        opened.append(path)
+        return handles[path]
+
+    probed: list = []
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(inner_loop, "_same_as_f2py", lambda cblas: probed.append(cblas) or True)
+
+    def search(paths: list[str]):
+        opened.clear(), probed.clear()
+        monkeypatch.setattr(inner_loop, "_cblas", None)
+        monkeypatch.setattr(_threads, "_controller", Controller([Listed(p) for p in paths]))
+        return inner_loop._cblas_gemm()
+
+    assert search(["/fake/only-d.so", "/fake/only-z.so"]) is False
+    assert opened == ["/fake/only-d.so", "/fake/only-z.so"] and probed == []
+    found = search(["/fake/only-d.so", "/fake/only-z.so", "/fake/full.so"])
+    assert isinstance(found, inner_loop._CblasGemm) and probed == [found]
+    assert found.d is handles["/fake/full.so"].scipy_cblas_dgemm and found.z is handles["/fake/full.so"].scipy_cblas_zgemm
+
+
+def _outcome(fn):
+    try:
+        return "value", fn()
+    except Exception as exc:  # noqa: BLE001 - compared between the two paths below
+        return "raises", type(exc)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_empty_shapes_take_the_same_path_outcome_on_a_worker_and_off_it(monkeypatch, capfd, dtype) -> None:
+    # Empty operands: a pool worker's _addmm_t behaves exactly as the main thread's (the ctypes call stands in
+    # for the f2py one on every input, empty ones included: the same array, or the same exception), BLAS
+    # prints nothing (no xerbla message on fd 1 or 2), and with m = 0 rows the sum is c itself (NumPy's
+    # empty product is zero; alpha * 0 + c = c, -0.0 entries of c included since beta = 1 leaves c as is).
+    if not inner_loop._cblas_gemm():
+        pytest.skip("no SciPy OpenBLAS with scipy_cblas_* symbols loaded: one path only")
+    rng = np.random.default_rng(11)
+    for m, p, q in [(0, 3, 4), (0, 1, 1), (3, 0, 4), (3, 4, 0), (0, 0, 4), (0, 3, 0), (2, 0, 0), (0, 0, 0)]:
+        a, b = rng.standard_normal((m, p)).astype(dtype), rng.standard_normal((m, q)).astype(dtype)
+        c = rng.standard_normal((p, q)).astype(dtype)
+        results = []
+        for inside in (False, True):
+            monkeypatch.setattr(_threads._local, "inside", inside, raising=False)
+            results.append(_outcome(lambda: inner_loop._addmm_t(c.copy(), a, b, -0.3, inplace=False)))
+        (kind0, got0), (kind1, got1) = results
+        assert kind0 == kind1, ((m, p, q), results)
+        if kind0 == "value":
+            assert got0.shape == got1.shape == (p, q) and np.array_equal(got0, got1)
+            if m == 0:
+                assert np.array_equal(got1, c)
+        else:
+            assert got0 is got1
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_dimensions_beyond_a_c_int_never_reach_the_ctypes_call(monkeypatch) -> None:
+    # cblas_xgemm takes its sizes as C ints, and ctypes converts a Python int to c_int silently modulo 2^32
+    # (2^31 becomes -2^31): a dimension above np.iinfo(np.intc).max must go to the f2py wrapper instead.
+    # A read-only anonymous mapping stands in for the 2^31-row operand (zero pages, no memory committed);
+    # both GEMMs are recorders, so nothing reads it.
+    import ctypes
+    import mmap
+
+    top = int(np.iinfo(np.intc).max)
+    assert ctypes.c_int(top + 1).value < 0  # why: the wrapped size would be negative
+    try:
+        buf = mmap.mmap(-1, (top + 1) * 8, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    except (OSError, OverflowError, ValueError):  # pragma: no cover - a 32-bit or address-limited platform
+        pytest.skip("cannot map 16 GiB of address space")
+    calls: list[str] = []
+
+    def cblas(c, a, b, alpha):
+        calls.append("ctypes")
+
+    def gemm(alpha, b, a, beta, c, trans_b, overwrite_c):
+        calls.append("f2py")
+        return c
+
+    monkeypatch.setattr(inner_loop, "_cblas", cblas)
+    monkeypatch.setattr(inner_loop, "get_blas_funcs", lambda name, dtype: gemm)
+    monkeypatch.setattr(_threads._local, "inside", True, raising=False)
+    whole = np.frombuffer(buf, dtype=np.float64)
+    c = np.zeros((1, 1))
+    for rows, path in ((top + 1, "f2py"), (top, "ctypes"), (3, "ctypes")):
+        a = whole[:rows].reshape(rows, 1)  # C-contiguous: no copy on either path
+        calls.clear()
+        inner_loop._addmm_t(c, a, a, 0.5, inplace=True)
+        assert calls == [path], (rows, calls)
+    del whole, a
