@@ -165,3 +165,23 @@ def test_a_model_above_the_batch_cap_runs_one_task_per_batch():
     loss, _, _ = inner_loop.meta_loss_and_grad(model, params, tasks, lrs, 1)
     expected = _independent(model, params, tasks, lrs, 1)
     assert abs(loss - expected) <= 1e-12 * abs(expected)
+
+
+def test_complex_batches_are_the_largest_that_fit_complex128_parameter_copies():
+    """Complex-step tasks carry complex128 parameter iterates (itemsize from NumPy, 16 bytes): every batch's
+    ``len(batch) x n_params x 16`` bytes fit in BATCH_BYTES, and with one worker there are as few batches as
+    that allows, ``ceil(n_tasks / cap)`` (the docstring's examples: a batch holds as many tasks as fit). 1-2184-1
+    has 6,553 parameters, where a 15-, 16- or 17-byte item would cap a batch at 16, 15 or 14 tasks."""
+    model = MLP([1, 2184, 1], "tanh")
+    itemsize = np.dtype(np.complex128).itemsize
+    per_task = model.n_params * itemsize
+    cap = inner_loop.BATCH_BYTES // per_task
+    assert [inner_loop.BATCH_BYTES // (model.n_params * s) for s in (itemsize - 1, itemsize + 1)] == [cap + 1, cap - 1]
+    rng = np.random.default_rng(8)
+    for n_tasks in (cap - 1, cap, cap + 1, 2 * cap, 2 * cap + 1):
+        tasks = [Task(rng.standard_normal((3, 1)) + 1e-20j, rng.standard_normal((3, 1)), rng.standard_normal((2, 1)),
+                      rng.standard_normal((2, 1))) for _ in range(n_tasks)]
+        batches = inner_loop.task_batches(model, tasks, 1)
+        assert [i for b in batches for i in b] == list(range(n_tasks))
+        assert all(len(b) * per_task <= inner_loop.BATCH_BYTES for b in batches), [len(b) for b in batches]
+        assert len(batches) == -(-n_tasks // cap), [len(b) for b in batches]
