@@ -111,3 +111,21 @@ def test_polish_tolerance_is_the_floor_forcing_term_clipped():
     assert imaml._polish_rtol(z, 0.0, 1.0, 1e-12) == 1e-12  # zero residual: no division
     # scales with lam * ||z||
     assert imaml._polish_rtol(2 * z, floor / 1e-6, 0.5, 1e-12) == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.3, 1.0, 7.0])
+def test_polish_asks_cg_for_a_quarter_of_the_proximal_rounding(lam):
+    """Pins the documented forcing term (module comment above POLISH_FORCING): between its clips a polishing
+    CG must leave a linearised residual ``rtol * res`` of a quarter of ``eps * lam * ||z||`` -- below the
+    rounding of ``lam * z`` itself, so the step is exact to the floor -- with eps = 2^-52 from NumPy, not
+    from the module. A looser factor (the step's CG stopping above that floor) fails here."""
+    eps = float(np.finfo(np.float64).eps)
+    rng = np.random.default_rng(int(10 * lam))
+    for _ in range(5):
+        z = rng.standard_normal(int(rng.integers(3, 50)))
+        target = eps * lam * float(np.linalg.norm(z)) / 4
+        for ratio in (1e-8, 1e-4, 0.1, 0.4):  # target / res: from far above the floor up to nearly at it
+            res = target / ratio
+            assert imaml._polish_rtol(z, res, lam, 1e-12) * res / target == pytest.approx(1.0, rel=1e-14, abs=0)
+        assert imaml._polish_rtol(z, target / 0.6, lam, 1e-12) == 0.5  # the cap: at most halve the residual
+        assert imaml._polish_rtol(z, target / 1e-13, lam, 1e-12) == 1e-12  # the floor min(cg_tol, 1e-12)
