@@ -196,7 +196,8 @@ def test_a_library_with_only_one_of_the_two_gemms_is_passed_over(monkeypatch) ->
     assert opened == ["/fake/only-d.so", "/fake/only-z.so"] and probed == []
     found = search(["/fake/only-d.so", "/fake/only-z.so", "/fake/full.so"])
     assert isinstance(found, inner_loop._CblasGemm) and probed == [found]
-    assert found.d is handles["/fake/full.so"].scipy_cblas_dgemm and found.z is handles["/fake/full.so"].scipy_cblas_zgemm
+    full = handles["/fake/full.so"]
+    assert found.d is full.scipy_cblas_dgemm and found.z is full.scipy_cblas_zgemm
 
 
 def _outcome(fn):
