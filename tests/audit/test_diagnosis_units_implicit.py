@@ -397,8 +397,8 @@ def test_a_named_system_is_a_start_of_the_fit(monkeypatch, c, beta, label):
     the way the fit computes solutions, so that its residual there is exactly zero; the dense solve agrees to
     round-off) has a zero residual at that start, where Levenberg-Marquardt stops at once (its gradient ``J^T f``
     is zero): one of the fit's runs (recorded by a spy on ``scipy.optimize.least_squares`` that forwards everything
-    unchanged) ends on the named ``(c, beta)`` bit for bit, with a zero residual -- a run converging from
-    elsewhere ends on a round-off neighbour. The fit's answer (the first start to tie at zero error) is the named
+    unchanged) ends on the named ``(c, beta)`` bit for bit, with a zero residual (a run converging from
+    elsewhere generally ends on a round-off neighbour). The fit's answer (the first start to tie at zero error) is the named
     system to round-off, with its label."""
     import scipy.optimize
 
