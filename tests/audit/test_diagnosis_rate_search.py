@@ -22,6 +22,12 @@ up to 64: the catalogue's "a different inner_lr than the one passed"), the sign 
 ``alpha x n`` for a support loss summed over its ``n`` elements (``reduction='sum'``) -- is found however
 narrow its basin. Each claim is ``(1 + 1e-4)`` times the ratio (it is not a grid point itself: Gauss-Newton
 must move). Every test here runs in milliseconds (the synthetic ``G`` is a few vector operations).
+
+The last section checks what the search costs and where it looks, by recording the rates the fit evaluates the
+variant at: its scored starts, the three it refines, its step budget (40 Gauss-Newton steps per start with the
+complex-step derivative, 60 with central differences: stated in those tests' docstrings), a start given up at once
+when its derivative fails, a run that is bit-identical for a claim scaled by a power of two (a unit-free stop rule),
+and the rank of the fitted candidate in the diagnosis.
 """
 
 from __future__ import annotations
@@ -243,3 +249,200 @@ def test_a_factor_is_named_before_a_fitted_rate():
     assert _fitted(case, c * ref) is not None  # the fit explains it too
     d = _diagnose(case, c * ref, no_loss=True)
     assert d is not None and d.key == "scale" and d.fitted["scale"] == pytest.approx(c, rel=1e-12), d
+
+
+# ---------------------------------------------------------------------------
+# where the search looks and what it costs: its starts, its step budget, its units, its rank
+# ---------------------------------------------------------------------------
+
+
+def _recording(fn):
+    """``fn`` and the list of rates it is evaluated at, in order (complex ones: the fit's complex-step derivative;
+    an evaluation that raises is recorded too)."""
+    calls: list = []
+
+    def rec(a):
+        calls.append(a)
+        return fn(a)
+
+    return rec, calls
+
+
+def _projection_error(g: np.ndarray, G: np.ndarray) -> float:
+    """``min_c |g - c G| / |g|`` (the least-squares factor ``c = <G, g> / <G, G>``)."""
+    return float(np.linalg.norm(g - (G @ g) / (G @ G) * G) / np.linalg.norm(g))
+
+
+@pytest.mark.parametrize("shots, outputs, summed", [((3, 4), 5, None), (3, 5, 15.0)])
+def test_the_scored_starts_are_the_promised_rates(monkeypatch, shots, outputs, summed):
+    """The rates the fit scores (its real evaluations before the first complex-step derivative) are exactly the
+    promised starts: +- each ratio x alpha, and alpha x rows x outputs (``reduction='sum'``; mse with 5 outputs and
+    3 rows: 15 alpha) only when every task's support set has the same number of rows. With 3 and 4 rows no single
+    rate is a summed loss: no extra start at all (with 5 outputs a spurious one, such as -5 alpha for a row count
+    taken as -1, is not on the ratio list and would show)."""
+    case = _case(shots=shots, outputs=outputs)
+    fn0 = _winding(case)
+    g = fn0(2.0 * ALPHA * (1 + 1e-4))[1]
+    fn, calls = _recording(fn0)
+    monkeypatch.setattr(gradient, "_rate_function", lambda c: fn)
+    _fitted(case, g)
+    first_complex = next(i for i, a in enumerate(calls) if isinstance(a, complex))
+    expected = sorted({s * f * ALPHA for f in RATIOS for s in (1.0, -1.0)} | ({summed * ALPHA} if summed else set()))
+    assert len(calls[:first_complex]) == len(expected) == 28 + (summed is not None)
+    assert sorted(calls[:first_complex]) == pytest.approx(expected, rel=1e-15, abs=0.0)
+
+
+@pytest.mark.parametrize("side", [1.0, -1.0])
+def test_a_start_with_the_variant_undefined_on_one_side_is_dropped(monkeypatch, side):
+    """relu: the fit's derivative is a central difference of ``G(a +- h)``, ``h = 1e-6 |a|``. The variant is undefined
+    just above (side +1) or just below (side -1) the start 2 alpha -- within the difference's reach, not at the start
+    itself, so the start is scored and refined. Its derivative is then undefined: the start is given up (no
+    exception escapes the fit), and the planted rate -2 alpha (1 + 1e-4) is found from the other start, -2 alpha.
+    The grid is ``(2,)``, so both starts are among the three refined."""
+    case = _case("relu", shots=(3, 4))
+    start = 2.0 * ALPHA
+    undefined = lambda a: 1e-9 <= side * (a / start - 1.0) <= 1e-5  # noqa: E731
+    fn0 = _winding(case, undefined=undefined)
+    rate, scale = -2.0 * ALPHA * (1 + 1e-4), 1.3
+    g = scale * fn0(rate)[1]
+    fn, calls = _recording(fn0)
+    monkeypatch.setattr(gradient, "_RATE_GRID", (2.0,))
+    monkeypatch.setattr(gradient, "_rate_function", lambda c: fn)
+    cand = _fitted(case, g)
+    assert any(undefined(a) for a in calls)  # the premise: the fit did reach into the undefined interval
+    assert start in calls[2:]  # ... from the start 2 alpha, which it went on to refine (after scoring both)
+    assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0), cand
+    assert cand.fitted["scale"] == pytest.approx(scale, rel=1e-9, abs=0.0)
+
+
+def test_the_three_best_scored_starts_are_refined(monkeypatch):
+    """The search's breadth (``_fit_rate``'s docstring: Gauss-Newton from the three best grid points): the starts the
+    fit refines (its first complex-step derivative of each is at the start itself) are exactly the three rates of
+    the grid whose projection errors ``min_c |g - c G(a)| / |g|``, computed here, are smallest -- no fourth."""
+    case = _case(shots=(3, 4))
+    fn0 = _winding(case)
+    g = 1.7 * fn0(3.0 * ALPHA * (1 + 1e-4))[1]
+    fn, calls = _recording(fn0)
+    monkeypatch.setattr(gradient, "_rate_function", lambda c: fn)
+    cand = _fitted(case, g)
+    grid = {s * f * ALPHA for f in RATIOS for s in (1.0, -1.0)}
+    errors = sorted((_projection_error(g, fn0(r)[1]), r) for r in grid)
+    assert errors[2][0] < errors[3][0]  # the premise: the three best are well defined
+    refined = {a.real for a in calls if isinstance(a, complex)} & grid
+    assert refined == {r for _, r in errors[:3]}
+    assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(3.0 * ALPHA * (1 + 1e-4), rel=1e-9)
+
+
+@pytest.mark.parametrize("activation, cap, per_step", [("tanh", 40, 1), ("relu", 60, 3)])
+def test_a_start_that_does_not_converge_stops_at_the_step_budget(monkeypatch, activation, cap, per_step):
+    """The fit's budget (stated here; ``_fit_rate``'s docstring gives no numbers): at most 40 Gauss-Newton steps per
+    start with the complex-step derivative (one evaluation at a complex rate per step), 60 with central
+    differences (relu: three real evaluations per step, ``G(a)``, ``G(a + h)``, ``G(a - h)``), whose convergence is
+    only linear. On the triple-root family (``_flat``: each step leaves 2/3 of the rate's error, and a relu fit's
+    difference derivative stalls it within ~2e-7 of the root) neither start, 3 alpha (1e-4 from the planted rate)
+    nor -3 alpha, reaches the 1e-15 (or relu's 1e-14) stop within its budget: each costs exactly the budget. Other
+    evaluations: the 2 scored starts, each start's end, and the winner's gradient once more."""
+    case = _case(activation, shots=(3, 4))
+    rate, scale = 3.0 * ALPHA * (1 + 1e-4), 2.5
+    fn0 = _flat(case, rate)
+    g = scale * fn0(rate)[1]
+    fn, calls = _recording(fn0)
+    monkeypatch.setattr(gradient, "_RATE_GRID", (3.0,))
+    monkeypatch.setattr(gradient, "_rate_function", lambda c: fn)
+    cand = _fitted(case, g)
+    assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-6, abs=0.0)
+    steps = sum(isinstance(a, complex) for a in calls) if per_step == 1 else (len(calls) - 5) / 3
+    assert steps == 2 * cap
+    assert len(calls) == 2 * cap * per_step + 5
+
+
+@pytest.mark.parametrize("how", ["non-finite", "raises"])
+def test_a_start_whose_derivative_fails_costs_one_evaluation(monkeypatch, how):
+    """A start where the complex-step derivative is not finite (as after an overflow) or undefined (raises) is given
+    up at once: one evaluation at a complex rate there, not the 40-step budget (re-trying the same rate would give
+    the same answer: the fit's state has not moved). The planted rate is found from the other start."""
+    case = _case(shots=(3, 4))
+    fn0 = _winding(case)
+    bad = -2.0 * ALPHA
+    calls: list = []
+
+    def fn(a):
+        calls.append(a)
+        loss, G = fn0(a)
+        if isinstance(a, complex) and a.real == bad:
+            if how == "raises":
+                raise FloatingPointError("undefined derivative")
+            G = np.array(G, dtype=complex)
+            G[0] = complex(G[0].real, np.inf)
+        return loss, G
+
+    rate = 2.0 * ALPHA * (1 + 1e-4)
+    g = 1.3 * fn0(rate)[1]
+    monkeypatch.setattr(gradient, "_RATE_GRID", (2.0,))
+    monkeypatch.setattr(gradient, "_rate_function", lambda c: fn)
+    cand = _fitted(case, g)
+    assert sum(isinstance(a, complex) and a.real == bad for a in calls) == 1
+    assert cand is not None and cand.fitted["inner_lr"] == pytest.approx(rate, rel=1e-9, abs=0.0)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("ratio", [1.5, 5.0])
+def test_the_fit_is_the_same_in_any_units_of_the_claim(monkeypatch, activation, ratio):
+    """The claim scaled by 2^-40 or 2^40: every quantity of the fit that carries the claim's units (the scale ``c``,
+    the residual ``g - c G``, the Jacobian's rate column ``c dG/da`` and its Jacobi norm, each step's scale
+    component) scales by exactly that power of two, and the rest (the rate, the Jacobi-scaled Jacobian, each
+    step's rate component) is bit for bit the same -- multiplication by 2^k is exact in IEEE arithmetic, and
+    nothing here overflows or underflows. So the fitted rate must be bit-identical, the fitted scale exactly 2^k
+    times, and the fit must evaluate the variant at the same rates, as often: a stop rule that compares each step
+    with the quantity it changes is unit-free. The claim lies 1e-6 off the family, so the fit ends on round-off
+    steps, not on exact zeros."""
+    case = _case(activation)
+    fn0 = _winding(case)
+    e = np.random.default_rng(5).normal(size=fn0(ALPHA)[1].size)
+    g = fn0(ratio * ALPHA * (1 + 1e-4))[1] + 1e-6 * e / np.linalg.norm(e)
+    runs = []
+    for k in (0, -40, 40):
+        fn, calls = _recording(fn0)
+        monkeypatch.setattr(gradient, "_rate_function", lambda c, fn=fn: fn)
+        cand = _fitted(case, 2.0 ** k * g)
+        assert cand is not None
+        runs.append((k, cand.fitted["inner_lr"], cand.fitted["scale"], calls))
+    _, rate, scale, calls = runs[0]
+    assert rate == pytest.approx(ratio * ALPHA * (1 + 1e-4), rel=1e-5)
+    for k, r, c, cl in runs[1:]:
+        assert (r, c) == (rate, 2.0 ** k * scale), k
+        assert cl == calls, (k, len(cl), len(calls))
+
+
+def test_a_fitted_rate_is_named_before_a_layer_on_a_variant(monkeypatch):
+    """The diagnosis' preference (:class:`verify.auditing.diagnosis.catalogue.Candidate`'s rank: a fitted variant,
+    rank 3, before a layer on another variant, rank 4, even a closer one), with the real rate fit: the claim is the
+    winding family at a planted rate with its last tensor (``b2``) zeroed, so no ``(a, c)`` gives it exactly; a
+    fixed variant (a stub) that differs from the claim only in ``b2`` explains it exactly once ``b2`` is
+    disconnected (error 0). The tolerance, 1.5 x the fit's error, admits both and nothing else: the fitted rate is
+    named and the exact layer is listed among the other matches."""
+    from reference.models import unflatten
+    from verify.auditing.diagnosis import diagnose, match_error
+
+    case = _case(shots=(3, 4))
+    fn = _winding(case)
+    monkeypatch.setattr(gradient, "_rate_function", lambda c: fn)
+    g = 1.3 * fn(2.0 * ALPHA * (1 + 1e-4))[1]
+    g[-1] = 0.0  # b2 (one entry) zeroed
+    fit = _fitted(case, g)
+    e_fit = match_error(g, fit.grads)
+    assert 1e-3 < e_fit < 0.5, e_fit
+    tol = 1.5 * e_fit
+    V = g.copy()
+    V[-1] = 3.0
+    monkeypatch.setattr(gradient, "variants", lambda c: [("first_order", "a stub variant", lambda: (None, V))])
+    r = np.random.default_rng(2).normal(size=g.size)
+    ref = r - (r @ g) / (g @ g) * g  # the correct gradient, orthogonal to the claim: it and its layers are far
+    assert match_error(g, V) > tol and _projection_error(g, V) > tol and _projection_error(g, ref) > tol
+    zeroed = V.copy()
+    zeroed[-1] = 0.0
+    assert match_error(g, zeroed) == 0.0  # the layer on the variant: exact
+    d = diagnose(case, None, unflatten(g, case.shapes), missing=[False] * 4, reference_loss=None,
+                 reference_grads=unflatten(ref, case.shapes), tol=tol)
+    assert d is not None and d.key == "wrong_inner_lr" and d.error == pytest.approx(e_fit, rel=1e-12), d
+    assert "a stub variant, and no gradient reached b2 (None or exactly zero)" in d.also, d.also

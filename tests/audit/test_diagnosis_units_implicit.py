@@ -18,6 +18,7 @@ that the mutation runner's per-mutant budget reaches them, ``scripts/mutation.py
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -382,3 +383,77 @@ def test_a_start_ending_non_finite_is_skipped_not_the_end_of_the_search(monkeypa
     assert len(calls) == 7  # every start was tried
     assert fit is not None and fit.fitted["c"] == pytest.approx(1.0, rel=1e-9)
     assert fit.fitted["lam_prime"] == pytest.approx(LAM / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("c, beta, label", [
+    (1.0, 0.0, "first-order iMAML: x = grad L_q(phi*) (the implicit solve skipped)"),
+    (0.0, 1.0 / LAM, "iMAML without the identity term: H x = lam grad L_q"),
+    (1.0, LAM, "iMAML with lam where 1/lam belongs: (I + lam H) x = grad L_q"),
+    (LAM, 1.0, "iMAML solving (lam I + H) x = grad L_q: a factor 1/lam missing"),
+])
+def test_a_named_system_is_a_start_of_the_fit(monkeypatch, c, beta, label):
+    """The named special cases of the system (module docstring), ``(c, beta)`` = ``(1, 0)``, ``(0, 1/lam)``,
+    ``(1, lam)``, ``(lam, 1)``, are starts of the fit. A claim that is exactly a named system's solution (computed
+    the way the fit computes solutions, so that its residual there is exactly zero; the dense solve agrees to
+    round-off) has a zero residual at that start, where Levenberg-Marquardt stops at once (its gradient ``J^T f``
+    is zero): one of the fit's runs (recorded by a spy on ``scipy.optimize.least_squares`` that forwards everything
+    unchanged) ends on the named ``(c, beta)`` bit for bit, with a zero residual (a run converging from
+    elsewhere generally ends on a round-off neighbour). The fit's answer (the first start to tie at zero error) is the named
+    system to round-off, with its label."""
+    import scipy.optimize
+
+    real = scipy.optimize.least_squares
+    ends = []
+
+    def recording(*args, **kwargs):
+        sol = real(*args, **kwargs)
+        ends.append((tuple(float(v) for v in sol.x), not np.any(sol.fun)))
+        return sol
+
+    monkeypatch.setattr(scipy.optimize, "least_squares", recording)
+    pieces = _designed_pieces([0.5, 1.0, 2.0, 4.0], seed=3, n_tasks=2)
+    g = implicit._imaml_solution([p for p, _, _ in pieces], c, beta)
+    assert match_error(g, _system(pieces, c, beta)) < 1e-13
+    fit = _fit(pieces, g)
+    assert ((c, beta), True) in ends, ends
+    assert fit is not None and fit.label == label, fit
+    assert fit.fitted["c"] == pytest.approx(c, rel=1e-9, abs=1e-12)
+    assert 1.0 / fit.fitted["lam_prime"] == pytest.approx(beta, rel=1e-9, abs=1e-12)
+    assert match_error(g, fit.grads) < 1e-14
+
+
+def test_a_start_that_does_not_converge_stops_at_200_evaluations(monkeypatch):
+    """The fit's budget per start (stated here; ``_fit_imaml``'s docstring gives no number): Levenberg-Marquardt gets
+    at most 200 residual evaluations from each of its starts, and a start still moving then is taken where it
+    stands. A claim off the family (a random vector) on an indefinite spectrum: from the start ``(1, 2/lam)`` the
+    iteration drifts off to infinity along a ray (``(c, beta)`` growing geometrically, the solution shrinking
+    towards 0: a minimum at infinity), so it never meets the 1e-15 tolerances and costs exactly the budget; every
+    other start converges sooner. The evaluations are counted by a spy on ``scipy.optimize.least_squares`` that
+    wraps the residual and forwards everything unchanged."""
+    import scipy.optimize
+
+    real = scipy.optimize.least_squares
+    runs = []
+
+    def counting(fun, x0, *args, **kwargs):
+        n = [0]
+
+        def counted(z):
+            n[0] += 1
+            return fun(z)
+
+        sol = real(counted, x0, *args, **kwargs)
+        runs.append((tuple(float(v) for v in x0), n[0], sol.x))
+        return sol
+
+    monkeypatch.setattr(scipy.optimize, "least_squares", counting)
+    pieces = _designed_pieces([-1.6, -2.6, -0.5, 0.8, 2.3], seed=5)
+    g = np.random.default_rng(105).normal(size=5)
+    fit = _fit(pieces, g)
+    assert fit is not None and len(runs) == 7
+    counts = {x0: n for x0, n, _ in runs}
+    drifting = (1.0, 2.0 / LAM)
+    assert counts[drifting] == 200, counts
+    assert all(n < 200 for x0, n in counts.items() if x0 != drifting), counts
+    end = next(x for x0, _, x in runs if x0 == drifting)
+    assert min(end) > 1e4 * max(drifting), end  # the premise: that start was drifting off, not converging
