@@ -55,6 +55,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from reference import _heap
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -222,8 +224,12 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
     ``STARVED_PARALLELISM`` cores' worth of CPU (:func:`pool_starved`: busy
     cores, or GIL-bound tasks) the calls run in this thread until the hold
     expires. Only the speed depends on that choice.
+
+    Each call first makes sure glibc keeps freed large arrays for reuse
+    (:func:`reference._heap.tune_heap`, once per process; ``METAVERIFY_MALLOC=off`` opts out).
     """
     items = list(items)
+    _heap.tune_heap()  # freed temporaries are reused, not faulted in again (reference/_heap.py)
     with single_threaded_blas() as threads:
         workers = _workers(threads, len(items))
         if (workers <= 1 or work < PARALLEL_MIN_WORK or getattr(_local, "inside", False)

@@ -207,6 +207,7 @@ TESTS: dict[str, list[str]] = {
                             "tests/test_ref_imaml.py"],
     "reference/flow.py": ["tests/test_flow.py"],
     "reference/_threads.py": ["tests/test_ref_threads_policy.py", "tests/test_ref_threads.py"],
+    "reference/_heap.py": ["tests/test_ref_heap.py"],
     "reference/inner_optim.py": ["tests/test_ref_inner_optim_fast.py", "tests/test_inner_audit.py",
                                  "tests/jax/test_jax_inner_optim.py", "tests/test_ref_inner_optim.py",
                                  "tests/torch/test_torch_inner_optim.py"],
