@@ -23,14 +23,16 @@ lock of the process's address space (system time 0.012-0.027 s of a
 dynamic rule ends in: mmap threshold 32 MiB, trim threshold 64 MiB (on a
 64-bit ``long``; half that on 32 bits). Arrays up to 32 MiB are then reused
 from the heap, and a process keeps at most 64 MiB of freed memory at the top
-of each heap instead of 128 KiB. Faults per call fall to ~0-400, and the
-time (``benchmarks/ab_threads.py``, default threads / one thread, medians of
-interleaved rounds): R2-D2 8-256-256 0.050 -> 0.040 s, 8-1024-1024 0.27-0.29
--> 0.22-0.24 s, MAML 8-1024-1024-1 1.41-1.88 -> 1.02-1.18 s (its pool's CPU
-time 2.0-2.4 -> 1.6-1.8 s); the small problems and iMAML (whose time is in
-SciPy's trust-region loop) do not change. The numbers the reference computes
-do not depend on where an array lives (``tests/test_ref_heap.py`` checks
-bitwise equal meta-gradients with and without the policy).
+of each heap instead of 128 KiB. Faults per call fall to ~0-10 (iMAML's
+13,000 to 6,000: SciPy's trust-region solver maps a fresh workspace), and the
+reference's time at default threads (``python benchmarks/heap_ab.py ALGO LABEL
+ROUNDS PAIRS``: fresh processes with and without the policy, alternating;
+medians; 2-core machine, load ~1): R2-D2 8-256-256 0.040 -> 0.034 s (0.77x per
+process pair), 8-1024-1024 0.288 -> 0.218 s (0.76x), MAML 1-256-256-1 0.128 ->
+0.094 s (0.70x); MAML 8-1024-1024-1 (1.00x), iMAML (0.95x, 0.96x) and the
+smallest problems (faults already ~0) do not change. The numbers the reference
+computes do not depend on where an array lives (``tests/test_ref_heap.py``
+checks bitwise equal meta-gradients with and without the policy).
 
 The setting is the process's, and is kept after the reference returns (glibc
 has no way back to its dynamic rule: any ``mallopt`` of a threshold switches
