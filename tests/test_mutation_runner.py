@@ -158,3 +158,34 @@ def test_no_test_module_caches_the_code_under_test_across_tests():
     offenders = [str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if cached.search(p.read_text())
                  and p.name != "test_mutation_runner.py"]
     assert offenders == [], f"build the object inside each test instead of caching it: {offenders}"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the runner forks its test children (POSIX)")
+@pytest.mark.parametrize("how", ["segv", "abort", "silent"])
+def test_a_child_that_dies_is_reported_with_its_signal(mutation, how):
+    """A mutant that makes the test process crash (a ctypes call reading outside an array) is told apart from a
+    child that merely wrote nothing: the signal comes back, and only the crash signals count as a kill."""
+    import os
+    import signal
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: die without writing a result
+        os.close(rfd)
+        import faulthandler
+
+        faulthandler.disable()  # pytest's traceback dump would only clutter the output
+        if how == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif how == "abort":
+            os.abort()
+        os._exit(0)
+    os.close(wfd)
+    res, _ = mutation._wait_child(pid, rfd, 30)
+    if how == "silent":
+        assert res == {"crash": "no result from the child"}
+        return
+    sig = signal.SIGSEGV if how == "segv" else signal.SIGABRT
+    assert res["signal"] == int(sig) and res["signal"] in mutation.CRASH_SIGNALS
+    assert res["crash"] == f"the test process died of {sig.name}"
+    assert int(signal.SIGKILL) not in mutation.CRASH_SIGNALS  # the runner's own timeout kill is not a crash
