@@ -28,10 +28,11 @@ the pool's threads release the GIL for long stretches; callers cut their work
 into a multiple of :func:`pool_size` pieces of equal size so no worker idles.
 A pool only pays if its threads get cores: each pooled call measures the CPU
 time it got per wall second, and when that is below
-:data:`STARVED_PARALLELISM` (a busy machine; measured on the shared 2-core
-machine at load 3-12: the pool was 1.1-1.2x slower than one thread) the next
-calls of that function at that size run sequentially for a while (longer
-after each further starved try) and the pool is then tried again. The same
+:data:`STARVED_PARALLELISM` on :data:`STARVED_CALLS` pooled calls in a row (a
+busy machine; measured on the shared 2-core machine at load 3-12: the pool
+was 1.1-1.2x slower than one thread) the next calls of that function at that
+size run sequentially for a while (longer after each further starved try) and
+the pool is then tried again. The same
 measurement catches tasks that hold the GIL most of the time (iMAML's
 trust-region and CG loops), where two threads take turns instead of running
 at once.
@@ -77,6 +78,13 @@ PARALLEL_MIN_WORK = 5e5
 # pool costing ~1.1x the sequential CPU time starts to win.
 STARVED_PARALLELISM = 1.3
 STARVED_HOLD_S = (2.0, 600.0)
+
+# Pooled calls in a row below STARVED_PARALLELISM before the pool is held back. One starved call alone is
+# often a neighbour's thread pool still spinning right after its own call (torch's OpenMP, XLA's), not a busy
+# machine: in benchmark 1's rotation (reference, torch, JAX, each at default threads) the R2-D2 8-256-256 pool
+# read 1.12 once, after JAX, and 1.5-1.7 otherwise; held back on that one reading, its next 2 s of calls ran
+# sequentially at 1.0x their one-thread time instead of ~0.65x.
+STARVED_CALLS = 2
 
 _lock = threading.Lock()
 _local = threading.local()
@@ -189,7 +197,8 @@ def pool_starved(fn: Callable[..., Any], work: float) -> bool:
 
 
 def _record(fn: Callable[..., Any], work: float, cpu: float, wall: float) -> None:
-    """Note a pooled call's CPU and wall time; hold the pool back if it got less than ``STARVED_PARALLELISM``."""
+    """Note a pooled call's CPU and wall time; hold the pool back after ``STARVED_CALLS`` calls in a row that got
+    less than ``STARVED_PARALLELISM``."""
     if wall < 0.005:  # too short to tell
         return
     key = _key(fn, work)
@@ -198,9 +207,13 @@ def _record(fn: Callable[..., Any], work: float, cpu: float, wall: float) -> Non
             _starved.pop(key, None)
             return
         _, strikes = _starved.get(key, (0.0, 0))
+        strikes += 1
+        if strikes < STARVED_CALLS:
+            _starved[key] = (0.0, strikes)  # noted, not held: the next pooled call decides
+            return
         lo, hi = STARVED_HOLD_S
-        hold = min(hi, max(lo, 20.0 * wall) * 2.0 ** min(strikes, 20))
-        _starved[key] = (time.monotonic() + hold, strikes + 1)
+        hold = min(hi, max(lo, 20.0 * wall) * 2.0 ** min(strikes - STARVED_CALLS, 20))
+        _starved[key] = (time.monotonic() + hold, strikes)
 
 
 def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Iterator[R]:
@@ -220,7 +233,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             below :data:`PARALLEL_MIN_WORK` the calls run in this thread (still
             with one BLAS thread).
 
-    When the last pooled call of ``fn`` at this ``work`` got less than
+    When the last ``STARVED_CALLS`` pooled calls of ``fn`` at this ``work`` got less than
     ``STARVED_PARALLELISM`` cores' worth of CPU (:func:`pool_starved`: busy
     cores, or GIL-bound tasks) the calls run in this thread until the hold
     expires. Only the speed depends on that choice.
@@ -257,5 +270,5 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
-__all__ = ["PARALLEL_MIN_WORK", "STARVED_PARALLELISM", "blas_threads", "map_tasks", "pool_size", "pool_starved",
+__all__ = ["PARALLEL_MIN_WORK", "STARVED_CALLS", "STARVED_PARALLELISM", "blas_threads", "map_tasks", "pool_size", "pool_starved",
            "single_threaded_blas", "work"]

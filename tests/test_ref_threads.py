@@ -366,7 +366,9 @@ def test_a_starved_pool_is_held_back_then_tried_again(two_workers, monkeypatch):
     assert not _threads.pool_starved(square, 1e9)
     _threads._record(square, 1e9, cpu=0.001, wall=0.001)  # too short to judge
     assert not _threads.pool_starved(square, 1e9)
-    _threads._record(square, 1e9, cpu=0.1, wall=0.1)  # one core's worth from two workers
+    _threads._record(square, 1e9, cpu=0.1, wall=0.1)  # one core's worth from two workers: noted, not held
+    assert not _threads.pool_starved(square, 1e9)
+    _threads._record(square, 1e9, cpu=0.1, wall=0.1)  # the second in a row: held back
     assert _threads.pool_starved(square, 1e9)
     until1 = _threads._starved[_threads._key(square, 1e9)][0]
     _threads._record(square, 1e9, cpu=0.1, wall=0.1)  # starved again: a longer hold

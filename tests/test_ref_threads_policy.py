@@ -11,8 +11,9 @@ replaced by doubles so the outcome is deterministic on any machine and load:
 * the expected decisions come from the module's docstrings and the measured
   constants its comments document (``PARALLEL_MIN_WORK = 5e5``, benchmark 1;
   ``STARVED_PARALLELISM = 1.3``: a balanced 2-worker call measures ~1.8;
-  holds of 20 x the call's duration within ``[2 s, 600 s]``, doubled per
-  further starved try), never from the code's expressions.
+  ``STARVED_CALLS = 2`` starved pooled calls in a row before a hold; holds
+  of 20 x the call's duration within ``[2 s, 600 s]``, doubled per further
+  starved try), never from the code's expressions.
 
 Nothing here monkeypatches those constants: a changed threshold must fail.
 """
@@ -36,6 +37,7 @@ MIN_WORK = 5e5  # rows x parameters at and above which a call may use the pool
 BALANCED = 1.8  # CPU seconds per wall second of a balanced 2-worker call on a free 2-core machine
 THRESHOLD = 1.3  # below: starved
 HOLD_LO, HOLD_HI = 2.0, 600.0  # bounds of a starvation hold, seconds
+IN_A_ROW = 2  # starved pooled calls in a row before the pool is held back
 
 
 class FakeLib:
@@ -281,6 +283,9 @@ def test_a_pooled_call_records_its_cpu_per_wall_second(machine, sync_executor):
 
     run(balanced)
     assert not _threads.pool_starved(balanced, 1e12)
+    for _ in range(IN_A_ROW - 1):
+        run(one_core)
+        assert not _threads.pool_starved(one_core, 1e12)  # one starved call alone: the pool is tried again
     t0 = clock.now
     run(one_core)
     # Held back for 20 x the call's 1 s duration from the end of the call.
@@ -346,7 +351,9 @@ def test_starvation_threshold(machine):
     assert THRESHOLD / 1.0 == THRESHOLD
     _threads._record(f_a, 1e9, cpu=THRESHOLD, wall=1.0)  # exactly the threshold is not "less than"
     assert not _threads.pool_starved(f_a, 1e9)
-    _threads._record(f_a, 1e9, cpu=1.0, wall=1.0)  # one core's worth from the pool: starved
+    _threads._record(f_a, 1e9, cpu=1.0, wall=1.0)  # one core's worth from the pool: starved, noted
+    assert not _threads.pool_starved(f_a, 1e9)  # (a neighbour's spinning threads, once, hold nothing back)
+    _threads._record(f_a, 1e9, cpu=1.0, wall=1.0)  # starved twice in a row: held back
     assert _threads.pool_starved(f_a, 1e9)
     _threads._record(f_b, 1e9, cpu=0.0, wall=0.001)  # too short to tell: nothing recorded
     assert not _threads.pool_starved(f_b, 1e9)
@@ -355,8 +362,29 @@ def test_starvation_threshold(machine):
     assert _threads.pool_starved(f_a, 6e8)  # the same power of two (2^29 <= work < 2^30)
     assert not _threads.pool_starved(f_a, 2.0 ** 30)
     _threads._record(f_c, 0.0, cpu=0.0, wall=1.0)  # work 0 (no tasks) is a size like any other
+    _threads._record(f_c, 0.0, cpu=0.0, wall=1.0)
     assert _threads.pool_starved(f_c, 0.0)
     assert not _threads.pool_starved(f_c, 3.0) and not _threads.pool_starved(f_c, 1e9)
+
+
+def test_starved_calls_count_in_a_row_per_function_and_size(machine):
+    machine(4)
+    _threads.time.now = 100.0
+    # Starved, good, starved: never two in a row, never held.
+    for cpu in (1.0, BALANCED, 1.0, THRESHOLD, 1.0):
+        _threads._record(f_a, 1e9, cpu=cpu, wall=1.0)
+        assert not _threads.pool_starved(f_a, 1e9)
+    # Interleaved with other keys, the count is each key's own: f_a at 1e9 is now held, the others are not.
+    _threads._record(f_b, 1e9, cpu=1.0, wall=1.0)
+    _threads._record(f_a, 1e5, cpu=1.0, wall=1.0)
+    _threads._record(f_a, 1e9, cpu=1.0, wall=1.0)
+    assert _threads.pool_starved(f_a, 1e9)
+    assert not _threads.pool_starved(f_b, 1e9) and not _threads.pool_starved(f_a, 1e5)
+    # A call too short to judge neither counts nor resets.
+    _threads._record(f_b, 1e9, cpu=0.0, wall=0.001)
+    assert not _threads.pool_starved(f_b, 1e9)
+    _threads._record(f_b, 1e9, cpu=1.0, wall=1.0)
+    assert _threads.pool_starved(f_b, 1e9)
 
 
 def _held_until(fn, work: float) -> float:
@@ -378,8 +406,10 @@ def _held_until(fn, work: float) -> float:
 def test_starvation_holds(machine):
     machine(4)
     clock = _threads.time
-    # 20 x the call's duration, at least 2 s: a 10 ms call holds 2 s.
+    # 20 x the call's duration, at least 2 s: a 10 ms call holds 2 s (from the second starved call in a row).
     clock.now = 100.0
+    _threads._record(f_a, 1e9, cpu=0.004, wall=0.01)
+    assert not _threads.pool_starved(f_a, 1e9)
     _threads._record(f_a, 1e9, cpu=0.004, wall=0.01)
     assert _threads.pool_starved(f_a, 1e9)
     clock.now = 100.0 + HOLD_LO - 1e-3
@@ -387,18 +417,24 @@ def test_starvation_holds(machine):
     clock.now = 100.0 + HOLD_LO  # "before which": at the end of the hold the pool is tried again
     assert not _threads.pool_starved(f_a, 1e9)
     # A 0.5 s call holds 10 s; each further starved try doubles it (20 s, 40 s).
+    clock.now = 199.0
+    _threads._record(f_b, 1e9, cpu=0.5, wall=0.5)
+    assert not _threads.pool_starved(f_b, 1e9)
     for start, hold in ((200.0, 10.0), (300.0, 20.0), (400.0, 40.0)):
         clock.now = start
         _threads._record(f_b, 1e9, cpu=0.5, wall=0.5)
         assert _held_until(f_b, 1e9) == pytest.approx(start + hold, abs=1e-5)
-    # A good try resets: the next starved one holds 10 s again.
+    # A good try resets: the next starved one is noted, the one after holds 10 s again.
     clock.now = 500.0
     _threads._record(f_b, 1e9, cpu=BALANCED * 0.5, wall=0.5)
+    assert not _threads.pool_starved(f_b, 1e9)
+    _threads._record(f_b, 1e9, cpu=0.5, wall=0.5)
     assert not _threads.pool_starved(f_b, 1e9)
     _threads._record(f_b, 1e9, cpu=0.5, wall=0.5)
     assert _held_until(f_b, 1e9) == pytest.approx(510.0, abs=1e-5)
     # At most 600 s: a long call, and many starved tries in a row.
     clock.now = 1000.0
+    _threads._record(f_c, 1e9, cpu=0.0, wall=100.0)
     _threads._record(f_c, 1e9, cpu=0.0, wall=100.0)
     assert _held_until(f_c, 1e9) == pytest.approx(1000.0 + HOLD_HI, abs=1e-5)
     for k in range(30):
