@@ -147,6 +147,36 @@ def test_the_real_glibc_is_found_on_linux() -> None:
     assert libc is not None and glibc().startswith(b"2.")
 
 
+@pytest.mark.parametrize("symbols, found", [
+    (("gnu_get_libc_version", "mallopt"), True),
+    (("mallopt",), False),  # a C library with mallopt but not glibc's version call: not glibc, left alone
+    (("gnu_get_libc_version",), False),  # no mallopt to call
+    ((), False),
+])
+def test_glibc_is_recognised_by_both_of_its_symbols(monkeypatch: pytest.MonkeyPatch, symbols, found) -> None:
+    class Lib:
+        pass
+
+    lib = Lib()
+    for name in symbols:
+        setattr(lib, name, lambda *a: 1)
+    monkeypatch.setattr(_heap.sys, "platform", "linux")
+    monkeypatch.setattr(_heap.ctypes, "CDLL", lambda name: lib)
+    assert (_heap._glibc() is lib) is found
+
+
+def test_no_c_library_to_open_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name):
+        raise OSError("no such library")
+
+    monkeypatch.setattr(_heap.sys, "platform", "linux")
+    monkeypatch.setattr(_heap.ctypes, "CDLL", refuse)
+    assert _heap._glibc() is None
+    monkeypatch.setattr(_heap.sys, "platform", "darwin")
+    monkeypatch.setattr(_heap.ctypes, "CDLL", lambda name: pytest.fail("not linux: no C library is opened"))
+    assert _heap._glibc() is None
+
+
 def _glibc_or_skip() -> None:
     if _heap._glibc() is None:
         pytest.skip("glibc only: other C libraries are left alone")

@@ -369,7 +369,7 @@ def test_starvation_threshold(machine):
 
 def test_starved_calls_count_in_a_row_per_function_and_size(machine):
     machine(4)
-    _threads.time.now = 100.0
+    _threads.time.now = 0.5  # monotonic()'s origin is undefined: half a second after it is a valid time too
     # Starved, good, starved: never two in a row, never held.
     for cpu in (1.0, BALANCED, 1.0, THRESHOLD, 1.0):
         _threads._record(f_a, 1e9, cpu=cpu, wall=1.0)
