@@ -12,8 +12,12 @@ import numpy as np
 from benchmarks import bench_speed as B
 from benchmarks._common import at_threads
 from reference import _threads
+cases = B.other_cases(False)
+if len(sys.argv) != 3 or sys.argv[1] not in cases or not sys.argv[2].isdigit():
+    print(__doc__ + "\nNAME is one of: " + ", ".join(map(repr, cases)), file=sys.stderr)
+    sys.exit(2)
 name, rounds = sys.argv[1], int(sys.argv[2])
-_, _, fn = B.other_cases(False)[name]
+_, _, fn = cases[name]
 def seq():
     saved = _threads.PARALLEL_MIN_WORK; _threads.PARALLEL_MIN_WORK = float("inf")
     try: return fn()
