@@ -217,9 +217,10 @@ def test_freed_arrays_are_reused_instead_of_faulted_in_again() -> None:
     _glibc_or_skip()
     r = _run(_FAULTS)
     assert r["applied"] is True
-    if r["before"] < 50:  # e.g. transparent huge pages on every mapping: a 5 MB array is 3 faults
+    # The defaults must really fault for the comparison to show anything (here ~960 per round; with transparent
+    # huge pages on every mapping a 5 MB array is 3 faults).
+    if r["before"] < 50:
         pytest.skip(f"glibc's defaults barely fault on this machine ({r['before']} per round): nothing to compare")
-    assert r["before"] > 200, r  # the defaults really fault (else this test shows nothing)
     assert r["after"] < r["before"] / 10, r
     off = _run(_FAULTS, METAVERIFY_MALLOC="off")
     assert off["applied"] is False
