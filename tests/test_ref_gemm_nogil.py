@@ -117,33 +117,39 @@ def test_a_library_whose_gemm_differs_from_the_f2py_one_is_not_taken() -> None:
     assert not inner_loop._same_as_f2py(OffByOneUlp())
 
 
+class _Listed:
+    """A library as threadpoolctl lists it: only its ``filepath`` is read by the search."""
+
+    def __init__(self, filepath: str):
+        self.filepath = filepath
+
+
+class _Controller:
+    """threadpoolctl's controller as ``_threads._blas()`` returns it: its ``lib_controllers``."""
+
+    def __init__(self, libs: list):
+        self.lib_controllers = libs
+
+
 def test_the_ctypes_library_search_skips_what_it_cannot_use(monkeypatch) -> None:
     # The search over threadpoolctl's BLAS list: nothing listed -> False (the f2py wrapper); a path that
     # cannot be opened and a library without scipy_cblas_* symbols are passed over, and SciPy's OpenBLAS
     # listed after them is still found.
     import ctypes.util
 
-    class Listed:
-        def __init__(self, filepath: str):
-            self.filepath = filepath
-
-    class Controller:
-        def __init__(self, libs: list):
-            self.lib_controllers = libs
-
     def search(libs: list):
         monkeypatch.setattr(inner_loop, "_cblas", None)
-        monkeypatch.setattr(_threads, "_controller", Controller(libs))
+        monkeypatch.setattr(_threads, "_controller", _Controller(libs))
         return inner_loop._cblas_gemm()
 
     assert search([]) is False
     libm = ctypes.util.find_library("m") or "libm.so.6"
-    unusable = [Listed("/nonexistent/libopenblas.so"), Listed(libm)]
+    unusable = [_Listed("/nonexistent/libopenblas.so"), _Listed(libm)]
     assert search(unusable) is False
     pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(_threads, "_controller", None)
     real = _threads._blas()
-    scipy_libs = [Listed(lib.filepath) for lib in (real.lib_controllers if real else [])]
+    scipy_libs = [_Listed(lib.filepath) for lib in (real.lib_controllers if real else [])]
     if not any(hasattr(ctypes.CDLL(lib.filepath), "scipy_cblas_dgemm") for lib in scipy_libs):
         pytest.skip("no SciPy OpenBLAS with scipy_cblas_* symbols loaded")
     found = search(unusable + scipy_libs)
@@ -166,14 +172,6 @@ def test_a_library_with_only_one_of_the_two_gemms_is_passed_over(monkeypatch) ->
         def __init__(self):
             self.scipy_cblas_dgemm, self.scipy_cblas_zgemm = Fn(), Fn()
 
-    class Listed:
-        def __init__(self, filepath: str):
-            self.filepath = filepath
-
-    class Controller:
-        def __init__(self, libs: list):
-            self.lib_controllers = libs
-
     handles = {"/fake/only-d.so": Half("scipy_cblas_dgemm"), "/fake/only-z.so": Half("scipy_cblas_zgemm"),
                "/fake/full.so": Full()}
     opened: list[str] = []
@@ -189,7 +187,7 @@ def test_a_library_with_only_one_of_the_two_gemms_is_passed_over(monkeypatch) ->
     def search(paths: list[str]):
         opened.clear(), probed.clear()
         monkeypatch.setattr(inner_loop, "_cblas", None)
-        monkeypatch.setattr(_threads, "_controller", Controller([Listed(p) for p in paths]))
+        monkeypatch.setattr(_threads, "_controller", _Controller([_Listed(p) for p in paths]))
         return inner_loop._cblas_gemm()
 
     assert search(["/fake/only-d.so", "/fake/only-z.so"]) is False
