@@ -22,7 +22,7 @@ import pytest
 
 from reference import imaml
 from reference.errors import ConvergenceError
-from reference.models import MLP, Quadratic, flatten
+from reference.models import MLP, Quadratic, flatten, unflatten
 from reference.tasks import Task
 
 
@@ -274,7 +274,7 @@ def test_a_converged_first_pass_is_not_followed_by_a_second(monkeypatch):
     params, lam = model.init(2), 2.0
     z, res, tol, iterations = imaml.inner_solve(model, params, task, lam)
     assert len(rec.passes()) == 1
-    phi = [p for p in _unflat(model, z)]
+    phi = unflatten(z, model.shapes)
     F = flatten(model.grad(phi, task.x_support, task.y_support)) + lam * (z - flatten(params))
     g0 = np.linalg.norm(flatten(model.grad(params, task.x_support, task.y_support)))
     assert tol == pytest.approx(1e-12 * max(1.0, g0), rel=1e-12)  # the documented default inner_tol
@@ -308,15 +308,6 @@ def test_inner_solution_does_not_depend_on_the_meta_gradient_cg_tolerance(monkey
     (nit, newton), *_ = rec.passes()
     assert nit < 100 and 1e-8 * g0 >= newton[0] > info.stationarity_tolerance  # handed to Newton above tol
     assert info.stationarity_residual <= info.stationarity_tolerance
-
-
-def _unflat(model, z):
-    out, i = [], 0
-    for shape in model.shapes:
-        size = int(np.prod(shape))
-        out.append(z[i:i + size].reshape(shape))
-        i += size
-    return out
 
 
 def test_refusal_reports_the_iterations_counted_from_outside(monkeypatch):
