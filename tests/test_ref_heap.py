@@ -23,22 +23,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeLibc:
-    """Records ``mallopt(param, value)``; answers ``ok`` (glibc returns 1 on success, 0 when it refuses)."""
+    """Records ``mallopt(param, value)``; answers from ``answers`` in turn (glibc: 1 on success, 0 when it refuses).
 
-    def __init__(self, ok: int = 1) -> None:
+    ``mallopt`` is a plain function, so ``tune_heap`` can set its ``argtypes``/``restype`` as on a ctypes one."""
+
+    def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
-        self.ok = ok
-        outer = self
+        self.answers = [1, 1]
 
-        class _Mallopt:
-            argtypes = None
-            restype = None
+        def mallopt(param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return self.answers[len(self.calls) - 1]
 
-            def __call__(self, param: int, value: int) -> int:
-                outer.calls.append((param, value))
-                return outer.ok
-
-        self.mallopt = _Mallopt()
+        self.mallopt = mallopt
 
 
 @pytest.fixture
@@ -116,14 +113,13 @@ def test_not_glibc_is_left_alone(fresh: FakeLibc, monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_refused_mallopt_reports_false(fresh: FakeLibc) -> None:
-    fresh.ok = 0
+    fresh.answers = [0]
     assert _heap.tune_heap() is False
     assert fresh.calls == [(-3, _heap.MMAP_THRESHOLD)]  # the trim threshold is not set after a refusal
 
 
 def test_a_refused_trim_threshold_reports_false(fresh: FakeLibc) -> None:
-    answers = iter([1, 0])
-    fresh.mallopt.__class__.__call__ = lambda self, p, v: (fresh.calls.append((p, v)), next(answers))[1]
+    fresh.answers = [1, 0]
     assert _heap.tune_heap() is False
     assert len(fresh.calls) == 2
 
