@@ -1377,11 +1377,11 @@ class Runner:
         self.unknown_lines: dict[str, set[int]] = {k: set(v) for k, v in (self.map or {}).get("unknown", {}).items()}
         self.tree = tree_hash()
         self.broken: set[str] = set()
-        self.baseline_crash: dict[tuple[str, tuple[str, ...]], bool] = {}
         self.kills: dict[str, dict[str, int]] = {}  # "module::function" and "module" -> killer test -> kills
         self._scope = ""
         self.baseline_ok: dict[str, bool] = {}
-        self.baseline_timeout: dict[tuple, bool] = {}
+        # (path, tests) -> their unmutated run, the reference a timeout or a crash on a mutant is judged against
+        self.baseline_runs: dict[tuple[str, tuple[str, ...]], dict] = {}
         self.outcomes: list[dict] = []
         self.stats = {"fast": 0, "fresh": 0, "none": 0, "killed": 0, "survived": 0, "timeout": 0,
                       "timeout-inconclusive": 0, "no-coverage": 0}
@@ -1750,13 +1750,9 @@ class Runner:
         if status == "survived":
             return "survived"
         if status == "timeout":
-            key = (path, tuple(nodes))
-            if key not in self.baseline_timeout:
-                base = self.run_fast(nodes, None, timeout) if path == "fast" else self.run_fresh(
-                    module, None, nodes, timeout)
-                self.baseline_timeout[key] = base["status"] == "survived" and base["seconds"] < timeout / 2
-                rec["baseline_seconds"] = round(base["seconds"], 2)
-            if self.baseline_timeout[key]:
+            base = self._unmutated(module, path, nodes, timeout)
+            rec["baseline_seconds"] = round(base["seconds"], 2)
+            if base["status"] == "survived" and base["seconds"] < timeout / 2:
                 rec.update(outcome="timeout", killed_by=f"no result within {timeout:.0f} s; the unmutated tests "
                                                         "pass well inside it (an infinite loop or a slowdown)")
                 return "killed"
@@ -1766,16 +1762,20 @@ class Runner:
         if res.get("signal") in CRASH_SIGNALS:
             # The covering tests cannot finish on the mutant (the process dies, as a CI run would): killed, if the
             # same tests pass unmutated on this path (else the crash is the environment's).
-            key = (path, tuple(nodes))
-            if key not in self.baseline_crash:
-                base = self.run_fast(nodes, None, 300) if path == "fast" else self.run_fresh(module, None, nodes, 300)
-                self.baseline_crash[key] = base["status"] == "survived"
-            if self.baseline_crash[key]:
+            if self._unmutated(module, path, nodes, timeout)["status"] == "survived":
                 rec.update(outcome="killed", crashed=True,
                            killed_by=f"{res['crash']} running the covering tests ({path} path); they pass unmutated")
                 return "killed"
         rec.setdefault("errors", []).append(f"{path}: {status} {res.get('crash') or res.get('why', '')}"[:400])
         return "error"
+
+    def _unmutated(self, module: str, path: str, nodes: list[str], timeout: float) -> dict:
+        """``nodes``' run on the unmutated code by ``path`` (once per path and tests; cached)."""
+        key = (path, tuple(nodes))
+        if key not in self.baseline_runs:
+            self.baseline_runs[key] = self.run_fast(nodes, None, timeout) if path == "fast" else self.run_fresh(
+                module, None, nodes, timeout)
+        return self.baseline_runs[key]
 
     def run_mutant(self, module: str, loc: Locator, m: dict, mutated: str, map_ok: bool, force: str | None) -> dict:
         """Plan, then run: the fast path on the session's items; tests the session lacks (and every test of
