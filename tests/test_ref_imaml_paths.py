@@ -87,8 +87,10 @@ def _triple_root_task() -> tuple[Task, np.ndarray, np.ndarray]:
     ``F(theta) = 8e-9`` is already below the first trust-region pass's gradient tolerance
     (``1e-8 max(1, ||grad L_s(theta)||)``, here 1e-8), so that pass takes no iteration and the Newton
     polish starts at ``theta``: its k-th step leaves ``8e-9 (8/27)^k`` (``4.75e-13`` after 8 steps).
-    (scipy's trust-krylov is not reproducible from one process to the next on this degenerate problem
-    when it runs many iterations, so the tests below let it run none, or exactly one.)
+    (scipy's trust-krylov is not reproducible from one process to the next on this degenerate problem:
+    trlib reads workspace that scipy allocates with ``np.empty`` and never fills, see
+    ``test_second_trust_region_pass_finishes_what_the_polish_could_not``; so the tests below let it run
+    none, or at most one iteration, and say what each outcome implies.)
     """
     c = np.array([0.3])
     e = c + 2e-3
@@ -155,19 +157,29 @@ def test_polish_runs_its_eight_newton_steps_on_a_triple_root(monkeypatch):
 
 def test_second_trust_region_pass_finishes_what_the_polish_could_not(monkeypatch):
     """``inner_tol = 1e-13``: 8 polishing steps leave 4.75e-13; the second pass, run to the full tolerance
-    with the one iteration left (``inner_maxiter = 9``), and its polish reach it. (Whether scipy's
-    trust-krylov takes or rejects that one step varies from process to process here; either way the
-    polish that follows ends below tol.)"""
+    with the one iteration left (``inner_maxiter = 9``), and its polish reach it.
+
+    Whether scipy's trust-krylov takes that one step (``nit = 1``) or stops before it (``nit = 0``, status 2,
+    "A bad approximation caused failure to predict improvement") is not ours to decide: trlib reads
+    ``fwork`` entries that ``trlib_krylov_prepare_memory`` leaves uninitialised (scipy allocates the
+    workspace with ``np.empty``), so the outcome follows whatever NumPy's allocator hands back. Filling
+    freed small blocks with -1.0 (``for n in range(1, 400): np.full(n, -1.0)``) before the call gives
+    ``nit = 0`` in a fresh process; so does running ``tests/test_ref_gemm_nogil.py`` first. Either way
+    the bookkeeping is exact: the iterations are 8 + nit + 8, within the budget, and the polish ends
+    below tol.
+    """
     rec = _Recorder(monkeypatch)
     task, theta, c = _triple_root_task()
     z, res, tol, iterations = imaml.inner_solve(_Quartic(1), [theta], task, 1.0, inner_tol=1e-13, inner_maxiter=9)
     passes = rec.passes()
-    assert [(nit, len(newton)) for nit, newton in passes] == [(0, 8), (1, 8)]
+    assert [len(newton) for nit, newton in passes] == [8, 8]
+    assert passes[0][0] == 0 and passes[1][0] in (0, 1)
+    assert [event[2] for event in rec.events if event[0] == "tr"] == [9, 1]  # the second pass gets what is left
     assert passes[0][1][-1] * 8 / 27 > tol == 1e-13  # the first polish stopped above tol
     rec.check_budget(9)
     # |z - c|^3 ~ 1e-17 is the residual itself; the computed one carries ~2e-19 of rounding (see above)
     assert abs(float((z - c)[0])) ** 3 <= tol and res <= tol
-    assert iterations == 17
+    assert iterations == 16 + passes[1][0]
 
 
 def test_iteration_limit_counts_the_newton_steps(monkeypatch):
