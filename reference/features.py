@@ -25,6 +25,7 @@ import numpy as np
 from reference._threads import map_tasks
 from reference.validation import as_float_array, check_finite_scalar, check_positive_int
 from reference.errors import InvalidInputError
+from reference.lowrank import LowRankRows
 from reference.models import MLP
 from reference.tasks import Task, as_tasks
 
@@ -273,6 +274,25 @@ class StackedFeatures:
             g[a:b] = 0.0 if gs is None else gs
             g[b:c] = 0.0 if gq is None else gq
         return self.backbone._backward(self.params, self._hs, self._derivs, g)
+
+    def vjp_factored(self, factors: dict[int, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
+                     ) -> Params:
+        """:meth:`vjp` with each task's cotangents as factors: ``factors[i] = ((U_s, V_s), (U_q, V_q))`` for
+        ``G_s = U_s V_s^T`` and ``G_q = U_q V_q^T`` (a missing task counts as zero).
+
+        The output layer's products go through the factors (:class:`reference.lowrank.LowRankRows`) when
+        that costs fewer operations than the dense cotangent, which is used otherwise; the same gradient up
+        to round-off either way.
+        """
+        blocks = []
+        for i, ((us, vs), (uq, vq)) in factors.items():
+            if i not in self._rows:
+                raise KeyError(i)  # not a task of this stack
+            a, b, _ = self._rows[i]
+            blocks += [(a, us, vs), (b, uq, vq)]
+        g = LowRankRows(self.out.shape[0], blocks)
+        return self.backbone._backward(self.params, self._hs, self._derivs,
+                                       g if g.cheaper_than_dense else g.dense())
 
 
 def task_blocks(tasks: Sequence[Task], max_rows: int = STACK_ROWS, parts: int = BLOCK_MULTIPLE) -> list[list[int]]:

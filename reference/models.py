@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from reference.lowrank import LowRankRows
 from reference.validation import as_float_array, check_positive_int
 from reference.errors import InvalidInputError, NotAnalyticError
 
@@ -445,17 +446,22 @@ class MLP:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _backward(self, params, hs, derivs, g_out, *, wrt_input: bool = False):
-        """Reverse pass: gradient of ``<g_out, out>`` w.r.t. params (and input)."""
+        """Reverse pass: gradient of ``<g_out, out>`` w.r.t. params (and input).
+
+        ``g_out`` may be a :class:`reference.lowrank.LowRankRows` (R2-D2's feature cotangents): the linear
+        output layer's products then go through its factors; the layers below get the dense ``g``.
+        """
         Ws, _ = self._split(params)
         grads: list[np.ndarray] = [None] * len(self.shapes)  # type: ignore[list-item]
         k = 2 if self.bias else 1
         g = g_out
         for l in reversed(range(self.n_layers)):
-            grads[k * l] = np.swapaxes(g, -1, -2) @ hs[l]
+            low = isinstance(g, LowRankRows)
+            grads[k * l] = g.t_matmul(hs[l]) if low else np.swapaxes(g, -1, -2) @ hs[l]
             if self.bias:
-                grads[k * l + 1] = np.sum(g, axis=-2)
+                grads[k * l + 1] = g.row_sum() if low else np.sum(g, axis=-2)
             if l > 0 or wrt_input:
-                gh = g @ Ws[l]
+                gh = g.matmul(Ws[l]) if low else g @ Ws[l]
                 g = _times(gh, derivs[l - 1][1]) if l > 0 else gh
         return (grads, g) if wrt_input else grads
 

@@ -27,7 +27,11 @@ from ``d(A^{-1}) = -A^{-1} dA A^{-1}``: with ``G_W = dL/dW``,
   ``dL/dlam = -<Gm, Alpha>``;
 
 then ``dL/dZ`` (ones column dropped, ``1/sqrt(n)`` applied) and ``dL/dZ_q``
-go back through the backbone by its VJP. Only solves with one factorisation
+go back through the backbone by its VJP. Both are low-rank, grouped by left
+factor: dual ``dL/dZ = [Alpha, Gm] [G_W - Z^T Gm, -Z^T Alpha]^T``, primal
+``[Y - Z W, -Z Gb] [Gb, W]^T`` (rank ``2c``) and ``dL/dZ_q = (scale G_O) W^T``
+(rank ``c``); the backbone's linear output layer takes its products through
+those factors when that is cheaper (``reference/lowrank.py``). Only solves with one factorisation
 per task; never an explicit inverse.
 """
 
@@ -129,15 +133,16 @@ def _task(feats, task: Task, n_classes, lam, scale, offset, bias_column, normali
                          normalize, form, regression, [where], need_grad)
     if out is None:
         return values[0], None
-    (G_Zs, G_Zq), *hyper = out
-    return values[0], (feats.vjp(G_Zs[0], G_Zq[0]), *(h[0] for h in hyper))
+    (fs, fq), *hyper = out
+    return values[0], (feats.vjp(_dense(fs)[0], _dense(fq)[0]), *(h[0] for h in hyper))
 
 
 def _heads(Zs: np.ndarray, Zq: np.ndarray, tasks: list[Task], n_classes, lam, scale, offset, bias_column, normalize,
            form, regression, where, need_grad):
     """The ridge heads of ``T`` tasks of equal shapes on their stacked features ``Zs`` ``(T, n, d)`` and ``Zq``
-    ``(T, q, d)``: the query losses ``(T,)`` and, with ``need_grad``, the feature cotangents ``(G_Zs, G_Zq)``
-    and the heads' gradients ``(g_lam, g_scale, g_offset)``, each ``(T,)``.
+    ``(T, q, d)``: the query losses ``(T,)`` and, with ``need_grad``, the feature cotangents as factors
+    ``((U_s, V_s), (U_q, V_q))`` (``G_Zs = U_s V_s^T``, ``G_Zq = U_q V_q^T``, :func:`_dense`) and the heads'
+    gradients ``(g_lam, g_scale, g_offset)``, each ``(T,)``.
 
     The module docstring's formulas, task by task, as NumPy calls on ``(T, ., .)`` stacks: about 40 calls for
     the whole stack instead of 40 per task (issue 18: small calls hold the GIL for their Python overhead,
@@ -187,23 +192,30 @@ def _heads(Zs: np.ndarray, Zq: np.ndarray, tasks: list[Task], n_classes, lam, sc
         G_O = (e / se - onehot) * loss_scale
     g_scale = _task_sums(G_O * lin)
     g_offset = _task_sums(G_O)
+    Zst = Zs.transpose(0, 2, 1)
     G_W = scale * (Zq.transpose(0, 2, 1) @ G_O)
-    G_Zq = scale * (G_O @ W.transpose(0, 2, 1))
+    # The feature cotangents as factors G = U V^T (rank 2c on the support, c on the query; see
+    # reference/lowrank.py): the module docstring's dL/dZ with its terms grouped by left factor.
     if form == "primal":
         Gb = factors.solve(G_W)
-        Gbt = Gb.transpose(0, 2, 1)
-        G_Zs = Y @ Gbt - (Zs @ Gb) @ W.transpose(0, 2, 1) - (Zs @ W) @ Gbt
+        U_s, V_s = np.concatenate([Y - Zs @ W, -(Zs @ Gb)], axis=2), np.concatenate([Gb, W], axis=2)
         g_lam = -_task_sums(Gb * W, "F")
     else:
         Gm = factors.solve(Zs @ G_W)
-        G_Zs = (alpha @ G_W.transpose(0, 2, 1) - Gm @ (alpha.transpose(0, 2, 1) @ Zs)
-                - alpha @ (Gm.transpose(0, 2, 1) @ Zs))
+        U_s, V_s = np.concatenate([alpha, Gm], axis=2), np.concatenate([G_W - Zst @ Gm, -(Zst @ alpha)], axis=2)
         g_lam = -_task_sums(Gm * alpha, "F")
+    U_q, V_q = scale * G_O, W
     if normalize:
-        G_Zs = G_Zs / root
-    if bias_column:
-        G_Zs, G_Zq = G_Zs[:, :, :-1], G_Zq[:, :, :-1]
-    return values, ((G_Zs, G_Zq), g_lam, g_scale, g_offset)
+        U_s = U_s / root
+    if bias_column:  # the ones column is not a feature: drop its row of the right factors
+        V_s, V_q = V_s[:, :-1], V_q[:, :-1]
+    return values, (((U_s, V_s), (U_q, V_q)), g_lam, g_scale, g_offset)
+
+
+def _dense(factor: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``U V^T`` of a stack of factors ``(U, V)``, ``(T, m, r)`` and ``(T, d, r)``."""
+    U, V = factor
+    return U @ V.transpose(0, 2, 1)
 
 
 def _task_sums(x: np.ndarray, order: str = "C") -> np.ndarray:
@@ -255,11 +267,11 @@ def _blocks(backbone, params, tasks, n_classes, lam, scale, offset, bias_column,
                                form, regression, [f"tasks[{i}]" for i in run], need_grad)
             values.extend(vals)
             if need_grad:
-                (G_Zs, G_Zq), g_lam, g_scale, g_offset = out
+                ((U_s, V_s), (U_q, V_q)), g_lam, g_scale, g_offset = out
                 for k, i in enumerate(run):
-                    cotangents[i] = (G_Zs[k], G_Zq[k])
+                    cotangents[i] = ((U_s[k], V_s[k]), (U_q[k], V_q[k]))
                     heads.append((g_lam[k], g_scale[k], g_offset[k]))
-        return values, ((feats.vjp(cotangents), heads) if need_grad else None)
+        return values, ((feats.vjp_factored(cotangents), heads) if need_grad else None)
 
     blocks = task_blocks(tasks)
     # One call's products are a whole block's rows against the backbone's weights.

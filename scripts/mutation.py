@@ -2164,7 +2164,7 @@ SELFTEST: tuple[tuple[str, str, str, str], ...] = (
     ("verify/hessian_inverse.py", "r = np.linalg.norm(b64 - Ax)", "core/ReplaceBinaryOperator_Sub_Add", "killed"),
     ("reference/models.py", "return (self.s - self.onehot) * self.scale", "core/ReplaceBinaryOperator_Sub_Add",
      "killed"),
-    ("reference/r2d2.py", "G_Zq = scale * (G_O @ W.transpose(0, 2, 1))", "core/ReplaceBinaryOperator_Mul_Div", "killed"),
+    ("reference/r2d2.py", "U_q, V_q = scale * G_O, W", "core/ReplaceBinaryOperator_Mul_Div", "killed"),
     # a module-level constant: the fast path re-runs the mutated assignment in the live module
     ("verify/_numdiff.py", "_ROMBERG_W = np.array([64.0, -20.0, 1.0]) / 45.0", "core/NumberReplacer", "killed"),
 )

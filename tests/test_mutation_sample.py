@@ -46,7 +46,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
      "r = dirs[0] if float(np.dot(dirs[0], ghat)) >= 0 else dirs[0]",
      ["tests/test_engine_properties.py::test_fast_complex_estimate_value"]),
     ("r2d2-query-cotangent-without-scale", "reference/r2d2.py",
-     "G_Zq = scale * (G_O @ W.transpose(0, 2, 1))", "G_Zq = G_O @ W.transpose(0, 2, 1)",
+     "U_q, V_q = scale * G_O, W", "U_q, V_q = G_O, W",
      ["tests/test_ref_r2d2_independent.py::test_meta_gradient_equals_complex_step_of_independent_head"]),
     ("cross-entropy-gradient-unscaled", "reference/models.py",
      "return (self.s - self.onehot) * self.scale", "return self.s - self.onehot",

@@ -103,20 +103,20 @@ def loss_solve(params, tasks, n_classes, lam, scale, offset, bias_column, normal
     return total / len(tasks)
 
 
-def _problem(regression: bool, shots: int, seed: int):
+def _problem(regression: bool, shots: int, seed: int, sizes=SIZES, queries: int = 4):
     rng = np.random.default_rng(seed)
-    model = MLP(list(SIZES), "tanh", "mse")
+    model = MLP(list(sizes), "tanh", "mse")
     params = [p + 0.3 * rng.standard_normal(p.shape) for p in model.init(seed)]
     n_classes = 2 if regression else 3
     tasks = []
     for _ in range(2):
-        xs, xq = rng.standard_normal((shots, SIZES[0])), rng.standard_normal((4, SIZES[0]))
+        xs, xq = rng.standard_normal((shots, sizes[0])), rng.standard_normal((queries, sizes[0]))
         if regression:
-            ys, yq = rng.standard_normal((shots, n_classes)), rng.standard_normal((4, n_classes))
+            ys, yq = rng.standard_normal((shots, n_classes)), rng.standard_normal((queries, n_classes))
         else:
             ys = np.arange(shots) % n_classes
             rng.shuffle(ys)
-            yq = rng.integers(0, n_classes, 4)
+            yq = rng.integers(0, n_classes, queries)
         tasks.append(Task(xs, ys, xq, yq))
     return model, params, tasks, n_classes
 
@@ -141,6 +141,31 @@ def test_meta_loss_equals_lstsq_ridge_head(combo, shots: int) -> None:
 def test_meta_gradient_equals_complex_step_of_independent_head(combo, shots: int) -> None:
     bias, norm, regression, form = combo
     model, params, tasks, n_classes = _problem(regression, shots, seed=100 + shots)
+    _check_gradient(model, params, tasks, n_classes, combo)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=_ids)
+def test_factored_feature_cotangents_give_the_complex_step_gradient(combo, monkeypatch) -> None:
+    # 24 features, 12 shots and 10 queries a task: the feature cotangents' factors (rank 2c on the support,
+    # c on the query) are cheaper than the dense rows, so the output layer's products go through them
+    # (reference/lowrank.py; the cases above, 4 features, take the dense path). Same complex-step check.
+    model, params, tasks, n_classes = _problem(combo[2], 12, seed=300, sizes=(3, 6, 24), queries=10)
+    seen = []
+    backward = MLP._backward
+
+    def spy(self, params, hs, derivs, g_out, **kw):
+        seen.append(type(g_out).__name__)
+        return backward(self, params, hs, derivs, g_out, **kw)
+
+    monkeypatch.setattr(MLP, "_backward", spy)
+    _check_gradient(model, params, tasks, n_classes, combo)
+    assert seen == ["LowRankRows"] * 2  # one backward pass per block of tasks (task_blocks: two here)
+
+
+def _check_gradient(model, params, tasks, n_classes, combo) -> None:
+    """The reference meta-gradient against the complex step of ``loss_solve``: along random directions of
+    everything, and each hyper-parameter on its own."""
+    bias, norm, regression, form = combo
     _, grads, hyper = r2d2.meta_loss_and_grad(model, params, tasks, n_classes, LAM, SCALE, OFFSET, bias_column=bias,
                                               normalize=norm, form=form, regression=regression)
     rng = np.random.default_rng(7)
