@@ -41,8 +41,11 @@ Per size every timed configuration (each implementation at default threads,
 the reference and PyTorch pinned to one thread) gets one untimed warm-up call
 first (JAX's first call, its compilation, is timed separately before that),
 then they run in alternating rounds whose order rotates from round to round,
-so no row is a cold first call and none always runs first; the largest size
-runs three timed rounds by default (``run.py --rounds N``: N - 1). Ratios are
+so no row is a cold first call and none always runs first. By default the
+rounds are whole rotations: 7 / 5 / 3 rounds (smallest / middle / largest size)
+rounded up to a multiple of the number of configurations (5 with JAX: 10 / 5 /
+5), so each configuration runs equally often at every position and after every
+neighbour; ``run.py --rounds N`` runs N (the largest size N - 1) as given. Ratios are
 per-round ``t_impl / t_reference``.
 Memory: the reference's peak traced allocation (``tracemalloc``) at every
 size, and at the largest size of each table the peak-RSS increase of one call
@@ -83,7 +86,8 @@ from benchmarks._common import (  # noqa: E402
 from reference.models import MLP, flatten  # noqa: E402
 
 IMPLS = ("reference", "torch", "jax")
-#: Timed rounds per size (None: 7/5/3 from the smallest to the largest size); run.py --rounds sets it.
+#: Timed rounds per size (None: 7/5/3 from the smallest to the largest size, in whole rotations);
+#: run.py --rounds sets it.
 ROUNDS: int | None = None
 
 
@@ -284,6 +288,10 @@ def bench(algo: str, quick: bool) -> list[dict[str, Any]]:
         compile_s, _ = timed(fns["jax"]) if "jax" in fns else (float("nan"), None)
         # Default settings and, in the same rounds, the reference and torch pinned to one thread.
         timed_fns = {**fns, **{f"{k}@1": at_threads(fns[k], 1) for k in ("reference", "torch")}}
+        if ROUNDS is None and not quick:
+            # Whole rotations: every configuration runs equally often at every position and after every
+            # neighbour (3 rounds of 5 configurations put the reference after torch@1 twice and never first).
+            repeats = -(-repeats // len(timed_fns)) * len(timed_fns)
         threads = default_threads()
         # One untimed call of every configuration first (imports, first-touch allocations, BLAS and torch
         # thread pools, the reference's thread policy), at every size; rounds rotate their order.

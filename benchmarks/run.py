@@ -70,7 +70,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "defaults, what a user gets; 1 with --quick; 0: the defaults, also with --quick)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds per size in benchmark 1 (default 7/5/3 from the smallest size to the "
-                         "largest; the largest gets one fewer than given)")
+                         "largest, rounded up to whole rotations of the configurations: 10/5/5 with JAX; "
+                         "given: as given, the largest size one fewer)")
     return ap.parse_args(argv)
 
 
