@@ -35,7 +35,11 @@ size run sequentially for a while (longer after each further starved try) and
 the pool is then tried again. The same
 measurement catches tasks that hold the GIL most of the time (iMAML's
 trust-region and CG loops), where two threads take turns instead of running
-at once.
+at once. Between the two, CPU time is not proof of progress (two threads
+taking turns at the GIL both count as busy), so after a pooled call that got
+less than :data:`CHECKED_PARALLELISM` cores' worth the next call runs
+sequentially as a probe and the faster of the two wall times per item
+decides: a sequential probe as fast counts as a starved call.
 
 The BLAS limit is process-wide while a reference call runs (``threadpoolctl``;
 reference counted, so concurrent or nested calls restore the user's setting
@@ -86,6 +90,16 @@ STARVED_HOLD_S = (2.0, 600.0)
 # sequentially at 1.0x their one-thread time instead of ~0.65x.
 STARVED_CALLS = 2
 
+# Enough CPU is not enough progress: a pooled call that got at least STARVED_PARALLELISM but less than this many
+# cores' worth may be two threads taking turns at the GIL while both count as busy. Measured quiet on 2 cores
+# (issue 18): MAML 1-256-256-1 pooled read 1.28-1.38 and took 1.05-1.08x its sequential time, Reptile 1.39 and
+# 1.09x; R2-D2 8-1024-1024 reads 1.85 at 0.54x, 8-256-256 1.5-1.7 at 0.65x. After such a call the next call
+# of that function at that size runs sequentially as a probe, timed per item against the pooled one: a probe
+# at least as fast counts as a starved call (so STARVED_CALLS of them hold the pool back, as above); a slower
+# one clears the count and no probe follows for the hold time a starved call would have got, doubled after
+# each further probe the pool wins (a pool that pays is not probed again and again).
+CHECKED_PARALLELISM = 1.6
+
 _lock = threading.Lock()
 _local = threading.local()
 _controller: Any = None  # threadpoolctl's controller of the loaded BLAS libraries (False: unavailable)
@@ -94,6 +108,9 @@ _saved: list[tuple[Any, int]] = []
 _pools: dict[int, ThreadPoolExecutor] = {}
 # Per (function, size) key: (time.monotonic() before which map_tasks runs it sequentially, starved tries in a row).
 _starved: dict[tuple[str, int], tuple[float, int]] = {}
+# Per key: (the last pooled call's wall seconds per item when a probe is due, else None; time.monotonic() before
+# which no probe is scheduled; probes the pool won in a row).
+_probes: dict[tuple[str, int], tuple[float | None, float, int]] = {}
 
 
 def _blas() -> Any:
@@ -196,24 +213,60 @@ def pool_starved(fn: Callable[..., Any], work: float) -> bool:
     return time.monotonic() < until
 
 
-def _record(fn: Callable[..., Any], work: float, cpu: float, wall: float) -> None:
-    """Note a pooled call's CPU and wall time; hold the pool back after ``STARVED_CALLS`` calls in a row that got
-    less than ``STARVED_PARALLELISM``."""
+def _hold_s(wall: float, tries: int) -> float:
+    """20 times a call's duration within ``STARVED_HOLD_S``, doubled ``tries`` times (at most 20)."""
+    lo, hi = STARVED_HOLD_S
+    return min(hi, max(lo, 20.0 * wall) * 2.0 ** min(tries, 20))
+
+
+def _strike(key: tuple[str, int], wall: float) -> None:
+    """One more starved call of ``key`` in a row (caller holds ``_lock``): held back from ``STARVED_CALLS`` on."""
+    _, strikes = _starved.get(key, (0.0, 0))
+    strikes += 1
+    if strikes < STARVED_CALLS:
+        _starved[key] = (0.0, strikes)  # noted, not held: the next pooled call decides
+        return
+    _starved[key] = (time.monotonic() + _hold_s(wall, strikes - STARVED_CALLS), strikes)
+
+
+def _record(fn: Callable[..., Any], work: float, cpu: float, wall: float, items: int = 1) -> None:
+    """Note a pooled call of ``items`` items: hold the pool back after ``STARVED_CALLS`` calls in a row that got
+    less than ``STARVED_PARALLELISM``; below ``CHECKED_PARALLELISM`` schedule a sequential probe instead."""
     if wall < 0.005:  # too short to tell
         return
     key = _key(fn, work)
     with _lock:
-        if cpu / wall >= STARVED_PARALLELISM:
+        if cpu / wall < STARVED_PARALLELISM:
+            _strike(key, wall)
+        elif cpu / wall < CHECKED_PARALLELISM:
+            # Undecided until the probe: the count of starved calls stays as it is.
+            _, not_before, wins = _probes.get(key, (None, 0.0, 0))
+            if time.monotonic() >= not_before:
+                _probes[key] = (wall / items, not_before, wins)
+        else:
             _starved.pop(key, None)
+
+
+def _probe_due(fn: Callable[..., Any], work: float) -> bool:
+    """Whether the next call of ``fn`` at this ``work`` is a sequential probe (see ``CHECKED_PARALLELISM``)."""
+    with _lock:
+        return _probes.get(_key(fn, work), (None,))[0] is not None
+
+
+def _probed(fn: Callable[..., Any], work: float, wall: float, items: int) -> None:
+    """A sequential probe of ``items`` items took ``wall`` seconds: against the pooled call it follows, a starved
+    call if at least as fast, else the pool's win (the count cleared, the next probe put off)."""
+    key = _key(fn, work)
+    with _lock:
+        pooled, _, wins = _probes.get(key, (None, 0.0, 0))
+        if pooled is None:  # no probe pending any more (a concurrent call of the same key took it)
             return
-        _, strikes = _starved.get(key, (0.0, 0))
-        strikes += 1
-        if strikes < STARVED_CALLS:
-            _starved[key] = (0.0, strikes)  # noted, not held: the next pooled call decides
-            return
-        lo, hi = STARVED_HOLD_S
-        hold = min(hi, max(lo, 20.0 * wall) * 2.0 ** min(strikes - STARVED_CALLS, 20))
-        _starved[key] = (time.monotonic() + hold, strikes)
+        if wall / items <= pooled:
+            _probes[key] = (None, 0.0, 0)
+            _strike(key, wall)
+        else:
+            _starved.pop(key, None)
+            _probes[key] = (None, time.monotonic() + _hold_s(wall, wins), wins + 1)
 
 
 def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Iterator[R]:
@@ -236,7 +289,9 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
     When the last ``STARVED_CALLS`` pooled calls of ``fn`` at this ``work`` got less than
     ``STARVED_PARALLELISM`` cores' worth of CPU (:func:`pool_starved`: busy
     cores, or GIL-bound tasks) the calls run in this thread until the hold
-    expires. Only the speed depends on that choice.
+    expires; after a pooled call below ``CHECKED_PARALLELISM`` the next call is a
+    sequential probe (timed; as fast as the pool, it counts as starved). Only the
+    speed depends on these choices.
 
     Each call first makes sure glibc keeps freed large arrays for reuse
     (:func:`reference._heap.tune_heap`, once per process; ``METAVERIFY_MALLOC=off`` opts out).
@@ -250,6 +305,12 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             for item in items:
                 yield fn(item)
             return
+        if _probe_due(fn, work):  # the last pooled call was in the grey zone: time this one sequentially
+            wall0 = time.perf_counter()
+            for item in items:
+                yield fn(item)
+            _probed(fn, work, time.perf_counter() - wall0, len(items))
+            return
         pool = _executor(workers)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         ctx = contextvars.copy_context()
@@ -261,7 +322,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
                     pending.append(pool.submit(_in_worker, ctx.copy(), fn, items[submitted]))
                     submitted += 1
                 yield pending.popleft().result()
-            _record(fn, work, time.process_time() - cpu0, time.perf_counter() - wall0)
+            _record(fn, work, time.process_time() - cpu0, time.perf_counter() - wall0, len(items))
         finally:
             # After a failure (or a caller that stops early): drop the tasks not started, wait for the
             # running ones (they use the single-threaded BLAS this call holds).
@@ -270,5 +331,5 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
-__all__ = ["PARALLEL_MIN_WORK", "STARVED_CALLS", "STARVED_PARALLELISM", "blas_threads", "map_tasks", "pool_size", "pool_starved",
-           "single_threaded_blas", "work"]
+__all__ = ["CHECKED_PARALLELISM", "PARALLEL_MIN_WORK", "STARVED_CALLS", "STARVED_PARALLELISM", "blas_threads",
+           "map_tasks", "pool_size", "pool_starved", "single_threaded_blas", "work"]

@@ -30,7 +30,9 @@ def never_starved(monkeypatch):
     # A busy test machine would send map_tasks down its sequential path (pool_starved); these tests are
     # about the pooled path, so the CPU measurement never holds the pool back here.
     monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 0.0)
+    monkeypatch.setattr(_threads, "CHECKED_PARALLELISM", 0.0)  # nor does a sequential probe replace it
     monkeypatch.setattr(_threads, "_starved", {})
+    monkeypatch.setattr(_threads, "_probes", {})
     # The problems here are small (fast tests) but above this threshold, so the pool runs them; the
     # threshold's value (5e5) is a speed matter measured by benchmark 1, not a correctness one.
     monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 2e5)

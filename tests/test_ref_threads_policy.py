@@ -13,7 +13,9 @@ replaced by doubles so the outcome is deterministic on any machine and load:
   ``STARVED_PARALLELISM = 1.3``: a balanced 2-worker call measures ~1.8;
   ``STARVED_CALLS = 2`` starved pooled calls in a row before a hold; holds
   of 20 x the call's duration within ``[2 s, 600 s]``, doubled per further
-  starved try), never from the code's expressions.
+  starved try; ``CHECKED_PARALLELISM = 1.6``: below it a pooled call is followed by a
+  sequential probe, measured 1.28-1.39 for pools that did not pay, 1.5-1.85 for pools
+  that did), never from the code's expressions.
 
 Nothing here monkeypatches those constants: a changed threshold must fail.
 """
@@ -38,6 +40,7 @@ BALANCED = 1.8  # CPU seconds per wall second of a balanced 2-worker call on a f
 THRESHOLD = 1.3  # below: starved
 HOLD_LO, HOLD_HI = 2.0, 600.0  # bounds of a starvation hold, seconds
 IN_A_ROW = 2  # starved pooled calls in a row before the pool is held back
+CHECKED = 1.6  # below (and at or above THRESHOLD): the next call is a sequential probe
 
 
 class FakeLib:
@@ -77,6 +80,7 @@ def machine(monkeypatch) -> Iterator[Callable[..., list[FakeLib]]]:
     pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
     monkeypatch.setattr(_threads, "_pools", pools)
     monkeypatch.setattr(_threads, "_starved", {})
+    monkeypatch.setattr(_threads, "_probes", {})
     monkeypatch.setattr(_threads, "time", FakeClock())
 
     def make(*threads: int, cores: int | None = 2) -> list[FakeLib]:
@@ -370,8 +374,8 @@ def test_starvation_threshold(machine):
 def test_starved_calls_count_in_a_row_per_function_and_size(machine):
     machine(4)
     _threads.time.now = 0.5  # monotonic()'s origin is undefined: half a second after it is a valid time too
-    # Starved, good, starved: never two in a row, never held.
-    for cpu in (1.0, BALANCED, 1.0, THRESHOLD, 1.0):
+    # Starved, good, starved: never two in a row, never held (CHECKED, exactly, is a good call).
+    for cpu in (1.0, BALANCED, 1.0, CHECKED, 1.0):
         _threads._record(f_a, 1e9, cpu=cpu, wall=1.0)
         assert not _threads.pool_starved(f_a, 1e9)
     # Interleaved with other keys, the count is each key's own: f_a at 1e9 is now held, the others are not.
@@ -445,6 +449,83 @@ def test_starvation_holds(machine):
 # ---------------------------------------------------------------------------
 # work(): the size of one call's matrix products
 # ---------------------------------------------------------------------------
+
+
+def test_a_grey_pooled_call_is_followed_by_a_sequential_probe(machine, sync_executor):
+    # Between THRESHOLD and CHECKED cores' worth the pool may be two threads taking turns at the GIL: the next
+    # call of the same function and size runs in this thread, timed; per item as fast as the pooled call, it
+    # counts as a starved call (IN_A_ROW of them hold the pool back, 20 x the probe's 1 s); slower, the pool won.
+    machine(4, cores=2)
+    clock, me = _threads.time, threading.get_ident()
+    ex = sync_executor[0]
+
+    def make(name: str, rate: float, seq_item_s: float):
+        def fn(i):  # 0.25 s an item on the pool at `rate` cores' worth; seq_item_s an item in this thread
+            pooled = threading.get_ident() != me
+            clock.now += 0.25 if pooled else seq_item_s
+            clock.cpu += 0.25 * rate if pooled else seq_item_s
+            return i
+        fn.__qualname__ = name  # the policy's key: each its own function
+        return fn
+
+    def run(fn) -> bool:
+        """One call of 4 items; whether it ran on the pool."""
+        before = len(ex.submitted)
+        assert list(_threads.map_tasks(fn, range(4), work=1e12)) == [0, 1, 2, 3]
+        return len(ex.submitted) > before
+
+    even = make("even", 1.4, 0.25)  # the sequential loop is as fast: the pool does not pay
+    assert run(even) and _threads._probe_due(even, 1e12)
+    assert not run(even) and not _threads._probe_due(even, 1e12)  # the probe: one starved call, noted
+    assert not _threads.pool_starved(even, 1e12)
+    assert run(even) and not run(even)  # pooled (undecided: the count stays at one), probe: the second
+    t0 = clock.now
+    assert _threads.pool_starved(even, 1e12)
+    clock.now = t0 + 19.9
+    assert not run(even)  # held back: sequential, and not a probe
+    clock.now = t0 + 20.0
+    assert not _threads.pool_starved(even, 1e12) and run(even)
+
+    paid = make("paid", 1.5, 0.375)  # grey; the sequential loop is slower: the pool paid (exact binary times)
+    assert run(paid) and _threads._probe_due(paid, 1e12)
+    assert not run(paid)  # the probe, 1.5 s against the pool's 1 s: a win for the pool
+    t1 = clock.now
+    # Grey pooled calls (1 s each, judged when they end) schedule no probe for 20 x the probe's 1.5 s.
+    for _ in range(3):
+        assert run(paid) and not _threads._probe_due(paid, 1e12)
+    clock.now = t1 + 28.75
+    assert run(paid) and not _threads._probe_due(paid, 1e12)  # ends at t1 + 29.75
+    clock.now = t1 + 29.0
+    assert run(paid) and _threads._probe_due(paid, 1e12)  # ends at t1 + 30
+    assert not run(paid)  # the pool wins again: the next probe waits twice as long (60 s)
+    t2 = clock.now
+    clock.now = t2 + 58.75
+    assert run(paid) and not _threads._probe_due(paid, 1e12)
+    clock.now = t2 + 59.0
+    assert run(paid) and _threads._probe_due(paid, 1e12)
+
+    # The bounds, exactly: THRESHOLD is grey (a probe), CHECKED is a good call (none; a noted starved call cleared).
+    _threads._record(f_c, 1e12, cpu=THRESHOLD, wall=1.0)
+    assert _threads._probe_due(f_c, 1e12)
+    _threads._record(f_b, 1e12, cpu=1.0, wall=1.0)
+    _threads._record(f_b, 1e12, cpu=CHECKED, wall=1.0)
+    assert not _threads._probe_due(f_b, 1e12)
+    _threads._record(f_b, 1e12, cpu=1.0, wall=1.0)
+    assert not _threads.pool_starved(f_b, 1e12)  # one starved call since the good one: not held
+
+
+def test_a_probe_needs_a_pending_pooled_reading(machine):
+    machine(4)
+    _threads._probed(f_a, 1e9, wall=0.1, items=4)  # no grey pooled call before it: no verdict
+    assert not _threads._probe_due(f_a, 1e9) and not _threads.pool_starved(f_a, 1e9)
+    assert _threads._key(f_a, 1e9) not in _threads._starved
+    _threads._record(f_a, 1e9, cpu=1.4, wall=1.0, items=4)  # 0.25 s an item
+    assert _threads._probe_due(f_a, 1e9) and not _threads._probe_due(f_a, 1e5) and not _threads._probe_due(f_b, 1e9)
+    _threads._record(f_a, 1e9, cpu=1.0, wall=1.0)  # a starved pooled call counts as before (noted)
+    _threads._probed(f_a, 1e9, wall=1.0, items=4)  # as fast per item: the second starved call in a row
+    assert _threads.pool_starved(f_a, 1e9) and not _threads._probe_due(f_a, 1e9)
+    _threads._record(f_b, 1e9, cpu=1.4, wall=0.004)  # too short to tell: no probe
+    assert not _threads._probe_due(f_b, 1e9)
 
 
 def test_work_is_params_times_the_largest_tasks_rows():
