@@ -239,6 +239,8 @@ def test_meta_loss_runs_no_backward_pass(monkeypatch) -> None:
         raise AssertionError("meta_loss ran a backward pass")
 
     monkeypatch.setattr(features.StackedFeatures, "vjp", no_backward)
+    monkeypatch.setattr(features.StackedFeatures, "vjp_factored", no_backward)
     monkeypatch.setattr(features.TaskFeatures, "vjp", no_backward)
+    monkeypatch.setattr(MLP, "_backward", no_backward)  # whatever the route to the backbone's reverse pass
     for (m, p), value in zip(cases, want):
         assert r2d2.meta_loss(m, p, tasks, n_classes, LAM, SCALE, OFFSET) == pytest.approx(value, rel=1e-14)

@@ -528,6 +528,32 @@ def test_a_probe_needs_a_pending_pooled_reading(machine):
     assert not _threads._probe_due(f_b, 1e9)
 
 
+def test_probe_bookkeeping_per_item_and_after_a_strike(machine):
+    clock = _threads.time
+    clock.now = 0.5  # monotonic()'s origin is undefined: half a second after it is a valid time too
+    # A pooled call of one item (the default) lasting 1 s, then a 1 s probe of one item: as fast, a starved call.
+    _threads._record(f_a, 1e9, cpu=1.4, wall=1.0)
+    assert _threads._probe_due(f_a, 1e9)  # a grey call schedules a probe at any time (no probe put off yet)
+    _threads._probed(f_a, 1e9, wall=1.0, items=1)
+    assert _threads._starved[_threads._key(f_a, 1e9)] == (0.0, 1)  # noted, not held
+    _threads._record(f_a, 1e9, cpu=1.4, wall=1.0)  # right after a strike the next grey call is probed again
+    assert _threads._probe_due(f_a, 1e9)
+    # The pool wins twice (wins 0 -> 1 -> 2), loses once (wins back to 0), wins again: that win's hold is the
+    # first hold again, 20 x the probe's 2 s = 40 s, not doubled.
+    key = _threads._key(f_b, 1e9)
+    for _ in range(2):
+        clock.now += 1000.0
+        _threads._record(f_b, 1e9, cpu=1.4, wall=1.0)
+        _threads._probed(f_b, 1e9, wall=2.0, items=1)  # slower: the pool's win
+    assert _threads._probes[key] == (None, clock.now + 80.0, 2)  # the second win: 40 s doubled
+    clock.now += 1000.0
+    _threads._record(f_b, 1e9, cpu=1.4, wall=1.0)
+    _threads._probed(f_b, 1e9, wall=0.5, items=1)  # faster: a strike, and the wins start over
+    _threads._record(f_b, 1e9, cpu=1.4, wall=1.0)
+    _threads._probed(f_b, 1e9, wall=2.0, items=1)
+    assert _threads._probes[key] == (None, clock.now + 40.0, 1)
+
+
 def test_work_is_params_times_the_largest_tasks_rows():
     rng = np.random.default_rng(0)
 
