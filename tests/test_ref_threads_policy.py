@@ -554,11 +554,13 @@ def test_probe_bookkeeping_per_item_and_after_a_strike(machine):
     assert _threads._probes[key] == (None, clock.now + 40.0, 1)
 
 
-@pytest.mark.parametrize("hidden, pooled", [(40, False), (200, True)])
-def test_maml_batches_for_one_worker_when_the_pool_will_not_run(machine, monkeypatch, hidden, pooled):
-    # 2 BLAS threads, 2 cores, 4 tasks of 10 support rows: task_batches cuts 2 batches of 2 for a 2-worker pool.
-    # 1-40-40-1 (1,761 parameters): 1,761 x 10 x 2 = 35,220 < MIN_WORK, so map_tasks will run them in this
-    # thread: one batch of 4 instead. 1-200-200-1 (40,801): 816,020 >= MIN_WORK, the pool's 2 batches stay.
+@pytest.mark.parametrize("sizes, rows, pooled", [([1, 40, 40, 1], 10, False), ([1, 200, 200, 1], 10, True),
+                                                  ([1, 833, 1], 100, True)])
+def test_maml_batches_for_one_worker_when_the_pool_will_not_run(machine, monkeypatch, sizes, rows, pooled):
+    # 2 BLAS threads, 2 cores, 4 tasks: task_batches cuts 2 batches of 2 for a 2-worker pool. 1-40-40-1 (1,761
+    # parameters, 10 rows): 1,761 x 10 x 2 = 35,220 < MIN_WORK, so map_tasks will run them in this thread: one
+    # batch of 4 instead. 1-200-200-1 (40,801): 816,020 >= MIN_WORK, the pool's 2 batches stay; 1-833-1 (2,500
+    # parameters, 100 rows): exactly MIN_WORK, which the pool runs ("below it ... in this thread"), so they stay.
     from reference import inner_loop, maml
     from reference.models import MLP
     from reference.tasks import sinusoid
@@ -569,9 +571,9 @@ def test_maml_batches_for_one_worker_when_the_pool_will_not_run(machine, monkeyp
     real = inner_loop._MLPEngine.tasks
     monkeypatch.setattr(inner_loop._MLPEngine, "tasks", lambda self, params, tasks, *a, **kw: (
         seen.append(len(tasks)), real(self, params, tasks, *a, **kw))[1])
-    model = MLP([1, hidden, hidden, 1], "tanh", "mse")
-    assert (model.n_params * 10 * 2 >= MIN_WORK) == pooled
-    maml.meta_loss_and_grad(model, model.init(0), sinusoid(4, 10, 10, seed=1), 0.01, 1)
+    model = MLP(sizes, "tanh", "mse")
+    assert (model.n_params * rows * 2 >= MIN_WORK) == pooled
+    maml.meta_loss_and_grad(model, model.init(0), sinusoid(4, rows, 10, seed=1), 0.01, 1)
     assert sorted(seen) == ([2, 2] if pooled else [4])
 
 
