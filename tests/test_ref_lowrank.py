@@ -131,6 +131,20 @@ def _factors(rng, out, ns, nq, r):
             (rng.standard_normal((nq, r)), rng.standard_normal((out, r))))
 
 
+def backward_cotangent_types(monkeypatch) -> list[str]:
+    """Record the type name of the output cotangent of every ``MLP._backward`` call (``LowRankRows`` or
+    ``ndarray``): which path a backward pass took. The list fills as the calls happen."""
+    seen: list[str] = []
+    backward = MLP._backward
+
+    def spy(self, params, hs, derivs, g_out, **kw):
+        seen.append(type(g_out).__name__)
+        return backward(self, params, hs, derivs, g_out, **kw)
+
+    monkeypatch.setattr(MLP, "_backward", spy)
+    return seen
+
+
 @pytest.mark.parametrize("rank, expected", [(1, "LowRankRows"), (5, "ndarray")])
 def test_stacked_vjp_factored_is_the_dense_vjp(rank, expected, monkeypatch):
     # Tasks 4 and 9 (6 + 4 rows each) have factors; task 7 is left out (its 12 rows are zero). The stack has
@@ -139,14 +153,7 @@ def test_stacked_vjp_factored_is_the_dense_vjp(rank, expected, monkeypatch):
     out = 12 if rank == 1 else 3
     rng, model, params, tasks, feats = _stack(out=out)
     fac = {4: _factors(rng, out, 6, 4, rank), 9: _factors(rng, out, 6, 4, rank)}
-    seen = []
-    backward = MLP._backward
-
-    def spy(self, params, hs, derivs, g_out, **kw):
-        seen.append(type(g_out).__name__)
-        return backward(self, params, hs, derivs, g_out, **kw)
-
-    monkeypatch.setattr(MLP, "_backward", spy)
+    seen = backward_cotangent_types(monkeypatch)
     got = feats.vjp_factored(fac)
     want = feats.vjp({i: (us @ vs.T, uq @ vq.T) for i, ((us, vs), (uq, vq)) in fac.items()})
     assert seen == [expected, "ndarray"]

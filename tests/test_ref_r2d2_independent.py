@@ -34,6 +34,7 @@ from reference import features, r2d2
 from reference.errors import InvalidInputError
 from reference.models import MLP
 from reference.tasks import Task
+from test_ref_lowrank import backward_cotangent_types
 
 SIZES = (3, 5, 4)  # input 3, hidden 5, 4 features
 LAM, SCALE, OFFSET = 0.7, 1.3, 0.2
@@ -150,14 +151,7 @@ def test_factored_feature_cotangents_give_the_complex_step_gradient(combo, monke
     # c on the query) are cheaper than the dense rows, so the output layer's products go through them
     # (reference/lowrank.py; the cases above, 4 features, take the dense path). Same complex-step check.
     model, params, tasks, n_classes = _problem(combo[2], 12, seed=300, sizes=(3, 6, 24), queries=10)
-    seen = []
-    backward = MLP._backward
-
-    def spy(self, params, hs, derivs, g_out, **kw):
-        seen.append(type(g_out).__name__)
-        return backward(self, params, hs, derivs, g_out, **kw)
-
-    monkeypatch.setattr(MLP, "_backward", spy)
+    seen = backward_cotangent_types(monkeypatch)
     _check_gradient(model, params, tasks, n_classes, combo)
     assert seen == ["LowRankRows"] * 2  # one backward pass per block of tasks (task_blocks: two here)
 
