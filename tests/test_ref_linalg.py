@@ -286,19 +286,28 @@ def test_cg_restart_bookkeeping_on_ill_conditioned_systems():
     # cond 1e3..1e6 and rtol near round-off: the recursive residual drifts from the true one and CG
     # restarts from the true residual (which case restarts depends on the BLAS's round-off: several
     # cases, at least one must). Whatever happens, the counted products match the documented bookkeeping.
-    restarted = 0
+    # These tolerances are below cond(A) x eps, what floating point guarantees for a residual: a case may stall
+    # just above it (seen on one machine: (6, 1e5, 1e-13) at 6.45e-13 after 120 iterations, converged on
+    # another). Then CG must say so (ConvergenceError with the residual reached), not answer; most cases converge.
+    restarted = converged = 0
     for n, cond, rtol, seed in ((6, 1e5, 1e-13, 1), (10, 1e6, 1e-12, 0), (6, 1e3, 1e-14, 0), (10, 1e4, 1e-13, 1),
                                 (20, 1e3, 1e-14, 2)):
         A = _spd(n, 0.25 * np.logspace(0, np.log10(cond), n), seed=seed)
         b = np.random.default_rng(seed + 100).standard_normal(n)
         mv = _Counted(A)
-        x, info = conjugate_gradient(mv, b, rtol=rtol, maxiter=20 * n, what="A")
+        try:
+            x, info = conjugate_gradient(mv, b, rtol=rtol, maxiter=20 * n, what="A")
+        except ConvergenceError as e:
+            assert rtol < cond * np.finfo(float).eps
+            assert f"> rtol={rtol:g} after {20 * n} iterations" in str(e), str(e)
+            continue
+        converged += 1
         restarted += info.restarts > 0
         assert mv.calls == info.iterations + info.restarts + 1
         assert np.linalg.norm(b - A @ x) <= rtol * np.linalg.norm(b)
         # The Lanczos estimate (first cycle only) is a lower bound on cond(A), sharp after n iterations.
         assert info.cond_estimate == pytest.approx(cond, rel=1e-6)
-    assert restarted >= 2
+    assert converged >= 4 and restarted >= 2
 
 
 def test_cg_stops_only_where_the_documented_criterion_holds():

@@ -115,6 +115,10 @@ def _with_scale(case: Case, base: Candidate, g: np.ndarray, ref_scale: float) ->
                      {**base.fitted, "scale": c}, rank=2 if base.key == "correct" else 4)
 
 
+#: Relative size (to the largest entry of a candidate's gradient) at or below which an entry is round-off of a zero.
+ROUNDOFF_ZERO = 64 * float(np.finfo(float).eps)
+
+
 def _zero_tensors(case: Case, claimed: Sequence[np.ndarray], missing: Sequence[bool]) -> list[int]:
     return [i for i, (g, m) in enumerate(zip(claimed, missing)) if m or not np.any(np.asarray(g))]
 
@@ -123,10 +127,13 @@ def _with_disconnected(case: Case, base: Candidate, zeros: list[int]) -> Candida
     sizes = [int(np.prod(s)) for s in case.shapes]
     offsets = np.cumsum([0] + sizes)
     G = base.grads.copy()
+    # A tensor whose correct gradient is zero up to round-off is not named (R2-D2's offset under cross-entropy:
+    # exactly 0.0 on one machine, 1e-17 against entries of 0.1 on another).
+    floor = ROUNDOFF_ZERO * float(np.max(np.abs(G), initial=0.0))
     hit = []
     for i in zeros:
         block = G[offsets[i]:offsets[i + 1]]
-        if np.any(block):
+        if np.any(np.abs(block) > floor):
             hit.append(i)
         G[offsets[i]:offsets[i + 1]] = 0.0
     if not hit:
