@@ -41,6 +41,12 @@ less than :data:`CHECKED_PARALLELISM` cores' worth the next call runs
 sequentially as a probe and the faster of the two wall times per item
 decides: a sequential probe as fast counts as a starved call.
 
+One computation can also be cut into independent pieces that this thread and
+the pool's workers take in turn (:func:`split_range`: the columns of the
+factored MAML engine's large stacked GEMMs, :mod:`reference.factored`); the
+pieces depend on the sizes alone, so the numbers do not depend on the thread
+count either.
+
 The BLAS limit is process-wide while a reference call runs (``threadpoolctl``;
 reference counted, so concurrent or nested calls restore the user's setting
 only when the last one leaves). Without ``threadpoolctl`` everything runs
@@ -50,6 +56,7 @@ sequentially and BLAS is left as it is.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
 import os
 import threading
@@ -331,5 +338,57 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
+# split_range: work (multiply-adds) below which one piece, and at most this many pieces. Measured on the 2-core
+# machine (issue 18; single-threaded BLAS, the product cut by columns between this thread and a pool worker):
+# 90 x 1024 @ 1024 x 1024 (9.4e7) 3.9 -> 2.0 ms, 2750 x 256 @ 256 x 256 (1.8e8) 5.7 -> 3.0 ms, but
+# 250 x 256 @ 256 x 256 (1.6e7, 0.56 ms) 0.60 ms: a worker woken for half a millisecond's work starts too late.
+SPLIT_MIN_WORK = 3e7
+SPLIT_MAX_PIECES = 8
+
+
+def split_range(fn: Callable[[int, int], None], n: int, *, work: float, min_piece: int = 1) -> None:
+    """``fn(start, stop)`` over consecutive ranges covering ``range(n)``, shared by this thread and the pool.
+
+    For one large computation made of independent parts (the columns of a GEMM, the tasks of a batch: the
+    factored MAML engine, :mod:`reference.factored`): ``fn`` writes the parts ``start:stop`` of a result.
+    The range is cut into pieces that depend on ``n``, ``work`` and ``min_piece`` alone -- one piece below
+    :data:`SPLIT_MIN_WORK` of ``work`` (multiply-adds), else ``n // min_piece`` pieces, 2 to
+    :data:`SPLIT_MAX_PIECES` -- and the same pieces are computed whether one thread takes them all or several
+    share them, so the result does not depend on the thread count. This thread and up to ``workers - 1``
+    pool workers take the pieces in turn: a worker that is not scheduled (a busy machine) delays at most the
+    piece it took, and one that has not started when the pieces run out is not waited for. Each ``fn`` call
+    runs with the BLAS at one thread (callers hold :func:`single_threaded_blas`). All in this thread with one
+    worker (a 1-thread BLAS, one core) or on a pool worker already.
+    """
+    pieces = 1 if work < SPLIT_MIN_WORK else max(2, min(SPLIT_MAX_PIECES, n // max(min_piece, 1)))
+    pieces = min(pieces, max(n, 1))
+    bounds = [n * i // pieces for i in range(pieces + 1)]
+    taken = itertools.count()  # next() on a count is atomic under the GIL: each piece is taken once
+
+    def take(_: Any = None) -> None:
+        for i in taken:
+            if i >= pieces:
+                return
+            fn(bounds[i], bounds[i + 1])
+
+    workers = _workers(blas_threads(), pieces)
+    if workers <= 1 or getattr(_local, "inside", False):
+        take()
+        return
+    ctx = contextvars.copy_context()
+    pool = _executor(workers)
+    helpers = [pool.submit(_in_worker, ctx.copy(), take, None) for _ in range(workers - 1)]
+    try:
+        take()
+    finally:
+        for f in helpers:
+            f.cancel()  # not started yet: nothing left for it
+        wait(helpers)
+    for f in helpers:
+        if not f.cancelled():
+            f.result()  # a worker's exception
+
+
 __all__ = ["CHECKED_PARALLELISM", "PARALLEL_MIN_WORK", "STARVED_CALLS", "STARVED_PARALLELISM", "blas_threads",
-           "map_tasks", "pool_size", "pool_starved", "single_threaded_blas", "work"]
+           "map_tasks", "pool_size", "pool_starved", "single_threaded_blas", "split_range", "work",
+           "SPLIT_MAX_PIECES", "SPLIT_MIN_WORK"]

@@ -27,7 +27,9 @@ on any model with that interface (``MLP``, ``Quadratic``). For an ``MLP`` the
 same recursion runs in :class:`_MLPEngine`, which reuses each inner step's
 forward pass in the reverse pass and fuses the weight-sized updates into BLAS
 calls (notes before the class); it additionally keeps ``O(K x examples x
-width)`` activations.
+width)`` activations. MAML's second-order gradient on an MLP whose layers are
+wide next to the tasks' rows goes through :mod:`reference.factored` instead,
+which keeps each task's adapted weights as low-rank corrections of ``theta``.
 """
 
 from __future__ import annotations
@@ -159,7 +161,12 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
     ``fused=False``; other models through :func:`task_loss_and_grad`.
     """
     n = len(tasks)
-    if fused and isinstance(model, MLP):
+    from reference import factored  # (imports this module)
+
+    if fused and factored.applicable(model, params, tasks, lrs, steps, first_order=first_order, lr_grad=lr_grad):
+        # MAML on an MLP wide enough: adapted weights as low-rank corrections of theta (reference/factored.py).
+        results: Any = factored.task_results(model, params, tasks, lrs[0], steps)
+    elif fused and isinstance(model, MLP):
         # Batches of equal-shaped tasks through the stacked engine; per-task results, reduced in task order.
         batched = _MLPEngine(model)
         batches = task_batches(model, tasks, pool_size(n))
@@ -175,7 +182,7 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
             return batched.tasks(params, [tasks[i] for i in batch], lrs, steps, first_order=first_order,
                                  lr_grad=lr_grad)
 
-        results: Any = (r for rs in map_tasks(per_batch, batches, work=work) for r in rs)
+        results = (r for rs in map_tasks(per_batch, batches, work=work) for r in rs)
     elif fused and hasattr(model, "_maml_task"):
         # reference.nets.Network: the same recursion, reusing each inner step's forward pass.
 

@@ -554,13 +554,14 @@ def test_probe_bookkeeping_per_item_and_after_a_strike(machine):
     assert _threads._probes[key] == (None, clock.now + 40.0, 1)
 
 
-@pytest.mark.parametrize("sizes, rows, pooled", [([1, 40, 40, 1], 10, False), ([1, 200, 200, 1], 10, True),
+@pytest.mark.parametrize("sizes, rows, pooled", [([1, 40, 40, 1], 10, False), ([1, 200, 200, 1], 95, True),
                                                   ([1, 833, 1], 100, True)])
 def test_maml_batches_for_one_worker_when_the_pool_will_not_run(machine, monkeypatch, sizes, rows, pooled):
     # 2 BLAS threads, 2 cores, 4 tasks: task_batches cuts 2 batches of 2 for a 2-worker pool. 1-40-40-1 (1,761
     # parameters, 10 rows): 1,761 x 10 x 2 = 35,220 < MIN_WORK, so map_tasks will run them in this thread: one
-    # batch of 4 instead. 1-200-200-1 (40,801): 816,020 >= MIN_WORK, the pool's 2 batches stay; 1-833-1 (2,500
-    # parameters, 100 rows): exactly MIN_WORK, which the pool runs ("below it ... in this thread"), so they stay.
+    # batch of 4 instead. 1-200-200-1 (40,801; 95 support rows, so the factored engine of reference/factored.py,
+    # which takes 10-row tasks at this width, does not apply): 7.8e6 >= MIN_WORK, the pool's 2 batches stay;
+    # 1-833-1 (2,500 parameters, 100 rows): exactly MIN_WORK, which the pool runs ("below it ... in this thread"), so they stay.
     from reference import inner_loop, maml
     from reference.models import MLP
     from reference.tasks import sinusoid

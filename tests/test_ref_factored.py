@@ -1,0 +1,261 @@
+"""The factored MAML engine (reference/factored.py): adapted weights and adjoints as low-rank factors.
+
+* Its meta-gradient is MAML's: against the generic loop of reference/inner_loop.py (Hessian-vector products
+  of the model, another algorithm), for every activation, loss and with and without biases, and against a
+  complex-step derivative of the meta-loss.
+* It serves exactly the calls it is meant for (:func:`factored.applicable`), and keeps a layer factored
+  exactly when the factors are the cheaper form.
+* Its numbers do not depend on the thread count (the pieces of a split product are fixed by the sizes), nor on
+  how the per-task gradients are formed a few at a time; batches of tasks change only round-off.
+* :func:`reference._threads.split_range` covers its range once, with the same pieces on one thread or several,
+  and raises a worker's error.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from reference import _threads, factored, inner_loop, maml
+from reference.models import MLP
+from reference.tasks import Task, gaussian_classification, sinusoid
+
+EPS = np.finfo(float).eps
+
+
+def _rel(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) / max(float(np.max(np.abs(y))) for y in b)
+
+
+def _problem(activation: str, loss: str, bias: bool, n_tasks: int = 3):
+    if loss == "mse":
+        model = MLP([2, 48, 40, 3], activation, loss, bias=bias)
+        rng = np.random.default_rng(1)
+        tasks = [Task(rng.standard_normal((4, 2)), rng.standard_normal((4, 3)), rng.standard_normal((5, 2)),
+                      rng.standard_normal((5, 3))) for _ in range(n_tasks)]
+    else:
+        model = MLP([4, 48, 40, 3], activation, loss, bias=bias)
+        tasks = gaussian_classification(3, 1, 2, 4, n_tasks=n_tasks, seed=3)
+        if loss == "bce":  # multi-label 0/1 targets of the same rows
+            rng = np.random.default_rng(2)
+            tasks = [Task(t.x_support, rng.integers(0, 2, (3, 3)).astype(float), t.x_query,
+                          rng.integers(0, 2, (6, 3)).astype(float)) for t in tasks]
+    return model, model.init(4), tasks
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "softplus", "identity"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "bce"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factored_gradient_is_the_generic_loops(activation, loss, bias):
+    model, params, tasks = _problem(activation, loss, bias)
+    lr, steps = 0.3, 2
+    lrs = [lr] * len(params)
+    assert factored.applicable(model, params, tasks, lrs, steps, first_order=False, lr_grad=False)
+    assert factored.factored_layers(model, tasks[0].x_support.shape[0], tasks[0].x_query.shape[0], steps) == \
+        [False, True, False]
+    got = list(factored.task_results(model, params, tasks, lr, steps))
+    assert len(got) == len(tasks)
+    for t, (loss_t, g, extra) in zip(tasks, got):
+        want_loss, want, _ = inner_loop.task_loss_and_grad(model, params, t, lrs, steps)
+        assert extra is None
+        assert abs(loss_t - want_loss) <= 1e-13 * abs(want_loss)
+        assert [x.shape for x in g] == [x.shape for x in params]
+        assert _rel(g, want) < 1e-12, _rel(g, want)
+
+
+def test_factored_gradient_against_complex_step():
+    # An independent source: d/ds meta_loss(theta + i h s u) / h along a random direction u.
+    model = MLP([1, 64, 64, 1], "tanh", "mse")
+    params, tasks = model.init(0), sinusoid(3, 5, 6, seed=1)
+    lr, steps = 0.05, 2
+    assert factored.applicable(model, params, tasks, [lr] * len(params), steps, first_order=False, lr_grad=False)
+    loss, grad = maml.meta_loss_and_grad(model, params, tasks, lr, steps)
+    rng = np.random.default_rng(0)
+    u = [rng.standard_normal(p.shape) for p in params]
+    h = 1e-30
+    cs = np.imag(maml.meta_loss(model, [p + 1j * h * d for p, d in zip(params, u)], tasks, lr, steps)) / h
+    dot = sum(float(np.sum(g * d)) for g, d in zip(grad, u))
+    assert abs(dot - cs) <= 1e-12 * abs(cs), (dot, cs)
+    assert abs(loss - maml.meta_loss(model, params, tasks, lr, steps)) <= 1e-14 * loss
+
+
+def test_maml_goes_through_the_factored_engine_when_it_applies(monkeypatch):
+    model = MLP([1, 64, 64, 1], "tanh", "mse")
+    params, tasks = model.init(0), sinusoid(4, 5, 6, seed=1)
+    calls = []
+    real = factored.task_results
+    monkeypatch.setattr(factored, "task_results", lambda *a: calls.append(1) or real(*a))
+    loss, g = maml.meta_loss_and_grad(model, params, tasks, 0.05, 2)
+    assert calls == [1]
+    loss0, g0, _ = inner_loop.meta_loss_and_grad(model, params, tasks, [0.05] * len(params), 2, fused=False)
+    assert abs(loss - loss0) <= 1e-14 * loss0 and _rel(g, g0) < 1e-12
+    maml.meta_loss_and_grad(model, params, tasks, 0.05, 2, first_order=True)  # FOMAML: the task-batch engine
+    assert calls == [1]
+
+
+def test_applicable_only_to_second_order_maml_on_a_wide_real_mlp():
+    model = MLP([1, 64, 64, 1], "tanh", "mse")
+    params, tasks = model.init(0), sinusoid(2, 5, 6, seed=1)
+    a = 0.05
+    lrs = [a] * len(params)
+
+    def ok(model=model, params=params, tasks=tasks, lrs=lrs, steps=2, **kw):
+        return factored.applicable(model, params, tasks, lrs, steps,
+                                   **{"first_order": False, "lr_grad": False, **kw})
+
+    assert ok()
+    assert not ok(first_order=True)
+    assert not ok(lr_grad=True)
+    assert not ok(lrs=[None, None] + lrs[2:])  # ANIL-like: a tensor not adapted
+    assert not ok(lrs=[a, a, 0.05000001] + lrs[3:])  # two step sizes (the same object is MAML's)
+    assert not ok(lrs=[np.full(p.shape, a) for p in params])  # Meta-SGD's per-entry rates
+    assert not ok(lrs=[a + 1e-30j] * len(params))  # complex step in the step size
+    assert not ok(tasks=[Task(*(x + 0j for x in t)) for t in tasks])  # complex step in the data
+    assert not ok(params=[p + 0j for p in params])  # or in the parameters
+    assert ok(params=[p.copy() for p in params])
+    assert not ok(tasks=[Task(*(x.astype(np.float32) for x in t)) for t in tasks])
+    assert not ok(tasks=[])
+    assert not ok(model=object())  # not an MLP (a Quadratic, a reference.nets network: their own engines)
+    assert not ok(steps=20)  # 5 + 2 x 5 x 20 = 205 rows x 128 > 64 x 64: no layer is cheaper factored
+    assert not ok(model=MLP([1, 20, 20, 1], "tanh", "mse"))
+    # every task must have a factored layer
+    big = Task(np.zeros((40, 1)), np.zeros((40, 1)), np.zeros((6, 1)), np.zeros((6, 1)))
+    assert not ok(tasks=tasks + [big])
+
+
+def test_a_layer_is_factored_exactly_when_the_factors_are_smaller():
+    # rank x (out + in) < out x in; the first layer's adjoint has n_q + n K rows, the others n_q + 2 n K.
+    for (width, n, nq, steps) in [(30, 5, 5, 1), (60, 5, 5, 1), (60, 7, 2, 3), (120, 10, 10, 5)]:
+        model = MLP([width, width, width, width], "tanh", "mse")
+        got = factored.factored_layers(model, n, nq, steps)
+        want = [(nq + (1 if l == 0 else 2) * n * steps) * 2 * width < width * width for l in range(3)]
+        assert got == want
+    # At the boundary, 60 x 60 layers (3,600 entries), n = 10, K = 1: the first layer's adjoint has 10 + 10 rows
+    # (20 x 120 < 3,600), the second's 10 + 20 = 30 (30 x 120 = 3,600: not smaller), 29 with one query row less.
+    model = MLP([60, 60, 60], "tanh", "mse")
+    assert factored.factored_layers(model, 10, 10, 1) == [True, False]
+    assert factored.factored_layers(model, 10, 9, 1) == [True, True]
+
+
+def test_no_bias_and_one_task_run_the_same_engine():
+    model = MLP([1, 64, 64, 1], "tanh", "mse", bias=False)
+    params, tasks = model.init(2), sinusoid(1, 5, 6, seed=3)
+    lrs = [0.1] * len(params)
+    (loss, g, _), = factored.task_results(model, params, tasks, 0.1, 2)
+    want_loss, want, _ = inner_loop.task_loss_and_grad(model, params, tasks[0], lrs, 2)
+    assert abs(loss - want_loss) <= 1e-13 * want_loss and _rel(g, want) < 1e-12
+
+
+def _wide_problem(n_tasks: int = 5):
+    model = MLP([1, 64, 64, 1], "tanh", "mse")
+    return model, model.init(0), sinusoid(n_tasks, 5, 6, seed=1)
+
+
+def test_thread_count_does_not_change_a_bit(monkeypatch):
+    model, params, tasks = _wide_problem()
+    monkeypatch.setattr(_threads, "SPLIT_MIN_WORK", 0.0)  # split even these small products
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: 1)
+    one = list(factored.task_results(model, params, tasks, 0.05, 3))
+    ran: list[int] = []
+    real = _threads._in_worker
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
+    monkeypatch.setattr(_threads, "_in_worker", lambda *a: ran.append(threading.get_ident()) or real(*a))
+    two = list(factored.task_results(model, params, tasks, 0.05, 3))
+    assert ran, "the pool never ran"
+    for (l1, g1, _), (l2, g2, _) in zip(one, two):
+        assert l1 == l2
+        for a, b in zip(g1, g2):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_forming_a_few_tasks_at_a_time_changes_nothing(monkeypatch):
+    model, params, tasks = _wide_problem()
+    whole = list(factored.task_results(model, params, tasks, 0.05, 3))
+    monkeypatch.setattr(factored, "FORM_BYTES", 8 * model.n_params * 2)  # 2 tasks at a time: chunks of 2, 2, 1
+    chunks = list(factored.task_results(model, params, tasks, 0.05, 3))
+    for (l1, g1, _), (l2, g2, _) in zip(whole, chunks):
+        assert l1 == l2
+        for a, b in zip(g1, g2):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_batches_of_equal_shapes_within_the_byte_budget(monkeypatch):
+    model, params, tasks = _wide_problem(5)
+    odd = sinusoid(2, 4, 6, seed=9)  # other support size: a batch of its own
+    tasks = tasks[:3] + odd + tasks[3:]
+    assert factored._batches(model, tasks, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    per_task = 8 * 6 * sum(model.sizes[1:]) * (3 * 5 + 6)
+    monkeypatch.setattr(factored, "BATCH_BYTES", 2 * per_task)  # at most 2 tasks a batch: 3 -> 2 + 1
+    assert factored._batches(model, tasks, 3) == [[0, 1], [2], [3, 4], [5, 6]]
+    monkeypatch.setattr(factored, "BATCH_BYTES", 2 * per_task - 1)  # one task a batch (never none)
+    assert factored._batches(model, tasks, 3)[:3] == [[0], [1], [2]]
+    monkeypatch.setattr(factored, "BATCH_BYTES", 1)
+    assert factored._batches(model, tasks, 3) == [[i] for i in range(7)]
+    small = list(factored.task_results(model, params, tasks, 0.05, 3))
+    monkeypatch.setattr(factored, "BATCH_BYTES", 2**40)
+    large = list(factored.task_results(model, params, tasks, 0.05, 3))
+    for (l1, g1, _), (l2, g2, _), t in zip(small, large, tasks):
+        # other stacks of rows: round-off only; each against the generic loop
+        want_loss, want, _ = inner_loop.task_loss_and_grad(model, params, t, [0.05] * len(params), 3)
+        assert abs(l1 - want_loss) <= 1e-13 * want_loss and abs(l2 - want_loss) <= 1e-13 * want_loss
+        assert _rel(g1, want) < 1e-12 and _rel(g2, want) < 1e-12
+
+
+def test_split_range_covers_once_with_fixed_pieces(monkeypatch):
+    for n, work, min_piece, pieces in [(250, 1e9, 64, 3), (1024, 1e9, 64, 8), (5, 1e9, 1, 5), (100, 1.0, 1, 1),
+                                       (3, 1e9, 64, 2), (1, 1e9, 1, 1), (0, 1e9, 1, 1)]:
+        cuts = {}
+        for workers in (1, 2, 3):
+            monkeypatch.setattr(_threads, "_workers", lambda threads, n, w=workers: min(w, n))
+            seen: list[tuple[int, int]] = []
+            lock = threading.Lock()
+
+            def fn(a: int, b: int) -> None:
+                with lock:
+                    seen.append((a, b))
+
+            _threads.split_range(fn, n, work=work, min_piece=min_piece)
+            cuts[workers] = sorted(seen)
+        assert cuts[1] == cuts[2] == cuts[3], cuts
+        assert len(cuts[1]) == pieces
+        covered = [i for a, b in cuts[1] for i in range(a, b)]
+        assert covered == list(range(n))
+    assert _threads.SPLIT_MIN_WORK == 3e7
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: 1)
+    got: list = []
+    _threads.split_range(lambda a, b: got.append((a, b)), 100, work=3e7, min_piece=10)
+    assert len(got) == 8  # at SPLIT_MIN_WORK: split (below it: one piece)
+    got.clear()
+    _threads.split_range(lambda a, b: got.append((a, b)), 100, work=3e7 - 1, min_piece=10)
+    assert got == [(0, 100)]
+
+
+def test_split_range_raises_a_workers_error_and_waits(monkeypatch):
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
+    main = threading.get_ident()
+    done: list[int] = []
+
+    def fn(a: int, b: int) -> None:
+        if threading.get_ident() != main:
+            raise ValueError(f"piece {a}:{b}")
+        threading.Event().wait(0.05)  # the main thread is slow: the worker takes pieces too
+        done.append(a)
+
+    with _threads.single_threaded_blas(), pytest.raises(ValueError, match="piece"):
+        _threads.split_range(fn, 8, work=1e9, min_piece=1)
+
+    def boom(a: int, b: int) -> None:
+        raise KeyError(a)
+
+    with pytest.raises(KeyError):
+        _threads.split_range(boom, 8, work=1e9, min_piece=1)
+
+
+def test_split_range_runs_in_the_calling_thread_inside_a_worker(monkeypatch):
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
+    threads: set[int] = set()
+    monkeypatch.setattr(_threads._local, "inside", True, raising=False)
+    _threads.split_range(lambda a, b: threads.add(threading.get_ident()), 64, work=1e9, min_piece=1)
+    assert threads == {threading.get_ident()}
