@@ -12,11 +12,11 @@ adapted weight then splits into one with the shared ``W`` and a thin correction,
 
 and the product with the shared ``W`` is one GEMM over the rows of every task at once (25 tasks of 10
 rows: 250 x 256 against 256 x 256 at 1-256-256-1) instead of one 10-row GEMM per task against its own
-weight: ~2-3x faster per multiply-add on one core, no weight-sized array per task and step, and
-big enough to split between cores. The reverse pass's adjoint has the same structure: it starts as the
+weight: ~2x the multiply-adds per second on one core (measured 25 against ~11 GMAC/s), no weight-sized
+array per task and step. The reverse pass's adjoint has the same structure: it starts as the
 query gradient ``delta_q^T h_q`` and each step adds ``R{delta}^T h + delta^T R{h}`` (Pearlmutter's
 R-operator, :mod:`reference.inner_loop`), so it is kept as factors ``v = A^T B`` (rows appended, never a
-weight-sized update) and formed once per task at the end.
+weight-sized update), and a batch's ``sum_t A_t^T B_t`` is one GEMM at the end.
 
 A layer is kept factored when that is the cheaper form: when its factors' rows (the adjoint's
 ``n_q + 2 n K`` at most) times ``out + in`` are fewer than its ``out x in`` entries. Others (the thin first
@@ -25,12 +25,13 @@ adjoint per task, as the fused engine of :mod:`reference.inner_loop` keeps them.
 factored that engine is used instead (:func:`applicable`).
 
 The same recursion as :mod:`reference.inner_loop`, so the same meta-gradient up to rounding (tests
-compare both with complex-step derivatives of the meta-loss). Each task's results are those of a
-one-task run bit for bit: the stacked GEMMs' rows are the rows of the per-task products (the BLAS
-computes each row of a product the same way whatever other rows it holds; checked by
-``tests/test_ref_factored.py``), every other operation acts on each task's slice alone, and the
-results are reduced in task order by the caller. So they do not depend on how the tasks are cut into
-batches nor on how the rows are shared between threads.
+compare it with the generic loop and with complex-step derivatives of the meta-loss). Tasks of equal
+shapes run in batches (:func:`_batches`, cut by sizes alone) on the task pool of
+:mod:`reference._threads`, each batch summing its tasks' losses and gradients; a batch alone splits its
+largest products between threads in pieces fixed by the sizes. So the numbers are a function of the
+inputs: they do not depend on the thread count (``tests/test_ref_factored.py`` checks it bit for bit).
+They are not a one-task run's bit for bit: a task's rows stacked with others' may round differently in
+the last bits (OpenBLAS's one-row tail kernel).
 
 Scope: MAML with one shared scalar step size on every tensor, second order, no learning-rate gradient,
 real float64 (complex-step and other calls take the engine of :mod:`reference.inner_loop`).
@@ -43,25 +44,22 @@ from typing import Any
 
 import numpy as np
 
-from reference import _heap, _threads
+from reference import _threads
+from reference.features import BLOCK_MULTIPLE
 from reference.inner_loop import _BatchedLoss, _t
 from reference.models import MLP, activation_derivatives
 from reference.tasks import Task
 
-__all__ = ["BATCH_BYTES", "FORM_BYTES", "applicable", "factored_layers", "task_results"]
+__all__ = ["BATCH_BYTES", "applicable", "batch_results", "factored_layers"]
 
-#: Bytes of per-step intermediates a batch of tasks keeps for the reverse pass (about 6 arrays of
-#: ``rows x width`` per layer and step) and of its factors: the batch's peak stays well below glibc's
-#: trim threshold as :func:`reference._heap.tune_heap` sets it (64 MiB), above which the freed memory
-#: would go back to the kernel after every call and be faulted in again on the next (measured at 1-256-256-1
-#: with 99 MB live: 24,000 page faults and 2x the time per call). 25 tasks of 10 rows at 1-256-256-1 (K = 5)
-#: take one batch; at 8-1024-1024-1 three.
+#: Bytes of per-step intermediates a batch of tasks keeps for the reverse pass (estimated as 6 arrays of
+#: ``rows x width`` per layer and step, ``_batches``). Batches run two at a time on a 2-worker pool; larger
+#: batches make longer stacked GEMMs, smaller ones a lower peak heap. Measured (issue 18, 25 tasks, K = 5,
+#: default threads, tracemalloc peak, minor faults per call; ``python benchmarks/factored_sweep.py LABEL
+#: 8,12,24,32,40 3``): 8-1024-1024-1 at 8 / 12 / 24 / 32 / 40 MiB: 0.42 / 0.33 / 0.27 / 0.23 / 0.23 s, peak
+#: 37 / 49 / 66 / 82 / 114 MB (40 MiB: ~1,000 faults a call, the heap trimmed back to the kernel between
+#: calls); 1-256-256-1: 38 / 33 / 23 / 23 / 22 ms.
 BATCH_BYTES = 32 * 2**20
-
-#: Bytes of per-task meta-gradients formed at once (then handed to the caller in task order): all 25 tasks
-#: at 1-256-256-1, 3 at 8-1024-1024-1.
-FORM_BYTES = 32 * 2**20
-
 
 def _shapes(model: MLP) -> list[tuple[int, int]]:
     k = 2 if model.bias else 1
@@ -81,7 +79,7 @@ def factored_layers(model: MLP, n_support: int, n_query: int, steps: int) -> lis
 
 def applicable(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Sequence[Any], steps: int, *,
                first_order: bool, lr_grad: bool) -> bool:
-    """Whether :func:`task_results` serves this call: an ``MLP``, MAML's one real scalar step size on every
+    """Whether :func:`batch_results` serves this call: an ``MLP``, MAML's one real scalar step size on every
     tensor, the exact (second-order) gradient without the learning-rate adjoint, real tasks, and at least one
     layer where the factors are the cheaper form for every task's shapes (complex parameters, step size or
     data -- a complex-step check -- take the engine of :mod:`reference.inner_loop`)."""
@@ -98,10 +96,10 @@ def applicable(model: Any, params: Sequence[Any], tasks: Sequence[Task], lrs: Se
 
 def _rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for stacked rows ``a`` ``(T, n, p)`` and one matrix ``b`` ``(p, q)``: one GEMM over the
-    ``T n`` rows, its columns shared between this thread and the task pool's workers
-    (:func:`reference._threads.split_range`; each column of a product is the same whichever columns it is
-    computed with, checked by ``tests/test_ref_factored.py``). By columns, not rows: each thread then reads
-    its part of ``b`` once (rows would make every thread read all of a 1024 x 1024 ``b``)."""
+    ``T n`` rows, its columns cut in pieces fixed by the sizes and shared between this thread and the task
+    pool's workers when large (:func:`reference._threads.split_range`). By columns, not rows: each thread then
+    reads its part of ``b`` once (by rows every thread read all of a 1024 x 1024 ``b``: 1.0x against 1.9x
+    on 2 threads at 90 x 1024 @ 1024 x 1024)."""
     T, n, p = a.shape
     q = b.shape[1]
     flat = a.reshape(T * n, p)
@@ -173,8 +171,9 @@ class _DenseAdjoint:
         right = rights[0] if len(rights) == 1 else np.concatenate(rights, axis=1)
         self.V += c * (_t(left) @ right)
 
-    def task(self, t: int) -> np.ndarray:
-        return self.V[t]
+    def total(self) -> np.ndarray:
+        """The batch's tasks' adjoints summed (task order)."""
+        return np.sum(self.V, axis=0)
 
 
 class _FactoredAdjoint:
@@ -201,8 +200,12 @@ class _FactoredAdjoint:
             self.B[:, r:r + n] = right
             self.r = r + n
 
-    def task(self, t: int) -> np.ndarray:
-        return self.A[t, :self.r].T @ self.B[t, :self.r]
+    def total(self) -> np.ndarray:
+        """The batch's tasks' adjoints summed: ``sum_t A_t^T B_t``, one GEMM over every task's rows."""
+        T = self.A.shape[0]
+        A = np.ascontiguousarray(self.A[:, :self.r]).reshape(T * self.r, -1)
+        B = np.ascontiguousarray(self.B[:, :self.r]).reshape(T * self.r, -1)
+        return _rows(A.T[None], B)[0]
 
 
 class _Pass:
@@ -307,8 +310,10 @@ class _Engine:
 
 
 def _batches(model: MLP, tasks: Sequence[Task], steps: int) -> list[list[int]]:
-    """Consecutive tasks of equal shapes, at most :data:`BATCH_BYTES` of intermediates a batch (the batches of a
-    run of equal shapes as equal as they can be)."""
+    """Consecutive tasks of equal shapes, at most :data:`BATCH_BYTES` of intermediates a batch, a run of equal
+    shapes cut into a multiple of :data:`reference.features.BLOCK_MULTIPLE` batches where it has the tasks
+    (equal work for a 2-worker pool), as equal as they can be. The cut depends on the sizes alone, never on
+    the thread count, so neither do the numbers."""
     widths = sum(model.sizes[1:])
 
     def key(t: Task) -> tuple:
@@ -325,6 +330,7 @@ def _batches(model: MLP, tasks: Sequence[Task], steps: int) -> list[list[int]]:
         t = tasks[run[0]]
         per_task = 8 * 6 * widths * (steps * t.x_support.shape[0] + t.x_query.shape[0])
         count = -(-len(run) // max(1, BATCH_BYTES // per_task))
+        count = min(len(run), -(-count // BLOCK_MULTIPLE) * BLOCK_MULTIPLE)
         size, extra = divmod(len(run), count)
         start = 0
         for j in range(count):
@@ -334,34 +340,28 @@ def _batches(model: MLP, tasks: Sequence[Task], steps: int) -> list[list[int]]:
     return out
 
 
-def task_results(model: MLP, params: Sequence[np.ndarray], tasks: Sequence[Task], a: float,
-                 steps: int) -> Iterator[tuple[Any, list[np.ndarray], None]]:
-    """Per task, in order: ``(L_q(p_K), dL/dtheta, None)``, as :func:`reference.inner_loop.task_loss_and_grad`
-    returns them (``lrs`` all ``a``), computed in batches by the factored engine. A generator, holding the
-    BLAS at one thread while it runs (:func:`reference._threads.single_threaded_blas`); the large products
-    are shared between this thread and the task pool's workers."""
-    _heap.tune_heap()
+def batch_results(model: MLP, params: Sequence[np.ndarray], tasks: Sequence[Task], a: float,
+                  steps: int) -> Iterator[tuple[Any, list[np.ndarray], None]]:
+    """Per batch of :func:`_batches`, in order: ``(sum_t L_q^t(p_K^t), sum_t dL^t/dtheta, None)`` over its tasks
+    (``lrs`` all ``a``), computed by the factored engine; the caller sums the batches and divides by the number
+    of tasks. Batches run on the task pool (:func:`reference._threads.map_tasks`: one BLAS thread each, in
+    parallel when worth it); a batch run alone shares its largest products between threads instead."""
     k = 2 if model.bias else 1
-    with _threads.single_threaded_blas():
-        for batch in _batches(model, tasks, steps):
-            ts = [tasks[i] for i in batch]
-            engine = _Engine(model, a, steps, ts[0].x_support.shape[0], ts[0].x_query.shape[0])
-            losses, adj, vb = engine.run(params, *(np.stack([getattr(t, f) for t in ts]) for f in Task._fields))
-            # Each task's weight adjoints (a GEMM of its factors), formed for a few tasks at a time on the pool.
-            per = max(1, min(len(ts), FORM_BYTES // (8 * model.n_params)))
-            for start in range(0, len(ts), per):
-                chunk = range(start, min(start + per, len(ts)))
-                dense: list[list[np.ndarray]] = [[] for _ in chunk]
+    batches = _batches(model, tasks, steps)
 
-                def form(lo: int, hi: int, chunk: range = chunk, dense: list = dense) -> None:
-                    for j in range(lo, hi):
-                        dense[j] = [adj[l].task(chunk[j]) for l in range(engine.L)]
+    def per_batch(batch: list[int]) -> tuple[Any, list[np.ndarray], None]:
+        ts = [tasks[i] for i in batch]
+        engine = _Engine(model, a, steps, ts[0].x_support.shape[0], ts[0].x_query.shape[0])
+        losses, adj, vb = engine.run(params, *(np.stack([getattr(t, f) for t in ts]) for f in Task._fields))
+        loss: Any = 0.0
+        for value in losses:  # task order
+            loss = loss + value
+        grad: list[np.ndarray] = []
+        for l in range(engine.L):
+            grad.append(adj[l].total())
+            if k == 2:
+                grad.append(np.sum(vb[l], axis=0))
+        return loss, grad, None
 
-                _threads.split_range(form, len(chunk), work=float(model.n_params) * engine.rank * len(chunk))
-                for j, t in enumerate(chunk):
-                    grad: list[np.ndarray] = []
-                    for l in range(engine.L):
-                        grad.append(dense[j][l])
-                        if k == 2:
-                            grad.append(vb[l][t])
-                    yield losses[t], grad, None
+    rows = max(len(b) * (tasks[b[0]].x_support.shape[0] + tasks[b[0]].x_query.shape[0]) for b in batches)
+    yield from _threads.map_tasks(per_batch, batches, work=float(model.n_params) * rows)

@@ -165,7 +165,8 @@ def meta_loss_and_grad(model: Any, params: Params, tasks: Sequence[Task], lrs: L
 
     if fused and factored.applicable(model, params, tasks, lrs, steps, first_order=first_order, lr_grad=lr_grad):
         # MAML on an MLP wide enough: adapted weights as low-rank corrections of theta (reference/factored.py).
-        results: Any = factored.task_results(model, params, tasks, lrs[0], steps)
+        # Its results are per batch of tasks (sums over the batch's tasks, in task order): summed below likewise.
+        results: Any = factored.batch_results(model, params, tasks, lrs[0], steps)
     elif fused and isinstance(model, MLP):
         # Batches of equal-shaped tasks through the stacked engine; per-task results, reduced in task order.
         batched = _MLPEngine(model)

@@ -5,8 +5,8 @@
   complex-step derivative of the meta-loss.
 * It serves exactly the calls it is meant for (:func:`factored.applicable`), and keeps a layer factored
   exactly when the factors are the cheaper form.
-* Its numbers do not depend on the thread count (the pieces of a split product are fixed by the sizes), nor on
-  how the per-task gradients are formed a few at a time; batches of tasks change only round-off.
+* Its numbers do not depend on the thread count (batches and the pieces of a split product are fixed by the
+  sizes); other batch sizes change only round-off.
 * :func:`reference._threads.split_range` covers its range once, with the same pieces on one thread or several,
   and raises a worker's error.
 """
@@ -55,14 +55,31 @@ def test_factored_gradient_is_the_generic_loops(activation, loss, bias):
     assert factored.applicable(model, params, tasks, lrs, steps, first_order=False, lr_grad=False)
     assert factored.factored_layers(model, tasks[0].x_support.shape[0], tasks[0].x_query.shape[0], steps) == \
         [False, True, False]
-    got = list(factored.task_results(model, params, tasks, lr, steps))
-    assert len(got) == len(tasks)
-    for t, (loss_t, g, extra) in zip(tasks, got):
-        want_loss, want, _ = inner_loop.task_loss_and_grad(model, params, t, lrs, steps)
+    got = list(factored.batch_results(model, params, tasks, lr, steps))
+    assert len(got) == len(factored._batches(model, tasks, steps))
+    want_loss, want = _generic_sum(model, params, tasks, lrs, steps)
+    loss, g = _sum(got)
+    assert abs(loss - want_loss) <= 1e-13 * abs(want_loss)
+    assert [x.shape for x in g] == [x.shape for x in params]
+    assert _rel(g, want) < 1e-12, _rel(g, want)
+    # one task at a time: each task's own gradient
+    for t in tasks:
+        (loss_t, g_t, extra), = factored.batch_results(model, params, [t], lr, steps)
+        want_t, want_g, _ = inner_loop.task_loss_and_grad(model, params, t, lrs, steps)
         assert extra is None
-        assert abs(loss_t - want_loss) <= 1e-13 * abs(want_loss)
-        assert [x.shape for x in g] == [x.shape for x in params]
-        assert _rel(g, want) < 1e-12, _rel(g, want)
+        assert abs(loss_t - want_t) <= 1e-13 * abs(want_t) and _rel(g_t, want_g) < 1e-12
+
+
+def _sum(results) -> tuple[float, list[np.ndarray]]:
+    loss, grad = 0.0, None
+    for value, g, _ in results:
+        loss += value
+        grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
+    return loss, grad
+
+
+def _generic_sum(model, params, tasks, lrs, steps) -> tuple[float, list[np.ndarray]]:
+    return _sum(inner_loop.task_loss_and_grad(model, params, t, lrs, steps) for t in tasks)
 
 
 def test_factored_gradient_against_complex_step():
@@ -85,8 +102,8 @@ def test_maml_goes_through_the_factored_engine_when_it_applies(monkeypatch):
     model = MLP([1, 64, 64, 1], "tanh", "mse")
     params, tasks = model.init(0), sinusoid(4, 5, 6, seed=1)
     calls = []
-    real = factored.task_results
-    monkeypatch.setattr(factored, "task_results", lambda *a: calls.append(1) or real(*a))
+    real = factored.batch_results
+    monkeypatch.setattr(factored, "batch_results", lambda *a: calls.append(1) or real(*a))
     loss, g = maml.meta_loss_and_grad(model, params, tasks, 0.05, 2)
     assert calls == [1]
     loss0, g0, _ = inner_loop.meta_loss_and_grad(model, params, tasks, [0.05] * len(params), 2, fused=False)
@@ -139,11 +156,11 @@ def test_a_layer_is_factored_exactly_when_the_factors_are_smaller():
     assert factored.factored_layers(model, 10, 9, 1) == [True, True]
 
 
-def test_no_bias_and_one_task_run_the_same_engine():
+def test_no_bias_and_one_task():
     model = MLP([1, 64, 64, 1], "tanh", "mse", bias=False)
     params, tasks = model.init(2), sinusoid(1, 5, 6, seed=3)
     lrs = [0.1] * len(params)
-    (loss, g, _), = factored.task_results(model, params, tasks, 0.1, 2)
+    (loss, g, _), = factored.batch_results(model, params, tasks, 0.1, 2)
     want_loss, want, _ = inner_loop.task_loss_and_grad(model, params, tasks[0], lrs, 2)
     assert abs(loss - want_loss) <= 1e-13 * want_loss and _rel(g, want) < 1e-12
 
@@ -153,29 +170,26 @@ def _wide_problem(n_tasks: int = 5):
     return model, model.init(0), sinusoid(n_tasks, 5, 6, seed=1)
 
 
-def test_thread_count_does_not_change_a_bit(monkeypatch):
-    model, params, tasks = _wide_problem()
+@pytest.mark.parametrize("n_tasks", [1, 5])  # one batch (its products split by columns), several (the pool)
+def test_thread_count_does_not_change_a_bit(monkeypatch, n_tasks):
+    model, params, tasks = _wide_problem(n_tasks)
     monkeypatch.setattr(_threads, "SPLIT_MIN_WORK", 0.0)  # split even these small products
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0.0)  # and pool these small batches
+    monkeypatch.setattr(_threads, "_starved", {})
+    monkeypatch.setattr(_threads, "_probes", {})
+    monkeypatch.setattr(_threads, "STARVED_PARALLELISM", 0.0)
+    monkeypatch.setattr(_threads, "CHECKED_PARALLELISM", 0.0)
+    monkeypatch.setattr(factored, "BATCH_BYTES", 1)  # a batch per task
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: 1)
-    one = list(factored.task_results(model, params, tasks, 0.05, 3))
+    one = list(factored.batch_results(model, params, tasks, 0.05, 3))
     ran: list[int] = []
     real = _threads._in_worker
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
     monkeypatch.setattr(_threads, "_in_worker", lambda *a: ran.append(threading.get_ident()) or real(*a))
-    two = list(factored.task_results(model, params, tasks, 0.05, 3))
+    two = list(factored.batch_results(model, params, tasks, 0.05, 3))
     assert ran, "the pool never ran"
+    assert len(one) == len(two) == n_tasks
     for (l1, g1, _), (l2, g2, _) in zip(one, two):
-        assert l1 == l2
-        for a, b in zip(g1, g2):
-            np.testing.assert_array_equal(a, b)
-
-
-def test_forming_a_few_tasks_at_a_time_changes_nothing(monkeypatch):
-    model, params, tasks = _wide_problem()
-    whole = list(factored.task_results(model, params, tasks, 0.05, 3))
-    monkeypatch.setattr(factored, "FORM_BYTES", 8 * model.n_params * 2)  # 2 tasks at a time: chunks of 2, 2, 1
-    chunks = list(factored.task_results(model, params, tasks, 0.05, 3))
-    for (l1, g1, _), (l2, g2, _) in zip(whole, chunks):
         assert l1 == l2
         for a, b in zip(g1, g2):
             np.testing.assert_array_equal(a, b)
@@ -185,22 +199,27 @@ def test_batches_of_equal_shapes_within_the_byte_budget(monkeypatch):
     model, params, tasks = _wide_problem(5)
     odd = sinusoid(2, 4, 6, seed=9)  # other support size: a batch of its own
     tasks = tasks[:3] + odd + tasks[3:]
-    assert factored._batches(model, tasks, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    # Each run of equal shapes in a multiple of BLOCK_MULTIPLE (2) batches where it has the tasks.
+    assert factored.BLOCK_MULTIPLE == 2
+    assert factored._batches(model, tasks, 3) == [[0, 1], [2], [3], [4], [5], [6]]
+    assert factored._batches(model, tasks[:3], 3) == [[0, 1], [2]]
+    assert factored._batches(model, tasks[:1], 3) == [[0]]
     per_task = 8 * 6 * sum(model.sizes[1:]) * (3 * 5 + 6)
-    monkeypatch.setattr(factored, "BATCH_BYTES", 2 * per_task)  # at most 2 tasks a batch: 3 -> 2 + 1
-    assert factored._batches(model, tasks, 3) == [[0, 1], [2], [3, 4], [5, 6]]
+    many = sinusoid(9, 5, 6, seed=2)
+    assert factored._batches(model, many, 3) == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    monkeypatch.setattr(factored, "BATCH_BYTES", 2 * per_task)  # at most 2 tasks a batch: 5 batches -> 6
+    assert factored._batches(model, many, 3) == [[0, 1], [2, 3], [4, 5], [6], [7], [8]]
     monkeypatch.setattr(factored, "BATCH_BYTES", 2 * per_task - 1)  # one task a batch (never none)
-    assert factored._batches(model, tasks, 3)[:3] == [[0], [1], [2]]
+    assert factored._batches(model, many, 3) == [[i] for i in range(9)]
     monkeypatch.setattr(factored, "BATCH_BYTES", 1)
     assert factored._batches(model, tasks, 3) == [[i] for i in range(7)]
-    small = list(factored.task_results(model, params, tasks, 0.05, 3))
+    small = _sum(factored.batch_results(model, params, tasks, 0.05, 3))
     monkeypatch.setattr(factored, "BATCH_BYTES", 2**40)
-    large = list(factored.task_results(model, params, tasks, 0.05, 3))
-    for (l1, g1, _), (l2, g2, _), t in zip(small, large, tasks):
-        # other stacks of rows: round-off only; each against the generic loop
-        want_loss, want, _ = inner_loop.task_loss_and_grad(model, params, t, [0.05] * len(params), 3)
-        assert abs(l1 - want_loss) <= 1e-13 * want_loss and abs(l2 - want_loss) <= 1e-13 * want_loss
-        assert _rel(g1, want) < 1e-12 and _rel(g2, want) < 1e-12
+    large = _sum(factored.batch_results(model, params, tasks, 0.05, 3))
+    # other stacks of rows and other sums: round-off only; both against the generic loop
+    want_loss, want = _generic_sum(model, params, tasks, [0.05] * len(params), 3)
+    for loss, g in (small, large):
+        assert abs(loss - want_loss) <= 1e-13 * want_loss and _rel(g, want) < 1e-12
 
 
 def test_split_range_covers_once_with_fixed_pieces(monkeypatch):
