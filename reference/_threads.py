@@ -338,8 +338,8 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, work: float) -> Itera
             wait(pending)
 
 
-# split_range: work (multiply-adds) below which one piece, and at most this many pieces. Measured on the 2-core
-# machine (issue 18; single-threaded BLAS, the product cut by columns between this thread and a pool worker):
+# split_range: work (multiply-adds) below which one piece, and at most this many pieces. Measured on a 2-vCPU AMD
+# EPYC VM (issue 18, session 8; single-threaded BLAS, the product cut by columns between this thread and a worker):
 # 90 x 1024 @ 1024 x 1024 (9.4e7) 3.9 -> 2.0 ms, 2750 x 256 @ 256 x 256 (1.8e8) 5.7 -> 3.0 ms, but
 # 250 x 256 @ 256 x 256 (1.6e7, 0.56 ms) 0.60 ms: a worker woken for half a millisecond's work starts too late.
 SPLIT_MIN_WORK = 3e7
@@ -358,18 +358,17 @@ def split_range(fn: Callable[[int, int], None], n: int, *, work: float, min_piec
     pool workers take the pieces in turn: a worker that is not scheduled (a busy machine) delays at most the
     piece it took, and one that has not started when the pieces run out is not waited for. Each ``fn`` call
     runs with the BLAS at one thread (callers hold :func:`single_threaded_blas`). All in this thread with one
-    worker (a 1-thread BLAS, one core) or on a pool worker already.
+    worker (a 1-thread BLAS, one core) or on a pool worker already. ``min_piece`` is at least 1.
     """
-    pieces = 1 if work < SPLIT_MIN_WORK else max(2, min(SPLIT_MAX_PIECES, n // max(min_piece, 1)))
+    pieces = 1 if work < SPLIT_MIN_WORK else max(2, min(SPLIT_MAX_PIECES, n // min_piece))
     pieces = min(pieces, max(n, 1))
-    bounds = [n * i // pieces for i in range(pieces + 1)]
     taken = itertools.count()  # next() on a count is atomic under the GIL: each piece is taken once
 
     def take(_: Any = None) -> None:
         for i in taken:
             if i >= pieces:
                 return
-            fn(bounds[i], bounds[i + 1])
+            fn(n * i // pieces, n * (i + 1) // pieces)
 
     workers = _workers(blas_threads(), pieces)
     if workers <= 1 or getattr(_local, "inside", False):
@@ -381,12 +380,12 @@ def split_range(fn: Callable[[int, int], None], n: int, *, work: float, min_piec
     try:
         take()
     finally:
-        for f in helpers:
-            f.cancel()  # not started yet: nothing left for it
-        wait(helpers)
-    for f in helpers:
-        if not f.cancelled():
-            f.result()  # a worker's exception
+        # A helper not started yet has nothing left to do: taken back, not waited for (wait() would block until a
+        # worker thread dequeued it). One that started is waited for: it may still be computing its piece.
+        started = [f for f in helpers if not f.cancel()]
+        wait(started)
+    for f in started:
+        f.result()  # a worker's exception
 
 
 __all__ = ["CHECKED_PARALLELISM", "PARALLEL_MIN_WORK", "STARVED_CALLS", "STARVED_PARALLELISM", "blas_threads",

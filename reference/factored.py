@@ -167,9 +167,8 @@ class _DenseAdjoint:
         return g @ self.V
 
     def add(self, c: Any, lefts: list[np.ndarray], rights: list[np.ndarray]) -> None:
-        left = lefts[0] if len(lefts) == 1 else np.concatenate(lefts, axis=1)
-        right = rights[0] if len(rights) == 1 else np.concatenate(rights, axis=1)
-        self.V += c * (_t(left) @ right)
+        # One GEMM over the stacked rows (a copy even of one part: layer sizes where this form is chosen are small).
+        self.V += c * (_t(np.concatenate(lefts, axis=1)) @ np.concatenate(rights, axis=1))
 
     def total(self) -> np.ndarray:
         """The batch's tasks' adjoints summed (task order)."""
@@ -202,10 +201,10 @@ class _FactoredAdjoint:
 
     def total(self) -> np.ndarray:
         """The batch's tasks' adjoints summed: ``sum_t A_t^T B_t``, one GEMM over every task's rows."""
-        T = self.A.shape[0]
-        A = np.ascontiguousarray(self.A[:, :self.r]).reshape(T * self.r, -1)
-        B = np.ascontiguousarray(self.B[:, :self.r]).reshape(T * self.r, -1)
-        return _rows(A.T[None], B)[0]
+        T, _, out = self.A.shape
+        A = np.ascontiguousarray(self.A[:, :self.r]).reshape(T * self.r, out)
+        B = np.ascontiguousarray(self.B[:, :self.r]).reshape(T * self.r, self.B.shape[2])
+        return _rows(A.T[None], B).reshape(out, self.B.shape[2])
 
 
 class _Pass:
@@ -213,18 +212,14 @@ class _Pass:
 
     def __init__(self, engine: _Engine, Ws: list[Any], bs: list[Any], x: np.ndarray, y: np.ndarray, order: int):
         m, a, L = engine.model, engine.a, engine.L
-        self.Ws, self.bs = Ws, bs
+        self.Ws, self.bs, self.a = Ws, bs, a
         h, self.hs, self.derivs = x, [x], []
-        for l in range(L):
-            z = Ws[l].times_t(h, a)
-            if bs[l] is not None:
-                z += bs[l][:, None, :]
-            if l == L - 1:
-                break
-            ds = activation_derivatives(m.activation, z, order)
+        for l in range(L - 1):  # hidden layers
+            ds = activation_derivatives(m.activation, self._pre(l, h), order)
             self.derivs.append(ds)
             h = ds[0]
             self.hs.append(h)
+        z = self._pre(L - 1, h)
         self.loss = _BatchedLoss(m.loss_name, z, y)
         g = self.loss.grad()
         self.deltas: list[np.ndarray] = [None] * L  # type: ignore[list-item]
@@ -236,6 +231,14 @@ class _Pass:
                 g = self.back[l] * self.derivs[l - 1][1]
 
 
+    def _pre(self, l: int, h: np.ndarray) -> np.ndarray:
+        """Layer ``l``'s pre-activation ``h W_l^T + b_l``."""
+        z = self.Ws[l].times_t(h, self.a)
+        if self.bs[l] is not None:
+            z += self.bs[l][:, None, :]
+        return z
+
+
 class _Engine:
     """The inner loop and reverse pass of a batch of equal-shaped tasks (see the module docstring)."""
 
@@ -243,7 +246,6 @@ class _Engine:
         self.model, self.a, self.steps, self.L = model, a, steps, model.n_layers
         self.factored = factored_layers(model, n_support, n_query, steps)
         self.n, self.nq = n_support, n_query
-        self.rank = n_query + 2 * n_support * steps  # rows of a factored adjoint at the end, at most
 
     def run(self, params: Sequence[np.ndarray], xs: np.ndarray, ys: np.ndarray, xq: np.ndarray,
             yq: np.ndarray) -> tuple[list[Any], list[Any], list[np.ndarray | None]]:
@@ -346,7 +348,6 @@ def batch_results(model: MLP, params: Sequence[np.ndarray], tasks: Sequence[Task
     (``lrs`` all ``a``), computed by the factored engine; the caller sums the batches and divides by the number
     of tasks. Batches run on the task pool (:func:`reference._threads.map_tasks`: one BLAS thread each, in
     parallel when worth it); a batch run alone shares its largest products between threads instead."""
-    k = 2 if model.bias else 1
     batches = _batches(model, tasks, steps)
 
     def per_batch(batch: list[int]) -> tuple[Any, list[np.ndarray], None]:
@@ -359,7 +360,7 @@ def batch_results(model: MLP, params: Sequence[np.ndarray], tasks: Sequence[Task
         grad: list[np.ndarray] = []
         for l in range(engine.L):
             grad.append(adj[l].total())
-            if k == 2:
+            if model.bias:
                 grad.append(np.sum(vb[l], axis=0))
         return loss, grad, None
 

@@ -137,6 +137,10 @@ def test_applicable_only_to_second_order_maml_on_a_wide_real_mlp():
     assert not ok(model=object())  # not an MLP (a Quadratic, a reference.nets network: their own engines)
     assert not ok(steps=20)  # 5 + 2 x 5 x 20 = 205 rows x 128 > 64 x 64: no layer is cheaper factored
     assert not ok(model=MLP([1, 20, 20, 1], "tanh", "mse"))
+    # the query rows count: 5 support rows, K = 2, a 64 x 64 layer is factored while (n_q + 20) x 128 < 4096
+    for nq, want in ((11, True), (12, False)):
+        t = Task(np.zeros((5, 1)), np.zeros((5, 1)), np.zeros((nq, 1)), np.zeros((nq, 1)))
+        assert ok(tasks=[t]) is want
     # every task must have a factored layer
     big = Task(np.zeros((40, 1)), np.zeros((40, 1)), np.zeros((6, 1)), np.zeros((6, 1)))
     assert not ok(tasks=tasks + [big])
@@ -251,6 +255,43 @@ def test_split_range_covers_once_with_fixed_pieces(monkeypatch):
     assert got == [(0, 100)]
 
 
+class _FakePool:
+    """Records submissions; its futures never start (so split_range's cancel() takes them back)."""
+
+    def __init__(self):
+        import concurrent.futures
+
+        self.futures: list = []
+        self._future = concurrent.futures.Future
+
+    def submit(self, *a):
+        f = self._future()
+        self.futures.append(f)
+        return f
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_split_range_asks_workers_minus_one_helpers_and_takes_back_the_unstarted(monkeypatch, workers):
+    pools: list[_FakePool] = []
+    monkeypatch.setattr(_threads, "_executor", lambda n: pools.append(_FakePool()) or pools[-1])
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n, w=workers: min(w, n))
+    seen: list = []
+    _threads.split_range(lambda a, b: seen.append((a, b)), 64, work=1e9, min_piece=8)
+    assert seen == [(8 * i, 8 * (i + 1)) for i in range(8)]  # all taken by this thread: the helpers never ran
+    if workers == 1:
+        assert pools == []  # no pool at all
+    else:
+        assert len(pools) == 1 and len(pools[0].futures) == workers - 1
+        assert all(f.cancelled() for f in pools[0].futures)
+
+
+def test_split_range_default_piece_is_one_item(monkeypatch):
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: 1)
+    seen: list = []
+    _threads.split_range(lambda a, b: seen.append((a, b)), 5, work=1e9)
+    assert seen == [(i, i + 1) for i in range(5)]
+
+
 def test_split_range_raises_a_workers_error_and_waits(monkeypatch):
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
     main = threading.get_ident()
@@ -278,3 +319,79 @@ def test_split_range_runs_in_the_calling_thread_inside_a_worker(monkeypatch):
     monkeypatch.setattr(_threads._local, "inside", True, raising=False)
     _threads.split_range(lambda a, b: threads.add(threading.get_ident()), 64, work=1e9, min_piece=1)
     assert threads == {threading.get_ident()}
+
+
+def test_sizes_that_decide_speed_only_are_pinned():
+    # Values measured in issue 18 (reference/factored.py, reference/_threads.py); a change is a decision.
+    assert factored.BATCH_BYTES == 32 * 2**20
+    assert (_threads.SPLIT_MIN_WORK, _threads.SPLIT_MAX_PIECES) == (3e7, 8)
+
+
+def test_stacked_products_report_their_work_and_cut_by_columns(monkeypatch):
+    calls = []
+    real = _threads.split_range
+
+    def spy(fn, n, *, work, min_piece=1):
+        calls.append((n, work, min_piece))
+        return real(fn, n, work=work, min_piece=min_piece)
+
+    monkeypatch.setattr(_threads, "split_range", spy)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 5, 7)), rng.standard_normal((7, 11))
+    out = factored._rows(a, b)
+    assert calls == [(11, 3.0 * 5 * 7 * 11, 64)]
+    np.testing.assert_allclose(out, a @ b, rtol=1e-14, atol=1e-14)
+
+
+def test_layers_take_the_form_factored_layers_says(monkeypatch):
+    model, params, tasks = _wide_problem(3)
+    steps = 2
+    engine = factored._Engine(model, 0.05, steps, 5, 6)
+    assert engine.factored == factored.factored_layers(model, 5, 6, steps) == [False, True, False]
+    seen = []
+    real = factored._Pass.__init__
+
+    def spy(self, engine, Ws, bs, *a):
+        seen.append([type(W) for W in Ws])
+        real(self, engine, Ws, bs, *a)
+
+    monkeypatch.setattr(factored._Pass, "__init__", spy)
+    _, adj, _ = engine.run(params, *(np.stack([getattr(t, f) for t in tasks]) for f in Task._fields))
+    assert [type(x) for x in adj] == [factored._DenseAdjoint, factored._FactoredAdjoint, factored._DenseAdjoint]
+    assert len(seen) == steps + 1
+    assert all(kinds == [factored._DenseWeight, factored._FactoredWeight, factored._DenseWeight] for kinds in seen)
+    # the factored adjoint holds every row it was given: n_q + 2 n K
+    assert adj[1].r == adj[1].A.shape[1] == 6 + 2 * 5 * steps
+
+
+def test_a_factored_first_layer():
+    # A wide input: the first layer (48 x 48) is factored too; its adjoint has no R{h} rows: n_q + n K.
+    model = MLP([48, 48, 3], "tanh", "mse")
+    rng = np.random.default_rng(5)
+    tasks = [Task(rng.standard_normal((4, 48)), rng.standard_normal((4, 3)), rng.standard_normal((5, 48)),
+                  rng.standard_normal((5, 3))) for _ in range(2)]
+    params, steps = model.init(1), 2
+    engine = factored._Engine(model, 0.1, steps, 4, 5)
+    assert engine.factored == [True, False]
+    _, adj, _ = engine.run(params, *(np.stack([getattr(t, f) for t in tasks]) for f in Task._fields))
+    assert isinstance(adj[0], factored._FactoredAdjoint) and adj[0].r == adj[0].A.shape[1] == 5 + 4 * steps
+    loss, g = _sum(factored.batch_results(model, params, tasks, 0.1, steps))
+    want_loss, want = _generic_sum(model, params, tasks, [0.1] * len(params), steps)
+    assert abs(loss - want_loss) <= 1e-13 * want_loss and _rel(g, want) < 1e-12
+
+
+def test_batches_go_to_the_pool_with_their_work(monkeypatch):
+    model, params, tasks = _wide_problem(5)
+    tasks = tasks + sinusoid(3, 4, 9, seed=7)  # a second run: 3 tasks of 4 + 9 rows
+    seen = []
+    real = _threads.map_tasks
+
+    def spy(fn, items, *, work):
+        items = list(items)
+        seen.append((items, work))
+        return real(fn, items, work=work)
+
+    monkeypatch.setattr(_threads, "map_tasks", spy)
+    list(factored.batch_results(model, params, tasks, 0.05, 2))
+    batches = factored._batches(model, tasks, 2)
+    assert seen == [(batches, float(model.n_params) * max(len(b) * (11 if b[0] < 5 else 13) for b in batches))]

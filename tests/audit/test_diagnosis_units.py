@@ -1661,6 +1661,7 @@ def test_a_round_off_zero_in_the_correct_gradient_is_not_named(r2d2_case):
     from verify.auditing.diagnosis import core
     from verify.auditing.diagnosis.catalogue import Candidate
 
+    assert core.ROUNDOFF_ZERO == 64 * np.finfo(float).eps
     _, g = _with(r2d2_case)
     n = len(r2d2_case.params)
     top = float(np.max(np.abs(g)))

@@ -129,7 +129,7 @@ def _with_disconnected(case: Case, base: Candidate, zeros: list[int]) -> Candida
     G = base.grads.copy()
     # A tensor whose correct gradient is zero up to round-off is not named (R2-D2's offset under cross-entropy:
     # exactly 0.0 on one machine, 1e-17 against entries of 0.1 on another).
-    floor = ROUNDOFF_ZERO * float(np.max(np.abs(G), initial=0.0))
+    floor = ROUNDOFF_ZERO * float(np.max(np.abs(G)))  # G: every variable's entries, never empty
     hit = []
     for i in zeros:
         block = G[offsets[i]:offsets[i + 1]]
