@@ -395,3 +395,33 @@ def test_batches_go_to_the_pool_with_their_work(monkeypatch):
     list(factored.batch_results(model, params, tasks, 0.05, 2))
     batches = factored._batches(model, tasks, 2)
     assert seen == [(batches, float(model.n_params) * max(len(b) * (11 if b[0] < 5 else 13) for b in batches))]
+
+
+def test_theta_products_are_one_stacked_gemm_and_derivatives_only_to_the_order_used(monkeypatch):
+    # Speed decisions the numbers cannot show: a weight still shared by every task (theta, before the first step)
+    # multiplies the stacked rows through _rows (one GEMM); a per-task weight does not. The support passes
+    # compute the activations' derivatives to order 2 (the reverse pass uses act''), the query pass to order 1.
+    model, params, tasks = _wide_problem(2)
+    rows = []
+    real_rows = factored._rows
+    monkeypatch.setattr(factored, "_rows", lambda a, b: rows.append(b.shape) or real_rows(a, b))
+    rng = np.random.default_rng(0)
+    W, h = rng.standard_normal((4, 3)), rng.standard_normal((2, 5, 3))
+    g = rng.standard_normal((2, 5, 4))
+    shared = factored._DenseWeight(W)
+    np.testing.assert_allclose(shared.times_t(h, 0.1), h @ W.T, rtol=1e-14)
+    np.testing.assert_allclose(shared.times(g, 0.1), g @ W, rtol=1e-14)
+    assert rows == [(3, 4), (4, 3)]
+    rows.clear()
+    per_task = shared.step(g, h, 0.1)
+    assert per_task.W.shape == (2, 4, 3)
+    per_task.times_t(h, 0.1), per_task.times(g, 0.1)
+    assert rows == []
+    orders = []
+    real_act = factored.activation_derivatives
+    monkeypatch.setattr(factored, "activation_derivatives", lambda name, z, order: orders.append(order) or
+                        real_act(name, z, order))
+    steps = 3
+    list(factored.batch_results(model, params, tasks, 0.05, steps))
+    hidden, batches = model.n_layers - 1, len(factored._batches(model, tasks, steps))
+    assert batches == 2 and orders == ([2] * (hidden * steps) + [1] * hidden) * batches
