@@ -190,6 +190,11 @@ def test_thread_count_does_not_change_a_bit(monkeypatch, n_tasks):
     real = _threads._in_worker
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
     monkeypatch.setattr(_threads, "_in_worker", lambda *a: ran.append(threading.get_ident()) or real(*a))
+    if n_tasks == 1:
+        # One batch: its products' pieces are shared with a helper that may start after this thread has taken
+        # every piece (then it is taken back, not run). A pool that runs the helper at once, before this thread
+        # takes any, makes the helper compute every piece, every time.
+        monkeypatch.setattr(_threads, "_executor", lambda n: _EagerPool())
     two = list(factored.batch_results(model, params, tasks, 0.05, 3))
     assert ran, "the pool never ran"
     assert len(one) == len(two) == n_tasks
@@ -255,6 +260,21 @@ def test_split_range_covers_once_with_fixed_pieces(monkeypatch):
     assert got == [(0, 100)]
 
 
+class _EagerPool:
+    """Runs a submitted call at once, in the calling thread (a helper that starts before the caller goes on)."""
+
+    def submit(self, fn, *a):
+        import concurrent.futures
+
+        f = concurrent.futures.Future()
+        f.set_running_or_notify_cancel()
+        try:
+            f.set_result(fn(*a))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future, as a pool does
+            f.set_exception(e)
+        return f
+
+
 class _FakePool:
     """Records submissions; its futures never start (so split_range's cancel() takes them back)."""
 
@@ -294,17 +314,21 @@ def test_split_range_default_piece_is_one_item(monkeypatch):
 
 def test_split_range_raises_a_workers_error_and_waits(monkeypatch):
     monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
-    main = threading.get_ident()
+    # The helper runs at once (an eager pool), inside a worker's context, takes the first piece and fails; this
+    # thread takes the others, then raises the helper's error.
+    monkeypatch.setattr(_threads, "_executor", lambda n: _EagerPool())
     done: list[int] = []
 
     def fn(a: int, b: int) -> None:
-        if threading.get_ident() != main:
+        if getattr(_threads._local, "inside", False):
             raise ValueError(f"piece {a}:{b}")
-        threading.Event().wait(0.05)  # the main thread is slow: the worker takes pieces too
         done.append(a)
 
-    with _threads.single_threaded_blas(), pytest.raises(ValueError, match="piece"):
+    with _threads.single_threaded_blas(), pytest.raises(ValueError, match="piece 0:1"):
         _threads.split_range(fn, 8, work=1e9, min_piece=1)
+    assert done == list(range(1, 8))
+    monkeypatch.undo()
+    monkeypatch.setattr(_threads, "_workers", lambda threads, n: min(2, n))
 
     def boom(a: int, b: int) -> None:
         raise KeyError(a)
