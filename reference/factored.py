@@ -46,7 +46,7 @@ import numpy as np
 
 from reference import _threads
 from reference.features import BLOCK_MULTIPLE
-from reference.inner_loop import _BatchedLoss, _t
+from reference.inner_loop import _BatchedLoss, _t, equal_shape_runs, split_evenly
 from reference.models import MLP, activation_derivatives
 from reference.tasks import Task
 
@@ -317,28 +317,12 @@ def _batches(model: MLP, tasks: Sequence[Task], steps: int) -> list[list[int]]:
     (equal work for a 2-worker pool), as equal as they can be. The cut depends on the sizes alone, never on
     the thread count, so neither do the numbers."""
     widths = sum(model.sizes[1:])
-
-    def key(t: Task) -> tuple:
-        return tuple((x.shape, x.dtype) for x in t)
-
-    runs: list[list[int]] = []
-    for i, t in enumerate(tasks):
-        if runs and key(tasks[runs[-1][0]]) == key(t):
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    out = []
-    for run in runs:
+    out: list[list[int]] = []
+    for run in equal_shape_runs(tasks):
         t = tasks[run[0]]
         per_task = 8 * 6 * widths * (steps * t.x_support.shape[0] + t.x_query.shape[0])
         count = -(-len(run) // max(1, BATCH_BYTES // per_task))
-        count = min(len(run), -(-count // BLOCK_MULTIPLE) * BLOCK_MULTIPLE)
-        size, extra = divmod(len(run), count)
-        start = 0
-        for j in range(count):
-            m = size + (j < extra)
-            out.append(run[start:start + m])
-            start += m
+        out += split_evenly(run, min(len(run), -(-count // BLOCK_MULTIPLE) * BLOCK_MULTIPLE))
     return out
 
 

@@ -644,6 +644,19 @@ def task_batches(model: Any, tasks: Sequence[Task], workers: int) -> list[list[i
     as many as a multiple of ``workers`` where the tasks allow (equal work per pool worker)."""
     itemsize = 16 if any(np.iscomplexobj(t.x_support) for t in tasks) else 8
     cap = max(1, int(BATCH_BYTES // max(1, getattr(model, "n_params", 1) * itemsize)))
+    runs = equal_shape_runs(tasks)
+    out: list[list[int]] = []
+    for run in runs:
+        count = -(-len(run) // cap)
+        if len(runs) == 1 and workers > 1:
+            count = min(-(-count // workers) * workers, len(run))
+        out += split_evenly(run, count)
+    return out
+
+
+def equal_shape_runs(tasks: Sequence[Task]) -> list[list[int]]:
+    """The indices of ``tasks`` cut into runs of consecutive tasks whose arrays have equal shapes and dtypes (what
+    one stacked batch can hold), in order."""
 
     def key(t: Task) -> tuple:
         return tuple((a.shape, a.dtype) for a in t)
@@ -654,15 +667,15 @@ def task_batches(model: Any, tasks: Sequence[Task], workers: int) -> list[list[i
             runs[-1].append(i)
         else:
             runs.append([i])
-    out: list[list[int]] = []
-    for run in runs:
-        count = -(-len(run) // cap)
-        if len(runs) == 1 and workers > 1:
-            count = min(-(-count // workers) * workers, len(run))
-        size, extra = divmod(len(run), count)
-        start = 0
-        for j in range(count):
-            n = size + (j < extra)
-            out.append(run[start:start + n])
-            start += n
+    return runs
+
+
+def split_evenly(run: list[int], count: int) -> list[list[int]]:
+    """``run`` cut into ``count`` consecutive pieces whose sizes differ by at most one, the larger first."""
+    size, extra = divmod(len(run), count)
+    out, start = [], 0
+    for j in range(count):
+        n = size + (j < extra)
+        out.append(run[start:start + n])
+        start += n
     return out
