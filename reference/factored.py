@@ -61,6 +61,7 @@ __all__ = ["BATCH_BYTES", "applicable", "batch_results", "factored_layers"]
 #: calls); 1-256-256-1: 38 / 33 / 23 / 23 / 22 ms.
 BATCH_BYTES = 32 * 2**20
 
+
 def _shapes(model: MLP) -> list[tuple[int, int]]:
     k = 2 if model.bias else 1
     return [tuple(model.shapes[k * l]) for l in range(model.n_layers)]  # type: ignore[misc]
