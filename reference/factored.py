@@ -62,9 +62,10 @@ __all__ = ["BATCH_BYTES", "applicable", "batch_results", "factored_layers"]
 BATCH_BYTES = 32 * 2**20
 
 
-def _shapes(model: MLP) -> list[tuple[int, int]]:
-    k = 2 if model.bias else 1
-    return [tuple(model.shapes[k * l]) for l in range(model.n_layers)]  # type: ignore[misc]
+def _adjoint_rows(l: int, n_support: int, n_query: int, steps: int) -> int:
+    """Rows of layer ``l``'s factored adjoint at the end: the query's, then each step's ``R{g}`` and (above the
+    first layer, whose input has no ``R{h}``) ``g`` rows."""
+    return n_query + (1 if l == 0 else 2) * n_support * steps
 
 
 def factored_layers(model: MLP, n_support: int, n_query: int, steps: int) -> list[bool]:
@@ -72,8 +73,8 @@ def factored_layers(model: MLP, n_support: int, n_query: int, steps: int) -> lis
     (``n_q + n K`` on the first layer, which has no ``R{h}``; ``n_q + 2 n K`` above) times ``out + in``
     fewer than the ``out x in`` entries of the dense form."""
     out = []
-    for l, (o, i) in enumerate(_shapes(model)):
-        rank = n_query + (1 if l == 0 else 2) * n_support * steps
+    for l, (o, i) in enumerate(model._split(model.shapes)[0]):
+        rank = _adjoint_rows(l, n_support, n_query, steps)
         out.append(rank * (o + i) < o * i)
     return out
 
@@ -231,7 +232,6 @@ class _Pass:
                 self.back[l] = Ws[l].times(g, a)
                 g = self.back[l] * self.derivs[l - 1][1]
 
-
     def _pre(self, l: int, h: np.ndarray) -> np.ndarray:
         """Layer ``l``'s pre-activation ``h W_l^T + b_l``."""
         z = self.Ws[l].times_t(h, self.a)
@@ -253,16 +253,14 @@ class _Engine:
         """``(query losses, weight adjoints, bias adjoints)`` of the batch: the adjoints are ``v_0``."""
         a, L, K, n = self.a, self.L, self.steps, self.n
         T = xs.shape[0]
-        k = 2 if self.model.bias else 1
+        thetas, biases = self.model._split(params)
         Ws: list[Any] = []
-        for l in range(L):
-            W = params[k * l]
+        for l, W in enumerate(thetas):
             if self.factored[l]:
                 Ws.append(_FactoredWeight(W, np.empty((T, n * K, W.shape[0])), np.empty((T, n * K, W.shape[1])), 0))
             else:
                 Ws.append(_DenseWeight(W))
-        bs = [np.broadcast_to(params[k * l + 1], (T,) + params[k * l + 1].shape) if k == 2 else None
-              for l in range(L)]
+        bs = [None if b is None else np.broadcast_to(b, (T,) + b.shape) for b in biases]
         states = []
         for _ in range(K):
             state = _Pass(self, Ws, bs, xs, ys, 2)
@@ -271,7 +269,7 @@ class _Engine:
             bs = [None if b is None else b - a * np.sum(state.deltas[l], axis=1) for l, b in enumerate(bs)]
         query = _Pass(self, Ws, bs, xq, yq, 1)
         adj = [(_FactoredAdjoint if self.factored[l] else _DenseAdjoint)(
-            query.deltas[l], query.hs[l], self.nq + (1 if l == 0 else 2) * n * K) for l in range(L)]
+            query.deltas[l], query.hs[l], _adjoint_rows(l, n, self.nq, K)) for l in range(L)]
         vb = [None if b is None else np.sum(query.deltas[l], axis=1) for l, b in enumerate(bs)]
         for state in reversed(states):
             # v <- v - a H(p_k) v: R-forward (r_z = h DW^T + Db + R{h} W_k^T), then R-backward.
