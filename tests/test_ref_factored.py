@@ -137,6 +137,9 @@ def test_applicable_only_to_second_order_maml_on_a_wide_real_mlp():
     assert not ok(model=object())  # not an MLP (a Quadratic, a reference.nets network: their own engines)
     assert not ok(steps=20)  # 5 + 2 x 5 x 20 = 205 rows x 128 > 64 x 64: no layer is cheaper factored
     assert not ok(model=MLP([1, 20, 20, 1], "tanh", "mse"))
+    one = MLP([64, 64], "tanh", "mse", bias=False)  # one tensor: one step size, nothing to compare it with
+    assert factored.applicable(one, one.init(0), [Task(np.zeros((5, 64)), np.zeros((5, 64)), np.zeros((6, 64)),
+                                                       np.zeros((6, 64)))], [a], 2, first_order=False, lr_grad=False)
     # the query rows count: 5 support rows, K = 2, a 64 x 64 layer is factored while (n_q + 20) x 128 < 4096
     for nq, want in ((11, True), (12, False)):
         t = Task(np.zeros((5, 1)), np.zeros((5, 1)), np.zeros((nq, 1)), np.zeros((nq, 1)))
