@@ -390,10 +390,11 @@ def run(quick: bool = False) -> Result:
         "",
         _pinned_table(data["imaml"]),
         "",
-        "iMAML's `ref tracemalloc` counts the Lanczos workspace that scipy's `trust-krylov` (the reference's inner "
-        "solver) preallocates with `np.empty` and mostly never touches (the figures fit three arrays of "
-        "min(2n^2, 1e9) float64 entries: 8 GB each above ~22,000 parameters): address space, not memory; the RSS "
-        "column is what the call really holds. No 1M-parameter "
+        "iMAML's `ref tracemalloc` at 1-40-40-1 counts the Lanczos workspace that scipy's `trust-krylov` (the "
+        "reference's inner solver there) preallocates with `np.empty` and mostly never touches (three arrays of "
+        "min(2n^2, 1e9) float64 entries): address space, not memory. At 1-256-256-1 the reference solves on the "
+        "coordinates of the Hessian's range (`reference/imaml_subspace.py`: Steihaug's trust region and CG on "
+        "~6,100 coordinates instead of 66,561 parameters), without scipy's workspace. No 1M-parameter "
         "iMAML row: solving 25 (or even 2) inner problems to machine precision at that size does not fit the "
         "time budget.",
         "",

@@ -13,13 +13,17 @@ at an exact stationary point and *wrong* anywhere else. So the reference
 
 1. solves the inner problem to near machine precision with a trust-region
    Newton method on exact Hessian-vector products (``scipy.optimize``'s
-   ``trust-krylov``, Gould et al.'s GLTR), polishes with Newton steps if
+   ``trust-krylov``, Gould et al.'s GLTR; for an MLP with large weight blocks
+   Steihaug's trust region on the coordinates of the Hessian's range,
+   :mod:`reference.imaml_subspace`), polishes with Newton steps if
    needed, and **raises** :class:`~reference.errors.ConvergenceError` with the
    stationarity residual when it cannot reach ``inner_tol``;
 2. solves ``(I + H_s/lam) g = grad L_q`` either densely (``solver="direct"``:
    the Hessian built by the R-operator, a Cholesky test of positive
    definiteness, then a solve) or matrix-free (``solver="cg"``: conjugate
-   gradient on Hessian-vector products, ``O(params)`` memory); a matrix that
+   gradient on Hessian-vector products, ``O(params)`` memory; for an MLP with
+   large weight blocks on the coordinates of :mod:`reference.imaml_subspace`,
+   the same iteration on ~10x shorter vectors); a matrix that
    is not positive definite (``phi*`` a saddle, not a minimum) is an error.
 
 :func:`meta_loss_and_grad_info` returns, per task, the stationarity residual,
@@ -50,6 +54,7 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 
+from reference import imaml_subspace
 from reference._threads import map_tasks
 from reference.features import as_scalar
 from reference.linalg import EPS, IN_PLACE_MIN_SIZE, SPDFactor, conjugate_gradient
@@ -182,6 +187,11 @@ class _Problem:
         self._point_z: np.ndarray | None = None
         self._point: Any = None
         self._flat = _use_flat_hvp(model)  # decided once (hvp_at runs once per trust-region product)
+        # The layers the CG solves factor (reference/imaml_subspace.py): an MLP's large weight blocks.
+        self._factored = (imaml_subspace.layers(model, np.shape(task.x_support)[0])
+                          if isinstance(model, MLP) else ())
+        self._sub_z: np.ndarray | None = None
+        self._sub: imaml_subspace.Subspace | None = None
 
     def unflat(self, z):
         # unflatten() without its checks and size computations (called for every product).
@@ -213,6 +223,28 @@ class _Problem:
         if flat:  # a large MLP: the product written straight into one flat array
             return lambda v: model._hvp_flat(at, v)
         return lambda v: flatten(model._hvp_at(at, self.unflat(v)))
+
+    def subspace_at(self, z) -> imaml_subspace.Subspace | None:
+        """The coordinates of the Hessian's range at the real point ``z`` (None: no factored layer, or complex)."""
+        if not self._factored or np.iscomplexobj(z) or np.iscomplexobj(self.lam) or np.iscomplexobj(self.theta):
+            return None
+        if self._sub_z is None or not np.array_equal(self._sub_z, z):
+            self._sub_z = z.copy()
+            point = self.model._hvp_point(self.unflat(self._sub_z), self.task.x_support, self.task.y_support)
+            self._sub = imaml_subspace.Subspace(self.model, point, self._factored)
+        return self._sub
+
+    def solve(self, z, b, combine, **cg):
+        """Conjugate gradient on ``v -> combine(H_s(z) v, v)`` (``alpha v + beta H_s v``) for ``b``: on the
+        coordinates of :meth:`subspace_at` where it applies (the same iteration in exact arithmetic), else on
+        the flat vectors. Returns ``(x, CGInfo)``."""
+        sub = self.subspace_at(z)
+        if sub is None:
+            hvp = self.hvp_at(z)
+            return conjugate_gradient(lambda v: combine(hvp(v), v), b, **cg)
+        y, e = sub.project(b)
+        x, info = conjugate_gradient(lambda v: combine(sub.hvp(v), v), y, **cg)
+        return sub.expand(x, e), info
 
     def shifted_hvp(self, z, v, shift):
         """``H_s(z) v + shift * v`` (a fresh array; ``H_s v`` is updated in place, the same numbers)."""
@@ -246,9 +278,8 @@ def _newton_solve(prob: _Problem, z, rhs, solver, cg_tol, cg_maxiter, what):
         H = prob.model.hessian(prob.unflat(z), prob.task.x_support, prob.task.y_support)
         factor = SPDFactor(H + prob.lam * np.eye(H.shape[0]), what=what, hint=_SADDLE_HINT)
         return factor.solve(rhs)
-    hvp = prob.hvp_at(z)
-    dz, _ = conjugate_gradient(lambda v: _axpy_into(hvp(v), prob.lam, v), rhs, rtol=cg_tol, maxiter=cg_maxiter,
-                               what=what, hint=_SADDLE_HINT)
+    dz, _ = prob.solve(z, rhs, lambda hv, v: _axpy_into(hv, prob.lam, v), rtol=cg_tol, maxiter=cg_maxiter,
+                       what=what, hint=_SADDLE_HINT)
     return dz
 
 
@@ -350,12 +381,18 @@ def inner_solve(
         # NumPy may warn inside scipy's GLTR subproblem in degenerate steps; the residual
         # check below decides convergence, so those warnings carry no information.
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            result = scipy.optimize.minimize(
-                fun, z, jac=True, hessp=hessp, method="trust-krylov",
-                options={"gtol": gtol, "maxiter": max(1, inner_maxiter - iterations)},
-            )
-        z, message = result.x, result.message
-        iterations += int(result.nit)
+            if real_prob.subspace_at(z) is not None:
+                # Large weight blocks: Steihaug's trust region with its CG on the coordinates of the
+                # Hessian's range (reference/imaml_subspace.py), not scipy's on the full vectors.
+                z, nit, message = imaml_subspace.trust_region(fun, real_prob.subspace_at, lam_r, z, gtol=gtol,
+                                                              maxiter=max(1, inner_maxiter - iterations))
+            else:
+                result = scipy.optimize.minimize(
+                    fun, z, jac=True, hessp=hessp, method="trust-krylov",
+                    options={"gtol": gtol, "maxiter": max(1, inner_maxiter - iterations)},
+                )
+                z, message, nit = result.x, result.message, result.nit
+        iterations += int(nit)
         res = float(np.linalg.norm(real_prob.grad(z)))
         z, res, polish = newton_polish(z, res)
         iterations += polish
@@ -378,7 +415,7 @@ def inner_solve(
         error = ConvergenceError(
             f"iMAML inner problem of {where} did not converge: stationarity residual "
             f"||grad L_s(phi) + lam (phi - theta)|| = {res:.3g} > inner_tol * max(1, ||grad L_s(theta)||) = {tol:.3g} "
-            f"after {iterations} iterations (scipy: {message!r}). The implicit meta-gradient is only valid "
+            f"after {iterations} iterations (trust region: {message!r}). The implicit meta-gradient is only valid "
             "at a stationary point, so no answer is given; increase lam (a better-conditioned inner problem), "
             "raise inner_maxiter, or loosen inner_tol"
         )
@@ -425,26 +462,24 @@ def _task(model, params, task, lam, where, *, solver, inner_tol, cg_tol, inner_m
     n = b.size
     what = f"I + H_s(phi*)/lam of {where}"
 
-    hvp = prob.hvp_at(z)
-
-    def matvec(v):
+    def combine(hv, v):
         # v + H v / lam, with the quotient and the sum formed in H v's fresh array (the same numbers).
-        hv = hvp(v)
         if hv.size < IN_PLACE_MIN_SIZE or hv.dtype != np.result_type(hv, v, lam):
             return v + hv / lam
         np.divide(hv, lam, out=hv)
         return np.add(v, hv, out=hv)
 
     if solver == "direct":
+        hvp = prob.hvp_at(z)
         H = model.hessian(phi, task.x_support, task.y_support)
         factor = SPDFactor(np.eye(n) + H / lam, what=what, hint=_SADDLE_HINT)
         x = factor.solve(b)
         iters, cond = 0, factor.cond
         b_norm = np.linalg.norm(b)
-        lin_res = float(np.linalg.norm(matvec(x) - b) / b_norm) if b_norm > 0 else 0.0
+        lin_res = float(np.linalg.norm(combine(hvp(x), x) - b) / b_norm) if b_norm > 0 else 0.0
     else:
-        x, info = conjugate_gradient(matvec, b, rtol=cg_tol, maxiter=cg_maxiter or _cg_maxiter(n), what=what,
-                                     hint=_SADDLE_HINT)
+        x, info = prob.solve(z, b, combine, rtol=cg_tol, maxiter=cg_maxiter or _cg_maxiter(n), what=what,
+                             hint=_SADDLE_HINT)
         iters, cond, lin_res = info.iterations, info.cond_estimate, info.residual
     g = prob.unflat(x)
     info = TaskInfo(phi, g, as_scalar(loss_q), res, tol, iterations, solver, iters, lin_res, cond)
@@ -471,14 +506,14 @@ def meta_loss(
     return as_scalar(total / len(tasks))
 
 
-# An iMAML task is ~1,000 Hessian-vector products chained by scipy's trust-region and CG loops, about
-# half of its time in Python holding the GIL: two tasks on two threads take turns more than they overlap.
-# Measured at 1-256-256-1 (10 rows x 66,561 parameters, 2 tasks): pooled 1.33x the sequential time on a
-# quiet 2-core machine, 2.6x at load 5. So tasks run sequentially unless one product is large enough
-# (>= 1e7 rows x parameters, ~1 ms of BLAS) for the GIL-free part to dominate. Not re-measured since the
-# flat product's weight-block GEMMs release the GIL (np.matmul, issue 18 fourth pass; before, scipy's
-# gemm wrapper held it through the largest products): ``python benchmarks/pool_ab.py imaml 1-256-256-1 7``
-# on an idle machine says whether 1-256-256-1 should now go to the pool.
+# An iMAML task is hundreds of Hessian-vector products chained by trust-region and CG loops, much of its
+# time in Python holding the GIL: two tasks on two threads take turns more than they overlap. Measured at
+# 1-256-256-1 (10 rows x 66,561 parameters, 2 tasks; ``python benchmarks/pool_ab.py imaml 1-256-256-1 9``):
+# pooled 1.33x the sequential time on a quiet 2-core machine, 2.6x at load 5 (scipy's gemm wrapper holding
+# the GIL, issue 18 third pass); 0.79x with GIL-free flat products (2-vCPU EPYC, issue 18 ninth pass); 0.91x with the
+# products on coordinates (reference/imaml_subspace.py: small products, mostly Python), which the pool's
+# own starvation test (CPU 1.26 cores' worth) would refuse anyway. So tasks run sequentially unless one
+# product is large enough (>= 1e7 rows x parameters, ~1 ms of BLAS) for the GIL-free part to dominate.
 POOL_MIN_WORK = 1e7
 
 

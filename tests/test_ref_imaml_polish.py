@@ -19,15 +19,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import imaml
+from reference import imaml, imaml_subspace
 from reference.linalg import EPS
 from reference.models import MLP, Quadratic, flatten
 from reference.tasks import Task, sinusoid
 
 
-def _count_products(model):
-    """Wrap the model's Hessian-vector products (instance attributes) with a counter."""
+def _count_products(model, monkeypatch):
+    """Wrap the model's Hessian-vector products (instance attributes) and the CG solves' products in
+    coordinates (``imaml_subspace.Subspace.hvp``) with one counter."""
     count = [0]
+    on_coordinates = imaml_subspace.Subspace.hvp
+
+    def counted_coordinates(self, y):
+        count[0] += 1
+        return on_coordinates(self, y)
+
+    monkeypatch.setattr(imaml_subspace.Subspace, "hvp", counted_coordinates)
     for name in ("_hvp_flat", "_hvp_at", "_hvp"):
         if hasattr(model, name):
             inner = getattr(model, name)
@@ -53,7 +61,7 @@ def _rel(a, b):
 def test_inexact_polish_agrees_with_the_tight_polish_to_round_off(monkeypatch, sizes, lam, seed):
     model = MLP(sizes, "tanh", "mse")
     params, tasks = model.init(seed), sinusoid(2, 10, 10, seed=seed)
-    count = _count_products(model)
+    count = _count_products(model, monkeypatch)
     fast = imaml.meta_loss_and_grad_info(model, params, tasks, lam)
     fast_products, count[0] = count[0], 0
     monkeypatch.setattr(imaml, "POLISH_FORCING", 0.0)  # every polishing CG to min(cg_tol, 1e-12), as before
