@@ -12,9 +12,11 @@ Run from the repository root (``run.py`` runs it with the others)::
   the tasks, unrolled ``jax.grad`` inner loop).
 * iMAML (Rajeswaran et al. 2019), CG solve of ``(I + H/lam) g = grad L_q``:
   ``reference.imaml`` vs ``verify.backends.torch.imaml`` vs
-  ``verify.backends.jax.imaml`` (jit), tanh MLPs 1-40-40-1 and 1-256-256-1,
-  2 sinusoid tasks, lam = 1 (each implementation solves its inner problem to
-  near machine precision, so this is the cost of an *exact* implicit gradient).
+  ``verify.backends.jax.imaml`` (jit), tanh MLPs 1-40-40-1 and 1-256-256-1
+  (2 sinusoid tasks of ``reference.tasks.sinusoid``) and 8-1024-1024-1 (1.06M
+  parameters; the first 2 tasks of the MAML problem, 10/10 shots), lam = 1
+  (each implementation solves its inner problem to near machine precision, so
+  this is the cost of an *exact* implicit gradient).
 * R2-D2 (Bertinetto et al. 2019), dual ridge head: tanh backbones 8-40-40,
   8-256-256, 8-1024-1024 (1.06M parameters), 25 tasks, 5-way 5-shot 15-query
   Gaussian classification, lam = 1, scale = 1, offset = 0.
@@ -103,7 +105,8 @@ def _maml_sizes(quick: bool) -> dict[str, list[int]]:
 
 
 def _imaml_sizes(quick: bool) -> dict[str, list[int]]:
-    return {"1-8-8-1": [1, 8, 8, 1]} if quick else {"1-40-40-1": [1, 40, 40, 1], "1-256-256-1": [1, 256, 256, 1]}
+    return {"1-8-8-1": [1, 8, 8, 1]} if quick else {"1-40-40-1": [1, 40, 40, 1], "1-256-256-1": [1, 256, 256, 1],
+                                                    "8-1024-1024-1": [8, 1024, 1024, 1]}
 
 
 def _r2d2_sizes(quick: bool) -> dict[str, list[int]]:
@@ -135,8 +138,14 @@ def imaml_case(label: str, quick: bool) -> tuple[int, dict[str, Callable[[], Any
     from reference import imaml
     from reference.tasks import sinusoid
 
-    tasks = sinusoid(1 if quick else 2, 10, 10, seed=0)
-    model = MLP(_imaml_sizes(quick)[label], "tanh", "mse")
+    sizes = _imaml_sizes(quick)[label]
+    if sizes[0] == 1:
+        tasks = sinusoid(1 if quick else 2, 10, 10, seed=0)
+    else:  # 8 inputs: MAML's sinusoid problem (x in [-5, 5]^8), its first two tasks
+        from benchmarks.bench_reference_maml import make_problem
+
+        tasks = make_problem(sizes, 2, 10)[2]
+    model = MLP(sizes, "tanh", "mse")
     params = model.init(0)
 
     def torch_fn() -> Any:
@@ -392,11 +401,11 @@ def run(quick: bool = False) -> Result:
         "",
         "iMAML's `ref tracemalloc` at 1-40-40-1 counts the Lanczos workspace that scipy's `trust-krylov` (the "
         "reference's inner solver there) preallocates with `np.empty` and mostly never touches (three arrays of "
-        "min(2n^2, 1e9) float64 entries): address space, not memory. At 1-256-256-1 the reference solves on the "
-        "coordinates of the Hessian's range (`reference/imaml_subspace.py`: Steihaug's trust region and CG on "
-        "~6,100 coordinates instead of 66,561 parameters), without scipy's workspace. No 1M-parameter "
-        "iMAML row: solving 25 (or even 2) inner problems to machine precision at that size does not fit the "
-        "time budget.",
+        "min(2n^2, 1e9) float64 entries): address space, not memory. At 1-256-256-1 and 8-1024-1024-1 the "
+        "reference solves on the coordinates of the support Hessian's range (`reference/imaml_subspace.py`: "
+        "Steihaug's trust region and CG on ~6,100 and ~20,500 coordinates instead of 66,561 and 1,059,841 "
+        "parameters), without scipy's workspace. 8-1024-1024-1 uses MAML's input (x in [-5, 5]^8), not the "
+        "1-d sinusoid of the smaller rows.",
         "",
         "### R2-D2 (dual ridge head, tanh backbone, " + ("2 tasks 5-way 1-shot [quick]" if quick else
                                                          "25 tasks 5-way 5-shot 15-query") + ")",
