@@ -64,9 +64,7 @@ def _row_basis(a: np.ndarray) -> np.ndarray:
     """Orthonormal rows spanning the row space of ``a`` (SVD; directions below ``max(shape) eps s_max`` dropped:
     a dropped direction changes the products by round-off only)."""
     _, s, vt = np.linalg.svd(a, full_matrices=False)
-    if s.size == 0 or not s[0] > 0:
-        return vt[:0]
-    return vt[: int(np.count_nonzero(s > max(a.shape) * EPS * s[0]))]
+    return vt[: int(np.count_nonzero(s > max(a.shape) * EPS * s[0]))]  # a zero matrix: s[0] = 0, no row
 
 
 class Subspace:
@@ -175,10 +173,9 @@ class Subspace:
                 r_z = r_z + cs[l]
             if r_h is not None:
                 r_z = r_z + r_h @ self.Ws[l].T
-            if l == n_layers - 1:
-                break
-            r_h = derivs[l][1] * r_z
-            r_hs.append((r_h, r_z))
+            if l < n_layers - 1:
+                r_h = derivs[l][1] * r_z
+                r_hs.append((r_h, r_z))
         r_g = loss.hvp(r_z)
         out = np.empty(self.size)
         out[-1] = 0.0  # H_s b_perp = 0
@@ -186,17 +183,16 @@ class Subspace:
             g = gs[l]
             i = self.nk * l
             if l in grs:
-                # The block F1^T F2 (F1 = [R{g}; g], F2 = [h; R{h}]) in coordinates: with A1 = F1 Qg^T and
-                # A2 = F2 Qh^T, G = Qg F1^T F2 = A1^T F2 and R = F1^T A2 - Qg^T (A1^T A2).
+                # The block M = R{g}^T h + g^T R{h} in coordinates: G = Qg M = (R{g} Qg^T)^T h + Tg^T R{h};
+                # R = (I - P_g) M Qh^T = (I - P_g) R{g}^T Th, the g^T R{h} term being killed by I - P_g.
                 qh, qg, th, tg = self.bases[l]
+                rg_q = r_g @ qg.T
+                g_new = rg_q.T @ hs[l]
                 if l > 0:
-                    f1, f2 = np.concatenate((r_g, g)), np.concatenate((hs[l], r_hs[l][0]))
-                    a1, a2 = np.concatenate((r_g @ qg.T, tg)), np.concatenate((th, r_hs[l][0] @ qh.T))
-                else:
-                    f1, f2, a1, a2 = r_g, hs[l], r_g @ qg.T, th
+                    g_new = g_new + tg.T @ r_hs[l][0]
                 sg, sr = self.slices[l]
-                out[sg] = (a1.T @ f2).ravel()
-                out[sr] = (f1.T @ a2 - qg.T @ (a1.T @ a2)).ravel()
+                out[sg] = g_new.ravel()
+                out[sr] = (r_g.T @ th - qg.T @ (rg_q.T @ th)).ravel()
             else:
                 block = r_g.T @ hs[l]
                 if l > 0:
@@ -235,7 +231,7 @@ def _steihaug(hvp: Callable[[np.ndarray], np.ndarray], g: np.ndarray, radius: fl
     g_norm = float(np.linalg.norm(g))
     tol = min(0.5, np.sqrt(g_norm)) * g_norm
     p, bp = np.zeros_like(g), np.zeros_like(g)
-    if not g_norm >= tol:
+    if not g_norm > 0:  # g = 0 (or NaN): no step
         return p, bp, False
     r, d = g.copy(), -g
     rr = float(r @ r)
@@ -296,6 +292,9 @@ def trust_region(fun: Callable[[np.ndarray], tuple[float, np.ndarray]],
     k = 0
     message = "Optimization terminated successfully."
     while np.linalg.norm(g) >= gtol:
+        if k >= maxiter:
+            message = "Maximum number of iterations has been exceeded."
+            break
         sub = subspace_at(z)
         y, e = sub.project(g)
         p, bp, boundary = _steihaug(lambda v: _axpy(sub.hvp(v), lam, v), y, radius)
@@ -315,11 +314,6 @@ def trust_region(fun: Callable[[np.ndarray], tuple[float, np.ndarray]],
         if rho > ETA:
             z, f, g = z_new, f_new, g_new
         k += 1
-        if np.linalg.norm(g) < gtol:
-            break
-        if k >= maxiter:
-            message = "Maximum number of iterations has been exceeded."
-            break
     return z, k, message
 
 

@@ -46,6 +46,21 @@ def _hvp(model, params, x, y, v):
     return flatten(model._hvp(params, x, y, unflatten(v, model.shapes)))
 
 
+def test_row_basis_spans_the_rows_with_orthonormal_rows():
+    rng = np.random.default_rng(0)
+    for rank in (1, 3, 10):
+        a = rng.standard_normal((10, rank)) @ rng.standard_normal((rank, 256))
+        q = imaml_subspace._row_basis(a)
+        assert q.shape == (rank, 256)  # round-off directions (~1e-16 of the largest) are dropped
+        assert np.max(np.abs(q @ q.T - np.eye(rank))) <= 1e-14
+        assert np.max(np.abs(a - (a @ q.T) @ q)) <= 1e-13 * np.max(np.abs(a))
+    assert imaml_subspace._row_basis(np.zeros((10, 256))).shape == (0, 256)
+    # a small but genuine direction is kept: 1e-9 of the largest, far above max(shape) eps
+    a = np.outer(rng.standard_normal(10), rng.standard_normal(256)) + 1e-9 * np.outer(
+        rng.standard_normal(10), rng.standard_normal(256))
+    assert imaml_subspace._row_basis(a).shape == (2, 256)
+
+
 def test_layers_factored_are_the_large_blocks_with_few_rows():
     assert imaml_subspace.layers(MLP([1, 256, 256, 1]), 10) == (1,)
     assert imaml_subspace.layers(MLP([1, 40, 40, 1]), 10) == ()  # 1,600 weights: below MIN_BLOCK
@@ -54,6 +69,7 @@ def test_layers_factored_are_the_large_blocks_with_few_rows():
     assert imaml_subspace.layers(MLP([1, 128, 128, 1]), 16) == (1,)
     assert imaml_subspace.layers(MLP([1, 128, 128, 1]), 17) == ()
     assert imaml_subspace.layers(MLP([1, 128, 127, 1]), 1) == ()  # 16,256 weights: one block short
+    assert imaml_subspace.layers(MLP([160, 120, 2]), 10) == (0,)
 
 
 CASES = [
@@ -63,6 +79,7 @@ CASES = [
     ([4, 150, 150, 3], "relu", "ce", True),
     ([4, 150, 150, 3], "identity", "bce", False),
     ([2, 200, 130], "tanh", "mse", True),  # the factored layer is the output layer
+    ([160, 120, 2], "tanh", "mse", True),  # the first layer factored (no R{h} term), the next one dense
 ]
 
 
@@ -314,3 +331,133 @@ def test_a_trust_region_short_of_its_iterations_is_refused():
     params, tasks = model.init(0), sinusoid(1, 10, 10, seed=0)
     with pytest.raises(ConvergenceError, match=r"did not converge.*trust region: 'Maximum number of iterations"):
         imaml.meta_loss_and_grad(model, params, tasks, 1.0, inner_maxiter=2)
+
+
+@pytest.mark.parametrize("k, g2, radius, winner", [
+    (5.0, 0.2, 1.4, 0),  # the point behind wins by ~3
+    (1.1, 0.25, None, 0),  # the point behind wins by 0.06
+    (0.9, 0.25, None, 1),  # the point ahead wins by 0.05
+])
+def test_steihaug_on_negative_curvature_takes_the_boundary_point_of_lower_model_value(k, g2, radius, winner):
+    # B = diag(1, -k), g = (1, g2): the first CG step p1 = -a0 g (a0 = |g|^2 / g.B g) stays inside, the next
+    # direction d1 = -r1 + beta d0 has negative curvature. Of the two points of p1 + tau d1 on the boundary
+    # (radius default 1.05 |p1|), the lower model value: recomputed here, roots by numpy.roots.
+    B, g = np.diag([1.0, -k]), np.array([1.0, g2])
+    a0 = (g @ g) / (g @ B @ g)
+    p1 = -a0 * g
+    r1 = g - a0 * (B @ g)
+    d1 = -r1 + (r1 @ r1) / (g @ g) * (-g)
+    radius = 1.05 * np.linalg.norm(p1) if radius is None else radius
+    assert d1 @ B @ d1 < 0 and np.linalg.norm(p1) < radius
+    assert np.linalg.norm(r1) > min(0.5, np.sqrt(np.linalg.norm(g))) * np.linalg.norm(g)  # CG goes on
+    taus = sorted(t.real for t in np.roots([d1 @ d1, 2 * p1 @ d1, p1 @ p1 - radius**2]))
+    values = [g @ (p1 + t * d1) + 0.5 * (p1 + t * d1) @ B @ (p1 + t * d1) for t in taus]
+    assert int(np.argmin(values)) == winner and abs(values[0] - values[1]) > 0.04
+    p, bp, boundary = imaml_subspace._steihaug(lambda v: B @ v, g, radius)
+    assert boundary and np.max(np.abs(p - (p1 + taus[winner] * d1))) <= 1e-12
+    assert np.max(np.abs(bp - B @ p)) <= 1e-12
+
+
+def test_steihaug_at_zero_and_mild_negative_curvature_and_without_a_gradient():
+    # zero curvature along the first direction: to the boundary (the linear term decides), no division by 0
+    p, bp, boundary = imaml_subspace._steihaug(lambda v: np.diag([1.0, 0.0]) @ v, np.array([0.0, 1.0]), 3.0)
+    assert boundary and np.array_equal(p, [0.0, -3.0]) and np.array_equal(bp, [0.0, 0.0])
+    # curvature -1/2 along -g: to the boundary along -g, not a step to the model's maximum
+    p, bp, boundary = imaml_subspace._steihaug(lambda v: -0.5 * v, np.array([1.0, 0.0]), 3.0)
+    assert boundary and np.array_equal(p, [-3.0, 0.0]) and np.array_equal(bp, [1.5, 0.0])
+    # no gradient (or a NaN one): no step, no product
+    never = lambda v: pytest.fail("no product expected")  # noqa: E731
+    for g in (np.zeros(3), np.array([np.nan, 1.0, 0.0])):
+        p, bp, boundary = imaml_subspace._steihaug(never, g, 1.0)
+        assert not boundary and not np.any(p) and not np.any(bp)
+
+
+def test_steihaug_stops_after_its_product_budget():
+    # a non-symmetric operator (d.B d = |d|^2 > 0 but CG does not converge on it): 2 n + 100 products, then
+    # the last iterate, inside the (infinite) region
+    B = np.array([[1.0, 10.0], [-10.0, 1.0]])
+    calls = [0]
+
+    def hvp(v):
+        calls[0] += 1
+        return B @ v
+
+    p, bp, boundary = imaml_subspace._steihaug(hvp, np.array([1.0, 0.3]), np.inf)
+    assert calls[0] == 2 * 2 + 100 and not boundary and np.all(np.isfinite(p))
+
+
+def test_boundary_roots_without_cancellation():
+    # |p| = radius (1 - 1e-10): the small root ~ 1e-8 would lose ~7 digits to cancellation in the textbook
+    # formula. Against the 40-digit roots (mpmath) of the polynomial |d|^2 t^2 + 2 p.d t + |p|^2 - r^2 whose
+    # coefficients are rounded as the function rounds them (|p|^2 - r^2 itself cancels: not the formula's doing).
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    d = np.array([0.6, -0.8])
+    p = 2.0 * np.array([0.8, 0.6]) + 0.05 * d
+    radius = float(np.linalg.norm(p)) * (1 + 1e-10)
+    ta, tb = imaml_subspace._boundary(p, d, radius)
+    a, b, c = (mpmath.mpf(float(d @ d)), mpmath.mpf(2.0 * float(p @ d)), mpmath.mpf(float(p @ p) - radius**2))
+    disc = mpmath.sqrt(b * b - 4 * a * c)
+    exact = sorted([(-b - disc) / (2 * a), (-b + disc) / (2 * a)])
+    assert abs(tb) < 1e-7 < abs(ta)
+    for got, want in zip((ta, tb), exact):
+        assert abs(got - float(want)) <= 4 * EPS * abs(float(want)), (got, float(want))
+
+
+@pytest.mark.parametrize("distance, cap_iterations", [(10018.0, 19), (10023.5, 20)])
+def test_trust_region_radius_doubles_up_to_its_cap(distance, cap_iterations):
+    # F = lam/2 |z - c|^2 with c far away: every step hits the boundary with rho = 1 and the radius doubles,
+    # 1, 2, ..., 512 (10 steps, 1,023), then stays at MAX_RADIUS = 1000; the rest is covered in steps of 1000
+    # and a last, interior Newton step. 10,018 = 1,023 + 8 x 1000 + 995 (19 steps; a cap of 999 would need 20);
+    # 10,023.5 = 1,023 + 9 x 1000 + 0.5 (20 steps; a cap of 1001 would need 19). scipy's trust-ncg agrees.
+    lam = 0.5
+    c = np.array([distance, 0.0])
+
+    def fun(z):
+        return 0.5 * lam * (z - c) @ (z - c), lam * (z - c)
+
+    z, nit, message = imaml_subspace.trust_region(fun, lambda z: _Identity(lambda z, v: 0.0 * v, z), lam,
+                                                  np.zeros(2), gtol=1e-6, maxiter=100)
+    want = scipy.optimize.minimize(lambda z: fun(z)[0], np.zeros(2), jac=lambda z: fun(z)[1],
+                                   hessp=lambda z, v: lam * v, method="trust-ncg", options={"gtol": 1e-6})
+    assert nit == cap_iterations == want.nit
+    assert np.max(np.abs(z - c)) <= 1e-9 * distance and message == want.message
+
+
+def test_problem_factors_by_the_number_of_support_rows():
+    # 40 support rows of 3 features: 40 x (256 + 256) > 256 x 256 / 4, so nothing is factored (with 3 rows,
+    # the feature count, it would be)
+    model = MLP([3, 256, 256, 1], "tanh", "mse")
+    rng = np.random.default_rng(0)
+    task = Task(rng.standard_normal((40, 3)), rng.standard_normal((40, 1)), rng.standard_normal((5, 3)),
+                rng.standard_normal((5, 1)))
+    assert imaml._Problem(model, model.init(0), task, 1.0, "task")._factored == () != imaml_subspace.layers(model, 3)
+    small = Task(task.x_support[:10], task.y_support[:10], task.x_query, task.y_query)
+    assert imaml._Problem(model, model.init(0), small, 1.0, "task")._factored == (1,)
+
+
+def test_trust_region_budget_is_what_the_inner_solve_has_left(monkeypatch):
+    # The trust region gets inner_maxiter minus the iterations spent so far; with the polish switched off the
+    # first (loose) pass leaves the residual above the tolerance and the second pass runs on what is left.
+    calls = []
+    run = imaml_subspace.trust_region
+
+    def recording(*args, **kwargs):
+        out = run(*args, **kwargs)
+        calls.append((kwargs["maxiter"], kwargs["gtol"], out[1]))
+        return out
+
+    monkeypatch.setattr(imaml_subspace, "trust_region", recording)
+    monkeypatch.setattr(imaml, "_NEWTON_STEPS", 0)
+    model = MLP([1, 256, 256, 1], "tanh", "mse")
+    params, tasks = model.init(0), sinusoid(1, 10, 10, seed=0)
+    info = imaml.meta_loss_and_grad_info(model, params, tasks, 1.0, inner_maxiter=60).tasks[0]
+    (max1, gtol1, nit1), (max2, gtol2, nit2) = calls
+    g0 = np.linalg.norm(flatten(model.loss_and_grad(params, tasks[0].x_support, tasks[0].y_support)[1]))
+    assert max1 == 60 and max2 == 60 - nit1 and nit2 >= 1
+    assert gtol1 == pytest.approx(1e-8 * max(1.0, g0), rel=1e-12) and gtol2 == pytest.approx(1e-12 * max(1.0, g0))
+    assert info.inner_iterations == nit1 + nit2
+    calls.clear()
+    with pytest.raises(ConvergenceError):
+        imaml.meta_loss_and_grad(model, params, tasks, 1.0, inner_maxiter=1)
+    assert calls[0][0] == 1 and calls[0][2] == 1
