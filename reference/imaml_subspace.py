@@ -202,9 +202,8 @@ class Subspace:
                 out[self.dense[i + 1][1]] = np.add.reduce(r_g, axis=0)
             if l > 0:
                 if l in grs:
-                    qh, _, _, tg = self.bases[l]
-                    g_l, r_l = grs[l]
-                    g_u = tg @ g_l + (g @ r_l) @ qh  # g U = Tg G + (g R) Qh
+                    # g U = Tg G + (g R) Qh, and g R = 0: R's columns are orthogonal to g's rows (Qg R = 0).
+                    g_u = self.bases[l][3] @ grs[l][0]
                 else:
                     g_u = g @ Us[l]
                 r_gh = r_g @ self.Ws[l] + g_u
