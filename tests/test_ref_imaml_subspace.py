@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.optimize
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reference import imaml, imaml_subspace
 from reference.errors import ConvergenceError
@@ -114,6 +116,31 @@ def test_a_product_in_coordinates_is_the_hessian_vector_product(sizes, activatio
     # the dropped complement: H e = 0 (to the round-off of a product of its size)
     scale = np.max(np.abs(want)) / np.max(np.abs(v))
     assert np.max(np.abs(_hvp(model, params, x, y, e))) <= 1e-12 * scale * np.max(np.abs(e))
+
+
+@given(widths=st.lists(st.integers(1, 12), min_size=2, max_size=4), rows=st.integers(1, 9),
+       activation=st.sampled_from(["tanh", "sigmoid", "softplus", "relu", "identity"]),
+       loss=st.sampled_from(["mse", "ce", "bce"]), bias=st.booleans(), seed=st.integers(0, 2**16),
+       pick=st.integers(0, 2**16))
+def test_products_in_coordinates_on_any_small_net(widths, rows, activation, loss, bias, seed, pick):
+    """Any subset of layers factored, on nets too small for layers() to choose them: rows above and below the
+    widths (bases of every rank, the coordinates at times longer than the blocks), every activation and loss.
+    The product in coordinates is the flat R-operator's; the coordinates are an isometry."""
+    if loss == "ce" and widths[-1] < 2:
+        widths = [*widths[:-1], 2]
+    model, params, x, y = _point(widths, activation, loss, bias, rows=rows, seed=seed)
+    factored = [l for l in range(model.n_layers) if (pick >> l) & 1] or [pick % model.n_layers]
+    sub = _subspace(model, params, x, y, factored=factored)
+    v = np.random.default_rng(seed + 1).standard_normal(model.n_params)
+    yv, e = sub.project(v)
+    assert abs(np.linalg.norm(yv) - np.linalg.norm(v)) <= 1e-13 * np.linalg.norm(v)
+    assert np.max(np.abs(sub.expand(yv, e) - v)) <= 1e-13 * np.max(np.abs(v))
+    want = _hvp(model, params, x, y, v)
+    got = sub.expand(sub.hvp(yv), None)
+    scale = max(np.max(np.abs(want)), 1e-300)
+    # relative to the product's largest entry, or to |H| |v| where the product cancels to near zero
+    bound = 1e-12 * max(scale, np.linalg.norm(model.hessian(params, x, y), 2) * np.linalg.norm(v) * 1e-3)
+    assert np.max(np.abs(got - want)) <= bound, (np.max(np.abs(got - want)), bound)
 
 
 def test_rank_deficient_rows_and_zero_backpropagated_rows():
