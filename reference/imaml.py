@@ -381,7 +381,7 @@ def inner_solve(
         # NumPy may warn inside scipy's GLTR subproblem in degenerate steps; the residual
         # check below decides convergence, so those warnings carry no information.
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            if real_prob.subspace_at(z) is not None:
+            if real_prob._factored:  # real_prob is real: its subspace_at applies
                 # Large weight blocks: Steihaug's trust region with its CG on the coordinates of the
                 # Hessian's range (reference/imaml_subspace.py), not scipy's on the full vectors.
                 z, nit, message = imaml_subspace.trust_region(fun, real_prob.subspace_at, lam_r, z, gtol=gtol,

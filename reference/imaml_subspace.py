@@ -296,7 +296,7 @@ def trust_region(fun: Callable[[np.ndarray], tuple[float, np.ndarray]],
             break
         sub = subspace_at(z)
         y, e = sub.project(g)
-        p, bp, boundary = _steihaug(lambda v: _axpy(sub.hvp(v), lam, v), y, radius)
+        p, bp, boundary = _steihaug(lambda v: sub.hvp(v) + lam * v, y, radius)
         predicted = -(float(y @ p) + 0.5 * float(p @ bp))
         z_new = z + sub.expand(p, e)
         f_new, g_new = fun(z_new)
@@ -315,7 +315,3 @@ def trust_region(fun: Callable[[np.ndarray], tuple[float, np.ndarray]],
         k += 1
     return z, k, message
 
-
-def _axpy(hv: np.ndarray, a: float, v: np.ndarray) -> np.ndarray:
-    """``hv + a v`` in ``hv``'s (fresh) array."""
-    return np.add(hv, np.multiply(a, v), out=hv)
